@@ -1,0 +1,1 @@
+//! A fake Qubitro REST API, faithful to the documented endpoints, for tests and firmware work.

@@ -1,0 +1,20 @@
+//! onboardd — onboards MQTT sensors on an edge gateway as Qubitro devices.
+//!
+//! Map of the crate (read top to bottom to follow one announce):
+//! - [`config`]: the TOML/env configuration, validated once at start.
+//! - [`announce`]: topic and payload of an announce → a validated device spec.
+//! - [`reply`]: the JSON answers published back to a sensor.
+//! - [`store`]: the durable per-sensor state in sled, with group-commit flushes.
+//! - [`cloud`]: the Qubitro REST client (create, lookup, get) and its error classes.
+//! - [`backoff`]: exponential backoff with full jitter.
+//! - [`mqtt`]: the one task that owns rumqttc's event loop, acks and delivery tracking.
+//! - [`engine`]: the onboarding state machine: dispatcher, scheduler and workers.
+//! - [`daemon`]: wires everything together for `onboardd run`.
+//! - [`logging`], [`systemd`]: journald/stderr logging and sd_notify.
+//! - `fake_cloud` (feature `fake-cloud`): a fake Qubitro API for tests and firmware work.
+
+pub mod logging;
+pub mod systemd;
+
+#[cfg(feature = "fake-cloud")]
+pub mod fake_cloud;

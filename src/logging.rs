@@ -1,0 +1,1 @@
+//! Logging setup: structured journald records under systemd, readable lines on stderr elsewhere.

@@ -1,0 +1,1 @@
+//! sd_notify integration: READY, STATUS and watchdog pings.
