@@ -9,12 +9,31 @@
 //! - [`backoff`]: exponential backoff with full jitter.
 //! - [`mqtt`]: the one task that owns rumqttc's event loop, acks and delivery tracking.
 //! - [`engine`]: the onboarding state machine: dispatcher, scheduler and workers.
+//! - [`security`]: claim proofs, allow/deny rules, flood limits.
+//! - [`control`]: the Unix socket behind `onboardd devices …`.
+//! - [`metrics`]: counters for the stats topic and log.
+//! - [`failpoint`]: crash injection for the reliability tests (debug builds only).
+//! - [`tls`]: rustls (ring) for the broker connection.
 //! - [`daemon`]: wires everything together for `onboardd run`.
 //! - [`logging`], [`systemd`]: journald/stderr logging and sd_notify.
 //! - `fake_cloud` (feature `fake-cloud`): a fake Qubitro API for tests and firmware work.
 
+pub mod announce;
+pub mod backoff;
+pub mod cloud;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod engine;
+pub mod failpoint;
 pub mod logging;
+pub mod metrics;
+pub mod mqtt;
+pub mod reply;
+pub mod security;
+pub mod store;
 pub mod systemd;
+pub mod tls;
 
 #[cfg(feature = "fake-cloud")]
 pub mod fake_cloud;

@@ -1,0 +1,572 @@
+//! Configuration: a TOML file read with the `config` crate, overridden key by key
+//! from `ONBOARDD__SECTION__KEY` environment variables, then validated once at start
+//! so that every mistake is a config error naming its key, never a runtime surprise.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize, Serializer};
+
+/// The built-in defaults, which are also what `print-default-config` shows.
+pub const DEFAULT_CONFIG: &str = include_str!("../config/onboardd.toml");
+
+/// Where `run` and `check-config` look when `--config` and `$ONBOARDD_CONFIG` are absent.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/onboardd/onboardd.toml";
+
+/// A configuration problem, always naming the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+    #[error("{key}: {message}")]
+    Key { key: String, message: String },
+}
+
+fn key_err(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Key {
+        key: key.to_string(),
+        message: message.into(),
+    }
+}
+
+/// A secret value: never printed by `Debug`, `Display` or serialization.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    /// The secret itself; call only where it is put on the wire.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            f.write_str("\"\"")
+        } else {
+            f.write_str("\"<redacted>\"")
+        }
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.0.is_empty() {
+            s.serialize_str("")
+        } else {
+            s.serialize_str("<redacted>")
+        }
+    }
+}
+
+/// When onboardd asks Qubitro whether a sensor already has a device before creating one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LookupPolicy {
+    /// Before every first create and after any attempt that may have created a device.
+    Always,
+    /// Only after an attempt that may have created a device (timeout, 5xx, crash).
+    AfterFailure,
+    /// Never: fastest, but a lost database or a second gateway can duplicate devices.
+    Never,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Names this gateway in device metadata, descriptions and topics.
+    #[serde(default)]
+    pub gateway_id: String,
+    pub log: LogConfig,
+    pub mqtt: MqttConfig,
+    pub announce: AnnounceConfig,
+    pub qubitro: QubitroConfig,
+    pub store: StoreConfig,
+    pub security: SecurityConfig,
+    pub control: ControlConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// tracing filter (`info`, `debug`, `onboardd=trace`); RUST_LOG wins when set.
+    pub level: String,
+    /// Seconds between counter lines in the log and on the stats topic (0: off).
+    pub stats_interval_s: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    pub host: String,
+    pub port: u16,
+    /// Stable across restarts so the broker keeps our persistent session.
+    #[serde(default)]
+    pub client_id: String,
+    #[serde(default)]
+    pub username: String,
+    #[serde(default)]
+    pub password: Secret,
+    #[serde(default)]
+    pub password_file: String,
+    pub announce_topic: String,
+    pub reply_topic: String,
+    pub status_topic: String,
+    pub stats_topic: String,
+    pub keep_alive_s: u64,
+    pub connect_timeout_s: u64,
+    /// How long the broker keeps our session (and queues announces) while we are away.
+    pub session_expiry_s: u32,
+    /// Unacknowledged announces the broker may send us at once (MQTT 5 Receive Maximum).
+    pub receive_maximum: u16,
+    /// Largest packet we accept; the broker drops bigger ones for us (MQTT 5).
+    pub max_packet_bytes: u32,
+    pub reconnect_initial_ms: u64,
+    pub reconnect_max_ms: u64,
+    #[serde(default)]
+    pub ca_file: String,
+    #[serde(default)]
+    pub cert_file: String,
+    #[serde(default)]
+    pub key_file: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnnounceConfig {
+    pub max_payload_bytes: usize,
+    /// Announces queued for the dispatcher; more wait at the broker.
+    pub queue_capacity: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct QubitroConfig {
+    pub base_url: String,
+    #[serde(default)]
+    pub project_id: String,
+    #[serde(default)]
+    pub api_key: Secret,
+    #[serde(default)]
+    pub api_key_file: String,
+    pub broker_host: String,
+    pub broker_port: u16,
+    pub connect_timeout_ms: u64,
+    pub request_timeout_ms: u64,
+    /// Requests to Qubitro in flight at once, across all sensors.
+    pub max_in_flight: usize,
+    pub lookup_before_create: LookupPolicy,
+    pub retry_initial_ms: u64,
+    pub retry_max_ms: u64,
+    /// Pause after a 401/403 (bad or revoked API key) before trying again.
+    pub auth_failure_backoff_s: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    pub path: String,
+    /// sled's page cache; its 1 GiB default is far too much for a Pi.
+    pub cache_capacity_bytes: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecurityConfig {
+    #[serde(default)]
+    pub claim_key: Secret,
+    #[serde(default)]
+    pub claim_key_file: String,
+    /// Sensor-id patterns (`*`, `?`) that may onboard; empty: all.
+    #[serde(default)]
+    pub allow_sensor_ids: Vec<String>,
+    /// Sensor-id patterns that may not; deny wins over allow.
+    #[serde(default)]
+    pub deny_sensor_ids: Vec<String>,
+    #[serde(default)]
+    pub allow_brands: Vec<String>,
+    #[serde(default)]
+    pub allow_models: Vec<String>,
+    /// A new sensor that announced this recently gets `rate_limited`.
+    pub new_sensor_cooldown_s: u64,
+    /// Cap on new devices per hour across all sensors.
+    pub max_new_devices_per_hour: u32,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    /// Unix socket for `onboardd devices …` while the daemon runs ("" disables it).
+    pub socket: String,
+}
+
+impl Config {
+    /// Reads FILE (required to exist), then the environment, then validates.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        if !path.exists() {
+            return Err(ConfigError::File {
+                path: path.to_path_buf(),
+                message: "not found (give --config FILE or set ONBOARDD_CONFIG)".into(),
+            });
+        }
+        let built = config::Config::builder()
+            .add_source(config::File::from_str(
+                DEFAULT_CONFIG,
+                config::FileFormat::Toml,
+            ))
+            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .add_source(env_source())
+            .build()
+            .map_err(|e| ConfigError::File {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
+        let mut cfg: Config = built
+            .try_deserialize()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        cfg.resolve()?;
+        Ok(cfg)
+    }
+
+    /// Parses a config from TOML text alone (tests, defaults), then validates.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let built = config::Config::builder()
+            .add_source(config::File::from_str(
+                DEFAULT_CONFIG,
+                config::FileFormat::Toml,
+            ))
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .build()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let mut cfg: Config = built
+            .try_deserialize()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        cfg.resolve()?;
+        Ok(cfg)
+    }
+
+    /// Fills derived defaults, reads secret files and checks every key.
+    fn resolve(&mut self) -> Result<(), ConfigError> {
+        if self.gateway_id.is_empty() {
+            self.gateway_id = host_name();
+        }
+        if !valid_topic_level(&self.gateway_id) {
+            return Err(key_err(
+                "gateway_id",
+                "must be 1-64 characters of A-Z a-z 0-9 . _ : -",
+            ));
+        }
+        if self.mqtt.client_id.is_empty() {
+            self.mqtt.client_id = format!("onboardd-{}", self.gateway_id);
+        }
+        self.mqtt.status_topic = self
+            .mqtt
+            .status_topic
+            .replace("{gateway_id}", &self.gateway_id);
+        self.mqtt.stats_topic = self
+            .mqtt
+            .stats_topic
+            .replace("{gateway_id}", &self.gateway_id);
+
+        read_secret_file(
+            "mqtt.password_file",
+            &self.mqtt.password_file,
+            &mut self.mqtt.password,
+        )?;
+        read_secret_file(
+            "qubitro.api_key_file",
+            &self.qubitro.api_key_file,
+            &mut self.qubitro.api_key,
+        )?;
+        read_secret_file(
+            "security.claim_key_file",
+            &self.security.claim_key_file,
+            &mut self.security.claim_key,
+        )?;
+
+        let plus = self
+            .mqtt
+            .announce_topic
+            .split('/')
+            .filter(|l| *l == "+")
+            .count();
+        if plus != 1 || self.mqtt.announce_topic.contains('#') {
+            return Err(key_err(
+                "mqtt.announce_topic",
+                "must contain exactly one '+' level (the sensor id) and no '#'",
+            ));
+        }
+        if !self.mqtt.reply_topic.contains("{sensor_id}")
+            || self.mqtt.reply_topic.contains('+')
+            || self.mqtt.reply_topic.contains('#')
+        {
+            return Err(key_err(
+                "mqtt.reply_topic",
+                "must contain {sensor_id} and no wildcards",
+            ));
+        }
+        if self.mqtt.host.is_empty() {
+            return Err(key_err("mqtt.host", "must not be empty"));
+        }
+        if self.mqtt.receive_maximum == 0 {
+            return Err(key_err("mqtt.receive_maximum", "must be at least 1"));
+        }
+        if (self.mqtt.max_packet_bytes as usize) < self.announce.max_payload_bytes + 1024 {
+            return Err(key_err(
+                "mqtt.max_packet_bytes",
+                "must exceed announce.max_payload_bytes by at least 1024 so that an oversized announce still gets an answer",
+            ));
+        }
+        if self.mqtt.keep_alive_s < 5 {
+            return Err(key_err("mqtt.keep_alive_s", "must be at least 5"));
+        }
+        if self.mqtt.cert_file.is_empty() != self.mqtt.key_file.is_empty() {
+            return Err(key_err(
+                "mqtt.cert_file",
+                "mqtt.cert_file and mqtt.key_file go together",
+            ));
+        }
+        if self.announce.max_payload_bytes == 0 {
+            return Err(key_err("announce.max_payload_bytes", "must be at least 1"));
+        }
+        if self.announce.queue_capacity < self.mqtt.receive_maximum as usize {
+            return Err(key_err(
+                "announce.queue_capacity",
+                "must be at least mqtt.receive_maximum, so an announce the broker hands us always fits",
+            ));
+        }
+        let url = &self.qubitro.base_url;
+        if !(url.starts_with("https://") || url.starts_with("http://")) {
+            return Err(key_err(
+                "qubitro.base_url",
+                "must start with https:// (or http:// for a local fake)",
+            ));
+        }
+        self.qubitro.base_url = url.trim_end_matches('/').to_string();
+        if self.qubitro.project_id.trim().is_empty() {
+            return Err(key_err(
+                "qubitro.project_id",
+                "is required (the Qubitro project the devices are created in)",
+            ));
+        }
+        if self.qubitro.project_id.contains(['/', '?', '#', ' ']) {
+            return Err(key_err("qubitro.project_id", "must be a plain project id"));
+        }
+        if self.qubitro.api_key.is_empty() {
+            return Err(key_err(
+                "qubitro.api_key",
+                "is required: set qubitro.api_key, qubitro.api_key_file or ONBOARDD__QUBITRO__API_KEY",
+            ));
+        }
+        if self.qubitro.max_in_flight == 0 {
+            return Err(key_err("qubitro.max_in_flight", "must be at least 1"));
+        }
+        if self.qubitro.request_timeout_ms == 0 || self.qubitro.connect_timeout_ms == 0 {
+            return Err(key_err(
+                "qubitro.request_timeout_ms",
+                "timeouts must be positive",
+            ));
+        }
+        if self.qubitro.retry_initial_ms == 0
+            || self.qubitro.retry_max_ms < self.qubitro.retry_initial_ms
+        {
+            return Err(key_err(
+                "qubitro.retry_max_ms",
+                "must be at least qubitro.retry_initial_ms, which must be positive",
+            ));
+        }
+        if self.store.path.is_empty() {
+            return Err(key_err("store.path", "must not be empty"));
+        }
+        Ok(())
+    }
+
+    pub fn keep_alive(&self) -> Duration {
+        Duration::from_secs(self.mqtt.keep_alive_s)
+    }
+
+    /// The effective config as TOML with every secret redacted.
+    pub fn redacted_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+/// Warns when a config file that holds a secret can be read by other users.
+pub fn warn_if_readable_secrets(path: &Path, cfg: &Config) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return;
+    };
+    let holds_secret = [
+        cfg.qubitro.api_key.expose(),
+        cfg.mqtt.password.expose(),
+        cfg.security.claim_key.expose(),
+    ]
+    .iter()
+    .any(|s| !s.is_empty() && text.contains(*s));
+    let mode = std::fs::metadata(path)
+        .map(|m| m.permissions().mode())
+        .unwrap_or(0);
+    if holds_secret && mode & 0o044 != 0 {
+        let msg = format!(
+            "{} holds a secret and is readable by other users (mode {:o}); chmod 600 it or move the secret to a *_file / LoadCredential=",
+            path.display(),
+            mode & 0o777
+        );
+        tracing::warn!("{msg}");
+        if !tracing::dispatcher::has_been_set() {
+            eprintln!("onboardd: warning: {msg}");
+        }
+    }
+}
+
+fn env_source() -> config::Environment {
+    config::Environment::with_prefix("ONBOARDD")
+        .prefix_separator("__")
+        .separator("__")
+        .try_parsing(true)
+}
+
+/// Reads a secret from a file into `target` when `file` is set. A relative name is
+/// looked up in `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`) when that is set.
+fn read_secret_file(key: &str, file: &str, target: &mut Secret) -> Result<(), ConfigError> {
+    if file.is_empty() {
+        return Ok(());
+    }
+    let mut path = PathBuf::from(file);
+    if path.is_relative() {
+        if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
+            path = Path::new(&dir).join(path);
+        }
+    }
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| key_err(key, format!("cannot read {}: {e}", path.display())))?;
+    let value = text.trim_end_matches(['\n', '\r']).to_string();
+    if value.is_empty() {
+        return Err(key_err(key, format!("{} is empty", path.display())));
+    }
+    *target = Secret(value);
+    Ok(())
+}
+
+fn host_name() -> String {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .unwrap_or_default();
+    let name = raw.trim();
+    if valid_topic_level(name) {
+        name.to_string()
+    } else {
+        "gateway".to_string()
+    }
+}
+
+/// 1–64 characters of `A–Z a–z 0–9 . _ : -`: safe as one MQTT topic level and in URLs.
+pub fn valid_topic_level(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        gateway_id = "gw1"
+        [qubitro]
+        project_id = "p1"
+        api_key = "QB_secret_value"
+    "#;
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let c = Config::from_toml(MINIMAL).unwrap();
+        assert_eq!(c.mqtt.host, "127.0.0.1");
+        assert_eq!(c.mqtt.port, 1883);
+        assert_eq!(c.mqtt.announce_topic, "onboard/announce/+");
+        assert_eq!(c.mqtt.reply_topic, "onboard/reply/{sensor_id}");
+        assert_eq!(c.mqtt.client_id, "onboardd-gw1");
+        assert_eq!(c.qubitro.base_url, "https://api.qubitro.com");
+        assert_eq!(c.store.path, "/var/lib/onboardd");
+        assert_eq!(c.announce.max_payload_bytes, 4096);
+        assert_eq!(c.mqtt.status_topic, "onboard/gateway/gw1/status");
+        assert_eq!(c.qubitro.lookup_before_create, LookupPolicy::Always);
+    }
+
+    #[test]
+    fn missing_api_key_names_the_key() {
+        let err = Config::from_toml("[qubitro]\nproject_id = \"p\"").unwrap_err();
+        assert!(err.to_string().contains("qubitro.api_key"), "{err}");
+    }
+
+    #[test]
+    fn missing_project_id_names_the_key() {
+        let err = Config::from_toml("[qubitro]\napi_key = \"k\"").unwrap_err();
+        assert!(err.to_string().contains("qubitro.project_id"), "{err}");
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_by_name() {
+        let err = Config::from_toml(&format!("{MINIMAL}\n[store]\npathh = \"/x\"")).unwrap_err();
+        assert!(err.to_string().contains("pathh"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let err = Config::from_toml(&format!("{MINIMAL}\n[mqtt]\nport = \"abc\"")).unwrap_err();
+        assert!(err.to_string().contains("port"), "{err}");
+    }
+
+    #[test]
+    fn redacted_output_hides_secrets() {
+        let c = Config::from_toml(MINIMAL).unwrap();
+        let out = c.redacted_toml();
+        assert!(!out.contains("QB_secret_value"));
+        assert!(out.contains("<redacted>"));
+        assert!(!format!("{c:?}").contains("QB_secret_value"));
+    }
+
+    #[test]
+    fn announce_topic_needs_one_plus() {
+        let err = Config::from_toml(&format!(
+            "{MINIMAL}\n[mqtt]\nannounce_topic = \"onboard/announce/#\""
+        ))
+        .unwrap_err();
+        assert!(err.to_string().contains("mqtt.announce_topic"), "{err}");
+    }
+
+    #[test]
+    fn secret_file_is_read_and_trimmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("key");
+        std::fs::write(&f, "QB_from_file\n").unwrap();
+        let c = Config::from_toml(&format!(
+            "[qubitro]\nproject_id = \"p\"\napi_key_file = \"{}\"",
+            f.display()
+        ))
+        .unwrap();
+        assert_eq!(c.qubitro.api_key.expose(), "QB_from_file");
+    }
+
+    #[test]
+    fn topic_level_rule() {
+        assert!(valid_topic_level("abc-1.2_x:y"));
+        assert!(!valid_topic_level(""));
+        assert!(!valid_topic_level(&"a".repeat(65)));
+        assert!(!valid_topic_level("a b"));
+        assert!(!valid_topic_level("a/b"));
+        assert!(!valid_topic_level("a+"));
+    }
+}

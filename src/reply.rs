@@ -1,0 +1,179 @@
+//! The answers onboardd publishes to a sensor, and where they go.
+//!
+//! A reply is the only place a device token is ever written out; [`Token`] keeps
+//! it out of every `Debug` rendering so that no log line can carry it.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// A Qubitro device token. Serialized in full (store, reply), never shown by `Debug`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Token(pub String);
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+/// What Qubitro issued for one sensor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Credentials {
+    pub device_id: String,
+    pub device_token: Token,
+}
+
+/// Where and how to answer one announce.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Route {
+    /// MQTT 5 Response Topic, already checked to lie in the sensor's own reply namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_topic: Option<String>,
+    /// MQTT 5 Correlation Data, echoed as given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation_data: Option<Vec<u8>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+}
+
+impl Route {
+    /// The topic to publish on: the checked Response Topic, else the default reply topic.
+    pub fn topic(&self, reply_pattern: &str, sensor_id: &str) -> String {
+        self.response_topic
+            .clone()
+            .unwrap_or_else(|| reply_topic(reply_pattern, sensor_id))
+    }
+}
+
+pub fn reply_topic(reply_pattern: &str, sensor_id: &str) -> String {
+    reply_pattern.replace("{sensor_id}", sensor_id)
+}
+
+/// A Response Topic is honoured only inside the sensor's own reply namespace, so an
+/// announce can never make onboardd publish a token where another client listens.
+pub fn allowed_response_topic(reply_pattern: &str, sensor_id: &str, requested: &str) -> bool {
+    let own = reply_topic(reply_pattern, sensor_id);
+    if requested.contains(['+', '#', '\0']) {
+        return false;
+    }
+    requested == own
+        || requested
+            .strip_prefix(own.as_str())
+            .is_some_and(|rest| rest.starts_with('/') && rest.len() > 1)
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Broker {
+    pub host: String,
+    pub port: u16,
+}
+
+/// The JSON body of a reply.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Reply {
+    Ok {
+        sensor_id: String,
+        device_id: String,
+        device_token: Token,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        request_id: Option<String>,
+        broker: Broker,
+    },
+    Pending {
+        sensor_id: String,
+        retry_after_s: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        request_id: Option<String>,
+    },
+    Error {
+        sensor_id: String,
+        code: String,
+        message: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        request_id: Option<String>,
+    },
+}
+
+impl Reply {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a reply is plain data and always serializes")
+    }
+
+    pub fn error(
+        sensor_id: &str,
+        code: &str,
+        message: impl Into<String>,
+        request_id: Option<String>,
+    ) -> Reply {
+        Reply::Error {
+            sensor_id: sensor_id.to_string(),
+            code: code.to_string(),
+            message: message.into(),
+            request_id,
+        }
+    }
+
+    /// The status word, for logs.
+    pub fn status(&self) -> &'static str {
+        match self {
+            Reply::Ok { .. } => "ok",
+            Reply::Pending { .. } => "pending",
+            Reply::Error { .. } => "error",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ok_reply_has_the_documented_shape() {
+        let r = Reply::Ok {
+            sensor_id: "s".into(),
+            device_id: "d".into(),
+            device_token: Token("t$".into()),
+            request_id: Some("r".into()),
+            broker: Broker {
+                host: "broker.qubitro.com".into(),
+                port: 8883,
+            },
+        };
+        let v: serde_json::Value = serde_json::from_slice(&r.to_bytes()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"status":"ok","sensor_id":"s","device_id":"d","device_token":"t$",
+                "request_id":"r","broker":{"host":"broker.qubitro.com","port":8883}})
+        );
+        assert!(!format!("{r:?}").contains("t$"));
+    }
+
+    #[test]
+    fn request_id_is_omitted_when_absent() {
+        let r = Reply::Pending {
+            sensor_id: "s".into(),
+            retry_after_s: 3,
+            request_id: None,
+        };
+        let v: serde_json::Value = serde_json::from_slice(&r.to_bytes()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"status":"pending","sensor_id":"s","retry_after_s":3})
+        );
+    }
+
+    #[test]
+    fn response_topic_must_stay_in_own_namespace() {
+        let p = "onboard/reply/{sensor_id}";
+        assert!(allowed_response_topic(p, "a", "onboard/reply/a"));
+        assert!(allowed_response_topic(p, "a", "onboard/reply/a/x1"));
+        assert!(!allowed_response_topic(p, "a", "onboard/reply/ab"));
+        assert!(!allowed_response_topic(p, "a", "onboard/reply/b"));
+        assert!(!allowed_response_topic(p, "a", "onboard/reply/a/"));
+        assert!(!allowed_response_topic(p, "a", "onboard/reply/a/#"));
+        assert!(!allowed_response_topic(p, "a", "evil/topic"));
+    }
+}

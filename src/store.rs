@@ -1,0 +1,552 @@
+//! The durable per-sensor state, in sled 0.34.
+//!
+//! sled makes nothing durable on return: only `flush` fsyncs. Every write here
+//! returns a sequence number, and [`Store::durable`] waits until a flush has covered
+//! it. One flusher task serves all waiters, so concurrent onboardings share one
+//! fsync (group commit) instead of each paying for its own. `flush_async` can
+//! deadlock in 0.34, so the flush runs in `spawn_blocking`. Any sled error is
+//! returned, and callers treat it as fatal: sled's own flusher stops silently after
+//! an I/O error, so carrying on would lose data.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{watch, Notify};
+
+use crate::announce::DeviceSpec;
+use crate::config::StoreConfig;
+use crate::reply::{Credentials, Route, Token};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("stored record of sensor {sensor} is unreadable: {message}")]
+    Decode { sensor: String, message: String },
+    #[error("the database at {path} is in use by another process (is onboardd already running?)")]
+    Locked { path: PathBuf },
+    #[error("cannot open the database at {path}: {message}")]
+    Open { path: PathBuf, message: String },
+    #[error("flushing the database to disk failed: {0}")]
+    Flush(String),
+}
+
+/// Where a sensor is in its onboarding. Every transition is persisted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "phase", rename_all = "snake_case")]
+pub enum Phase {
+    /// Announce accepted and durably recorded; no create has been sent.
+    Pending,
+    /// A create may have been sent: before sending another, look the sensor up.
+    Creating,
+    /// Qubitro issued credentials; `delivered` once the broker acknowledged the ok reply.
+    Created {
+        device_id: String,
+        device_token: Token,
+        delivered: bool,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SensorRecord {
+    pub phase: Phase,
+    pub spec: DeviceSpec,
+    /// Cloud attempts that failed so far (drives the backoff).
+    pub attempts: u32,
+    /// Wall-clock ms of the next attempt; survives restarts (and is capped on load,
+    /// since a Pi without RTC may have booted with a wrong clock).
+    pub next_attempt_ms: u64,
+    pub first_seen_ms: u64,
+    pub updated_ms: u64,
+    /// Where to answer: the route of the announce that started the onboarding.
+    #[serde(default)]
+    pub route: Route,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// How the device came to be: "created" or "adopted".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
+}
+
+impl SensorRecord {
+    pub fn new_pending(spec: DeviceSpec, route: Route) -> Self {
+        let now = now_ms();
+        SensorRecord {
+            phase: Phase::Pending,
+            spec,
+            attempts: 0,
+            next_attempt_ms: now,
+            first_seen_ms: now,
+            updated_ms: now,
+            route,
+            last_error: None,
+            origin: None,
+        }
+    }
+
+    pub fn credentials(&self) -> Option<Credentials> {
+        match &self.phase {
+            Phase::Created {
+                device_id,
+                device_token,
+                ..
+            } => Some(Credentials {
+                device_id: device_id.clone(),
+                device_token: device_token.clone(),
+            }),
+            _ => None,
+        }
+    }
+
+    pub fn phase_name(&self) -> &'static str {
+        match self.phase {
+            Phase::Pending => "pending",
+            Phase::Creating => "creating",
+            Phase::Created {
+                delivered: false, ..
+            } => "created",
+            Phase::Created {
+                delivered: true, ..
+            } => "delivered",
+        }
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FlushState {
+    flushed: u64,
+    failed: bool,
+}
+
+struct Flusher {
+    /// Sequence number of the last completed write.
+    written: AtomicU64,
+    state: watch::Sender<FlushState>,
+    wake: Notify,
+}
+
+/// The sensor store. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    sensors: sled::Tree,
+    flusher: Arc<Flusher>,
+    path: PathBuf,
+}
+
+/// How the database was opened, for the start-up log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpenOutcome {
+    Opened,
+    /// The old directory was unreadable and moved here; a new one was made.
+    RebuiltAfterCorruption {
+        moved_to: PathBuf,
+    },
+}
+
+impl Store {
+    /// Opens (or creates) the database and starts its flusher; needs a tokio runtime.
+    ///
+    /// A lock held by another process is retried for a moment (right after a kill -9
+    /// the old lock can linger briefly), then reported clearly. A database that sled
+    /// cannot read is moved aside and replaced by an empty one: the lookup before
+    /// create then adopts each sensor's existing Qubitro device instead of duplicating it.
+    pub fn open(cfg: &StoreConfig) -> Result<(Store, OpenOutcome), StoreError> {
+        let path = PathBuf::from(&cfg.path);
+        let mut outcome = OpenOutcome::Opened;
+        let db = match open_with_retry(&path, cfg.cache_capacity_bytes) {
+            Ok(db) => db,
+            Err(StoreError::Locked { path }) => return Err(StoreError::Locked { path }),
+            Err(e) if path.exists() => {
+                let moved_to = aside_name(&path);
+                tracing::error!(
+                    path = %path.display(),
+                    moved_to = %moved_to.display(),
+                    error = %e,
+                    "DATABASE UNREADABLE: moving it aside and starting empty; sensors will be re-adopted from Qubitro on their next announce"
+                );
+                std::fs::rename(&path, &moved_to).map_err(|io| StoreError::Open {
+                    path: path.clone(),
+                    message: format!("cannot move the unreadable database aside: {io}"),
+                })?;
+                outcome = OpenOutcome::RebuiltAfterCorruption { moved_to };
+                open_with_retry(&path, cfg.cache_capacity_bytes)?
+            }
+            Err(e) => return Err(e),
+        };
+        let sensors = db.open_tree("sensors")?;
+        // Read every record once: corruption found now is handled now, not mid-onboarding.
+        for item in sensors.iter() {
+            let (k, v) = item?;
+            decode(&k, &v)?;
+        }
+        let (state, _) = watch::channel(FlushState {
+            flushed: 0,
+            failed: false,
+        });
+        let flusher = Arc::new(Flusher {
+            written: AtomicU64::new(0),
+            state,
+            wake: Notify::new(),
+        });
+        tokio::spawn(run_flusher(db.clone(), flusher.clone()));
+        Ok((
+            Store {
+                db,
+                sensors,
+                flusher,
+                path,
+            },
+            outcome,
+        ))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn get(&self, sensor: &str) -> Result<Option<SensorRecord>, StoreError> {
+        match self.sensors.get(sensor.as_bytes())? {
+            Some(v) => Ok(Some(decode(sensor.as_bytes(), &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Records a new sensor unless one is already recorded. `Some(seq)` when inserted.
+    pub fn insert_new(&self, sensor: &str, rec: &SensorRecord) -> Result<Option<u64>, StoreError> {
+        let bytes = encode(rec);
+        let swapped =
+            self.sensors
+                .compare_and_swap(sensor.as_bytes(), None::<&[u8]>, Some(bytes))?;
+        match swapped {
+            Ok(()) => Ok(Some(self.wrote())),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// Writes a record (the caller owns the sensor's state at this moment).
+    pub fn put(&self, sensor: &str, rec: &SensorRecord) -> Result<u64, StoreError> {
+        self.sensors.insert(sensor.as_bytes(), encode(rec))?;
+        Ok(self.wrote())
+    }
+
+    /// Read-modify-write of one record; `f` returns false to leave it untouched.
+    /// Returns the new record when it was changed.
+    pub fn update(
+        &self,
+        sensor: &str,
+        f: impl Fn(&mut SensorRecord) -> bool,
+    ) -> Result<Option<SensorRecord>, StoreError> {
+        loop {
+            let Some(old) = self.sensors.get(sensor.as_bytes())? else {
+                return Ok(None);
+            };
+            let mut rec = decode(sensor.as_bytes(), &old)?;
+            if !f(&mut rec) {
+                return Ok(None);
+            }
+            rec.updated_ms = now_ms();
+            let new = encode(&rec);
+            if self
+                .sensors
+                .compare_and_swap(sensor.as_bytes(), Some(&old), Some(new))?
+                .is_ok()
+            {
+                self.wrote();
+                return Ok(Some(rec));
+            }
+        }
+    }
+
+    pub fn remove(&self, sensor: &str) -> Result<Option<SensorRecord>, StoreError> {
+        match self.sensors.remove(sensor.as_bytes())? {
+            Some(v) => {
+                self.wrote();
+                Ok(Some(decode(sensor.as_bytes(), &v)?))
+            }
+            None => Ok(None),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.sensors.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sensors.is_empty()
+    }
+
+    /// All records in sensor-id order.
+    pub fn scan(&self) -> impl Iterator<Item = Result<(String, SensorRecord), StoreError>> + '_ {
+        self.sensors.iter().map(|item| {
+            let (k, v) = item?;
+            let rec = decode(&k, &v)?;
+            Ok((String::from_utf8_lossy(&k).into_owned(), rec))
+        })
+    }
+
+    fn wrote(&self) -> u64 {
+        self.flusher.written.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// The sequence number of the latest write, for waiting on everything so far.
+    pub fn last_write(&self) -> u64 {
+        self.flusher.written.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once write `seq` is on disk. Many waiters share one flush.
+    pub async fn durable(&self, seq: u64) -> Result<(), StoreError> {
+        let mut rx = self.flusher.state.subscribe();
+        {
+            let s = *rx.borrow();
+            if s.failed {
+                return Err(StoreError::Flush("an earlier flush failed".into()));
+            }
+            if s.flushed >= seq {
+                return Ok(());
+            }
+        }
+        self.flusher.wake.notify_one();
+        let s = rx
+            .wait_for(|s| s.failed || s.flushed >= seq)
+            .await
+            .map_err(|_| StoreError::Flush("the flusher stopped".into()))?;
+        if s.failed {
+            Err(StoreError::Flush("flush failed".into()))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Flushes everything written so far (shutdown, CLI writes).
+    pub async fn flush_all(&self) -> Result<(), StoreError> {
+        self.durable(self.last_write()).await
+    }
+
+    /// On-disk size, for `devices` and the benchmark.
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+async fn run_flusher(db: sled::Db, f: Arc<Flusher>) {
+    loop {
+        f.wake.notified().await;
+        loop {
+            let target = f.written.load(Ordering::SeqCst);
+            if target <= f.state.borrow().flushed {
+                break;
+            }
+            let db2 = db.clone();
+            let result = tokio::task::spawn_blocking(move || db2.flush()).await;
+            match result {
+                Ok(Ok(_)) => {
+                    f.state.send_modify(|s| s.flushed = s.flushed.max(target));
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "flushing the database failed");
+                    f.state.send_modify(|s| s.failed = true);
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "the flush task died");
+                    f.state.send_modify(|s| s.failed = true);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn encode(rec: &SensorRecord) -> Vec<u8> {
+    serde_json::to_vec(rec).expect("a record is plain data and always serializes")
+}
+
+fn decode(key: &[u8], bytes: &[u8]) -> Result<SensorRecord, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Decode {
+        sensor: String::from_utf8_lossy(key).into_owned(),
+        message: e.to_string(),
+    })
+}
+
+fn aside_name(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".corrupt-{}", now_ms() / 1000));
+    PathBuf::from(name)
+}
+
+/// sled panics on some corrupt files instead of returning an error; a panic while
+/// opening is therefore caught and treated as corruption.
+fn open_with_retry(path: &Path, cache: u64) -> Result<sled::Db, StoreError> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let cfg = sled::Config::new()
+            .path(path)
+            .cache_capacity(cache)
+            .flush_every_ms(Some(1000));
+        let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || cfg.open()));
+        match attempt {
+            Ok(Ok(db)) => return Ok(db),
+            Ok(Err(sled::Error::Io(e))) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(StoreError::Locked {
+                        path: path.to_path_buf(),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Ok(Err(e)) if is_lock_error(&e) => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(StoreError::Locked {
+                        path: path.to_path_buf(),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Ok(Err(sled::Error::Io(e))) => {
+                return Err(StoreError::Open {
+                    path: path.to_path_buf(),
+                    message: e.to_string(),
+                })
+            }
+            Ok(Err(e)) => {
+                return Err(StoreError::Open {
+                    path: path.to_path_buf(),
+                    message: format!("unreadable: {e}"),
+                })
+            }
+            Err(_) => {
+                return Err(StoreError::Open {
+                    path: path.to_path_buf(),
+                    message: "unreadable: sled panicked while reading it".into(),
+                })
+            }
+        }
+    }
+}
+
+fn is_lock_error(e: &sled::Error) -> bool {
+    let s = e.to_string();
+    s.contains("could not acquire lock") || s.contains("Resource temporarily unavailable")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> DeviceSpec {
+        DeviceSpec {
+            name: "n".into(),
+            description: "d".into(),
+            brand: "Custom".into(),
+            model: "Custom".into(),
+            tags: vec![],
+            metadata: Default::default(),
+        }
+    }
+
+    fn cfg(dir: &Path) -> StoreConfig {
+        StoreConfig {
+            path: dir.join("db").display().to_string(),
+            cache_capacity_bytes: 1 << 20,
+        }
+    }
+
+    #[tokio::test]
+    async fn insert_new_refuses_a_second_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = Store::open(&cfg(dir.path())).unwrap();
+        let rec = SensorRecord::new_pending(spec(), Route::default());
+        let seq = s.insert_new("a", &rec).unwrap().unwrap();
+        assert!(s.insert_new("a", &rec).unwrap().is_none());
+        s.durable(seq).await.unwrap();
+        assert_eq!(s.get("a").unwrap().unwrap().phase, Phase::Pending);
+    }
+
+    #[tokio::test]
+    async fn flushed_records_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (s, _) = Store::open(&cfg(dir.path())).unwrap();
+            let mut rec = SensorRecord::new_pending(spec(), Route::default());
+            rec.phase = Phase::Created {
+                device_id: "d".into(),
+                device_token: Token("t".into()),
+                delivered: false,
+            };
+            let seq = s.put("a", &rec).unwrap();
+            s.durable(seq).await.unwrap();
+        }
+        let (s, outcome) = Store::open(&cfg(dir.path())).unwrap();
+        assert_eq!(outcome, OpenOutcome::Opened);
+        assert_eq!(
+            s.get("a")
+                .unwrap()
+                .unwrap()
+                .credentials()
+                .unwrap()
+                .device_id,
+            "d"
+        );
+    }
+
+    #[tokio::test]
+    async fn many_waiters_share_flushes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = Store::open(&cfg(dir.path())).unwrap();
+        let mut waits = Vec::new();
+        for i in 0..200 {
+            let rec = SensorRecord::new_pending(spec(), Route::default());
+            let seq = s.insert_new(&format!("s{i}"), &rec).unwrap().unwrap();
+            let s2 = s.clone();
+            waits.push(tokio::spawn(async move { s2.durable(seq).await }));
+        }
+        for w in waits {
+            w.await.unwrap().unwrap();
+        }
+        assert_eq!(s.len(), 200);
+    }
+
+    #[tokio::test]
+    async fn update_changes_only_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = Store::open(&cfg(dir.path())).unwrap();
+        s.put("a", &SensorRecord::new_pending(spec(), Route::default()))
+            .unwrap();
+        assert!(s.update("a", |_| false).unwrap().is_none());
+        let r = s
+            .update("a", |r| {
+                r.attempts = 7;
+                true
+            })
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.attempts, 7);
+        assert!(s.update("missing", |_| true).unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn garbage_database_is_moved_aside_and_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(dir.path());
+        std::fs::create_dir_all(&c.path).unwrap();
+        std::fs::write(Path::new(&c.path).join("conf"), b"\xff\xfe garbage").unwrap();
+        std::fs::write(Path::new(&c.path).join("db"), vec![0xAB; 4096]).unwrap();
+        let (s, outcome) = Store::open(&c).unwrap();
+        assert!(
+            matches!(outcome, OpenOutcome::RebuiltAfterCorruption { .. }),
+            "{outcome:?}"
+        );
+        assert!(s.is_empty());
+    }
+}

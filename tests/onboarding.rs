@@ -1,0 +1,287 @@
+//! The core flow against a real mosquitto and the fake Qubitro over HTTP:
+//! announce → create → store → reply, idempotency, and every bad input.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use onboardd::fake_cloud::{CredentialsAt, Endpoint, Envelope, FakeOptions, FakeQubitro, Fault};
+use rumqttc::v5::mqttbytes::v5::PublishProperties;
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn happy_path_maps_every_field_and_replies_with_the_issued_credentials() {
+    let broker = Mosquitto::start();
+    let cloud = fake_cloud().await;
+    let _d = Daemon::start(&broker, &cloud, "");
+    let mut s = Sensor::connect(broker.port, "temp-01").await;
+    s.announce(
+        r#"{"name":"Greenhouse 1","description":"north wall","brand":"Acme","model":"T1000",
+            "tags":["greenhouse","zone_1"],"metadata":{"floor":"2"},"request_id":"req-7","unknown":true}"#,
+    )
+    .await;
+    let (topic, reply, _) = s.next().await;
+    assert_eq!(topic, "onboard/reply/temp-01");
+    let devices = cloud.devices();
+    assert_eq!(devices.len(), 1);
+    let dev = &devices[0];
+    assert_eq!(
+        reply,
+        json!({"status":"ok","sensor_id":"temp-01","device_id":dev.id,"device_token":dev.token,
+               "request_id":"req-7","broker":{"host":"broker.qubitro.com","port":8883}})
+    );
+    assert_eq!(dev.name, "Greenhouse 1");
+    assert_eq!(dev.description, "north wall");
+    assert_eq!(dev.brand, "Acme");
+    assert_eq!(dev.model, "T1000");
+    assert_eq!(dev.source, "mqtt");
+    assert_eq!(dev.tags, vec!["greenhouse", "zone_1"]);
+    assert_eq!(dev.metadata.get("floor").map(String::as_str), Some("2"));
+    assert_eq!(
+        dev.metadata.get("sensor_id").map(String::as_str),
+        Some("temp-01")
+    );
+    assert_eq!(
+        dev.metadata.get("gateway_id").map(String::as_str),
+        Some("gw-test")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_announce_gets_the_documented_defaults() {
+    let broker = Mosquitto::start();
+    let cloud = fake_cloud().await;
+    let _d = Daemon::start(&broker, &cloud, "");
+    let mut s = Sensor::connect(broker.port, "bare-1").await;
+    s.announce("").await;
+    let reply = s.reply().await;
+    assert_eq!(reply["status"], "ok");
+    assert!(
+        reply.get("request_id").is_none(),
+        "no request_id when the announce had none"
+    );
+    let dev = &cloud.devices()[0];
+    assert_eq!(dev.name, "bare-1");
+    assert_eq!(dev.brand, "Custom");
+    assert_eq!(dev.model, "Custom");
+    assert!(dev.description.contains("gw-test"), "{}", dev.description);
+    assert!(dev.tags.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reannounce_returns_the_same_credentials_without_a_second_create_even_across_restarts() {
+    let broker = Mosquitto::start();
+    let cloud = fake_cloud().await;
+    let state = tempfile::tempdir().unwrap();
+    let mut d = Daemon::with_state(broker.port, &cloud, state.path(), "", vec![]);
+    d.wait_subscribed();
+    let mut s = Sensor::connect(broker.port, "again-1").await;
+    s.announce("{}").await;
+    let first = s.reply().await;
+    s.announce(r#"{"name":"renamed"}"#).await;
+    let second = s.reply().await;
+    assert_eq!(first["device_id"], second["device_id"]);
+    assert_eq!(first["device_token"], second["device_token"]);
+
+    assert_eq!(d.signal_and_wait(libc::SIGTERM).code(), Some(0));
+    d.spawn();
+    d.wait_subscribed();
+    s.announce("{}").await;
+    let third = s.reply_with_status("ok").await;
+    assert_eq!(first["device_token"], third["device_token"]);
+    assert_eq!(cloud.count(Endpoint::Create), 1);
+    assert_eq!(cloud.devices().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simultaneous_announces_of_one_sensor_create_exactly_one_device() {
+    let broker = Mosquitto::start();
+    let cloud = fake_cloud().await;
+    cloud.set_delay(Duration::from_millis(200));
+    let _d = Daemon::start(&broker, &cloud, "");
+    let mut s = Sensor::connect(broker.port, "twin").await;
+    for i in 0..20 {
+        s.announce(&format!(r#"{{"request_id":"r{i}"}}"#)).await;
+    }
+    // Each announce is answered: ok once the device exists, or pending (ask again)
+    // when more announces wait than onboardd keeps answers for.
+    let mut tokens = std::collections::HashSet::new();
+    let mut answered = std::collections::HashSet::new();
+    while answered.len() < 20 {
+        let r = s.reply().await;
+        assert!(r["status"] == "ok" || r["status"] == "pending", "{r}");
+        if r["status"] == "ok" {
+            tokens.insert(r["device_token"].to_string());
+        }
+        answered.insert(r["request_id"].to_string());
+    }
+    assert_eq!(tokens.len(), 1, "one token for all");
+    s.announce("{}").await;
+    assert_eq!(
+        s.reply().await["device_token"].to_string(),
+        *tokens.iter().next().unwrap()
+    );
+    assert_eq!(cloud.count(Endpoint::Create), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_bad_input_gets_its_documented_error_and_the_daemon_keeps_serving() {
+    let broker = Mosquitto::start();
+    let cloud = fake_cloud().await;
+    let d = Daemon::start(&broker, &cloud, "");
+    let mut s = Sensor::connect(broker.port, "bad-1").await;
+    let cases: Vec<(String, &str, &str)> = vec![
+        ("{not json".into(), "invalid_json", ""),
+        ("[1,2]".into(), "not_an_object", "object"),
+        (
+            r#"{"name":5,"request_id":"rq"}"#.into(),
+            "invalid_field",
+            "name",
+        ),
+        (r#"{"tags":"a"}"#.into(), "invalid_field", "tags"),
+        (
+            r#"{"metadata":{"k":1}}"#.into(),
+            "invalid_field",
+            "metadata",
+        ),
+        (
+            format!(r#"{{"name":"{}"}}"#, "x".repeat(101)),
+            "invalid_field",
+            "name",
+        ),
+        (
+            format!(r#"{{"description":"{}"}}"#, "x".repeat(501)),
+            "invalid_field",
+            "description",
+        ),
+        (r#"{"tags":["has space"]}"#.into(), "invalid_field", "tags"),
+        (
+            format!(r#"{{"name":"{}"}}"#, "x".repeat(5000)),
+            "payload_too_large",
+            "4096",
+        ),
+    ];
+    for (payload, code, mention) in &cases {
+        s.announce(payload).await;
+        let r = s.reply().await;
+        assert_eq!(r["status"], "error", "{payload}: {r}");
+        assert_eq!(r["code"], *code, "{payload}: {r}");
+        assert_eq!(r["sensor_id"], "bad-1");
+        assert!(r["message"].as_str().unwrap().contains(mention), "{r}");
+    }
+    // request_id is echoed even in an error reply.
+    s.announce(r#"{"name":5,"request_id":"rq"}"#).await;
+    assert_eq!(s.reply().await["request_id"], "rq");
+
+    // An invalid sensor id gets no reply (no safe topic) but a warning.
+    s.announce_on("onboard/announce/bad id!", "{}").await;
+    d.log.wait_for_async("without a valid sensor id").await;
+
+    assert_eq!(
+        cloud.count(Endpoint::Create),
+        0,
+        "no bad input reached the cloud"
+    );
+    s.announce("{}").await;
+    assert_eq!(s.reply().await["status"], "ok", "still serving");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_response_topic_and_correlation_data_are_honoured_only_in_the_sensors_namespace() {
+    let broker = Mosquitto::start();
+    let cloud = fake_cloud().await;
+    let _d = Daemon::start(&broker, &cloud, "");
+    let mut s = Sensor::connect(broker.port, "v5-1").await;
+    let props = PublishProperties {
+        response_topic: Some("onboard/reply/v5-1/boot-42".into()),
+        correlation_data: Some(Bytes::from_static(b"corr-1")),
+        ..Default::default()
+    };
+    s.announce_with_props("{}", props).await;
+    let (topic, reply, corr) = s.next().await;
+    assert_eq!(topic, "onboard/reply/v5-1/boot-42");
+    assert_eq!(reply["status"], "ok");
+    assert_eq!(corr.as_deref(), Some(&b"corr-1"[..]));
+
+    // A Response Topic outside its namespace is ignored: the default topic is used,
+    // and a listener on the foreign topic hears nothing.
+    let mut thief = Sensor::connect_as(broker.port, "thief", "stolen/#", None).await;
+    let props = PublishProperties {
+        response_topic: Some("stolen/tokens".into()),
+        ..Default::default()
+    };
+    s.announce_with_props("{}", props).await;
+    let (topic, reply, _) = s.next().await;
+    assert_eq!(topic, "onboard/reply/v5-1");
+    assert_eq!(reply["status"], "ok");
+    assert!(thief.silent_for(Duration::from_millis(500)).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mqtt311_sensor_is_onboarded_too() {
+    let broker = Mosquitto::start();
+    let cloud = fake_cloud().await;
+    let _d = Daemon::start(&broker, &cloud, "");
+    let mut s = SensorV3::connect(broker.port, "old-fw").await;
+    s.announce(r#"{"model":"legacy"}"#).await;
+    let r = s.reply().await;
+    assert_eq!(r["status"], "ok");
+    assert_eq!(r["device_id"], cloud.devices()[0].id.as_str());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_documented_response_shape_yields_the_credentials() {
+    for (envelope, at, status) in [
+        (Envelope::Wrapped, CredentialsAt::DeviceCredentials, 201),
+        (Envelope::Wrapped, CredentialsAt::Metadata, 200),
+        (Envelope::Bare, CredentialsAt::DeviceCredentials, 201),
+        (Envelope::Bare, CredentialsAt::Metadata, 200),
+    ] {
+        let broker = Mosquitto::start();
+        let cloud = FakeQubitro::start(FakeOptions {
+            envelope,
+            credentials_at: at,
+            create_status: status,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let _d = Daemon::start(&broker, &cloud, "");
+        let mut s = Sensor::connect(broker.port, "shape").await;
+        s.announce("{}").await;
+        let r = s.reply().await;
+        let dev = &cloud.devices()[0];
+        assert_eq!(r["device_id"], dev.id.as_str(), "{envelope:?} {at:?}");
+        assert_eq!(r["device_token"], dev.token.as_str(), "{envelope:?} {at:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_400_from_the_cloud_becomes_rejected_by_cloud_and_a_corrected_announce_succeeds() {
+    let broker = Mosquitto::start();
+    let cloud = fake_cloud().await;
+    let _d = Daemon::start(&broker, &cloud, "");
+    cloud.push_faults(
+        Endpoint::Create,
+        vec![Fault::Status {
+            status: 400,
+            retry_after: None,
+            body: Some(r#"{"success":false,"status":400,"message":"brand unknown"}"#.into()),
+        }],
+    );
+    let mut s = Sensor::connect(broker.port, "rej-1").await;
+    s.announce(r#"{"request_id":"a"}"#).await;
+    let r = s.reply().await;
+    assert_eq!(r["status"], "error");
+    assert_eq!(r["code"], "rejected_by_cloud");
+    assert_eq!(r["request_id"], "a");
+    assert!(
+        r["message"].as_str().unwrap().contains("brand unknown"),
+        "{r}"
+    );
+    s.announce("{}").await;
+    assert_eq!(s.reply().await["status"], "ok");
+    assert_eq!(cloud.devices().len(), 1);
+}
