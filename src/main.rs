@@ -125,7 +125,11 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(onboardd::daemon::run(cfg, shutdown_signal())) {
+            match rt.block_on(async {
+                // Installed before anything starts, so an early SIGTERM is a clean stop.
+                let signals = shutdown_signal();
+                onboardd::daemon::run(cfg, signals).await
+            }) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %format!("{e:#}"), "onboardd stopped on an error");
@@ -187,13 +191,16 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-async fn shutdown_signal() {
+/// Registers SIGTERM and SIGINT now; the returned future resolves on either.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler installs");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
     }
 }
 
