@@ -325,8 +325,16 @@ impl Daemon {
         extra: &str,
         env: Vec<(String, String)>,
     ) -> Daemon {
+        Daemon::from_toml(state, &config_toml(broker_port, cloud, state, extra), env)
+    }
+
+    /// Starts onboardd with exactly this config text, without waiting.
+    pub fn from_toml(state: &Path, toml: &str, env: Vec<(String, String)>) -> Daemon {
         let config_path = state.join("onboardd.toml");
-        std::fs::write(&config_path, config_toml(broker_port, cloud, state, extra)).unwrap();
+        std::fs::write(&config_path, toml).unwrap();
+        // Owner-only, as the README says: otherwise onboardd warns about the secret.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&config_path, std::fs::Permissions::from_mode(0o600)).unwrap();
         let mut d = Daemon {
             child: None,
             log: LogLines::default(),
@@ -423,7 +431,7 @@ pub async fn fake_cloud() -> FakeQubitro {
 pub struct Sensor {
     pub id: String,
     pub client: AsyncClient,
-    replies: mpsc::UnboundedReceiver<(String, Value, Option<Vec<u8>>)>,
+    replies: mpsc::UnboundedReceiver<(String, Vec<u8>, Option<Vec<u8>>)>,
 }
 
 impl Sensor {
@@ -464,7 +472,7 @@ impl Sensor {
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         let topic = String::from_utf8_lossy(&p.topic).to_string();
-                        let v: Value = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
+                        let v = p.payload.to_vec();
                         let corr = p
                             .properties
                             .as_ref()
@@ -514,12 +522,21 @@ impl Sensor {
             .expect("publish announce");
     }
 
-    /// The next reply (topic, JSON, correlation data).
-    pub async fn next(&mut self) -> (String, Value, Option<Vec<u8>>) {
+    /// The next message (topic, payload bytes, correlation data).
+    pub async fn next_raw(&mut self) -> (String, Vec<u8>, Option<Vec<u8>>) {
         tokio::time::timeout(WAIT, self.replies.recv())
             .await
             .unwrap_or_else(|_| panic!("no reply for sensor {} within {WAIT:?}", self.id))
             .expect("reply channel open")
+    }
+
+    /// The next reply (topic, JSON, correlation data).
+    pub async fn next(&mut self) -> (String, Value, Option<Vec<u8>>) {
+        let (t, p, c) = self.next_raw().await;
+        let v = serde_json::from_slice(&p).unwrap_or_else(|_| {
+            panic!("reply on {t} is not JSON: {}", String::from_utf8_lossy(&p))
+        });
+        (t, v, c)
     }
 
     pub async fn reply(&mut self) -> Value {

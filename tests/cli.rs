@@ -1,0 +1,234 @@
+//! The command line: config checking, the operator's `devices` commands (with the
+//! daemon running and without), and the gateway status topic.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use serde_json::Value;
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin())
+        .args(args)
+        .env_remove("ONBOARDD_CONFIG")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn version_and_help_answer() {
+    let (code, out, _) = run(&["--version"]);
+    assert_eq!(code, 0);
+    assert!(out.contains(env!("CARGO_PKG_VERSION")));
+    let (code, out, _) = run(&["--help"]);
+    assert_eq!(code, 0);
+    for cmd in ["run", "check-config", "print-default-config", "devices"] {
+        assert!(out.contains(cmd), "--help lists {cmd}");
+    }
+}
+
+#[test]
+fn print_default_config_is_a_config_check_config_accepts_once_the_required_keys_are_set() {
+    let (code, text, _) = run(&["print-default-config"]);
+    assert_eq!(code, 0);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, &text).unwrap();
+    let (code, _, err) = run(&["check-config", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, 78, "the default lacks project_id and api_key");
+    assert!(err.contains("qubitro.project_id"), "{err}");
+    let filled = text
+        .replace("project_id = \"\"", "project_id = \"p-1\"")
+        .replace("api_key = \"\"", "api_key = \"QB_very_secret\"");
+    std::fs::write(&path, filled).unwrap();
+    let (code, out, _) = run(&["check-config", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, 0);
+    assert!(out.contains("p-1"));
+    assert!(!out.contains("QB_very_secret"), "secrets are redacted");
+    assert!(out.contains("<redacted>"));
+}
+
+#[test]
+fn check_config_names_the_offending_key_and_exits_78() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    for (text, key) in [
+        ("[qubitro]\nproject_id = \"p\"", "qubitro.api_key"),
+        (
+            "[qubitro]\nproject_id = \"p\"\napi_key = \"k\"\n[mqtt]\nport = \"x\"",
+            "port",
+        ),
+        (
+            "[qubitro]\nproject_id = \"p\"\napi_key = \"k\"\n[mqtt]\nreply_topic = \"r\"",
+            "mqtt.reply_topic",
+        ),
+        (
+            "[qubitro]\nproject_id = \"p\"\napi_key = \"k\"\n[stor]\npath = \"/x\"",
+            "stor",
+        ),
+    ] {
+        std::fs::write(&path, text).unwrap();
+        let (code, _, err) = run(&["check-config", "--config", path.to_str().unwrap()]);
+        assert_eq!(code, 78, "{text}");
+        assert!(err.contains(key), "{key} in {err}");
+    }
+    let (code, _, err) = run(&["check-config", "--config", "/nonexistent/onboardd.toml"]);
+    assert_eq!(code, 78);
+    assert!(err.contains("not found"), "{err}");
+}
+
+#[test]
+fn environment_variables_override_file_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(
+        &path,
+        "[qubitro]\nproject_id = \"p\"\n[mqtt]\nport = 1883\n",
+    )
+    .unwrap();
+    let out = Command::new(bin())
+        .args(["check-config", "--config", path.to_str().unwrap()])
+        .env("ONBOARDD__QUBITRO__API_KEY", "QB_from_env")
+        .env("ONBOARDD__MQTT__PORT", "2883")
+        .env("ONBOARDD__GATEWAY_ID", "gw-env")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("port = 2883"), "{stdout}");
+    assert!(stdout.contains("gw-env"), "{stdout}");
+    assert!(!stdout.contains("QB_from_env"));
+}
+
+#[test]
+fn a_config_error_at_run_exits_78() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, "[qubitro]\nproject_id = \"p\"").unwrap();
+    let (code, _, err) = run(&["run", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, 78);
+    assert!(err.contains("qubitro.api_key"));
+}
+
+fn devices(cfg: &std::path::Path, args: &[&str]) -> (i32, String, String) {
+    let mut a = vec!["devices", "--config", cfg.to_str().unwrap()];
+    a.extend_from_slice(args);
+    run(&a)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_commands_work_while_the_daemon_runs_and_after_it_stopped() {
+    let broker = Mosquitto::start();
+    let cloud = fake_cloud().await;
+    let mut d = Daemon::start(&broker, &cloud, "");
+    let mut s = Sensor::connect(broker.port, "cli-1").await;
+    s.announce(r#"{"name":"Cellar"}"#).await;
+    let ok = s.reply().await;
+    let token = ok["device_token"].as_str().unwrap().to_string();
+    let cfg = d.config_path.clone();
+
+    let (code, table, _) = devices(&cfg, &["list"]);
+    assert_eq!(code, 0);
+    assert!(
+        table.contains("cli-1") && table.contains("Cellar"),
+        "{table}"
+    );
+    assert!(table.contains(ok["device_id"].as_str().unwrap()));
+    assert!(!table.contains(&token), "no token in the table");
+
+    let (code, json, _) = devices(&cfg, &["list", "--json"]);
+    assert_eq!(code, 0);
+    let v: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v[0]["sensor_id"], "cli-1");
+
+    let (_, shown, _) = devices(&cfg, &["show", "cli-1"]);
+    assert!(!shown.contains(&token));
+    let (_, shown, _) = devices(&cfg, &["show", "cli-1", "--show-token"]);
+    assert!(shown.contains(&token));
+    let (code, _, err) = devices(&cfg, &["show", "nobody"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("not known"), "{err}");
+
+    let (_, export, _) = devices(&cfg, &["export"]);
+    assert_eq!(export.lines().count(), 1);
+    let row: Value = serde_json::from_str(export.lines().next().unwrap()).unwrap();
+    assert_eq!(row["device_id"], ok["device_id"]);
+
+    let (code, msg, _) = devices(&cfg, &["forget", "cli-1"]);
+    assert_eq!(code, 0);
+    assert!(
+        msg.contains("KEPT"),
+        "says plainly the cloud device is kept: {msg}"
+    );
+    let (_, table, _) = devices(&cfg, &["list"]);
+    assert!(!table.contains("cli-1"));
+
+    // Stopped daemon: the CLI opens the store itself.
+    s.announce("{}").await;
+    assert_eq!(
+        s.reply().await["status"],
+        "ok",
+        "re-onboarded (adopted) after forget"
+    );
+    assert_eq!(d.signal_and_wait(libc::SIGTERM).code(), Some(0));
+    let (code, table, err) = devices(&cfg, &["list"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(table.contains("cli-1"), "{table}");
+    assert_eq!(
+        cloud.devices().len(),
+        1,
+        "forget kept the device; it was adopted again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forget_with_delete_remote_deletes_the_cloud_device() {
+    let broker = Mosquitto::start();
+    let cloud = fake_cloud().await;
+    let d = Daemon::start(&broker, &cloud, "");
+    let mut s = Sensor::connect(broker.port, "gone-1").await;
+    s.announce("{}").await;
+    s.reply().await;
+    let (code, msg, _) = devices(&d.config_path, &["forget", "gone-1", "--delete-remote"]);
+    assert_eq!(code, 0, "{msg}");
+    assert!(msg.contains("deleted"), "{msg}");
+    assert!(cloud.devices().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_status_is_retained_online_and_offline_on_stop_or_crash() {
+    let broker = Mosquitto::start();
+    let cloud = fake_cloud().await;
+    let state = tempfile::tempdir().unwrap();
+    let mut d = Daemon::with_state(broker.port, &cloud, state.path(), "", vec![]);
+    d.wait_subscribed();
+    let topic = "onboard/gateway/gw-test/status";
+    let mut watcher = Sensor::connect_as(broker.port, "w", topic, None).await;
+    // Retained: a late subscriber still learns the state.
+    let (t, v) = watcher_raw(&mut watcher).await;
+    assert_eq!(t, topic);
+    assert_eq!(v, "online");
+    assert_eq!(d.signal_and_wait(libc::SIGTERM).code(), Some(0));
+    assert_eq!(watcher_raw(&mut watcher).await.1, "offline");
+    d.spawn();
+    assert_eq!(watcher_raw(&mut watcher).await.1, "online");
+    d.kill9();
+    // The last will, published by the broker once it notices (keep-alive 5 s).
+    assert_eq!(watcher_raw(&mut watcher).await.1, "offline");
+}
+
+/// The status payload is plain text, not JSON.
+async fn watcher_raw(w: &mut Sensor) -> (String, String) {
+    let (t, v, _) = w.next_raw().await;
+    (t, String::from_utf8_lossy(&v).into_owned())
+}

@@ -1,0 +1,236 @@
+//! Security: claim proofs, allow/deny rules, flood limits, and no secret in any log.
+
+mod common;
+
+use common::*;
+use onboardd::config::Secret;
+use onboardd::fake_cloud::Endpoint;
+use onboardd::security::claim_for;
+
+const CLAIM_KEY: &str = "fleet-claim-key-0123456789";
+
+fn claim(sensor: &str) -> String {
+    claim_for(&Secret::new(CLAIM_KEY), sensor)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_valid_claim_nothing_is_created_and_no_token_is_returned() {
+    let broker = Mosquitto::start();
+    let cloud = fake_cloud().await;
+    let _d = Daemon::start(
+        &broker,
+        &cloud,
+        &format!("[security]\nclaim_key = \"{CLAIM_KEY}\""),
+    );
+    let mut s = Sensor::connect(broker.port, "claimed-1").await;
+
+    s.announce("{}").await;
+    let r = s.reply().await;
+    assert_eq!(
+        (r["status"].as_str(), r["code"].as_str()),
+        (Some("error"), Some("unauthorized"))
+    );
+
+    s.announce(&format!(r#"{{"claim":"{}"}}"#, claim("someone-else")))
+        .await;
+    assert_eq!(s.reply().await["code"], "unauthorized");
+    s.announce(r#"{"claim":"not hex"}"#).await;
+    assert_eq!(s.reply().await["code"], "unauthorized");
+    assert_eq!(cloud.requests().len(), 0, "no cloud call for a bad claim");
+
+    s.announce(&format!(r#"{{"claim":"{}"}}"#, claim("claimed-1")))
+        .await;
+    let ok = s.reply().await;
+    assert_eq!(ok["status"], "ok");
+
+    // The cached token needs the proof too.
+    s.announce("{}").await;
+    let r = s.reply().await;
+    assert_eq!(r["code"], "unauthorized");
+    assert!(r.get("device_token").is_none());
+    s.announce(&format!(r#"{{"claim":"{}"}}"#, claim("claimed-1")))
+        .await;
+    assert_eq!(s.reply().await["device_token"], ok["device_token"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deny_rules_win_over_allow_rules_and_cost_no_cloud_call() {
+    let broker = Mosquitto::start();
+    let cloud = fake_cloud().await;
+    let _d = Daemon::start(
+        &broker,
+        &cloud,
+        "[security]\nallow_sensor_ids = [\"farm-*\"]\ndeny_sensor_ids = [\"farm-x*\"]\nallow_brands = [\"Acme\", \"Custom\"]",
+    );
+    let mut denied = Sensor::connect(broker.port, "farm-x1").await;
+    denied.announce("{}").await;
+    assert_eq!(denied.reply().await["code"], "denied");
+    let mut stranger = Sensor::connect(broker.port, "city-1").await;
+    stranger.announce("{}").await;
+    assert_eq!(stranger.reply().await["code"], "denied");
+    let mut wrong_brand = Sensor::connect(broker.port, "farm-2").await;
+    wrong_brand.announce(r#"{"brand":"Evil"}"#).await;
+    assert_eq!(wrong_brand.reply().await["code"], "denied");
+    assert_eq!(cloud.requests().len(), 0);
+    wrong_brand.announce(r#"{"brand":"Acme"}"#).await;
+    assert_eq!(wrong_brand.reply().await["status"], "ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hourly_cap_answers_rate_limited_and_known_sensors_still_get_their_token() {
+    let broker = Mosquitto::start();
+    let cloud = fake_cloud().await;
+    let _d = Daemon::start(&broker, &cloud, "[security]\nmax_new_devices_per_hour = 3");
+    let mut all = Sensor::connect_as(broker.port, "all", "onboard/reply/#", None).await;
+    for i in 0..3 {
+        all.announce_on(&format!("onboard/announce/ok-{i}"), "{}")
+            .await;
+        assert_eq!(all.next().await.1["status"], "ok");
+    }
+    for i in 0..20 {
+        all.announce_on(&format!("onboard/announce/flood-{i}"), "{}")
+            .await;
+        let r = all.next().await.1;
+        assert_eq!(r["code"], "rate_limited", "{r}");
+    }
+    assert_eq!(cloud.count(Endpoint::Create), 3);
+    all.announce_on("onboard/announce/ok-1", "{}").await;
+    assert_eq!(all.next().await.1["status"], "ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_sensor_announcing_again_within_its_cooldown_is_rate_limited() {
+    let broker = Mosquitto::start();
+    let cloud = fake_cloud().await;
+    cloud.push_faults(
+        Endpoint::Create,
+        vec![onboardd::fake_cloud::Fault::Status {
+            status: 400,
+            retry_after: None,
+            body: None,
+        }],
+    );
+    let _d = Daemon::start(&broker, &cloud, "[security]\nnew_sensor_cooldown_s = 3600");
+    let mut s = Sensor::connect(broker.port, "eager").await;
+    s.announce("{}").await;
+    assert_eq!(s.reply().await["code"], "rejected_by_cloud");
+    s.announce("{}").await;
+    assert_eq!(s.reply().await["code"], "rate_limited");
+    assert_eq!(cloud.count(Endpoint::Create), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_or_token_appears_in_the_output_even_at_trace_level() {
+    let broker = Mosquitto::start();
+    let cloud = fake_cloud().await;
+    cloud.push_faults(
+        Endpoint::Create,
+        vec![onboardd::fake_cloud::Fault::Status {
+            status: 500,
+            retry_after: None,
+            body: None,
+        }],
+    );
+    let mut d = Daemon::start(
+        &broker,
+        &cloud,
+        &format!("[log]\nlevel = \"trace\"\n[security]\nclaim_key = \"{CLAIM_KEY}\""),
+    );
+    let mut tokens = Vec::new();
+    for i in 0..5 {
+        let id = format!("secret-{i}");
+        let mut s = Sensor::connect(broker.port, &id).await;
+        s.announce(&format!(r#"{{"claim":"{}"}}"#, claim(&id)))
+            .await;
+        let ok = s.reply_with_status("ok").await;
+        tokens.push(ok["device_token"].as_str().unwrap().to_string());
+        // Re-announce: the cached path too.
+        s.announce(&format!(r#"{{"claim":"{}"}}"#, claim(&id)))
+            .await;
+        s.reply_with_status("ok").await;
+    }
+    // A bad claim: the refusal path.
+    let mut s = Sensor::connect(broker.port, "secret-bad").await;
+    s.announce(r#"{"claim":"00"}"#).await;
+    s.reply().await;
+    assert_eq!(d.signal_and_wait(libc::SIGTERM).code(), Some(0));
+    let out = d.log.text();
+    assert!(
+        out.contains("TRACE") || out.contains("trace"),
+        "ran at trace level"
+    );
+    for secret in [cloud.api_key(), CLAIM_KEY.to_string()]
+        .into_iter()
+        .chain(tokens.iter().cloned())
+        .chain((0..5).map(|i| claim(&format!("secret-{i}"))))
+    {
+        assert!(!out.contains(&secret), "a secret leaked into the log");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_key_can_come_from_a_systemd_credential_file() {
+    let broker = Mosquitto::start();
+    let cloud = fake_cloud().await;
+    let creds = tempfile::tempdir().unwrap();
+    std::fs::write(
+        creds.path().join("qubitro-api-key"),
+        format!("{}\n", cloud.api_key()),
+    )
+    .unwrap();
+    let state = tempfile::tempdir().unwrap();
+    // The config names the file relative to $CREDENTIALS_DIRECTORY and holds no key.
+    let mut toml = config_toml(broker.port, &cloud, state.path(), "");
+    toml = toml.replace(
+        &format!("api_key = \"{}\"", cloud.api_key()),
+        "api_key_file = \"qubitro-api-key\"",
+    );
+    assert!(!toml.contains(&cloud.api_key()));
+    let d = Daemon::from_toml(
+        state.path(),
+        &toml,
+        vec![(
+            "CREDENTIALS_DIRECTORY".into(),
+            creds.path().display().to_string(),
+        )],
+    );
+    d.wait_subscribed();
+    let mut s = Sensor::connect(broker.port, "cred-1").await;
+    s.announce("{}").await;
+    assert_eq!(
+        s.reply().await["status"],
+        "ok",
+        "the key from the file was accepted"
+    );
+}
+
+#[test]
+fn a_config_file_with_a_secret_readable_by_others_draws_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(
+        &path,
+        "[qubitro]\nproject_id = \"p\"\napi_key = \"QB_visible\"\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("readable by other users"), "{err}");
+    assert!(
+        !err.contains("QB_visible") && !String::from_utf8_lossy(&out.stdout).contains("QB_visible")
+    );
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("readable by other users"));
+}
