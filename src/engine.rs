@@ -183,16 +183,13 @@ impl Engine {
     pub fn resume_from_store(self: &Arc<Self>) -> Result<usize, StoreError> {
         let now = now_ms();
         let cap = self.backoff.max;
-        let mut n = 0;
-        for item in self.store.scan() {
-            let (sensor, rec) = item?;
-            if matches!(rec.phase, Phase::Pending | Phase::Creating) {
-                // Never trust a stored time further ahead than one backoff cap: the
-                // clock of a Pi without RTC can jump.
-                let wait = Duration::from_millis(rec.next_attempt_ms.saturating_sub(now)).min(cap);
-                self.spawn_onboarding(sensor, wait);
-                n += 1;
-            }
+        let unfinished = self.store.unfinished()?;
+        let n = unfinished.len();
+        for (sensor, rec) in unfinished {
+            // Never trust a stored time further ahead than one backoff cap: the
+            // clock of a Pi without RTC can jump.
+            let wait = Duration::from_millis(rec.next_attempt_ms.saturating_sub(now)).min(cap);
+            self.spawn_onboarding(sensor, wait);
         }
         Ok(n)
     }

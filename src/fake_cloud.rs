@@ -1,1 +1,1663 @@
 //! A fake Qubitro REST API, faithful to the documented endpoints, for tests and firmware work.
+//!
+//! It speaks real HTTP/1.1 on a real socket so the daemon's client is exercised end to end, and it
+//! can misbehave on demand ([`Fault`]) to reproduce what a flaky cloud does to onboarding.
+//! Where the documentation disagrees with itself (response envelope, where create puts the
+//! credentials, 200 vs 201) the choice is an option, so every documented form can be tested.
+//!
+//! The server runs on hyper directly rather than `axum::serve`: `stop()` must drop connections
+//! that are still open (a hung request, an idle keep-alive) so clients see a dead cloud, and
+//! `axum::serve` keeps every connection alive until it finishes on its own.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Body;
+use axum::extract::Query;
+use axum::http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
+
+/// Project id used when a test does not care which one.
+pub const DEFAULT_PROJECT_ID: &str = "5f2c1a9e-8b3d-4e7a-9c61-2d4b8e0f7a13";
+/// API key used when a test does not care which one (real keys start with `QB_`).
+pub const DEFAULT_API_KEY: &str = "QB_test_key";
+
+const NAME_MAX: usize = 100;
+const DESCRIPTION_MAX: usize = 500;
+const TOKEN_LEN: usize = 40;
+// Far above any legitimate create body; only there so a runaway client cannot eat the memory.
+const BODY_LIMIT: usize = 1 << 20;
+const AVATAR: &str = "https://static.qubitro.com/portal/device/avatar/default.png";
+const NEVER_SEEN: &str = "0001-01-01T00:00:00Z";
+
+/// Response shape: the older docs and the Node SDK wrap everything, the newest docs do not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Envelope {
+    /// `{"success":…,"action":…,"status":…,"message":…,"data":…}`; errors without `data`.
+    #[default]
+    Wrapped,
+    /// The object itself; errors are `{"message":…}`.
+    Bare,
+}
+
+/// Where the create response carries the new device's credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CredentialsAt {
+    /// `data.device_credentials.{device_id,device_token}`; `data.metadata` is the user's own.
+    #[default]
+    DeviceCredentials,
+    /// `data.metadata` is the user's metadata plus `device_id` and `device_token`.
+    Metadata,
+}
+
+/// The four documented device calls; faults and counters are kept per endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Endpoint {
+    Create,
+    List,
+    Get,
+    Delete,
+}
+
+impl Endpoint {
+    const ALL: [Endpoint; 4] = [
+        Endpoint::Create,
+        Endpoint::List,
+        Endpoint::Get,
+        Endpoint::Delete,
+    ];
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Endpoint::Create => "create",
+            Endpoint::List => "list",
+            Endpoint::Get => "get",
+            Endpoint::Delete => "delete",
+        }
+    }
+}
+
+/// One injected misbehaviour, consumed by the next call to its endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// Answer this status without doing anything. `retry_after` (seconds) becomes a
+    /// `Retry-After` header; `body` replaces the usual JSON error verbatim.
+    Status {
+        status: u16,
+        retry_after: Option<u64>,
+        body: Option<String>,
+    },
+    /// Do the work and answer normally, but only after this delay (client timeouts). The work
+    /// happens first, so a client that gives up has still created its device, as with a real
+    /// server that is slow to answer.
+    Delay(Duration),
+    /// Do the work for real, then answer this error status instead: the "response lost" case.
+    CreatedThenStatus(u16),
+    /// Never answer; the connection stays open until `stop()`.
+    Hang,
+}
+
+/// Configuration of a [`FakeQubitro`].
+#[derive(Debug, Clone)]
+pub struct FakeOptions {
+    /// Port 0 picks a free port; read it back with [`FakeQubitro::addr`].
+    pub bind: SocketAddr,
+    pub api_key: String,
+    /// The only project that exists; any other id is 404.
+    pub project_id: String,
+    pub envelope: Envelope,
+    pub credentials_at: CredentialsAt,
+    /// Status of a successful create: 201, or 200 as some docs say.
+    pub create_status: u16,
+    /// Added to every answer (initial value; see [`FakeQubitro::set_delay`]).
+    pub delay: Duration,
+    /// Serve the unauthenticated `/_fake/*` control endpoints (for the standalone binary;
+    /// in-process tests have the Rust API instead, and the real cloud has no such paths).
+    pub control_endpoints: bool,
+}
+
+impl Default for FakeOptions {
+    fn default() -> Self {
+        FakeOptions {
+            bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+            api_key: DEFAULT_API_KEY.to_owned(),
+            project_id: DEFAULT_PROJECT_ID.to_owned(),
+            envelope: Envelope::default(),
+            credentials_at: CredentialsAt::default(),
+            create_status: 201,
+            delay: Duration::ZERO,
+            control_endpoints: false,
+        }
+    }
+}
+
+/// A device as the fake stores it, credentials included.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FakeDevice {
+    pub id: String,
+    pub token: String,
+    pub name: String,
+    pub description: String,
+    pub source: String,
+    pub brand: String,
+    pub model: String,
+    pub tags: Vec<String>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// A device to plant before a test, as if another gateway (or a human) had made it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewDevice {
+    pub name: String,
+    pub description: String,
+    pub source: String,
+    pub brand: String,
+    pub model: String,
+    pub tags: Vec<String>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl NewDevice {
+    /// A device with this name and the API's defaults for everything else.
+    pub fn named(name: impl Into<String>) -> Self {
+        NewDevice {
+            name: name.into(),
+            ..NewDevice::default()
+        }
+    }
+}
+
+impl Default for NewDevice {
+    fn default() -> Self {
+        NewDevice {
+            name: String::new(),
+            description: String::new(),
+            source: "mqtt".to_owned(),
+            brand: "Custom".to_owned(),
+            model: "Custom".to_owned(),
+            tags: Vec::new(),
+            metadata: BTreeMap::new(),
+        }
+    }
+}
+
+/// One request as the fake saw it.
+#[derive(Debug, Clone)]
+pub struct RecordedRequest {
+    pub method: String,
+    pub path: String,
+    pub query: Option<String>,
+    /// When the request head arrived (before any fault or delay).
+    pub at: Instant,
+    /// Status answered; 0 while unanswered, and forever for a [`Fault::Hang`].
+    pub status: u16,
+    /// `None` for paths and methods that are not one of the four device calls.
+    pub endpoint: Option<Endpoint>,
+}
+
+/// A running (or stopped) fake. Clones share the server and its state.
+#[derive(Clone)]
+pub struct FakeQubitro {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    server: Mutex<Option<Running>>,
+}
+
+struct Running {
+    cancel: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The serving task only holds `Shared`, so without this it would outlive every handle.
+        if let Some(running) = lock(&self.server).take() {
+            running.cancel.cancel();
+        }
+    }
+}
+
+impl FakeQubitro {
+    /// Binds `opts.bind` and starts serving on the current tokio runtime.
+    pub async fn start(opts: FakeOptions) -> std::io::Result<FakeQubitro> {
+        let listener = TcpListener::bind(opts.bind).await?;
+        let addr = listener.local_addr()?;
+        let (counts, _) = watch::channel([0usize; 4]);
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::new(opts.delay)),
+            counts,
+            opts,
+        });
+        let running = spawn_server(listener, shared.clone());
+        Ok(FakeQubitro {
+            inner: Arc::new(Inner {
+                shared,
+                addr,
+                server: Mutex::new(Some(running)),
+            }),
+        })
+    }
+
+    /// `http://IP:PORT`, what the daemon's `api_base` should be set to.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.inner.addr)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.inner.addr
+    }
+
+    pub fn project_id(&self) -> String {
+        self.inner.shared.opts.project_id.clone()
+    }
+
+    pub fn api_key(&self) -> String {
+        self.inner.shared.opts.api_key.clone()
+    }
+
+    /// Closes the listener and drops every open connection (in-flight requests included), so
+    /// clients get "connection refused" until [`restart`](Self::restart). State is kept.
+    pub async fn stop(&self) {
+        let running = lock(&self.inner.server).take();
+        if let Some(running) = running {
+            running.cancel.cancel();
+            // Waiting makes the guarantee hold when stop() returns: the port is closed and
+            // every connection socket has been dropped.
+            let _ = running.task.await;
+        }
+    }
+
+    /// Serves again on the same port with the same devices, records and faults.
+    pub async fn restart(&self) -> std::io::Result<()> {
+        self.stop().await;
+        // tokio sets SO_REUSEADDR, so the connections we just closed (TIME_WAIT) do not block this.
+        let listener = TcpListener::bind(self.inner.addr).await?;
+        let running = spawn_server(listener, self.inner.shared.clone());
+        *lock(&self.inner.server) = Some(running);
+        Ok(())
+    }
+
+    /// All devices, newest first, credentials included.
+    pub fn devices(&self) -> Vec<FakeDevice> {
+        let state = self.inner.shared.lock();
+        state
+            .devices
+            .values()
+            .rev()
+            .map(|s| s.device.clone())
+            .collect()
+    }
+
+    /// Plants a device as if created through the API (fresh id and token).
+    pub fn insert_device(&self, d: NewDevice) -> FakeDevice {
+        self.inner.shared.lock().insert(d)
+    }
+
+    /// Every request so far, in arrival order (faulted and unroutable ones included).
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.inner.shared.lock().requests.clone()
+    }
+
+    /// Calls that arrived at this endpoint, whatever was answered.
+    pub fn count(&self, ep: Endpoint) -> usize {
+        self.inner.shared.counts.borrow()[ep.index()]
+    }
+
+    /// Queues faults for the next calls to `ep`, one consumed per call, before normal handling
+    /// (so a faulted call is not authenticated or validated).
+    pub fn push_faults(&self, ep: Endpoint, faults: Vec<Fault>) {
+        self.inner.shared.lock().faults[ep.index()].extend(faults);
+    }
+
+    /// Changes the delay added to every answer from now on.
+    pub fn set_delay(&self, d: Duration) {
+        self.inner.shared.lock().delay = d;
+    }
+
+    /// Resolves once `count(ep) >= n`.
+    pub async fn wait_for_requests(&self, ep: Endpoint, n: usize) {
+        let mut counts = self.inner.shared.counts.subscribe();
+        // The sender lives in `Shared`, which `self` keeps alive, so this cannot fail.
+        let _ = counts.wait_for(|c| c[ep.index()] >= n).await;
+    }
+
+    /// Forgets devices, records, counters and queued faults, and restores the configured delay.
+    pub fn reset(&self) {
+        self.inner.shared.reset();
+    }
+}
+
+fn spawn_server(listener: TcpListener, shared: Arc<Shared>) -> Running {
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(serve(listener, shared, cancel.clone()));
+    Running { cancel, task }
+}
+
+async fn serve(listener: TcpListener, shared: Arc<Shared>, cancel: CancellationToken) {
+    // Connections live in a JoinSet so stopping can abort them all, which drops their sockets.
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    conns.spawn(serve_connection(stream, shared.clone()));
+                }
+                Err(e) => {
+                    // Typically EMFILE under a benchmark; pausing beats spinning on the error.
+                    tracing::warn!(target: "fake_qubitro", "accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            },
+        }
+    }
+    drop(listener);
+    conns.shutdown().await;
+}
+
+async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
+    // Small JSON answers: do not let Nagle hold them back behind the client's delayed ACK.
+    let _ = stream.set_nodelay(true);
+    let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+        let shared = shared.clone();
+        async move { Ok::<_, Infallible>(shared.handle(req.map(Body::new)).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        // A fake needs no slowloris protection, and the timeout would require a timer.
+        .header_read_timeout(None)
+        .serve_connection(TokioIo::new(stream), service);
+    if let Err(e) = conn.await {
+        tracing::debug!(target: "fake_qubitro", "connection ended: {e}");
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panicking test thread must not turn every later call into a second panic.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+struct Shared {
+    opts: FakeOptions,
+    state: Mutex<State>,
+    // Arrival counters, in a watch channel so wait_for_requests needs no polling.
+    counts: watch::Sender<[usize; 4]>,
+}
+
+struct StoredDevice {
+    device: FakeDevice,
+    created_at: String,
+}
+
+struct State {
+    // Keyed by creation sequence, so listing newest first is a reverse walk, not a sort.
+    devices: BTreeMap<u64, StoredDevice>,
+    by_id: HashMap<String, u64>,
+    next_seq: u64,
+    requests: Vec<RecordedRequest>,
+    // Bumped by reset() so a request in flight across a reset does not mark someone else's record.
+    epoch: u64,
+    faults: [VecDeque<Fault>; 4],
+    delay: Duration,
+}
+
+impl State {
+    fn new(delay: Duration) -> Self {
+        State {
+            devices: BTreeMap::new(),
+            by_id: HashMap::new(),
+            next_seq: 0,
+            requests: Vec::new(),
+            epoch: 0,
+            faults: Default::default(),
+            delay,
+        }
+    }
+
+    fn insert(&mut self, d: NewDevice) -> FakeDevice {
+        let device = FakeDevice {
+            id: uuid_v4(),
+            token: device_token(),
+            name: d.name,
+            description: d.description,
+            source: d.source,
+            brand: d.brand,
+            model: d.model,
+            tags: d.tags,
+            metadata: d.metadata,
+        };
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.by_id.insert(device.id.clone(), seq);
+        self.devices.insert(
+            seq,
+            StoredDevice {
+                device: device.clone(),
+                created_at: rfc3339_now(),
+            },
+        );
+        device
+    }
+
+    fn get(&self, id: &str) -> Option<&StoredDevice> {
+        self.by_id.get(id).and_then(|seq| self.devices.get(seq))
+    }
+
+    fn remove(&mut self, id: &str) -> Option<StoredDevice> {
+        let seq = self.by_id.remove(id)?;
+        self.devices.remove(&seq)
+    }
+}
+
+/// Identifies the record to complete once the answer is known.
+struct Ticket {
+    epoch: u64,
+    index: usize,
+}
+
+enum Route<'a> {
+    Api {
+        endpoint: Endpoint,
+        project: &'a str,
+        device: Option<&'a str>,
+    },
+    Control,
+    MethodNotAllowed,
+    NotFound,
+}
+
+impl<'a> Route<'a> {
+    fn parse(method: &Method, path: &'a str, control: bool) -> Route<'a> {
+        if control && path.starts_with("/_fake/") {
+            return Route::Control;
+        }
+        let Some(rest) = path.strip_prefix("/v2/projects/") else {
+            return Route::NotFound;
+        };
+        let mut parts = rest.split('/');
+        let (Some(project), Some("devices")) = (parts.next(), parts.next()) else {
+            return Route::NotFound;
+        };
+        let device = parts.next();
+        if project.is_empty() || parts.next().is_some() || device == Some("") {
+            return Route::NotFound;
+        }
+        let endpoint = match (device.is_some(), method) {
+            (false, &Method::POST) => Endpoint::Create,
+            (false, &Method::GET) => Endpoint::List,
+            (true, &Method::GET) => Endpoint::Get,
+            (true, &Method::DELETE) => Endpoint::Delete,
+            _ => return Route::MethodNotAllowed,
+        };
+        Route::Api {
+            endpoint,
+            project,
+            device,
+        }
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    fn reset(&self) {
+        let mut state = self.lock();
+        let epoch = state.epoch + 1;
+        *state = State::new(self.opts.delay);
+        state.epoch = epoch;
+        drop(state);
+        self.counts.send_replace([0; 4]);
+    }
+
+    async fn handle(&self, req: Request<Body>) -> Response<Body> {
+        let at = Instant::now();
+        let (parts, body) = req.into_parts();
+        let path = parts.uri.path();
+        let route = Route::parse(&parts.method, path, self.opts.control_endpoints);
+        if let Route::Control = route {
+            let response = self.control(&parts.method, path, body).await;
+            log_request(&parts.method, &parts.uri, response.status(), at);
+            return response;
+        }
+        let endpoint = match route {
+            Route::Api { endpoint, .. } => Some(endpoint),
+            _ => None,
+        };
+
+        let (ticket, fault, delay) = {
+            let mut state = self.lock();
+            let index = state.requests.len();
+            state.requests.push(RecordedRequest {
+                method: parts.method.as_str().to_owned(),
+                path: path.to_owned(),
+                query: parts.uri.query().map(str::to_owned),
+                at,
+                status: 0,
+                endpoint,
+            });
+            let fault = endpoint.and_then(|ep| state.faults[ep.index()].pop_front());
+            let ticket = Ticket {
+                epoch: state.epoch,
+                index,
+            };
+            (ticket, fault, state.delay)
+        };
+        if let Some(ep) = endpoint {
+            self.counts.send_modify(|c| c[ep.index()] += 1);
+        }
+
+        // Read the whole body even when it will be ignored: answering before the client has
+        // finished sending makes hyper close the connection, which is not what a real server does.
+        let body = axum::body::to_bytes(body, BODY_LIMIT).await;
+
+        let mut extra_delay = Duration::ZERO;
+        let response = match (fault, body) {
+            (Some(Fault::Hang), _) => std::future::pending::<Response<Body>>().await,
+            (
+                Some(Fault::Status {
+                    status,
+                    retry_after,
+                    body,
+                }),
+                _,
+            ) => self.fault_response(status, retry_after, body),
+            (_, Err(_)) => self.error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large"),
+            (Some(Fault::CreatedThenStatus(status)), Ok(body)) => {
+                // The work is done; only the answer is lost.
+                let _ = self.api(&route, &parts.headers, &parts.uri, &body);
+                self.fault_response(status, None, None)
+            }
+            (Some(Fault::Delay(d)), Ok(body)) => {
+                extra_delay = d;
+                self.api(&route, &parts.headers, &parts.uri, &body)
+            }
+            (None, Ok(body)) => self.api(&route, &parts.headers, &parts.uri, &body),
+        };
+        let delay = delay + extra_delay;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+
+        {
+            let mut state = self.lock();
+            if state.epoch == ticket.epoch {
+                if let Some(r) = state.requests.get_mut(ticket.index) {
+                    r.status = response.status().as_u16();
+                }
+            }
+        }
+        log_request(&parts.method, &parts.uri, response.status(), at);
+        response
+    }
+
+    fn api(
+        &self,
+        route: &Route<'_>,
+        headers: &HeaderMap,
+        uri: &Uri,
+        body: &[u8],
+    ) -> Response<Body> {
+        let (endpoint, project, device) = match *route {
+            Route::Api {
+                endpoint,
+                project,
+                device,
+            } => (endpoint, project, device),
+            Route::MethodNotAllowed => {
+                return self.error(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed")
+            }
+            Route::NotFound | Route::Control => {
+                return self.error(StatusCode::NOT_FOUND, "Not found")
+            }
+        };
+        if !self.authorized(headers) {
+            return self.error(
+                StatusCode::UNAUTHORIZED,
+                "Unauthorized: invalid or missing API key",
+            );
+        }
+        if project != self.opts.project_id {
+            return self.error(StatusCode::NOT_FOUND, "Project not found");
+        }
+        match (endpoint, device) {
+            (Endpoint::Create, _) => self.create(body),
+            (Endpoint::List, _) => self.list(uri),
+            (Endpoint::Get, Some(id)) => self.get(id),
+            (Endpoint::Delete, Some(id)) => self.delete(id),
+            // Route::parse only yields Get/Delete with a device id.
+            (Endpoint::Get | Endpoint::Delete, None) => {
+                self.error(StatusCode::NOT_FOUND, "Not found")
+            }
+        }
+    }
+
+    fn authorized(&self, headers: &HeaderMap) -> bool {
+        let Some(value) = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+        else {
+            return false;
+        };
+        match value.split_once(' ') {
+            Some((scheme, key)) => {
+                scheme.eq_ignore_ascii_case("bearer") && key.trim() == self.opts.api_key
+            }
+            None => false,
+        }
+    }
+
+    fn create(&self, body: &[u8]) -> Response<Body> {
+        let new = match validate_create(body) {
+            Ok(new) => new,
+            Err(message) => return self.error(StatusCode::BAD_REQUEST, message),
+        };
+        let (device, created_at) = {
+            let mut state = self.lock();
+            let device = state.insert(new);
+            let created_at = state
+                .get(&device.id)
+                .map(|s| s.created_at.clone())
+                .unwrap_or_default();
+            (device, created_at)
+        };
+        let creds = match self.opts.credentials_at {
+            CredentialsAt::DeviceCredentials => Creds::DeviceCredentials,
+            CredentialsAt::Metadata => Creds::Metadata,
+        };
+        let status = status_or(self.opts.create_status, StatusCode::CREATED);
+        self.success(
+            status,
+            "create device",
+            "Device created successfully.",
+            device_json(&device, &created_at, creds),
+        )
+    }
+
+    fn list(&self, uri: &Uri) -> Response<Body> {
+        let filter = match metadata_filter(uri) {
+            Ok(filter) => filter,
+            Err(message) => return self.error(StatusCode::BAD_REQUEST, message),
+        };
+        let matching: Vec<(FakeDevice, String)> = {
+            let state = self.lock();
+            state
+                .devices
+                .values()
+                .rev()
+                .filter(|s| {
+                    filter
+                        .iter()
+                        .all(|(k, v)| s.device.metadata.get(k).is_some_and(|have| have == v))
+                })
+                .map(|s| (s.device.clone(), s.created_at.clone()))
+                .collect()
+        };
+        let items = matching
+            .iter()
+            .map(|(d, created_at)| device_json(d, created_at, Creds::None))
+            .collect();
+        self.success(
+            StatusCode::OK,
+            "list devices",
+            "Devices listed successfully.",
+            Value::Array(items),
+        )
+    }
+
+    fn get(&self, id: &str) -> Response<Body> {
+        let found = self
+            .lock()
+            .get(id)
+            .map(|s| (s.device.clone(), s.created_at.clone()));
+        match found {
+            Some((device, created_at)) => self.success(
+                StatusCode::OK,
+                "get device",
+                "Device retrieved successfully.",
+                device_json(&device, &created_at, Creds::DeviceCredentials),
+            ),
+            None => self.error(StatusCode::NOT_FOUND, "Device not found"),
+        }
+    }
+
+    fn delete(&self, id: &str) -> Response<Body> {
+        if self.lock().remove(id).is_none() {
+            return self.error(StatusCode::NOT_FOUND, "Device not found");
+        }
+        match self.opts.envelope {
+            Envelope::Wrapped => json_response(
+                StatusCode::OK,
+                &json!({"success": true, "action": "delete device", "status": 200,
+                        "message": "Device deleted successfully.", "data": null}),
+            ),
+            Envelope::Bare => json_response(
+                StatusCode::OK,
+                &json!({"message": "Device deleted successfully."}),
+            ),
+        }
+    }
+
+    fn success(
+        &self,
+        status: StatusCode,
+        action: &str,
+        message: &str,
+        data: Value,
+    ) -> Response<Body> {
+        match self.opts.envelope {
+            Envelope::Wrapped => json_response(
+                status,
+                &json!({"success": true, "action": action, "status": status.as_u16(),
+                        "message": message, "data": data}),
+            ),
+            Envelope::Bare => json_response(status, &data),
+        }
+    }
+
+    fn error(&self, status: StatusCode, message: impl Into<String>) -> Response<Body> {
+        let message = message.into();
+        match self.opts.envelope {
+            Envelope::Wrapped => json_response(
+                status,
+                &json!({"success": false, "status": status.as_u16(), "message": message}),
+            ),
+            Envelope::Bare => json_response(status, &json!({"message": message})),
+        }
+    }
+
+    fn fault_response(
+        &self,
+        status: u16,
+        retry_after: Option<u64>,
+        body: Option<String>,
+    ) -> Response<Body> {
+        let status = status_or(status, StatusCode::INTERNAL_SERVER_ERROR);
+        let mut response = match body {
+            Some(body) => {
+                // A caller may inject HTML or garbage on purpose; only claim JSON when it is.
+                let is_json = serde_json::from_str::<serde::de::IgnoredAny>(&body).is_ok();
+                let mut r = Response::new(Body::from(body));
+                *r.status_mut() = status;
+                let ct = if is_json {
+                    "application/json"
+                } else {
+                    "text/plain; charset=utf-8"
+                };
+                r.headers_mut()
+                    .insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+                r
+            }
+            None => self.error(
+                status,
+                status.canonical_reason().unwrap_or("Injected fault"),
+            ),
+        };
+        if let Some(secs) = retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+
+    async fn control(&self, method: &Method, path: &str, body: Body) -> Response<Body> {
+        match (method, path) {
+            (&Method::GET, "/_fake/devices") => {
+                let devices: Vec<FakeDevice> = {
+                    let state = self.lock();
+                    state
+                        .devices
+                        .values()
+                        .rev()
+                        .map(|s| s.device.clone())
+                        .collect()
+                };
+                json_response(StatusCode::OK, &json!(devices))
+            }
+            (&Method::GET, "/_fake/stats") => {
+                let counts = *self.counts.borrow();
+                let (devices, requests) = {
+                    let state = self.lock();
+                    (state.devices.len(), state.requests.len())
+                };
+                let mut stats = Map::new();
+                for ep in Endpoint::ALL {
+                    stats.insert(ep.as_str().to_owned(), json!(counts[ep.index()]));
+                }
+                stats.insert("devices".to_owned(), json!(devices));
+                stats.insert("requests".to_owned(), json!(requests));
+                json_response(StatusCode::OK, &Value::Object(stats))
+            }
+            (&Method::POST, "/_fake/faults") => {
+                let body = match axum::body::to_bytes(body, BODY_LIMIT).await {
+                    Ok(body) => body,
+                    Err(_) => return control_error("request body too large"),
+                };
+                let req: FaultRequest = match serde_json::from_slice(&body) {
+                    Ok(req) => req,
+                    Err(e) => return control_error(format!("invalid fault request: {e}")),
+                };
+                let faults = match req
+                    .faults
+                    .into_iter()
+                    .map(Fault::try_from)
+                    .collect::<Result<Vec<_>, _>>()
+                {
+                    Ok(faults) => faults,
+                    Err(e) => return control_error(e),
+                };
+                let queued = {
+                    let mut state = self.lock();
+                    let queue = &mut state.faults[req.endpoint.index()];
+                    queue.extend(faults);
+                    queue.len()
+                };
+                json_response(
+                    StatusCode::OK,
+                    &json!({"endpoint": req.endpoint, "queued": queued}),
+                )
+            }
+            (&Method::POST, "/_fake/reset") => {
+                self.reset();
+                json_response(StatusCode::OK, &json!({"reset": true}))
+            }
+            _ => json_response(
+                StatusCode::NOT_FOUND,
+                &json!({"message": "unknown control endpoint; try GET /_fake/devices, GET /_fake/stats, POST /_fake/faults, POST /_fake/reset"}),
+            ),
+        }
+    }
+}
+
+fn control_error(message: impl Into<String>) -> Response<Body> {
+    json_response(StatusCode::BAD_REQUEST, &json!({"message": message.into()}))
+}
+
+/// Body of `POST /_fake/faults`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FaultRequest {
+    endpoint: Endpoint,
+    faults: Vec<FaultSpec>,
+}
+
+/// One fault as JSON: `{"status":500,"retry_after":2,"body":"…"}`, `{"delay_ms":3000}`,
+/// `{"created_then_status":500}` or `{"hang":true}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FaultSpec {
+    status: Option<u16>,
+    retry_after: Option<u64>,
+    body: Option<String>,
+    delay_ms: Option<u64>,
+    created_then_status: Option<u16>,
+    #[serde(default)]
+    hang: bool,
+}
+
+impl TryFrom<FaultSpec> for Fault {
+    type Error = String;
+
+    fn try_from(s: FaultSpec) -> Result<Self, String> {
+        let kinds = usize::from(s.status.is_some())
+            + usize::from(s.delay_ms.is_some())
+            + usize::from(s.created_then_status.is_some())
+            + usize::from(s.hang);
+        if kinds != 1 {
+            return Err(
+                "each fault needs exactly one of status, delay_ms, created_then_status, hang"
+                    .to_owned(),
+            );
+        }
+        if s.status.is_none() && (s.retry_after.is_some() || s.body.is_some()) {
+            return Err("retry_after and body only go with status".to_owned());
+        }
+        Ok(match (s.status, s.delay_ms, s.created_then_status) {
+            (Some(status), _, _) => Fault::Status {
+                status,
+                retry_after: s.retry_after,
+                body: s.body,
+            },
+            (_, Some(ms), _) => Fault::Delay(Duration::from_millis(ms)),
+            (_, _, Some(status)) => Fault::CreatedThenStatus(status),
+            _ => Fault::Hang,
+        })
+    }
+}
+
+fn log_request(method: &Method, uri: &Uri, status: StatusCode, at: Instant) {
+    // The path and query carry ids and metadata only; the API key and tokens are never logged.
+    tracing::info!(
+        target: "fake_qubitro",
+        "{method} {uri} -> {} ({} ms)",
+        status.as_u16(),
+        at.elapsed().as_millis()
+    );
+}
+
+fn status_or(code: u16, fallback: StatusCode) -> StatusCode {
+    StatusCode::from_u16(code).unwrap_or(fallback)
+}
+
+fn json_response(status: StatusCode, body: &Value) -> Response<Body> {
+    let bytes = serde_json::to_vec(body).expect("a serde_json::Value always serializes");
+    let mut response = Response::new(Body::from(bytes));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+#[derive(Clone, Copy)]
+enum Creds {
+    None,
+    DeviceCredentials,
+    Metadata,
+}
+
+fn device_json(d: &FakeDevice, created_at: &str, creds: Creds) -> Value {
+    let mut metadata: Map<String, Value> = d
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect();
+    if let Creds::Metadata = creds {
+        metadata.insert("device_id".to_owned(), Value::String(d.id.clone()));
+        metadata.insert("device_token".to_owned(), Value::String(d.token.clone()));
+    }
+    let mut obj = json!({
+        "id": d.id,
+        "name": d.name,
+        "description": d.description,
+        "source": d.source,
+        "brand": d.brand,
+        "model": d.model,
+        "tags": d.tags,
+        "metadata": metadata,
+        "avatar": AVATAR,
+        "last_seen": NEVER_SEEN,
+        "created_at": created_at,
+    });
+    if let (Creds::DeviceCredentials, Value::Object(o)) = (creds, &mut obj) {
+        o.insert(
+            "device_credentials".to_owned(),
+            json!({"device_id": d.id, "device_token": d.token}),
+        );
+    }
+    obj
+}
+
+/// Checks a create body the way the API documents it; the error names the offending field.
+fn validate_create(body: &[u8]) -> Result<NewDevice, String> {
+    let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(body) else {
+        return Err("request body must be a JSON object".to_owned());
+    };
+    // null counts as absent, as most JSON APIs treat it.
+    let field = |name: &str| obj.get(name).filter(|v| !v.is_null());
+    let string = |name: &str| -> Result<Option<String>, String> {
+        match field(name) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(format!("{name} must be a string")),
+        }
+    };
+
+    let name = string("name")?.ok_or("name is required")?;
+    if name.trim().is_empty() {
+        return Err("name must not be empty".to_owned());
+    }
+    if name.chars().count() > NAME_MAX {
+        return Err(format!("name must be at most {NAME_MAX} characters"));
+    }
+    let description = string("description")?.ok_or("description is required")?;
+    if description.chars().count() > DESCRIPTION_MAX {
+        return Err(format!(
+            "description must be at most {DESCRIPTION_MAX} characters"
+        ));
+    }
+    let source = string("source")?.unwrap_or_else(|| "mqtt".to_owned());
+    if source != "mqtt" && source != "http" {
+        return Err("source must be one of \"mqtt\", \"http\"".to_owned());
+    }
+    let tags = match field("tags") {
+        None => Vec::new(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .map(|(i, t)| match t {
+                Value::String(s) if is_tag(s) => Ok(s.clone()),
+                Value::String(_) => Err(format!(
+                    "tags[{i}] must be letters, digits and underscores only"
+                )),
+                _ => Err(format!("tags[{i}] must be a string")),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err("tags must be an array of strings".to_owned()),
+    };
+    let brand = string("brand")?.unwrap_or_else(|| "Custom".to_owned());
+    let model = string("model")?.unwrap_or_else(|| "Custom".to_owned());
+    let metadata = match field("metadata") {
+        None => BTreeMap::new(),
+        Some(Value::Object(m)) => m
+            .iter()
+            .map(|(k, v)| match v {
+                Value::String(s) => Ok((k.clone(), s.clone())),
+                _ => Err(format!("metadata.{k} must be a string")),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err("metadata must be an object".to_owned()),
+    };
+    Ok(NewDevice {
+        name,
+        description,
+        source,
+        brand,
+        model,
+        tags,
+        metadata,
+    })
+}
+
+fn is_tag(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// `?metadata=key:value,key2:value2` → pairs that must all match; no parameter, no filter.
+fn metadata_filter(uri: &Uri) -> Result<Vec<(String, String)>, String> {
+    if uri.query().is_none() {
+        return Ok(Vec::new());
+    }
+    let Query(params) = Query::<HashMap<String, String>>::try_from_uri(uri)
+        .map_err(|e| format!("invalid query string: {e}"))?;
+    let Some(spec) = params.get("metadata").filter(|s| !s.is_empty()) else {
+        return Ok(Vec::new());
+    };
+    spec.split(',')
+        .map(|pair| {
+            pair.split_once(':')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .ok_or_else(|| {
+                    "metadata filter must be key:value pairs separated by commas".to_owned()
+                })
+        })
+        .collect()
+}
+
+fn uuid_v4() -> String {
+    let mut b = [0u8; 16];
+    fastrand::fill(&mut b);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let mut s = String::with_capacity(36);
+    for (i, byte) in b.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            s.push('-');
+        }
+        let _ = write!(s, "{byte:02x}");
+    }
+    s
+}
+
+/// 40 characters, letters and digits with one `$`, because real tokens can contain `$` and a
+/// client that pastes them into a shell or URL unescaped should fail in tests, not in the field.
+fn device_token() -> String {
+    const ALNUM: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let dollar = fastrand::usize(..TOKEN_LEN);
+    (0..TOKEN_LEN)
+        .map(|i| {
+            if i == dollar {
+                '$'
+            } else {
+                char::from(ALNUM[fastrand::usize(..ALNUM.len())])
+            }
+        })
+        .collect()
+}
+
+/// Current UTC time as `YYYY-MM-DDTHH:MM:SSZ` (no date crate needed for one format).
+fn rfc3339_now() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Howard Hinnant's civil_from_days, for days since 1970-01-01.
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client() -> reqwest::Client {
+        // reqwest 0.13 wants a rustls provider even for plain http; Err means already installed.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        // Fresh clients per check where connection reuse could hide what is being tested.
+        reqwest::Client::builder()
+            .build()
+            .expect("plain-http client builds without a TLS provider")
+    }
+
+    fn devices_url(fake: &FakeQubitro) -> String {
+        format!(
+            "{}/v2/projects/{}/devices",
+            fake.base_url(),
+            fake.project_id()
+        )
+    }
+
+    async fn create(fake: &FakeQubitro, body: Value) -> reqwest::Response {
+        client()
+            .post(devices_url(fake))
+            .bearer_auth(fake.api_key())
+            .json(&body)
+            .send()
+            .await
+            .expect("create request reaches the fake")
+    }
+
+    async fn json_of(r: reqwest::Response) -> Value {
+        r.json().await.expect("fake answers JSON")
+    }
+
+    fn sensor(name: &str, metadata: Value) -> Value {
+        json!({"name": name, "description": "temp sensor", "source": "mqtt",
+               "tags": ["gw_1"], "metadata": metadata})
+    }
+
+    async fn start(opts: FakeOptions) -> FakeQubitro {
+        FakeQubitro::start(opts)
+            .await
+            .expect("fake starts on a free port")
+    }
+
+    #[tokio::test]
+    async fn create_get_list_with_filter_and_delete_round_trip() {
+        let fake = start(FakeOptions::default()).await;
+        let http = client();
+
+        let r = create(&fake, sensor("s1", json!({"gw": "a", "hw": "x"}))).await;
+        assert_eq!(r.status(), 201);
+        let created = json_of(r).await;
+        assert_eq!(created["success"], true);
+        assert_eq!(created["status"], 201);
+        let id = created["data"]["id"].as_str().expect("id").to_owned();
+        let token = created["data"]["device_credentials"]["device_token"]
+            .as_str()
+            .expect("token")
+            .to_owned();
+        assert_eq!(
+            created["data"]["device_credentials"]["device_id"],
+            id.as_str()
+        );
+        create(&fake, sensor("s2", json!({"gw": "b", "hw": "x"}))).await;
+
+        let got = json_of(
+            http.get(format!("{}/{id}", devices_url(&fake)))
+                .bearer_auth(fake.api_key())
+                .send()
+                .await
+                .expect("get"),
+        )
+        .await;
+        assert_eq!(got["data"]["name"], "s1");
+        assert_eq!(
+            got["data"]["device_credentials"]["device_token"],
+            token.as_str()
+        );
+        assert_eq!(got["data"]["metadata"], json!({"gw": "a", "hw": "x"}));
+        assert_eq!(got["data"]["last_seen"], NEVER_SEEN);
+
+        let all = json_of(
+            http.get(devices_url(&fake))
+                .bearer_auth(fake.api_key())
+                .send()
+                .await
+                .expect("list"),
+        )
+        .await;
+        let names: Vec<&str> = all["data"]
+            .as_array()
+            .expect("list data is an array")
+            .iter()
+            .map(|d| d["name"].as_str().expect("name"))
+            .collect();
+        assert_eq!(names, ["s2", "s1"], "newest first");
+        assert!(
+            !all.to_string().contains(&token) && all["data"][0].get("device_credentials").is_none(),
+            "list items carry no credentials"
+        );
+
+        let filtered = json_of(
+            http.get(format!("{}?metadata=hw%3Ax%2Cgw%3Aa", devices_url(&fake)))
+                .bearer_auth(fake.api_key())
+                .send()
+                .await
+                .expect("filtered list"),
+        )
+        .await;
+        assert_eq!(filtered["data"].as_array().map(Vec::len), Some(1));
+        assert_eq!(filtered["data"][0]["id"], id.as_str());
+
+        let deleted = http
+            .delete(format!("{}/{id}", devices_url(&fake)))
+            .bearer_auth(fake.api_key())
+            .send()
+            .await
+            .expect("delete");
+        assert_eq!(deleted.status(), 200);
+        let again = http
+            .get(format!("{}/{id}", devices_url(&fake)))
+            .bearer_auth(fake.api_key())
+            .send()
+            .await
+            .expect("get after delete");
+        assert_eq!(again.status(), 404);
+        assert_eq!(fake.devices().len(), 1);
+        assert_eq!(fake.count(Endpoint::Create), 2);
+        assert_eq!(fake.count(Endpoint::List), 2);
+        assert_eq!(fake.count(Endpoint::Get), 2);
+        assert_eq!(fake.count(Endpoint::Delete), 1);
+        let list_query = fake
+            .requests()
+            .into_iter()
+            .filter(|r| r.endpoint == Some(Endpoint::List))
+            .filter_map(|r| r.query)
+            .next();
+        assert_eq!(list_query.as_deref(), Some("metadata=hw%3Ax%2Cgw%3Aa"));
+    }
+
+    #[tokio::test]
+    async fn issued_ids_are_uuid_v4_and_tokens_are_40_chars_with_a_dollar() {
+        let fake = start(FakeOptions::default()).await;
+        let created = json_of(create(&fake, sensor("s", json!({}))).await).await;
+        let id = created["data"]["id"].as_str().expect("id");
+        assert_eq!(id.len(), 36);
+        assert_eq!(&id[14..15], "4");
+        let token = &fake.devices()[0].token;
+        assert_eq!(token.len(), TOKEN_LEN);
+        assert_eq!(token.matches('$').count(), 1);
+        assert!(token.chars().all(|c| c == '$' || c.is_ascii_alphanumeric()));
+        assert_eq!(created["data"]["brand"], "Custom");
+        assert_eq!(created["data"]["model"], "Custom");
+    }
+
+    #[tokio::test]
+    async fn bare_envelope_answers_the_device_object_and_bare_errors() {
+        let fake = start(FakeOptions {
+            envelope: Envelope::Bare,
+            ..FakeOptions::default()
+        })
+        .await;
+        let created = json_of(create(&fake, sensor("s", json!({"k": "v"}))).await).await;
+        assert!(created.get("success").is_none());
+        assert_eq!(created["name"], "s");
+        assert_eq!(created["metadata"], json!({"k": "v"}));
+        assert!(created["device_credentials"]["device_token"].is_string());
+
+        let bad = create(&fake, json!({"description": ""})).await;
+        assert_eq!(bad.status(), 400);
+        assert_eq!(json_of(bad).await, json!({"message": "name is required"}));
+    }
+
+    #[tokio::test]
+    async fn credentials_in_metadata_are_merged_with_user_metadata() {
+        let fake = start(FakeOptions {
+            credentials_at: CredentialsAt::Metadata,
+            create_status: 200,
+            ..FakeOptions::default()
+        })
+        .await;
+        let r = create(&fake, sensor("s", json!({"gw": "a"}))).await;
+        assert_eq!(r.status(), 200);
+        let data = json_of(r).await["data"].clone();
+        let stored = &fake.devices()[0];
+        assert_eq!(
+            data["metadata"],
+            json!({"gw": "a", "device_id": stored.id, "device_token": stored.token})
+        );
+        assert!(data.get("device_credentials").is_none());
+        assert_eq!(
+            stored.metadata.len(),
+            1,
+            "credentials are not stored as user metadata"
+        );
+    }
+
+    #[tokio::test]
+    async fn missing_or_wrong_api_key_is_401_and_creates_nothing() {
+        let fake = start(FakeOptions::default()).await;
+        let none = client()
+            .post(devices_url(&fake))
+            .json(&sensor("s", json!({})))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(none.status(), 401);
+        let wrong = client()
+            .post(devices_url(&fake))
+            .bearer_auth("QB_other")
+            .json(&sensor("s", json!({})))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(wrong.status(), 401);
+        assert_eq!(json_of(wrong).await["success"], false);
+        assert!(fake.devices().is_empty());
+        assert_eq!(fake.count(Endpoint::Create), 2);
+    }
+
+    #[tokio::test]
+    async fn unknown_project_and_unknown_device_are_404() {
+        let fake = start(FakeOptions::default()).await;
+        let other = client()
+            .get(format!(
+                "{}/v2/projects/{}/devices",
+                fake.base_url(),
+                uuid_v4()
+            ))
+            .bearer_auth(fake.api_key())
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(other.status(), 404);
+        let missing = client()
+            .delete(format!("{}/{}", devices_url(&fake), uuid_v4()))
+            .bearer_auth(fake.api_key())
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(missing.status(), 404);
+    }
+
+    #[tokio::test]
+    async fn invalid_create_bodies_are_400_naming_the_field() {
+        let fake = start(FakeOptions::default()).await;
+        let ok_name = "n".repeat(NAME_MAX);
+        assert_eq!(
+            create(&fake, sensor(&ok_name, json!({}))).await.status(),
+            201
+        );
+
+        let cases = [
+            (sensor(&"n".repeat(NAME_MAX + 1), json!({})), "name"),
+            (
+                json!({"name": "s", "description": "", "tags": ["has space"]}),
+                "tags[0]",
+            ),
+            (json!({"name": "s"}), "description"),
+            (
+                json!({"name": "s", "description": "", "source": "lora"}),
+                "source",
+            ),
+            (
+                json!({"name": "s", "description": "", "metadata": {"n": 1}}),
+                "metadata.n",
+            ),
+            (json!(["not", "an", "object"]), "JSON object"),
+        ];
+        for (body, field) in cases {
+            let r = create(&fake, body.clone()).await;
+            assert_eq!(r.status(), 400, "{body}");
+            let message = json_of(r).await["message"]
+                .as_str()
+                .expect("message")
+                .to_owned();
+            assert!(message.contains(field), "{message:?} should name {field}");
+        }
+        assert_eq!(fake.devices().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn status_fault_answers_with_retry_after_then_next_call_is_normal() {
+        let fake = start(FakeOptions::default()).await;
+        fake.push_faults(
+            Endpoint::Create,
+            vec![Fault::Status {
+                status: 429,
+                retry_after: Some(2),
+                body: None,
+            }],
+        );
+        let r = create(&fake, sensor("s", json!({}))).await;
+        assert_eq!(r.status(), 429);
+        assert_eq!(
+            r.headers().get("retry-after").and_then(|v| v.to_str().ok()),
+            Some("2")
+        );
+        assert!(fake.devices().is_empty());
+        assert_eq!(create(&fake, sensor("s", json!({}))).await.status(), 201);
+        let statuses: Vec<u16> = fake.requests().iter().map(|r| r.status).collect();
+        assert_eq!(statuses, [429, 201]);
+    }
+
+    #[tokio::test]
+    async fn created_then_status_creates_the_device_but_answers_the_error() {
+        let fake = start(FakeOptions::default()).await;
+        fake.push_faults(Endpoint::Create, vec![Fault::CreatedThenStatus(502)]);
+        let r = create(&fake, sensor("lost", json!({"gw": "a"}))).await;
+        assert_eq!(r.status(), 502);
+        let devices = fake.devices();
+        assert_eq!(devices.len(), 1);
+        assert_eq!(devices[0].name, "lost");
+    }
+
+    #[tokio::test]
+    async fn delay_fault_makes_a_client_time_out_but_the_device_is_created() {
+        let fake = start(FakeOptions::default()).await;
+        fake.push_faults(
+            Endpoint::Create,
+            vec![Fault::Delay(Duration::from_secs(30))],
+        );
+        let err = client()
+            .post(devices_url(&fake))
+            .bearer_auth(fake.api_key())
+            .json(&sensor("slow", json!({})))
+            .timeout(Duration::from_millis(200))
+            .send()
+            .await
+            .expect_err("the client gives up first");
+        assert!(err.is_timeout(), "{err:?}");
+        assert_eq!(fake.devices().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn stop_refuses_connections_and_restart_serves_the_same_state() {
+        let fake = start(FakeOptions::default()).await;
+        let http = client();
+        let created = http
+            .post(devices_url(&fake))
+            .bearer_auth(fake.api_key())
+            .json(&sensor("kept", json!({})))
+            .send()
+            .await
+            .expect("create");
+        assert_eq!(created.status(), 201);
+
+        fake.stop().await;
+        let err = client()
+            .get(devices_url(&fake))
+            .bearer_auth(fake.api_key())
+            .send()
+            .await
+            .expect_err("nothing listens after stop");
+        assert!(err.is_connect(), "{err:?}");
+
+        fake.restart().await.expect("same port is free again");
+        // The old client's pooled connection was dropped by stop(); it must reconnect cleanly.
+        let list = json_of(
+            http.get(devices_url(&fake))
+                .bearer_auth(fake.api_key())
+                .send()
+                .await
+                .expect("list after restart"),
+        )
+        .await;
+        assert_eq!(list["data"][0]["name"], "kept");
+    }
+
+    #[tokio::test]
+    async fn stop_drops_a_hung_request() {
+        let fake = start(FakeOptions::default()).await;
+        fake.push_faults(Endpoint::Get, vec![Fault::Hang]);
+        let url = format!("{}/{}", devices_url(&fake), uuid_v4());
+        let key = fake.api_key();
+        let pending = tokio::spawn(async move { client().get(url).bearer_auth(key).send().await });
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            fake.wait_for_requests(Endpoint::Get, 1),
+        )
+        .await
+        .expect("the hung request arrives");
+        fake.stop().await;
+        let result = pending.await.expect("request task does not panic");
+        assert!(
+            result.is_err(),
+            "the hung request fails once the fake stops"
+        );
+        assert_eq!(
+            fake.requests()[0].status,
+            0,
+            "a hung request was never answered"
+        );
+    }
+
+    #[tokio::test]
+    async fn wait_for_requests_resolves_once_the_count_is_reached() {
+        let fake = start(FakeOptions::default()).await;
+        let waiter = {
+            let fake = fake.clone();
+            tokio::spawn(async move { fake.wait_for_requests(Endpoint::Create, 3).await })
+        };
+        for i in 0..3 {
+            create(&fake, sensor(&format!("s{i}"), json!({}))).await;
+        }
+        tokio::time::timeout(Duration::from_secs(10), waiter)
+            .await
+            .expect("waiter resolves after the third create")
+            .expect("waiter does not panic");
+        // Already satisfied: resolves at once.
+        fake.wait_for_requests(Endpoint::Create, 3).await;
+    }
+
+    #[tokio::test]
+    async fn inserted_device_is_listed_and_reset_forgets_everything() {
+        let fake = start(FakeOptions::default()).await;
+        let mut planted = NewDevice::named("other-gw");
+        planted.metadata.insert("gw".to_owned(), "b".to_owned());
+        let d = fake.insert_device(planted);
+        let list = json_of(
+            client()
+                .get(format!("{}?metadata=gw:b", devices_url(&fake)))
+                .bearer_auth(fake.api_key())
+                .send()
+                .await
+                .expect("list"),
+        )
+        .await;
+        assert_eq!(list["data"][0]["id"], d.id.as_str());
+        fake.reset();
+        assert!(fake.devices().is_empty());
+        assert!(fake.requests().is_empty());
+        assert_eq!(fake.count(Endpoint::List), 0);
+    }
+
+    #[tokio::test]
+    async fn control_endpoints_queue_faults_and_report_stats() {
+        let fake = start(FakeOptions {
+            control_endpoints: true,
+            ..FakeOptions::default()
+        })
+        .await;
+        let http = client();
+        let queued = http
+            .post(format!("{}/_fake/faults", fake.base_url()))
+            .json(&json!({"endpoint": "create", "faults": [
+                {"status": 503, "retry_after": 1}, {"created_then_status": 500}]}))
+            .send()
+            .await
+            .expect("queue faults");
+        assert_eq!(json_of(queued).await["queued"], 2);
+        assert_eq!(create(&fake, sensor("a", json!({}))).await.status(), 503);
+        assert_eq!(create(&fake, sensor("b", json!({}))).await.status(), 500);
+
+        let devices = json_of(
+            http.get(format!("{}/_fake/devices", fake.base_url()))
+                .send()
+                .await
+                .expect("devices"),
+        )
+        .await;
+        assert_eq!(devices[0]["name"], "b");
+        assert!(devices[0]["token"].is_string());
+        let stats = json_of(
+            http.get(format!("{}/_fake/stats", fake.base_url()))
+                .send()
+                .await
+                .expect("stats"),
+        )
+        .await;
+        assert_eq!(stats["create"], 2);
+        assert_eq!(stats["devices"], 1);
+
+        let bad = http
+            .post(format!("{}/_fake/faults", fake.base_url()))
+            .json(&json!({"endpoint": "create", "faults": [{"status": 500, "hang": true}]}))
+            .send()
+            .await
+            .expect("bad fault");
+        assert_eq!(bad.status(), 400);
+        let reset = http
+            .post(format!("{}/_fake/reset", fake.base_url()))
+            .send()
+            .await
+            .expect("reset");
+        assert_eq!(reset.status(), 200);
+        assert!(fake.devices().is_empty());
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        let t = rfc3339_now();
+        assert_eq!(t.len(), 20, "{t}");
+        assert!(t.ends_with('Z') && &t[10..11] == "T", "{t}");
+        assert!(t.as_str() > "2024-01-01", "{t}");
+    }
+}

@@ -15,6 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Notify};
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::announce::DeviceSpec;
 use crate::config::StoreConfig;
@@ -140,8 +141,17 @@ struct Flusher {
 pub struct Store {
     db: sled::Db,
     sensors: sled::Tree,
+    /// Index of sensors in Pending/Creating: the restart resumes these without
+    /// reading every record (start-up time does not grow with the fleet).
+    pending: sled::Tree,
+    /// Index of sensors whose ok reply the broker has not acknowledged yet.
+    undelivered: sled::Tree,
+    /// Records that could not be decoded, kept for inspection, out of the way.
+    quarantine: sled::Tree,
     flusher: Arc<Flusher>,
     path: PathBuf,
+    /// Stops the flusher (and so releases the database) when the last clone goes.
+    _closer: Arc<DropGuard>,
 }
 
 /// How the database was opened, for the start-up log line.
@@ -185,11 +195,9 @@ impl Store {
             Err(e) => return Err(e),
         };
         let sensors = db.open_tree("sensors")?;
-        // Read every record once: corruption found now is handled now, not mid-onboarding.
-        for item in sensors.iter() {
-            let (k, v) = item?;
-            decode(&k, &v)?;
-        }
+        let pending = db.open_tree("pending")?;
+        let undelivered = db.open_tree("undelivered")?;
+        let quarantine = db.open_tree("quarantine")?;
         let (state, _) = watch::channel(FlushState {
             flushed: 0,
             failed: false,
@@ -199,13 +207,18 @@ impl Store {
             state,
             wake: Notify::new(),
         });
-        tokio::spawn(run_flusher(db.clone(), flusher.clone()));
+        let closer = CancellationToken::new();
+        tokio::spawn(run_flusher(db.clone(), flusher.clone(), closer.clone()));
         Ok((
             Store {
                 db,
                 sensors,
+                pending,
+                undelivered,
+                quarantine,
                 flusher,
                 path,
+                _closer: Arc::new(closer.drop_guard()),
             },
             outcome,
         ))
@@ -217,26 +230,122 @@ impl Store {
 
     pub fn get(&self, sensor: &str) -> Result<Option<SensorRecord>, StoreError> {
         match self.sensors.get(sensor.as_bytes())? {
-            Some(v) => Ok(Some(decode(sensor.as_bytes(), &v)?)),
+            Some(v) => self.decode_or_quarantine(sensor.as_bytes(), &v),
             None => Ok(None),
         }
+    }
+
+    /// A record that cannot be decoded is moved to the quarantine tree and treated
+    /// as unknown: the lookup before create then adopts the sensor's device. Failing
+    /// instead would make systemd restart into the same failure forever.
+    fn decode_or_quarantine(
+        &self,
+        key: &[u8],
+        bytes: &[u8],
+    ) -> Result<Option<SensorRecord>, StoreError> {
+        match decode(key, bytes) {
+            Ok(rec) => Ok(Some(rec)),
+            Err(e) => {
+                tracing::error!(error = %e, "UNREADABLE RECORD moved to quarantine; the sensor is re-adopted from Qubitro on its next announce");
+                self.quarantine.insert(key, bytes)?;
+                self.sensors.remove(key)?;
+                self.pending.remove(key)?;
+                self.undelivered.remove(key)?;
+                self.wrote();
+                Ok(None)
+            }
+        }
+    }
+
+    /// Index entries are added before the record changes and removed after, so a
+    /// crash in between leaves a stale entry (cleaned on resume), never a missing one.
+    fn index_before(&self, key: &[u8], rec: &SensorRecord) -> Result<(), StoreError> {
+        match rec.phase {
+            Phase::Pending | Phase::Creating => {
+                self.pending.insert(key, &[1u8])?;
+            }
+            Phase::Created {
+                delivered: false, ..
+            } => {
+                self.undelivered.insert(key, &[1u8])?;
+            }
+            Phase::Created {
+                delivered: true, ..
+            } => {}
+        }
+        Ok(())
+    }
+
+    fn index_after(&self, key: &[u8], rec: &SensorRecord) -> Result<(), StoreError> {
+        if let Phase::Created { delivered, .. } = rec.phase {
+            self.pending.remove(key)?;
+            if delivered {
+                self.undelivered.remove(key)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sensors whose onboarding is unfinished, with their records.
+    pub fn unfinished(&self) -> Result<Vec<(String, SensorRecord)>, StoreError> {
+        self.indexed(&self.pending, |r| {
+            matches!(r.phase, Phase::Pending | Phase::Creating)
+        })
+    }
+
+    /// Sensors whose ok reply was never acknowledged by the broker.
+    pub fn undelivered(&self) -> Result<Vec<(String, SensorRecord)>, StoreError> {
+        self.indexed(&self.undelivered, |r| {
+            matches!(
+                r.phase,
+                Phase::Created {
+                    delivered: false,
+                    ..
+                }
+            )
+        })
+    }
+
+    fn indexed(
+        &self,
+        index: &sled::Tree,
+        wanted: impl Fn(&SensorRecord) -> bool,
+    ) -> Result<Vec<(String, SensorRecord)>, StoreError> {
+        let mut out = Vec::new();
+        for item in index.iter() {
+            let (k, _) = item?;
+            let sensor = String::from_utf8_lossy(&k).into_owned();
+            match self.get(&sensor)? {
+                Some(rec) if wanted(&rec) => out.push((sensor, rec)),
+                _ => {
+                    index.remove(&k)?;
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Records a new sensor unless one is already recorded. `Some(seq)` when inserted.
     pub fn insert_new(&self, sensor: &str, rec: &SensorRecord) -> Result<Option<u64>, StoreError> {
         let bytes = encode(rec);
+        self.index_before(sensor.as_bytes(), rec)?;
         let swapped =
             self.sensors
                 .compare_and_swap(sensor.as_bytes(), None::<&[u8]>, Some(bytes))?;
         match swapped {
-            Ok(()) => Ok(Some(self.wrote())),
+            Ok(()) => {
+                self.index_after(sensor.as_bytes(), rec)?;
+                Ok(Some(self.wrote()))
+            }
             Err(_) => Ok(None),
         }
     }
 
     /// Writes a record (the caller owns the sensor's state at this moment).
     pub fn put(&self, sensor: &str, rec: &SensorRecord) -> Result<u64, StoreError> {
+        self.index_before(sensor.as_bytes(), rec)?;
         self.sensors.insert(sensor.as_bytes(), encode(rec))?;
+        self.index_after(sensor.as_bytes(), rec)?;
         Ok(self.wrote())
     }
 
@@ -251,17 +360,21 @@ impl Store {
             let Some(old) = self.sensors.get(sensor.as_bytes())? else {
                 return Ok(None);
             };
-            let mut rec = decode(sensor.as_bytes(), &old)?;
+            let Some(mut rec) = self.decode_or_quarantine(sensor.as_bytes(), &old)? else {
+                return Ok(None);
+            };
             if !f(&mut rec) {
                 return Ok(None);
             }
             rec.updated_ms = now_ms();
             let new = encode(&rec);
+            self.index_before(sensor.as_bytes(), &rec)?;
             if self
                 .sensors
                 .compare_and_swap(sensor.as_bytes(), Some(&old), Some(new))?
                 .is_ok()
             {
+                self.index_after(sensor.as_bytes(), &rec)?;
                 self.wrote();
                 return Ok(Some(rec));
             }
@@ -269,13 +382,11 @@ impl Store {
     }
 
     pub fn remove(&self, sensor: &str) -> Result<Option<SensorRecord>, StoreError> {
-        match self.sensors.remove(sensor.as_bytes())? {
-            Some(v) => {
-                self.wrote();
-                Ok(Some(decode(sensor.as_bytes(), &v)?))
-            }
-            None => Ok(None),
-        }
+        let old = self.sensors.remove(sensor.as_bytes())?;
+        self.pending.remove(sensor.as_bytes())?;
+        self.undelivered.remove(sensor.as_bytes())?;
+        self.wrote();
+        Ok(old.and_then(|v| decode(sensor.as_bytes(), &v).ok()))
     }
 
     pub fn len(&self) -> usize {
@@ -286,12 +397,18 @@ impl Store {
         self.sensors.is_empty()
     }
 
-    /// All records in sensor-id order.
+    /// All readable records in sensor-id order (unreadable ones are quarantined).
     pub fn scan(&self) -> impl Iterator<Item = Result<(String, SensorRecord), StoreError>> + '_ {
-        self.sensors.iter().map(|item| {
-            let (k, v) = item?;
-            let rec = decode(&k, &v)?;
-            Ok((String::from_utf8_lossy(&k).into_owned(), rec))
+        self.sensors.iter().filter_map(|item| {
+            let (k, v) = match item {
+                Ok(kv) => kv,
+                Err(e) => return Some(Err(e.into())),
+            };
+            match self.decode_or_quarantine(&k, &v) {
+                Ok(Some(rec)) => Some(Ok((String::from_utf8_lossy(&k).into_owned(), rec))),
+                Ok(None) => None,
+                Err(e) => Some(Err(e)),
+            }
         })
     }
 
@@ -339,9 +456,12 @@ impl Store {
     }
 }
 
-async fn run_flusher(db: sled::Db, f: Arc<Flusher>) {
+async fn run_flusher(db: sled::Db, f: Arc<Flusher>, closer: CancellationToken) {
     loop {
-        f.wake.notified().await;
+        tokio::select! {
+            _ = f.wake.notified() => {}
+            _ = closer.cancelled() => return,
+        }
         loop {
             let target = f.written.load(Ordering::SeqCst);
             if target <= f.state.borrow().flushed {
@@ -473,7 +593,9 @@ mod tests {
         assert_eq!(s.get("a").unwrap().unwrap().phase, Phase::Pending);
     }
 
-    #[tokio::test]
+    // Multi-threaded: the first store's flusher must get to run and let go of the
+    // database while the second open retries.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn flushed_records_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
@@ -533,6 +655,46 @@ mod tests {
             .unwrap();
         assert_eq!(r.attempts, 7);
         assert!(s.update("missing", |_| true).unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn indexes_follow_the_phase() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = Store::open(&cfg(dir.path())).unwrap();
+        let mut rec = SensorRecord::new_pending(spec(), Route::default());
+        s.insert_new("a", &rec).unwrap();
+        s.insert_new("b", &rec).unwrap();
+        assert_eq!(s.unfinished().unwrap().len(), 2);
+        rec.phase = Phase::Created {
+            device_id: "d".into(),
+            device_token: Token("t".into()),
+            delivered: false,
+        };
+        s.put("a", &rec).unwrap();
+        let names =
+            |v: Vec<(String, SensorRecord)>| v.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
+        assert_eq!(names(s.unfinished().unwrap()), vec!["b"]);
+        assert_eq!(names(s.undelivered().unwrap()), vec!["a"]);
+        s.update("a", |r| {
+            if let Phase::Created { delivered, .. } = &mut r.phase {
+                *delivered = true;
+            }
+            true
+        })
+        .unwrap();
+        assert!(s.undelivered().unwrap().is_empty());
+        s.remove("b").unwrap();
+        assert!(s.unfinished().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_record_is_quarantined_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = Store::open(&cfg(dir.path())).unwrap();
+        s.sensors.insert(b"bad", b"{not json").unwrap();
+        assert!(s.get("bad").unwrap().is_none());
+        assert_eq!(s.quarantine.len(), 1);
+        assert!(s.is_empty());
     }
 
     #[tokio::test]
