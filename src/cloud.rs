@@ -211,7 +211,10 @@ impl Cloud {
 
 fn transport_error(e: &reqwest::Error, is_create: bool) -> CloudError {
     // A connect error means the request never left; anything later may have created it.
-    let reason = if e.is_timeout() {
+    let reason = if crate::tls::is_clock_not_synced(&format!("{e:?}")) {
+        "TLS certificate not valid yet: the clock is probably not synced (no RTC until NTP runs)"
+            .to_string()
+    } else if e.is_timeout() {
         "timed out".to_string()
     } else if e.is_connect() {
         "cannot connect".to_string()

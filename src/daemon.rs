@@ -155,15 +155,18 @@ async fn report(
     stop: CancellationToken,
 ) {
     let watchdog = systemd::watchdog_interval();
-    let tick = watchdog
+    let stats_every = Duration::from_secs(cfg.log.stats_interval_s);
+    let mut tick = watchdog
         .unwrap_or(Duration::from_secs(5))
         .min(Duration::from_secs(5));
+    if !stats_every.is_zero() {
+        tick = tick.min(stats_every);
+    }
     // The event loop wakes at least once per keep-alive when connected, and once per
     // reconnect attempt when not: longer silence means it is stuck.
     let stall = cfg.keep_alive() * 2
         + Duration::from_millis(cfg.mqtt.reconnect_max_ms)
         + Duration::from_secs(cfg.mqtt.connect_timeout_s);
-    let stats_every = Duration::from_secs(cfg.log.stats_interval_s);
     let mut last_stats = Instant::now();
     let mut last_status = String::new();
     let mut interval = tokio::time::interval(tick);

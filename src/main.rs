@@ -88,6 +88,9 @@ enum DevicesCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // reqwest and rumqttc are built without a default TLS provider: ring builds for
+    // every Pi (aws-lc-rs does not for armv7). Installed once, before any client.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     match cli.command {
         Command::PrintDefaultConfig => {
             print!("{DEFAULT_CONFIG}");

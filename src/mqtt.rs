@@ -331,7 +331,9 @@ impl EventLoopTask {
                         was_connected = false;
                     }
                     let wait = self.backoff.delay(failures);
-                    if failures == 0 {
+                    if crate::tls::is_clock_not_synced(&format!("{e:?}")) {
+                        tracing::warn!(error = %e, "the broker's certificate is not valid yet: the clock is probably not synced (a Pi has no RTC until NTP runs); retrying");
+                    } else if failures == 0 {
                         tracing::warn!(error = %e, "broker connection lost; reconnecting with backoff");
                     } else {
                         tracing::debug!(error = %e, attempt = failures, wait_ms = wait.as_millis() as u64, "broker still unreachable");

@@ -46,7 +46,20 @@ pub fn mqtt_tls(m: &MqttConfig) -> anyhow::Result<rumqttc::TlsConfiguration> {
 
 /// True when a TLS failure is a certificate that is not valid *yet*: on a Pi with no
 /// real-time clock that means NTP has not synced, so it is worth retrying.
-pub fn is_clock_not_synced(err: &dyn std::fmt::Display) -> bool {
-    let s = err.to_string();
+pub fn is_clock_not_synced(err: &str) -> bool {
+    let s = err;
     s.contains("NotValidYet") || s.contains("not valid yet") || s.contains("not yet valid")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_not_yet_valid_certificate_is_recognised_as_an_unsynced_clock() {
+        let e = rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidYet);
+        assert!(is_clock_not_synced(&format!("{e:?}")));
+        let other = rustls::Error::InvalidCertificate(rustls::CertificateError::Expired);
+        assert!(!is_clock_not_synced(&format!("{other:?}")));
+    }
 }

@@ -232,3 +232,25 @@ async fn watcher_raw(w: &mut Sensor) -> (String, String) {
     let (t, v, _) = w.next_raw().await;
     (t, String::from_utf8_lossy(&v).into_owned())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_are_published_on_the_stats_topic() {
+    let broker = Mosquitto::start();
+    let cloud = fake_cloud().await;
+    let _d = Daemon::start(&broker, &cloud, "[log]\nstats_interval_s = 1");
+    let mut stats =
+        Sensor::connect_as(broker.port, "st", "onboard/gateway/gw-test/stats", None).await;
+    let mut s = Sensor::connect(broker.port, "counted").await;
+    s.announce("{}").await;
+    s.reply().await;
+    loop {
+        let (_, v, _) = stats.next().await;
+        if v["onboarded"] == 1 {
+            assert_eq!(v["announces"], 1);
+            assert!(v["cloud_requests"].as_u64().unwrap() >= 2, "{v}");
+            assert!(v.get("cloud_latency_ms_avg").is_some());
+            assert_eq!(v["pending_now"], 0);
+            break;
+        }
+    }
+}
