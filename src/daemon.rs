@@ -21,6 +21,7 @@ use crate::{control, metrics, mqtt, systemd};
 pub struct Heartbeat {
     start: Instant,
     mqtt_ms: AtomicU64,
+    dispatcher_ms: AtomicU64,
 }
 
 impl Heartbeat {
@@ -28,7 +29,18 @@ impl Heartbeat {
         Heartbeat {
             start: Instant::now(),
             mqtt_ms: AtomicU64::new(0),
+            dispatcher_ms: AtomicU64::new(0),
         }
+    }
+    pub fn beat_dispatcher(&self) {
+        self.dispatcher_ms
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+    fn dispatcher_silence(&self) -> Duration {
+        let last = self.dispatcher_ms.load(Ordering::Relaxed);
+        self.start
+            .elapsed()
+            .saturating_sub(Duration::from_millis(last))
     }
     pub fn beat_mqtt(&self) {
         self.mqtt_ms
@@ -90,7 +102,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         mqtt_stop.clone(),
         heartbeat.clone(),
     ));
-    let dispatcher = tokio::spawn(engine.clone().run_dispatcher(announce_rx, ack_tx));
+    let dispatcher = tokio::spawn(engine.clone().run_dispatcher(
+        announce_rx,
+        ack_tx,
+        heartbeat.clone(),
+    ));
     let acker = tokio::spawn(engine.clone().run_acker(ack_rx));
     let session_events = tokio::spawn(engine.clone().run_session_events(event_rx));
     let control = control::serve(&cfg.control, engine.clone(), stop.clone())?;
@@ -177,16 +193,20 @@ async fn report(
         }
         if watchdog.is_some() {
             let mqtt_ok = heartbeat.mqtt_silence() < stall;
+            // The dispatcher beats at least every second while it is free to take
+            // announces; silence means it is stuck behind acks, flushes or the broker.
+            let dispatcher_ok = heartbeat.dispatcher_silence() < Duration::from_secs(15);
             // A flush round trip proves the store, its flusher and the blocking pool work.
             let store_ok = tokio::time::timeout(Duration::from_secs(5), engine.store().flush_all())
                 .await
                 .is_ok_and(|r| r.is_ok());
-            if mqtt_ok && store_ok {
+            if mqtt_ok && store_ok && dispatcher_ok {
                 systemd::watchdog_ping();
             } else {
                 tracing::error!(
                     mqtt_ok,
                     store_ok,
+                    dispatcher_ok,
                     "not making progress; withholding the watchdog ping"
                 );
             }

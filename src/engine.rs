@@ -389,6 +389,7 @@ impl Engine {
                     status,
                     message = %message,
                     outcome = "rejected",
+                    duration_ms = now_ms().saturating_sub(rec.first_seen_ms),
                     "Qubitro rejected the device"
                 );
                 let route = rec.route.clone();
@@ -489,12 +490,16 @@ impl Engine {
         self: Arc<Self>,
         mut announces: mpsc::Receiver<Publish>,
         acks: mpsc::Sender<AckItem>,
+        heartbeat: Arc<crate::daemon::Heartbeat>,
     ) {
+        let mut beat = tokio::time::interval(Duration::from_secs(1));
         loop {
+            heartbeat.beat_dispatcher();
             let publish = tokio::select! {
                 biased;
                 _ = self.stop.cancelled() => break,
                 p = announces.recv() => match p { Some(p) => p, None => break },
+                _ = beat.tick() => continue,
             };
             match self.dispatch(&publish) {
                 Ok(Decision { seq, reply }) => {
