@@ -317,13 +317,7 @@ impl Engine {
             "onboarded"
         );
         self.deliver_ok(sensor, &rec.route, &creds).await;
-        let extra = self
-            .waiting
-            .lock()
-            .expect("never poisoned")
-            .remove(sensor)
-            .unwrap_or_default();
-        for route in extra {
+        for route in self.take_waiting(sensor) {
             if route != rec.route {
                 self.send(sensor, &route, self.ok_reply(sensor, &route, &creds), false)
                     .await;
@@ -392,26 +386,30 @@ impl Engine {
                     duration_ms = now_ms().saturating_sub(rec.first_seen_ms),
                     "Qubitro rejected the device"
                 );
-                let route = rec.route.clone();
-                let reply = Reply::error(
-                    sensor,
-                    "rejected_by_cloud",
-                    format!("Qubitro rejected the device (HTTP {status}): {message}"),
-                    route.request_id.clone(),
-                );
-                self.send(sensor, &route, reply.clone(), false).await;
-                let extra = self
-                    .waiting
-                    .lock()
-                    .expect("never poisoned")
-                    .remove(sensor)
-                    .unwrap_or_default();
-                for r in extra {
-                    self.send(sensor, &r, reply.clone(), false).await;
+                let text = format!("Qubitro rejected the device (HTTP {status}): {message}");
+                let mut routes = vec![rec.route.clone()];
+                routes.extend(self.take_waiting(sensor));
+                for route in routes {
+                    let reply = Reply::error(
+                        sensor,
+                        "rejected_by_cloud",
+                        text.clone(),
+                        route.request_id.clone(),
+                    );
+                    self.send(sensor, &route, reply, false).await;
                 }
                 Ok(Next::Done)
             }
         }
+    }
+
+    /// The extra routes owed an answer once the sensor's onboarding ends.
+    fn take_waiting(&self, sensor: &str) -> Vec<Route> {
+        self.waiting
+            .lock()
+            .expect("never poisoned")
+            .remove(sensor)
+            .unwrap_or_default()
     }
 
     /// Persists the next attempt time (no flush needed: losing it only retries sooner)
