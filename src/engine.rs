@@ -578,8 +578,13 @@ impl Engine {
                         reply: Some((sensor.to_string(), route, reply)),
                     });
                 }
-                // Pending: its task will answer this route too.
+                // Pending: its task will answer this route too. (Should no task be
+                // running for it, this starts one; otherwise it is a no-op.)
                 let retry_in = rec.next_attempt_ms.saturating_sub(now_ms());
+                self.spawn_onboarding(
+                    sensor.to_string(),
+                    Duration::from_millis(retry_in).min(self.backoff.max),
+                );
                 let mut reply = (rec.attempts > 0).then(|| {
                     (
                         sensor.to_string(),
