@@ -1,0 +1,358 @@
+//! TLS to the broker: a CA, server and client certificates made with the openssl CLI,
+//! mosquitto with a TLS listener (onboardd) and a plain loopback listener (the sensors).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+
+/// A throw-away PKI in a tempdir.
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // mosquitto started as root drops to its own user; keep everything readable.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        Pki { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn openssl(&self, args: &[&str]) {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(self.dir.path())
+            .output()
+            .expect("run the openssl CLI");
+        assert!(
+            out.status.success(),
+            "openssl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A self-signed CA: `<name>.crt`, `<name>.key`.
+    fn ca(&self, name: &str) -> PathBuf {
+        self.openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.crt"),
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={name}"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ]);
+        self.path(&format!("{name}.crt"))
+    }
+
+    /// A leaf `<name>.crt`/`<name>.key` signed by `ca`, with the given extensions.
+    fn leaf(&self, ca: &str, name: &str, cn: &str, ext: &str) {
+        std::fs::write(self.path(&format!("{name}.ext")), ext).unwrap();
+        self.openssl(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+            "-subj",
+            &format!("/CN={cn}"),
+        ]);
+        self.openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            &format!("{ca}.crt"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-set_serial",
+            &format!("0x{:016x}", fastrand::u64(1..)),
+            "-days",
+            "2",
+            "-out",
+            &format!("{name}.crt"),
+            "-extfile",
+            &format!("{name}.ext"),
+        ]);
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            self.path(&format!("{name}.key")),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+    }
+
+    /// CA `ca`, server certificate `server` for 127.0.0.1 and localhost, client
+    /// certificate `client` with CN `onboardd`.
+    fn standard() -> Pki {
+        let pki = Pki::new();
+        pki.ca("ca");
+        pki.leaf(
+            "ca",
+            "server",
+            "localhost",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\n\
+             basicConstraints=critical,CA:FALSE\n\
+             keyUsage=critical,digitalSignature\n\
+             extendedKeyUsage=serverAuth\n",
+        );
+        pki.leaf(
+            "ca",
+            "client",
+            "onboardd",
+            "basicConstraints=critical,CA:FALSE\n\
+             keyUsage=critical,digitalSignature\n\
+             extendedKeyUsage=clientAuth\n",
+        );
+        pki
+    }
+}
+
+fn toml_path(p: &Path) -> String {
+    toml::Value::String(p.display().to_string()).to_string()
+}
+
+/// mosquitto with a plain loopback listener on `plain` (sensors) and a TLS listener on
+/// the harness port (onboardd). The plain one comes first so it is open once the
+/// harness sees the TLS one listening.
+fn tls_broker(pki: &Pki, plain: u16, tls_extra: &str, global: &str) -> Mosquitto {
+    tls_broker_with_cert(pki, "server", plain, tls_extra, global)
+}
+
+fn tls_broker_with_cert(
+    pki: &Pki,
+    server: &str,
+    plain: u16,
+    tls_extra: &str,
+    global: &str,
+) -> Mosquitto {
+    Mosquitto::start_with(&format!(
+        "per_listener_settings false\n\
+         {global}\n\
+         listener {plain} 127.0.0.1\n\
+         listener {{port}} 127.0.0.1\n\
+         cafile {ca}\n\
+         certfile {cert}\n\
+         keyfile {key}\n\
+         {tls_extra}\n",
+        ca = pki.path("ca.crt").display(),
+        cert = pki.path(&format!("{server}.crt")).display(),
+        key = pki.path(&format!("{server}.key")).display(),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_onboards_a_sensor_over_tls_after_verifying_the_broker_certificate() {
+    let pki = Pki::standard();
+    let plain = free_port();
+    let broker = tls_broker(&pki, plain, "", "allow_anonymous true");
+    let cloud = fake_cloud().await;
+    // host 127.0.0.1 (the harness default): checked against the IP subjectAltName.
+    let d = Daemon::start(
+        &broker,
+        &cloud,
+        &format!("[mqtt]\nca_file = {}", toml_path(&pki.path("ca.crt"))),
+    );
+    let mut s = Sensor::connect(plain, "tls-s1").await;
+    s.announce(r#"{"request_id":"t1"}"#).await;
+    let r = s.reply().await;
+    assert_eq!(r["status"], "ok", "{r}");
+    assert_eq!(r["request_id"], "t1");
+    assert_eq!(r["device_token"], cloud.devices()[0].token.as_str());
+    assert_eq!(d.log.count("TLS"), 0, "{}", d.log.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_mutual_tls_the_client_certificate_cn_is_the_acl_user_of_the_daemon() {
+    let pki = Pki::standard();
+    let plain = free_port();
+    // The shipped ACL: only user `onboardd` may read announces and write replies.
+    // No password file: on the plain listener a sensor's username is taken as given.
+    let acl = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/mosquitto/onboardd.acl");
+    let broker = tls_broker(
+        &pki,
+        plain,
+        "require_certificate true\nuse_identity_as_username true",
+        &format!("allow_anonymous true\nacl_file {}", acl.display()),
+    );
+    let cloud = fake_cloud().await;
+    // host localhost: checked against the DNS subjectAltName. No MQTT username: the
+    // broker takes "onboardd" from the certificate's CN, and only that user may read
+    // announces (mosquitto 2.0 grants the SUBACK to anyone but delivers nothing the
+    // ACL forbids), so the onboarding below proves the identity reached the ACL.
+    let d = Daemon::start(
+        &broker,
+        &cloud,
+        &format!(
+            "[mqtt]\nhost = \"localhost\"\nca_file = {}\ncert_file = {}\nkey_file = {}",
+            toml_path(&pki.path("ca.crt")),
+            toml_path(&pki.path("client.crt")),
+            toml_path(&pki.path("client.key")),
+        ),
+    );
+    let mut s = Sensor::connect_as(
+        plain,
+        "mtls-s1",
+        "onboard/reply/mtls-s1/#",
+        Some(("mtls-s1", "unused")),
+    )
+    .await;
+    s.announce("{}").await;
+    let r = s.reply().await;
+    assert_eq!(r["status"], "ok", "{r}");
+    assert_eq!(cloud.devices().len(), 1);
+    assert!(
+        broker.log().contains("u'onboardd'"),
+        "the broker saw the daemon as user onboardd:\n{}",
+        broker.log()
+    );
+    drop(d);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_certificate_from_another_ca_is_a_logged_tls_error_and_the_daemon_keeps_retrying()
+{
+    let pki = Pki::standard();
+    let other_ca = pki.ca("other-ca");
+    let plain = free_port();
+    let broker = tls_broker(&pki, plain, "", "allow_anonymous true");
+    let cloud = fake_cloud().await;
+    let state = tempfile::tempdir().unwrap();
+    let mut d = Daemon::with_state(
+        broker.port,
+        &cloud,
+        state.path(),
+        &format!("[mqtt]\nca_file = {}", toml_path(&other_ca)),
+        vec![],
+    );
+    d.log.wait_for_async("broker connection lost").await;
+    let first = d
+        .log
+        .all()
+        .into_iter()
+        .find(|l| l.contains("broker connection lost"))
+        .unwrap();
+    assert!(
+        first.contains("TLS") && first.contains("UnknownIssuer"),
+        "the first failure names the TLS problem: {first}"
+    );
+    // reconnect_max_ms is 500 ms in tests: several attempts, each failing the same way.
+    d.log.wait_for_n_async("broker still unreachable", 3).await;
+    assert!(
+        d.log
+            .all()
+            .iter()
+            .filter(|l| l.contains("broker still unreachable"))
+            .all(|l| l.contains("UnknownIssuer")),
+        "{}",
+        d.log.text()
+    );
+    assert_eq!(d.log.count("subscribed to announces"), 0);
+    // Still running: it exits 0 on SIGTERM (a process that had exited on its own
+    // would report its own status instead).
+    assert_eq!(d.signal_and_wait(libc::SIGTERM).code(), Some(0));
+}
+
+/// Waits for the first connection failure and returns its log line.
+async fn first_failure(d: &Daemon) -> String {
+    d.log.wait_for_async("broker connection lost").await;
+    d.log
+        .all()
+        .into_iter()
+        .find(|l| l.contains("broker connection lost"))
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_certificate_for_another_name_is_refused() {
+    let pki = Pki::standard();
+    pki.leaf(
+        "ca",
+        "elsewhere",
+        "broker.elsewhere.example",
+        "subjectAltName=DNS:broker.elsewhere.example\n\
+         basicConstraints=critical,CA:FALSE\n\
+         keyUsage=critical,digitalSignature\n\
+         extendedKeyUsage=serverAuth\n",
+    );
+    let broker = tls_broker_with_cert(&pki, "elsewhere", free_port(), "", "allow_anonymous true");
+    let cloud = fake_cloud().await;
+    let state = tempfile::tempdir().unwrap();
+    let mut d = Daemon::with_state(
+        broker.port,
+        &cloud,
+        state.path(),
+        &format!("[mqtt]\nca_file = {}", toml_path(&pki.path("ca.crt"))),
+        vec![],
+    );
+    let first = first_failure(&d).await;
+    assert!(
+        first.contains("TLS") && first.contains("not valid for name"),
+        "a trusted certificate for another name is refused: {first}"
+    );
+    d.log.wait_for_n_async("broker still unreachable", 2).await;
+    assert_eq!(d.log.count("subscribed to announces"), 0);
+    assert_eq!(d.signal_and_wait(libc::SIGTERM).code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mutual_tls_listener_refuses_the_daemon_without_a_client_certificate() {
+    let pki = Pki::standard();
+    let broker = tls_broker(
+        &pki,
+        free_port(),
+        "require_certificate true\nuse_identity_as_username true",
+        "allow_anonymous true",
+    );
+    let cloud = fake_cloud().await;
+    let state = tempfile::tempdir().unwrap();
+    let mut d = Daemon::with_state(
+        broker.port,
+        &cloud,
+        state.path(),
+        &format!("[mqtt]\nca_file = {}", toml_path(&pki.path("ca.crt"))),
+        vec![],
+    );
+    let first = first_failure(&d).await;
+    // TLS 1.3: the client finishes its side of the handshake, then the broker's
+    // alert arrives with the first read (the CONNACK).
+    assert!(
+        first.contains("CertificateRequired"),
+        "the broker demands a client certificate: {first}"
+    );
+    d.log.wait_for_n_async("broker still unreachable", 2).await;
+    assert_eq!(
+        d.log.count("connected to the broker"),
+        0,
+        "{}",
+        d.log.text()
+    );
+    assert_eq!(d.signal_and_wait(libc::SIGTERM).code(), Some(0));
+}
