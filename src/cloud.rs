@@ -64,15 +64,15 @@ const MAX_MESSAGE: usize = 200;
 
 impl Cloud {
     pub fn new(cfg: &QubitroConfig) -> anyhow::Result<Cloud> {
-        let mut builder = reqwest::Client::builder()
+        // Always our own rustls config (ring + webpki roots): reqwest's default would
+        // need the system's CA store even for an http:// fake, and fail without it.
+        let builder = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls_config())
             .connect_timeout(Duration::from_millis(cfg.connect_timeout_ms))
             .timeout(Duration::from_millis(cfg.request_timeout_ms))
             .pool_max_idle_per_host(cfg.max_in_flight)
             .tcp_nodelay(true)
             .user_agent(concat!("onboardd/", env!("CARGO_PKG_VERSION")));
-        if cfg.base_url.starts_with("https://") {
-            builder = builder.tls_backend_preconfigured(tls_config());
-        }
         let http = builder.build()?;
         Ok(Cloud {
             http,

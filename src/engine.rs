@@ -381,7 +381,7 @@ impl Engine {
                 tracing::warn!(
                     sensor_id = sensor,
                     status,
-                    message = %message,
+                    detail = %message,
                     outcome = "rejected",
                     duration_ms = now_ms().saturating_sub(rec.first_seen_ms),
                     "Qubitro rejected the device"
@@ -644,7 +644,7 @@ impl Engine {
 
     fn reject(&self, sensor: &str, route: Route, code: &str, message: String) -> Decision {
         metrics::error();
-        tracing::warn!(sensor_id = sensor, code, message = %message, outcome = "refused", "announce refused");
+        tracing::warn!(sensor_id = sensor, code, detail = %message, outcome = "refused", "announce refused");
         let reply = Reply::error(sensor, code, message, route.request_id.clone());
         Decision {
             seq: 0,

@@ -50,8 +50,9 @@ enum Command {
     },
     /// Print the claim a sensor must carry: hex(HMAC-SHA256(claim_key, SENSOR_ID))
     Claim {
-        #[command(flatten)]
-        cfg: ConfigArg,
+        /// File holding the fleet claim key (as for `security.claim_key_file`)
+        #[arg(long, env = "ONBOARDD_CLAIM_KEY_FILE")]
+        key_file: PathBuf,
         /// The sensor id to derive the claim for
         sensor_id: String,
     },
@@ -141,22 +142,29 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Claim { cfg, sensor_id } => {
-            let cfg = match Config::load(&cfg.config) {
-                Ok(c) => c,
+        Command::Claim {
+            key_file,
+            sensor_id,
+        } => {
+            // Only the key: a factory station has no API key and no full config.
+            let key = match std::fs::read_to_string(&key_file) {
+                Ok(k) if !k.trim_end_matches(['\n', '\r']).is_empty() => {
+                    onboardd::config::Secret::new(k.trim_end_matches(['\n', '\r']))
+                }
+                Ok(_) => {
+                    eprintln!("onboardd: {} is empty", key_file.display());
+                    return ExitCode::from(EXIT_CONFIG);
+                }
                 Err(e) => {
-                    eprintln!("onboardd: {e}");
+                    eprintln!("onboardd: cannot read {}: {e}", key_file.display());
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            if cfg.security.claim_key.is_empty() {
-                eprintln!("onboardd: security.claim_key is not set in this config");
-                return ExitCode::from(EXIT_CONFIG);
+            if !onboardd::config::valid_topic_level(&sensor_id) {
+                eprintln!("onboardd: {sensor_id:?} is not a valid sensor id (1-64 of A-Z a-z 0-9 . _ : -)");
+                return ExitCode::from(2);
             }
-            println!(
-                "{}",
-                onboardd::security::claim_for(&cfg.security.claim_key, &sensor_id)
-            );
+            println!("{}", onboardd::security::claim_for(&key, &sensor_id));
             ExitCode::SUCCESS
         }
         Command::Devices { cfg, action } => {

@@ -254,3 +254,19 @@ async fn counters_are_published_on_the_stats_topic() {
         }
     }
 }
+
+#[test]
+fn claim_prints_the_hmac_from_the_key_file_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("claim-key");
+    std::fs::write(&key, "fleet-key\n").unwrap();
+    let (code, out, _) = run(&["claim", "--key-file", key.to_str().unwrap(), "sensor-1"]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        out.trim(),
+        onboardd::security::claim_for(&onboardd::config::Secret::new("fleet-key"), "sensor-1")
+    );
+    let (code, _, err) = run(&["claim", "--key-file", key.to_str().unwrap(), "bad id"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("not a valid sensor id"));
+}

@@ -1,0 +1,50 @@
+#!/bin/sh
+# A stand-in for onboardd, in sh, used only to prove the checks of
+# service-test.sh before the real daemon works (or when changing the harness):
+#   tests/systemd/service-test.sh --self-test
+# It plays the same contract with tools the guest already has: exit 78 on a bad
+# config, READY/STATUS/WATCHDOG through systemd-notify (hence the self-test's
+# NotifyAccess=all drop-in: systemd-notify is a child process, not the main PID),
+# a reply to each announce, and a native journal record with SENSOR_ID.
+set -u
+# `claim ID`: the stand-in's "HMAC" is just a fixed prefix.
+if [ "${1:-}" = claim ]; then
+    echo "fake-claim-$2"
+    exit 0
+fi
+config=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+    --config) config=$2; shift ;;
+    esac
+    shift
+done
+if ! grep -q '^\[qubitro\]' "$config" 2>/dev/null || grep -q 'INVALID' "$config"; then
+    echo "fake-onboardd: invalid config $config" >&2
+    exit 78
+fi
+key_file="${CREDENTIALS_DIRECTORY:-/nonexistent}/${ONBOARDD__QUBITRO__API_KEY_FILE:-}"
+[ -r "$key_file" ] || { echo "fake-onboardd: no API key at $key_file" >&2; exit 1; }
+
+systemd-notify --ready --status="fake-onboardd: serving"
+n=0
+while :; do
+    # The loop pings only when it runs: kill -STOP on this shell stops pinging.
+    systemd-notify WATCHDOG=1
+    msg=$(mosquitto_sub -h localhost -c -i fake-onboardd -q 1 -v -t 'onboard/announce/+' -C 1 -W 1 2>/dev/null) || continue
+    [ -n "$msg" ] || continue
+    topic=${msg%% *}
+    sensor=${topic##*/}
+    # With the claim-key credential loaded, an announce must carry its claim.
+    if [ -r "${CREDENTIALS_DIRECTORY:-/nonexistent}/claim-key" ] &&
+        ! printf '%s' "$msg" | grep -q "\"claim\":\"fake-claim-$sensor\""; then
+        mosquitto_pub -h localhost -q 1 -t "onboard/reply/$sensor" \
+            -m '{"status":"error","code":"unauthorized","message":"announce carries no claim"}'
+        continue
+    fi
+    n=$((n + 1))
+    mosquitto_pub -h localhost -q 1 -t "onboard/reply/$sensor" \
+        -m "{\"status\":\"ok\",\"device_id\":\"fake-$n\",\"device_token\":\"tok-$n\"}"
+    printf 'MESSAGE=sensor onboarded\nPRIORITY=6\nSYSLOG_IDENTIFIER=onboardd\nSENSOR_ID=%s\n' "$sensor" | logger --journald
+    systemd-notify --status="fake-onboardd: $n onboarded"
+done
