@@ -7,18 +7,22 @@
 #   scripts/install-deps.sh systemd    # only the systemd guest test's needs
 #   scripts/install-deps.sh cross      # only the cross build + qemu smoke test
 #   scripts/install-deps.sh demo       # only mosquitto for scripts/demo.sh
+#   scripts/install-deps.sh compose    # only docker-compose, to validate docker-compose.yml
 set -euo pipefail
 
 systemd_pkgs=(debootstrap systemd-container)
 cross_pkgs=(qemu-user gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf libc6-dev-arm64-cross libc6-dev-armhf-cross)
 demo_pkgs=(mosquitto mosquitto-clients)
+# Only to validate docker-compose.yml (no engine is needed for `config`).
+compose_pkgs=(docker-compose)
 
 case "${1:-all}" in
 systemd) wanted=("${systemd_pkgs[@]}") ;;
 cross) wanted=("${cross_pkgs[@]}") ;;
 demo) wanted=("${demo_pkgs[@]}") ;;
-all) wanted=("${demo_pkgs[@]}" "${systemd_pkgs[@]}" "${cross_pkgs[@]}") ;;
-*) echo "usage: $0 [all|systemd|cross|demo]" >&2; exit 2 ;;
+compose) wanted=("${compose_pkgs[@]}") ;;
+all) wanted=("${demo_pkgs[@]}" "${systemd_pkgs[@]}" "${cross_pkgs[@]}" "${compose_pkgs[@]}") ;;
+*) echo "usage: $0 [all|systemd|cross|demo|compose]" >&2; exit 2 ;;
 esac
 
 missing=()

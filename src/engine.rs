@@ -119,7 +119,7 @@ pub struct Engine {
     /// Sensors with a live onboarding task: never two tasks for one sensor.
     active: Mutex<std::collections::HashSet<String>>,
     backoff: Backoff,
-    /// Onboarding attempts in progress (each holds at most one cloud request).
+    /// Onboarding attempts in progress (each holds at most one cloud request at a time).
     workers: Arc<Semaphore>,
     broker: Broker,
 }
@@ -139,7 +139,10 @@ impl Engine {
                 Duration::from_millis(q.retry_initial_ms),
                 Duration::from_millis(q.retry_max_ms),
             ),
-            workers: Arc::new(Semaphore::new(q.max_in_flight)),
+            // Twice the request limit: while one attempt waits for its fsync or its
+            // reply, another can already use the freed request slot, so the cloud's
+            // in-flight limit is really used (the cloud client enforces the limit).
+            workers: Arc::new(Semaphore::new(q.max_in_flight * 2)),
             broker: Broker {
                 host: q.broker_host.clone(),
                 port: q.broker_port,
