@@ -172,6 +172,9 @@ pub fn connect(cfg: &Config) -> anyhow::Result<Session> {
     opts.set_receive_maximum(Some(m.receive_maximum));
     opts.set_max_packet_size(Some(m.max_packet_bytes));
     opts.set_manual_acks(true);
+    // rumqttc preallocates one slot per possible in-flight publish: u16::MAX slots
+    // (≈ 14 MiB) unless capped. The broker grants far fewer (mosquitto: 20).
+    opts.set_outgoing_inflight_upper_limit(1024);
     opts.set_connection_timeout(m.connect_timeout_s);
     let cap = m.receive_maximum as usize * 2 + 256;
     opts.set_request_channel_capacity(cap);
