@@ -116,7 +116,6 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         gateway_id = %cfg.gateway_id,
         broker = %format!("{}:{}", cfg.mqtt.host, cfg.mqtt.port),
         store = %cfg.store.path,
-        sensors_known = store.len(),
         resumed,
         ready_ms = started.elapsed().as_millis() as u64,
         "onboardd ready"
@@ -222,8 +221,9 @@ async fn report(
             "ok"
         };
         let status = format!(
-            "broker {broker}; cloud {cloud}; {} sensors known, {} pending",
-            engine.store().len(),
+            // No count of known sensors here: sled's len() reads every record.
+            "broker {broker}; cloud {cloud}; {} onboarded since start, {} pending",
+            metrics::snapshot(0).onboarded,
             engine.pending_now()
         );
         if status != last_status {

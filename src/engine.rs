@@ -564,6 +564,20 @@ impl Engine {
         };
         route.request_id = ann.request_id.clone();
 
+        // Known and onboarded: the compact credentials tree answers (no full record,
+        // no disk write).
+        if let Some(creds) = self.store.credentials(sensor)? {
+            if let Err(denied) = self.gate.check(&ann, true) {
+                return Ok(self.reject(sensor, route, denied.code, denied.message));
+            }
+            metrics::cached_reply();
+            tracing::debug!(sensor_id = sensor, "known sensor; answering from the store");
+            let reply = self.ok_reply(sensor, &route, &creds);
+            return Ok(Decision {
+                seq: 0,
+                reply: Some((sensor.to_string(), route, reply)),
+            });
+        }
         let existing = self.store.get(sensor)?;
         if let Err(denied) = self.gate.check(&ann, existing.is_some()) {
             return Ok(self.reject(sensor, route, denied.code, denied.message));
@@ -712,15 +726,8 @@ impl Engine {
 
     async fn republish_undelivered(&self) -> Result<(), StoreError> {
         let mut todo = Vec::new();
-        for item in self.store.scan() {
-            let (sensor, rec) = item?;
-            if let (
-                Phase::Created {
-                    delivered: false, ..
-                },
-                Some(creds),
-            ) = (&rec.phase, rec.credentials())
-            {
+        for (sensor, rec) in self.store.undelivered()? {
+            if let Some(creds) = rec.credentials() {
                 todo.push((sensor, rec.route.clone(), creds));
             }
         }

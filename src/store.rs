@@ -148,6 +148,9 @@ pub struct Store {
     undelivered: sled::Tree,
     /// Records that could not be decoded, kept for inspection, out of the way.
     quarantine: sled::Tree,
+    /// sensor id → its credentials only: what a re-announce needs, a fraction of the
+    /// record, so answering a large fleet does not pull every full record into memory.
+    creds: sled::Tree,
     flusher: Arc<Flusher>,
     path: PathBuf,
     /// Stops the flusher (and so releases the database) when the last clone goes.
@@ -198,6 +201,7 @@ impl Store {
         let pending = db.open_tree("pending")?;
         let undelivered = db.open_tree("undelivered")?;
         let quarantine = db.open_tree("quarantine")?;
+        let creds = db.open_tree("creds")?;
         let (state, _) = watch::channel(FlushState {
             flushed: 0,
             failed: false,
@@ -216,6 +220,7 @@ impl Store {
                 pending,
                 undelivered,
                 quarantine,
+                creds,
                 flusher,
                 path,
                 _closer: Arc::new(closer.drop_guard()),
@@ -248,6 +253,7 @@ impl Store {
             Err(e) => {
                 tracing::error!(error = %e, "UNREADABLE RECORD moved to quarantine; the sensor is re-adopted from Qubitro on its next announce");
                 self.quarantine.insert(key, bytes)?;
+                self.creds.remove(key)?;
                 self.sensors.remove(key)?;
                 self.pending.remove(key)?;
                 self.undelivered.remove(key)?;
@@ -346,7 +352,24 @@ impl Store {
         self.index_before(sensor.as_bytes(), rec)?;
         self.sensors.insert(sensor.as_bytes(), encode(rec))?;
         self.index_after(sensor.as_bytes(), rec)?;
+        // After the record: a crash in between leaves a Created record without this
+        // shortcut, and the full record still answers.
+        if let Some(c) = rec.credentials() {
+            self.creds.insert(
+                sensor.as_bytes(),
+                serde_json::to_vec(&c).expect("credentials always serialize"),
+            )?;
+        }
         Ok(self.wrote())
+    }
+
+    /// The credentials of an onboarded sensor, from the compact tree; `None` when
+    /// the sensor is not (yet) onboarded or the shortcut is missing.
+    pub fn credentials(&self, sensor: &str) -> Result<Option<Credentials>, StoreError> {
+        match self.creds.get(sensor.as_bytes())? {
+            Some(v) => Ok(serde_json::from_slice(&v).ok()),
+            None => Ok(None),
+        }
     }
 
     /// Read-modify-write of one record; `f` returns false to leave it untouched.
@@ -382,6 +405,8 @@ impl Store {
     }
 
     pub fn remove(&self, sensor: &str) -> Result<Option<SensorRecord>, StoreError> {
+        // The shortcut first: it must never outlive the record.
+        self.creds.remove(sensor.as_bytes())?;
         let old = self.sensors.remove(sensor.as_bytes())?;
         self.pending.remove(sensor.as_bytes())?;
         self.undelivered.remove(sensor.as_bytes())?;
@@ -507,20 +532,33 @@ fn aside_name(path: &Path) -> PathBuf {
 
 /// sled's log segment size. Its 512 KiB default costs a 512 KiB I/O buffer per
 /// sealed segment still awaiting reclamation (≈ 20 MiB resident at start); our
-/// records are a few hundred bytes. NEVER change it for an existing database:
-/// sled refuses to open a database with a different segment size.
+/// records are a few hundred bytes. sled refuses to open a database with another
+/// segment size, so an existing database keeps its own (`existing_segment_size`).
 const SEGMENT_SIZE: usize = 64 * 1024;
+
+/// The segment size an existing database was made with (sled's `conf` file), so a
+/// database made with another size opens as it is instead of looking corrupt.
+fn existing_segment_size(path: &Path) -> Option<usize> {
+    // Text lines followed by a binary checksum.
+    let bytes = std::fs::read(path.join("conf")).ok()?;
+    let text = String::from_utf8_lossy(&bytes);
+    text.lines()
+        .find_map(|l| l.strip_prefix("segment_size:"))
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|n| n.is_power_of_two())
+}
 
 /// sled panics on some corrupt files instead of returning an error; a panic while
 /// opening is therefore caught and treated as corruption.
 fn open_with_retry(path: &Path, cache: u64) -> Result<sled::Db, StoreError> {
     let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    let segment_size = existing_segment_size(path).unwrap_or(SEGMENT_SIZE);
     loop {
         let cfg = sled::Config::new()
             .path(path)
             .cache_capacity(cache)
             .flush_every_ms(Some(1000))
-            .segment_size(SEGMENT_SIZE);
+            .segment_size(segment_size);
         let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || cfg.open()));
         match attempt {
             Ok(Ok(db)) => return Ok(db),
@@ -692,6 +730,48 @@ mod tests {
         assert!(s.undelivered().unwrap().is_empty());
         s.remove("b").unwrap();
         assert!(s.unfinished().unwrap().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_database_made_with_another_segment_size_opens_as_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(dir.path());
+        {
+            let db = sled::Config::new()
+                .path(&c.path)
+                .segment_size(512 * 1024)
+                .open()
+                .unwrap();
+            db.open_tree("sensors")
+                .unwrap()
+                .insert(
+                    "old",
+                    encode(&SensorRecord::new_pending(spec(), Route::default())),
+                )
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let (s, outcome) = Store::open(&c).unwrap();
+        assert_eq!(outcome, OpenOutcome::Opened);
+        assert!(s.get("old").unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn credentials_shortcut_follows_the_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = Store::open(&cfg(dir.path())).unwrap();
+        let mut rec = SensorRecord::new_pending(spec(), Route::default());
+        s.put("a", &rec).unwrap();
+        assert!(s.credentials("a").unwrap().is_none());
+        rec.phase = Phase::Created {
+            device_id: "d".into(),
+            device_token: Token("t".into()),
+            delivered: false,
+        };
+        s.put("a", &rec).unwrap();
+        assert_eq!(s.credentials("a").unwrap().unwrap().device_id, "d");
+        s.remove("a").unwrap();
+        assert!(s.credentials("a").unwrap().is_none());
     }
 
     #[tokio::test]
