@@ -13,6 +13,8 @@ set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
+# Debian puts the broker in /usr/sbin, which a normal user's PATH lacks.
+export PATH="$PATH:/usr/sbin:/usr/local/sbin"
 for tool in mosquitto mosquitto_pub mosquitto_sub; do
     command -v "$tool" >/dev/null || { echo "demo: $tool missing (scripts/install-deps.sh demo)" >&2; exit 1; }
 done

@@ -1,28 +1,31 @@
 #!/usr/bin/env bash
-# Debian packages the service tooling needs (systemd guest tests, cross builds,
-# qemu smoke test, demo). Idempotent: installs only what is missing and runs
-# `apt-get update` only when something is. Needs root (or sudo).
+# Debian packages onboardd's tests and tooling need. Idempotent: installs only
+# what is missing and runs `apt-get update` only when something is. Needs root
+# (or sudo). Works the same on Debian 12 and Raspberry Pi OS (bookworm).
 #
-#   scripts/install-deps.sh            # everything
+#   scripts/install-deps.sh test       # what `cargo test` and scripts/demo.sh need:
+#                                      # mosquitto (+ clients), openssl (test
+#                                      # certificates), a C compiler (ring)
+#   scripts/install-deps.sh            # everything CI runs (test + the rest below)
 #   scripts/install-deps.sh systemd    # only the systemd guest test's needs
 #   scripts/install-deps.sh cross      # only the cross build + qemu smoke test
-#   scripts/install-deps.sh demo       # only mosquitto for scripts/demo.sh
+#   scripts/install-deps.sh demo       # the same as test
 #   scripts/install-deps.sh compose    # only docker-compose, to validate docker-compose.yml
 set -euo pipefail
 
 systemd_pkgs=(debootstrap systemd-container)
 cross_pkgs=(qemu-user gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf libc6-dev-arm64-cross libc6-dev-armhf-cross)
-demo_pkgs=(mosquitto mosquitto-clients)
+test_pkgs=(mosquitto mosquitto-clients openssl gcc libc6-dev)
 # Only to validate docker-compose.yml (no engine is needed for `config`).
 compose_pkgs=(docker-compose)
 
 case "${1:-all}" in
 systemd) wanted=("${systemd_pkgs[@]}") ;;
 cross) wanted=("${cross_pkgs[@]}") ;;
-demo) wanted=("${demo_pkgs[@]}") ;;
+test | demo) wanted=("${test_pkgs[@]}") ;;
 compose) wanted=("${compose_pkgs[@]}") ;;
-all) wanted=("${demo_pkgs[@]}" "${systemd_pkgs[@]}" "${cross_pkgs[@]}" "${compose_pkgs[@]}") ;;
-*) echo "usage: $0 [all|systemd|cross|demo|compose]" >&2; exit 2 ;;
+all) wanted=("${test_pkgs[@]}" "${systemd_pkgs[@]}" "${cross_pkgs[@]}" "${compose_pkgs[@]}") ;;
+*) echo "usage: $0 [all|test|systemd|cross|compose]" >&2; exit 2 ;;
 esac
 
 missing=()
