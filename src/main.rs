@@ -29,7 +29,7 @@ struct Cli {
 #[derive(clap::Args, Clone)]
 struct ConfigArg {
     /// Configuration file
-    #[arg(long, short = 'c', env = "ONBOARDD_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+    #[arg(long, short = 'c', env = "ONBOARDD_CONFIG", default_value = DEFAULT_CONFIG_PATH, global = true)]
     config: PathBuf,
 }
 

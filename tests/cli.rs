@@ -120,9 +120,11 @@ fn a_config_error_at_run_exits_78() {
     assert!(err.contains("qubitro.api_key"));
 }
 
+/// `onboardd devices ARGS… --config FILE` (the option after the action, as people type it).
 fn devices(cfg: &std::path::Path, args: &[&str]) -> (i32, String, String) {
-    let mut a = vec!["devices", "--config", cfg.to_str().unwrap()];
+    let mut a = vec!["devices"];
     a.extend_from_slice(args);
+    a.extend_from_slice(&["--config", cfg.to_str().unwrap()]);
     run(&a)
 }
 
