@@ -570,13 +570,7 @@ impl Engine {
             if let Err(denied) = self.gate.check(&ann, true) {
                 return Ok(self.reject(sensor, route, denied.code, denied.message));
             }
-            metrics::cached_reply();
-            tracing::debug!(sensor_id = sensor, "known sensor; answering from the store");
-            let reply = self.ok_reply(sensor, &route, &creds);
-            return Ok(Decision {
-                seq: 0,
-                reply: Some((sensor.to_string(), route, reply)),
-            });
+            return Ok(self.answer_known(sensor, route, &creds));
         }
         let existing = self.store.get(sensor)?;
         if let Err(denied) = self.gate.check(&ann, existing.is_some()) {
@@ -586,14 +580,8 @@ impl Engine {
         match existing {
             Some(rec) => {
                 if let Some(creds) = rec.credentials() {
-                    // Known sensor: answer from the store, write nothing (SD wear).
-                    metrics::cached_reply();
-                    tracing::debug!(sensor_id = sensor, "known sensor; answering from the store");
-                    let reply = self.ok_reply(sensor, &route, &creds);
-                    return Ok(Decision {
-                        seq: 0,
-                        reply: Some((sensor.to_string(), route, reply)),
-                    });
+                    // Created, but without the shortcut (a crash between the two writes).
+                    return Ok(self.answer_known(sensor, route, &creds));
                 }
                 // Pending: its task will answer this route too. (Should no task be
                 // running for it, this starts one; otherwise it is a no-op.)
@@ -656,6 +644,17 @@ impl Engine {
                     }),
                 }
             }
+        }
+    }
+
+    /// A known sensor gets its stored credentials; nothing is written (SD wear).
+    fn answer_known(&self, sensor: &str, route: Route, creds: &Credentials) -> Decision {
+        metrics::cached_reply();
+        tracing::debug!(sensor_id = sensor, "known sensor; answering from the store");
+        let reply = self.ok_reply(sensor, &route, creds);
+        Decision {
+            seq: 0,
+            reply: Some((sensor.to_string(), route, reply)),
         }
     }
 
