@@ -138,6 +138,13 @@ async fn devices_commands_work_while_the_daemon_runs_and_after_it_stopped() {
     let ok = s.reply().await;
     let token = ok["device_token"].as_str().unwrap().to_string();
     let cfg = d.config_path.clone();
+    use std::os::unix::fs::PermissionsExt;
+    let sock = std::fs::metadata(d.state_dir.join("onboardd.sock")).unwrap();
+    assert_eq!(
+        sock.permissions().mode() & 0o777,
+        0o600,
+        "the control socket is owner-only"
+    );
 
     let (code, table, _) = devices(&cfg, &["list"]);
     assert_eq!(code, 0);
