@@ -162,6 +162,10 @@ pub struct QubitroConfig {
     pub api_key_file: String,
     pub broker_host: String,
     pub broker_port: u16,
+    /// Extra CA certificates (PEM) trusted for the API besides the built-in web roots:
+    /// a TLS-inspecting proxy, a private deployment, a test.
+    #[serde(default)]
+    pub ca_file: String,
     pub connect_timeout_ms: u64,
     pub request_timeout_ms: u64,
     /// Requests to Qubitro in flight at once, across all sensors.

@@ -126,6 +126,9 @@ pub struct FakeOptions {
     pub create_status: u16,
     /// Added to every answer (initial value; see [`FakeQubitro::set_delay`]).
     pub delay: Duration,
+    /// Serve HTTPS with this certificate instead of plain HTTP (the TLS path of the
+    /// daemon's cloud client is tested against it).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Serve the unauthenticated `/_fake/*` control endpoints (for the standalone binary;
     /// in-process tests have the Rust API instead, and the real cloud has no such paths).
     pub control_endpoints: bool,
@@ -142,6 +145,7 @@ impl Default for FakeOptions {
             create_status: 201,
             delay: Duration::ZERO,
             control_endpoints: false,
+            tls: None,
         }
     }
 }
@@ -257,9 +261,14 @@ impl FakeQubitro {
         })
     }
 
-    /// `http://IP:PORT`, what the daemon's `api_base` should be set to.
+    /// `http://IP:PORT` (or `https://` with TLS), what the daemon's base_url should be.
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.inner.addr)
+        let scheme = if self.inner.shared.opts.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.inner.addr)
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -379,6 +388,19 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>, cancel: CancellationT
 async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
     // Small JSON answers: do not let Nagle hold them back behind the client's delayed ACK.
     let _ = stream.set_nodelay(true);
+    match shared.opts.tls.clone() {
+        None => serve_http(stream, shared).await,
+        Some(cfg) => match tokio_rustls::TlsAcceptor::from(cfg).accept(stream).await {
+            Ok(tls) => serve_http(tls, shared).await,
+            Err(e) => tracing::debug!(target: "fake_qubitro", "TLS handshake failed: {e}"),
+        },
+    }
+}
+
+async fn serve_http<S>(stream: S, shared: Arc<Shared>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
         let shared = shared.clone();
         async move { Ok::<_, Infallible>(shared.handle(req.map(Body::new)).await) }

@@ -118,6 +118,7 @@ async fn main() -> ExitCode {
         },
         create_status: args.create_status,
         delay: Duration::from_millis(args.delay_ms),
+        tls: None,
         control_endpoints: true,
     };
     let fake = match FakeQubitro::start(opts).await {

@@ -3,6 +3,8 @@
 //! v3.1.1) built on rumqttc.
 #![allow(dead_code)]
 
+pub mod pki;
+
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
