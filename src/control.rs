@@ -29,7 +29,6 @@ pub enum Request {
         sensor_id: String,
         delete_remote: bool,
     },
-    Stats,
 }
 
 /// One device as the CLI shows it. The token only when asked for.
@@ -96,9 +95,6 @@ pub enum Response {
         found: bool,
         remote_deleted: bool,
         message: String,
-    },
-    Stats {
-        stats: serde_json::Value,
     },
     Error {
         message: String,
@@ -192,12 +188,6 @@ pub async fn answer(req: Request, store: &Store, engine: Option<&Engine>) -> Res
             sensor_id,
             delete_remote,
         } => forget(store, engine, &sensor_id, delete_remote).await,
-        Request::Stats => Response::Stats {
-            stats: serde_json::to_value(crate::metrics::snapshot(
-                engine.map_or(0, Engine::pending_now),
-            ))
-            .unwrap_or_default(),
-        },
     }
 }
 

@@ -15,7 +15,6 @@
 //!   restart neither loses the sensor nor creates a second device.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -115,8 +114,8 @@ pub struct Engine {
     waiting: Mutex<HashMap<String, Vec<Route>>>,
     /// After a 401/403 every cloud call waits until then: no retry storm.
     paused_until: Mutex<Option<Instant>>,
-    pending_now: AtomicU64,
-    /// Sensors with a live onboarding task: never two tasks for one sensor.
+    /// Sensors with a live onboarding task: never two tasks for one sensor. Its size
+    /// is the number of sensors pending right now.
     active: Mutex<std::collections::HashSet<String>>,
     backoff: Backoff,
     /// Onboarding attempts in progress (each holds at most one cloud request at a time).
@@ -157,13 +156,12 @@ impl Engine {
             tasks: TaskTracker::new(),
             waiting: Mutex::new(HashMap::new()),
             paused_until: Mutex::new(None),
-            pending_now: AtomicU64::new(0),
             active: Mutex::new(std::collections::HashSet::new()),
         })
     }
 
     pub fn pending_now(&self) -> u64 {
-        self.pending_now.load(Ordering::Relaxed)
+        self.active.lock().expect("never poisoned").len() as u64
     }
 
     pub fn store(&self) -> &Store {
@@ -207,11 +205,9 @@ impl Engine {
             return;
         }
         let me = self.clone();
-        self.pending_now.fetch_add(1, Ordering::Relaxed);
         self.tasks.spawn(async move {
             me.onboarding_task(&sensor, delay).await;
             me.active.lock().expect("never poisoned").remove(&sensor);
-            me.pending_now.fetch_sub(1, Ordering::Relaxed);
         });
     }
 
@@ -305,7 +301,8 @@ impl Engine {
         };
         rec.updated_ms = now_ms();
         rec.last_error = None;
-        rec.origin = Some(if adopted { "adopted" } else { "created" }.to_string());
+        let outcome = if adopted { "adopted" } else { "created" };
+        rec.origin = Some(outcome.to_string());
         let seq = self.store.put(sensor, &rec)?;
         self.store.durable(seq).await?;
         failpoint::hit("after_created_recorded");
@@ -314,7 +311,7 @@ impl Engine {
         tracing::info!(
             sensor_id = sensor,
             device_id = %creds.device_id,
-            outcome = if adopted { "adopted" } else { "created" },
+            outcome,
             attempts = rec.attempts + 1,
             duration_ms = took.as_millis() as u64,
             "onboarded"
@@ -431,11 +428,11 @@ impl Engine {
         }
         self.store.put(sensor, rec)?;
         metrics::pending_reply();
-        let reply = Reply::Pending {
-            sensor_id: sensor.to_string(),
-            retry_after_s: wait.as_secs_f64().ceil() as u64,
-            request_id: rec.route.request_id.clone(),
-        };
+        let reply = Reply::pending(
+            sensor,
+            wait.as_secs_f64().ceil() as u64,
+            rec.route.request_id.clone(),
+        );
         self.send(sensor, &rec.route, reply, false).await;
         Ok(Next::RetryIn(wait))
     }
@@ -590,38 +587,25 @@ impl Engine {
                     sensor.to_string(),
                     Duration::from_millis(retry_in).min(self.backoff.max),
                 );
-                let mut reply = (rec.attempts > 0).then(|| {
-                    (
-                        sensor.to_string(),
-                        route.clone(),
-                        Reply::Pending {
-                            sensor_id: sensor.to_string(),
-                            retry_after_s: retry_in.div_ceil(1000),
-                            request_id: route.request_id.clone(),
-                        },
-                    )
-                });
+                // Tell this announce to wait when the cloud has already failed, or when
+                // too many answers are owed already (ask again rather than keep an
+                // unbounded list); otherwise it is answered when the onboarding ends.
+                let mut retry_after_s = (rec.attempts > 0).then(|| retry_in.div_ceil(1000));
                 if route != rec.route {
                     let mut w = self.waiting.lock().expect("never poisoned");
                     let routes = w.entry(sensor.to_string()).or_default();
                     if !routes.contains(&route) {
                         if routes.len() < MAX_WAITING_ROUTES {
-                            routes.push(route);
-                        } else if reply.is_none() {
-                            // Too many answers owed already: tell this one to ask again
-                            // rather than keep an unbounded list.
-                            reply = Some((
-                                sensor.to_string(),
-                                route.clone(),
-                                Reply::Pending {
-                                    sensor_id: sensor.to_string(),
-                                    retry_after_s: 1,
-                                    request_id: route.request_id.clone(),
-                                },
-                            ));
+                            routes.push(route.clone());
+                        } else {
+                            retry_after_s.get_or_insert(1);
                         }
                     }
                 }
+                let reply = retry_after_s.map(|secs| {
+                    let r = Reply::pending(sensor, secs, route.request_id.clone());
+                    (sensor.to_string(), route, r)
+                });
                 // Its record may not be flushed yet: this ack waits for the same flush.
                 Ok(Decision {
                     seq: self.store.last_write(),

@@ -66,27 +66,41 @@ impl Mqtt {
         correlation: Option<Vec<u8>>,
         track: Option<String>,
     ) -> Result<(), rumqttc::v5::ClientError> {
-        let props = correlation.map(|c| PublishProperties {
-            correlation_data: Some(Bytes::from(c)),
+        // No correlation data: empty properties, the same bytes on the wire as none.
+        let props = PublishProperties {
+            correlation_data: correlation.map(Bytes::from),
             ..Default::default()
-        });
+        };
+        let request =
+            self.client
+                .publish_with_properties(topic, QoS::AtLeastOnce, false, payload, props);
+        self.ordered(track, request).await
+    }
+
+    /// Publishes the retained gateway status ("online"/"offline").
+    pub async fn publish_status(&self, status: &str) -> Result<(), rumqttc::v5::ClientError> {
+        let request = self.client.publish(
+            self.status_topic.clone(),
+            QoS::AtLeastOnce,
+            true,
+            status.as_bytes().to_vec(),
+        );
+        self.ordered(None, request).await
+    }
+
+    /// Queues one QoS 1 publish request with its FIFO entry, both in the same order.
+    /// `request` is a not-yet-polled client call, so nothing is sent before the push.
+    async fn ordered(
+        &self,
+        track: Option<String>,
+        request: impl std::future::Future<Output = Result<(), rumqttc::v5::ClientError>>,
+    ) -> Result<(), rumqttc::v5::ClientError> {
         let _guard = self.send_lock.lock().await;
         self.order
             .lock()
             .expect("the order lock is never held across a panic")
             .push_back(track);
-        let result = match props {
-            Some(p) => {
-                self.client
-                    .publish_with_properties(topic, QoS::AtLeastOnce, false, payload, p)
-                    .await
-            }
-            None => {
-                self.client
-                    .publish(topic, QoS::AtLeastOnce, false, payload)
-                    .await
-            }
-        };
+        let result = request.await;
         if result.is_err() {
             // The request never entered the channel: take its FIFO entry back.
             self.order
@@ -95,31 +109,6 @@ impl Mqtt {
                 .pop_back();
         }
         result
-    }
-
-    /// Publishes the retained gateway status ("online"/"offline").
-    pub async fn publish_status(&self, status: &str) -> Result<(), rumqttc::v5::ClientError> {
-        let _guard = self.send_lock.lock().await;
-        self.order
-            .lock()
-            .expect("the order lock is never held across a panic")
-            .push_back(None);
-        let r = self
-            .client
-            .publish(
-                self.status_topic.clone(),
-                QoS::AtLeastOnce,
-                true,
-                status.as_bytes().to_vec(),
-            )
-            .await;
-        if r.is_err() {
-            self.order
-                .lock()
-                .expect("the order lock is never held across a panic")
-                .pop_back();
-        }
-        r
     }
 
     /// Publishes a QoS 0 message (stats): not tracked, loss is harmless.
@@ -140,10 +129,6 @@ impl Mqtt {
 
     pub fn is_connected(&self) -> bool {
         *self.connected.borrow()
-    }
-
-    pub fn connected_watch(&self) -> watch::Receiver<bool> {
-        self.connected.clone()
     }
 }
 

@@ -116,6 +116,14 @@ impl Reply {
         }
     }
 
+    pub fn pending(sensor_id: &str, retry_after_s: u64, request_id: Option<String>) -> Reply {
+        Reply::Pending {
+            sensor_id: sensor_id.to_string(),
+            retry_after_s,
+            request_id,
+        }
+    }
+
     /// The status word, for logs.
     pub fn status(&self) -> &'static str {
         match self {

@@ -139,7 +139,6 @@ struct Flusher {
 /// The sensor store. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    db: sled::Db,
     sensors: sled::Tree,
     /// Index of sensors in Pending/Creating: the restart resumes these without
     /// reading every record (start-up time does not grow with the fleet).
@@ -152,7 +151,6 @@ pub struct Store {
     /// record, so answering a large fleet does not pull every full record into memory.
     creds: sled::Tree,
     flusher: Arc<Flusher>,
-    path: PathBuf,
     /// Stops the flusher (and so releases the database) when the last clone goes.
     _closer: Arc<DropGuard>,
 }
@@ -215,22 +213,16 @@ impl Store {
         tokio::spawn(run_flusher(db.clone(), flusher.clone(), closer.clone()));
         Ok((
             Store {
-                db,
                 sensors,
                 pending,
                 undelivered,
                 quarantine,
                 creds,
                 flusher,
-                path,
                 _closer: Arc::new(closer.drop_guard()),
             },
             outcome,
         ))
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     pub fn get(&self, sensor: &str) -> Result<Option<SensorRecord>, StoreError> {
@@ -414,11 +406,14 @@ impl Store {
         Ok(old.and_then(|v| decode(sensor.as_bytes(), &v).ok()))
     }
 
-    pub fn len(&self) -> usize {
+    /// Reads every record (sled has no count): for tests, never for a hot path.
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.sensors.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.sensors.is_empty()
     }
 
@@ -473,11 +468,6 @@ impl Store {
     /// Flushes everything written so far (shutdown, CLI writes).
     pub async fn flush_all(&self) -> Result<(), StoreError> {
         self.durable(self.last_write()).await
-    }
-
-    /// On-disk size, for `devices` and the benchmark.
-    pub fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
     }
 }
 
@@ -562,14 +552,6 @@ fn open_with_retry(path: &Path, cache: u64) -> Result<sled::Db, StoreError> {
         let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || cfg.open()));
         match attempt {
             Ok(Ok(db)) => return Ok(db),
-            Ok(Err(sled::Error::Io(e))) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if std::time::Instant::now() >= deadline {
-                    return Err(StoreError::Locked {
-                        path: path.to_path_buf(),
-                    });
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
             Ok(Err(e)) if is_lock_error(&e) => {
                 if std::time::Instant::now() >= deadline {
                     return Err(StoreError::Locked {
@@ -601,6 +583,11 @@ fn open_with_retry(path: &Path, cache: u64) -> Result<sled::Db, StoreError> {
 }
 
 fn is_lock_error(e: &sled::Error) -> bool {
+    if let sled::Error::Io(io) = e {
+        if io.kind() == std::io::ErrorKind::WouldBlock {
+            return true;
+        }
+    }
     let s = e.to_string();
     s.contains("could not acquire lock") || s.contains("Resource temporarily unavailable")
 }
