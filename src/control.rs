@@ -16,7 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ControlConfig;
 use crate::engine::Engine;
-use crate::store::{Phase, SensorRecord, Store};
+use crate::onboarding::Record;
+use crate::store::Store;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
@@ -53,21 +54,17 @@ pub struct DeviceRow {
 }
 
 impl DeviceRow {
-    pub fn from_record(sensor_id: &str, rec: &SensorRecord, with_token: bool) -> DeviceRow {
-        let (device_id, device_token) = match &rec.phase {
-            Phase::Created {
-                device_id,
-                device_token,
-                ..
-            } => (
-                Some(device_id.clone()),
-                with_token.then(|| device_token.0.clone()),
+    pub fn from_record(sensor_id: &str, rec: &Record, with_token: bool) -> DeviceRow {
+        let (device_id, device_token) = match rec.credentials() {
+            Some(c) => (
+                Some(c.device_id.clone()),
+                with_token.then(|| c.device_token.0.clone()),
             ),
-            _ => (None, None),
+            None => (None, None),
         };
         DeviceRow {
             sensor_id: sensor_id.to_string(),
-            state: rec.phase_name().to_string(),
+            state: rec.state.name().to_string(),
             device_id,
             device_token,
             name: rec.spec.name.clone(),
@@ -77,7 +74,7 @@ impl DeviceRow {
             first_seen_ms: rec.first_seen_ms,
             updated_ms: rec.updated_ms,
             last_error: rec.last_error.clone(),
-            origin: rec.origin.clone(),
+            origin: rec.origin().map(|o| o.as_str().to_string()),
         }
     }
 }
@@ -197,7 +194,16 @@ async fn forget(
     sensor: &str,
     delete_remote: bool,
 ) -> Response {
-    let rec = match store.remove(sensor) {
+    // With the daemon running, the engine forgets (it owns every record and the
+    // cool-downs); without it, nothing else holds the store.
+    let removed = match engine {
+        Some(engine) => engine.forget(sensor).await,
+        None => match store.remove(sensor, None) {
+            Ok(r) => store.flush_all().await.map(|()| r),
+            Err(e) => Err(e),
+        },
+    };
+    let rec = match removed {
         Ok(r) => r,
         Err(e) => {
             return Response::Error {
@@ -205,11 +211,6 @@ async fn forget(
             }
         }
     };
-    if let Err(e) = store.flush_all().await {
-        return Response::Error {
-            message: e.to_string(),
-        };
-    }
     let Some(rec) = rec else {
         return Response::Forgot {
             found: false,
@@ -217,7 +218,7 @@ async fn forget(
             message: format!("{sensor} is not known to this gateway"),
         };
     };
-    let device_id = rec.credentials().map(|c| c.device_id);
+    let device_id = rec.credentials().map(|c| c.device_id.clone());
     let mut remote_deleted = false;
     let mut message = format!("{sensor} forgotten: it is onboarded anew on its next announce");
     match (&device_id, delete_remote, engine) {

@@ -1,64 +1,27 @@
 //! `onboardd run`: opens the store, connects, starts the tasks, reports to systemd,
-//! and shuts down in order (stop taking announces → finish acks → let workers reach
-//! a safe point → flush → "offline" → disconnect).
+//! and shuts down in order within one deadline (stop taking announces → finish
+//! acks → let workers reach a safe point → flush → "offline" → disconnect).
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::Clock;
 use crate::cloud::Cloud;
 use crate::config::Config;
-use crate::engine::{Engine, Fatal};
+use crate::engine::{Engine, Fatal, Shutdown};
+use crate::heartbeat::Heartbeat;
 use crate::store::{OpenOutcome, Store};
 use crate::{control, metrics, mqtt, systemd};
 
-/// Proof of life from the MQTT event loop, read by the watchdog.
-pub struct Heartbeat {
-    start: Instant,
-    mqtt_ms: AtomicU64,
-    dispatcher_ms: AtomicU64,
-}
-
-impl Heartbeat {
-    pub fn new() -> Self {
-        Heartbeat {
-            start: Instant::now(),
-            mqtt_ms: AtomicU64::new(0),
-            dispatcher_ms: AtomicU64::new(0),
-        }
-    }
-    pub fn beat_dispatcher(&self) {
-        self.dispatcher_ms
-            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
-    fn dispatcher_silence(&self) -> Duration {
-        let last = self.dispatcher_ms.load(Ordering::Relaxed);
-        self.start
-            .elapsed()
-            .saturating_sub(Duration::from_millis(last))
-    }
-    pub fn beat_mqtt(&self) {
-        self.mqtt_ms
-            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
-    fn mqtt_silence(&self) -> Duration {
-        let last = self.mqtt_ms.load(Ordering::Relaxed);
-        self.start
-            .elapsed()
-            .saturating_sub(Duration::from_millis(last))
-    }
-}
-
-impl Default for Heartbeat {
-    fn default() -> Self {
-        Self::new()
-    }
-}
+/// From SIGTERM to exit, in every state (broker down and cloud hanging included):
+/// under systemd's default 10 s and the unit's TimeoutStopSec.
+const STOP_BUDGET: Duration = Duration::from_secs(8);
 
 /// Runs the daemon until `shutdown` resolves (exit 0) or a fatal error (Err: exit 1).
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
@@ -69,27 +32,26 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
 
     let (store, outcome) = Store::open(&cfg.store)?;
     if let OpenOutcome::RebuiltAfterCorruption { moved_to } = &outcome {
-        tracing::error!(moved_to = %moved_to.display(), "started with an EMPTY database after corruption; sensors are re-adopted from Qubitro as they announce");
+        tracing::error!(moved_to = %moved_to.display(), "started with an EMPTY database after corruption (old one moved to {}); sensors are re-adopted from Qubitro as they announce", moved_to.display());
     }
     let cloud = Cloud::new(&cfg.qubitro).context("cannot build the HTTP client")?;
     let session = mqtt::connect(&cfg)?;
     let mqtt = session.mqtt.clone();
 
-    let stop = CancellationToken::new();
+    let stops = Shutdown::default();
     let fatal = Fatal::default();
     let engine = Engine::new(
         cfg.clone(),
+        Clock::System,
         store.clone(),
         cloud,
         mqtt.clone(),
-        stop.clone(),
+        stops.clone(),
         fatal.clone(),
     );
 
-    let cap = cfg.announce.queue_capacity;
-    let (announce_tx, announce_rx) = mpsc::channel(cap);
-    let (ack_tx, ack_rx) = mpsc::channel(cap);
-    let (event_tx, event_rx) = mpsc::channel(1024);
+    let (ack_tx, ack_rx) = mpsc::channel(cfg.announce.queue_capacity.max(1));
+    let (event_tx, event_rx) = mpsc::unbounded_channel();
     let heartbeat = Arc::new(Heartbeat::new());
     let mqtt_stop = CancellationToken::new();
 
@@ -97,19 +59,18 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     // pick up a record the dispatcher just made and onboard it twice.
     let resumed = engine.resume_from_store()?;
     let event_loop = tokio::spawn(session.event_loop.run(
-        announce_tx,
         event_tx,
         mqtt_stop.clone(),
         heartbeat.clone(),
     ));
     let dispatcher = tokio::spawn(engine.clone().run_dispatcher(
-        announce_rx,
+        session.inbox,
         ack_tx,
         heartbeat.clone(),
     ));
     let acker = tokio::spawn(engine.clone().run_acker(ack_rx));
     let session_events = tokio::spawn(engine.clone().run_session_events(event_rx));
-    let control = control::serve(&cfg.control, engine.clone(), stop.clone())?;
+    let control = control::serve(&cfg.control, engine.clone(), stops.stop.clone())?;
 
     systemd::ready();
     tracing::info!(
@@ -125,7 +86,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         engine.clone(),
         mqtt.clone(),
         heartbeat.clone(),
-        stop.clone(),
+        session.dropped_qos0.clone(),
+        stops.stop.clone(),
     ));
 
     tokio::select! {
@@ -134,30 +96,59 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     }
     systemd::stopping();
     let t0 = Instant::now();
-    stop.cancel();
+    // Every step below shares one deadline; each also has its own share of it, so a
+    // step that hangs (broker down, cloud hanging) leaves time for the later ones.
+    let deadline = t0 + STOP_BUDGET;
+    let by = |left: Duration| deadline.checked_sub(left).unwrap_or(deadline);
+    stops.stop.cancel();
     reporter.abort();
     if let Some(c) = control {
         c.abort();
     }
     // The dispatcher stops taking announces; those it never took stay unacknowledged
     // at the broker (persistent session) and come back on the next start.
-    let _ = dispatcher.await;
+    let _ = tokio::time::timeout_at(by(Duration::from_secs(7)), dispatcher).await;
     // The acker drains: every announce already recorded gets its ack.
-    let _ = tokio::time::timeout(Duration::from_secs(3), acker).await;
-    if !engine.wind_down(Duration::from_secs(3)).await {
+    let _ = tokio::time::timeout_at(by(Duration::from_secs(5)), acker).await;
+    let workers_left = by(Duration::from_secs(3)).saturating_duration_since(Instant::now());
+    if !engine.wind_down(workers_left).await {
         tracing::warn!("some onboardings were still in a cloud call; they resume from their stored state at the next start");
     }
-    if let Err(e) = store.flush_all().await {
-        fatal.trigger(e.to_string());
+    match tokio::time::timeout_at(by(Duration::from_secs(2)), store.flush_all()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => fatal.trigger(e),
+        Err(_) => tracing::error!(
+            "the final flush did not finish in time; the next start recovers from the last one"
+        ),
     }
-    let _ = tokio::time::timeout(Duration::from_secs(1), mqtt.publish_status("offline")).await;
+    let _ = tokio::time::timeout_at(
+        by(Duration::from_millis(1500)),
+        mqtt.publish_status("offline"),
+    )
+    .await;
     mqtt_stop.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(3), event_loop).await;
+    let _ = tokio::time::timeout_at(deadline, event_loop).await;
     session_events.abort();
     tracing::info!(took_ms = t0.elapsed().as_millis() as u64, "stopped");
     match fatal.reason() {
-        Some(reason) => Err(anyhow::anyhow!(reason)),
+        Some(reason) => Err(anyhow::Error::new(ArcError(reason))),
         None => Ok(()),
+    }
+}
+
+/// Lets the shared fatal error travel as the daemon's error, sources included.
+#[derive(Debug)]
+struct ArcError(Arc<crate::engine::EngineError>);
+
+impl std::fmt::Display for ArcError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for ArcError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&*self.0)
     }
 }
 
@@ -167,6 +158,7 @@ async fn report(
     engine: Arc<Engine>,
     mqtt: mqtt::Mqtt,
     heartbeat: Arc<Heartbeat>,
+    dropped_qos0: Arc<std::sync::atomic::AtomicU64>,
     stop: CancellationToken,
 ) {
     let watchdog = systemd::watchdog_interval();
@@ -185,16 +177,21 @@ async fn report(
     let mut last_stats = Instant::now();
     let mut last_status = String::new();
     let mut interval = tokio::time::interval(tick);
+    let mut session = mqtt.connection();
     loop {
         tokio::select! {
             _ = interval.tick() => {}
+            // STATUS= follows the session at once, not at the next tick.
+            r = session.changed() => if r.is_err() { return },
             _ = stop.cancelled() => return,
         }
         if watchdog.is_some() {
             let mqtt_ok = heartbeat.mqtt_silence() < stall;
             // The dispatcher beats at least every second while it is free to take
             // announces; silence means it is stuck behind acks, flushes or the broker.
-            let dispatcher_ok = heartbeat.dispatcher_silence() < Duration::from_secs(15);
+            // While the broker is down it may wait for it, which is no fault of ours.
+            let dispatcher_ok =
+                heartbeat.dispatcher_silence() < Duration::from_secs(15) || !mqtt.is_connected();
             // A flush round trip proves the store, its flusher and the blocking pool work.
             let store_ok = tokio::time::timeout(Duration::from_secs(5), engine.store().flush_all())
                 .await
@@ -215,11 +212,7 @@ async fn report(
         } else {
             "disconnected"
         };
-        let cloud = if engine.cloud_paused() {
-            "paused (API key refused)"
-        } else {
-            "ok"
-        };
+        let cloud = engine.cloud_status();
         let status = format!(
             // No count of known sensors here: sled's len() reads every record.
             "broker {broker}; cloud {cloud}; {} onboarded since start, {} pending",
@@ -239,6 +232,7 @@ async fn report(
                 pending = snap.pending_now,
                 errors = snap.errors,
                 cloud_latency_ms_avg = snap.cloud_latency_ms_avg,
+                qos0_dropped = dropped_qos0.load(std::sync::atomic::Ordering::Relaxed),
                 "stats"
             );
             if let Ok(json) = serde_json::to_vec(&snap) {

@@ -20,15 +20,19 @@
 
 pub mod announce;
 pub mod backoff;
+pub mod clock;
 pub mod cloud;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod device;
 pub mod engine;
 pub mod failpoint;
+pub mod heartbeat;
 pub mod logging;
 pub mod metrics;
 pub mod mqtt;
+pub mod onboarding;
 pub mod reply;
 pub mod security;
 pub mod store;

@@ -1,71 +1,119 @@
 //! The MQTT session with the local broker.
 //!
 //! One task owns rumqttc's event loop and never awaits a client call (a full request
-//! channel would deadlock it, rumqtt#263): announces leave it through a bounded
-//! channel with `try_send`, sized so that it cannot be full (it holds at most the
-//! broker's Receive Maximum of unacknowledged announces). Everything else — acks,
-//! replies, status — goes through [`Mqtt`] from other tasks.
+//! channel would deadlock it, rumqtt#263). Announces leave it through an [`Inbox`]:
+//! QoS 1/2 announces through an unbounded channel — their number is bounded by our
+//! Receive Maximum, since the broker sends no more unacknowledged ones than that,
+//! and dropping one would strand it until the next reconnect — and QoS 0 announces
+//! through a bounded one, where a flood is dropped, counted and logged. Everything
+//! else — acks, replies, status — goes through [`Mqtt`] from other tasks.
 //!
 //! The session is persistent (clean start off, stable client id, session expiry),
 //! so announces published while onboardd is down are queued by the broker. On every
 //! ConnAck we subscribe again (rumqtt#250). rumqttc reconnects with no pause at all
 //! (rumqtt#703), so after each error this task sleeps with jittered backoff.
 //!
-//! Delivery tracking: an `ok` reply counts as delivered only when the broker has
-//! acknowledged it (PUBACK). rumqttc does not say which packet id it gave a publish,
-//! but it assigns them in request order, so every QoS 1 publish request records who
-//! it is for in a FIFO, and the `Outgoing::Publish(pkid)` events pop it in the same
-//! order. Replies that were never acknowledged are published again when a session
-//! is lost or the daemon restarts.
+//! Delivery tracking ([`Tracker`]): a reply counts as delivered only when the broker
+//! acknowledged it with reason Success. rumqttc does not say which packet id it gave
+//! a publish, so the tracker mirrors its bookkeeping: every QoS 1 publish request
+//! (handled one per poll, in request order, its event returned before anything else
+//! happens) yields exactly one `Outgoing::Publish` or, on a packet-id collision,
+//! `Outgoing::AwaitAck`. What rumqttc would resend by itself after a reconnect is
+//! where that mirror used to drift (pitfalls.md: colliding resends are dropped
+//! silently), so after every connection error the tracked publishes are taken out of
+//! rumqttc's resend queue: the engine publishes every undelivered reply again on
+//! every ConnAck from the store, which cannot drift.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use rumqttc::v5::mqttbytes::v5::{LastWill, Packet, Publish, PublishProperties};
+use rumqttc::v5::mqttbytes::v5::{
+    Filter, LastWill, Packet, PubAckReason, Publish, PublishProperties, RetainForwardRule,
+};
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions, Request};
 use rumqttc::Outgoing;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::config::Config;
+use crate::heartbeat::Heartbeat;
+
+/// Why a client call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MqttError {
+    /// Boxed: rumqttc's error carries the whole request back.
+    #[error("the MQTT event loop is gone (shutting down)")]
+    Closed(#[source] Box<rumqttc::v5::ClientError>),
+    #[error("broker TLS settings: {0}")]
+    Tls(#[source] anyhow::Error),
+}
+
+impl From<rumqttc::v5::ClientError> for MqttError {
+    fn from(e: rumqttc::v5::ClientError) -> Self {
+        MqttError::Closed(Box::new(e))
+    }
+}
+
+/// Who a tracked publish is for: the onboarding whose ok reply it carries.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DeliveryTag {
+    pub sensor: String,
+    /// The record's generation, so an acknowledgement never marks a newer
+    /// onboarding of the same sensor.
+    pub generation: u64,
+}
+
+/// What the broker said of a tracked publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Acked {
+    /// Reason Success: the broker took it for at least one subscriber.
+    Delivered,
+    /// 0x10: nobody is subscribed (the sensor is offline without a session). The
+    /// reply stays undelivered: it goes out again when the sensor announces again
+    /// or on the next session, never in a loop.
+    NoSubscribers,
+    /// Any other reason (0x87 not authorized, 0x97 quota exceeded, …).
+    Refused(PubAckReason),
+}
 
 /// What the event-loop task reports besides announces.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SessionEvent {
-    /// Connected; `resume_lost`: replies not yet acknowledged must be published again
-    /// (a new session, or the first connection of this process).
-    Connected { resume_lost: bool },
-    /// The broker acknowledged the ok reply of this sensor.
-    Delivered(String),
+    /// Connected (every ConnAck): tracking starts afresh, so every undelivered reply
+    /// must be published again.
+    Connected { session_present: bool },
+    /// The broker acknowledged a tracked publish.
+    Acked(DeliveryTag, Acked),
 }
 
 /// The client side, shared by all tasks that publish or acknowledge.
 #[derive(Clone)]
 pub struct Mqtt {
     client: AsyncClient,
-    /// Serialises publish requests so the FIFO order matches the request channel's.
+    /// Serialises publish requests so the tracker's queue order matches the request
+    /// channel's.
     send_lock: Arc<tokio::sync::Mutex<()>>,
-    /// For each QoS 1 publish request not yet given a packet id: the sensor whose
-    /// delivery it proves, if any.
-    order: Arc<Mutex<VecDeque<Option<String>>>>,
+    /// Tags of QoS 1 publish requests not yet given a packet id, in request order.
+    queue: Arc<Mutex<VecDeque<Option<DeliveryTag>>>>,
     connected: watch::Receiver<bool>,
     status_topic: String,
 }
 
 impl Mqtt {
     /// Publishes a reply with QoS 1, never retained (a retained token would go to
-    /// every later subscriber). `track`: mark this sensor delivered on PUBACK.
+    /// every later subscriber). `track`: report the broker's acknowledgement.
     pub async fn publish(
         &self,
         topic: String,
         payload: Vec<u8>,
         correlation: Option<Vec<u8>>,
-        track: Option<String>,
-    ) -> Result<(), rumqttc::v5::ClientError> {
+        track: Option<DeliveryTag>,
+    ) -> Result<(), MqttError> {
         // No correlation data: empty properties, the same bytes on the wire as none.
         let props = PublishProperties {
             correlation_data: correlation.map(Bytes::from),
@@ -78,7 +126,7 @@ impl Mqtt {
     }
 
     /// Publishes the retained gateway status ("online"/"offline").
-    pub async fn publish_status(&self, status: &str) -> Result<(), rumqttc::v5::ClientError> {
+    pub async fn publish_status(&self, status: &str) -> Result<(), MqttError> {
         let request = self.client.publish(
             self.status_topic.clone(),
             QoS::AtLeastOnce,
@@ -88,27 +136,22 @@ impl Mqtt {
         self.ordered(None, request).await
     }
 
-    /// Queues one QoS 1 publish request with its FIFO entry, both in the same order.
-    /// `request` is a not-yet-polled client call, so nothing is sent before the push.
+    /// Queues one QoS 1 publish request with its tracker entry, both in the same
+    /// order. `request` is a not-yet-polled client call, so nothing is sent before
+    /// the push.
     async fn ordered(
         &self,
-        track: Option<String>,
+        track: Option<DeliveryTag>,
         request: impl std::future::Future<Output = Result<(), rumqttc::v5::ClientError>>,
-    ) -> Result<(), rumqttc::v5::ClientError> {
+    ) -> Result<(), MqttError> {
         let _guard = self.send_lock.lock().await;
-        self.order
-            .lock()
-            .expect("the order lock is never held across a panic")
-            .push_back(track);
+        lock(&self.queue).push_back(track);
         let result = request.await;
         if result.is_err() {
-            // The request never entered the channel: take its FIFO entry back.
-            self.order
-                .lock()
-                .expect("the order lock is never held across a panic")
-                .pop_back();
+            // The request never entered the channel: take its entry back.
+            lock(&self.queue).pop_back();
         }
-        result
+        Ok(result?)
     }
 
     /// Publishes a QoS 0 message (stats): not tracked, loss is harmless.
@@ -119,36 +162,73 @@ impl Mqtt {
     }
 
     /// Acknowledges an announce; call only once it is durably recorded.
-    pub async fn ack(&self, publish: &Publish) -> Result<(), rumqttc::v5::ClientError> {
-        self.client.ack(publish).await
-    }
-
-    pub async fn disconnect(&self) {
-        let _ = self.client.disconnect().await;
+    pub async fn ack(&self, publish: &Publish) -> Result<(), MqttError> {
+        Ok(self.client.ack(publish).await?)
     }
 
     pub fn is_connected(&self) -> bool {
         *self.connected.borrow()
     }
+
+    /// Resolves when the session's state changes (for STATUS=).
+    pub fn connection(&self) -> watch::Receiver<bool> {
+        self.connected.clone()
+    }
 }
 
-/// The parts `connect` hands back: the shared client, the event-loop task's input.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock()
+        .expect("the tracker lock is never held across a panic")
+}
+
+/// Announces as they arrive, in two lanes (see the module doc).
+pub struct Inbox {
+    reliable: mpsc::UnboundedReceiver<Publish>,
+    best_effort: mpsc::Receiver<Publish>,
+}
+
+impl Inbox {
+    /// The next announce, QoS 1/2 first (they hold a Receive-Maximum slot until
+    /// acknowledged). `None` once the event-loop task is gone.
+    pub async fn recv(&mut self) -> Option<Publish> {
+        tokio::select! {
+            biased;
+            Some(p) = self.reliable.recv() => Some(p),
+            Some(p) = self.best_effort.recv() => Some(p),
+            else => None,
+        }
+    }
+}
+
+/// Where the event-loop task sends what it receives.
+struct Outlet {
+    reliable: mpsc::UnboundedSender<Publish>,
+    best_effort: mpsc::Sender<Publish>,
+    /// QoS 0 announces dropped on a full queue since start.
+    dropped: Arc<AtomicU64>,
+}
+
+/// The parts `connect` hands back.
 pub struct Session {
     pub mqtt: Mqtt,
+    pub inbox: Inbox,
     pub event_loop: EventLoopTask,
+    /// QoS 0 announces dropped because the dispatcher was behind.
+    pub dropped_qos0: Arc<AtomicU64>,
 }
 
 pub struct EventLoopTask {
     eventloop: EventLoop,
     client: AsyncClient,
-    order: Arc<Mutex<VecDeque<Option<String>>>>,
+    tracker: Tracker,
+    outlet: Outlet,
     connected: watch::Sender<bool>,
     announce_topic: String,
     backoff: Backoff,
 }
 
 /// Builds the client and its event loop from the config; connects lazily on first poll.
-pub fn connect(cfg: &Config) -> anyhow::Result<Session> {
+pub fn connect(cfg: &Config) -> Result<Session, MqttError> {
     let m = &cfg.mqtt;
     let mut opts = MqttOptions::new(m.client_id.clone(), m.host.clone(), m.port);
     opts.set_keep_alive(cfg.keep_alive());
@@ -179,26 +259,37 @@ pub fn connect(cfg: &Config) -> anyhow::Result<Session> {
     net.set_connection_timeout(m.connect_timeout_s);
     opts.set_network_options(net);
     if !m.ca_file.is_empty() {
-        opts.set_transport(rumqttc::Transport::tls_with_config(crate::tls::mqtt_tls(
-            m,
-        )?));
+        let tls = crate::tls::mqtt_tls(m).map_err(MqttError::Tls)?;
+        opts.set_transport(rumqttc::Transport::tls_with_config(tls));
     }
 
     let (client, eventloop) = AsyncClient::new(opts, cap);
-    let order = Arc::new(Mutex::new(VecDeque::new()));
+    let queue = Arc::new(Mutex::new(VecDeque::new()));
     let (connected_tx, connected_rx) = watch::channel(false);
+    let (reliable_tx, reliable_rx) = mpsc::unbounded_channel();
+    let (best_tx, best_rx) = mpsc::channel(cfg.announce.queue_capacity.max(1));
+    let dropped = Arc::new(AtomicU64::new(0));
     Ok(Session {
         mqtt: Mqtt {
             client: client.clone(),
             send_lock: Arc::new(tokio::sync::Mutex::new(())),
-            order: order.clone(),
+            queue: queue.clone(),
             connected: connected_rx,
             status_topic: m.status_topic.clone(),
+        },
+        inbox: Inbox {
+            reliable: reliable_rx,
+            best_effort: best_rx,
         },
         event_loop: EventLoopTask {
             eventloop,
             client,
-            order,
+            tracker: Tracker::new(queue),
+            outlet: Outlet {
+                reliable: reliable_tx,
+                best_effort: best_tx,
+                dropped: dropped.clone(),
+            },
             connected: connected_tx,
             announce_topic: m.announce_topic.clone(),
             backoff: Backoff::new(
@@ -206,24 +297,19 @@ pub fn connect(cfg: &Config) -> anyhow::Result<Session> {
                 Duration::from_millis(m.reconnect_max_ms),
             ),
         },
+        dropped_qos0: dropped,
     })
 }
 
 impl EventLoopTask {
-    /// Polls until `stop` is cancelled and the disconnect has gone out (or `stop_deadline`).
+    /// Polls until `stop` is cancelled and the disconnect has gone out (bounded).
     pub async fn run(
         mut self,
-        announces: mpsc::Sender<Publish>,
-        events: mpsc::Sender<SessionEvent>,
+        events: mpsc::UnboundedSender<SessionEvent>,
         stop: CancellationToken,
-        heartbeat: Arc<crate::daemon::Heartbeat>,
+        heartbeat: Arc<Heartbeat>,
     ) {
-        let mut inflight: HashMap<u16, Option<String>> = HashMap::new();
         let mut failures: u32 = 0;
-        let mut first_connection = true;
-        let mut was_connected = false;
-        // FIFO entries whose requests sit in rumqttc's pending list, not its channel.
-        let mut drained: usize = 0;
         loop {
             let event = tokio::select! {
                 biased;
@@ -239,54 +325,38 @@ impl EventLoopTask {
                         session_present = ack.session_present,
                         "connected to the broker"
                     );
+                    self.tracker.on_connack(ack.session_present);
                     // Resubscribe on every ConnAck: a broker that lost our session lost
                     // our subscription too. try_* only: never await in this task.
-                    if let Err(e) = self
-                        .client
-                        .try_subscribe(self.announce_topic.clone(), QoS::AtLeastOnce)
-                    {
-                        tracing::error!(error = %e, "cannot queue the announce subscription");
+                    let mut filter = Filter::new(self.announce_topic.clone(), QoS::AtLeastOnce);
+                    // A retained announce must not be acted on again at every subscribe.
+                    filter.retain_forward_rule = RetainForwardRule::Never;
+                    if let Err(e) = self.client.try_subscribe_many(vec![filter]) {
+                        tracing::error!(error = %e, "cannot queue the announce subscription: {e}");
                     }
-                    let resume_lost = first_connection || !ack.session_present;
-                    if !ack.session_present {
-                        // rumqttc dropped its queue of unacknowledged publishes and of
-                        // the requests it drained at the disconnect: forget their ids and
-                        // FIFO entries; the engine publishes the tracked replies again.
-                        inflight.clear();
-                        let mut order = self
-                            .order
-                            .lock()
-                            .expect("the order lock is never held across a panic");
-                        let n = drained.min(order.len());
-                        order.drain(..n);
-                    }
-                    drained = 0;
-                    was_connected = true;
-                    first_connection = false;
-                    let _ = events.try_send(SessionEvent::Connected { resume_lost });
+                    let _ = events.send(SessionEvent::Connected {
+                        session_present: ack.session_present,
+                    });
                 }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    if let Err(e) = announces.try_send(p) {
-                        // Not acknowledged, so the broker delivers it again after a
-                        // reconnect; with queue_capacity ≥ receive_maximum this is a bug.
-                        tracing::error!(error = %e, "announce queue full; announce left unacknowledged");
-                    }
-                }
+                Ok(Event::Incoming(Packet::Publish(p))) => self.outlet.deliver(p),
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) if pkid != 0 => {
-                    // A retransmission reuses a packet id we already know.
-                    if let std::collections::hash_map::Entry::Vacant(slot) = inflight.entry(pkid) {
-                        let who = self
-                            .order
-                            .lock()
-                            .expect("the order lock is never held across a panic")
-                            .pop_front()
-                            .flatten();
-                        slot.insert(who);
-                    }
+                    self.tracker.on_outgoing_publish(pkid);
+                }
+                Ok(Event::Outgoing(Outgoing::AwaitAck(pkid))) => {
+                    self.tracker.on_collision(pkid);
                 }
                 Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                    if let Some(Some(sensor)) = inflight.remove(&ack.pkid) {
-                        let _ = events.try_send(SessionEvent::Delivered(sensor));
+                    if let Some(collided) = self.tracker.on_puback(ack.pkid, &ack.reason) {
+                        // rumqttc resends a collided publish only after a Success (or
+                        // 0x10) ack of its packet id; after any other reason it would
+                        // wait forever, blocking every later request. Send it ourselves.
+                        if let Some(p) = self.eventloop.state.collision.take() {
+                            self.eventloop.pending.push_front(Request::Publish(p));
+                            self.tracker.resend_first(collided);
+                        }
+                    }
+                    if let Some((tag, outcome)) = self.tracker.take_outcome() {
+                        let _ = events.send(SessionEvent::Acked(tag, outcome));
                     }
                 }
                 Ok(Event::Incoming(Packet::SubAck(ack))) => {
@@ -299,30 +369,28 @@ impl EventLoopTask {
                     if granted {
                         tracing::info!(topic = %self.announce_topic, "subscribed to announces");
                     } else {
-                        tracing::error!(topic = %self.announce_topic, codes = ?ack.return_codes, "the broker refused the announce subscription (check its ACL)");
+                        tracing::error!(topic = %self.announce_topic, codes = ?ack.return_codes, "the broker refused the announce subscription (check its ACL): {:?}", ack.return_codes);
                     }
                 }
                 Ok(Event::Incoming(Packet::Disconnect(d))) => {
-                    tracing::warn!(reason = ?d.reason_code, "the broker disconnected us");
+                    tracing::warn!(reason = ?d.reason_code, "the broker disconnected us: {:?}", d.reason_code);
                 }
                 Ok(_) => {}
                 Err(e) => {
+                    let was_connected = *self.connected.borrow();
                     let _ = self.connected.send(false);
-                    if was_connected {
-                        // rumqttc's clean() just moved every queued request into its
-                        // pending list: those FIFO entries now belong to that list.
-                        drained = self
-                            .order
-                            .lock()
-                            .expect("the order lock is never held across a panic")
-                            .len();
-                        was_connected = false;
-                    }
+                    // Whatever rumqttc moved into its resend queue: tracked replies
+                    // come out (the engine republishes them on the next ConnAck).
+                    self.tracker.on_connection_lost(&mut self.eventloop.pending);
+                    self.eventloop.state.collision = None;
                     let wait = self.backoff.delay(failures);
-                    if crate::tls::is_clock_not_synced(&format!("{e:?}")) {
-                        tracing::warn!(error = %e, "the broker's certificate is not valid yet: the clock is probably not synced (a Pi has no RTC until NTP runs); retrying");
+                    let clock = crate::tls::is_clock_not_synced(&format!("{e:?}"));
+                    if clock {
+                        tracing::warn!(error = %e, "the broker's certificate is not valid yet: the clock is probably not synced (a Pi has no RTC until NTP runs); retrying: {e}");
+                    } else if was_connected {
+                        tracing::warn!(error = %e, "broker connection lost ({e}); reconnecting");
                     } else if failures == 0 {
-                        tracing::warn!(error = %e, "broker connection lost; reconnecting with backoff");
+                        tracing::warn!(error = %e, "cannot connect to the broker ({e}); retrying");
                     } else {
                         tracing::debug!(error = %e, attempt = failures, wait_ms = wait.as_millis() as u64, "broker still unreachable");
                     }
@@ -352,5 +420,312 @@ impl EventLoopTask {
             }
         }
         let _ = self.connected.send(false);
+    }
+}
+
+impl Outlet {
+    fn deliver(&self, p: Publish) {
+        if p.qos == QoS::AtMostOnce {
+            if self.best_effort.try_send(p).is_err() {
+                let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                // Powers of two: a flood is visible without one line per announce.
+                if n.is_power_of_two() {
+                    tracing::warn!(
+                        dropped = n,
+                        "QoS 0 announce dropped: the dispatcher is behind ({n} since start); use QoS 1 so no announce is lost"
+                    );
+                }
+            }
+        } else if self.reliable.send(p).is_err() {
+            // The dispatcher is gone (shutting down): the announce stays
+            // unacknowledged and the broker delivers it again next session.
+            tracing::debug!("announce left unacknowledged at shutdown");
+        }
+    }
+}
+
+/// Mirrors rumqttc's packet-id bookkeeping to tell which tracked publish a PUBACK
+/// acknowledges (see the module doc). Pure bookkeeping, unit-tested alone.
+pub(crate) struct Tracker {
+    /// Shared with [`Mqtt`]: entries of requests in rumqttc's channel, oldest first.
+    queue: Arc<Mutex<VecDeque<Option<DeliveryTag>>>>,
+    /// Entries of the QoS 1 publishes in rumqttc's `pending` list, which it sends
+    /// before anything from the channel.
+    resend: VecDeque<Option<DeliveryTag>>,
+    /// Sent, waiting for their PUBACK.
+    inflight: HashMap<u16, Option<DeliveryTag>>,
+    /// The publish rumqttc holds back after a packet-id collision.
+    collided: Option<(u16, Option<DeliveryTag>)>,
+    /// The outcome of the last PUBACK, taken by the caller.
+    outcome: Option<(DeliveryTag, Acked)>,
+}
+
+impl Tracker {
+    fn new(queue: Arc<Mutex<VecDeque<Option<DeliveryTag>>>>) -> Tracker {
+        Tracker {
+            queue,
+            resend: VecDeque::new(),
+            inflight: HashMap::new(),
+            collided: None,
+            outcome: None,
+        }
+    }
+
+    /// The entry of the next publish request rumqttc handles.
+    fn next_entry(&mut self) -> Option<DeliveryTag> {
+        match self.resend.pop_front() {
+            Some(e) => e,
+            None => lock(&self.queue).pop_front().flatten(),
+        }
+    }
+
+    fn on_outgoing_publish(&mut self, pkid: u16) {
+        // While a publish is held back, rumqttc takes no new request from the
+        // channel: a publish of that packet id is the held one going out.
+        let entry = match self.collided.take() {
+            Some((held, entry)) if held == pkid => entry,
+            other => {
+                self.collided = other;
+                self.next_entry()
+            }
+        };
+        self.inflight.insert(pkid, entry);
+    }
+
+    fn on_collision(&mut self, pkid: u16) {
+        let entry = self.next_entry();
+        self.collided = Some((pkid, entry));
+    }
+
+    /// Records a PUBACK. Returns the held-back entry when rumqttc will not resend it
+    /// by itself (a non-Success reason on the colliding packet id).
+    fn on_puback(&mut self, pkid: u16, reason: &PubAckReason) -> Option<Option<DeliveryTag>> {
+        let outcome = match reason {
+            PubAckReason::Success => Acked::Delivered,
+            PubAckReason::NoMatchingSubscribers => Acked::NoSubscribers,
+            other => Acked::Refused(*other),
+        };
+        let stuck = matches!(outcome, Acked::Refused(_));
+        if let Some(Some(tag)) = self.inflight.remove(&pkid) {
+            self.outcome = Some((tag, outcome));
+        }
+        match &self.collided {
+            Some((held, _)) if *held == pkid && stuck => {
+                self.collided.take().map(|(_, entry)| entry)
+            }
+            _ => None,
+        }
+    }
+
+    /// A held-back publish was put at the front of rumqttc's resend list.
+    fn resend_first(&mut self, entry: Option<DeliveryTag>) {
+        self.resend.push_front(entry);
+    }
+
+    fn take_outcome(&mut self) -> Option<(DeliveryTag, Acked)> {
+        self.outcome.take()
+    }
+
+    /// After a connection error rumqttc's `pending` holds, in order: what it had not
+    /// resent yet, the publishes awaiting a PUBACK (their packet ids kept), and the
+    /// requests drained from the channel (packet id 0). Tracked publishes are taken
+    /// out; the untracked ones (pending/error replies, the status) stay, and their
+    /// entries are what rumqttc will send first.
+    fn on_connection_lost(&mut self, pending: &mut VecDeque<Request>) {
+        let mut resend = std::mem::take(&mut self.resend);
+        let mut inflight = std::mem::take(&mut self.inflight);
+        // The held-back publish is dropped by the caller (never resent by rumqttc).
+        self.collided = None;
+        let mut queue = lock(&self.queue);
+        let mut kept = VecDeque::new();
+        pending.retain(|req| {
+            let Request::Publish(p) = req else {
+                return true;
+            };
+            if p.qos == QoS::AtMostOnce {
+                return true;
+            }
+            let entry = if let Some(e) = resend.pop_front() {
+                e
+            } else if p.pkid != 0 {
+                inflight.remove(&p.pkid).flatten()
+            } else {
+                queue.pop_front().flatten()
+            };
+            match entry {
+                Some(_) => false,
+                None => {
+                    kept.push_back(None);
+                    true
+                }
+            }
+        });
+        self.resend = kept;
+    }
+
+    /// rumqttc drops its whole resend list when the broker kept no session.
+    fn on_connack(&mut self, session_present: bool) {
+        if !session_present {
+            self.resend.clear();
+        }
+        self.inflight.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tag(s: &str) -> Option<DeliveryTag> {
+        Some(DeliveryTag {
+            sensor: s.into(),
+            generation: 1,
+        })
+    }
+
+    fn tracker(entries: &[Option<DeliveryTag>]) -> Tracker {
+        Tracker::new(Arc::new(Mutex::new(entries.iter().cloned().collect())))
+    }
+
+    fn acked(t: &mut Tracker, pkid: u16, reason: PubAckReason) -> Option<(String, Acked)> {
+        t.on_puback(pkid, &reason);
+        t.take_outcome().map(|(tag, a)| (tag.sensor, a))
+    }
+
+    fn publish(pkid: u16, qos: QoS) -> Request {
+        let mut p = Publish::new("t", qos, "x", None);
+        p.pkid = pkid;
+        Request::Publish(p)
+    }
+
+    #[test]
+    fn pubacks_are_credited_to_the_publish_that_got_that_packet_id() {
+        let mut t = tracker(&[tag("a"), None, tag("b")]);
+        t.on_outgoing_publish(1);
+        t.on_outgoing_publish(2);
+        t.on_outgoing_publish(3);
+        assert_eq!(
+            acked(&mut t, 3, PubAckReason::Success),
+            Some(("b".into(), Acked::Delivered))
+        );
+        assert_eq!(acked(&mut t, 2, PubAckReason::Success), None, "untracked");
+        assert_eq!(
+            acked(&mut t, 1, PubAckReason::Success),
+            Some(("a".into(), Acked::Delivered))
+        );
+    }
+
+    #[test]
+    fn reason_codes_decide_delivery() {
+        let mut t = tracker(&[tag("a"), tag("b")]);
+        t.on_outgoing_publish(1);
+        t.on_outgoing_publish(2);
+        assert_eq!(
+            acked(&mut t, 1, PubAckReason::NoMatchingSubscribers),
+            Some(("a".into(), Acked::NoSubscribers))
+        );
+        assert_eq!(
+            acked(&mut t, 2, PubAckReason::NotAuthorized),
+            Some(("b".into(), Acked::Refused(PubAckReason::NotAuthorized)))
+        );
+    }
+
+    #[test]
+    fn a_collided_publish_is_credited_when_it_finally_goes_out() {
+        // Window of 2: 1 and 2 in flight, 2 acked first, the next request gets pkid 1
+        // again and collides; it goes out once 1 is acked.
+        let mut t = tracker(&[tag("a"), tag("b"), tag("c"), tag("d")]);
+        t.on_outgoing_publish(1);
+        t.on_outgoing_publish(2);
+        assert_eq!(acked(&mut t, 2, PubAckReason::Success).unwrap().0, "b");
+        t.on_collision(1); // "c" held back
+        assert_eq!(acked(&mut t, 1, PubAckReason::Success).unwrap().0, "a");
+        t.on_outgoing_publish(1); // the held "c" goes out
+        t.on_outgoing_publish(2); // then "d" from the channel
+        assert_eq!(acked(&mut t, 1, PubAckReason::Success).unwrap().0, "c");
+        assert_eq!(acked(&mut t, 2, PubAckReason::Success).unwrap().0, "d");
+    }
+
+    #[test]
+    fn a_collided_publish_refused_ack_is_handed_back_for_resending() {
+        let mut t = tracker(&[tag("a"), tag("c")]);
+        t.on_outgoing_publish(1);
+        t.on_collision(1);
+        let held = t.on_puback(1, &PubAckReason::NotAuthorized);
+        assert_eq!(held, Some(tag("c")));
+        t.resend_first(held.unwrap());
+        t.on_outgoing_publish(1);
+        assert_eq!(acked(&mut t, 1, PubAckReason::Success).unwrap().0, "c");
+    }
+
+    #[test]
+    fn after_a_lost_connection_tracked_publishes_leave_the_resend_queue() {
+        // Sent and unacknowledged: pkid 1 ("a", tracked), 2 (untracked). Still in the
+        // channel when the connection broke: "c" (tracked), then an untracked one.
+        let mut t = tracker(&[tag("a"), None, tag("c"), None]);
+        t.on_outgoing_publish(1);
+        t.on_outgoing_publish(2);
+        let mut pending: VecDeque<Request> = VecDeque::from(vec![
+            publish(1, QoS::AtLeastOnce),
+            publish(2, QoS::AtLeastOnce),
+            publish(0, QoS::AtLeastOnce),
+            publish(0, QoS::AtMostOnce),
+            publish(0, QoS::AtLeastOnce),
+        ]);
+        t.on_connection_lost(&mut pending);
+        let left: Vec<(u16, QoS)> = pending
+            .iter()
+            .map(|r| match r {
+                Request::Publish(p) => (p.pkid, p.qos),
+                _ => unreachable!(),
+            })
+            .collect();
+        assert_eq!(
+            left,
+            vec![
+                (2, QoS::AtLeastOnce),
+                (0, QoS::AtMostOnce),
+                (0, QoS::AtLeastOnce)
+            ]
+        );
+        // A request queued after the break, then the session resumes: the two kept
+        // untracked publishes go out first, then the new one, each credited right.
+        lock(&t.queue).push_back(tag("e"));
+        t.on_connack(true);
+        t.on_outgoing_publish(2);
+        t.on_outgoing_publish(3);
+        t.on_outgoing_publish(4);
+        assert_eq!(acked(&mut t, 2, PubAckReason::Success), None);
+        assert_eq!(acked(&mut t, 3, PubAckReason::Success), None);
+        assert_eq!(acked(&mut t, 4, PubAckReason::Success).unwrap().0, "e");
+    }
+
+    #[test]
+    fn a_new_session_forgets_what_rumqttc_would_have_resent() {
+        let mut t = tracker(&[None, tag("e")]);
+        t.on_outgoing_publish(1);
+        let mut pending = VecDeque::from(vec![publish(1, QoS::AtLeastOnce)]);
+        t.on_connection_lost(&mut pending);
+        assert_eq!(pending.len(), 1);
+        t.on_connack(false); // rumqttc cleared `pending`
+        t.on_outgoing_publish(1);
+        assert_eq!(acked(&mut t, 1, PubAckReason::Success).unwrap().0, "e");
+    }
+
+    #[test]
+    fn a_second_error_before_the_connack_keeps_the_mirror_in_step() {
+        let mut t = tracker(&[None, tag("a")]);
+        t.on_outgoing_publish(1);
+        t.on_outgoing_publish(2);
+        let mut pending = VecDeque::from(vec![
+            publish(1, QoS::AtLeastOnce),
+            publish(2, QoS::AtLeastOnce),
+        ]);
+        t.on_connection_lost(&mut pending);
+        assert_eq!(pending.len(), 1);
+        // The reconnect fails before any ConnAck: rumqttc's pending is unchanged.
+        t.on_connection_lost(&mut pending);
+        assert_eq!(pending.len(), 1);
+        assert_eq!(t.resend.len(), 1);
     }
 }

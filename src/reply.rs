@@ -1,29 +1,10 @@
 //! The answers onboardd publishes to a sensor, and where they go.
 //!
-//! A reply is the only place a device token is ever written out; [`Token`] keeps
-//! it out of every `Debug` rendering so that no log line can carry it.
-
-use std::fmt;
+//! A reply is the only place a device token is ever written out.
 
 use serde::{Deserialize, Serialize};
 
-/// A Qubitro device token. Serialized in full (store, reply), never shown by `Debug`.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Token(pub String);
-
-impl fmt::Debug for Token {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Token(<redacted>)")
-    }
-}
-
-/// What Qubitro issued for one sensor.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Credentials {
-    pub device_id: String,
-    pub device_token: Token,
-}
+pub use crate::device::{Credentials, Token};
 
 /// Where and how to answer one announce.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -92,6 +73,9 @@ pub enum Reply {
         sensor_id: String,
         code: String,
         message: String,
+        /// With `rate_limited`: when asking again can succeed.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        retry_after_s: Option<u64>,
         #[serde(skip_serializing_if = "Option::is_none")]
         request_id: Option<String>,
     },
@@ -112,6 +96,25 @@ impl Reply {
             sensor_id: sensor_id.to_string(),
             code: code.to_string(),
             message: message.into(),
+            retry_after_s: None,
+            request_id,
+        }
+    }
+
+    /// An error reply that says when asking again can succeed (whole seconds, at
+    /// least 1, so a sensor never retries at once).
+    pub fn error_retry_after(
+        sensor_id: &str,
+        code: &str,
+        message: impl Into<String>,
+        retry_after: std::time::Duration,
+        request_id: Option<String>,
+    ) -> Reply {
+        Reply::Error {
+            sensor_id: sensor_id.to_string(),
+            code: code.to_string(),
+            message: message.into(),
+            retry_after_s: Some(retry_after.as_secs_f64().ceil().max(1.0) as u64),
             request_id,
         }
     }

@@ -12,7 +12,10 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock: `tokio::time::pause` drives the limits in tests.
+use tokio::time::Instant;
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -25,12 +28,22 @@ use crate::config::{Config, Secret};
 pub struct Denial {
     pub code: &'static str,
     pub message: String,
+    /// For `rate_limited`: when asking again can succeed.
+    pub retry_after: Option<Duration>,
 }
 
 fn deny(code: &'static str, message: impl Into<String>) -> Denial {
     Denial {
         code,
         message: message.into(),
+        retry_after: None,
+    }
+}
+
+fn rate_limited(message: &str, retry_after: Duration) -> Denial {
+    Denial {
+        retry_after: Some(retry_after),
+        ..deny("rate_limited", message)
     }
 }
 
@@ -112,10 +125,11 @@ impl Gatekeeper {
             let mut l = self.limits.lock().expect("never poisoned");
             let now = Instant::now();
             if let Some(t) = l.last_admitted.get(&a.sensor_id) {
-                if now.duration_since(*t) < self.cooldown {
-                    return Err(deny(
-                        "rate_limited",
+                let since = now.duration_since(*t);
+                if since < self.cooldown {
+                    return Err(rate_limited(
                         "this sensor announced moments ago; wait before announcing again",
+                        self.cooldown - since,
                     ));
                 }
             }
@@ -123,9 +137,15 @@ impl Gatekeeper {
             l.tokens = (l.tokens + elapsed * l.per_hour / 3600.0).min(l.per_hour);
             l.refilled = now;
             if l.tokens < 1.0 {
-                return Err(deny(
-                    "rate_limited",
+                // Time until the bucket holds one whole token again.
+                let secs = if l.per_hour > 0.0 {
+                    ((1.0 - l.tokens) * 3600.0 / l.per_hour).ceil()
+                } else {
+                    3600.0
+                };
+                return Err(rate_limited(
                     "this gateway's limit of new devices per hour is reached; try again later",
+                    Duration::from_secs_f64(secs.clamp(1.0, 3600.0)),
                 ));
             }
         }
@@ -141,9 +161,29 @@ impl Gatekeeper {
             let cd = self.cooldown;
             l.last_admitted.retain(|_, t| now.duration_since(*t) < cd);
         }
-        if l.last_admitted.len() < COOLDOWN_MAP_PRUNE_AT {
-            l.last_admitted.insert(sensor.to_string(), now);
+        if l.last_admitted.len() >= COOLDOWN_MAP_PRUNE_AT {
+            // Still full of live entries: the oldest goes, so the newest sensors are
+            // always limited (a flood cannot switch the cool-down off).
+            if let Some(oldest) = l
+                .last_admitted
+                .iter()
+                .min_by_key(|(_, t)| **t)
+                .map(|(k, _)| k.clone())
+            {
+                l.last_admitted.remove(&oldest);
+            }
         }
+        l.last_admitted.insert(sensor.to_string(), now);
+    }
+
+    /// The operator forgot this sensor to have it onboarded anew: its cool-down no
+    /// longer applies.
+    pub fn forgotten(&self, sensor: &str) {
+        self.limits
+            .lock()
+            .expect("never poisoned")
+            .last_admitted
+            .remove(sensor);
     }
 }
 
@@ -266,8 +306,8 @@ mod tests {
         assert_eq!(g.check(&ann("s", None), false).unwrap_err().code, "denied");
     }
 
-    #[test]
-    fn hourly_cap_and_cooldown_rate_limit_new_sensors_only() {
+    #[tokio::test(start_paused = true)]
+    async fn hourly_cap_and_cooldown_rate_limit_new_sensors_only() {
         let g = Gatekeeper::new(&cfg(
             "max_new_devices_per_hour = 2\nnew_sensor_cooldown_s = 3600",
         ));
@@ -288,6 +328,56 @@ mod tests {
         assert_eq!(
             g.check(&ann("a", None), false).unwrap_err().code,
             "rate_limited"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rate_limited_denials_say_when_to_ask_again() {
+        let g = Gatekeeper::new(&cfg("new_sensor_cooldown_s = 60"));
+        g.admitted("a");
+        tokio::time::advance(Duration::from_secs(20)).await;
+        let d = g.check(&ann("a", None), false).unwrap_err();
+        assert_eq!(d.retry_after, Some(Duration::from_secs(40)));
+        tokio::time::advance(Duration::from_secs(40)).await;
+        assert!(g.check(&ann("a", None), false).is_ok(), "cool-down over");
+
+        let g = Gatekeeper::new(&cfg(
+            "max_new_devices_per_hour = 1\nnew_sensor_cooldown_s = 0",
+        ));
+        g.admitted("x");
+        let d = g.check(&ann("y", None), false).unwrap_err();
+        assert_eq!(d.retry_after, Some(Duration::from_secs(3600)));
+        tokio::time::advance(Duration::from_secs(1800)).await;
+        let d = g.check(&ann("y", None), false).unwrap_err();
+        assert_eq!(d.retry_after, Some(Duration::from_secs(1800)));
+        tokio::time::advance(Duration::from_secs(1800)).await;
+        assert!(g.check(&ann("y", None), false).is_ok(), "bucket refilled");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_forgotten_sensor_is_not_held_by_its_cool_down() {
+        let g = Gatekeeper::new(&cfg("new_sensor_cooldown_s = 3600"));
+        g.admitted("a");
+        assert!(g.check(&ann("a", None), false).is_err());
+        g.forgotten("a");
+        assert!(g.check(&ann("a", None), false).is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_cool_down_map_still_limits_the_newest_sensors() {
+        let g = Gatekeeper::new(&cfg("new_sensor_cooldown_s = 3600"));
+        for i in 0..COOLDOWN_MAP_PRUNE_AT + 10 {
+            g.admitted(&format!("s{i}"));
+            tokio::time::advance(Duration::from_millis(1)).await;
+        }
+        let newest = format!("s{}", COOLDOWN_MAP_PRUNE_AT + 9);
+        assert_eq!(
+            g.check(&ann(&newest, None), false).unwrap_err().code,
+            "rate_limited"
+        );
+        assert!(
+            g.check(&ann("s0", None), false).is_ok(),
+            "the oldest entry made room"
         );
     }
 

@@ -11,15 +11,14 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::announce::DeviceSpec;
 use crate::config::StoreConfig;
-use crate::reply::{Credentials, Route, Token};
+use crate::device::Credentials;
+use crate::onboarding::{Record, State};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -33,94 +32,6 @@ pub enum StoreError {
     Open { path: PathBuf, message: String },
     #[error("flushing the database to disk failed: {0}")]
     Flush(String),
-}
-
-/// Where a sensor is in its onboarding. Every transition is persisted.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "phase", rename_all = "snake_case")]
-pub enum Phase {
-    /// Announce accepted and durably recorded; no create has been sent.
-    Pending,
-    /// A create may have been sent: before sending another, look the sensor up.
-    Creating,
-    /// Qubitro issued credentials; `delivered` once the broker acknowledged the ok reply.
-    Created {
-        device_id: String,
-        device_token: Token,
-        delivered: bool,
-    },
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SensorRecord {
-    pub phase: Phase,
-    pub spec: DeviceSpec,
-    /// Cloud attempts that failed so far (drives the backoff).
-    pub attempts: u32,
-    /// Wall-clock ms of the next attempt; survives restarts (and is capped on load,
-    /// since a Pi without RTC may have booted with a wrong clock).
-    pub next_attempt_ms: u64,
-    pub first_seen_ms: u64,
-    pub updated_ms: u64,
-    /// Where to answer: the route of the announce that started the onboarding.
-    #[serde(default)]
-    pub route: Route,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_error: Option<String>,
-    /// How the device came to be: "created" or "adopted".
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub origin: Option<String>,
-}
-
-impl SensorRecord {
-    pub fn new_pending(spec: DeviceSpec, route: Route) -> Self {
-        let now = now_ms();
-        SensorRecord {
-            phase: Phase::Pending,
-            spec,
-            attempts: 0,
-            next_attempt_ms: now,
-            first_seen_ms: now,
-            updated_ms: now,
-            route,
-            last_error: None,
-            origin: None,
-        }
-    }
-
-    pub fn credentials(&self) -> Option<Credentials> {
-        match &self.phase {
-            Phase::Created {
-                device_id,
-                device_token,
-                ..
-            } => Some(Credentials {
-                device_id: device_id.clone(),
-                device_token: device_token.clone(),
-            }),
-            _ => None,
-        }
-    }
-
-    pub fn phase_name(&self) -> &'static str {
-        match self.phase {
-            Phase::Pending => "pending",
-            Phase::Creating => "creating",
-            Phase::Created {
-                delivered: false, ..
-            } => "created",
-            Phase::Created {
-                delivered: true, ..
-            } => "delivered",
-        }
-    }
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +50,8 @@ struct Flusher {
 /// The sensor store. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
+    /// The database itself: flushes and unique ids.
+    db: sled::Db,
     sensors: sled::Tree,
     /// Index of sensors in Pending/Creating: the restart resumes these without
     /// reading every record (start-up time does not grow with the fleet).
@@ -213,6 +126,7 @@ impl Store {
         tokio::spawn(run_flusher(db.clone(), flusher.clone(), closer.clone()));
         Ok((
             Store {
+                db: db.clone(),
                 sensors,
                 pending,
                 undelivered,
@@ -225,21 +139,23 @@ impl Store {
         ))
     }
 
-    pub fn get(&self, sensor: &str) -> Result<Option<SensorRecord>, StoreError> {
+    pub fn get(&self, sensor: &str) -> Result<Option<Record>, StoreError> {
         match self.sensors.get(sensor.as_bytes())? {
             Some(v) => self.decode_or_quarantine(sensor.as_bytes(), &v),
             None => Ok(None),
         }
     }
 
+    /// A number never handed out before in this database (survives restarts): the
+    /// `generation` of a new onboarding.
+    pub fn next_generation(&self) -> Result<u64, StoreError> {
+        Ok(self.db.generate_id()?)
+    }
+
     /// A record that cannot be decoded is moved to the quarantine tree and treated
     /// as unknown: the lookup before create then adopts the sensor's device. Failing
     /// instead would make systemd restart into the same failure forever.
-    fn decode_or_quarantine(
-        &self,
-        key: &[u8],
-        bytes: &[u8],
-    ) -> Result<Option<SensorRecord>, StoreError> {
+    fn decode_or_quarantine(&self, key: &[u8], bytes: &[u8]) -> Result<Option<Record>, StoreError> {
         match decode(key, bytes) {
             Ok(rec) => Ok(Some(rec)),
             Err(e) => {
@@ -256,59 +172,62 @@ impl Store {
     }
 
     /// Index entries are added before the record changes and removed after, so a
-    /// crash in between leaves a stale entry (cleaned on resume), never a missing one.
-    fn index_before(&self, key: &[u8], rec: &SensorRecord) -> Result<(), StoreError> {
-        match rec.phase {
-            Phase::Pending | Phase::Creating => {
+    /// crash in between leaves a stale entry (cleaned when read), never a missing one.
+    fn index_before(&self, key: &[u8], rec: &Record) -> Result<(), StoreError> {
+        match rec.state {
+            State::Pending | State::Creating => {
                 self.pending.insert(key, &[1u8])?;
             }
-            Phase::Created {
-                delivered: false, ..
-            } => {
+            State::Created { .. } => {
                 self.undelivered.insert(key, &[1u8])?;
             }
-            Phase::Created {
-                delivered: true, ..
-            } => {}
+            State::Delivered { .. } => {}
         }
         Ok(())
     }
 
-    fn index_after(&self, key: &[u8], rec: &SensorRecord) -> Result<(), StoreError> {
-        if let Phase::Created { delivered, .. } = rec.phase {
+    /// After the record: stale index entries go, and the credentials shortcut is
+    /// written (a crash before it leaves a record without the shortcut, and the full
+    /// record still answers).
+    fn index_after(&self, key: &[u8], rec: &Record) -> Result<(), StoreError> {
+        if !rec.state.is_unfinished() {
             self.pending.remove(key)?;
-            if delivered {
-                self.undelivered.remove(key)?;
-            }
+        }
+        if !matches!(rec.state, State::Created { .. }) {
+            self.undelivered.remove(key)?;
+        }
+        if let Some(c) = rec.credentials() {
+            self.creds.insert(
+                key,
+                serde_json::to_vec(c).expect("credentials always serialize"),
+            )?;
         }
         Ok(())
     }
 
-    /// Sensors whose onboarding is unfinished, with their records.
-    pub fn unfinished(&self) -> Result<Vec<(String, SensorRecord)>, StoreError> {
-        self.indexed(&self.pending, |r| {
-            matches!(r.phase, Phase::Pending | Phase::Creating)
+    /// Sensors whose onboarding is unfinished (Pending or Creating).
+    pub fn unfinished(&self) -> Result<Vec<(String, Record)>, StoreError> {
+        self.indexed(&self.pending, |r| r.state.is_unfinished())
+    }
+
+    /// Sensors whose ok reply the broker has not acknowledged (Created).
+    pub fn undelivered(&self) -> Result<Vec<(String, Record)>, StoreError> {
+        self.indexed(&self.undelivered, |r| {
+            matches!(r.state, State::Created { .. })
         })
     }
 
-    /// Sensors whose ok reply was never acknowledged by the broker.
-    pub fn undelivered(&self) -> Result<Vec<(String, SensorRecord)>, StoreError> {
-        self.indexed(&self.undelivered, |r| {
-            matches!(
-                r.phase,
-                Phase::Created {
-                    delivered: false,
-                    ..
-                }
-            )
-        })
+    /// Whether the sensor's ok reply still waits for the broker's acknowledgement
+    /// (an index read, not a record read).
+    pub fn is_undelivered(&self, sensor: &str) -> Result<bool, StoreError> {
+        Ok(self.undelivered.contains_key(sensor.as_bytes())?)
     }
 
     fn indexed(
         &self,
         index: &sled::Tree,
-        wanted: impl Fn(&SensorRecord) -> bool,
-    ) -> Result<Vec<(String, SensorRecord)>, StoreError> {
+        wanted: impl Fn(&Record) -> bool,
+    ) -> Result<Vec<(String, Record)>, StoreError> {
         let mut out = Vec::new();
         for item in index.iter() {
             let (k, _) = item?;
@@ -324,35 +243,19 @@ impl Store {
     }
 
     /// Records a new sensor unless one is already recorded. `Some(seq)` when inserted.
-    pub fn insert_new(&self, sensor: &str, rec: &SensorRecord) -> Result<Option<u64>, StoreError> {
-        let bytes = encode(rec);
-        self.index_before(sensor.as_bytes(), rec)?;
-        let swapped =
-            self.sensors
-                .compare_and_swap(sensor.as_bytes(), None::<&[u8]>, Some(bytes))?;
+    pub fn insert_new(&self, sensor: &str, rec: &Record) -> Result<Option<u64>, StoreError> {
+        let key = sensor.as_bytes();
+        self.index_before(key, rec)?;
+        let swapped = self
+            .sensors
+            .compare_and_swap(key, None::<&[u8]>, Some(encode(rec)))?;
         match swapped {
             Ok(()) => {
-                self.index_after(sensor.as_bytes(), rec)?;
+                self.index_after(key, rec)?;
                 Ok(Some(self.wrote()))
             }
             Err(_) => Ok(None),
         }
-    }
-
-    /// Writes a record (the caller owns the sensor's state at this moment).
-    pub fn put(&self, sensor: &str, rec: &SensorRecord) -> Result<u64, StoreError> {
-        self.index_before(sensor.as_bytes(), rec)?;
-        self.sensors.insert(sensor.as_bytes(), encode(rec))?;
-        self.index_after(sensor.as_bytes(), rec)?;
-        // After the record: a crash in between leaves a Created record without this
-        // shortcut, and the full record still answers.
-        if let Some(c) = rec.credentials() {
-            self.creds.insert(
-                sensor.as_bytes(),
-                serde_json::to_vec(&c).expect("credentials always serialize"),
-            )?;
-        }
-        Ok(self.wrote())
     }
 
     /// The credentials of an onboarded sensor, from the compact tree; `None` when
@@ -364,46 +267,71 @@ impl Store {
         }
     }
 
-    /// Read-modify-write of one record; `f` returns false to leave it untouched.
-    /// Returns the new record when it was changed.
+    /// The one way a stored record changes: compare-and-swap against the bytes
+    /// that `next` was shown, retried if another writer got there first. `next`
+    /// returns the new record, or `None` to leave it as it is (a record of another
+    /// generation, a transition that no longer applies). Nothing is written when
+    /// the sensor is unknown. Returns the new record and its write's sequence number.
     pub fn update(
         &self,
         sensor: &str,
-        f: impl Fn(&mut SensorRecord) -> bool,
-    ) -> Result<Option<SensorRecord>, StoreError> {
+        mut next: impl FnMut(&Record) -> Option<Record>,
+    ) -> Result<Option<(Record, u64)>, StoreError> {
+        let key = sensor.as_bytes();
         loop {
-            let Some(old) = self.sensors.get(sensor.as_bytes())? else {
+            let Some(old) = self.sensors.get(key)? else {
                 return Ok(None);
             };
-            let Some(mut rec) = self.decode_or_quarantine(sensor.as_bytes(), &old)? else {
+            let Some(current) = self.decode_or_quarantine(key, &old)? else {
                 return Ok(None);
             };
-            if !f(&mut rec) {
+            let Some(new) = next(&current) else {
                 return Ok(None);
-            }
-            rec.updated_ms = now_ms();
-            let new = encode(&rec);
-            self.index_before(sensor.as_bytes(), &rec)?;
+            };
+            self.index_before(key, &new)?;
             if self
                 .sensors
-                .compare_and_swap(sensor.as_bytes(), Some(&old), Some(new))?
+                .compare_and_swap(key, Some(&old), Some(encode(&new)))?
                 .is_ok()
             {
-                self.index_after(sensor.as_bytes(), &rec)?;
-                self.wrote();
-                return Ok(Some(rec));
+                self.index_after(key, &new)?;
+                let seq = self.wrote();
+                return Ok(Some((new, seq)));
             }
         }
     }
 
-    pub fn remove(&self, sensor: &str) -> Result<Option<SensorRecord>, StoreError> {
-        // The shortcut first: it must never outlive the record.
-        self.creds.remove(sensor.as_bytes())?;
-        let old = self.sensors.remove(sensor.as_bytes())?;
-        self.pending.remove(sensor.as_bytes())?;
-        self.undelivered.remove(sensor.as_bytes())?;
-        self.wrote();
-        Ok(old.and_then(|v| decode(sensor.as_bytes(), &v).ok()))
+    /// Deletes a sensor's record (forget, or a create Qubitro rejected). With
+    /// `generation`, only that onboarding is deleted, not a newer one.
+    pub fn remove(
+        &self,
+        sensor: &str,
+        generation: Option<u64>,
+    ) -> Result<Option<Record>, StoreError> {
+        let key = sensor.as_bytes();
+        loop {
+            let Some(old) = self.sensors.get(key)? else {
+                return Ok(None);
+            };
+            let rec = decode(key, &old).ok();
+            if let (Some(g), Some(r)) = (generation, &rec) {
+                if r.generation != g {
+                    return Ok(None);
+                }
+            }
+            // The shortcut first: it must never outlive the record.
+            self.creds.remove(key)?;
+            if self
+                .sensors
+                .compare_and_swap(key, Some(&old), None::<&[u8]>)?
+                .is_ok()
+            {
+                self.pending.remove(key)?;
+                self.undelivered.remove(key)?;
+                self.wrote();
+                return Ok(rec);
+            }
+        }
     }
 
     /// Reads every record (sled has no count): for tests, never for a hot path.
@@ -418,7 +346,7 @@ impl Store {
     }
 
     /// All readable records in sensor-id order (unreadable ones are quarantined).
-    pub fn scan(&self) -> impl Iterator<Item = Result<(String, SensorRecord), StoreError>> + '_ {
+    pub fn scan(&self) -> impl Iterator<Item = Result<(String, Record), StoreError>> + '_ {
         self.sensors.iter().filter_map(|item| {
             let (k, v) = match item {
                 Ok(kv) => kv,
@@ -503,11 +431,11 @@ async fn run_flusher(db: sled::Db, f: Arc<Flusher>, closer: CancellationToken) {
     }
 }
 
-fn encode(rec: &SensorRecord) -> Vec<u8> {
+fn encode(rec: &Record) -> Vec<u8> {
     serde_json::to_vec(rec).expect("a record is plain data and always serializes")
 }
 
-fn decode(key: &[u8], bytes: &[u8]) -> Result<SensorRecord, StoreError> {
+fn decode(key: &[u8], bytes: &[u8]) -> Result<Record, StoreError> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::Decode {
         sensor: String::from_utf8_lossy(key).into_owned(),
         message: e.to_string(),
@@ -516,7 +444,7 @@ fn decode(key: &[u8], bytes: &[u8]) -> Result<SensorRecord, StoreError> {
 
 fn aside_name(path: &Path) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
-    name.push(format!(".corrupt-{}", now_ms() / 1000));
+    name.push(format!(".corrupt-{}", crate::clock::system_ms() / 1000));
     PathBuf::from(name)
 }
 
@@ -595,6 +523,27 @@ fn is_lock_error(e: &sled::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::announce::DeviceSpec;
+    use crate::device::Token;
+    use crate::onboarding::Origin;
+    use crate::reply::Route;
+
+    fn pending() -> Record {
+        Record::pending(spec(), Route::default(), 1, 1)
+    }
+
+    fn created() -> Record {
+        pending()
+            .created(
+                Credentials {
+                    device_id: "d".into(),
+                    device_token: Token("t".into()),
+                },
+                Origin::Created,
+                2,
+            )
+            .unwrap()
+    }
 
     fn spec() -> DeviceSpec {
         DeviceSpec {
@@ -618,11 +567,11 @@ mod tests {
     async fn insert_new_refuses_a_second_record() {
         let dir = tempfile::tempdir().unwrap();
         let (s, _) = Store::open(&cfg(dir.path())).unwrap();
-        let rec = SensorRecord::new_pending(spec(), Route::default());
+        let rec = pending();
         let seq = s.insert_new("a", &rec).unwrap().unwrap();
         assert!(s.insert_new("a", &rec).unwrap().is_none());
         s.durable(seq).await.unwrap();
-        assert_eq!(s.get("a").unwrap().unwrap().phase, Phase::Pending);
+        assert_eq!(s.get("a").unwrap().unwrap().state, State::Pending);
     }
 
     // Multi-threaded: the first store's flusher must get to run and let go of the
@@ -632,13 +581,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let (s, _) = Store::open(&cfg(dir.path())).unwrap();
-            let mut rec = SensorRecord::new_pending(spec(), Route::default());
-            rec.phase = Phase::Created {
-                device_id: "d".into(),
-                device_token: Token("t".into()),
-                delivered: false,
-            };
-            let seq = s.put("a", &rec).unwrap();
+            let seq = s.insert_new("a", &created()).unwrap().unwrap();
             s.durable(seq).await.unwrap();
         }
         let (s, outcome) = Store::open(&cfg(dir.path())).unwrap();
@@ -660,7 +603,7 @@ mod tests {
         let (s, _) = Store::open(&cfg(dir.path())).unwrap();
         let mut waits = Vec::new();
         for i in 0..200 {
-            let rec = SensorRecord::new_pending(spec(), Route::default());
+            let rec = pending();
             let seq = s.insert_new(&format!("s{i}"), &rec).unwrap().unwrap();
             let s2 = s.clone();
             waits.push(tokio::spawn(async move { s2.durable(seq).await }));
@@ -675,47 +618,54 @@ mod tests {
     async fn update_changes_only_when_asked() {
         let dir = tempfile::tempdir().unwrap();
         let (s, _) = Store::open(&cfg(dir.path())).unwrap();
-        s.put("a", &SensorRecord::new_pending(spec(), Route::default()))
-            .unwrap();
-        assert!(s.update("a", |_| false).unwrap().is_none());
-        let r = s
-            .update("a", |r| {
-                r.attempts = 7;
-                true
-            })
+        s.insert_new("a", &pending()).unwrap();
+        assert!(s.update("a", |_| None).unwrap().is_none());
+        let (r, _) = s
+            .update("a", |r| r.retry_later(5, None, true, 9).ok())
             .unwrap()
             .unwrap();
-        assert_eq!(r.attempts, 7);
-        assert!(s.update("missing", |_| true).unwrap().is_none());
+        assert_eq!(r.attempts, 1);
+        assert_eq!(s.get("a").unwrap().unwrap(), r);
+        assert!(s.update("missing", |r| Some(r.clone())).unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn remove_with_a_generation_spares_a_newer_onboarding() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = Store::open(&cfg(dir.path())).unwrap();
+        s.insert_new("a", &pending()).unwrap();
+        assert!(s.remove("a", Some(99)).unwrap().is_none());
+        assert!(s.get("a").unwrap().is_some());
+        assert!(s.remove("a", Some(1)).unwrap().is_some());
+        assert!(s.get("a").unwrap().is_none());
+        assert!(s.remove("a", None).unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn generations_are_never_handed_out_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = Store::open(&cfg(dir.path())).unwrap();
+        let a = s.next_generation().unwrap();
+        let b = s.next_generation().unwrap();
+        assert_ne!(a, b);
     }
 
     #[tokio::test]
     async fn indexes_follow_the_phase() {
         let dir = tempfile::tempdir().unwrap();
         let (s, _) = Store::open(&cfg(dir.path())).unwrap();
-        let mut rec = SensorRecord::new_pending(spec(), Route::default());
-        s.insert_new("a", &rec).unwrap();
-        s.insert_new("b", &rec).unwrap();
+        s.insert_new("a", &pending()).unwrap();
+        s.insert_new("b", &pending()).unwrap();
         assert_eq!(s.unfinished().unwrap().len(), 2);
-        rec.phase = Phase::Created {
-            device_id: "d".into(),
-            device_token: Token("t".into()),
-            delivered: false,
-        };
-        s.put("a", &rec).unwrap();
-        let names =
-            |v: Vec<(String, SensorRecord)>| v.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
+        s.update("a", |_| Some(created())).unwrap();
+        let names = |v: Vec<(String, Record)>| v.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
         assert_eq!(names(s.unfinished().unwrap()), vec!["b"]);
         assert_eq!(names(s.undelivered().unwrap()), vec!["a"]);
-        s.update("a", |r| {
-            if let Phase::Created { delivered, .. } = &mut r.phase {
-                *delivered = true;
-            }
-            true
-        })
-        .unwrap();
+        assert!(s.is_undelivered("a").unwrap());
+        s.update("a", |r| r.delivered(3).ok()).unwrap();
         assert!(s.undelivered().unwrap().is_empty());
-        s.remove("b").unwrap();
+        assert!(!s.is_undelivered("a").unwrap());
+        s.remove("b", None).unwrap();
         assert!(s.unfinished().unwrap().is_empty());
     }
 
@@ -731,10 +681,7 @@ mod tests {
                 .unwrap();
             db.open_tree("sensors")
                 .unwrap()
-                .insert(
-                    "old",
-                    encode(&SensorRecord::new_pending(spec(), Route::default())),
-                )
+                .insert("old", encode(&pending()))
                 .unwrap();
             db.flush().unwrap();
         }
@@ -747,17 +694,11 @@ mod tests {
     async fn credentials_shortcut_follows_the_record() {
         let dir = tempfile::tempdir().unwrap();
         let (s, _) = Store::open(&cfg(dir.path())).unwrap();
-        let mut rec = SensorRecord::new_pending(spec(), Route::default());
-        s.put("a", &rec).unwrap();
+        s.insert_new("a", &pending()).unwrap();
         assert!(s.credentials("a").unwrap().is_none());
-        rec.phase = Phase::Created {
-            device_id: "d".into(),
-            device_token: Token("t".into()),
-            delivered: false,
-        };
-        s.put("a", &rec).unwrap();
+        s.update("a", |_| Some(created())).unwrap();
         assert_eq!(s.credentials("a").unwrap().unwrap().device_id, "d");
-        s.remove("a").unwrap();
+        s.remove("a", None).unwrap();
         assert!(s.credentials("a").unwrap().is_none());
     }
 

@@ -125,12 +125,12 @@ async fn a_broker_certificate_from_another_ca_is_a_logged_tls_error_and_the_daem
         &format!("[mqtt]\nca_file = {}", toml_path(&other_ca)),
         vec![],
     );
-    d.log.wait_for_async("broker connection lost").await;
+    d.log.wait_for_async("cannot connect to the broker").await;
     let first = d
         .log
         .all()
         .into_iter()
-        .find(|l| l.contains("broker connection lost"))
+        .find(|l| l.contains("cannot connect to the broker"))
         .unwrap();
     assert!(
         first.contains("TLS") && first.contains("UnknownIssuer"),
@@ -155,11 +155,11 @@ async fn a_broker_certificate_from_another_ca_is_a_logged_tls_error_and_the_daem
 
 /// Waits for the first connection failure and returns its log line.
 async fn first_failure(d: &Daemon) -> String {
-    d.log.wait_for_async("broker connection lost").await;
+    d.log.wait_for_async("cannot connect to the broker").await;
     d.log
         .all()
         .into_iter()
-        .find(|l| l.contains("broker connection lost"))
+        .find(|l| l.contains("cannot connect to the broker"))
         .unwrap()
 }
 

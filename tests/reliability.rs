@@ -51,7 +51,8 @@ async fn retry_after_of_a_429_is_honoured() {
             body: None,
         }],
     );
-    let _d = Daemon::start(&broker, &cloud, "");
+    // Retry-After is honoured up to retry_max_ms (1 s in tests): raise the cap.
+    let _d = Daemon::start(&broker, &cloud, "[qubitro]\nretry_max_ms = 5000");
     let mut s = Sensor::connect(broker.port, "busy").await;
     s.announce("{}").await;
     let pending = s.reply().await;

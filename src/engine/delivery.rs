@@ -1,0 +1,169 @@
+//! Replies to sensors, and the broker's word on them.
+//!
+//! An ok reply is tracked (it carries a [`DeliveryTag`]) while its sensor's record
+//! is `Created`; the broker's PUBACK with reason Success moves the record to
+//! `Delivered`. On every new MQTT connection every `Created` record's reply is
+//! published again: tracking starts afresh with each connection, so nothing that
+//! rumqttc did or dropped while reconnecting can leave a sensor marked delivered
+//! that never got its token. Ok replies are idempotent, so a sensor may see one twice.
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use super::Engine;
+use crate::config::Config;
+use crate::device::Credentials;
+use crate::mqtt::{Acked, DeliveryTag, Mqtt, SessionEvent};
+use crate::onboarding::{Record, State};
+use crate::reply::{Broker, Reply, Route};
+
+/// Where replies go out.
+pub struct Outbox {
+    mqtt: Mqtt,
+    /// `{sensor_id}` pattern of the default reply topic.
+    reply_topic: String,
+    /// Qubitro's broker, told to sensors in every ok reply.
+    broker: Broker,
+}
+
+impl Outbox {
+    pub(super) fn new(cfg: &Config, mqtt: Mqtt) -> Outbox {
+        Outbox {
+            mqtt,
+            reply_topic: cfg.mqtt.reply_topic.clone(),
+            broker: Broker {
+                host: cfg.qubitro.broker_host.clone(),
+                port: cfg.qubitro.broker_port,
+            },
+        }
+    }
+
+    pub fn mqtt(&self) -> &Mqtt {
+        &self.mqtt
+    }
+
+    pub(super) fn ok_reply(&self, sensor: &str, route: &Route, creds: &Credentials) -> Reply {
+        Reply::Ok {
+            sensor_id: sensor.to_string(),
+            device_id: creds.device_id.clone(),
+            device_token: creds.device_token.clone(),
+            request_id: route.request_id.clone(),
+            broker: self.broker.clone(),
+        }
+    }
+
+    /// Queues a reply (QoS 1). Waits while the broker's request queue is full: the
+    /// caller races it with its own stop signal.
+    pub(super) async fn send(
+        &self,
+        sensor: &str,
+        route: &Route,
+        reply: Reply,
+        track: Option<DeliveryTag>,
+    ) {
+        let topic = route.topic(&self.reply_topic, sensor);
+        tracing::debug!(sensor_id = sensor, topic = %topic, status = reply.status(), "reply");
+        if let Err(e) = self
+            .mqtt
+            .publish(
+                topic,
+                reply.to_bytes(),
+                route.correlation_data.clone(),
+                track,
+            )
+            .await
+        {
+            tracing::debug!(sensor_id = sensor, error = %e, "cannot queue a reply: {e}");
+        }
+    }
+}
+
+/// The tag of an ok reply: only a `Created` record's reply is tracked (a delivered
+/// one needs no proof again).
+pub(super) fn delivery_tag(sensor: &str, rec: &Record) -> Option<DeliveryTag> {
+    matches!(rec.state, State::Created { .. }).then(|| DeliveryTag {
+        sensor: sensor.to_string(),
+        generation: rec.generation,
+    })
+}
+
+impl Engine {
+    /// Publishes a sensor's ok reply; tracked while its record is `Created`.
+    pub(super) async fn deliver_ok(&self, sensor: &str, rec: &Record, route: &Route) {
+        let Some(creds) = rec.credentials() else {
+            return;
+        };
+        let reply = self.outbox.ok_reply(sensor, route, creds);
+        self.outbox
+            .send(sensor, route, reply, delivery_tag(sensor, rec))
+            .await;
+    }
+
+    /// Reacts to the MQTT session: status and republishing on every connection,
+    /// delivery marks on PUBACK.
+    pub async fn run_session_events(
+        self: Arc<Self>,
+        mut events: mpsc::UnboundedReceiver<SessionEvent>,
+    ) {
+        while let Some(ev) = events.recv().await {
+            let result = match ev {
+                SessionEvent::Connected { .. } => {
+                    if let Err(e) = self.outbox.mqtt.publish_status("online").await {
+                        tracing::debug!(error = %e, "cannot queue the status: {e}");
+                    }
+                    self.republish_undelivered().await
+                }
+                SessionEvent::Acked(tag, outcome) => self.acked(tag, outcome),
+            };
+            if let Err(e) = result {
+                self.fatal.trigger(e);
+                return;
+            }
+        }
+    }
+
+    fn acked(&self, tag: DeliveryTag, outcome: Acked) -> Result<(), crate::store::StoreError> {
+        let sensor = tag.sensor.as_str();
+        match outcome {
+            Acked::Delivered => {
+                let now = self.clock.wall_ms();
+                // No flush: should it be lost, the reply is only published again.
+                self.store.update(sensor, |r| {
+                    (r.generation == tag.generation)
+                        .then(|| r.delivered(now).ok())
+                        .flatten()
+                })?;
+            }
+            Acked::NoSubscribers => {
+                tracing::debug!(
+                    sensor_id = sensor,
+                    "nobody is subscribed to sensor {sensor}'s reply topic; it is sent again when the sensor announces or on the next session"
+                );
+            }
+            Acked::Refused(reason) => {
+                tracing::warn!(
+                    sensor_id = sensor,
+                    reason = ?reason,
+                    "the broker refused the reply to sensor {sensor} ({reason:?}); check its ACL for onboardd's login"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    async fn republish_undelivered(&self) -> Result<(), crate::store::StoreError> {
+        let todo = self.store.undelivered()?;
+        if !todo.is_empty() {
+            tracing::info!(
+                count = todo.len(),
+                "publishing again {} ok replies the broker has not acknowledged",
+                todo.len()
+            );
+        }
+        for (sensor, rec) in todo {
+            self.deliver_ok(&sensor, &rec, &rec.route).await;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,294 @@
+//! From announce to decision, in arrival order.
+//!
+//! The dispatcher parses and checks each announce, answers known sensors from the
+//! store (no disk write), and records a new sensor as `Pending`, which starts its
+//! onboarding task. The acker acknowledges announces to the broker in arrival
+//! order, each only once its record is on disk (shared group-commit flushes): an
+//! announce is either durably recorded or still the broker's to deliver again, so
+//! none is lost. Acknowledging before the cloud call (not after) keeps the broker's
+//! in-flight window free, so the cloud in-flight limit is what bounds throughput.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::v5::mqttbytes::v5::Publish;
+use rumqttc::v5::mqttbytes::QoS;
+use tokio::sync::mpsc;
+
+use super::delivery::delivery_tag;
+use super::Engine;
+use crate::announce::{self, AnnounceError};
+use crate::failpoint;
+use crate::heartbeat::Heartbeat;
+use crate::metrics;
+use crate::mqtt::{DeliveryTag, Inbox};
+use crate::onboarding::Record;
+use crate::reply::{allowed_response_topic, Reply, Route};
+use crate::security::Denial;
+use crate::store::StoreError;
+
+/// An announce waiting for its acknowledgement.
+pub struct AckItem {
+    publish: Publish,
+    /// Write that must be on disk first (0: none).
+    seq: u64,
+}
+
+/// A reply decided by the dispatcher.
+struct Answer {
+    sensor: String,
+    route: Route,
+    reply: Reply,
+    track: Option<DeliveryTag>,
+}
+
+/// What the dispatcher decided for one announce.
+#[derive(Default)]
+struct Decision {
+    /// Write that must be on disk before the ack (0: none).
+    seq: u64,
+    /// Reply to publish right away.
+    answer: Option<Answer>,
+}
+
+impl Engine {
+    /// Handles announces in arrival order until shutdown.
+    pub async fn run_dispatcher(
+        self: Arc<Self>,
+        mut inbox: Inbox,
+        acks: mpsc::Sender<AckItem>,
+        heartbeat: Arc<Heartbeat>,
+    ) {
+        let stop = self.shutdown.stop.clone();
+        let mut beat = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            heartbeat.beat_dispatcher();
+            let publish = tokio::select! {
+                biased;
+                _ = stop.cancelled() => break,
+                p = inbox.recv() => match p { Some(p) => p, None => break },
+                _ = beat.tick() => continue,
+            };
+            let Decision { seq, answer } = match self.dispatch(&publish) {
+                Ok(d) => d,
+                Err(e) => {
+                    self.fatal.trigger(e);
+                    break;
+                }
+            };
+            // QoS 0 has nothing to acknowledge.
+            if publish.qos != QoS::AtMostOnce {
+                tokio::select! {
+                    r = acks.send(AckItem { publish, seq }) => if r.is_err() { break },
+                    _ = stop.cancelled() => break,
+                }
+            }
+            // Awaited here, not spawned: a flood then slows us down at the broker
+            // (unacknowledged announces) instead of piling up tasks in memory.
+            if let Some(a) = answer {
+                tokio::select! {
+                    _ = self.outbox.send(&a.sensor, &a.route, a.reply, a.track) => {}
+                    _ = stop.cancelled() => break,
+                }
+            }
+        }
+    }
+
+    /// Decides what one announce gets: the write to wait for before the ack, and
+    /// the reply to send now, if any.
+    fn dispatch(self: &Arc<Self>, p: &Publish) -> Result<Decision, StoreError> {
+        metrics::announce();
+        let cfg = &self.cfg;
+        let topic = String::from_utf8_lossy(&p.topic);
+        let Some(sensor) = announce::sensor_id_from_topic(&cfg.mqtt.announce_topic, &topic) else {
+            metrics::error();
+            let shown: String = topic.chars().take(128).collect();
+            tracing::warn!(
+                topic = %shown,
+                "announce on {shown} without a valid sensor id (1-64 of A-Z a-z 0-9 . _ : -); dropped, no safe topic to answer on"
+            );
+            return Ok(Decision::default());
+        };
+        let mut route = Route::default();
+        if let Some(props) = &p.properties {
+            if let Some(rt) = &props.response_topic {
+                if allowed_response_topic(&cfg.mqtt.reply_topic, sensor, rt) {
+                    route.response_topic = Some(rt.clone());
+                } else {
+                    tracing::warn!(sensor_id = sensor, "response topic of sensor {sensor} is outside its reply namespace; using the default reply topic");
+                }
+            }
+            route.correlation_data = props.correlation_data.as_ref().map(|c| c.to_vec());
+        }
+
+        let parsed = announce::parse(
+            sensor,
+            &p.payload,
+            cfg.announce.max_payload_bytes,
+            &cfg.gateway_id,
+        );
+        let ann = match parsed {
+            Ok(a) => a,
+            Err(e) => {
+                if !matches!(e, AnnounceError::PayloadTooLarge { .. }) {
+                    route.request_id = announce::peek_request_id(&p.payload);
+                }
+                return Ok(self.reject(sensor, route, e.code(), e.to_string(), None));
+            }
+        };
+        route.request_id = ann.request_id.clone();
+
+        // Known and onboarded: the compact credentials tree answers (no full record,
+        // no disk write).
+        if let Some(creds) = self.store.credentials(sensor)? {
+            if let Err(denied) = self.gate.check(&ann, true) {
+                return Ok(self.refuse(sensor, route, denied));
+            }
+            // Its reply still waits for the broker: this one is tracked too.
+            let track = if self.store.is_undelivered(sensor)? {
+                self.store
+                    .get(sensor)?
+                    .and_then(|r| delivery_tag(sensor, &r))
+            } else {
+                None
+            };
+            metrics::cached_reply();
+            tracing::debug!(sensor_id = sensor, "known sensor; answering from the store");
+            let reply = self.outbox.ok_reply(sensor, &route, &creds);
+            return Ok(Decision {
+                seq: 0,
+                answer: Some(Answer {
+                    sensor: sensor.to_string(),
+                    route,
+                    reply,
+                    track,
+                }),
+            });
+        }
+        let existing = self.store.get(sensor)?;
+        if let Err(denied) = self.gate.check(&ann, existing.is_some()) {
+            return Ok(self.refuse(sensor, route, denied));
+        }
+
+        match existing {
+            Some(rec) if rec.credentials().is_some() => {
+                // Created, but without the shortcut (a crash between the two writes).
+                let creds = rec.credentials().expect("checked").clone();
+                let reply = self.outbox.ok_reply(sensor, &route, &creds);
+                Ok(Decision {
+                    seq: 0,
+                    answer: Some(Answer {
+                        sensor: sensor.to_string(),
+                        track: delivery_tag(sensor, &rec),
+                        route,
+                        reply,
+                    }),
+                })
+            }
+            Some(rec) => Ok(self.join_pending(sensor, &rec, route)),
+            None => {
+                let now = self.clock.wall_ms();
+                let rec = Record::pending(ann.spec, route, self.store.next_generation()?, now);
+                match self.store.insert_new(sensor, &rec)? {
+                    Some(seq) => {
+                        failpoint::hit("after_pending_recorded");
+                        self.gate.admitted(sensor);
+                        tracing::info!(sensor_id = sensor, "new sensor; onboarding {sensor}");
+                        self.spawn_onboarding(sensor.to_string(), Duration::ZERO);
+                        Ok(Decision { seq, answer: None })
+                    }
+                    None => Ok(Decision {
+                        seq: self.store.last_write(),
+                        answer: None,
+                    }),
+                }
+            }
+        }
+    }
+
+    /// A pending sensor announced again: its task answers this route too, unless the
+    /// cloud has failed already or too many answers are owed (then: ask again later).
+    fn join_pending(self: &Arc<Self>, sensor: &str, rec: &Record, route: Route) -> Decision {
+        // Should no task be running for it, this starts one; otherwise a no-op.
+        let due = self.until_due(rec);
+        self.spawn_onboarding(sensor.to_string(), due);
+        let mut retry_after_s = (rec.attempts > 0).then(|| due.as_secs_f64().ceil() as u64);
+        if route != rec.route && !self.onboardings.add_waiting(sensor, route.clone()) {
+            retry_after_s.get_or_insert(1);
+        }
+        Decision {
+            // Its record may not be flushed yet: this ack waits for the same flush.
+            seq: self.store.last_write(),
+            answer: retry_after_s.map(|secs| Answer {
+                sensor: sensor.to_string(),
+                reply: Reply::pending(sensor, secs, route.request_id.clone()),
+                route,
+                track: None,
+            }),
+        }
+    }
+
+    fn refuse(&self, sensor: &str, route: Route, denied: Denial) -> Decision {
+        self.reject(
+            sensor,
+            route,
+            denied.code,
+            denied.message,
+            denied.retry_after,
+        )
+    }
+
+    fn reject(
+        &self,
+        sensor: &str,
+        route: Route,
+        code: &str,
+        message: String,
+        retry_after: Option<Duration>,
+    ) -> Decision {
+        metrics::error();
+        tracing::warn!(sensor_id = sensor, code, detail = %message, outcome = "refused", "announce of sensor {sensor} refused ({code}): {message}");
+        let request_id = route.request_id.clone();
+        let reply = match retry_after {
+            Some(ra) => Reply::error_retry_after(sensor, code, message, ra, request_id),
+            None => Reply::error(sensor, code, message, request_id),
+        };
+        Decision {
+            seq: 0,
+            answer: Some(Answer {
+                sensor: sensor.to_string(),
+                route,
+                reply,
+                track: None,
+            }),
+        }
+    }
+
+    /// Acknowledges announces in arrival order, each once its write is durable.
+    /// Runs until the dispatcher is gone and every queued ack is sent, or `abort`.
+    pub async fn run_acker(self: Arc<Self>, mut acks: mpsc::Receiver<AckItem>) {
+        let abort = self.shutdown.abort.clone();
+        loop {
+            let item = tokio::select! {
+                i = acks.recv() => match i { Some(i) => i, None => return },
+                _ = abort.cancelled() => return,
+            };
+            if item.seq > 0 {
+                if let Err(e) = self.store.durable(item.seq).await {
+                    // Not acknowledged: the broker will deliver it again.
+                    self.fatal.trigger(e);
+                    return;
+                }
+            }
+            tokio::select! {
+                r = self.outbox.mqtt().ack(&item.publish) => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "cannot queue an ack: {e}");
+                    }
+                }
+                _ = abort.cancelled() => return,
+            }
+            failpoint::hit("after_announce_acked");
+        }
+    }
+}

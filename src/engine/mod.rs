@@ -1,0 +1,191 @@
+//! The onboarding engine: turns announces into devices and replies.
+//!
+//! - [`dispatch`]: one task takes announces in arrival order and decides what each
+//!   gets (a reply from the store, a new `Pending` record, a refusal); the acker
+//!   acknowledges them to the broker once their record is on disk.
+//! - [`worker`]: one onboarding task per unfinished sensor drives its record through
+//!   the transitions of [`crate::onboarding`], persisting each before the next side
+//!   effect.
+//! - [`delivery`]: the replies, and the broker's acknowledgements that move a record
+//!   from `Created` to `Delivered`.
+//!
+//! This file holds what they share. Only the engine writes records: `devices forget`
+//! goes through [`Engine::forget`] too.
+
+mod delivery;
+mod dispatch;
+mod worker;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::Clock;
+use crate::cloud::Cloud;
+use crate::config::Config;
+use crate::mqtt::Mqtt;
+use crate::onboarding::Record;
+use crate::security::Gatekeeper;
+use crate::store::{Store, StoreError};
+
+pub use delivery::Outbox;
+pub use dispatch::AckItem;
+use worker::{CloudHealth, Onboardings};
+
+/// Why the engine cannot go on: the daemon stops with a non-zero exit so systemd
+/// restarts it.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// sled failed: carrying on could lose data (its own flusher stops after an
+    /// I/O error).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The first fatal error, shared by every task.
+#[derive(Clone, Default)]
+pub struct Fatal {
+    token: CancellationToken,
+    reason: Arc<Mutex<Option<Arc<EngineError>>>>,
+}
+
+impl Fatal {
+    pub fn trigger(&self, error: impl Into<EngineError>) {
+        let error = error.into();
+        tracing::error!(error = %error, "fatal error: stopping so that systemd restarts onboardd: {error}");
+        let mut r = self
+            .reason
+            .lock()
+            .expect("the fatal lock is never poisoned");
+        if r.is_none() {
+            *r = Some(Arc::new(error));
+        }
+        self.token.cancel();
+    }
+
+    pub fn reason(&self) -> Option<Arc<EngineError>> {
+        self.reason
+            .lock()
+            .expect("the fatal lock is never poisoned")
+            .clone()
+    }
+
+    pub fn token(&self) -> &CancellationToken {
+        &self.token
+    }
+}
+
+/// When the engine stops: `stop` ends waits and admits no new work; `abort` then
+/// cancels cloud calls still running (their state is on disk at every step, and a
+/// `Creating` sensor is looked up before any further create, so stopping anywhere
+/// is safe).
+#[derive(Clone, Default)]
+pub struct Shutdown {
+    pub stop: CancellationToken,
+    pub abort: CancellationToken,
+}
+
+pub struct Engine {
+    cfg: Arc<Config>,
+    clock: Clock,
+    store: Store,
+    cloud: Cloud,
+    /// Replies to sensors.
+    outbox: Outbox,
+    /// Claims, rules and flood limits.
+    gate: Gatekeeper,
+    /// The onboarding tasks and the routes waiting for their outcome.
+    onboardings: Onboardings,
+    /// Whether Qubitro answers, and the pause after it refused the API key.
+    health: CloudHealth,
+    shutdown: Shutdown,
+    fatal: Fatal,
+}
+
+impl Engine {
+    pub fn new(
+        cfg: Arc<Config>,
+        clock: Clock,
+        store: Store,
+        cloud: Cloud,
+        mqtt: Mqtt,
+        shutdown: Shutdown,
+        fatal: Fatal,
+    ) -> Arc<Engine> {
+        Arc::new(Engine {
+            onboardings: Onboardings::new(&cfg),
+            health: CloudHealth::default(),
+            outbox: Outbox::new(&cfg, mqtt),
+            gate: Gatekeeper::new(&cfg),
+            cfg,
+            clock,
+            store,
+            cloud,
+            shutdown,
+            fatal,
+        })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn cloud(&self) -> &Cloud {
+        &self.cloud
+    }
+
+    /// Sensors whose onboarding runs right now.
+    pub fn pending_now(&self) -> u64 {
+        self.onboardings.active_count() as u64
+    }
+
+    /// One line on the cloud for STATUS= and the journal.
+    pub fn cloud_status(&self) -> String {
+        self.health.describe(self.clock.now())
+    }
+
+    /// Restarts the onboarding of every sensor the store says is unfinished. Call
+    /// before the dispatcher starts, so no record is picked up twice.
+    pub fn resume_from_store(self: &Arc<Self>) -> Result<usize, StoreError> {
+        let unfinished = self.store.unfinished()?;
+        let n = unfinished.len();
+        for (sensor, rec) in unfinished {
+            let wait = self.until_due(&rec);
+            self.spawn_onboarding(sensor, wait);
+        }
+        Ok(n)
+    }
+
+    /// How long until a record's next attempt is due. Never trusted further ahead
+    /// than one backoff cap: the clock of a Pi without RTC can jump.
+    fn until_due(&self, rec: &Record) -> Duration {
+        let ms = rec.next_attempt_ms.saturating_sub(self.clock.wall_ms());
+        Duration::from_millis(ms).min(self.onboardings.backoff.max)
+    }
+
+    /// `devices forget`: the record goes, with its cool-down and waiting routes, so
+    /// the next announce onboards the sensor anew. A create still in flight for it
+    /// finds the record gone (its generation no longer matches) and writes nothing.
+    pub async fn forget(&self, sensor: &str) -> Result<Option<Record>, StoreError> {
+        let old = self.store.remove(sensor, None)?;
+        self.gate.forgotten(sensor);
+        self.onboardings.take_waiting(sensor);
+        self.store.flush_all().await?;
+        if old.is_some() {
+            tracing::info!(sensor_id = sensor, "sensor forgotten by the operator");
+        }
+        Ok(old)
+    }
+
+    /// Waits (bounded) for onboarding tasks to reach a safe point after `stop`,
+    /// then cancels the cloud calls still running.
+    pub async fn wind_down(&self, within: Duration) -> bool {
+        self.onboardings.tasks.close();
+        let done = tokio::time::timeout(within, self.onboardings.tasks.wait())
+            .await
+            .is_ok();
+        self.shutdown.abort.cancel();
+        done
+    }
+}
