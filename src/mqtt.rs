@@ -319,7 +319,7 @@ impl EventLoopTask {
                         was_connected = false;
                     }
                     let wait = self.backoff.delay(failures);
-                    if crate::tls::is_clock_not_synced(&format!("{e:?}")) {
+                    if crate::tls::cert_problem(&e) == Some(crate::tls::CertProblem::NotValidYet) {
                         tracing::warn!(error = %e, "the broker's certificate is not valid yet: the clock is probably not synced (a Pi has no RTC until NTP runs); retrying");
                     } else if failures == 0 {
                         tracing::warn!(error = %e, "broker connection lost; reconnecting with backoff");
