@@ -1,0 +1,168 @@
+//! The daemon's side of the control socket: accept connections, answer each
+//! request line against the store (and the engine, for `forget --delete-remote`).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::{ControlError, DeviceRow, Request, Response};
+use crate::config::ControlConfig;
+use crate::engine::Engine;
+use crate::store::Store;
+
+/// Starts the socket server, or returns None when `control.socket` is empty.
+pub fn serve(
+    cfg: &ControlConfig,
+    engine: Arc<Engine>,
+    stop: CancellationToken,
+) -> Result<Option<JoinHandle<()>>, ControlError> {
+    use std::os::unix::fs::PermissionsExt;
+    if cfg.socket.is_empty() {
+        return Ok(None);
+    }
+    let path = Path::new(&cfg.socket);
+    fn prepare(path: &Path) -> impl FnOnce(std::io::Error) -> ControlError + '_ {
+        move |source| ControlError::Prepare {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+    if let Some(dir) = path.parent() {
+        if !dir.exists() {
+            std::fs::create_dir_all(dir).map_err(prepare(dir))?;
+            std::fs::set_permissions(dir, PermissionsExt::from_mode(0o700))
+                .map_err(prepare(dir))?;
+        }
+    }
+    // A stale socket from a killed daemon would make bind fail.
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path).map_err(|source| ControlError::Bind {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    std::fs::set_permissions(path, PermissionsExt::from_mode(0o600)).map_err(prepare(path))?;
+    let path = path.to_path_buf();
+    Ok(Some(tokio::spawn(async move {
+        loop {
+            let conn = tokio::select! {
+                c = listener.accept() => c,
+                _ = stop.cancelled() => break,
+            };
+            if let Ok((stream, _)) = conn {
+                let engine = engine.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = handle(stream, engine).await {
+                        tracing::debug!(error = %crate::logging::chain(&e), "control connection failed");
+                    }
+                });
+            }
+        }
+        let _ = std::fs::remove_file(path);
+    })))
+}
+
+async fn handle(stream: UnixStream, engine: Arc<Engine>) -> Result<(), ControlError> {
+    let (r, mut w) = stream.into_split();
+    let mut lines = BufReader::new(r).lines();
+    while let Some(line) = lines.next_line().await? {
+        let resp = match serde_json::from_str::<Request>(&line) {
+            Ok(req) => answer(req, engine.store(), Some(&engine)).await,
+            Err(e) => Response::Error {
+                message: format!("bad request: {e}"),
+            },
+        };
+        let mut out = serde_json::to_vec(&resp)?;
+        out.push(b'\n');
+        w.write_all(&out).await?;
+    }
+    Ok(())
+}
+
+/// Answers one request against a store (the daemon's, or one the CLI opened).
+pub async fn answer(req: Request, store: &Store, engine: Option<&Engine>) -> Response {
+    match req {
+        Request::List => {
+            let mut devices = Vec::new();
+            for item in store.scan() {
+                match item {
+                    Ok((id, rec)) => devices.push(DeviceRow::from_record(&id, &rec, true)),
+                    Err(e) => {
+                        return Response::Error {
+                            message: e.to_string(),
+                        }
+                    }
+                }
+            }
+            Response::Devices { devices }
+        }
+        Request::Show { sensor_id } => match store.get(&sensor_id) {
+            Ok(rec) => Response::Device {
+                device: rec.map(|r| Box::new(DeviceRow::from_record(&sensor_id, &r, true))),
+            },
+            Err(e) => Response::Error {
+                message: e.to_string(),
+            },
+        },
+        Request::Forget {
+            sensor_id,
+            delete_remote,
+        } => forget(store, engine, &sensor_id, delete_remote).await,
+    }
+}
+
+/// Forgets one sensor, and deletes its Qubitro device when asked and possible.
+async fn forget(
+    store: &Store,
+    engine: Option<&Engine>,
+    sensor: &str,
+    delete_remote: bool,
+) -> Response {
+    let rec = match store.remove(sensor) {
+        Ok(r) => r,
+        Err(e) => {
+            return Response::Error {
+                message: e.to_string(),
+            }
+        }
+    };
+    if let Err(e) = store.flush_all().await {
+        return Response::Error {
+            message: e.to_string(),
+        };
+    }
+    let Some(rec) = rec else {
+        return Response::Forgot {
+            found: false,
+            remote_deleted: false,
+            message: format!("{sensor} is not known to this gateway"),
+        };
+    };
+    let device_id = rec.credentials().map(|c| c.device_id);
+    let mut remote_deleted = false;
+    let mut message = format!("{sensor} forgotten: it is onboarded anew on its next announce");
+    match (&device_id, delete_remote, engine) {
+        (Some(id), true, Some(engine)) => match engine.cloud().delete(id).await {
+            Ok(()) => {
+                remote_deleted = true;
+                message.push_str(&format!("; Qubitro device {id} deleted"));
+            }
+            Err(e) => message.push_str(&format!("; deleting Qubitro device {id} FAILED: {e}")),
+        },
+        (Some(id), true, None) => {
+            message.push_str(&format!("; Qubitro device {id} NOT deleted (the daemon is not running to do it)"))
+        }
+        (Some(id), false, _) => message.push_str(&format!(
+            "; the Qubitro device {id} is KEPT (use --delete-remote to delete it). With lookup_before_create on, the next announce adopts it again"
+        )),
+        (None, _, _) => {}
+    }
+    Response::Forgot {
+        found: true,
+        remote_deleted,
+        message,
+    }
+}
