@@ -7,15 +7,13 @@
 #   scripts/build-deb.sh aarch64     # 64-bit Raspberry Pi OS (arm64)
 #   scripts/build-deb.sh armv7       # 32-bit Raspberry Pi OS (armhf)
 #
-# Uses the cross-build target dir (CROSS_TARGET_DIR, default /work/target-cross)
+# Uses the cross-build target dir (CROSS_TARGET_DIR, default target-cross/ inside the checkout)
 # so it does not churn the shared host target dir. Prints the .deb path.
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
-default_dir=/work/target-cross
-[[ -d /work && -w /work ]] || default_dir="$repo/target-cross"
-export CARGO_TARGET_DIR="${CROSS_TARGET_DIR:-$default_dir}"
+export CARGO_TARGET_DIR="${CROSS_TARGET_DIR:-$repo/target-cross}"
 
 if ! command -v cargo-deb >/dev/null; then
     echo "build-deb: installing cargo-deb" >&2

@@ -5,16 +5,14 @@
 #
 # Builds with --no-default-features: the default feature `fake-cloud` (the fake
 # Qubitro HTTP server) must not ship to gateways. Uses its own target dir
-# (CROSS_TARGET_DIR, default /work/target-cross or ./target-cross) so a cross
+# (CROSS_TARGET_DIR, default target-cross/ inside the checkout) so a cross
 # build never invalidates the host build's cache. Prints each stripped
 # binary's size and the build time.
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
-default_dir=/work/target-cross
-[[ -d /work && -w /work ]] || default_dir="$repo/target-cross"
-export CARGO_TARGET_DIR="${CROSS_TARGET_DIR:-$default_dir}"
+export CARGO_TARGET_DIR="${CROSS_TARGET_DIR:-$repo/target-cross}"
 
 which="${1:-all}"
 case "$which" in

@@ -8,9 +8,7 @@ set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
-default_dir=/work/target-cross
-[[ -d /work && -w /work ]] || default_dir="$repo/target-cross"
-target_dir="${CROSS_TARGET_DIR:-$default_dir}"
+target_dir="${CROSS_TARGET_DIR:-$repo/target-cross}"
 
 which="${1:-aarch64}"
 case "$which" in

@@ -1,6 +1,13 @@
-//! Exponential backoff with full jitter (AWS architecture blog, "Exponential Backoff
-//! and Jitter"): the n-th wait is uniform in [0, min(cap, base·2ⁿ)], which spreads
-//! retries of many clients instead of synchronising them into waves.
+//! Exponential backoff with jitter (AWS architecture blog, "Exponential Backoff and
+//! Jitter"). The n-th ceiling is min(max, initial·2ⁿ); two ways to draw a wait below it:
+//!
+//! - [`Backoff::delay`], *equal jitter*: uniform in [ceiling/2, ceiling], so a retry is
+//!   never immediate. Used by the MQTT session (`mqtt.rs`) between reconnects, where
+//!   rumqttc itself would retry at once and spin (rumqtt#703).
+//! - [`Backoff::full_jitter`], *full jitter*: uniform in [0, ceiling], which spreads
+//!   the retries of many sensors furthest apart. Used by the engine between cloud
+//!   retries of one sensor's onboarding (`engine.rs`), where a Retry-After from the
+//!   cloud takes precedence and a floor of 50 ms is applied by the caller.
 
 use std::time::Duration;
 
@@ -21,7 +28,7 @@ impl Backoff {
         self.initial.saturating_mul(factor).min(self.max)
     }
 
-    /// A random wait in [ceiling/2, ceiling] ("equal jitter" floor) so a retry is never
+    /// Equal jitter: a random wait in [ceiling/2, ceiling], so a retry is never
     /// immediate: a reconnect storm or a retry storm is the thing we avoid.
     pub fn delay(&self, attempt: u32) -> Duration {
         let ceil = self.ceiling(attempt);
@@ -30,7 +37,7 @@ impl Backoff {
         half + Duration::from_millis(fastrand::u64(0..=span))
     }
 
-    /// Full jitter: uniform in [0, ceiling].
+    /// Full jitter: uniform in [0, ceiling]; may be zero, so callers add a floor.
     pub fn full_jitter(&self, attempt: u32) -> Duration {
         let ceil = self.ceiling(attempt).as_millis() as u64;
         Duration::from_millis(fastrand::u64(0..=ceil))

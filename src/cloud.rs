@@ -67,7 +67,7 @@ impl Cloud {
         // Always our own rustls config (ring + webpki roots): reqwest's default would
         // need the system's CA store even for an http:// fake, and fail without it.
         let builder = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls_config(&cfg.ca_file)?)
+            .tls_backend_preconfigured(crate::tls::api_tls(&cfg.ca_file)?)
             .connect_timeout(Duration::from_millis(cfg.connect_timeout_ms))
             .timeout(Duration::from_millis(cfg.request_timeout_ms))
             .pool_max_idle_per_host(cfg.max_in_flight)
@@ -211,10 +211,12 @@ impl Cloud {
 
 fn transport_error(e: &reqwest::Error, is_create: bool) -> CloudError {
     // A connect error means the request never left; anything later may have created it.
-    let reason = if crate::tls::is_clock_not_synced(&format!("{e:?}")) {
+    use crate::tls::CertProblem;
+    let problem = crate::tls::cert_problem(e);
+    let reason = if problem == Some(CertProblem::NotValidYet) {
         "TLS certificate not valid yet: the clock is probably not synced (no RTC until NTP runs)"
             .to_string()
-    } else if format!("{e:?}").contains("InvalidCertificate") {
+    } else if problem.is_some() {
         "the API's TLS certificate is not trusted (a proxy? see qubitro.ca_file)".to_string()
     } else if e.is_timeout() {
         "timed out".to_string()
@@ -316,35 +318,6 @@ fn credentials_in(data: &Value) -> Option<Credentials> {
         }
     }
     None
-}
-
-/// rustls with the ring provider (builds for armv7, unlike aws-lc-rs) and the
-/// webpki root set compiled in, so no system store or OpenSSL is needed; plus the
-/// CAs of `qubitro.ca_file`, if any.
-pub fn tls_config(extra_ca_file: &str) -> anyhow::Result<rustls::ClientConfig> {
-    use anyhow::Context;
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore {
-        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-    };
-    if !extra_ca_file.is_empty() {
-        for cert in rustls::pki_types::CertificateDer::pem_file_iter(extra_ca_file)
-            .with_context(|| format!("qubitro.ca_file: cannot read {extra_ca_file}"))?
-        {
-            let cert =
-                cert.with_context(|| format!("qubitro.ca_file: bad PEM in {extra_ca_file}"))?;
-            roots.add(cert).with_context(|| {
-                format!("qubitro.ca_file: unusable certificate in {extra_ca_file}")
-            })?;
-        }
-    }
-    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("ring supports TLS 1.2 and 1.3")
-    .with_root_certificates(roots)
-    .with_no_client_auth())
 }
 
 #[cfg(test)]

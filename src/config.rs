@@ -14,15 +14,35 @@ pub const DEFAULT_CONFIG: &str = include_str!("../config/onboardd.toml");
 /// Where `run` and `check-config` look when `--config` and `$ONBOARDD_CONFIG` are absent.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/onboardd/onboardd.toml";
 
-/// A configuration problem, always naming the key at fault.
+/// A configuration problem, always naming the key (or the file) at fault. The
+/// detail of a wrapped error is its `source()`: print the chain (`{:#}` via anyhow).
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("config file {path}: {message}")]
-    File { path: PathBuf, message: String },
-    #[error("invalid config: {0}")]
-    Invalid(String),
+    #[error("config file {}: not found (give --config FILE or set ONBOARDD_CONFIG)", path.display())]
+    NotFound { path: PathBuf },
+    /// The file does not parse, or a key has the wrong type or is unknown.
+    #[error("config file {}", path.display())]
+    File {
+        path: PathBuf,
+        #[source]
+        source: config::ConfigError,
+    },
+    #[error("invalid config")]
+    Invalid(#[source] config::ConfigError),
     #[error("{key}: {message}")]
     Key { key: String, message: String },
+    /// A `*_file` secret (or `claim --key-file`) cannot be read.
+    #[error("{key}: cannot read {}", path.display())]
+    SecretFile {
+        key: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{key}: {} is empty", path.display())]
+    EmptySecretFile { key: &'static str, path: PathBuf },
+    #[error("log.level")]
+    LogLevel(#[source] crate::logging::LogError),
 }
 
 fn key_err(key: &str, message: impl Into<String>) -> ConfigError {
@@ -219,9 +239,8 @@ impl Config {
     /// Reads FILE (required to exist), then the environment, then validates.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         if !path.exists() {
-            return Err(ConfigError::File {
+            return Err(ConfigError::NotFound {
                 path: path.to_path_buf(),
-                message: "not found (give --config FILE or set ONBOARDD_CONFIG)".into(),
             });
         }
         let built = config::Config::builder()
@@ -232,13 +251,11 @@ impl Config {
             .add_source(config::File::from(path).format(config::FileFormat::Toml))
             .add_source(env_source())
             .build()
-            .map_err(|e| ConfigError::File {
+            .map_err(|source| ConfigError::File {
                 path: path.to_path_buf(),
-                message: e.to_string(),
+                source,
             })?;
-        let mut cfg: Config = built
-            .try_deserialize()
-            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let mut cfg: Config = built.try_deserialize().map_err(ConfigError::Invalid)?;
         cfg.resolve()?;
         Ok(cfg)
     }
@@ -252,10 +269,8 @@ impl Config {
             ))
             .add_source(config::File::from_str(text, config::FileFormat::Toml))
             .build()
-            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
-        let mut cfg: Config = built
-            .try_deserialize()
-            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+            .map_err(ConfigError::Invalid)?;
+        let mut cfg: Config = built.try_deserialize().map_err(ConfigError::Invalid)?;
         cfg.resolve()?;
         Ok(cfg)
     }
@@ -393,6 +408,9 @@ impl Config {
         if self.store.path.is_empty() {
             return Err(key_err("store.path", "must not be empty"));
         }
+        // The same check `run` makes when it installs the filter, so that
+        // `check-config` refuses what `run` would.
+        crate::logging::validate_level(&self.log.level).map_err(ConfigError::LogLevel)?;
         Ok(())
     }
 
@@ -444,7 +462,7 @@ fn env_source() -> config::Environment {
 
 /// Reads a secret from a file into `target` when `file` is set. A relative name is
 /// looked up in `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`) when that is set.
-fn read_secret_file(key: &str, file: &str, target: &mut Secret) -> Result<(), ConfigError> {
+fn read_secret_file(key: &'static str, file: &str, target: &mut Secret) -> Result<(), ConfigError> {
     if file.is_empty() {
         return Ok(());
     }
@@ -454,14 +472,28 @@ fn read_secret_file(key: &str, file: &str, target: &mut Secret) -> Result<(), Co
             path = Path::new(&dir).join(path);
         }
     }
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| key_err(key, format!("cannot read {}: {e}", path.display())))?;
-    let value = text.trim_end_matches(['\n', '\r']).to_string();
-    if value.is_empty() {
-        return Err(key_err(key, format!("{} is empty", path.display())));
-    }
-    *target = Secret(value);
+    *target = read_key_file(key, &path)?;
     Ok(())
+}
+
+/// Reads a secret (API key, password, claim key) from `path`: the whole file
+/// without its trailing line ending, which must leave something. `key` names the
+/// setting in errors. The one place secret files are read, for the config's
+/// `*_file` keys and for `onboardd claim --key-file`.
+pub fn read_key_file(key: &'static str, path: &Path) -> Result<Secret, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::SecretFile {
+        key,
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let value = text.trim_end_matches(['\n', '\r']);
+    if value.is_empty() {
+        return Err(ConfigError::EmptySecretFile {
+            key,
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(Secret::new(value))
 }
 
 fn host_name() -> String {
@@ -494,6 +526,59 @@ mod tests {
         api_key = "QB_secret_value"
     "#;
 
+    /// The error and its sources, as main prints them.
+    fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+        crate::logging::chain(err).to_string()
+    }
+
+    #[test]
+    fn a_log_level_that_is_not_a_level_is_a_config_error_naming_the_key() {
+        let err = Config::from_toml(&format!("{MINIMAL}\n[log]\nlevel = \"inf0\"")).unwrap_err();
+        assert!(matches!(err, ConfigError::LogLevel(_)), "{err:?}");
+        assert!(
+            chain(&err).starts_with("log.level: invalid log level"),
+            "{}",
+            chain(&err)
+        );
+        Config::from_toml(&format!("{MINIMAL}\n[log]\nlevel = \"info,rumqttc=warn\"")).unwrap();
+    }
+
+    #[test]
+    fn key_files_are_read_once_trimmed_and_never_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("k");
+        std::fs::write(&f, "fleet\r\n").unwrap();
+        assert_eq!(read_key_file("--key-file", &f).unwrap().expose(), "fleet");
+        std::fs::write(&f, "\n").unwrap();
+        let err = read_key_file("--key-file", &f).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConfigError::EmptySecretFile {
+                    key: "--key-file",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let err = read_key_file("qubitro.api_key_file", &dir.path().join("none")).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConfigError::SecretFile {
+                    key: "qubitro.api_key_file",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string()
+                .starts_with("qubitro.api_key_file: cannot read "),
+            "{err}"
+        );
+    }
+
     #[test]
     fn defaults_are_the_documented_ones() {
         let c = Config::from_toml(MINIMAL).unwrap();
@@ -524,13 +609,13 @@ mod tests {
     #[test]
     fn unknown_key_is_rejected_by_name() {
         let err = Config::from_toml(&format!("{MINIMAL}\n[store]\npathh = \"/x\"")).unwrap_err();
-        assert!(err.to_string().contains("pathh"), "{err}");
+        assert!(chain(&err).contains("pathh"), "{err}");
     }
 
     #[test]
     fn wrong_type_names_the_key() {
         let err = Config::from_toml(&format!("{MINIMAL}\n[mqtt]\nport = \"abc\"")).unwrap_err();
-        assert!(err.to_string().contains("port"), "{err}");
+        assert!(chain(&err).contains("port"), "{err}");
     }
 
     #[test]

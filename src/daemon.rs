@@ -28,7 +28,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let started = Instant::now();
     let cfg = Arc::new(cfg);
     // rumqttc's TLS uses the process-wide provider; ring builds for every Pi.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    crate::tls::install_ring_provider();
 
     let (store, outcome) = Store::open(&cfg.store)?;
     if let OpenOutcome::RebuiltAfterCorruption { moved_to } = &outcome {

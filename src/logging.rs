@@ -21,7 +21,6 @@ use std::io::IsTerminal;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
 use tracing::callsite::{Callsite, Identifier};
 use tracing::field::{FieldSet, Value};
 use tracing::metadata::Kind;
@@ -44,7 +43,7 @@ pub const DEFAULT_WINDOW: Duration = Duration::from_secs(30);
 /// operator can turn on debugging with a drop-in without editing the config.
 ///
 /// Fails if the directive does not parse or a global subscriber is already set.
-pub fn init(level: &str) -> anyhow::Result<()> {
+pub fn init(level: &str) -> Result<(), LogError> {
     let filter = effective_filter(level, std::env::var("RUST_LOG").ok().as_deref())?;
 
     // The subscriber the output layer sits on: the registry with the level filter.
@@ -67,7 +66,7 @@ pub fn init(level: &str) -> anyhow::Result<()> {
         .with(filter)
         .with(RateLimited::new(output, DEFAULT_BURST, DEFAULT_WINDOW))
         .try_init()
-        .context("installing the global tracing subscriber")?;
+        .map_err(LogError::Install)?;
 
     if let Some(e) = journal_error {
         // Only visible now that a subscriber exists; stderr still reaches the journal
@@ -77,44 +76,90 @@ pub fn init(level: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Checks a `[log] level` value without installing anything, for `check-config`.
-pub fn validate_level(level: &str) -> Result<(), String> {
-    check_level_words(level)?;
-    EnvFilter::builder()
-        .parse(level)
-        .map(|_| ())
-        .map_err(|e| format!("invalid log level {level:?}: {e}"))
+/// Shows an error with all its sources, `outer: inner: innermost`, for log fields:
+/// `tracing::warn!(error = %logging::chain(&e), …)`. Typed errors keep their detail
+/// in `source()`, which `%e` alone would not show.
+pub fn chain<'a>(err: &'a (dyn std::error::Error + 'static)) -> impl std::fmt::Display + 'a {
+    struct Chain<'a>(&'a (dyn std::error::Error + 'static));
+    impl std::fmt::Display for Chain<'_> {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "{}", self.0)?;
+            let mut next = self.0.source();
+            while let Some(e) = next {
+                write!(f, ": {e}")?;
+                next = e.source();
+            }
+            Ok(())
+        }
+    }
+    Chain(err)
+}
+
+/// Why logging could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// A bare word that is not a level (EnvFilter would take it as a target name).
+    #[error("invalid log level {directive:?}: expected one of {} or target=level", LEVELS.join(", "))]
+    NotALevel { directive: String },
+    /// The directive does not parse as an `EnvFilter`.
+    #[error("invalid {origin} {directive:?}")]
+    Filter {
+        /// Where the directive came from: `log.level` or `RUST_LOG`.
+        origin: &'static str,
+        directive: String,
+        #[source]
+        source: tracing_subscriber::filter::ParseError,
+    },
+    /// A global subscriber is already installed.
+    #[error("installing the global tracing subscriber")]
+    Install(#[source] tracing_subscriber::util::TryInitError),
+}
+
+const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
+/// Checks a `[log] level` value without installing anything; config validation
+/// calls it, so `check-config` refuses what `run` would.
+pub fn validate_level(level: &str) -> Result<(), LogError> {
+    parse_filter(level, "log.level").map(|_| ())
 }
 
 /// EnvFilter reads a bare word as a *target* name: `level = "inf0"` would parse and
 /// silently log nothing but a target called `inf0`. In the config file a bare word
 /// must therefore be a level; targets need the `target=level` form.
-fn check_level_words(level: &str) -> Result<(), String> {
-    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+fn check_level_words(level: &str) -> Result<(), LogError> {
     for directive in level.split(',').map(str::trim).filter(|d| !d.is_empty()) {
         let bare = !directive.contains(['=', '[']);
         if bare && !LEVELS.contains(&directive.to_ascii_lowercase().as_str()) {
-            return Err(format!(
-                "invalid log level {directive:?}: expected one of {} or target=level",
-                LEVELS.join(", ")
-            ));
+            return Err(LogError::NotALevel {
+                directive: directive.to_string(),
+            });
         }
     }
     Ok(())
 }
 
-/// The filter actually used: `RUST_LOG` if set and not blank, else the configured level.
-fn effective_filter(level: &str, rust_log: Option<&str>) -> anyhow::Result<EnvFilter> {
-    let (directive, source) = match rust_log {
-        Some(v) if !v.trim().is_empty() => (v, "RUST_LOG"),
-        _ => {
-            check_level_words(level).map_err(anyhow::Error::msg)?;
-            (level, "[log] level")
-        }
-    };
+/// The configured level as a filter: bare words checked, then parsed.
+fn parse_filter(level: &str, origin: &'static str) -> Result<EnvFilter, LogError> {
+    check_level_words(level)?;
+    env_filter(level, origin)
+}
+
+fn env_filter(directive: &str, origin: &'static str) -> Result<EnvFilter, LogError> {
     EnvFilter::builder()
         .parse(directive)
-        .with_context(|| format!("invalid {source} {directive:?}"))
+        .map_err(|source| LogError::Filter {
+            origin,
+            directive: directive.to_string(),
+            source,
+        })
+}
+
+/// The filter actually used: `RUST_LOG` if set and not blank, else the configured level.
+fn effective_filter(level: &str, rust_log: Option<&str>) -> Result<EnvFilter, LogError> {
+    match rust_log {
+        Some(v) if !v.trim().is_empty() => env_filter(v, "RUST_LOG"),
+        _ => parse_filter(level, "log.level"),
+    }
 }
 
 /// True when stderr is the journal stream systemd connected us to.

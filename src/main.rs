@@ -1,15 +1,14 @@
-//! The `onboardd` command line: parses arguments and hands over to the library.
+//! The `onboardd` command line: parses arguments, sets up logging, hands over to
+//! the library and turns the outcome into an exit code. Nothing else lives here.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use onboardd::config::{Config, DEFAULT_CONFIG, DEFAULT_CONFIG_PATH};
-use onboardd::control::{self, DeviceRow, Request, Response};
-
-/// Exit code of a configuration error: the systemd unit does not restart on it
-/// (RestartPreventExitStatus=78, EX_CONFIG from sysexits.h).
-const EXIT_CONFIG: u8 = 78;
+use onboardd::config::{self, Config, ConfigError, DEFAULT_CONFIG, DEFAULT_CONFIG_PATH};
+use onboardd::control::{self, DevicesCommand, Outcome};
+use onboardd::logging::LogError;
 
 #[derive(Parser)]
 #[command(
@@ -46,7 +45,7 @@ enum Command {
         #[command(flatten)]
         cfg: ConfigArg,
         #[command(subcommand)]
-        action: DevicesCmd,
+        action: DevicesCommand,
     },
     /// Print the claim a sensor must carry: hex(HMAC-SHA256(claim_key, SENSOR_ID))
     Claim {
@@ -58,148 +57,120 @@ enum Command {
     },
 }
 
-#[derive(Subcommand)]
-enum DevicesCmd {
-    /// A table of every known sensor and its state
-    List {
-        /// One JSON array instead of a table
-        #[arg(long)]
-        json: bool,
-    },
-    /// Everything known of one sensor (the token only with --show-token)
-    Show {
-        sensor_id: String,
-        #[arg(long)]
-        show_token: bool,
-    },
-    /// Forget a sensor: it is onboarded anew on its next announce. Its Qubitro
-    /// device is KEPT unless --delete-remote is given.
-    Forget {
-        sensor_id: String,
-        /// Also delete the device in Qubitro (needs the daemon running)
-        #[arg(long)]
-        delete_remote: bool,
-    },
-    /// Every sensor as JSON lines (tokens only with --include-tokens)
-    Export {
-        #[arg(long)]
-        include_tokens: bool,
-    },
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // reqwest and rumqttc are built without a default TLS provider: ring builds for
-    // every Pi (aws-lc-rs does not for armv7). Installed once, before any client.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    match cli.command {
-        Command::PrintDefaultConfig => {
-            print!("{DEFAULT_CONFIG}");
-            ExitCode::SUCCESS
-        }
-        Command::CheckConfig(c) => match Config::load(&c.config) {
-            Ok(cfg) => {
-                println!("# {}: valid", c.config.display());
-                print!("{}", cfg.redacted_toml());
-                onboardd::config::warn_if_readable_secrets(&c.config, &cfg);
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("onboardd: {e}");
-                ExitCode::from(EXIT_CONFIG)
-            }
-        },
-        Command::Run(c) => {
-            let cfg = match Config::load(&c.config) {
-                Ok(cfg) => cfg,
-                Err(e) => {
-                    eprintln!("onboardd: {e}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
+    onboardd::tls::install_ring_provider();
+    match execute(cli.command) {
+        Ok(code) => code,
+        Err(failure) => {
+            let (code, e) = match failure {
+                Failure::Config(e) => (EXIT_CONFIG, e),
+                Failure::Usage(e) => (EXIT_USAGE, e),
+                Failure::Runtime(e) => (1, e),
             };
-            if let Err(e) = onboardd::logging::init(&cfg.log.level) {
-                eprintln!("onboardd: log.level: {e}");
-                return ExitCode::from(EXIT_CONFIG);
-            }
-            onboardd::config::warn_if_readable_secrets(&c.config, &cfg);
-            let rt = match runtime() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("onboardd: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match rt.block_on(async {
-                // Installed before anything starts, so an early SIGTERM is a clean stop.
-                let signals = shutdown_signal();
-                onboardd::daemon::run(cfg, signals).await
-            }) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!(error = %format!("{e:#}"), "onboardd stopped on an error");
-                    eprintln!("onboardd: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
-        Command::Claim {
-            key_file,
-            sensor_id,
-        } => {
-            // Only the key: a factory station has no API key and no full config.
-            let key = match std::fs::read_to_string(&key_file) {
-                Ok(k) if !k.trim_end_matches(['\n', '\r']).is_empty() => {
-                    onboardd::config::Secret::new(k.trim_end_matches(['\n', '\r']))
-                }
-                Ok(_) => {
-                    eprintln!("onboardd: {} is empty", key_file.display());
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-                Err(e) => {
-                    eprintln!("onboardd: cannot read {}: {e}", key_file.display());
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            };
-            if !onboardd::config::valid_topic_level(&sensor_id) {
-                eprintln!("onboardd: {sensor_id:?} is not a valid sensor id (1-64 of A-Z a-z 0-9 . _ : -)");
-                return ExitCode::from(2);
-            }
-            println!("{}", onboardd::security::claim_for(&key, &sensor_id));
-            ExitCode::SUCCESS
-        }
-        Command::Devices { cfg, action } => {
-            let cfg = match Config::load(&cfg.config) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("onboardd: {e}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            };
-            let rt = match runtime() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("onboardd: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match rt.block_on(devices(cfg, action)) {
-                Ok(code) => code,
-                Err(e) => {
-                    eprintln!("onboardd: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
+            eprintln!("onboardd: {e:#}");
+            ExitCode::from(code)
         }
     }
 }
 
-fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+/// Exit code of a configuration error: the systemd unit does not restart on it
+/// (RestartPreventExitStatus=78, EX_CONFIG from sysexits.h).
+const EXIT_CONFIG: u8 = 78;
+/// Exit code of a wrong argument, as clap itself uses.
+const EXIT_USAGE: u8 = 2;
+
+/// Why a command failed; the variant alone decides the exit code (in `main`).
+enum Failure {
+    /// The configuration is wrong (a key, a secret file, the log level): 78.
+    Config(anyhow::Error),
+    /// An argument is wrong: 2.
+    Usage(anyhow::Error),
+    /// Anything else: 1, which systemd restarts `run` after.
+    Runtime(anyhow::Error),
+}
+
+impl From<ConfigError> for Failure {
+    fn from(e: ConfigError) -> Self {
+        Failure::Config(e.into())
+    }
+}
+
+impl From<LogError> for Failure {
+    fn from(e: LogError) -> Self {
+        Failure::Config(e.into())
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::Runtime(e)
+    }
+}
+
+fn execute(command: Command) -> Result<ExitCode, Failure> {
+    match command {
+        Command::PrintDefaultConfig => print!("{DEFAULT_CONFIG}"),
+        Command::CheckConfig(c) => {
+            let cfg = Config::load(&c.config)?;
+            println!("# {}: valid", c.config.display());
+            print!("{}", cfg.redacted_toml());
+            config::warn_if_readable_secrets(&c.config, &cfg);
+        }
+        Command::Run(c) => run(&c.config)?,
+        Command::Claim {
+            key_file,
+            sensor_id,
+        } => claim(&key_file, &sensor_id)?,
+        Command::Devices { cfg, action } => {
+            let cfg = Config::load(&cfg.config)?;
+            let outcome = runtime()?
+                .block_on(control::client::devices(&cfg, action))
+                .map_err(anyhow::Error::from)?;
+            if outcome == Outcome::NotFound {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run(path: &Path) -> Result<(), Failure> {
+    let cfg = Config::load(path)?;
+    onboardd::logging::init(&cfg.log.level)?;
+    config::warn_if_readable_secrets(path, &cfg);
+    let rt = runtime()?;
+    rt.block_on(async {
+        // Installed before anything starts, so an early SIGTERM is a clean stop.
+        let signals = shutdown_signal();
+        onboardd::daemon::run(cfg, signals).await
+    })
+    .map_err(|e| {
+        tracing::error!(error = %format!("{e:#}"), "onboardd stopped on an error");
+        Failure::Runtime(e)
+    })
+}
+
+/// Only the key: a factory station has no API key and no full config.
+fn claim(key_file: &Path, sensor_id: &str) -> Result<(), Failure> {
+    let key = config::read_key_file("--key-file", key_file)?;
+    if !config::valid_topic_level(sensor_id) {
+        return Err(Failure::Usage(anyhow::anyhow!(
+            "{sensor_id:?} is not a valid sensor id (1-64 of A-Z a-z 0-9 . _ : -)"
+        )));
+    }
+    println!("{}", onboardd::security::claim_for(&key, sensor_id));
+    Ok(())
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         // A Pi has 1-4 cores; more threads only cost memory.
         .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get().min(4)))
         .max_blocking_threads(8)
         .build()
+        .context("cannot start the runtime")
 }
 
 /// Registers SIGTERM and SIGINT now; the returned future resolves on either.
@@ -213,129 +184,4 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
             _ = int.recv() => {}
         }
     }
-}
-
-/// Asks the running daemon, or opens the store directly when none runs.
-async fn ask(cfg: &Config, req: Request) -> anyhow::Result<Response> {
-    if let Some(resp) = control::request(&cfg.control.socket, &req).await? {
-        return Ok(resp);
-    }
-    let (store, _) = onboardd::store::Store::open(&cfg.store)
-        .map_err(|e| anyhow::anyhow!("{e}; no daemon answers on {} either", cfg.control.socket))?;
-    Ok(control::answer(req, &store, None).await)
-}
-
-async fn devices(cfg: Config, action: DevicesCmd) -> anyhow::Result<ExitCode> {
-    match action {
-        DevicesCmd::List { json } => {
-            let Response::Devices { mut devices } = expect_ok(ask(&cfg, Request::List).await?)?
-            else {
-                anyhow::bail!("unexpected answer from the daemon");
-            };
-            devices.iter_mut().for_each(|d| d.device_token = None);
-            if json {
-                println!("{}", serde_json::to_string_pretty(&devices)?);
-            } else {
-                print_table(&devices);
-            }
-        }
-        DevicesCmd::Show {
-            sensor_id,
-            show_token,
-        } => {
-            let Response::Device { device } = expect_ok(
-                ask(
-                    &cfg,
-                    Request::Show {
-                        sensor_id: sensor_id.clone(),
-                    },
-                )
-                .await?,
-            )?
-            else {
-                anyhow::bail!("unexpected answer from the daemon");
-            };
-            match device {
-                Some(mut d) => {
-                    if !show_token {
-                        d.device_token = None;
-                    }
-                    println!("{}", serde_json::to_string_pretty(&d)?);
-                }
-                None => {
-                    eprintln!("onboardd: {sensor_id} is not known to this gateway");
-                    return Ok(ExitCode::FAILURE);
-                }
-            }
-        }
-        DevicesCmd::Forget {
-            sensor_id,
-            delete_remote,
-        } => {
-            let resp = expect_ok(
-                ask(
-                    &cfg,
-                    Request::Forget {
-                        sensor_id,
-                        delete_remote,
-                    },
-                )
-                .await?,
-            )?;
-            if let Response::Forgot { found, message, .. } = resp {
-                println!("{message}");
-                if !found {
-                    return Ok(ExitCode::FAILURE);
-                }
-            }
-        }
-        DevicesCmd::Export { include_tokens } => {
-            let Response::Devices { devices } = expect_ok(ask(&cfg, Request::List).await?)? else {
-                anyhow::bail!("unexpected answer from the daemon");
-            };
-            for mut d in devices {
-                if !include_tokens {
-                    d.device_token = None;
-                }
-                println!("{}", serde_json::to_string(&d)?);
-            }
-        }
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-fn expect_ok(resp: Response) -> anyhow::Result<Response> {
-    match resp {
-        Response::Error { message } => anyhow::bail!("{message}"),
-        other => Ok(other),
-    }
-}
-
-fn print_table(devices: &[DeviceRow]) {
-    let w_id = devices
-        .iter()
-        .map(|d| d.sensor_id.len())
-        .max()
-        .unwrap_or(0)
-        .max(9);
-    let w_dev = devices
-        .iter()
-        .map(|d| d.device_id.as_deref().unwrap_or("-").len())
-        .max()
-        .unwrap_or(0)
-        .max(9);
-    println!(
-        "{:<w_id$}  {:<9}  {:<w_dev$}  NAME",
-        "SENSOR_ID", "STATE", "DEVICE_ID"
-    );
-    for d in devices {
-        println!(
-            "{:<w_id$}  {:<9}  {:<w_dev$}  {}",
-            d.sensor_id,
-            d.state,
-            d.device_id.as_deref().unwrap_or("-"),
-            d.name
-        );
-    }
-    println!("{} sensors", devices.len());
 }

@@ -50,7 +50,7 @@ pub enum MqttError {
     #[error("the MQTT event loop is gone (shutting down)")]
     Closed(#[source] Box<rumqttc::v5::ClientError>),
     #[error("broker TLS settings: {0}")]
-    Tls(#[source] anyhow::Error),
+    Tls(#[from] crate::tls::TlsError),
 }
 
 impl From<rumqttc::v5::ClientError> for MqttError {
@@ -259,7 +259,7 @@ pub fn connect(cfg: &Config) -> Result<Session, MqttError> {
     net.set_connection_timeout(m.connect_timeout_s);
     opts.set_network_options(net);
     if !m.ca_file.is_empty() {
-        let tls = crate::tls::mqtt_tls(m).map_err(MqttError::Tls)?;
+        let tls = crate::tls::mqtt_tls(m)?;
         opts.set_transport(rumqttc::Transport::tls_with_config(tls));
     }
 
@@ -384,8 +384,7 @@ impl EventLoopTask {
                     self.tracker.on_connection_lost(&mut self.eventloop.pending);
                     self.eventloop.state.collision = None;
                     let wait = self.backoff.delay(failures);
-                    let clock = crate::tls::is_clock_not_synced(&format!("{e:?}"));
-                    if clock {
+                    if crate::tls::cert_problem(&e) == Some(crate::tls::CertProblem::NotValidYet) {
                         tracing::warn!(error = %e, "the broker's certificate is not valid yet: the clock is probably not synced (a Pi has no RTC until NTP runs); retrying: {e}");
                     } else if was_connected {
                         tracing::warn!(error = %e, "broker connection lost ({e}); reconnecting");

@@ -120,6 +120,47 @@ fn a_config_error_at_run_exits_78() {
     assert!(err.contains("qubitro.api_key"));
 }
 
+#[test]
+fn a_log_level_run_would_refuse_exits_78_from_check_config_run_and_devices_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    let p = path.to_str().unwrap();
+    let base = "[qubitro]\nproject_id = \"p\"\napi_key = \"k\"\n[log]\nlevel = ";
+    std::fs::write(&path, format!("{base}\"inf0\"")).unwrap();
+    for args in [
+        &["check-config", "--config", p][..],
+        &["run", "--config", p],
+        &["devices", "list", "--config", p],
+    ] {
+        let (code, out, err) = run(args);
+        assert_eq!(code, 78, "{args:?}: {err}");
+        assert!(
+            err.contains("log.level") && err.contains("inf0"),
+            "{args:?}: {err}"
+        );
+        assert!(out.is_empty(), "{args:?} printed {out}");
+    }
+    std::fs::write(&path, format!("{base}\"info,rumqttc=warn\"")).unwrap();
+    let (code, _, err) = run(&["check-config", "--config", p]);
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
+fn a_rust_log_that_does_not_parse_is_a_config_error_at_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, "[qubitro]\nproject_id = \"p\"\napi_key = \"k\"").unwrap();
+    let out = Command::new(bin())
+        .args(["run", "--config", path.to_str().unwrap()])
+        .env_remove("ONBOARDD_CONFIG")
+        .env("RUST_LOG", "=nonsense=")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(err.contains("RUST_LOG"), "{err}");
+}
+
 /// `onboardd devices ARGS… --config FILE` (the option after the action, as people type it).
 fn devices(cfg: &std::path::Path, args: &[&str]) -> (i32, String, String) {
     let mut a = vec!["devices"];
@@ -278,4 +319,11 @@ fn claim_prints_the_hmac_from_the_key_file_alone() {
     let (code, _, err) = run(&["claim", "--key-file", key.to_str().unwrap(), "bad id"]);
     assert_eq!(code, 2);
     assert!(err.contains("not a valid sensor id"));
+    let missing = dir.path().join("missing");
+    let (code, _, err) = run(&["claim", "--key-file", missing.to_str().unwrap(), "s"]);
+    assert_eq!(code, 78, "an unreadable key is a config error");
+    assert!(
+        err.contains("--key-file") && err.contains("missing"),
+        "{err}"
+    );
 }

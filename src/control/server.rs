@@ -1,124 +1,50 @@
-//! The operator's way in: `onboardd devices …` while the daemon runs.
-//!
-//! sled allows one process per database, so the CLI cannot open the store while the
-//! daemon holds it. The daemon therefore serves a Unix socket (owner-only, under
-//! /run/onboardd via `RuntimeDirectory=`) speaking one JSON request per line and
-//! one JSON answer per line. When no daemon answers, the CLI opens the store itself.
+//! The daemon's side of the control socket: accept connections, answer each
+//! request line against the store (and the engine, for `forget --delete-remote`).
 
 use std::path::Path;
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::{ControlError, DeviceRow, Request, Response};
 use crate::config::ControlConfig;
 use crate::engine::Engine;
-use crate::onboarding::Record;
 use crate::store::Store;
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "cmd", rename_all = "snake_case")]
-pub enum Request {
-    List,
-    Show {
-        sensor_id: String,
-    },
-    Forget {
-        sensor_id: String,
-        delete_remote: bool,
-    },
-}
-
-/// One device as the CLI shows it. The token only when asked for.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DeviceRow {
-    pub sensor_id: String,
-    pub state: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub device_id: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub device_token: Option<String>,
-    pub name: String,
-    pub brand: String,
-    pub model: String,
-    pub attempts: u32,
-    pub first_seen_ms: u64,
-    pub updated_ms: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub last_error: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub origin: Option<String>,
-}
-
-impl DeviceRow {
-    pub fn from_record(sensor_id: &str, rec: &Record, with_token: bool) -> DeviceRow {
-        let (device_id, device_token) = match rec.credentials() {
-            Some(c) => (
-                Some(c.device_id.clone()),
-                with_token.then(|| c.device_token.0.clone()),
-            ),
-            None => (None, None),
-        };
-        DeviceRow {
-            sensor_id: sensor_id.to_string(),
-            state: rec.state.name().to_string(),
-            device_id,
-            device_token,
-            name: rec.spec.name.clone(),
-            brand: rec.spec.brand.clone(),
-            model: rec.spec.model.clone(),
-            attempts: rec.attempts,
-            first_seen_ms: rec.first_seen_ms,
-            updated_ms: rec.updated_ms,
-            last_error: rec.last_error.clone(),
-            origin: rec.origin().map(|o| o.as_str().to_string()),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "result", rename_all = "snake_case")]
-pub enum Response {
-    Devices {
-        devices: Vec<DeviceRow>,
-    },
-    Device {
-        device: Option<Box<DeviceRow>>,
-    },
-    Forgot {
-        found: bool,
-        remote_deleted: bool,
-        message: String,
-    },
-    Error {
-        message: String,
-    },
-}
 
 /// Starts the socket server, or returns None when `control.socket` is empty.
 pub fn serve(
     cfg: &ControlConfig,
     engine: Arc<Engine>,
     stop: CancellationToken,
-) -> anyhow::Result<Option<JoinHandle<()>>> {
+) -> Result<Option<JoinHandle<()>>, ControlError> {
+    use std::os::unix::fs::PermissionsExt;
     if cfg.socket.is_empty() {
         return Ok(None);
     }
     let path = Path::new(&cfg.socket);
+    fn prepare(path: &Path) -> impl FnOnce(std::io::Error) -> ControlError + '_ {
+        move |source| ControlError::Prepare {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
     if let Some(dir) = path.parent() {
         if !dir.exists() {
-            std::fs::create_dir_all(dir)?;
-            std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+            std::fs::create_dir_all(dir).map_err(prepare(dir))?;
+            std::fs::set_permissions(dir, PermissionsExt::from_mode(0o700))
+                .map_err(prepare(dir))?;
         }
     }
     // A stale socket from a killed daemon would make bind fail.
     let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path)
-        .map_err(|e| anyhow::anyhow!("control.socket: cannot listen on {}: {e}", path.display()))?;
-    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    let listener = UnixListener::bind(path).map_err(|source| ControlError::Bind {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    std::fs::set_permissions(path, PermissionsExt::from_mode(0o600)).map_err(prepare(path))?;
     let path = path.to_path_buf();
     Ok(Some(tokio::spawn(async move {
         loop {
@@ -130,7 +56,7 @@ pub fn serve(
                 let engine = engine.clone();
                 tokio::spawn(async move {
                     if let Err(e) = handle(stream, engine).await {
-                        tracing::debug!(error = %e, "control connection failed");
+                        tracing::debug!(error = %crate::logging::chain(&e), "control connection failed");
                     }
                 });
             }
@@ -139,7 +65,7 @@ pub fn serve(
     })))
 }
 
-async fn handle(stream: UnixStream, engine: Arc<Engine>) -> anyhow::Result<()> {
+async fn handle(stream: UnixStream, engine: Arc<Engine>) -> Result<(), ControlError> {
     let (r, mut w) = stream.into_split();
     let mut lines = BufReader::new(r).lines();
     while let Some(line) = lines.next_line().await? {
@@ -188,6 +114,7 @@ pub async fn answer(req: Request, store: &Store, engine: Option<&Engine>) -> Res
     }
 }
 
+/// Forgets one sensor, and deletes its Qubitro device when asked and possible.
 async fn forget(
     store: &Store,
     engine: Option<&Engine>,
@@ -242,32 +169,4 @@ async fn forget(
         remote_deleted,
         message,
     }
-}
-
-/// Sends one request to a running daemon. `Ok(None)`: no daemon listens there.
-pub async fn request(socket: &str, req: &Request) -> anyhow::Result<Option<Response>> {
-    let stream = match UnixStream::connect(socket).await {
-        Ok(s) => s,
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-            ) =>
-        {
-            return Ok(None)
-        }
-        Err(e) => anyhow::bail!(
-            "cannot reach the daemon at {socket}: {e} (run as the daemon's user or root)"
-        ),
-    };
-    let (r, mut w) = stream.into_split();
-    let mut line = serde_json::to_vec(req)?;
-    line.push(b'\n');
-    w.write_all(&line).await?;
-    let mut lines = BufReader::new(r).lines();
-    let answer = lines
-        .next_line()
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("the daemon closed the control connection"))?;
-    Ok(Some(serde_json::from_str(&answer)?))
 }

@@ -1,0 +1,243 @@
+//! The `onboardd devices …` commands: ask the running daemon over the control
+//! socket, or open the store directly when no daemon runs, and print the answer.
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+use super::{server, ControlError, DeviceRow, Request, Response};
+use crate::config::Config;
+use crate::store::Store;
+
+/// One `onboardd devices …` command (the clap subcommand of the binary).
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum DevicesCommand {
+    /// A table of every known sensor and its state
+    List {
+        /// One JSON array instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Everything known of one sensor (the token only with --show-token)
+    Show {
+        sensor_id: String,
+        #[arg(long)]
+        show_token: bool,
+    },
+    /// Forget a sensor: it is onboarded anew on its next announce. Its Qubitro
+    /// device is KEPT unless --delete-remote is given.
+    Forget {
+        sensor_id: String,
+        /// Also delete the device in Qubitro (needs the daemon running)
+        #[arg(long)]
+        delete_remote: bool,
+    },
+    /// Every sensor as JSON lines (tokens only with --include-tokens)
+    Export {
+        #[arg(long)]
+        include_tokens: bool,
+    },
+}
+
+/// How a `devices` command ended when nothing failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Done,
+    /// The sensor asked for is not known (exit 1, like `grep` finding nothing).
+    NotFound,
+}
+
+/// Runs one `devices` command and prints its answer on stdout.
+pub async fn devices(cfg: &Config, cmd: DevicesCommand) -> Result<Outcome, ControlError> {
+    match cmd {
+        DevicesCommand::List { json } => {
+            let Response::Devices { mut devices } = ask(cfg, Request::List).await? else {
+                return Err(ControlError::Unexpected);
+            };
+            devices.iter_mut().for_each(|d| d.device_token = None);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&devices)?);
+            } else {
+                print!("{}", table(&devices));
+            }
+        }
+        DevicesCommand::Show {
+            sensor_id,
+            show_token,
+        } => {
+            let req = Request::Show {
+                sensor_id: sensor_id.clone(),
+            };
+            let Response::Device { device } = ask(cfg, req).await? else {
+                return Err(ControlError::Unexpected);
+            };
+            let Some(mut d) = device else {
+                eprintln!("onboardd: {sensor_id} is not known to this gateway");
+                return Ok(Outcome::NotFound);
+            };
+            if !show_token {
+                d.device_token = None;
+            }
+            println!("{}", serde_json::to_string_pretty(&d)?);
+        }
+        DevicesCommand::Forget {
+            sensor_id,
+            delete_remote,
+        } => {
+            let req = Request::Forget {
+                sensor_id,
+                delete_remote,
+            };
+            if let Response::Forgot { found, message, .. } = ask(cfg, req).await? {
+                println!("{message}");
+                if !found {
+                    return Ok(Outcome::NotFound);
+                }
+            }
+        }
+        DevicesCommand::Export { include_tokens } => {
+            let Response::Devices { devices } = ask(cfg, Request::List).await? else {
+                return Err(ControlError::Unexpected);
+            };
+            for mut d in devices {
+                if !include_tokens {
+                    d.device_token = None;
+                }
+                println!("{}", serde_json::to_string(&d)?);
+            }
+        }
+    }
+    Ok(Outcome::Done)
+}
+
+/// Asks the running daemon, or opens the store directly when none runs. An
+/// error answer becomes [`ControlError::Daemon`].
+async fn ask(cfg: &Config, req: Request) -> Result<Response, ControlError> {
+    let resp = match request(&cfg.control.socket, &req).await? {
+        Some(resp) => resp,
+        None => {
+            let (store, _) = Store::open(&cfg.store).map_err(|source| ControlError::NoDaemon {
+                socket: cfg.control.socket.clone(),
+                source,
+            })?;
+            server::answer(req, &store, None).await
+        }
+    };
+    match resp {
+        Response::Error { message } => Err(ControlError::Daemon { message }),
+        other => Ok(other),
+    }
+}
+
+/// Sends one request to a running daemon. `Ok(None)`: no daemon listens there.
+pub async fn request(socket: &str, req: &Request) -> Result<Option<Response>, ControlError> {
+    let stream = match UnixStream::connect(socket).await {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(None)
+        }
+        Err(source) if source.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Err(ControlError::Permission {
+                socket: socket.to_string(),
+                source,
+            })
+        }
+        Err(source) => {
+            return Err(ControlError::Connect {
+                socket: socket.to_string(),
+                source,
+            })
+        }
+    };
+    let (r, mut w) = stream.into_split();
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    w.write_all(&line).await?;
+    let mut lines = BufReader::new(r).lines();
+    let answer = lines.next_line().await?.ok_or(ControlError::Closed)?;
+    Ok(Some(serde_json::from_str(&answer)?))
+}
+
+/// The `devices list` table: one line per sensor, then a count.
+fn table(devices: &[DeviceRow]) -> String {
+    use std::fmt::Write as _;
+    let w_id = devices
+        .iter()
+        .map(|d| d.sensor_id.len())
+        .max()
+        .unwrap_or(0)
+        .max(9);
+    let w_dev = devices
+        .iter()
+        .map(|d| d.device_id.as_deref().unwrap_or("-").len())
+        .max()
+        .unwrap_or(0)
+        .max(9);
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = writeln!(
+        out,
+        "{:<w_id$}  {:<9}  {:<w_dev$}  NAME",
+        "SENSOR_ID", "STATE", "DEVICE_ID"
+    );
+    for d in devices {
+        let _ = writeln!(
+            out,
+            "{:<w_id$}  {:<9}  {:<w_dev$}  {}",
+            d.sensor_id,
+            d.state,
+            d.device_id.as_deref().unwrap_or("-"),
+            d.name
+        );
+    }
+    let _ = writeln!(out, "{} sensors", devices.len());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: &str, device: Option<&str>) -> DeviceRow {
+        DeviceRow {
+            sensor_id: id.into(),
+            state: "delivered".into(),
+            device_id: device.map(str::to_string),
+            device_token: Some("secret-token".into()),
+            name: "Cellar".into(),
+            brand: String::new(),
+            model: String::new(),
+            attempts: 0,
+            first_seen_ms: 0,
+            updated_ms: 0,
+            last_error: None,
+            origin: None,
+        }
+    }
+
+    #[test]
+    fn the_table_aligns_columns_and_never_shows_a_token() {
+        let t = table(&[row("a-long-sensor-id", Some("dev-1")), row("s2", None)]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 4, "{t}");
+        assert!(lines[0].starts_with("SENSOR_ID         STATE"), "{t}");
+        assert!(
+            lines[2].starts_with("s2                delivered  -"),
+            "{t}"
+        );
+        assert_eq!(lines[3], "2 sensors");
+        assert!(!t.contains("secret-token"));
+    }
+
+    #[tokio::test]
+    async fn no_daemon_on_the_socket_is_none_not_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("absent.sock");
+        let r = request(socket.to_str().unwrap(), &Request::List).await;
+        assert!(matches!(r, Ok(None)), "{r:?}");
+    }
+}

@@ -1,0 +1,160 @@
+//! The operator's way in: `onboardd devices …`, while the daemon runs or not.
+//!
+//! sled allows one process per database, so the CLI cannot open the store while the
+//! daemon holds it. The daemon therefore serves a Unix socket (owner-only, under
+//! /run/onboardd via `RuntimeDirectory=`) speaking one JSON [`Request`] per line and
+//! one JSON [`Response`] per line. When no daemon answers, the CLI opens the store
+//! itself and answers the same way.
+//!
+//! - this module: the protocol (`Request`, `Response`, `DeviceRow`) and [`ControlError`].
+//! - [`server`]: the daemon's side, and [`answer`], which both sides use.
+//! - [`client`]: the `devices` commands: ask the daemon (or the store), print.
+
+pub mod client;
+pub mod server;
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::onboarding::Record;
+use crate::store::StoreError;
+
+pub use client::{request, DevicesCommand, Outcome};
+pub use server::{answer, serve};
+
+/// How talking over the control socket failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The socket's directory cannot be created, or a mode cannot be set.
+    #[error("control.socket: cannot prepare {}", path.display())]
+    Prepare {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The daemon cannot listen on `control.socket`.
+    #[error("control.socket: cannot listen on {}", path.display())]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A daemon listens, but this user may not talk to it.
+    #[error(
+        "cannot reach the daemon at {socket}: permission denied (run as the daemon's user or root)"
+    )]
+    Permission {
+        socket: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The socket exists but connecting failed for another reason.
+    #[error("cannot reach the daemon at {socket}")]
+    Connect {
+        socket: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reading or writing an open control connection failed.
+    #[error("control connection")]
+    Io(#[from] std::io::Error),
+    /// The daemon hung up before answering.
+    #[error("the daemon closed the control connection")]
+    Closed,
+    /// A line that is not the JSON the protocol expects.
+    #[error("bad control message")]
+    Protocol(#[from] serde_json::Error),
+    /// An answer of the wrong kind for the request.
+    #[error("unexpected answer from the daemon")]
+    Unexpected,
+    /// The daemon (or the store the CLI opened) answered with an error.
+    #[error("{message}")]
+    Daemon { message: String },
+    /// No daemon answers and the store cannot be opened either.
+    #[error("no daemon answers on {socket} and the store cannot be opened")]
+    NoDaemon {
+        socket: String,
+        #[source]
+        source: StoreError,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    List,
+    Show {
+        sensor_id: String,
+    },
+    Forget {
+        sensor_id: String,
+        delete_remote: bool,
+    },
+}
+
+/// One device as the CLI shows it. The token only when asked for.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceRow {
+    pub sensor_id: String,
+    pub state: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_token: Option<String>,
+    pub name: String,
+    pub brand: String,
+    pub model: String,
+    pub attempts: u32,
+    pub first_seen_ms: u64,
+    pub updated_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
+}
+
+impl DeviceRow {
+    pub fn from_record(sensor_id: &str, rec: &Record, with_token: bool) -> DeviceRow {
+        let (device_id, device_token) = match rec.credentials() {
+            Some(c) => (
+                Some(c.device_id.clone()),
+                with_token.then(|| c.device_token.0.clone()),
+            ),
+            None => (None, None),
+        };
+        DeviceRow {
+            sensor_id: sensor_id.to_string(),
+            state: rec.state.name().to_string(),
+            device_id,
+            device_token,
+            name: rec.spec.name.clone(),
+            brand: rec.spec.brand.clone(),
+            model: rec.spec.model.clone(),
+            attempts: rec.attempts,
+            first_seen_ms: rec.first_seen_ms,
+            updated_ms: rec.updated_ms,
+            last_error: rec.last_error.clone(),
+            origin: rec.origin().map(|o| o.as_str().to_string()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    Devices {
+        devices: Vec<DeviceRow>,
+    },
+    Device {
+        device: Option<Box<DeviceRow>>,
+    },
+    Forgot {
+        found: bool,
+        remote_deleted: bool,
+        message: String,
+    },
+    Error {
+        message: String,
+    },
+}
