@@ -2,7 +2,7 @@
 //! broker's own limit in the same run (see BENCHMARKS.md for results and method).
 //!
 //! ```sh
-//! cargo build --release --bins --examples && cargo run --release --example bench -- [--quick]
+//! cargo build --release --workspace --bins --examples && cargo run --release --example bench -- [--quick]
 //! ```
 //!
 //! It builds nothing itself: it runs the release `onboardd` and `fake-qubitro` found
@@ -1806,7 +1806,7 @@ async fn bench(args: &Args, rep: &mut Report) -> Result<()> {
     let host = std::fs::metadata(bins.join("onboardd"))?.len();
     rep.row(
         90,
-        "Release binary, host (x86_64, default features incl. fake-cloud)",
+        "Release binary, host (x86_64)",
         format!("{:.2} MiB ({host} B)", host as f64 / 1048576.0),
         "",
         None,

@@ -16,7 +16,6 @@
 //! - [`tls`]: rustls (ring) for the broker connection.
 //! - [`daemon`]: wires everything together for `onboardd run`.
 //! - [`logging`], [`systemd`]: journald/stderr logging and sd_notify.
-//! - `fake_cloud` (feature `fake-cloud`): a fake Qubitro API for tests and firmware work.
 
 pub mod announce;
 pub mod backoff;
@@ -34,6 +33,3 @@ pub mod security;
 pub mod store;
 pub mod systemd;
 pub mod tls;
-
-#[cfg(feature = "fake-cloud")]
-pub mod fake_cloud;

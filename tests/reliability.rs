@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use common::*;
-use onboardd::fake_cloud::{Endpoint, Fault, NewDevice};
+use fake_qubitro::{Endpoint, Fault, NewDevice};
 
 fn status(code: u16) -> Fault {
     Fault::Status {
