@@ -12,7 +12,7 @@
 //! - [`security`]: claim proofs, allow/deny rules, flood limits.
 //! - [`control`]: the Unix socket behind `onboardd devices …`.
 //! - [`metrics`]: counters for the stats topic and log.
-//! - [`failpoint`]: crash injection for the reliability tests (debug builds only).
+//! - [`failpoint`]: crash injection for the reliability tests (feature `failpoints` only).
 //! - [`tls`]: rustls (ring) for the broker connection.
 //! - [`daemon`]: wires everything together for `onboardd run`.
 //! - [`logging`], [`systemd`]: journald/stderr logging and sd_notify.

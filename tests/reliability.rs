@@ -150,6 +150,10 @@ async fn announces_published_while_onboardd_was_stopped_are_served_when_it_start
 /// Crashes (SIGKILL) at each step of an onboarding, restarts, and checks the sensor
 /// ends with exactly one device and gets its token, without announcing again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "failpoints"),
+    ignore = "needs failpoints: cargo test --workspace --features failpoints"
+)]
 async fn sigkill_at_every_step_still_gives_exactly_one_device_and_the_token() {
     for step in onboardd::failpoint::STEPS {
         let broker = Mosquitto::start();
