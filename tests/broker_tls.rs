@@ -26,19 +26,23 @@ fn tls_broker_with_cert(
     tls_extra: &str,
     global: &str,
 ) -> Mosquitto {
-    Mosquitto::start_with(&format!(
-        "per_listener_settings false\n\
-         {global}\n\
-         listener {plain} 127.0.0.1\n\
-         listener {{port}} 127.0.0.1\n\
-         cafile {ca}\n\
-         certfile {cert}\n\
-         keyfile {key}\n\
-         {tls_extra}\n",
-        ca = pki.path("ca.crt").display(),
-        cert = pki.path(&format!("{server}.crt")).display(),
-        key = pki.path(&format!("{server}.key")).display(),
-    ))
+    // mosquitto started as root reads certificates after dropping to its own user: the
+    // harness copies them where that user can read them (`{dir}` in the conf).
+    Mosquitto::builder()
+        .file(pki.path("ca.crt"), "ca.crt")
+        .file(pki.path(&format!("{server}.crt")), "server.crt")
+        .file(pki.path(&format!("{server}.key")), "server.key")
+        .conf(&format!(
+            "per_listener_settings false\n\
+             {global}\n\
+             listener {plain} 127.0.0.1\n\
+             listener {{port}} 127.0.0.1\n\
+             cafile {{dir}}/ca.crt\n\
+             certfile {{dir}}/server.crt\n\
+             keyfile {{dir}}/server.key\n\
+             {tls_extra}\n",
+        ))
+        .start()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -307,3 +307,13 @@ async fn a_failpoint_asked_of_a_build_without_failpoints_stops_the_daemon_at_onc
     assert_eq!(st.code(), Some(1), "{}", d.log.text());
     d.log.wait_for("built without the `failpoints` feature");
 }
+
+/// The harness finds the binary next to a test's own executable when a test never called
+/// `bin()`; that must be the very binary cargo built for the tests.
+#[test]
+fn the_harness_finds_the_daemon_binary_cargo_built_for_the_tests() {
+    assert_eq!(
+        harness::daemon::sibling_daemon_bin(),
+        std::path::Path::new(env!("CARGO_BIN_EXE_onboardd"))
+    );
+}
