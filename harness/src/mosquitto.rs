@@ -12,7 +12,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
 
-use crate::process::{LogLines, Proc};
+use crate::process::{die_with_parent, LogLines, Proc};
 use crate::{free_port, WAIT};
 
 fn find_mosquitto() -> PathBuf {
@@ -81,6 +81,7 @@ pub struct MosquittoBuilder {
     conf: String,
     files: Vec<(PathBuf, String)>,
     persistent: bool,
+    die_with_parent: bool,
 }
 
 impl MosquittoBuilder {
@@ -116,6 +117,13 @@ impl MosquittoBuilder {
         self
     }
 
+    /// The broker gets SIGKILL when the thread that started it exits (see
+    /// [`crate::process::die_with_parent`]): for the benchmark, not for tests.
+    pub fn die_with_parent(mut self) -> Self {
+        self.die_with_parent = true;
+        self
+    }
+
     pub fn start(self) -> Mosquitto {
         let dir = tempfile::Builder::new()
             .prefix("harness-mosquitto.")
@@ -140,6 +148,7 @@ impl MosquittoBuilder {
             proc: None,
             extra: self.conf.replace("{dir}", &dir_str),
             persistent: self.persistent,
+            die_with_parent: self.die_with_parent,
             dir,
         };
         m.spawn_on_a_free_port();
@@ -154,6 +163,7 @@ pub struct Mosquitto {
     dir: tempfile::TempDir,
     extra: String,
     persistent: bool,
+    die_with_parent: bool,
 }
 
 impl Mosquitto {
@@ -226,12 +236,13 @@ impl Mosquitto {
             text.push_str(&self.extra);
         }
         std::fs::write(&conf, text).expect("write mosquitto.conf");
-        let proc = Proc::spawn(
-            "mosquitto",
-            Command::new(find_mosquitto()).arg("-c").arg(&conf),
-            LogLines::default(),
-        )
-        .expect("start mosquitto");
+        let mut cmd = Command::new(find_mosquitto());
+        cmd.arg("-c").arg(&conf);
+        if self.die_with_parent {
+            die_with_parent(&mut cmd);
+        }
+        let proc =
+            Proc::spawn("mosquitto", &mut cmd, LogLines::default()).expect("start mosquitto");
         let listening = format!("listen socket on port {}", self.port);
         let waited = proc.log.try_wait_for_n(&listening, 1, WAIT);
         self.proc = Some(proc);
