@@ -334,6 +334,38 @@ impl Proc {
         self.wait_exit(within)
     }
 
+    /// Sends `sig` without waiting.
+    pub fn signal(&self, sig: i32) {
+        let pid = self.pid();
+        if pid != 0 {
+            // SAFETY: kill(2) on our own child, not yet reaped, so the pid is still ours.
+            unsafe {
+                libc::kill(pid as i32, sig);
+            }
+        }
+    }
+
+    /// Waits at most `within` for the exit: Some(status) once reaped, None if it still runs.
+    pub fn exited_within(&mut self, within: Duration) -> Result<Option<ExitStatus>, String> {
+        let deadline = Instant::now() + within;
+        loop {
+            let Some(c) = self.child.as_mut() else {
+                return Err(format!("{} is not running", self.name));
+            };
+            match c.try_wait() {
+                Ok(Some(status)) => {
+                    self.reaped();
+                    return Ok(Some(status));
+                }
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Ok(None) => return Ok(None),
+                Err(e) => return Err(format!("waiting for {}: {e}", self.name)),
+            }
+        }
+    }
+
     /// Waits for the process to exit by itself, at most `within`; SIGKILL and Err after that.
     pub fn wait_exit(&mut self, within: Duration) -> Result<ExitStatus, String> {
         let Some(mut c) = self.reaped() else {
