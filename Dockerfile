@@ -1,8 +1,8 @@
 # syntax=docker/dockerfile:1
 # Images for the docker-compose demo (docker-compose.yml):
-#   --target onboardd      the daemon, built without the fake-cloud feature,
-#                          exactly as it ships to gateways
-#   --target fake-qubitro  the fake Qubitro API (feature fake-cloud)
+#   --target onboardd      the daemon (package onboardd), exactly as it ships
+#                          to gateways
+#   --target fake-qubitro  the fake Qubitro API (workspace crate fake-qubitro/)
 # Both from one builder stage so the dependency build is shared.
 
 FROM rust:1-bookworm AS build
@@ -12,8 +12,8 @@ COPY . .
 # binaries are copied out because the cache is not part of the layer.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin fake-qubitro \
-    && cargo build --release --locked --no-default-features --bin onboardd \
+    cargo build --release --locked -p fake-qubitro --bin fake-qubitro \
+    && cargo build --release --locked -p onboardd --bin onboardd \
     && mkdir -p /out \
     && cp target/release/onboardd target/release/fake-qubitro /out/
 

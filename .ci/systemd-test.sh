@@ -12,7 +12,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 scripts/install-deps.sh systemd
 
-cargo build --locked --bins
+cargo build --locked --workspace --bins
 target="${CARGO_TARGET_DIR:-target}"
 # The .deb as a Pi user installs it (release build, no fake cloud): the guest
 # installs it with dpkg, so the package's files, unit and conffile are tested too.

@@ -2,7 +2,7 @@
 //! broker's own limit in the same run (see BENCHMARKS.md for results and method).
 //!
 //! ```sh
-//! cargo build --release --bins --examples && cargo run --release --example bench -- [--quick]
+//! cargo build --release --workspace --bins --examples && cargo run --release --example bench -- [--quick]
 //! ```
 //!
 //! It builds nothing itself: it runs the release `onboardd` and `fake-qubitro` found
@@ -32,19 +32,18 @@
 //! exit: by each process guard's `Drop`, by a panic hook (release builds abort on
 //! panic, so `Drop` would not run), and by `PR_SET_PDEATHSIG` if this process dies.
 
-use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use clap::Parser;
+use harness::process::die_with_parent;
+use harness::{LogLines, Mosquitto, Proc};
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
@@ -169,35 +168,8 @@ const ECHO_REPLY: &[u8] = br#"{"status":"ok","sensor_id":"s00000","device_id":"3
 
 // ------------------------------------------------------------------ child processes
 
-/// Every live child, for the panic hook (release builds abort: no `Drop` then).
-static CHILD_PIDS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
-
-fn kill_all_children() {
-    if let Ok(pids) = CHILD_PIDS.try_lock() {
-        for &pid in pids.iter() {
-            // SAFETY: kill(2) on a pid we spawned; no memory is involved.
-            unsafe {
-                libc::kill(pid as i32, libc::SIGKILL);
-            }
-        }
-    }
-}
-
-/// Lines a child wrote (stdout and stderr): the interesting ones, and a short tail.
-#[derive(Clone, Default)]
-struct LogLines {
-    inner: Arc<(Mutex<LogState>, Condvar)>,
-}
-
-#[derive(Default)]
-struct LogState {
-    kept: Vec<(Instant, String)>,
-    tail: VecDeque<String>,
-    /// Streams that reached EOF (2: the process is gone).
-    closed: u8,
-}
-
-const KEEP: [&str; 7] = [
+/// What is kept of a child's output beyond its tail (onboardd logs a line per sensor).
+const KEEP: &[&str] = &[
     "onboardd ready",
     "subscribed to announces",
     "listening on",
@@ -208,181 +180,34 @@ const KEEP: [&str; 7] = [
 ];
 const KEEP_MAX: usize = 2000;
 
-impl LogLines {
-    fn push(&self, line: String) {
-        let at = Instant::now();
-        let (m, c) = &*self.inner;
-        let mut s = m.lock().expect("log lock");
-        let lower = line.to_ascii_lowercase();
-        if s.kept.len() < KEEP_MAX && KEEP.iter().any(|k| lower.contains(k)) {
-            s.kept.push((at, line.clone()));
-        }
-        if s.tail.len() == 30 {
-            s.tail.pop_front();
-        }
-        s.tail.push_back(line);
-        c.notify_all();
-    }
-
-    fn close(&self) {
-        let (m, c) = &*self.inner;
-        m.lock().expect("log lock").closed += 1;
-        c.notify_all();
-    }
-
-    fn tail(&self) -> String {
-        let s = self.inner.0.lock().expect("log lock");
-        s.tail.iter().cloned().collect::<Vec<_>>().join("\n")
-    }
-
-    fn warnings(&self) -> Vec<String> {
-        let s = self.inner.0.lock().expect("log lock");
-        s.kept
-            .iter()
-            .map(|(_, l)| l)
-            .filter(|l| {
-                let l = l.to_ascii_lowercase();
-                l.contains("warn") || l.contains("error")
-            })
-            .take(5)
-            .cloned()
-            .collect()
-    }
-
-    /// The first line containing `needle`, waiting at most `within`.
-    fn wait_for(&self, needle: &str, within: Duration) -> Result<(Instant, String)> {
-        let deadline = Instant::now() + within;
-        let (m, c) = &*self.inner;
-        let mut s = m.lock().expect("log lock");
-        loop {
-            if let Some(hit) = s.kept.iter().find(|(_, l)| l.contains(needle)) {
-                return Ok(hit.clone());
-            }
-            let now = Instant::now();
-            if s.closed >= 2 || now >= deadline {
-                let why = if s.closed >= 2 {
-                    "the process exited"
-                } else {
-                    "timed out"
-                };
-                let tail = s.tail.iter().cloned().collect::<Vec<_>>().join("\n");
-                bail!("waiting for {needle:?}: {why}; last output:\n{tail}");
-            }
-            s = c.wait_timeout(s, deadline - now).expect("log lock").0;
-        }
-    }
+/// A child (the harness's [`Proc`]) that dies with the benchmark and keeps only [`KEEP`]
+/// lines of its output.
+fn spawn(name: &str, cmd: &mut Command) -> Result<Proc> {
+    Proc::spawn(
+        name,
+        die_with_parent(cmd),
+        LogLines::keeping(KEEP, KEEP_MAX),
+    )
+    .with_context(|| format!("cannot start {name}"))
 }
 
-/// A child process, killed when dropped.
-struct Proc {
-    name: String,
-    child: Option<Child>,
-    spawned: Instant,
-    log: LogLines,
+/// The first line of `p` containing `needle` and when it came, waiting at most `within`.
+fn wait_line(p: &Proc, needle: &str, within: Duration) -> Result<(Instant, String)> {
+    p.log
+        .try_wait_for_n(needle, 1, within)
+        .map_err(anyhow::Error::msg)
 }
 
-impl Proc {
-    fn spawn(name: &str, cmd: &mut Command) -> Result<Proc> {
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        // SAFETY: prctl(2) is async-signal-safe; it only sets a flag of the new process.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(
-                    libc::PR_SET_PDEATHSIG,
-                    libc::SIGKILL as libc::c_ulong,
-                    0,
-                    0,
-                    0,
-                );
-                Ok(())
-            });
-        }
-        let spawned = Instant::now();
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start {name}"))?;
-        CHILD_PIDS.lock().expect("pid lock").push(child.id());
-        let log = LogLines::default();
-        let out = child.stdout.take().expect("piped stdout");
-        let err = child.stderr.take().expect("piped stderr");
-        for stream in [Box::new(out) as Box<dyn Read + Send>, Box::new(err)] {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    log.push(line);
-                }
-                log.close();
-            });
-        }
-        Ok(Proc {
-            name: name.to_string(),
-            child: Some(child),
-            spawned,
-            log,
+/// The first few warnings and errors among `lines`.
+fn warnings(lines: &str) -> Vec<&str> {
+    lines
+        .lines()
+        .filter(|l| {
+            let l = l.to_ascii_lowercase();
+            l.contains("warn") || l.contains("error")
         })
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, Child::id)
-    }
-
-    fn alive(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
-    }
-
-    fn forget_pid(pid: u32) {
-        CHILD_PIDS.lock().expect("pid lock").retain(|&p| p != pid);
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-            Proc::forget_pid(c.id());
-        }
-    }
-
-    /// SIGTERM, then SIGKILL if it has not exited `within`. True if it exited with 0.
-    fn terminate(&mut self, within: Duration) -> bool {
-        let Some(mut c) = self.child.take() else {
-            return false;
-        };
-        // SAFETY: kill(2) on our own child.
-        unsafe {
-            libc::kill(c.id() as i32, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + within;
-        let mut ok = false;
-        loop {
-            match c.try_wait() {
-                Ok(Some(status)) => {
-                    ok = status.success();
-                    break;
-                }
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(10))
-                }
-                _ => {
-                    eprintln!("bench: {} did not stop in time; killing it", self.name);
-                    let _ = c.kill();
-                    let _ = c.wait();
-                    break;
-                }
-            }
-        }
-        Proc::forget_pid(c.id());
-        ok
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill9();
-    }
+        .take(5)
+        .collect()
 }
 
 // ------------------------------------------------------------------ /proc readings
@@ -504,60 +329,17 @@ impl CpuSnap {
 
 // ------------------------------------------------------------------ services
 
-fn free_port() -> Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("bind an ephemeral port")?;
-    Ok(l.local_addr()?.port())
-}
-
-fn find_mosquitto() -> Result<PathBuf> {
-    for p in [
-        "/usr/sbin/mosquitto",
-        "/usr/bin/mosquitto",
-        "/usr/local/sbin/mosquitto",
-        "/usr/local/bin/mosquitto",
-    ] {
-        if Path::new(p).exists() {
-            return Ok(PathBuf::from(p));
-        }
-    }
-    bail!("mosquitto is not installed (sudo apt-get install -y mosquitto, or scripts/install-deps.sh)")
-}
-
-/// mosquitto on a free port: Nagle off, generous queues and in-flight windows.
-fn start_mosquitto(dir: &Path) -> Result<(Proc, u16)> {
-    let bin = find_mosquitto()?;
-    for _ in 0..10 {
-        let port = free_port()?;
-        let conf = dir.join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\n\
-                 allow_anonymous true\n\
-                 set_tcp_nodelay true\n\
-                 persistence false\n\
-                 max_queued_messages 1000000\n\
-                 max_queued_bytes 0\n\
-                 max_inflight_messages 1000\n\
-                 log_dest stderr\n\
-                 log_type error\n\
-                 log_type warning\n"
-            ),
-        )?;
-        let mut p = Proc::spawn("mosquitto", Command::new(&bin).arg("-c").arg(&conf))?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline && p.alive() {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Ok((p, port));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        eprintln!(
-            "bench: mosquitto did not listen on {port}; retrying\n{}",
-            p.log.tail()
-        );
-    }
-    bail!("mosquitto never started")
+/// mosquitto on a free port: Nagle off (the harness sets it), generous queues and
+/// in-flight windows.
+fn start_mosquitto() -> Mosquitto {
+    Mosquitto::builder()
+        .die_with_parent()
+        .conf(
+            "max_queued_messages 1000000\n\
+             max_queued_bytes 0\n\
+             max_inflight_messages 1000\n",
+        )
+        .start()
 }
 
 struct Fake {
@@ -580,7 +362,7 @@ impl FakeStats {
 
 impl Fake {
     fn start(bins: &Path, delay_ms: u64) -> Result<Fake> {
-        let proc = Proc::spawn(
+        let proc = spawn(
             "fake-qubitro",
             Command::new(bins.join("fake-qubitro"))
                 .args(["--listen", "127.0.0.1:0", "--api-key", API_KEY])
@@ -588,7 +370,7 @@ impl Fake {
                 .args(["--delay-ms", &delay_ms.to_string()])
                 .env_remove("RUST_LOG"),
         )?;
-        let (_, line) = proc.log.wait_for("listening on", Duration::from_secs(20))?;
+        let (_, line) = wait_line(&proc, "listening on", Duration::from_secs(20))?;
         let url = line
             .split_whitespace()
             .find(|w| w.starts_with("http://"))
@@ -679,7 +461,7 @@ socket = "{state}/onboardd.sock"
     )?;
     // Owner-only, or onboardd warns about a readable secret.
     std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600))?;
-    let proc = Proc::spawn(
+    let proc = spawn(
         "onboardd",
         Command::new(s.bins.join("onboardd"))
             .arg("run")
@@ -691,12 +473,8 @@ socket = "{state}/onboardd.sock"
     )?;
     // Both lines, whichever comes last: the subscription can be granted before the
     // ready line is logged when the start is slow.
-    let (subscribed, _) = proc
-        .log
-        .wait_for("subscribed to announces", Duration::from_secs(30))?;
-    let (logged, ready) = proc
-        .log
-        .wait_for("onboardd ready", Duration::from_secs(30))?;
+    let (subscribed, _) = wait_line(&proc, "subscribed to announces", Duration::from_secs(30))?;
+    let (logged, ready) = wait_line(&proc, "onboardd ready", Duration::from_secs(30))?;
     Ok(Daemon {
         wall_ms: subscribed
             .max(logged)
@@ -711,11 +489,11 @@ socket = "{state}/onboardd.sock"
 
 fn start_echo(port: u16) -> Result<Proc> {
     let me = std::env::current_exe().context("own executable")?;
-    let p = Proc::spawn(
+    let p = spawn(
         "echo client",
         Command::new(me).args(["--echo-port", &port.to_string()]),
     )?;
-    p.log.wait_for("echo subscribed", Duration::from_secs(20))?;
+    wait_line(&p, "echo subscribed", Duration::from_secs(20))?;
     Ok(p)
 }
 
@@ -1297,8 +1075,50 @@ impl Env {
     }
 }
 
-async fn bench(args: &Args, rep: &mut Report) -> Result<()> {
-    let sz = Sizes::new(args.quick);
+/// Sensor ids of each phase: s0… in disjoint ranges.
+struct Ids {
+    /// Phase A (new devices, 0 ms cloud, lookup always), later the known sensors.
+    a: Arc<Vec<usize>>,
+    /// Phase B (new devices, 0 ms cloud, lookup after_failure).
+    b: Vec<usize>,
+    /// Phases C and D (new devices, 100 ms cloud, both policies).
+    c: Vec<usize>,
+    d: Vec<usize>,
+    /// Grows A's store to `fill_to` sensors.
+    fill: Vec<usize>,
+    /// One past the highest id.
+    total: usize,
+}
+
+impl Ids {
+    fn new(sz: &Sizes) -> Ids {
+        let c_start = 2 * sz.new0;
+        let f_start = c_start + 2 * sz.new100;
+        let fill: Vec<usize> = (f_start..f_start + (sz.fill_to - sz.new0)).collect();
+        Ids {
+            a: Arc::new((0..sz.new0).collect()),
+            b: (sz.new0..2 * sz.new0).collect(),
+            c: (c_start..c_start + sz.new100).collect(),
+            d: (c_start + sz.new100..c_start + 2 * sz.new100).collect(),
+            total: f_start + fill.len(),
+            fill,
+        }
+    }
+}
+
+/// A daemon start as measured: (ready_ms it logged, spawn → ready and subscribed in ms).
+type StartTime = (u64, f64);
+
+const TARGET_NEW0: &str = "≥ 2 000 devices/s, each durably stored before its reply";
+
+/// What the 100 ms cloud allows with onboardd's in-flight limit, with a 20 % margin.
+fn target100() -> f64 {
+    0.8 * MAX_IN_FLIGHT / 0.1
+}
+
+/// The release binaries' directory: `--bin-dir`, else the profile directory above this
+/// example (`target/release/examples/bench` → `target/release`).
+fn bin_dir(args: &Args) -> Result<PathBuf> {
     let bins = match &args.bin_dir {
         Some(d) => d.clone(),
         None => std::env::current_exe()?
@@ -1310,12 +1130,18 @@ async fn bench(args: &Args, rep: &mut Report) -> Result<()> {
     for b in ["onboardd", "fake-qubitro"] {
         if !bins.join(b).exists() {
             bail!(
-                "{} not found: build the release binaries first (cargo build --release --bins)",
+                "{} not found: build the release binaries first (cargo build --release --workspace --bins)",
                 bins.join(b).display()
             );
         }
     }
     eprintln!("bench: binaries from {}", bins.display());
+    Ok(bins)
+}
+
+async fn bench(args: &Args, rep: &mut Report) -> Result<()> {
+    let sz = Sizes::new(args.quick);
+    let bins = bin_dir(args)?;
     let work_dir = tempfile::Builder::new()
         .prefix("onboardd-bench-")
         .tempdir()?;
@@ -1328,40 +1154,51 @@ async fn bench(args: &Args, rep: &mut Report) -> Result<()> {
         Some(work_dir)
     };
 
-    let (mut broker, broker_port) = start_mosquitto(&work)?;
+    let mut broker = start_mosquitto();
     let fake0 = Fake::start(&bins, 0)?;
     let fake100 = Fake::start(&bins, 100)?;
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()?;
-
-    // Sensor ids: s0… in disjoint ranges per phase.
-    let a_ids: Vec<usize> = (0..sz.new0).collect();
-    let b_ids: Vec<usize> = (sz.new0..2 * sz.new0).collect();
-    let c_start = 2 * sz.new0;
-    let c_ids: Vec<usize> = (c_start..c_start + sz.new100).collect();
-    let d_ids: Vec<usize> = (c_start + sz.new100..c_start + 2 * sz.new100).collect();
-    let f_start = c_start + 2 * sz.new100;
-    let fill_ids: Vec<usize> = (f_start..f_start + (sz.fill_to - sz.new0)).collect();
-    let total = f_start + fill_ids.len();
-
-    let load = LoadGen::connect(broker_port, args.connections, args.window, total).await?;
+    let ids = Ids::new(&sz);
+    let load = LoadGen::connect(broker.port, args.connections, args.window, ids.total).await?;
     let env = Env {
         bins: bins.clone(),
-        work: work.clone(),
-        broker_port,
+        work,
+        broker_port: broker.port,
         broker_pid: broker.pid(),
         http,
         load,
         fake0,
         fake100,
     };
-    let target_new0 = "≥ 2 000 devices/s, each durably stored before its reply";
-    let target100 = 0.8 * MAX_IN_FLIGHT / 0.1;
-    let target_new100 =
-        format!("≥ {target100:.0} devices/s (0.8 × {MAX_IN_FLIGHT} in flight ÷ 0.1 s)");
 
-    // ---- A: fresh database, lookup "always", cloud 0 ms.
+    let (a, ready_empty, ready_known) = new_devices_on_a_fresh_store(&env, rep, &ids.a).await?;
+    let known = known_sensors_re_announce(&env, rep, &sz, a, &ids.a).await?;
+    let echo = the_brokers_own_limit(&env, &known).await?;
+    report_against_the_broker(rep, &sz, &known, &echo);
+    new_devices_with_lookup_after_failure(&env, rep, ids.b.clone()).await?;
+    new_devices_with_a_slow_cloud(&env, rep, ids.c.clone(), ids.d.clone()).await?;
+    let ready_grown = grow_the_store(&env, rep, &sz, &ids).await?;
+    report_start_times(rep, &sz, [ready_empty, ready_known, ready_grown]);
+    report_binary_sizes(rep, &bins)?;
+
+    let log = broker.log();
+    for w in warnings(&log) {
+        eprintln!("bench: mosquitto said: {w}");
+    }
+    env.load.stop();
+    broker.stop();
+    Ok(())
+}
+
+/// Phase A: a fresh database, lookup "always", cloud 0 ms; the idle RSS, then a normal
+/// restart. Returns the restarted daemon and both start times.
+async fn new_devices_on_a_fresh_store(
+    env: &Env,
+    rep: &mut Report,
+    a_ids: &Arc<Vec<usize>>,
+) -> Result<(Daemon, StartTime, StartTime)> {
     env.fake0.reset(&env.http).await?;
     let a_spec = env.spec("a", &env.fake0, "always", "onboardd-bench-a");
     let a = start_onboardd(&a_spec)?;
@@ -1380,8 +1217,7 @@ async fn bench(args: &Args, rep: &mut Report) -> Result<()> {
         Some(idle_hwm <= 15 * 1024),
         String::new(),
     );
-    let a_ids = Arc::new(a_ids);
-    let (a, _) = env
+    let (mut a, _) = env
         .new_devices(
             rep,
             10,
@@ -1391,22 +1227,43 @@ async fn bench(args: &Args, rep: &mut Report) -> Result<()> {
             &env.fake0,
             a_ids.clone(),
             2000.0,
-            target_new0,
+            TARGET_NEW0,
         )
         .await?;
     // Then a normal restart (SIGTERM, start): its start time is the one that counts, and
     // the database is quiet after it (after a kill -9 sled rewrites pages for a while).
-    let mut a = a;
     rep.check(
         a.proc.terminate(Duration::from_secs(10)),
         "onboardd A: SIGTERM did not exit 0".into(),
     );
     let a = start_onboardd(&a_spec)?;
-    let ready_10k = (a.ready_ms, a.wall_ms);
+    let ready_known = (a.ready_ms, a.wall_ms);
     // Republished unacknowledged ok replies arrive right after the restart.
     tokio::time::sleep(Duration::from_secs(2)).await;
+    Ok((a, ready_empty, ready_known))
+}
 
-    // ---- Re-announces of known sensors (10 000 known): throughput, disk writes, latency.
+/// What the known-sensor phase measured, for the comparison with the echo client.
+struct Known {
+    re_ids: Arc<Vec<usize>>,
+    lat_ids: Arc<Vec<usize>>,
+    lat_n: usize,
+    lat_rate: f64,
+    re: PhaseResult,
+    re_cpu: String,
+    lat: PhaseResult,
+    lat_cpu: String,
+}
+
+/// Re-announces of the known sensors on daemon A: throughput, disk writes, latency, RSS
+/// and database size. Stops A.
+async fn known_sensors_re_announce(
+    env: &Env,
+    rep: &mut Report,
+    sz: &Sizes,
+    mut a: Daemon,
+    a_ids: &Arc<Vec<usize>>,
+) -> Result<Known> {
     let pid = a.proc.pid();
     let pids = env.pids(pid, false);
     let re_ids: Arc<Vec<usize>> =
@@ -1466,83 +1323,12 @@ async fn bench(args: &Args, rep: &mut Report) -> Result<()> {
         proc_status_kib(pid, "VmHWM").unwrap_or(0),
     );
     let (du_10k, _) = du(&env.work.join("a"));
-    let mut a = a;
     rep.check(
         a.proc.terminate(Duration::from_secs(10)),
         "onboardd A: SIGTERM did not exit 0".into(),
     );
     forget_session(env.broker_port, "onboardd-bench-a").await?;
 
-    // ---- The broker's own limit: the echo client under the same load.
-    let mut echo = start_echo(env.broker_port)?;
-    let epids = env.pids(echo.pid(), true);
-    let cpu = CpuSnap::take(&epids);
-    let echo_re = env
-        .load
-        .closed(
-            "re-announce burst (echo client)",
-            re_ids.clone(),
-            Env::deadline(re_ids.len()),
-        )
-        .await?;
-    let echo_cpu = cpu.since(&epids);
-    let cpu = CpuSnap::take(&epids);
-    let echo_lat = env
-        .load
-        .open(
-            "latency at 1 000/s (echo client)",
-            lat_ids.clone(),
-            sz.latency_rate,
-            Env::deadline(lat_n),
-        )
-        .await?;
-    let echo_lat_cpu = cpu.since(&epids);
-    echo.terminate(Duration::from_secs(5));
-
-    let ratio = re.rate() / echo_re.rate();
-    rep.row(
-        30,
-        "Broker's own limit: echo client, re-announce burst",
-        format!("{:.0} replies/s ({} announces)", echo_re.rate(), echo_re.n),
-        "",
-        None,
-        echo_cpu,
-    );
-    rep.row(
-        31,
-        &format!("Re-announce throughput, {} known sensors", sz.new0),
-        format!("{:.0} replies/s = {ratio:.2} × echo client", re.rate()),
-        "≥ 0.5 × echo client",
-        Some(ratio >= 0.5),
-        re_cpu,
-    );
-    rep.row(
-        40,
-        "Latency, echo client, 1 000 announces/s offered",
-        format!(
-            "p50 {:.2} ms, p99 {:.2} ms ({} samples)",
-            echo_lat.pct_ms(50.0),
-            echo_lat.pct_ms(99.0),
-            echo_lat.n
-        ),
-        "",
-        None,
-        echo_lat_cpu,
-    );
-    rep.row(
-        41,
-        "Latency, onboardd re-announce, 1 000 announces/s offered",
-        format!(
-            "p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} samples)",
-            lat.pct_ms(50.0),
-            lat.pct_ms(99.0),
-            lat.pct_ms(100.0),
-            lat.n
-        ),
-        "p99 ≤ 1.5 ms",
-        Some(lat.pct_ms(99.0) <= 1.5),
-        lat_cpu,
-    );
     match (wb0, wb1) {
         (Some(w0), Some(w1)) => {
             let per = (w1 - w0) as f64 / re.n as f64;
@@ -1591,8 +1377,117 @@ async fn bench(args: &Args, rep: &mut Report) -> Result<()> {
         None,
         String::new(),
     );
+    Ok(Known {
+        re_ids,
+        lat_ids,
+        lat_n,
+        lat_rate: sz.latency_rate,
+        re,
+        re_cpu,
+        lat,
+        lat_cpu,
+    })
+}
 
-    // ---- B: fresh database, lookup "after_failure", cloud 0 ms.
+/// The echo client's results under the same load as the known-sensor phase.
+struct Echo {
+    re: PhaseResult,
+    re_cpu: String,
+    lat: PhaseResult,
+    lat_cpu: String,
+}
+
+/// The broker's own limit: the trivial echo client under the known-sensor phase's load.
+async fn the_brokers_own_limit(env: &Env, known: &Known) -> Result<Echo> {
+    let mut echo = start_echo(env.broker_port)?;
+    let epids = env.pids(echo.pid(), true);
+    let cpu = CpuSnap::take(&epids);
+    let re = env
+        .load
+        .closed(
+            "re-announce burst (echo client)",
+            known.re_ids.clone(),
+            Env::deadline(known.re_ids.len()),
+        )
+        .await?;
+    let re_cpu = cpu.since(&epids);
+    let cpu = CpuSnap::take(&epids);
+    let lat = env
+        .load
+        .open(
+            "latency at 1 000/s (echo client)",
+            known.lat_ids.clone(),
+            known.lat_rate,
+            Env::deadline(known.lat_n),
+        )
+        .await?;
+    let lat_cpu = cpu.since(&epids);
+    echo.terminate(Duration::from_secs(5));
+    Ok(Echo {
+        re,
+        re_cpu,
+        lat,
+        lat_cpu,
+    })
+}
+
+/// Rows comparing onboardd with the echo client: throughput and latency.
+fn report_against_the_broker(rep: &mut Report, sz: &Sizes, known: &Known, echo: &Echo) {
+    let ratio = known.re.rate() / echo.re.rate();
+    rep.row(
+        30,
+        "Broker's own limit: echo client, re-announce burst",
+        format!("{:.0} replies/s ({} announces)", echo.re.rate(), echo.re.n),
+        "",
+        None,
+        echo.re_cpu.clone(),
+    );
+    rep.row(
+        31,
+        &format!("Re-announce throughput, {} known sensors", sz.new0),
+        format!(
+            "{:.0} replies/s = {ratio:.2} × echo client",
+            known.re.rate()
+        ),
+        "≥ 0.5 × echo client",
+        Some(ratio >= 0.5),
+        known.re_cpu.clone(),
+    );
+    rep.row(
+        40,
+        "Latency, echo client, 1 000 announces/s offered",
+        format!(
+            "p50 {:.2} ms, p99 {:.2} ms ({} samples)",
+            echo.lat.pct_ms(50.0),
+            echo.lat.pct_ms(99.0),
+            echo.lat.n
+        ),
+        "",
+        None,
+        echo.lat_cpu.clone(),
+    );
+    rep.row(
+        41,
+        "Latency, onboardd re-announce, 1 000 announces/s offered",
+        format!(
+            "p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} samples)",
+            known.lat.pct_ms(50.0),
+            known.lat.pct_ms(99.0),
+            known.lat.pct_ms(100.0),
+            known.lat.n
+        ),
+        "p99 ≤ 1.5 ms",
+        Some(known.lat.pct_ms(99.0) <= 1.5),
+        known.lat_cpu.clone(),
+    );
+}
+
+/// Phase B: a fresh database, lookup "after_failure", cloud 0 ms.
+async fn new_devices_with_lookup_after_failure(
+    env: &Env,
+    rep: &mut Report,
+    b_ids: Vec<usize>,
+) -> Result<()> {
     env.fake0.reset(&env.http).await?;
     let b_spec = env.spec("b", &env.fake0, "after_failure", "onboardd-bench-b");
     let b = start_onboardd(&b_spec)?;
@@ -1606,14 +1501,25 @@ async fn bench(args: &Args, rep: &mut Report) -> Result<()> {
             &env.fake0,
             Arc::new(b_ids),
             2000.0,
-            target_new0,
+            TARGET_NEW0,
         )
         .await?;
     b.proc.terminate(Duration::from_secs(10));
     forget_session(env.broker_port, "onboardd-bench-b").await?;
     let _ = std::fs::remove_dir_all(env.work.join("b"));
+    Ok(())
+}
 
-    // ---- C, D: cloud 100 ms, both policies.
+/// Phases C and D: cloud 100 ms, both lookup policies.
+async fn new_devices_with_a_slow_cloud(
+    env: &Env,
+    rep: &mut Report,
+    c_ids: Vec<usize>,
+    d_ids: Vec<usize>,
+) -> Result<()> {
+    let target100 = target100();
+    let target_new100 =
+        format!("≥ {target100:.0} devices/s (0.8 × {MAX_IN_FLIGHT} in flight ÷ 0.1 s)");
     for (order, policy, ids, name) in [
         (12, "always", c_ids, "c"),
         (13, "after_failure", d_ids, "d"),
@@ -1647,13 +1553,17 @@ async fn bench(args: &Args, rep: &mut Report) -> Result<()> {
         forget_session(env.broker_port, &client).await?;
         let _ = std::fs::remove_dir_all(env.work.join(name));
     }
+    Ok(())
+}
 
-    // ---- Fill A up to `fill_to` known sensors through the 0 ms cloud.
+/// Grows A's store to `fill_to` sensors through the 0 ms cloud, checks it durably, then
+/// every known sensor re-announces after a restart. Returns that restart's start time.
+async fn grow_the_store(env: &Env, rep: &mut Report, sz: &Sizes, ids: &Ids) -> Result<StartTime> {
     let f_spec = env.spec("a", &env.fake0, "after_failure", "onboardd-bench-a");
-    let a = start_onboardd(&f_spec)?;
+    let mut a = start_onboardd(&f_spec)?;
     let pid = a.proc.pid();
     let wb0 = write_bytes(pid);
-    let fill_ids = Arc::new(fill_ids);
+    let fill_ids = Arc::new(ids.fill.clone());
     let fill_n = fill_ids.len();
     let pids = env.pids(pid, false);
     let cpu = CpuSnap::take(&pids);
@@ -1703,11 +1613,10 @@ async fn bench(args: &Args, rep: &mut Report) -> Result<()> {
         Some(hwm_fill <= 40 * 1024),
         String::new(),
     );
-    let mut a = a;
     a.proc.kill9();
     let mut a = start_onboardd(&f_spec)?;
     let all_known: Arc<Vec<usize>> =
-        Arc::new(a_ids.iter().chain(fill_ids.iter()).copied().collect());
+        Arc::new(ids.a.iter().chain(fill_ids.iter()).copied().collect());
     // The durability check of the fill: answered from the store, or not at all.
     env.answered_from_store(rep, "fill", &env.fake0, all_known.clone())
         .await?;
@@ -1716,7 +1625,7 @@ async fn bench(args: &Args, rep: &mut Report) -> Result<()> {
         "onboardd A: SIGTERM did not exit 0".into(),
     );
     let mut a = start_onboardd(&f_spec)?;
-    let ready_100k = (a.ready_ms, a.wall_ms);
+    let ready_grown = (a.ready_ms, a.wall_ms);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let pid = a.proc.pid();
     let pids = env.pids(pid, false);
@@ -1774,22 +1683,22 @@ async fn bench(args: &Args, rep: &mut Report) -> Result<()> {
         "onboardd A: SIGTERM did not exit 0".into(),
     );
     forget_session(env.broker_port, "onboardd-bench-a").await?;
+    Ok(ready_grown)
+}
 
+/// Start-to-ready rows: empty database, `new0` known, `fill_to` known.
+fn report_start_times(rep: &mut Report, sz: &Sizes, [empty, known, grown]: [StartTime; 3]) {
     for (order, what, (ready, wall)) in [
-        (
-            80,
-            "Start to ready, empty database".to_string(),
-            ready_empty,
-        ),
+        (80, "Start to ready, empty database".to_string(), empty),
         (
             81,
             format!("Start to ready, {} sensors known", sz.new0),
-            ready_10k,
+            known,
         ),
         (
             82,
             format!("Start to ready, {} sensors known", sz.fill_to),
-            ready_100k,
+            grown,
         ),
     ] {
         rep.row(
@@ -1801,26 +1710,29 @@ async fn bench(args: &Args, rep: &mut Report) -> Result<()> {
             String::new(),
         );
     }
+}
 
-    // ---- Binary sizes (the profile strips them).
+/// Binary sizes (the release profile strips them): host, and aarch64 if cross-built.
+fn report_binary_sizes(rep: &mut Report, bins: &Path) -> Result<()> {
     let host = std::fs::metadata(bins.join("onboardd"))?.len();
     rep.row(
         90,
-        "Release binary, host (x86_64, default features incl. fake-cloud)",
+        "Release binary, host (x86_64)",
         format!("{:.2} MiB ({host} B)", host as f64 / 1048576.0),
         "",
         None,
         String::new(),
     );
-    let cross = PathBuf::from("/work/target-cross/aarch64-unknown-linux-gnu/release/onboardd");
-    let cross_local = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("target-cross/aarch64-unknown-linux-gnu/release/onboardd");
-    match [cross, cross_local].into_iter().find(|p| p.exists()) {
+    let cross_dir = std::env::var_os("CROSS_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target-cross"));
+    let cross = cross_dir.join("aarch64-unknown-linux-gnu/release/onboardd");
+    match Some(cross).filter(|p| p.exists()) {
         Some(p) => {
             let n = std::fs::metadata(&p)?.len();
             rep.row(
                 91,
-                "Release binary, aarch64 (scripts/cross-build.sh, no default features)",
+                "Release binary, aarch64 (scripts/cross-build.sh)",
                 format!("{:.2} MiB ({n} B)", n as f64 / 1048576.0),
                 "≤ 4 MiB",
                 Some(n <= 4 * 1024 * 1024),
@@ -1836,12 +1748,6 @@ async fn bench(args: &Args, rep: &mut Report) -> Result<()> {
             String::new(),
         ),
     }
-
-    for w in broker.log.warnings() {
-        eprintln!("bench: mosquitto said: {w}");
-    }
-    env.load.stop();
-    broker.terminate(Duration::from_secs(5));
     Ok(())
 }
 
@@ -1913,7 +1819,7 @@ async fn main() -> ExitCode {
     }
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        kill_all_children();
+        harness::process::kill_all_children();
         default_hook(info);
     }));
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -1929,7 +1835,7 @@ async fn main() -> ExitCode {
         loadavg(),
         started.elapsed().as_secs_f64()
     );
-    kill_all_children();
+    harness::process::kill_all_children();
     match result {
         Err(e) => {
             eprintln!("bench: FAILED: {e:#}");

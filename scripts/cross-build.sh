@@ -3,8 +3,8 @@
 #
 #   scripts/cross-build.sh [aarch64|armv7|all]     (default: all)
 #
-# Builds with --no-default-features: the default feature `fake-cloud` (the fake
-# Qubitro HTTP server) must not ship to gateways. Uses its own target dir
+# Builds only the onboardd package: the fake Qubitro HTTP server is a separate
+# workspace crate and never ships to gateways. Uses its own target dir
 # (CROSS_TARGET_DIR, default target-cross/ inside the checkout) so a cross
 # build never invalidates the host build's cache. Prints each stripped
 # binary's size and the build time.
@@ -46,7 +46,7 @@ for triple in "${triples[@]}"; do
         exit 1
     }
     start=$(date +%s)
-    cargo build --release --locked --no-default-features --target "$triple" --bin onboardd
+    cargo build --release --locked -p onboardd --target "$triple" --bin onboardd
     secs=$(($(date +%s) - start))
     bin="$CARGO_TARGET_DIR/$triple/release/onboardd"
     # The release profile already strips (strip = true); strip again with the

@@ -23,8 +23,8 @@ target="${CARGO_TARGET_DIR:-$repo/target}"
 onboardd="${ONBOARDD_BIN:-$target/debug/onboardd}"
 fake="${FAKE_QUBITRO_BIN:-$target/debug/fake-qubitro}"
 if [[ -z "${ONBOARDD_BIN:-}${FAKE_QUBITRO_BIN:-}" ]]; then
-    echo "demo: cargo build --bins" >&2
-    cargo build --quiet --bins
+    echo "demo: cargo build --workspace --bins" >&2
+    cargo build --quiet --workspace --bins
 fi
 
 tmp="$(mktemp -d -t onboardd-demo.XXXXXX)"

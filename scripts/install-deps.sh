@@ -3,7 +3,8 @@
 # what is missing and runs `apt-get update` only when something is. Needs root
 # (or sudo). Works the same on Debian 12 and Raspberry Pi OS (bookworm).
 #
-#   scripts/install-deps.sh test       # what `cargo test` and scripts/demo.sh need:
+#   scripts/install-deps.sh test       # what `cargo test --workspace --features failpoints`
+#                                      # and scripts/demo.sh need:
 #                                      # mosquitto (+ clients), openssl (test
 #                                      # certificates), a C compiler (ring)
 #   scripts/install-deps.sh            # everything CI runs (test + the rest below)

@@ -25,6 +25,7 @@ const STOP_BUDGET: Duration = Duration::from_secs(8);
 
 /// Runs the daemon until `shutdown` resolves (exit 0) or a fatal error (Err: exit 1).
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    crate::failpoint::refuse_if_requested_but_compiled_out()?;
     let started = Instant::now();
     let cfg = Arc::new(cfg);
     // rumqttc's TLS uses the process-wide provider; ring builds for every Pi.

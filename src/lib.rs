@@ -12,11 +12,10 @@
 //! - [`security`]: claim proofs, allow/deny rules, flood limits.
 //! - [`control`]: the Unix socket behind `onboardd devices …`.
 //! - [`metrics`]: counters for the stats topic and log.
-//! - [`failpoint`]: crash injection for the reliability tests (debug builds only).
+//! - [`failpoint`]: crash injection for the reliability tests (feature `failpoints` only).
 //! - [`tls`]: rustls (ring) for the broker connection.
 //! - [`daemon`]: wires everything together for `onboardd run`.
 //! - [`logging`], [`systemd`]: journald/stderr logging and sd_notify.
-//! - `fake_cloud` (feature `fake-cloud`): a fake Qubitro API for tests and firmware work.
 
 pub mod announce;
 pub mod backoff;
@@ -38,6 +37,3 @@ pub mod security;
 pub mod store;
 pub mod systemd;
 pub mod tls;
-
-#[cfg(feature = "fake-cloud")]
-pub mod fake_cloud;

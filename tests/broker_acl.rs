@@ -30,11 +30,11 @@ fn sensor_pw(id: &str) -> String {
 }
 
 /// The shipped mosquitto.conf with its port, password file, ACL file and persistence
-/// directory replaced; every other line exactly as shipped.
-fn shipped_conf(passwd: &Path, persistence_dir: &Path) -> String {
+/// directory replaced by the harness's copies in the broker's own directory (`{dir}`);
+/// every other line exactly as shipped.
+fn shipped_conf() -> String {
     let shipped = std::fs::read_to_string(repo_file("config/mosquitto/mosquitto.conf"))
         .expect("read config/mosquitto/mosquitto.conf");
-    let acl = repo_file("config/mosquitto/onboardd.acl");
     let mut rewritten = [0usize; 4];
     let mut out = String::new();
     for line in shipped.lines() {
@@ -43,13 +43,13 @@ fn shipped_conf(passwd: &Path, persistence_dir: &Path) -> String {
             "listener {port} 127.0.0.1".to_string()
         } else if line.starts_with("password_file ") {
             rewritten[1] += 1;
-            format!("password_file {}", passwd.display())
+            "password_file {dir}/onboardd.passwd".to_string()
         } else if line.starts_with("acl_file ") {
             rewritten[2] += 1;
-            format!("acl_file {}", acl.display())
+            "acl_file {dir}/onboardd.acl".to_string()
         } else if line.starts_with("persistence_location ") {
             rewritten[3] += 1;
-            format!("persistence_location {}/", persistence_dir.display())
+            "persistence_location {dir}/db/".to_string()
         } else {
             assert!(
                 !line.starts_with("listener "),
@@ -88,20 +88,18 @@ struct SecuredBroker {
 impl SecuredBroker {
     fn start(sensors: &[&str]) -> SecuredBroker {
         let files = tempfile::tempdir().expect("tempdir");
-        // mosquitto started as root reads the password file after dropping to its
-        // own user: the directory and file must be readable by it.
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(files.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let passwd = files.path().join("onboardd.passwd");
         mosquitto_passwd(&["-c", "-b"], &passwd, "onboardd", ONBOARDD_PW);
         for id in sensors {
             mosquitto_passwd(&["-b"], &passwd, id, &sensor_pw(id));
         }
-        std::fs::set_permissions(&passwd, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let persistence = files.path().join("db");
-        std::fs::create_dir(&persistence).unwrap();
-        std::fs::set_permissions(&persistence, std::fs::Permissions::from_mode(0o777)).unwrap();
-        let broker = Mosquitto::start_with(&shipped_conf(&passwd, &persistence));
+        // mosquitto started as root reads these after dropping to its own user: the
+        // harness copies them where that user can read them (`{dir}` in the conf).
+        let broker = Mosquitto::builder()
+            .file(&passwd, "onboardd.passwd")
+            .file(repo_file("config/mosquitto/onboardd.acl"), "onboardd.acl")
+            .conf(&shipped_conf())
+            .start();
         SecuredBroker {
             broker,
             _files: files,

@@ -16,7 +16,14 @@ fn toml_path(p: &Path) -> String {
 /// the harness port (onboardd). The plain one comes first so it is open once the
 /// harness sees the TLS one listening.
 fn tls_broker(pki: &Pki, plain: u16, tls_extra: &str, global: &str) -> Mosquitto {
-    tls_broker_with_cert(pki, "server", plain, tls_extra, global)
+    tls_broker_with(
+        Mosquitto::builder(),
+        pki,
+        "server",
+        plain,
+        tls_extra,
+        global,
+    )
 }
 
 fn tls_broker_with_cert(
@@ -26,19 +33,35 @@ fn tls_broker_with_cert(
     tls_extra: &str,
     global: &str,
 ) -> Mosquitto {
-    Mosquitto::start_with(&format!(
-        "per_listener_settings false\n\
-         {global}\n\
-         listener {plain} 127.0.0.1\n\
-         listener {{port}} 127.0.0.1\n\
-         cafile {ca}\n\
-         certfile {cert}\n\
-         keyfile {key}\n\
-         {tls_extra}\n",
-        ca = pki.path("ca.crt").display(),
-        cert = pki.path(&format!("{server}.crt")).display(),
-        key = pki.path(&format!("{server}.key")).display(),
-    ))
+    tls_broker_with(Mosquitto::builder(), pki, server, plain, tls_extra, global)
+}
+
+/// `broker` may carry more files (`{dir}/name` in `global`).
+fn tls_broker_with(
+    broker: MosquittoBuilder,
+    pki: &Pki,
+    server: &str,
+    plain: u16,
+    tls_extra: &str,
+    global: &str,
+) -> Mosquitto {
+    // mosquitto started as root reads certificates after dropping to its own user: the
+    // harness copies them where that user can read them (`{dir}` in the conf).
+    broker
+        .file(pki.path("ca.crt"), "ca.crt")
+        .file(pki.path(&format!("{server}.crt")), "server.crt")
+        .file(pki.path(&format!("{server}.key")), "server.key")
+        .conf(&format!(
+            "per_listener_settings false\n\
+             {global}\n\
+             listener {plain} 127.0.0.1\n\
+             listener {{port}} 127.0.0.1\n\
+             cafile {{dir}}/ca.crt\n\
+             certfile {{dir}}/server.crt\n\
+             keyfile {{dir}}/server.key\n\
+             {tls_extra}\n",
+        ))
+        .start()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -69,11 +92,13 @@ async fn with_mutual_tls_the_client_certificate_cn_is_the_acl_user_of_the_daemon
     // The shipped ACL: only user `onboardd` may read announces and write replies.
     // No password file: on the plain listener a sensor's username is taken as given.
     let acl = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/mosquitto/onboardd.acl");
-    let broker = tls_broker(
+    let broker = tls_broker_with(
+        Mosquitto::builder().file(acl, "onboardd.acl"),
         &pki,
+        "server",
         plain,
         "require_certificate true\nuse_identity_as_username true",
-        &format!("allow_anonymous true\nacl_file {}", acl.display()),
+        "allow_anonymous true\nacl_file {dir}/onboardd.acl",
     );
     let cloud = fake_cloud().await;
     // host localhost: checked against the DNS subjectAltName. No MQTT username: the

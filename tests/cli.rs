@@ -327,3 +327,41 @@ fn claim_prints_the_hmac_from_the_key_file_alone() {
         "{err}"
     );
 }
+
+/// Without the feature a crash test would wait for a crash that never comes; the daemon
+/// refuses to start instead, so the test fails at once and says why.
+#[cfg(not(feature = "failpoints"))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failpoint_asked_of_a_build_without_failpoints_stops_the_daemon_at_once() {
+    let cloud = fake_cloud().await;
+    let state = tempfile::tempdir().unwrap();
+    let mut d = Daemon::with_state(
+        free_port(),
+        &cloud,
+        state.path(),
+        "",
+        vec![(
+            onboardd::failpoint::ENV.into(),
+            "after_pending_recorded".into(),
+        )],
+    );
+    let status = tokio::task::spawn_blocking(move || {
+        let st = d.wait_exit();
+        (d, st)
+    })
+    .await
+    .unwrap();
+    let (d, st) = status;
+    assert_eq!(st.code(), Some(1), "{}", d.log.text());
+    d.log.wait_for("built without the `failpoints` feature");
+}
+
+/// The harness finds the binary next to a test's own executable when a test never called
+/// `bin()`; that must be the very binary cargo built for the tests.
+#[test]
+fn the_harness_finds_the_daemon_binary_cargo_built_for_the_tests() {
+    assert_eq!(
+        harness::daemon::sibling_daemon_bin(),
+        std::path::Path::new(env!("CARGO_BIN_EXE_onboardd"))
+    );
+}

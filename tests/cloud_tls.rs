@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use common::pki::Pki;
 use common::*;
-use onboardd::fake_cloud::{Endpoint, FakeOptions, FakeQubitro};
+use fake_qubitro::{Endpoint, FakeOptions, FakeQubitro};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 

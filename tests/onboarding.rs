@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
-use onboardd::fake_cloud::{CredentialsAt, Endpoint, Envelope, FakeOptions, FakeQubitro, Fault};
+use fake_qubitro::{CredentialsAt, Endpoint, Envelope, FakeOptions, FakeQubitro, Fault};
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use serde_json::json;
 

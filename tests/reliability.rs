@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use common::*;
-use onboardd::fake_cloud::{Endpoint, Fault, NewDevice};
+use fake_qubitro::{Endpoint, Fault, NewDevice};
 
 fn status(code: u16) -> Fault {
     Fault::Status {
@@ -151,6 +151,10 @@ async fn announces_published_while_onboardd_was_stopped_are_served_when_it_start
 /// Crashes (SIGKILL) at each step of an onboarding, restarts, and checks the sensor
 /// ends with exactly one device and gets its token, without announcing again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "failpoints"),
+    ignore = "needs failpoints: cargo test --workspace --features failpoints"
+)]
 async fn sigkill_at_every_step_still_gives_exactly_one_device_and_the_token() {
     for step in onboardd::failpoint::STEPS {
         let broker = Mosquitto::start();

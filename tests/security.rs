@@ -3,8 +3,8 @@
 mod common;
 
 use common::*;
+use fake_qubitro::Endpoint;
 use onboardd::config::Secret;
-use onboardd::fake_cloud::Endpoint;
 use onboardd::security::claim_for;
 
 const CLAIM_KEY: &str = "fleet-claim-key-0123456789";
@@ -104,7 +104,7 @@ async fn a_new_sensor_announcing_again_within_its_cooldown_is_rate_limited() {
     let cloud = fake_cloud().await;
     cloud.push_faults(
         Endpoint::Create,
-        vec![onboardd::fake_cloud::Fault::Status {
+        vec![fake_qubitro::Fault::Status {
             status: 400,
             retry_after: None,
             body: None,
@@ -125,7 +125,7 @@ async fn no_secret_or_token_appears_in_the_output_even_at_trace_level() {
     let cloud = fake_cloud().await;
     cloud.push_faults(
         Endpoint::Create,
-        vec![onboardd::fake_cloud::Fault::Status {
+        vec![fake_qubitro::Fault::Status {
             status: 500,
             retry_after: None,
             body: None,

@@ -48,7 +48,7 @@ else
     fake_bin="${2:-$(pick "$target/release/fake-qubitro" "$target/debug/fake-qubitro")}"
 fi
 for f in $onboardd_bin "$fake_bin"; do
-    [[ -x "$f" ]] || { echo "service-test: $f not found or not executable (cargo build --bins)" >&2; exit 2; }
+    [[ -x "$f" ]] || { echo "service-test: $f not found or not executable (cargo build --workspace --bins)" >&2; exit 2; }
 done
 [[ $EUID -eq 0 ]] || { echo "service-test: must run as root (systemd-nspawn)" >&2; exit 2; }
 

@@ -5,21 +5,28 @@
 //! Where the documentation disagrees with itself (response envelope, where create puts the
 //! credentials, 200 vs 201) the choice is an option, so every documented form can be tested.
 //!
-//! The server runs on hyper directly rather than `axum::serve`: `stop()` must drop connections
-//! that are still open (a hung request, an idle keep-alive) so clients see a dead cloud, and
-//! `axum::serve` keeps every connection alive until it finishes on its own.
+//! Requests are routed by an axum [`Router`]; the server runs it on hyper directly rather than
+//! through `axum::serve`: `stop()` must drop connections that are still open (a hung request,
+//! an idle keep-alive) so clients see a dead cloud, and `axum::serve` keeps every connection
+//! alive until it finishes on its own.
+//!
+//! The list endpoint (onboardd's lookup, `GET …/devices?metadata=sensor_id:ID`) can be made to
+//! answer in the other shapes a real API might use ([`ListShape`]), paginated
+//! ([`FakeOptions::list_page_size`]), unfiltered, oldest first, or with `created_at` fields, so a
+//! client's lookup can be tested against each of them.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::convert::Infallible;
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
-use axum::extract::Query;
-use axum::http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use axum::extract::{Path, Query, Request, State as Ext};
+use axum::http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode, Uri};
+use axum::routing::{any, get, post};
+use axum::Router;
 use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use tokio::net::{TcpListener, TcpStream};
@@ -39,6 +46,10 @@ const TOKEN_LEN: usize = 40;
 const BODY_LIMIT: usize = 1 << 20;
 const AVATAR: &str = "https://static.qubitro.com/portal/device/avatar/default.png";
 const NEVER_SEEN: &str = "0001-01-01T00:00:00Z";
+/// The metadata key onboardd files a sensor's id under, and the one
+/// [`ListShape::SensorIdUnderOtherKey`] shows instead.
+const SENSOR_ID_KEY: &str = "sensor_id";
+const OTHER_SENSOR_ID_KEY: &str = "sensorId";
 
 /// Response shape: the older docs and the Node SDK wrap everything, the newest docs do not.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -58,6 +69,53 @@ pub enum CredentialsAt {
     DeviceCredentials,
     /// `data.metadata` is the user's metadata plus `device_id` and `device_token`.
     Metadata,
+}
+
+/// How the list endpoint lays out its answer. Only [`ListShape::Standard`] is what the
+/// documentation shows; the others are what an API change, or a client reading the wrong
+/// field, would look like.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ListShape {
+    /// Wrapped: `{"success":true,"action":…,"status":200,"message":…,"data":[items]}`;
+    /// bare: `[items]`.
+    #[default]
+    Standard,
+    /// The array under `"devices"`: wrapped `data: {"devices":[…]}`, bare `{"devices":[…]}`.
+    DevicesKey,
+    /// The array under `"items"`: wrapped `data: {"items":[…]}`, bare `{"items":[…]}`.
+    ItemsKey,
+    /// A layout no client knows: wrapped `data: {"rows_v3":[…]}`, bare
+    /// `{"result":{"rows_v3":[…]}}`.
+    Unrecognised,
+    /// The standard layout, but items have no `metadata` key.
+    NoMetadata,
+    /// The standard layout, but each item's metadata carries the sensor id under `"sensorId"`
+    /// instead of `"sensor_id"`. The filter still finds the device: `sensor_id:ID` and
+    /// `sensorId:ID` both match a device whose sensor id is ID.
+    SensorIdUnderOtherKey,
+}
+
+/// The list switches, changeable at run time; [`FakeQubitro::reset`] restores the options'.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ListOptions {
+    shape: ListShape,
+    page_size: Option<usize>,
+    ignores_filter: bool,
+    newest_first: bool,
+    created_at_field: bool,
+}
+
+impl ListOptions {
+    fn of(opts: &FakeOptions) -> Self {
+        ListOptions {
+            shape: opts.list_shape,
+            page_size: opts.list_page_size,
+            ignores_filter: opts.list_ignores_filter,
+            newest_first: opts.list_newest_first,
+            created_at_field: opts.created_at_field,
+        }
+    }
 }
 
 /// The four documented device calls; faults and counters are kept per endpoint.
@@ -108,6 +166,13 @@ pub enum Fault {
     Delay(Duration),
     /// Do the work for real, then answer this error status instead: the "response lost" case.
     CreatedThenStatus(u16),
+    /// Do the work for real, then never answer: the connection stays open until the client
+    /// gives up or `stop()`. A create that timed out on the client but exists in the cloud.
+    CreatedThenHang,
+    /// Answer exactly what a missing device answers (404, "Device not found") without doing
+    /// anything: a GET right after a create that the API does not see yet (read-after-write
+    /// lag). Queue N of them for the next N GETs.
+    NotFound,
     /// Never answer; the connection stays open until `stop()`.
     Hang,
 }
@@ -132,6 +197,21 @@ pub struct FakeOptions {
     /// Serve the unauthenticated `/_fake/*` control endpoints (for the standalone binary;
     /// in-process tests have the Rust API instead, and the real cloud has no such paths).
     pub control_endpoints: bool,
+    /// Layout of list answers (initial value; see [`FakeQubitro::set_list_shape`]).
+    pub list_shape: ListShape,
+    /// Paginate list answers with this many items per page, selected by the query parameter
+    /// `page` (1-based, default 1). Wrapped answers add `"page"`, `"limit"`, `"total"` and
+    /// `"total_pages"` next to `"data"`; bare ones become
+    /// `{"items":[…],"page":N,"limit":L,"total":T,"total_pages":P}`. A page past the end is
+    /// an empty array with the same fields. `None`: one answer with every match.
+    pub list_page_size: Option<usize>,
+    /// The list ignores `?metadata=` and answers every device (an API that dropped the filter).
+    pub list_ignores_filter: bool,
+    /// Order of list items: newest first, as Qubitro documents, or oldest first.
+    pub list_newest_first: bool,
+    /// Add a `"created_at"` RFC 3339 field to list items and GET answers (the real docs show
+    /// none, so off by default).
+    pub created_at_field: bool,
 }
 
 impl Default for FakeOptions {
@@ -146,6 +226,11 @@ impl Default for FakeOptions {
             delay: Duration::ZERO,
             control_endpoints: false,
             tls: None,
+            list_shape: ListShape::Standard,
+            list_page_size: None,
+            list_ignores_filter: false,
+            list_newest_first: true,
+            created_at_field: false,
         }
     }
 }
@@ -247,7 +332,7 @@ impl FakeQubitro {
         let addr = listener.local_addr()?;
         let (counts, _) = watch::channel([0usize; 4]);
         let shared = Arc::new(Shared {
-            state: Mutex::new(State::new(opts.delay)),
+            state: Mutex::new(Registry::new(&opts)),
             counts,
             opts,
         });
@@ -342,6 +427,31 @@ impl FakeQubitro {
         self.inner.shared.lock().delay = d;
     }
 
+    /// Changes the layout of list answers from now on (see [`FakeOptions::list_shape`]).
+    pub fn set_list_shape(&self, shape: ListShape) {
+        self.inner.shared.lock().list.shape = shape;
+    }
+
+    /// Changes list pagination from now on (see [`FakeOptions::list_page_size`]).
+    pub fn set_list_page_size(&self, page_size: Option<usize>) {
+        self.inner.shared.lock().list.page_size = page_size;
+    }
+
+    /// Makes the list ignore its `?metadata=` filter, or honour it again.
+    pub fn set_list_ignores_filter(&self, ignores: bool) {
+        self.inner.shared.lock().list.ignores_filter = ignores;
+    }
+
+    /// Orders list items newest first (`true`, the default) or oldest first.
+    pub fn set_list_newest_first(&self, newest_first: bool) {
+        self.inner.shared.lock().list.newest_first = newest_first;
+    }
+
+    /// Adds (or stops adding) `"created_at"` to list items and GET answers.
+    pub fn set_created_at_field(&self, on: bool) {
+        self.inner.shared.lock().list.created_at_field = on;
+    }
+
     /// Resolves once `count(ep) >= n`.
     pub async fn wait_for_requests(&self, ep: Endpoint, n: usize) {
         let mut counts = self.inner.shared.counts.subscribe();
@@ -349,7 +459,8 @@ impl FakeQubitro {
         let _ = counts.wait_for(|c| c[ep.index()] >= n).await;
     }
 
-    /// Forgets devices, records, counters and queued faults, and restores the configured delay.
+    /// Forgets devices, records, counters and queued faults, and restores the configured delay
+    /// and list switches.
     pub fn reset(&self) {
         self.inner.shared.reset();
     }
@@ -401,10 +512,7 @@ async fn serve_http<S>(stream: S, shared: Arc<Shared>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-        let shared = shared.clone();
-        async move { Ok::<_, Infallible>(shared.handle(req.map(Body::new)).await) }
-    });
+    let service = TowerToHyperService::new(router(shared));
     let conn = hyper::server::conn::http1::Builder::new()
         // A fake needs no slowloris protection, and the timeout would require a timer.
         .header_read_timeout(None)
@@ -421,7 +529,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 struct Shared {
     opts: FakeOptions,
-    state: Mutex<State>,
+    state: Mutex<Registry>,
     // Arrival counters, in a watch channel so wait_for_requests needs no polling.
     counts: watch::Sender<[usize; 4]>,
 }
@@ -431,7 +539,8 @@ struct StoredDevice {
     created_at: String,
 }
 
-struct State {
+struct Registry {
+    list: ListOptions,
     // Keyed by creation sequence, so listing newest first is a reverse walk, not a sort.
     devices: BTreeMap<u64, StoredDevice>,
     by_id: HashMap<String, u64>,
@@ -447,9 +556,10 @@ struct State {
     delay: Duration,
 }
 
-impl State {
-    fn new(delay: Duration) -> Self {
-        State {
+impl Registry {
+    fn new(opts: &FakeOptions) -> Self {
+        Registry {
+            list: ListOptions::of(opts),
             devices: BTreeMap::new(),
             by_id: HashMap::new(),
             by_meta: HashMap::new(),
@@ -457,13 +567,13 @@ impl State {
             requests: Vec::new(),
             epoch: 0,
             faults: Default::default(),
-            delay,
+            delay: opts.delay,
         }
     }
 
     fn insert(&mut self, d: NewDevice) -> FakeDevice {
         let device = FakeDevice {
-            id: uuid_v4(),
+            id: uuid::Uuid::new_v4().to_string(),
             token: device_token(),
             name: d.name,
             description: d.description,
@@ -511,21 +621,29 @@ impl State {
         Some(stored)
     }
 
-    /// Devices newest first; with a filter, only those carrying its first pair are visited.
-    fn newest_first<'a>(
-        &'a self,
-        filter: &[(String, String)],
-    ) -> Box<dyn Iterator<Item = &'a StoredDevice> + 'a> {
-        match filter.first() {
-            Some(pair) => Box::new(
-                self.by_meta
-                    .get(pair)
-                    .into_iter()
-                    .flat_map(|seqs| seqs.iter().rev())
-                    .filter_map(|seq| self.devices.get(seq)),
-            ),
-            None => Box::new(self.devices.values().rev()),
+    /// Devices carrying every pair of `filter`, in creation order or its reverse; only those
+    /// carrying the filter's first pair are visited.
+    fn matching(&self, filter: &[(String, String)], newest_first: bool) -> Vec<&StoredDevice> {
+        let candidates: Vec<&StoredDevice> = match filter.first() {
+            Some(pair) => self
+                .by_meta
+                .get(pair)
+                .into_iter()
+                .flatten()
+                .filter_map(|seq| self.devices.get(seq))
+                .collect(),
+            None => self.devices.values().collect(),
+        };
+        let matches = |s: &&StoredDevice| {
+            filter
+                .iter()
+                .all(|(k, v)| s.device.metadata.get(k).is_some_and(|have| have == v))
+        };
+        let mut found: Vec<&StoredDevice> = candidates.into_iter().filter(matches).collect();
+        if newest_first {
+            found.reverse();
         }
+        found
     }
 }
 
@@ -535,76 +653,126 @@ struct Ticket {
     index: usize,
 }
 
-enum Route<'a> {
+/// What the router matched, handed to [`Shared::handle`].
+enum Target {
     Api {
         endpoint: Endpoint,
-        project: &'a str,
-        device: Option<&'a str>,
+        project: String,
+        device: Option<String>,
     },
-    Control,
     MethodNotAllowed,
     NotFound,
 }
 
-impl<'a> Route<'a> {
-    fn parse(method: &Method, path: &'a str, control: bool) -> Route<'a> {
-        if control && path.starts_with("/_fake/") {
-            return Route::Control;
+impl Target {
+    /// A device call, unless a path segment is empty (`/v2/projects//devices`), which the
+    /// router matches but the API does not.
+    fn api(endpoint: Endpoint, project: String, device: Option<String>) -> Target {
+        if project.is_empty() || device.as_deref() == Some("") {
+            return Target::NotFound;
         }
-        let Some(rest) = path.strip_prefix("/v2/projects/") else {
-            return Route::NotFound;
-        };
-        let mut parts = rest.split('/');
-        let (Some(project), Some("devices")) = (parts.next(), parts.next()) else {
-            return Route::NotFound;
-        };
-        let device = parts.next();
-        if project.is_empty() || parts.next().is_some() || device == Some("") {
-            return Route::NotFound;
-        }
-        let endpoint = match (device.is_some(), method) {
-            (false, &Method::POST) => Endpoint::Create,
-            (false, &Method::GET) => Endpoint::List,
-            (true, &Method::GET) => Endpoint::Get,
-            (true, &Method::DELETE) => Endpoint::Delete,
-            _ => return Route::MethodNotAllowed,
-        };
-        Route::Api {
+        Target::Api {
             endpoint,
             project,
             device,
         }
     }
+
+    fn endpoint(&self) -> Option<Endpoint> {
+        match self {
+            Target::Api { endpoint, .. } => Some(*endpoint),
+            Target::MethodNotAllowed | Target::NotFound => None,
+        }
+    }
+}
+
+type Shd = Ext<Arc<Shared>>;
+
+/// The documented device API, plus `/_fake/*` when the options ask for it. Every API request
+/// (unroutable ones included) goes through [`Shared::handle`], which records it and applies
+/// faults; the control paths are not recorded.
+fn router(shared: Arc<Shared>) -> Router {
+    let api = |endpoint: Endpoint| {
+        move |Ext(s): Shd, Path(project): Path<String>, req: Request| async move {
+            s.handle(Target::api(endpoint, project, None), req).await
+        }
+    };
+    let one = |endpoint: Endpoint| {
+        move |Ext(s): Shd, Path((project, device)): Path<(String, String)>, req: Request| async move {
+            s.handle(Target::api(endpoint, project, Some(device)), req)
+                .await
+        }
+    };
+    let method_not_allowed =
+        |Ext(s): Shd, req: Request| async move { s.handle(Target::MethodNotAllowed, req).await };
+    let not_found =
+        |Ext(s): Shd, req: Request| async move { s.handle(Target::NotFound, req).await };
+
+    let mut router = Router::new()
+        .route(
+            "/v2/projects/{project}/devices",
+            post(api(Endpoint::Create))
+                .get(api(Endpoint::List))
+                .fallback(method_not_allowed),
+        )
+        .route(
+            "/v2/projects/{project}/devices/{device}",
+            get(one(Endpoint::Get))
+                .delete(one(Endpoint::Delete))
+                .fallback(method_not_allowed),
+        );
+    if shared.opts.control_endpoints {
+        router = router
+            .route(
+                "/_fake/devices",
+                get(|Ext(s): Shd| async move { s.control_devices() }).fallback(control_unknown),
+            )
+            .route(
+                "/_fake/stats",
+                get(|Ext(s): Shd| async move { s.control_stats() }).fallback(control_unknown),
+            )
+            .route(
+                "/_fake/faults",
+                post(|Ext(s): Shd, req: Request| async move { s.control_faults(req).await })
+                    .fallback(control_unknown),
+            )
+            .route(
+                "/_fake/options",
+                post(|Ext(s): Shd, req: Request| async move { s.control_options(req).await })
+                    .fallback(control_unknown),
+            )
+            .route(
+                "/_fake/reset",
+                post(|Ext(s): Shd| async move {
+                    s.reset();
+                    json_response(StatusCode::OK, &json!({"reset": true}))
+                })
+                .fallback(control_unknown),
+            )
+            .route("/_fake/{*rest}", any(control_unknown));
+    }
+    router.fallback(not_found).with_state(shared)
 }
 
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
+    fn lock(&self) -> MutexGuard<'_, Registry> {
         lock(&self.state)
     }
 
     fn reset(&self) {
         let mut state = self.lock();
         let epoch = state.epoch + 1;
-        *state = State::new(self.opts.delay);
+        *state = Registry::new(&self.opts);
         state.epoch = epoch;
         drop(state);
         self.counts.send_replace([0; 4]);
     }
 
-    async fn handle(&self, req: Request<Body>) -> Response<Body> {
+    async fn handle(&self, target: Target, req: Request) -> Response<Body> {
         let at = Instant::now();
         let (parts, body) = req.into_parts();
         let path = parts.uri.path();
-        let route = Route::parse(&parts.method, path, self.opts.control_endpoints);
-        if let Route::Control = route {
-            let response = self.control(&parts.method, path, body).await;
-            log_request(&parts.method, &parts.uri, response.status(), at);
-            return response;
-        }
-        let endpoint = match route {
-            Route::Api { endpoint, .. } => Some(endpoint),
-            _ => None,
-        };
+        let endpoint = target.endpoint();
 
         let (ticket, fault, delay) = {
             let mut state = self.lock();
@@ -643,19 +811,24 @@ impl Shared {
                 }),
                 _,
             ) => self.fault_response(status, retry_after, body),
+            (Some(Fault::NotFound), _) => self.not_found(endpoint),
             (_, Err(_)) => self.error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large"),
             (Some(Fault::CreatedThenStatus(status)), Ok(body)) => {
                 // The work is done; only the answer is lost.
-                let _ = self.api(&route, &parts.headers, &parts.uri, &body);
+                let _ = self.api(&target, &parts.headers, &parts.uri, &body);
                 self.fault_response(status, None, None)
+            }
+            (Some(Fault::CreatedThenHang), Ok(body)) => {
+                let _ = self.api(&target, &parts.headers, &parts.uri, &body);
+                std::future::pending::<Response<Body>>().await
             }
             (Some(Fault::Delay(d)), Ok(body)) => {
                 extra_delay = d;
-                self.api(&route, &parts.headers, &parts.uri, &body)
+                self.api(&target, &parts.headers, &parts.uri, &body)
             }
-            (None, Ok(body)) => self.api(&route, &parts.headers, &parts.uri, &body),
+            (None, Ok(body)) => self.api(&target, &parts.headers, &parts.uri, &body),
         };
-        let delay = delay + extra_delay;
+        let delay = delay.saturating_add(extra_delay);
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
@@ -672,25 +845,17 @@ impl Shared {
         response
     }
 
-    fn api(
-        &self,
-        route: &Route<'_>,
-        headers: &HeaderMap,
-        uri: &Uri,
-        body: &[u8],
-    ) -> Response<Body> {
-        let (endpoint, project, device) = match *route {
-            Route::Api {
+    fn api(&self, target: &Target, headers: &HeaderMap, uri: &Uri, body: &[u8]) -> Response<Body> {
+        let (endpoint, project, device) = match target {
+            Target::Api {
                 endpoint,
                 project,
                 device,
-            } => (endpoint, project, device),
-            Route::MethodNotAllowed => {
+            } => (*endpoint, project, device.as_deref()),
+            Target::MethodNotAllowed => {
                 return self.error(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed")
             }
-            Route::NotFound | Route::Control => {
-                return self.error(StatusCode::NOT_FOUND, "Not found")
-            }
+            Target::NotFound => return self.error(StatusCode::NOT_FOUND, "Not found"),
         };
         if !self.authorized(headers) {
             return self.error(
@@ -698,7 +863,7 @@ impl Shared {
                 "Unauthorized: invalid or missing API key",
             );
         }
-        if project != self.opts.project_id {
+        if *project != self.opts.project_id {
             return self.error(StatusCode::NOT_FOUND, "Project not found");
         }
         match (endpoint, device) {
@@ -706,10 +871,23 @@ impl Shared {
             (Endpoint::List, _) => self.list(uri),
             (Endpoint::Get, Some(id)) => self.get(id),
             (Endpoint::Delete, Some(id)) => self.delete(id),
-            // Route::parse only yields Get/Delete with a device id.
+            // The router only yields Get/Delete with a device id.
             (Endpoint::Get | Endpoint::Delete, None) => {
                 self.error(StatusCode::NOT_FOUND, "Not found")
             }
+        }
+    }
+
+    /// The answer for something that does not exist, worded as the endpoint words it.
+    fn not_found(&self, endpoint: Option<Endpoint>) -> Response<Body> {
+        match endpoint {
+            Some(Endpoint::Get | Endpoint::Delete) => {
+                self.error(StatusCode::NOT_FOUND, "Device not found")
+            }
+            Some(Endpoint::Create | Endpoint::List) => {
+                self.error(StatusCode::NOT_FOUND, "Project not found")
+            }
+            None => self.error(StatusCode::NOT_FOUND, "Not found"),
         }
     }
 
@@ -737,9 +915,10 @@ impl Shared {
             let mut state = self.lock();
             let device = state.insert(new);
             let created_at = state
-                .get(&device.id)
-                .map(|s| s.created_at.clone())
-                .unwrap_or_default();
+                .list
+                .created_at_field
+                .then(|| state.get(&device.id).map(|s| s.created_at.clone()))
+                .flatten();
             (device, created_at)
         };
         let creds = match self.opts.credentials_at {
@@ -751,50 +930,104 @@ impl Shared {
             status,
             "create device",
             "Device created successfully.",
-            device_json(&device, &created_at, creds),
+            device_json(&device, created_at.as_deref(), creds),
         )
     }
 
     fn list(&self, uri: &Uri) -> Response<Body> {
-        let filter = match metadata_filter(uri) {
-            Ok(filter) => filter,
+        let query = match ListQuery::parse(uri) {
+            Ok(query) => query,
             Err(message) => return self.error(StatusCode::BAD_REQUEST, message),
         };
-        let matching: Vec<(FakeDevice, String)> = {
+        let (opts, matching) = {
             let state = self.lock();
-            state
-                .newest_first(&filter)
-                .filter(|s| {
-                    filter
-                        .iter()
-                        .all(|(k, v)| s.device.metadata.get(k).is_some_and(|have| have == v))
-                })
+            let opts = state.list;
+            let filter: Vec<(String, String)> = if opts.ignores_filter {
+                Vec::new()
+            } else if opts.shape == ListShape::SensorIdUnderOtherKey {
+                // Stored as sensor_id, shown as sensorId: a filter on either name finds it.
+                query
+                    .filter
+                    .into_iter()
+                    .map(|(k, v)| match k.as_str() {
+                        OTHER_SENSOR_ID_KEY => (SENSOR_ID_KEY.to_owned(), v),
+                        _ => (k, v),
+                    })
+                    .collect()
+            } else {
+                query.filter
+            };
+            let matching: Vec<(FakeDevice, String)> = state
+                .matching(&filter, opts.newest_first)
+                .into_iter()
                 .map(|s| (s.device.clone(), s.created_at.clone()))
-                .collect()
+                .collect();
+            (opts, matching)
         };
-        let items = matching
+        let total = matching.len();
+        let (selected, page): (&[(FakeDevice, String)], _) = match opts.page_size {
+            None => (&matching, None),
+            Some(limit) => {
+                let limit = limit.max(1);
+                let start = (query.page - 1).saturating_mul(limit).min(total);
+                let end = start.saturating_add(limit).min(total);
+                let page = json!({"page": query.page, "limit": limit, "total": total,
+                                  "total_pages": total.div_ceil(limit)});
+                (&matching[start..end], Some(page))
+            }
+        };
+        let items = selected
             .iter()
-            .map(|(d, created_at)| device_json(d, created_at, Creds::None))
+            .map(|(d, created_at)| list_item(d, created_at, &opts))
             .collect();
-        self.success(
-            StatusCode::OK,
-            "list devices",
-            "Devices listed successfully.",
-            Value::Array(items),
-        )
+        self.list_answer(Value::Array(items), page, opts.shape)
+    }
+
+    /// Lays out a list answer: `items` placed as `shape` says, page fields at the top level.
+    fn list_answer(&self, items: Value, page: Option<Value>, shape: ListShape) -> Response<Body> {
+        let wrapped = self.opts.envelope == Envelope::Wrapped;
+        let body = match shape {
+            ListShape::DevicesKey => json!({ "devices": items }),
+            ListShape::ItemsKey => json!({ "items": items }),
+            ListShape::Unrecognised if wrapped => json!({ "rows_v3": items }),
+            ListShape::Unrecognised => json!({"result": { "rows_v3": items }}),
+            ListShape::Standard | ListShape::NoMetadata | ListShape::SensorIdUnderOtherKey => {
+                if !wrapped && page.is_some() {
+                    json!({ "items": items })
+                } else {
+                    items
+                }
+            }
+        };
+        let mut answer = if wrapped {
+            json!({"success": true, "action": "list devices", "status": 200,
+                   "message": "Devices listed successfully.", "data": body})
+        } else {
+            body
+        };
+        if let (Some(Value::Object(page)), Value::Object(answer)) = (page, &mut answer) {
+            answer.extend(page);
+        }
+        json_response(StatusCode::OK, &answer)
     }
 
     fn get(&self, id: &str) -> Response<Body> {
-        let found = self
-            .lock()
-            .get(id)
-            .map(|s| (s.device.clone(), s.created_at.clone()));
+        let found = {
+            let state = self.lock();
+            let with_created_at = state.list.created_at_field;
+            state.get(id).map(|s| {
+                (
+                    s.device.clone(),
+                    with_created_at.then(|| s.created_at.clone()),
+                )
+            })
+        };
         match found {
             Some((device, created_at)) => self.success(
                 StatusCode::OK,
                 "get device",
                 "Device retrieved successfully.",
-                device_json(&device, &created_at, Creds::DeviceCredentials),
+                device_json(&device, created_at.as_deref(), Creds::DeviceCredentials),
             ),
             None => self.error(StatusCode::NOT_FOUND, "Device not found"),
         }
@@ -880,77 +1113,125 @@ impl Shared {
         response
     }
 
-    async fn control(&self, method: &Method, path: &str, body: Body) -> Response<Body> {
-        match (method, path) {
-            (&Method::GET, "/_fake/devices") => {
-                let devices: Vec<FakeDevice> = {
-                    let state = self.lock();
-                    state
-                        .devices
-                        .values()
-                        .rev()
-                        .map(|s| s.device.clone())
-                        .collect()
-                };
-                json_response(StatusCode::OK, &json!(devices))
-            }
-            (&Method::GET, "/_fake/stats") => {
-                let counts = *self.counts.borrow();
-                let (devices, requests) = {
-                    let state = self.lock();
-                    (state.devices.len(), state.requests.len())
-                };
-                let mut stats = Map::new();
-                for ep in Endpoint::ALL {
-                    stats.insert(ep.as_str().to_owned(), json!(counts[ep.index()]));
-                }
-                stats.insert("devices".to_owned(), json!(devices));
-                stats.insert("requests".to_owned(), json!(requests));
-                json_response(StatusCode::OK, &Value::Object(stats))
-            }
-            (&Method::POST, "/_fake/faults") => {
-                let body = match axum::body::to_bytes(body, BODY_LIMIT).await {
-                    Ok(body) => body,
-                    Err(_) => return control_error("request body too large"),
-                };
-                let req: FaultRequest = match serde_json::from_slice(&body) {
-                    Ok(req) => req,
-                    Err(e) => return control_error(format!("invalid fault request: {e}")),
-                };
-                let faults = match req
-                    .faults
-                    .into_iter()
-                    .map(Fault::try_from)
-                    .collect::<Result<Vec<_>, _>>()
-                {
-                    Ok(faults) => faults,
-                    Err(e) => return control_error(e),
-                };
-                let queued = {
-                    let mut state = self.lock();
-                    let queue = &mut state.faults[req.endpoint.index()];
-                    queue.extend(faults);
-                    queue.len()
-                };
-                json_response(
-                    StatusCode::OK,
-                    &json!({"endpoint": req.endpoint, "queued": queued}),
-                )
-            }
-            (&Method::POST, "/_fake/reset") => {
-                self.reset();
-                json_response(StatusCode::OK, &json!({"reset": true}))
-            }
-            _ => json_response(
-                StatusCode::NOT_FOUND,
-                &json!({"message": "unknown control endpoint; try GET /_fake/devices, GET /_fake/stats, POST /_fake/faults, POST /_fake/reset"}),
-            ),
-        }
+    fn control_devices(&self) -> Response<Body> {
+        let devices: Vec<FakeDevice> = {
+            let state = self.lock();
+            state
+                .devices
+                .values()
+                .rev()
+                .map(|s| s.device.clone())
+                .collect()
+        };
+        json_response(StatusCode::OK, &json!(devices))
     }
+
+    fn control_stats(&self) -> Response<Body> {
+        let counts = *self.counts.borrow();
+        let (devices, requests) = {
+            let state = self.lock();
+            (state.devices.len(), state.requests.len())
+        };
+        let mut stats = Map::new();
+        for ep in Endpoint::ALL {
+            stats.insert(ep.as_str().to_owned(), json!(counts[ep.index()]));
+        }
+        stats.insert("devices".to_owned(), json!(devices));
+        stats.insert("requests".to_owned(), json!(requests));
+        json_response(StatusCode::OK, &Value::Object(stats))
+    }
+
+    async fn control_faults(&self, req: Request) -> Response<Body> {
+        let req: FaultRequest = match control_body(req).await {
+            Ok(req) => req,
+            Err(response) => return response,
+        };
+        let faults = match req
+            .faults
+            .into_iter()
+            .map(Fault::try_from)
+            .collect::<Result<Vec<_>, _>>()
+        {
+            Ok(faults) => faults,
+            Err(e) => return control_error(e),
+        };
+        let queued = {
+            let mut state = self.lock();
+            let queue = &mut state.faults[req.endpoint.index()];
+            queue.extend(faults);
+            queue.len()
+        };
+        json_response(
+            StatusCode::OK,
+            &json!({"endpoint": req.endpoint, "queued": queued}),
+        )
+    }
+
+    /// `POST /_fake/options`: the list switches, each optional; answers the ones now in force.
+    async fn control_options(&self, req: Request) -> Response<Body> {
+        let req: OptionsRequest = match control_body(req).await {
+            Ok(req) => req,
+            Err(response) => return response,
+        };
+        let now = {
+            let mut state = self.lock();
+            let list = &mut state.list;
+            if let Some(shape) = req.list_shape {
+                list.shape = shape;
+            }
+            if let Some(size) = req.list_page_size {
+                // 0 turns pagination off: JSON has no way to send "None" inside an Option.
+                list.page_size = (size > 0).then_some(size);
+            }
+            if let Some(on) = req.list_ignores_filter {
+                list.ignores_filter = on;
+            }
+            if let Some(on) = req.list_newest_first {
+                list.newest_first = on;
+            }
+            if let Some(on) = req.created_at_field {
+                list.created_at_field = on;
+            }
+            *list
+        };
+        json_response(
+            StatusCode::OK,
+            &json!({"list_shape": now.shape, "list_page_size": now.page_size.unwrap_or(0),
+                    "list_ignores_filter": now.ignores_filter,
+                    "list_newest_first": now.newest_first,
+                    "created_at_field": now.created_at_field}),
+        )
+    }
+}
+
+async fn control_unknown() -> Response<Body> {
+    json_response(
+        StatusCode::NOT_FOUND,
+        &json!({"message": "unknown control endpoint; try GET /_fake/devices, GET /_fake/stats, POST /_fake/faults, POST /_fake/options, POST /_fake/reset"}),
+    )
+}
+
+/// Reads and parses a control request body, or the 400 answer to give instead.
+async fn control_body<T: serde::de::DeserializeOwned>(req: Request) -> Result<T, Response<Body>> {
+    let body = axum::body::to_bytes(req.into_body(), BODY_LIMIT)
+        .await
+        .map_err(|_| control_error("request body too large"))?;
+    serde_json::from_slice(&body).map_err(|e| control_error(format!("invalid request: {e}")))
 }
 
 fn control_error(message: impl Into<String>) -> Response<Body> {
     json_response(StatusCode::BAD_REQUEST, &json!({"message": message.into()}))
+}
+
+/// Body of `POST /_fake/options`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OptionsRequest {
+    list_shape: Option<ListShape>,
+    list_page_size: Option<usize>,
+    list_ignores_filter: Option<bool>,
+    list_newest_first: Option<bool>,
+    created_at_field: Option<bool>,
 }
 
 /// Body of `POST /_fake/faults`.
@@ -962,7 +1243,8 @@ struct FaultRequest {
 }
 
 /// One fault as JSON: `{"status":500,"retry_after":2,"body":"…"}`, `{"delay_ms":3000}`,
-/// `{"created_then_status":500}` or `{"hang":true}`.
+/// `{"created_then_status":500}`, `{"created_then_hang":true}`, `{"not_found":true}` or
+/// `{"hang":true}`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FaultSpec {
@@ -971,6 +1253,10 @@ struct FaultSpec {
     body: Option<String>,
     delay_ms: Option<u64>,
     created_then_status: Option<u16>,
+    #[serde(default)]
+    created_then_hang: bool,
+    #[serde(default)]
+    not_found: bool,
     #[serde(default)]
     hang: bool,
 }
@@ -982,10 +1268,13 @@ impl TryFrom<FaultSpec> for Fault {
         let kinds = usize::from(s.status.is_some())
             + usize::from(s.delay_ms.is_some())
             + usize::from(s.created_then_status.is_some())
+            + usize::from(s.created_then_hang)
+            + usize::from(s.not_found)
             + usize::from(s.hang);
         if kinds != 1 {
             return Err(
-                "each fault needs exactly one of status, delay_ms, created_then_status, hang"
+                "each fault needs exactly one of status, delay_ms, created_then_status, \
+                 created_then_hang, not_found, hang"
                     .to_owned(),
             );
         }
@@ -1000,6 +1289,8 @@ impl TryFrom<FaultSpec> for Fault {
             },
             (_, Some(ms), _) => Fault::Delay(Duration::from_millis(ms)),
             (_, _, Some(status)) => Fault::CreatedThenStatus(status),
+            _ if s.created_then_hang => Fault::CreatedThenHang,
+            _ if s.not_found => Fault::NotFound,
             _ => Fault::Hang,
         })
     }
@@ -1037,7 +1328,32 @@ enum Creds {
     Metadata,
 }
 
-fn device_json(d: &FakeDevice, created_at: &str, creds: Creds) -> Value {
+/// A list item: no credentials, laid out as the list switches say.
+fn list_item(d: &FakeDevice, created_at: &str, opts: &ListOptions) -> Value {
+    let created_at = opts.created_at_field.then_some(created_at);
+    let mut item = device_json(d, created_at, Creds::None);
+    if let Value::Object(o) = &mut item {
+        match opts.shape {
+            ListShape::NoMetadata => {
+                o.remove("metadata");
+            }
+            ListShape::SensorIdUnderOtherKey => {
+                if let Some(Value::Object(m)) = o.get_mut("metadata") {
+                    if let Some(id) = m.remove(SENSOR_ID_KEY) {
+                        m.insert(OTHER_SENSOR_ID_KEY.to_owned(), id);
+                    }
+                }
+            }
+            ListShape::Standard
+            | ListShape::DevicesKey
+            | ListShape::ItemsKey
+            | ListShape::Unrecognised => {}
+        }
+    }
+    item
+}
+
+fn device_json(d: &FakeDevice, created_at: Option<&str>, creds: Creds) -> Value {
     let mut metadata: Map<String, Value> = d
         .metadata
         .iter()
@@ -1058,13 +1374,17 @@ fn device_json(d: &FakeDevice, created_at: &str, creds: Creds) -> Value {
         "metadata": metadata,
         "avatar": AVATAR,
         "last_seen": NEVER_SEEN,
-        "created_at": created_at,
     });
-    if let (Creds::DeviceCredentials, Value::Object(o)) = (creds, &mut obj) {
-        o.insert(
-            "device_credentials".to_owned(),
-            json!({"device_id": d.id, "device_token": d.token}),
-        );
+    if let Value::Object(o) = &mut obj {
+        if let Some(created_at) = created_at {
+            o.insert("created_at".to_owned(), json!(created_at));
+        }
+        if let Creds::DeviceCredentials = creds {
+            o.insert(
+                "device_credentials".to_owned(),
+                json!({"device_id": d.id, "device_token": d.token}),
+            );
+        }
     }
     obj
 }
@@ -1144,40 +1464,46 @@ fn is_tag(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
-/// `?metadata=key:value,key2:value2` → pairs that must all match; no parameter, no filter.
-fn metadata_filter(uri: &Uri) -> Result<Vec<(String, String)>, String> {
-    if uri.query().is_none() {
-        return Ok(Vec::new());
-    }
-    let Query(params) = Query::<HashMap<String, String>>::try_from_uri(uri)
-        .map_err(|e| format!("invalid query string: {e}"))?;
-    let Some(spec) = params.get("metadata").filter(|s| !s.is_empty()) else {
-        return Ok(Vec::new());
-    };
-    spec.split(',')
-        .map(|pair| {
-            pair.split_once(':')
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .ok_or_else(|| {
-                    "metadata filter must be key:value pairs separated by commas".to_owned()
-                })
-        })
-        .collect()
+/// The query of a list call.
+struct ListQuery {
+    /// `?metadata=key:value,key2:value2` → pairs that must all match; no parameter, no filter.
+    filter: Vec<(String, String)>,
+    /// `?page=N`, 1-based; only looked at when the list is paginated.
+    page: usize,
 }
 
-fn uuid_v4() -> String {
-    let mut b = [0u8; 16];
-    fastrand::fill(&mut b);
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let mut s = String::with_capacity(36);
-    for (i, byte) in b.iter().enumerate() {
-        if matches!(i, 4 | 6 | 8 | 10) {
-            s.push('-');
+impl ListQuery {
+    fn parse(uri: &Uri) -> Result<ListQuery, String> {
+        let mut query = ListQuery {
+            filter: Vec::new(),
+            page: 1,
+        };
+        if uri.query().is_none() {
+            return Ok(query);
         }
-        let _ = write!(s, "{byte:02x}");
+        let Query(params) = Query::<HashMap<String, String>>::try_from_uri(uri)
+            .map_err(|e| format!("invalid query string: {e}"))?;
+        if let Some(page) = params.get("page") {
+            query.page = page
+                .parse()
+                .ok()
+                .filter(|&p: &usize| p >= 1)
+                .ok_or("page must be a positive integer")?;
+        }
+        if let Some(spec) = params.get("metadata").filter(|s| !s.is_empty()) {
+            query.filter = spec
+                .split(',')
+                .map(|pair| {
+                    pair.split_once(':')
+                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                        .ok_or_else(|| {
+                            "metadata filter must be key:value pairs separated by commas".to_owned()
+                        })
+                })
+                .collect::<Result<_, _>>()?;
+        }
+        Ok(query)
     }
-    s
 }
 
 /// 40 characters, letters and digits with one `$`, because real tokens can contain `$` and a
@@ -1449,7 +1775,7 @@ mod tests {
             .get(format!(
                 "{}/v2/projects/{}/devices",
                 fake.base_url(),
-                uuid_v4()
+                uuid::Uuid::new_v4()
             ))
             .bearer_auth(fake.api_key())
             .send()
@@ -1457,7 +1783,7 @@ mod tests {
             .expect("request");
         assert_eq!(other.status(), 404);
         let missing = client()
-            .delete(format!("{}/{}", devices_url(&fake), uuid_v4()))
+            .delete(format!("{}/{}", devices_url(&fake), uuid::Uuid::new_v4()))
             .bearer_auth(fake.api_key())
             .send()
             .await
@@ -1595,7 +1921,7 @@ mod tests {
     async fn stop_drops_a_hung_request() {
         let fake = start(FakeOptions::default()).await;
         fake.push_faults(Endpoint::Get, vec![Fault::Hang]);
-        let url = format!("{}/{}", devices_url(&fake), uuid_v4());
+        let url = format!("{}/{}", devices_url(&fake), uuid::Uuid::new_v4());
         let key = fake.api_key();
         let pending = tokio::spawn(async move { client().get(url).bearer_auth(key).send().await });
         tokio::time::timeout(
@@ -1709,6 +2035,336 @@ mod tests {
             .expect("reset");
         assert_eq!(reset.status(), 200);
         assert!(fake.devices().is_empty());
+    }
+
+    async fn list_json(fake: &FakeQubitro, query: &str) -> Value {
+        let r = client()
+            .get(format!("{}{query}", devices_url(fake)))
+            .bearer_auth(fake.api_key())
+            .send()
+            .await
+            .expect("list");
+        assert_eq!(r.status(), 200);
+        json_of(r).await
+    }
+
+    fn names(items: &Value) -> Vec<&str> {
+        items
+            .as_array()
+            .expect("an array of items")
+            .iter()
+            .map(|d| d["name"].as_str().expect("name"))
+            .collect()
+    }
+
+    fn plant(fake: &FakeQubitro, name: &str, sensor_id: &str) -> FakeDevice {
+        let mut d = NewDevice::named(name);
+        d.metadata
+            .insert(SENSOR_ID_KEY.to_owned(), sensor_id.to_owned());
+        fake.insert_device(d)
+    }
+
+    #[tokio::test]
+    async fn each_list_shape_puts_the_array_where_it_says() {
+        for envelope in [Envelope::Wrapped, Envelope::Bare] {
+            let fake = start(FakeOptions {
+                envelope,
+                ..FakeOptions::default()
+            })
+            .await;
+            plant(&fake, "a", "s-a");
+            let wrapped = envelope == Envelope::Wrapped;
+            let cases = [
+                (ListShape::Standard, if wrapped { "/data" } else { "" }),
+                (
+                    ListShape::DevicesKey,
+                    if wrapped { "/data/devices" } else { "/devices" },
+                ),
+                (
+                    ListShape::ItemsKey,
+                    if wrapped { "/data/items" } else { "/items" },
+                ),
+                (
+                    ListShape::Unrecognised,
+                    if wrapped {
+                        "/data/rows_v3"
+                    } else {
+                        "/result/rows_v3"
+                    },
+                ),
+            ];
+            for (shape, pointer) in cases {
+                fake.set_list_shape(shape);
+                let list = list_json(&fake, "?metadata=sensor_id:s-a").await;
+                let items = list.pointer(pointer).unwrap_or(&Value::Null);
+                assert_eq!(names(items), ["a"], "{envelope:?} {shape:?}: {list}");
+                if wrapped {
+                    assert_eq!(list["success"], true);
+                    assert_eq!(list["status"], 200);
+                    assert_eq!(list["action"], "list devices");
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn list_items_can_lack_metadata_or_carry_the_sensor_id_as_sensor_id_camel_case() {
+        let fake = start(FakeOptions {
+            list_shape: ListShape::NoMetadata,
+            ..FakeOptions::default()
+        })
+        .await;
+        plant(&fake, "a", "s-a");
+        plant(&fake, "b", "s-b");
+        let list = list_json(&fake, "?metadata=sensor_id:s-a").await;
+        assert_eq!(names(&list["data"]), ["a"], "the filter still applies");
+        assert!(list["data"][0].get("metadata").is_none(), "{list}");
+
+        fake.set_list_shape(ListShape::SensorIdUnderOtherKey);
+        for filter in ["sensor_id:s-a", "sensorId:s-a"] {
+            let list = list_json(&fake, &format!("?metadata={filter}")).await;
+            assert_eq!(names(&list["data"]), ["a"], "{filter}");
+            assert_eq!(list["data"][0]["metadata"], json!({"sensorId": "s-a"}));
+        }
+        // GET answers are not list items: they keep the stored key.
+        let id = fake.devices()[1].id.clone();
+        let got: Value = json_of(
+            client()
+                .get(format!("{}/{id}", devices_url(&fake)))
+                .bearer_auth(fake.api_key())
+                .send()
+                .await
+                .expect("get"),
+        )
+        .await;
+        assert_eq!(got["data"]["metadata"], json!({"sensor_id": "s-a"}));
+    }
+
+    #[tokio::test]
+    async fn paginated_lists_answer_one_page_with_its_counts() {
+        let fake = start(FakeOptions {
+            list_page_size: Some(2),
+            ..FakeOptions::default()
+        })
+        .await;
+        for name in ["d1", "d2", "d3"] {
+            plant(&fake, name, "same");
+        }
+        let first = list_json(&fake, "?metadata=sensor_id:same").await;
+        assert_eq!(names(&first["data"]), ["d3", "d2"]);
+        assert_eq!(
+            (
+                &first["page"],
+                &first["limit"],
+                &first["total"],
+                &first["total_pages"]
+            ),
+            (&json!(1), &json!(2), &json!(3), &json!(2))
+        );
+        assert_eq!(first["message"], "Devices listed successfully.");
+        let second = list_json(&fake, "?metadata=sensor_id:same&page=2").await;
+        assert_eq!(names(&second["data"]), ["d1"]);
+        assert_eq!(second["page"], 2);
+        let past = list_json(&fake, "?page=9").await;
+        assert_eq!(names(&past["data"]), Vec::<&str>::new());
+        assert_eq!((&past["page"], &past["total"]), (&json!(9), &json!(3)));
+
+        let bad = client()
+            .get(format!("{}?page=0", devices_url(&fake)))
+            .bearer_auth(fake.api_key())
+            .send()
+            .await
+            .expect("list");
+        assert_eq!(bad.status(), 400);
+    }
+
+    #[tokio::test]
+    async fn bare_paginated_lists_put_the_page_under_items() {
+        let fake = start(FakeOptions {
+            envelope: Envelope::Bare,
+            list_page_size: Some(1),
+            ..FakeOptions::default()
+        })
+        .await;
+        plant(&fake, "d1", "x");
+        plant(&fake, "d2", "x");
+        let list = list_json(&fake, "?page=2").await;
+        assert_eq!(
+            list,
+            json!({"items": list["items"].clone(), "page": 2, "limit": 1, "total": 2,
+                   "total_pages": 2})
+        );
+        assert_eq!(names(&list["items"]), ["d1"]);
+        fake.set_list_page_size(None);
+        assert_eq!(names(&list_json(&fake, "").await), ["d2", "d1"]);
+    }
+
+    #[tokio::test]
+    async fn the_list_can_ignore_its_filter_list_oldest_first_and_show_created_at() {
+        let fake = start(FakeOptions::default()).await;
+        plant(&fake, "old", "s-old");
+        plant(&fake, "new", "s-new");
+        let list = list_json(&fake, "?metadata=sensor_id:s-old").await;
+        assert_eq!(names(&list["data"]), ["old"]);
+        assert!(
+            list["data"][0].get("created_at").is_none(),
+            "off by default"
+        );
+
+        fake.set_list_ignores_filter(true);
+        let list = list_json(&fake, "?metadata=sensor_id:s-old").await;
+        assert_eq!(names(&list["data"]), ["new", "old"]);
+
+        fake.set_list_newest_first(false);
+        fake.set_created_at_field(true);
+        let list = list_json(&fake, "").await;
+        assert_eq!(names(&list["data"]), ["old", "new"]);
+        let created_at = list["data"][0]["created_at"].as_str().expect("created_at");
+        assert!(
+            created_at.ends_with('Z') && created_at.len() == 20,
+            "{created_at}"
+        );
+        let id = fake.devices()[0].id.clone();
+        let got: Value = json_of(
+            client()
+                .get(format!("{}/{id}", devices_url(&fake)))
+                .bearer_auth(fake.api_key())
+                .send()
+                .await
+                .expect("get"),
+        )
+        .await;
+        assert!(got["data"]["created_at"].is_string(), "{got}");
+
+        fake.reset();
+        plant(&fake, "a", "s");
+        plant(&fake, "b", "s");
+        let list = list_json(&fake, "?metadata=sensor_id:nothing").await;
+        assert_eq!(
+            names(&list["data"]),
+            Vec::<&str>::new(),
+            "reset restores the filter"
+        );
+        let list = list_json(&fake, "").await;
+        assert_eq!(names(&list["data"]), ["b", "a"], "and newest first");
+        assert!(list["data"][0].get("created_at").is_none());
+    }
+
+    #[tokio::test]
+    async fn created_then_hang_creates_the_device_and_never_answers() {
+        let fake = start(FakeOptions::default()).await;
+        fake.push_faults(Endpoint::Create, vec![Fault::CreatedThenHang]);
+        let err = client()
+            .post(devices_url(&fake))
+            .bearer_auth(fake.api_key())
+            .json(&sensor("hung", json!({})))
+            .timeout(Duration::from_millis(300))
+            .send()
+            .await
+            .expect_err("no answer ever comes");
+        assert!(err.is_timeout(), "{err:?}");
+        assert_eq!(fake.devices().len(), 1);
+        assert_eq!(fake.requests()[0].status, 0, "never answered");
+    }
+
+    #[tokio::test]
+    async fn not_found_faults_hide_a_new_device_from_the_next_gets() {
+        let fake = start(FakeOptions::default()).await;
+        let created = json_of(create(&fake, sensor("lagging", json!({}))).await).await;
+        let id = created["data"]["id"].as_str().expect("id").to_owned();
+        fake.push_faults(Endpoint::Get, vec![Fault::NotFound; 2]);
+        let url = format!("{}/{id}", devices_url(&fake));
+        let mut statuses = Vec::new();
+        let mut bodies = Vec::new();
+        for _ in 0..3 {
+            let r = client()
+                .get(&url)
+                .bearer_auth(fake.api_key())
+                .send()
+                .await
+                .expect("get");
+            statuses.push(r.status().as_u16());
+            bodies.push(json_of(r).await);
+        }
+        assert_eq!(statuses, [404, 404, 200]);
+        let missing = client()
+            .get(format!("{}/{}", devices_url(&fake), uuid::Uuid::new_v4()))
+            .bearer_auth(fake.api_key())
+            .send()
+            .await
+            .expect("get a missing device");
+        assert_eq!(
+            bodies[0],
+            json_of(missing).await,
+            "indistinguishable from a missing device"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_options_control_endpoint_changes_the_list_switches() {
+        let fake = start(FakeOptions {
+            control_endpoints: true,
+            ..FakeOptions::default()
+        })
+        .await;
+        plant(&fake, "a", "s-a");
+        let set = client()
+            .post(format!("{}/_fake/options", fake.base_url()))
+            .json(&json!({"list_shape": "devices_key", "list_page_size": 5}))
+            .send()
+            .await
+            .expect("options");
+        assert_eq!(set.status(), 200);
+        let now = json_of(set).await;
+        assert_eq!(now["list_shape"], "devices_key");
+        assert_eq!(now["list_newest_first"], true);
+        let list = list_json(&fake, "").await;
+        assert_eq!(names(&list["data"]["devices"]), ["a"]);
+        assert_eq!(list["limit"], 5);
+        let faults = client()
+            .post(format!("{}/_fake/faults", fake.base_url()))
+            .json(&json!({"endpoint": "get", "faults": [{"not_found": true}, {"created_then_hang": true}]}))
+            .send()
+            .await
+            .expect("faults");
+        assert_eq!(json_of(faults).await["queued"], 2);
+        let unknown = client()
+            .get(format!("{}/_fake/nothing", fake.base_url()))
+            .send()
+            .await
+            .expect("unknown");
+        assert_eq!(unknown.status(), 404);
+        assert!(
+            fake.requests()
+                .iter()
+                .all(|r| r.endpoint == Some(Endpoint::List)),
+            "control calls are not recorded"
+        );
+    }
+
+    #[tokio::test]
+    async fn unroutable_paths_and_methods_are_recorded_and_answered_in_the_envelope() {
+        let fake = start(FakeOptions::default()).await;
+        let put = client()
+            .put(devices_url(&fake))
+            .bearer_auth(fake.api_key())
+            .send()
+            .await
+            .expect("put");
+        assert_eq!(put.status(), 405);
+        assert_eq!(json_of(put).await["success"], false);
+        let nowhere = client()
+            .get(format!("{}/v2/projects//devices", fake.base_url()))
+            .send()
+            .await
+            .expect("get");
+        assert_eq!(nowhere.status(), 404);
+        let recorded: Vec<(u16, Option<Endpoint>)> = fake
+            .requests()
+            .iter()
+            .map(|r| (r.status, r.endpoint))
+            .collect();
+        assert_eq!(recorded, [(405, None), (404, None)]);
     }
 
     #[test]

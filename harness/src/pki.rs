@@ -8,10 +8,17 @@ pub struct Pki {
     dir: tempfile::TempDir,
 }
 
+impl Default for Pki {
+    fn default() -> Self {
+        Pki::new()
+    }
+}
+
 impl Pki {
     pub fn new() -> Pki {
         let dir = tempfile::tempdir().expect("tempdir");
-        // mosquitto started as root drops to its own user; keep everything readable.
+        // Readable by all: the harness copies what mosquitto needs into its own dir, but
+        // other processes of a test (onboardd, openssl) may run as other users.
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         Pki { dir }

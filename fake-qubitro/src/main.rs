@@ -10,13 +10,16 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use onboardd::fake_cloud::{CredentialsAt, Envelope, FakeOptions, FakeQubitro};
+use fake_qubitro::{CredentialsAt, Envelope, FakeOptions, FakeQubitro, ListShape};
 
 /// Fake Qubitro REST API (devices: create, list, get, delete) with fault injection.
 ///
 /// Control endpoints, without auth: GET /_fake/devices, GET /_fake/stats,
 /// POST /_fake/faults {"endpoint":"create","faults":[{"status":500},{"status":429,"retry_after":2},
-/// {"delay_ms":3000},{"created_then_status":500},{"hang":true}]}, POST /_fake/reset.
+/// {"delay_ms":3000},{"created_then_status":500},{"created_then_hang":true},{"not_found":true},
+/// {"hang":true}]}, POST /_fake/options {"list_shape":"devices_key","list_page_size":2,
+/// "list_ignores_filter":true,"list_newest_first":false,"created_at_field":true} (each optional;
+/// page size 0 turns pagination off), POST /_fake/reset.
 #[derive(Parser, Debug)]
 #[command(name = "fake-qubitro", version)]
 struct Args {
@@ -72,6 +75,31 @@ struct Args {
     #[arg(long, env = "FAKE_QUBITRO_DELAY_MS", default_value_t = 0)]
     delay_ms: u64,
 
+    /// Layout of list answers (only `standard` is what the documentation shows).
+    #[arg(
+        long,
+        env = "FAKE_QUBITRO_LIST_SHAPE",
+        value_enum,
+        default_value = "standard"
+    )]
+    list_shape: ListShapeArg,
+
+    /// Paginate list answers with this many items per page (query `page`, 1-based).
+    #[arg(long, env = "FAKE_QUBITRO_LIST_PAGE_SIZE", value_parser = clap::value_parser!(u64).range(1..))]
+    list_page_size: Option<u64>,
+
+    /// The list ignores its `?metadata=` filter and answers every device.
+    #[arg(long, env = "FAKE_QUBITRO_LIST_IGNORES_FILTER")]
+    list_ignores_filter: bool,
+
+    /// List oldest first (the documented order is newest first).
+    #[arg(long, env = "FAKE_QUBITRO_LIST_OLDEST_FIRST")]
+    list_oldest_first: bool,
+
+    /// Add a `created_at` field to device objects (the real docs show none).
+    #[arg(long, env = "FAKE_QUBITRO_CREATED_AT_FIELD")]
+    created_at_field: bool,
+
     /// Do not log each request (benchmarks: stderr would become the bottleneck).
     #[arg(long, env = "FAKE_QUBITRO_QUIET")]
     quiet: bool,
@@ -81,6 +109,30 @@ struct Args {
 enum EnvelopeArg {
     Wrapped,
     Bare,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+#[value(rename_all = "snake_case")]
+enum ListShapeArg {
+    Standard,
+    DevicesKey,
+    ItemsKey,
+    Unrecognised,
+    NoMetadata,
+    SensorIdUnderOtherKey,
+}
+
+impl From<ListShapeArg> for ListShape {
+    fn from(a: ListShapeArg) -> Self {
+        match a {
+            ListShapeArg::Standard => ListShape::Standard,
+            ListShapeArg::DevicesKey => ListShape::DevicesKey,
+            ListShapeArg::ItemsKey => ListShape::ItemsKey,
+            ListShapeArg::Unrecognised => ListShape::Unrecognised,
+            ListShapeArg::NoMetadata => ListShape::NoMetadata,
+            ListShapeArg::SensorIdUnderOtherKey => ListShape::SensorIdUnderOtherKey,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -120,6 +172,13 @@ async fn main() -> ExitCode {
         delay: Duration::from_millis(args.delay_ms),
         tls: None,
         control_endpoints: true,
+        list_shape: args.list_shape.into(),
+        list_page_size: args
+            .list_page_size
+            .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+        list_ignores_filter: args.list_ignores_filter,
+        list_newest_first: !args.list_oldest_first,
+        created_at_field: args.created_at_field,
     };
     let fake = match FakeQubitro::start(opts).await {
         Ok(fake) => fake,

@@ -1,0 +1,234 @@
+//! onboardd under test: the real binary as a child process, with a config made for one test.
+//!
+//! Where the binary is: integration tests of the onboardd package get its path from cargo
+//! (`env!("CARGO_BIN_EXE_onboardd")`, which only they see); `tests/common/mod.rs` hands it
+//! over with [`set_daemon_bin`]. Everything else (the benchmark, a test that never called
+//! it) finds `onboardd` in the profile directory above its own executable: cargo puts test
+//! binaries in `target/<profile>/deps/` and examples in `target/<profile>/examples/`, next to
+//! `target/<profile>/onboardd`. `ONBOARDD_BIN` overrides both.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus};
+use std::sync::OnceLock;
+
+use fake_qubitro::FakeQubitro;
+
+use crate::mosquitto::Mosquitto;
+use crate::process::{LogLines, Proc};
+use crate::WAIT;
+
+static DAEMON_BIN: OnceLock<PathBuf> = OnceLock::new();
+
+/// Tells the harness which onboardd binary to start. The first call wins; later calls
+/// with another path panic (two binaries in one test process would be a harness bug).
+pub fn set_daemon_bin(path: impl Into<PathBuf>) {
+    let path = path.into();
+    let set = DAEMON_BIN.get_or_init(|| path.clone());
+    assert_eq!(
+        *set, path,
+        "the onboardd binary was already set to another path"
+    );
+}
+
+/// `onboardd` in the cargo profile directory above the running executable
+/// (`target/<profile>/{deps,examples}/<me>` → `target/<profile>/onboardd`).
+pub fn sibling_daemon_bin() -> PathBuf {
+    let me = std::env::current_exe().expect("the running executable's path");
+    let profile_dir = me
+        .parent()
+        .and_then(Path::parent)
+        .unwrap_or_else(|| panic!("{} has no grandparent directory", me.display()));
+    profile_dir.join("onboardd")
+}
+
+/// The onboardd binary the harness starts: the one given to [`set_daemon_bin`], else
+/// `$ONBOARDD_BIN`, else [`sibling_daemon_bin`]. Panics, saying how to build it, if it
+/// does not exist.
+pub fn daemon_bin() -> &'static Path {
+    let bin = DAEMON_BIN.get_or_init(|| match std::env::var_os("ONBOARDD_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => sibling_daemon_bin(),
+    });
+    assert!(
+        bin.is_file(),
+        "no onboardd binary at {} (build it: cargo build -p onboardd, or set ONBOARDD_BIN)",
+        bin.display()
+    );
+    bin
+}
+
+/// A config for one test: the broker and fake cloud given, fast retries.
+pub fn config_toml(broker_port: u16, cloud: &FakeQubitro, state_dir: &Path, extra: &str) -> String {
+    let base = format!(
+        r#"gateway_id = "gw-test"
+[log]
+level = "info,onboardd=debug"
+stats_interval_s = 0
+[mqtt]
+host = "127.0.0.1"
+port = {broker_port}
+client_id = "onboardd-test-{client}"
+keep_alive_s = 5
+reconnect_initial_ms = 50
+reconnect_max_ms = 500
+[qubitro]
+base_url = "{base}"
+project_id = "{project}"
+api_key = "{key}"
+retry_initial_ms = 100
+retry_max_ms = 1000
+request_timeout_ms = 3000
+connect_timeout_ms = 1000
+[store]
+path = "{state}"
+[security]
+new_sensor_cooldown_s = 0
+[control]
+socket = "{sock}"
+"#,
+        base = cloud.base_url(),
+        project = cloud.project_id(),
+        key = cloud.api_key(),
+        state = state_dir.join("db").display(),
+        sock = state_dir.join("onboardd.sock").display(),
+        // Stable per state dir (a restart resumes its session), unique across tests.
+        client = state_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().replace('.', ""))
+            .unwrap_or_default(),
+    );
+    merge_toml(&base, extra)
+}
+
+/// Overlays `extra` (TOML) on `base`, table by table, so tests state only what differs.
+pub fn merge_toml(base: &str, extra: &str) -> String {
+    let mut b: toml::Table = base.parse().expect("base toml");
+    let e: toml::Table = extra.parse().expect("extra toml");
+    for (k, v) in e {
+        match (b.get_mut(&k), v) {
+            (Some(toml::Value::Table(bt)), toml::Value::Table(et)) => {
+                for (k2, v2) in et {
+                    bt.insert(k2, v2);
+                }
+            }
+            (_, v) => {
+                b.insert(k, v);
+            }
+        }
+    }
+    toml::to_string(&b).expect("toml")
+}
+
+/// The onboardd binary under test.
+pub struct Daemon {
+    proc: Option<Proc>,
+    pub log: LogLines,
+    pub config_path: PathBuf,
+    pub state_dir: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+    env: Vec<(String, String)>,
+}
+
+impl Daemon {
+    /// Starts onboardd with a fresh state dir and waits until it has subscribed.
+    pub fn start(broker: &Mosquitto, cloud: &FakeQubitro, extra: &str) -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().to_path_buf();
+        let mut d = Daemon::with_state(broker.port, cloud, &state, extra, vec![]);
+        d._dir = Some(dir);
+        d.wait_subscribed();
+        d
+    }
+
+    /// Starts onboardd on a given state dir (restarts keep it), without waiting.
+    pub fn with_state(
+        broker_port: u16,
+        cloud: &FakeQubitro,
+        state: &Path,
+        extra: &str,
+        env: Vec<(String, String)>,
+    ) -> Daemon {
+        Daemon::from_toml(state, &config_toml(broker_port, cloud, state, extra), env)
+    }
+
+    /// Starts onboardd with exactly this config text, without waiting.
+    pub fn from_toml(state: &Path, toml: &str, env: Vec<(String, String)>) -> Daemon {
+        let config_path = state.join("onboardd.toml");
+        std::fs::write(&config_path, toml).expect("write the config");
+        // Owner-only, as the README says: otherwise onboardd warns about the secret.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&config_path, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod the config");
+        let mut d = Daemon {
+            proc: None,
+            log: LogLines::default(),
+            config_path,
+            state_dir: state.to_path_buf(),
+            _dir: None,
+            env,
+        };
+        d.spawn();
+        d
+    }
+
+    /// Starts (again) the process, with a fresh log.
+    pub fn spawn(&mut self) {
+        self.log = LogLines::default();
+        let mut cmd = Command::new(daemon_bin());
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&self.config_path)
+            .env_remove("RUST_LOG")
+            .env_remove("JOURNAL_STREAM")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("ONBOARDD_FAILPOINTS");
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let proc = Proc::spawn("onboardd", &mut cmd, self.log.clone()).expect("start onboardd");
+        self.proc = Some(proc);
+    }
+
+    pub fn set_env(&mut self, k: &str, v: &str) {
+        self.env.retain(|(a, _)| a != k);
+        self.env.push((k.into(), v.into()));
+    }
+
+    pub fn clear_env(&mut self) {
+        self.env.clear();
+    }
+
+    pub fn wait_subscribed(&self) {
+        self.log.wait_for("subscribed to announces");
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.as_ref().expect("running").pid()
+    }
+
+    /// Sends a signal and waits (at most [`WAIT`]) for the exit status.
+    pub fn signal_and_wait(&mut self, sig: i32) -> ExitStatus {
+        let mut p = self.proc.take().expect("running");
+        p.signal_and_wait(sig, WAIT)
+            .unwrap_or_else(|e| panic!("onboardd after signal {sig}: {e}"))
+    }
+
+    /// Waits (at most [`WAIT`]) for the process to exit by itself (e.g. after a failpoint).
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let mut p = self.proc.take().expect("running");
+        p.wait_exit(WAIT)
+            .unwrap_or_else(|e| panic!("waiting for onboardd to exit: {e}"))
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill9();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

@@ -1,0 +1,232 @@
+//! Simulated sensors: MQTT clients (v5 and v3.1.1, on rumqttc) that announce themselves
+//! and read their replies. Every wait is bounded by [`WAIT`].
+
+use std::time::{Duration, Instant};
+
+use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use crate::WAIT;
+
+/// A simulated sensor: an MQTT 5 client subscribed to its reply topic.
+pub struct Sensor {
+    pub id: String,
+    pub client: AsyncClient,
+    replies: mpsc::UnboundedReceiver<(String, Vec<u8>, Option<Vec<u8>>)>,
+}
+
+impl Sensor {
+    pub async fn connect(port: u16, id: &str) -> Sensor {
+        Self::connect_as(port, id, &format!("onboard/reply/{id}/#"), None).await
+    }
+
+    /// Connects (optionally with username/password) and subscribes to `filter`.
+    pub async fn connect_as(
+        port: u16,
+        id: &str,
+        filter: &str,
+        login: Option<(&str, &str)>,
+    ) -> Sensor {
+        let mut opts = MqttOptions::new(
+            format!("sensor-{id}-{}", fastrand::u32(..)),
+            "127.0.0.1",
+            port,
+        );
+        opts.set_keep_alive(Duration::from_secs(10));
+        if let Some((u, p)) = login {
+            opts.set_credentials(u, p);
+            opts.set_client_id(u.to_string());
+        }
+        let (client, mut el) = AsyncClient::new(opts, 64);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (sub_tx, mut sub_rx) = mpsc::unbounded_channel();
+        let c2 = client.clone();
+        let f = filter.to_string();
+        tokio::spawn(async move {
+            loop {
+                match el.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        let _ = c2.try_subscribe(f.clone(), QoS::AtLeastOnce);
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(a))) => {
+                        let _ = sub_tx.send(a);
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let topic = String::from_utf8_lossy(&p.topic).to_string();
+                        let v = p.payload.to_vec();
+                        let corr = p
+                            .properties
+                            .as_ref()
+                            .and_then(|pp| pp.correlation_data.as_ref())
+                            .map(|c| c.to_vec());
+                        if tx.send((topic, v, corr)).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        tokio::time::timeout(WAIT, sub_rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("sensor {id}: not subscribed to {filter} within {WAIT:?}"));
+        Sensor {
+            id: id.to_string(),
+            client,
+            replies: rx,
+        }
+    }
+
+    pub async fn announce(&self, payload: &str) {
+        self.announce_on(&format!("onboard/announce/{}", self.id), payload)
+            .await;
+    }
+
+    pub async fn announce_on(&self, topic: &str, payload: &str) {
+        let publish =
+            self.client
+                .publish(topic, QoS::AtLeastOnce, false, payload.as_bytes().to_vec());
+        match tokio::time::timeout(WAIT, publish).await {
+            Ok(published) => published.expect("publish announce"),
+            Err(_) => panic!(
+                "sensor {}: announce on {topic} not queued within {WAIT:?}",
+                self.id
+            ),
+        }
+    }
+
+    pub async fn announce_with_props(&self, payload: &str, props: PublishProperties) {
+        let publish = self.client.publish_with_properties(
+            format!("onboard/announce/{}", self.id),
+            QoS::AtLeastOnce,
+            false,
+            payload.as_bytes().to_vec(),
+            props,
+        );
+        match tokio::time::timeout(WAIT, publish).await {
+            Ok(published) => published.expect("publish announce"),
+            Err(_) => panic!("sensor {}: announce not queued within {WAIT:?}", self.id),
+        }
+    }
+
+    /// The next message (topic, payload bytes, correlation data).
+    pub async fn next_raw(&mut self) -> (String, Vec<u8>, Option<Vec<u8>>) {
+        tokio::time::timeout(WAIT, self.replies.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no reply for sensor {} within {WAIT:?}", self.id))
+            .expect("reply channel open")
+    }
+
+    /// The next reply (topic, JSON, correlation data).
+    pub async fn next(&mut self) -> (String, Value, Option<Vec<u8>>) {
+        let (t, p, c) = self.next_raw().await;
+        let v = serde_json::from_slice(&p).unwrap_or_else(|_| {
+            panic!("reply on {t} is not JSON: {}", String::from_utf8_lossy(&p))
+        });
+        (t, v, c)
+    }
+
+    pub async fn reply(&mut self) -> Value {
+        self.next().await.1
+    }
+
+    /// The next reply whose status is `status`, skipping others (e.g. pending), all within
+    /// [`WAIT`].
+    pub async fn reply_with_status(&mut self, status: &str) -> Value {
+        let deadline = Instant::now() + WAIT;
+        let mut skipped = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(next) = tokio::time::timeout(left, self.replies.recv()).await else {
+                panic!(
+                    "sensor {}: no {status:?} reply within {WAIT:?}; skipped: {skipped:?}",
+                    self.id
+                );
+            };
+            let (t, p, _) = next.expect("reply channel open");
+            let v: Value = serde_json::from_slice(&p).unwrap_or_else(|_| {
+                panic!("reply on {t} is not JSON: {}", String::from_utf8_lossy(&p))
+            });
+            if v["status"] == status {
+                return v;
+            }
+            skipped.push(v);
+        }
+    }
+
+    /// True when no reply arrives within `d` (for "must not answer" checks).
+    pub async fn silent_for(&mut self, d: Duration) -> bool {
+        tokio::time::timeout(d, self.replies.recv()).await.is_err()
+    }
+}
+
+/// An MQTT 3.1.1 sensor (rumqttc's v4 client): announces and reads its reply.
+pub struct SensorV3 {
+    pub id: String,
+    client: rumqttc::AsyncClient,
+    replies: mpsc::UnboundedReceiver<Value>,
+}
+
+impl SensorV3 {
+    pub async fn connect(port: u16, id: &str) -> SensorV3 {
+        let mut opts = rumqttc::MqttOptions::new(format!("v3-{id}"), "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(10));
+        let (client, mut el) = rumqttc::AsyncClient::new(opts, 64);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (sub_tx, mut sub_rx) = mpsc::unbounded_channel();
+        let c2 = client.clone();
+        let topic = format!("onboard/reply/{id}");
+        tokio::spawn(async move {
+            loop {
+                match el.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
+                        let _ = c2.try_subscribe(topic.clone(), rumqttc::QoS::AtLeastOnce);
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
+                        let _ = sub_tx.send(());
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                        let v: Value = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
+                        if tx.send(v).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        tokio::time::timeout(WAIT, sub_rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("v3 sensor {id}: not subscribed within {WAIT:?}"));
+        SensorV3 {
+            id: id.to_string(),
+            client,
+            replies: rx,
+        }
+    }
+
+    pub async fn announce(&self, payload: &str) {
+        let publish = self.client.publish(
+            format!("onboard/announce/{}", self.id),
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            payload.as_bytes().to_vec(),
+        );
+        match tokio::time::timeout(WAIT, publish).await {
+            Ok(published) => published.expect("publish"),
+            Err(_) => panic!("v3 sensor {}: announce not queued within {WAIT:?}", self.id),
+        }
+    }
+
+    pub async fn reply(&mut self) -> Value {
+        tokio::time::timeout(WAIT, self.replies.recv())
+            .await
+            .unwrap_or_else(|_| panic!("v3 sensor {}: no reply within {WAIT:?}", self.id))
+            .expect("reply channel open")
+    }
+}
