@@ -40,6 +40,22 @@ impl Sensor {
             opts.set_credentials(u, p);
             opts.set_client_id(u.to_string());
         }
+        Self::connect_with(opts, id, filter).await
+    }
+
+    /// A sensor with a persistent session (clean start off, a stable client id, one
+    /// hour of session expiry) subscribed to its reply topic: what the broker queued
+    /// for it while it or the broker was away reaches it when it is back, as for a
+    /// real sensor that keeps its session.
+    pub async fn connect_persistent(port: u16, id: &str) -> Sensor {
+        let mut opts = MqttOptions::new(format!("persistent-sensor-{id}"), "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(10));
+        opts.set_clean_start(false);
+        opts.set_session_expiry_interval(Some(3600));
+        Self::connect_with(opts, id, &format!("onboard/reply/{id}/#")).await
+    }
+
+    async fn connect_with(opts: MqttOptions, id: &str, filter: &str) -> Sensor {
         let (client, mut el) = AsyncClient::new(opts, 64);
         let (tx, rx) = mpsc::unbounded_channel();
         let (sub_tx, mut sub_rx) = mpsc::unbounded_channel();
