@@ -69,6 +69,9 @@ pub enum CredentialsAt {
     DeviceCredentials,
     /// `data.metadata` is the user's metadata plus `device_id` and `device_token`.
     Metadata,
+    /// No credentials at all, only the new device's `id`: the client must GET the device
+    /// (the read-after-write path).
+    Absent,
 }
 
 /// How the list endpoint lays out its answer. Only [`ListShape::Standard`] is what the
@@ -924,6 +927,7 @@ impl Shared {
         let creds = match self.opts.credentials_at {
             CredentialsAt::DeviceCredentials => Creds::DeviceCredentials,
             CredentialsAt::Metadata => Creds::Metadata,
+            CredentialsAt::Absent => Creds::None,
         };
         let status = status_or(self.opts.create_status, StatusCode::CREATED);
         self.success(

@@ -140,6 +140,8 @@ enum CredentialsAtArg {
     #[value(name = "device_credentials", alias = "device-credentials")]
     DeviceCredentials,
     Metadata,
+    /// Only the new device's id: clients must GET its credentials.
+    Absent,
 }
 
 #[tokio::main]
@@ -167,6 +169,7 @@ async fn main() -> ExitCode {
         credentials_at: match args.credentials_at {
             CredentialsAtArg::DeviceCredentials => CredentialsAt::DeviceCredentials,
             CredentialsAtArg::Metadata => CredentialsAt::Metadata,
+            CredentialsAtArg::Absent => CredentialsAt::Absent,
         },
         create_status: args.create_status,
         delay: Duration::from_millis(args.delay_ms),

@@ -198,6 +198,36 @@ impl Daemon {
         self.env.clear();
     }
 
+    /// `onboardd devices ARGS… --config <this daemon's config>`: (exit code, stdout,
+    /// stderr). It talks to this daemon over its control socket while it runs.
+    pub fn devices(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(daemon_bin())
+            .arg("devices")
+            .args(args)
+            .arg("--config")
+            .arg(&self.config_path)
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("run onboardd devices");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// The state `onboardd devices show` reports for a sensor (`None`: not known).
+    pub fn state_of(&self, sensor: &str) -> Option<String> {
+        let (code, out, err) = self.devices(&["show", sensor]);
+        if code != 0 {
+            assert!(err.contains("not known"), "devices show {sensor}: {err}");
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("devices show {sensor}: {e}: {out}"));
+        v["state"].as_str().map(str::to_string)
+    }
+
     pub fn wait_subscribed(&self) {
         self.log.wait_for("subscribed to announces");
     }
@@ -211,6 +241,21 @@ impl Daemon {
         let mut p = self.proc.take().expect("running");
         p.signal_and_wait(sig, WAIT)
             .unwrap_or_else(|e| panic!("onboardd after signal {sig}: {e}"))
+    }
+
+    /// Sends a signal and waits at most `within` for the exit status (a deadline the
+    /// daemon promises, such as systemd's stop timeout).
+    pub fn signal_and_wait_within(
+        &mut self,
+        sig: i32,
+        within: std::time::Duration,
+    ) -> Result<ExitStatus, String> {
+        let mut p = self.proc.take().expect("running");
+        let r = p.signal_and_wait(sig, within);
+        if r.is_err() {
+            p.kill9();
+        }
+        r
     }
 
     /// Waits (at most [`WAIT`]) for the process to exit by itself (e.g. after a failpoint).
