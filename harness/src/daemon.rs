@@ -220,6 +220,24 @@ impl Daemon {
             .unwrap_or_else(|e| panic!("waiting for onboardd to exit: {e}"))
     }
 
+    /// [`signal_and_wait`](Self::signal_and_wait) without blocking the async runtime.
+    pub async fn signal_and_wait_async(&mut self, sig: i32) -> ExitStatus {
+        let mut p = self.proc.take().expect("running");
+        tokio::task::spawn_blocking(move || p.signal_and_wait(sig, WAIT))
+            .await
+            .expect("the waiting thread does not panic")
+            .unwrap_or_else(|e| panic!("onboardd after signal {sig}: {e}"))
+    }
+
+    /// [`wait_exit`](Self::wait_exit) without blocking the async runtime.
+    pub async fn wait_exit_async(&mut self) -> ExitStatus {
+        let mut p = self.proc.take().expect("running");
+        tokio::task::spawn_blocking(move || p.wait_exit(WAIT))
+            .await
+            .expect("the waiting thread does not panic")
+            .unwrap_or_else(|e| panic!("waiting for onboardd to exit: {e}"))
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut p) = self.proc.take() {
             p.kill9();
