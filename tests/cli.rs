@@ -260,9 +260,7 @@ async fn forget_with_delete_remote_deletes_the_cloud_device() {
 async fn the_gateway_status_is_retained_online_and_offline_on_stop_or_crash() {
     let broker = Mosquitto::start();
     let cloud = fake_cloud().await;
-    let state = tempfile::tempdir().unwrap();
-    let mut d = Daemon::with_state(broker.port, &cloud, state.path(), "", vec![]);
-    d.wait_subscribed();
+    let mut d = Daemon::start(&broker, &cloud, "");
     let topic = "onboard/gateway/gw-test/status";
     let mut watcher = Sensor::connect_as(broker.port, "w", topic, None).await;
     // Retained: a late subscriber still learns the state.
@@ -340,11 +338,9 @@ fn claim_prints_the_hmac_from_the_key_file_alone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failpoint_asked_of_a_build_without_failpoints_stops_the_daemon_at_once() {
     let cloud = fake_cloud().await;
-    let state = tempfile::tempdir().unwrap();
-    let mut d = Daemon::with_state(
+    let mut d = Daemon::spawn_new(
         free_port(),
         &cloud,
-        state.path(),
         "",
         vec![(
             onboardd::failpoint::ENV.into(),

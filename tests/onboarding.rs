@@ -74,9 +74,7 @@ async fn empty_announce_gets_the_documented_defaults() {
 async fn reannounce_returns_the_same_credentials_without_a_second_create_even_across_restarts() {
     let broker = Mosquitto::start();
     let cloud = fake_cloud().await;
-    let state = tempfile::tempdir().unwrap();
-    let mut d = Daemon::with_state(broker.port, &cloud, state.path(), "", vec![]);
-    d.wait_subscribed();
+    let mut d = Daemon::start(&broker, &cloud, "");
     let mut s = Sensor::connect(broker.port, "again-1").await;
     s.announce("{}").await;
     let first = s.reply().await;

@@ -178,8 +178,7 @@ async fn a_broker_restart_that_keeps_the_session_serves_announces_sent_before_on
     let cloud = fake_cloud().await;
     // onboardd reaches the broker through a proxy, so the test decides when it gets back.
     let proxy = Proxy::start(broker.port);
-    let state = tempfile::tempdir().unwrap();
-    let d = Daemon::with_state(proxy.port, &cloud, state.path(), "", vec![]);
+    let d = Daemon::spawn_new(proxy.port, &cloud, "", vec![]);
     d.wait_subscribed();
     let mut s = Sensor::connect_persistent(broker.port, "before").await;
     s.announce_acked("{}").await;
@@ -206,9 +205,7 @@ async fn a_broker_restart_that_keeps_the_session_serves_announces_sent_before_on
 async fn announces_published_while_onboardd_was_stopped_are_served_when_it_starts() {
     let mut broker = Mosquitto::start_persistent();
     let cloud = fake_cloud().await;
-    let state = tempfile::tempdir().unwrap();
-    let mut d = Daemon::with_state(broker.port, &cloud, state.path(), "", vec![]);
-    d.wait_subscribed();
+    let mut d = Daemon::start(&broker, &cloud, "");
     assert_eq!(d.signal_and_wait_async(libc::SIGTERM).await.code(), Some(0));
 
     let mut s = Sensor::connect_persistent(broker.port, "early-bird").await;
@@ -230,11 +227,9 @@ async fn sigkill_at_every_step(policy: &str) {
         let context = format!("lookup_before_create = {policy:?}, failpoint {step}");
         let broker = Mosquitto::start_persistent();
         let cloud = fake_cloud().await;
-        let state = tempfile::tempdir().unwrap();
-        let mut d = Daemon::with_state(
+        let mut d = Daemon::spawn_new(
             broker.port,
             &cloud,
-            state.path(),
             &config,
             vec![(onboardd::failpoint::ENV.into(), step.to_string())],
         );
@@ -330,16 +325,14 @@ async fn five_hundred_sensors_and_fifty_simultaneous_announces_of_one_more_give_
 async fn a_deleted_database_is_rebuilt_by_adopting_the_existing_device() {
     let broker = Mosquitto::start();
     let cloud = fake_cloud().await;
-    let state = tempfile::tempdir().unwrap();
-    let mut d = Daemon::with_state(broker.port, &cloud, state.path(), "", vec![]);
-    d.wait_subscribed();
+    let mut d = Daemon::start(&broker, &cloud, "");
     let mut s = Sensor::connect(broker.port, "amnesia").await;
     s.announce("{}").await;
     let first = s.reply().await;
     assert_ok_carries_the_one_device(&cloud, &first, "first onboarding");
     assert_eq!(d.signal_and_wait_async(libc::SIGTERM).await.code(), Some(0));
 
-    std::fs::remove_dir_all(state.path().join("db")).unwrap();
+    std::fs::remove_dir_all(d.state_dir.join("db")).unwrap();
     d.spawn();
     d.wait_subscribed();
     s.announce("{}").await;
@@ -468,9 +461,7 @@ async fn sigterm_under_load_exits_0_and_loses_nothing() {
     let broker = Mosquitto::start_persistent();
     let cloud = fake_cloud().await;
     cloud.set_delay(Duration::from_millis(50));
-    let state = tempfile::tempdir().unwrap();
-    let mut d = Daemon::with_state(broker.port, &cloud, state.path(), "", vec![]);
-    d.wait_subscribed();
+    let mut d = Daemon::start(&broker, &cloud, "");
     let mut all = Sensor::connect_as(broker.port, "all", "onboard/reply/#", None).await;
     for i in 0..200 {
         all.announce_on(&format!("onboard/announce/load-{i}"), "{}")
@@ -545,10 +536,8 @@ fn snapshot_diff(a: &DbSnapshot, b: &DbSnapshot, touched_anyway: &[String]) -> V
 async fn a_reannounce_of_a_known_sensor_writes_nothing_to_disk() {
     let broker = Mosquitto::start();
     let cloud = fake_cloud().await;
-    let state = tempfile::tempdir().unwrap();
-    let db = state.path().join("db");
-    let mut d = Daemon::with_state(broker.port, &cloud, state.path(), "", vec![]);
-    d.wait_subscribed();
+    let mut d = Daemon::start(&broker, &cloud, "");
+    let db = d.state_dir.join("db");
     let mut s = Sensor::connect(broker.port, "quiet").await;
     s.announce("{}").await;
     let ok = s.reply().await;

@@ -130,13 +130,26 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts onboardd with a fresh state dir and waits until it has subscribed.
+    /// Starts onboardd with a fresh state dir of its own (kept across [`spawn`](Self::spawn))
+    /// and waits until it has subscribed.
     pub fn start(broker: &Mosquitto, cloud: &FakeQubitro, extra: &str) -> Daemon {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let state = dir.path().to_path_buf();
-        let mut d = Daemon::with_state(broker.port, cloud, &state, extra, vec![]);
-        d._dir = Some(dir);
+        let d = Daemon::spawn_new(broker.port, cloud, extra, vec![]);
         d.wait_subscribed();
+        d
+    }
+
+    /// Starts onboardd on `broker_port` with a fresh state dir of its own and `env`,
+    /// without waiting: for a daemon that must fail, crash at a failpoint, or reach the
+    /// broker through a proxy.
+    pub fn spawn_new(
+        broker_port: u16,
+        cloud: &FakeQubitro,
+        extra: &str,
+        env: Vec<(String, String)>,
+    ) -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut d = Daemon::with_state(broker_port, cloud, dir.path(), extra, env);
+        d._dir = Some(dir);
         d
     }
 
