@@ -109,6 +109,14 @@ impl SecuredBroker {
     fn port(&self) -> u16 {
         self.broker.port
     }
+
+    /// Sensor `id` logged in as itself (with its password), subscribed to its own reply
+    /// namespace.
+    async fn sensor(&self, id: &str) -> Sensor {
+        let pw = sensor_pw(id);
+        let filter = format!("onboard/reply/{id}/#");
+        Sensor::connect_as(self.port(), id, &filter, Some((id, &pw))).await
+    }
 }
 
 fn mosquitto_passwd(flags: &[&str], file: &Path, user: &str, pw: &str) {
@@ -268,14 +276,7 @@ async fn sensors_logged_in_as_their_own_id_are_onboarded_through_the_shipped_acl
     let _d = Daemon::start(&b.broker, &cloud, &daemon_login());
 
     // MQTT 5, default reply topic.
-    let pw = sensor_pw("acl-a");
-    let mut a = Sensor::connect_as(
-        b.port(),
-        "acl-a",
-        "onboard/reply/acl-a/#",
-        Some(("acl-a", &pw)),
-    )
-    .await;
+    let mut a = b.sensor("acl-a").await;
     a.announce(r#"{"request_id":"r1"}"#).await;
     let (topic, reply, _) = a.next().await;
     assert_eq!(topic, "onboard/reply/acl-a");
@@ -361,14 +362,7 @@ async fn a_sensor_cannot_read_another_sensors_reply() {
         );
     }
 
-    let pw = sensor_pw("victim");
-    let mut victim = Sensor::connect_as(
-        b.port(),
-        "victim",
-        "onboard/reply/victim/#",
-        Some(("victim", &pw)),
-    )
-    .await;
+    let mut victim = b.sensor("victim").await;
     victim.announce("{}").await;
     let reply = victim.reply().await;
     assert_eq!(reply["status"], "ok", "{reply}");
@@ -415,14 +409,7 @@ async fn a_sensor_cannot_announce_as_another_sensor() {
     let cloud = fake_cloud().await;
     let d = Daemon::start(&b.broker, &cloud, &daemon_login());
 
-    let pw = sensor_pw("target");
-    let mut target = Sensor::connect_as(
-        b.port(),
-        "target",
-        "onboard/reply/target/#",
-        Some(("target", &pw)),
-    )
-    .await;
+    let mut target = b.sensor("target").await;
 
     // MQTT 5: the broker says so in the PUBACK.
     let pw = sensor_pw("forger");

@@ -19,14 +19,6 @@ use serde_json::Value;
 /// Bound for the bursts of hundreds of onboardings (a failure bound, not a speed claim).
 const BURST_WAIT: Duration = Duration::from_secs(120);
 
-fn status(code: u16) -> Fault {
-    Fault::Status {
-        status: code,
-        retry_after: None,
-        body: None,
-    }
-}
-
 /// Asserts `ok` is an ok reply carrying the credentials of the one cloud device of its
 /// sensor.
 fn assert_ok_carries_the_one_device(cloud: &FakeQubitro, ok: &Value, context: &str) {
@@ -48,7 +40,7 @@ async fn cloud_500_three_times_then_201_gives_one_device_and_pending_then_ok() {
     let cloud = fake_cloud().await;
     cloud.push_faults(
         Endpoint::Create,
-        vec![status(500), status(500), status(500)],
+        vec![status_fault(500), status_fault(500), status_fault(500)],
     );
     let _d = Daemon::start(&broker, &cloud, "");
     let mut s = Sensor::connect(broker.port, "flaky").await;
@@ -123,7 +115,7 @@ async fn an_unreachable_cloud_gets_pending_and_the_ok_follows_without_a_new_anno
 async fn a_refused_api_key_pauses_all_cloud_calls_instead_of_retrying() {
     let broker = Mosquitto::start();
     let cloud = fake_cloud().await;
-    cloud.push_faults(Endpoint::List, vec![status(401)]);
+    cloud.push_faults(Endpoint::List, vec![status_fault(401)]);
     let d = Daemon::start(&broker, &cloud, "[qubitro]\nauth_failure_backoff_s = 3600");
     let mut a = Sensor::connect(broker.port, "a1").await;
     a.announce("{}").await;
