@@ -390,17 +390,21 @@ async fn a_sensor_cannot_read_another_sensors_reply() {
         )
         .await
         .unwrap();
-    loop {
-        match snoop.next().await {
-            Seen::PubAck(PubAckReason::Success) => {}
-            Seen::Publish(t, v) if t == "onboard/reply/snoop" => {
-                if v["request_id"] == "marker" {
-                    break;
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match snoop.next().await {
+                Seen::PubAck(PubAckReason::Success) => {}
+                Seen::Publish(t, v) if t == "onboard/reply/snoop" => {
+                    if v["request_id"] == "marker" {
+                        return;
+                    }
                 }
+                other => panic!("the snoop received {other:?}"),
             }
-            other => panic!("the snoop received {other:?}"),
         }
-    }
+    })
+    .await
+    .expect("the snoop's marker reply within WAIT");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -508,28 +512,22 @@ async fn clients_without_a_valid_login_are_refused() {
         anonymous.err()
     );
 
-    let wrong = RawClient::connect(b.port(), Some(("known", "not-its-password"))).await;
-    assert!(
-        matches!(
-            wrong,
-            Err(ConnectionError::ConnectionRefused(
-                ConnectReturnCode::BadUserNamePassword | ConnectReturnCode::NotAuthorized
-            ))
-        ),
-        "wrong password: {:?}",
-        wrong.err()
-    );
-    let unknown = RawClient::connect(b.port(), Some(("stranger", "whatever"))).await;
-    assert!(
-        matches!(
-            unknown,
-            Err(ConnectionError::ConnectionRefused(
-                ConnectReturnCode::BadUserNamePassword | ConnectReturnCode::NotAuthorized
-            ))
-        ),
-        "unknown user: {:?}",
-        unknown.err()
-    );
+    for (what, user, pw) in [
+        ("wrong password", "known", "not-its-password"),
+        ("unknown user", "stranger", "whatever"),
+    ] {
+        let refused = RawClient::connect(b.port(), Some((user, pw))).await;
+        assert!(
+            matches!(
+                refused,
+                Err(ConnectionError::ConnectionRefused(
+                    ConnectReturnCode::BadUserNamePassword | ConnectReturnCode::NotAuthorized
+                ))
+            ),
+            "{what}: {:?}",
+            refused.err()
+        );
+    }
 
     // The same broker does let a known sensor in.
     let pw = sensor_pw("known");

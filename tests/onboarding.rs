@@ -107,14 +107,23 @@ async fn simultaneous_announces_of_one_sensor_create_exactly_one_device() {
     // when more announces wait than onboardd keeps answers for.
     let mut tokens = std::collections::HashSet::new();
     let mut answered = std::collections::HashSet::new();
-    while answered.len() < 20 {
-        let r = s.reply().await;
-        assert!(r["status"] == "ok" || r["status"] == "pending", "{r}");
-        if r["status"] == "ok" {
-            tokens.insert(r["device_token"].to_string());
+    tokio::time::timeout(WAIT, async {
+        while answered.len() < 20 {
+            let r = s.reply().await;
+            assert!(r["status"] == "ok" || r["status"] == "pending", "{r}");
+            if r["status"] == "ok" {
+                tokens.insert(r["device_token"].to_string());
+            }
+            answered.insert(r["request_id"].to_string());
         }
-        answered.insert(r["request_id"].to_string());
-    }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "{} of 20 announces answered within {WAIT:?}",
+            answered.len()
+        )
+    });
     assert_eq!(tokens.len(), 1, "one token for all");
     s.announce("{}").await;
     assert_eq!(
