@@ -7,6 +7,7 @@ use std::path::Path;
 
 use common::pki::Pki;
 use common::*;
+use fake_qubitro::FakeQubitro;
 
 fn toml_path(p: &Path) -> String {
     toml::Value::String(p.display().to_string()).to_string()
@@ -134,20 +135,13 @@ async fn with_mutual_tls_the_client_certificate_cn_is_the_acl_user_of_the_daemon
     drop(d);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_broker_certificate_from_another_ca_is_a_logged_tls_error_and_the_daemon_keeps_retrying()
-{
-    let pki = Pki::standard();
-    let other_ca = pki.ca("other-ca");
-    let plain = free_port();
-    let broker = tls_broker(&pki, plain, "", "allow_anonymous true");
-    let cloud = fake_cloud().await;
-    let state = tempfile::tempdir().unwrap();
-    let mut d = Daemon::with_state(
+/// onboardd trusting only `ca` for the broker, not waited for (it must never get
+/// through); returned with the log line of its first failed connection.
+async fn daemon_refused(broker: &Mosquitto, cloud: &FakeQubitro, ca: &Path) -> (Daemon, String) {
+    let d = Daemon::spawn_new(
         broker.port,
-        &cloud,
-        state.path(),
-        &format!("[mqtt]\nca_file = {}", toml_path(&other_ca)),
+        cloud,
+        &format!("[mqtt]\nca_file = {}", toml_path(ca)),
         vec![],
     );
     d.log.wait_for_async("cannot connect to the broker").await;
@@ -156,36 +150,55 @@ async fn a_broker_certificate_from_another_ca_is_a_logged_tls_error_and_the_daem
         .all()
         .into_iter()
         .find(|l| l.contains("cannot connect to the broker"))
-        .unwrap();
-    assert!(
-        first.contains("TLS") && first.contains("UnknownIssuer"),
-        "the first failure names the TLS problem: {first}"
-    );
+        .expect("the line just awaited");
+    (d, first)
+}
+
+/// The daemon keeps retrying (`attempts` more attempts, each failing for `why`), never
+/// gets a session, and is still running: SIGTERM exits 0 (a process that had exited on
+/// its own would report its own status instead).
+async fn assert_keeps_retrying_then_stops_cleanly(mut d: Daemon, attempts: usize, why: &str) {
     // reconnect_max_ms is 500 ms in tests: several attempts, each failing the same way.
-    d.log.wait_for_n_async("broker still unreachable", 3).await;
+    d.log
+        .wait_for_n_async("broker still unreachable", attempts)
+        .await;
     assert!(
         d.log
             .all()
             .iter()
             .filter(|l| l.contains("broker still unreachable"))
-            .all(|l| l.contains("UnknownIssuer")),
+            .all(|l| l.contains(why)),
+        "every attempt fails for {why:?}:\n{}",
+        d.log.text()
+    );
+    assert_eq!(
+        d.log.count("connected to the broker"),
+        0,
         "{}",
         d.log.text()
     );
-    assert_eq!(d.log.count("subscribed to announces"), 0);
-    // Still running: it exits 0 on SIGTERM (a process that had exited on its own
-    // would report its own status instead).
-    assert_eq!(d.signal_and_wait(libc::SIGTERM).code(), Some(0));
+    assert_eq!(
+        d.log.count("subscribed to announces"),
+        0,
+        "{}",
+        d.log.text()
+    );
+    assert_eq!(d.signal_and_wait_async(libc::SIGTERM).await.code(), Some(0));
 }
 
-/// Waits for the first connection failure and returns its log line.
-async fn first_failure(d: &Daemon) -> String {
-    d.log.wait_for_async("cannot connect to the broker").await;
-    d.log
-        .all()
-        .into_iter()
-        .find(|l| l.contains("cannot connect to the broker"))
-        .unwrap()
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_certificate_from_another_ca_is_a_logged_tls_error_and_the_daemon_keeps_retrying()
+{
+    let pki = Pki::standard();
+    let other_ca = pki.ca("other-ca");
+    let broker = tls_broker(&pki, free_port(), "", "allow_anonymous true");
+    let cloud = fake_cloud().await;
+    let (d, first) = daemon_refused(&broker, &cloud, &other_ca).await;
+    assert!(
+        first.contains("TLS") && first.contains("UnknownIssuer"),
+        "the first failure names the TLS problem: {first}"
+    );
+    assert_keeps_retrying_then_stops_cleanly(d, 3, "UnknownIssuer").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -202,22 +215,12 @@ async fn a_broker_certificate_for_another_name_is_refused() {
     );
     let broker = tls_broker_with_cert(&pki, "elsewhere", free_port(), "", "allow_anonymous true");
     let cloud = fake_cloud().await;
-    let state = tempfile::tempdir().unwrap();
-    let mut d = Daemon::with_state(
-        broker.port,
-        &cloud,
-        state.path(),
-        &format!("[mqtt]\nca_file = {}", toml_path(&pki.path("ca.crt"))),
-        vec![],
-    );
-    let first = first_failure(&d).await;
+    let (d, first) = daemon_refused(&broker, &cloud, &pki.path("ca.crt")).await;
     assert!(
         first.contains("TLS") && first.contains("not valid for name"),
         "a trusted certificate for another name is refused: {first}"
     );
-    d.log.wait_for_n_async("broker still unreachable", 2).await;
-    assert_eq!(d.log.count("subscribed to announces"), 0);
-    assert_eq!(d.signal_and_wait(libc::SIGTERM).code(), Some(0));
+    assert_keeps_retrying_then_stops_cleanly(d, 2, "not valid for name").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -230,27 +233,12 @@ async fn a_mutual_tls_listener_refuses_the_daemon_without_a_client_certificate()
         "allow_anonymous true",
     );
     let cloud = fake_cloud().await;
-    let state = tempfile::tempdir().unwrap();
-    let mut d = Daemon::with_state(
-        broker.port,
-        &cloud,
-        state.path(),
-        &format!("[mqtt]\nca_file = {}", toml_path(&pki.path("ca.crt"))),
-        vec![],
-    );
-    let first = first_failure(&d).await;
+    let (d, first) = daemon_refused(&broker, &cloud, &pki.path("ca.crt")).await;
     // TLS 1.3: the client finishes its side of the handshake, then the broker's
     // alert arrives with the first read (the CONNACK).
     assert!(
         first.contains("CertificateRequired"),
         "the broker demands a client certificate: {first}"
     );
-    d.log.wait_for_n_async("broker still unreachable", 2).await;
-    assert_eq!(
-        d.log.count("connected to the broker"),
-        0,
-        "{}",
-        d.log.text()
-    );
-    assert_eq!(d.signal_and_wait(libc::SIGTERM).code(), Some(0));
+    assert_keeps_retrying_then_stops_cleanly(d, 2, "CertificateRequired").await;
 }

@@ -225,10 +225,11 @@ async fn devices_commands_work_while_the_daemon_runs_and_after_it_stopped() {
 
     // Stopped daemon: the CLI opens the store itself.
     s.announce("{}").await;
+    let again = s.reply().await;
+    assert_eq!(again["status"], "ok", "re-onboarded after forget: {again}");
     assert_eq!(
-        s.reply().await["status"],
-        "ok",
-        "re-onboarded (adopted) after forget"
+        again["device_token"], ok["device_token"],
+        "the kept device was adopted again"
     );
     assert_eq!(d.signal_and_wait(libc::SIGTERM).code(), Some(0));
     let (code, table, err) = devices(&cfg, &["list"]);
@@ -259,9 +260,7 @@ async fn forget_with_delete_remote_deletes_the_cloud_device() {
 async fn the_gateway_status_is_retained_online_and_offline_on_stop_or_crash() {
     let broker = Mosquitto::start();
     let cloud = fake_cloud().await;
-    let state = tempfile::tempdir().unwrap();
-    let mut d = Daemon::with_state(broker.port, &cloud, state.path(), "", vec![]);
-    d.wait_subscribed();
+    let mut d = Daemon::start(&broker, &cloud, "");
     let topic = "onboard/gateway/gw-test/status";
     let mut watcher = Sensor::connect_as(broker.port, "w", topic, None).await;
     // Retained: a late subscriber still learns the state.
@@ -293,16 +292,21 @@ async fn counters_are_published_on_the_stats_topic() {
     let mut s = Sensor::connect(broker.port, "counted").await;
     s.announce("{}").await;
     s.reply().await;
-    loop {
-        let (_, v, _) = stats.next().await;
-        if v["onboarded"] == 1 {
-            assert_eq!(v["announces"], 1);
-            assert!(v["cloud_requests"].as_u64().unwrap() >= 2, "{v}");
-            assert!(v.get("cloud_latency_ms_avg").is_some());
-            assert_eq!(v["pending_now"], 0);
-            break;
+    // Published every second: the first one counting the onboarding, within WAIT.
+    let v = tokio::time::timeout(WAIT, async {
+        loop {
+            let (_, v, _) = stats.next().await;
+            if v["onboarded"] == 1 {
+                return v;
+            }
         }
-    }
+    })
+    .await
+    .expect("stats counting the onboarding within WAIT");
+    assert_eq!(v["announces"], 1, "{v}");
+    assert!(v["cloud_requests"].as_u64().unwrap() >= 2, "{v}");
+    assert!(v.get("cloud_latency_ms_avg").is_some(), "{v}");
+    assert_eq!(v["pending_now"], 0, "{v}");
 }
 
 #[test]
@@ -334,24 +338,16 @@ fn claim_prints_the_hmac_from_the_key_file_alone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failpoint_asked_of_a_build_without_failpoints_stops_the_daemon_at_once() {
     let cloud = fake_cloud().await;
-    let state = tempfile::tempdir().unwrap();
-    let mut d = Daemon::with_state(
+    let mut d = Daemon::spawn_new(
         free_port(),
         &cloud,
-        state.path(),
         "",
         vec![(
             onboardd::failpoint::ENV.into(),
             "after_pending_recorded".into(),
         )],
     );
-    let status = tokio::task::spawn_blocking(move || {
-        let st = d.wait_exit();
-        (d, st)
-    })
-    .await
-    .unwrap();
-    let (d, st) = status;
+    let st = d.wait_exit_async().await;
     assert_eq!(st.code(), Some(1), "{}", d.log.text());
     d.log.wait_for("built without the `failpoints` feature");
 }

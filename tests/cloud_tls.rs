@@ -59,6 +59,11 @@ async fn an_untrusted_api_certificate_is_retried_with_a_log_line_that_names_it()
     let mut s = Sensor::connect(broker.port, "tls-2").await;
     s.announce("{}").await;
     assert_eq!(s.reply().await["status"], "pending");
+    assert_eq!(
+        s.reply().await["status"],
+        "pending",
+        "retried, still refused"
+    );
     d.log.wait_for_async("TLS certificate is not trusted").await;
     assert!(cloud.devices().is_empty());
     assert_eq!(cloud.count(Endpoint::Create), 0);

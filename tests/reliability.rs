@@ -1,20 +1,37 @@
 //! Reliability: exactly one Qubitro device per sensor and no lost announce,
 //! through cloud outages, broker restarts, crashes at every step and lost databases.
+//!
+//! The restart and burst tests run against a broker with persistence on, as a stock
+//! Debian mosquitto is: sessions and queued messages survive it. Delivery is judged by
+//! what a sensor's own MQTT client received, and every token is compared with the cloud's.
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
-use std::time::{Duration, Instant};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
 
+use common::proxy::Proxy;
 use common::*;
-use fake_qubitro::{Endpoint, Fault, NewDevice};
+use fake_qubitro::{Endpoint, FakeQubitro, Fault, NewDevice};
+use serde_json::Value;
 
-fn status(code: u16) -> Fault {
-    Fault::Status {
-        status: code,
-        retry_after: None,
-        body: None,
-    }
+/// Bound for the bursts of hundreds of onboardings (a failure bound, not a speed claim).
+const BURST_WAIT: Duration = Duration::from_secs(120);
+
+/// Asserts `ok` is an ok reply carrying the credentials of the one cloud device of its
+/// sensor.
+fn assert_ok_carries_the_one_device(cloud: &FakeQubitro, ok: &Value, context: &str) {
+    assert_eq!(ok["status"], "ok", "{context}: {ok}");
+    let sensor = ok["sensor_id"].as_str().expect("sensor_id");
+    let devices = cloud_devices_of(cloud, sensor);
+    assert_eq!(
+        devices.len(),
+        1,
+        "{context}: exactly one device for {sensor}"
+    );
+    assert_eq!(ok["device_id"], devices[0].id.as_str(), "{context}");
+    assert_eq!(ok["device_token"], devices[0].token.as_str(), "{context}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -23,7 +40,7 @@ async fn cloud_500_three_times_then_201_gives_one_device_and_pending_then_ok() {
     let cloud = fake_cloud().await;
     cloud.push_faults(
         Endpoint::Create,
-        vec![status(500), status(500), status(500)],
+        vec![status_fault(500), status_fault(500), status_fault(500)],
     );
     let _d = Daemon::start(&broker, &cloud, "");
     let mut s = Sensor::connect(broker.port, "flaky").await;
@@ -35,7 +52,7 @@ async fn cloud_500_three_times_then_201_gives_one_device_and_pending_then_ok() {
     let ok = s.reply_with_status("ok").await;
     assert_eq!(cloud.count(Endpoint::Create), 4);
     assert_eq!(cloud.devices().len(), 1);
-    assert_eq!(ok["device_id"], cloud.devices()[0].id.as_str());
+    assert_ok_carries_the_one_device(&cloud, &ok, "after three 500s");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -58,18 +75,24 @@ async fn retry_after_of_a_429_is_honoured() {
     let pending = s.reply().await;
     assert_eq!(pending["status"], "pending");
     assert!(pending["retry_after_s"].as_u64().unwrap() >= 2, "{pending}");
-    s.reply_with_status("ok").await;
-    let lists: Vec<Instant> = cloud
+    wait_for_cloud_requests(&cloud, Endpoint::List, 2).await;
+    let ok = s.reply_with_status("ok").await;
+    assert_ok_carries_the_one_device(&cloud, &ok, "after a 429");
+    let lists: Vec<_> = cloud
         .requests()
-        .iter()
+        .into_iter()
         .filter(|r| r.endpoint == Some(Endpoint::List))
         .map(|r| r.at)
         .collect();
-    assert_eq!(lists.len(), 2);
+    assert_eq!(lists.len(), 2, "one retry of the lookup");
+    // Not a timing assertion: a lower bound on the daemon's own wait. Both instants are the
+    // fake's, taken when each request arrived; the 429 left after the first, so a daemon
+    // that honours Retry-After cannot arrive sooner however slow or loaded the machine is
+    // (load only lengthens the gap). It fails only for a daemon that retries early.
+    let gap = lists[1].duration_since(lists[0]);
     assert!(
-        lists[1].duration_since(lists[0]) >= Duration::from_secs(2),
-        "retried after {:?}, before Retry-After",
-        lists[1].duration_since(lists[0])
+        gap >= Duration::from_secs(2),
+        "retried {gap:?} after the 429, before its Retry-After of 2 s"
     );
 }
 
@@ -85,15 +108,14 @@ async fn an_unreachable_cloud_gets_pending_and_the_ok_follows_without_a_new_anno
     assert_eq!(s.reply().await["status"], "pending", "still retrying");
     cloud.restart().await.unwrap();
     let ok = s.reply_with_status("ok").await;
-    assert_eq!(ok["device_id"], cloud.devices()[0].id.as_str());
-    assert_eq!(cloud.devices().len(), 1);
+    assert_ok_carries_the_one_device(&cloud, &ok, "after the outage");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_api_key_pauses_all_cloud_calls_instead_of_retrying() {
     let broker = Mosquitto::start();
     let cloud = fake_cloud().await;
-    cloud.push_faults(Endpoint::List, vec![status(401)]);
+    cloud.push_faults(Endpoint::List, vec![status_fault(401)]);
     let d = Daemon::start(&broker, &cloud, "[qubitro]\nauth_failure_backoff_s = 3600");
     let mut a = Sensor::connect(broker.port, "a1").await;
     a.announce("{}").await;
@@ -113,97 +135,162 @@ async fn a_refused_api_key_pauses_all_cloud_calls_instead_of_retrying() {
     );
 }
 
+/// A broker without persistence, killed and started again, has forgotten onboardd's
+/// session and subscription: onboardd reconnects, subscribes again, and serves the
+/// announces sent after that.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_broker_restart_is_survived_and_later_announces_are_served() {
+async fn a_broker_restart_that_loses_the_session_is_survived_by_subscribing_again() {
     let mut broker = Mosquitto::start();
     let cloud = fake_cloud().await;
     let d = Daemon::start(&broker, &cloud, "");
     let mut s = Sensor::connect(broker.port, "before").await;
     s.announce("{}").await;
-    assert_eq!(s.reply().await["status"], "ok");
+    let ok = s.reply().await;
+    assert_ok_carries_the_one_device(&cloud, &ok, "before the restart");
     drop(s);
 
-    broker.restart(); // SIGKILL, same port, no persistence: our session is gone
+    broker.restart(); // SIGKILL, same port, no persistence: every session is gone
+                      // With the session lost, an announce sent before the new subscription has nobody to
+                      // go to: the resubscription is what this test is about.
     d.log.wait_for_n_async("subscribed to announces", 2).await;
     let mut s = Sensor::connect(broker.port, "after").await;
     s.announce("{}").await;
-    assert_eq!(s.reply().await["status"], "ok");
+    let ok = s.reply().await;
+    assert_ok_carries_the_one_device(&cloud, &ok, "after the restart");
     assert_eq!(cloud.devices().len(), 2);
 }
 
+/// A persistent broker stopped cleanly saves onboardd's session: an announce a sensor
+/// sends while onboardd cannot reach the restarted broker yet is queued in that session
+/// and served once onboardd is back, without a new announce.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_that_keeps_the_session_serves_announces_sent_before_onboardd_reconnected()
+{
+    let mut broker = Mosquitto::start_persistent();
+    let cloud = fake_cloud().await;
+    // onboardd reaches the broker through a proxy, so the test decides when it gets back.
+    let proxy = Proxy::start(broker.port);
+    let d = Daemon::spawn_new(proxy.port, &cloud, "", vec![]);
+    d.wait_subscribed();
+    let mut s = Sensor::connect_persistent(broker.port, "before").await;
+    s.announce_acked("{}").await;
+    let ok = s.reply().await;
+    assert_ok_carries_the_one_device(&cloud, &ok, "before the restart");
+
+    proxy.stall();
+    broker.restart_clean();
+    // onboardd's old connection is gone; its new ones are accepted and held.
+    proxy.sever();
+    let mut late = Sensor::connect_persistent(broker.port, "after").await;
+    late.announce_acked(r#"{"request_id":"sent-while-away"}"#)
+        .await;
+    proxy.resume();
+    let ok = late.reply().await;
+    assert_eq!(ok["request_id"], "sent-while-away", "{ok}");
+    assert_ok_carries_the_one_device(&cloud, &ok, "announced while onboardd was away");
+    assert_eq!(cloud.devices().len(), 2);
+}
+
+/// The announce waits in onboardd's persistent session on the broker, even through a
+/// clean broker restart while onboardd is down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn announces_published_while_onboardd_was_stopped_are_served_when_it_starts() {
-    let broker = Mosquitto::start();
+    let mut broker = Mosquitto::start_persistent();
     let cloud = fake_cloud().await;
-    let state = tempfile::tempdir().unwrap();
-    let mut d = Daemon::with_state(broker.port, &cloud, state.path(), "", vec![]);
-    d.wait_subscribed();
-    assert_eq!(d.signal_and_wait(libc::SIGTERM).code(), Some(0));
+    let mut d = Daemon::start(&broker, &cloud, "");
+    assert_eq!(d.signal_and_wait_async(libc::SIGTERM).await.code(), Some(0));
 
-    let mut s = Sensor::connect(broker.port, "early-bird").await;
-    s.announce(r#"{"request_id":"while-down"}"#).await;
+    let mut s = Sensor::connect_persistent(broker.port, "early-bird").await;
+    s.announce_acked(r#"{"request_id":"while-down"}"#).await;
+    broker.restart_clean();
     d.spawn();
     let r = s.reply().await;
-    assert_eq!(r["status"], "ok");
-    assert_eq!(r["request_id"], "while-down");
+    assert_eq!(r["request_id"], "while-down", "{r}");
+    assert_ok_carries_the_one_device(&cloud, &r, "announced while onboardd was stopped");
 }
 
 /// Crashes (SIGKILL) at each step of an onboarding, restarts, and checks the sensor
-/// ends with exactly one device and gets its token, without announcing again.
+/// ends with exactly one device and its own client gets that device's token, without
+/// announcing again; then a later announce gets the same device. Against a persistent
+/// broker, with the lookup policy given.
+async fn sigkill_at_every_step(policy: &str) {
+    let config = format!("[qubitro]\nlookup_before_create = \"{policy}\"");
+    for step in onboardd::failpoint::STEPS {
+        let context = format!("lookup_before_create = {policy:?}, failpoint {step}");
+        let broker = Mosquitto::start_persistent();
+        let cloud = fake_cloud().await;
+        let mut d = Daemon::spawn_new(
+            broker.port,
+            &cloud,
+            &config,
+            vec![(onboardd::failpoint::ENV.into(), step.to_string())],
+        );
+        d.wait_subscribed();
+        let sensor = format!("crash-{}", step.replace('_', "-"));
+        let mut s = Sensor::connect_persistent(broker.port, &sensor).await;
+        s.announce_acked("{}").await;
+        let st = d.wait_exit_async().await;
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            st.signal(),
+            Some(libc::SIGKILL),
+            "{context}: died by its failpoint; log:\n{}",
+            d.log.text()
+        );
+        d.log.wait_for(&format!("failpoint {step} reached"));
+        let crashed_log = d.log.text();
+
+        d.clear_env();
+        d.spawn();
+        let ok = s.reply_with_status("ok").await;
+        let log = || {
+            format!(
+                "log before the crash:\n{crashed_log}\nafter:\n{}",
+                d.log.text()
+            )
+        };
+        assert_eq!(cloud.devices().len(), 1, "{context}: one device; {}", log());
+        assert_ok_carries_the_one_device(&cloud, &ok, &format!("{context}; {}", log()));
+        // And a later announce still gets the same device.
+        s.announce("{}").await;
+        let again = s.reply_with_status("ok").await;
+        assert_eq!(again["device_token"], ok["device_token"], "{context}");
+        assert_eq!(cloud.devices().len(), 1, "{context}; {}", log());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(
     not(feature = "failpoints"),
     ignore = "needs failpoints: cargo test --workspace --features failpoints"
 )]
 async fn sigkill_at_every_step_still_gives_exactly_one_device_and_the_token() {
-    for step in onboardd::failpoint::STEPS {
-        let broker = Mosquitto::start();
-        let cloud = fake_cloud().await;
-        let state = tempfile::tempdir().unwrap();
-        let mut d = Daemon::with_state(
-            broker.port,
-            &cloud,
-            state.path(),
-            "",
-            vec![("ONBOARDD_FAILPOINTS".into(), step.to_string())],
-        );
-        d.wait_subscribed();
-        let sensor = format!("crash-{}", step.replace('_', "-"));
-        let mut s = Sensor::connect(broker.port, &sensor).await;
-        s.announce("{}").await;
-        let exit = tokio::task::spawn_blocking(move || {
-            let st = d.wait_exit();
-            (d, st)
-        })
-        .await
-        .unwrap();
-        let (mut d, st) = exit;
-        use std::os::unix::process::ExitStatusExt;
-        assert_eq!(
-            st.signal(),
-            Some(libc::SIGKILL),
-            "{step}: died by its failpoint"
-        );
-        d.log.wait_for(&format!("failpoint {step} reached"));
+    sigkill_at_every_step("always").await;
+}
 
-        d.clear_env();
-        d.spawn();
-        let ok = s.reply_with_status("ok").await;
-        let devices = cloud.devices();
-        assert_eq!(devices.len(), 1, "{step}: exactly one device");
-        assert_eq!(ok["device_id"], devices[0].id.as_str(), "{step}");
-        assert_eq!(ok["device_token"], devices[0].token.as_str(), "{step}");
-        // And a later announce still gets the same device.
-        s.announce("{}").await;
-        let again = s.reply_with_status("ok").await;
-        assert_eq!(again["device_id"], devices[0].id.as_str(), "{step}");
-        assert_eq!(cloud.devices().len(), 1, "{step}");
-    }
+/// A `Creating` sensor is looked up before any further create whatever the policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "failpoints"),
+    ignore = "needs failpoints: cargo test --workspace --features failpoints"
+)]
+async fn sigkill_at_every_step_with_lookup_only_after_failure_still_gives_exactly_one_device() {
+    sigkill_at_every_step("after_failure").await;
+}
+
+/// A `Creating` sensor is looked up before any further create whatever the policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "failpoints"),
+    ignore = "needs failpoints: cargo test --workspace --features failpoints"
+)]
+async fn sigkill_at_every_step_with_lookup_never_still_gives_exactly_one_device() {
+    sigkill_at_every_step("never").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_sensors_and_fifty_simultaneous_announces_of_one_more_give_501_devices() {
-    let broker = Mosquitto::start();
+    let broker = Mosquitto::start_persistent();
     let cloud = fake_cloud().await;
     let _d = Daemon::start(&broker, &cloud, "");
     let mut all = Sensor::connect_as(broker.port, "all", "onboard/reply/#", None).await;
@@ -218,36 +305,26 @@ async fn five_hundred_sensors_and_fifty_simultaneous_announces_of_one_more_give_
         )
         .await;
     }
-    let mut ok: HashMap<String, String> = HashMap::new();
-    while ok.len() < 501 {
-        let (_, r, _) = all.next().await;
-        if r["status"] == "ok" {
-            let sensor = r["sensor_id"].as_str().unwrap().to_string();
-            let token = r["device_token"].as_str().unwrap().to_string();
-            if let Some(prev) = ok.insert(sensor.clone(), token.clone()) {
-                assert_eq!(prev, token, "{sensor} got two different tokens");
-            }
-        } else {
-            assert_eq!(r["status"], "pending", "{r}");
-        }
-    }
+    let ok = all.ok_replies_of(501, BURST_WAIT).await;
     assert_eq!(cloud.devices().len(), 501);
     assert_eq!(cloud.count(Endpoint::Create), 501);
+    for r in ok.values() {
+        assert_ok_carries_the_one_device(&cloud, r, "burst");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_database_is_rebuilt_by_adopting_the_existing_device() {
     let broker = Mosquitto::start();
     let cloud = fake_cloud().await;
-    let state = tempfile::tempdir().unwrap();
-    let mut d = Daemon::with_state(broker.port, &cloud, state.path(), "", vec![]);
-    d.wait_subscribed();
+    let mut d = Daemon::start(&broker, &cloud, "");
     let mut s = Sensor::connect(broker.port, "amnesia").await;
     s.announce("{}").await;
     let first = s.reply().await;
-    assert_eq!(d.signal_and_wait(libc::SIGTERM).code(), Some(0));
+    assert_ok_carries_the_one_device(&cloud, &first, "first onboarding");
+    assert_eq!(d.signal_and_wait_async(libc::SIGTERM).await.code(), Some(0));
 
-    std::fs::remove_dir_all(state.path().join("db")).unwrap();
+    std::fs::remove_dir_all(d.state_dir.join("db")).unwrap();
     d.spawn();
     d.wait_subscribed();
     s.announce("{}").await;
@@ -292,7 +369,9 @@ async fn a_corrupt_database_is_moved_aside_loudly_and_devices_are_adopted() {
     let mut s = Sensor::connect(broker.port, "old-timer").await;
     s.announce("{}").await;
     let r = s.reply().await;
+    assert_eq!(r["status"], "ok", "{r}");
     assert_eq!(r["device_id"], existing.id.as_str());
+    assert_eq!(r["device_token"], existing.token.as_str());
     assert_eq!(cloud.count(Endpoint::Create), 0);
 }
 
@@ -304,18 +383,19 @@ async fn a_second_daemon_on_the_same_database_fails_with_a_clear_error() {
     let d1 = Daemon::with_state(broker.port, &cloud, state.path(), "", vec![]);
     d1.wait_subscribed();
     let mut d2 = Daemon::with_state(broker.port, &cloud, state.path(), "", vec![]);
-    let st = tokio::task::spawn_blocking(move || {
-        let st = d2.wait_exit();
-        (d2, st)
-    })
-    .await
-    .unwrap();
-    assert_eq!(st.1.code(), Some(1));
+    let st = d2.wait_exit_async().await;
+    assert_eq!(st.code(), Some(1), "{}", d2.log.text());
     assert!(
-        st.0.log.text().contains("in use by another process"),
+        d2.log.text().contains("in use by another process"),
         "{}",
-        st.0.log.text()
+        d2.log.text()
     );
+    // The first one is untouched and still serves.
+    let mut s = Sensor::connect(broker.port, "still-served").await;
+    s.announce("{}").await;
+    let ok = s.reply().await;
+    assert_ok_carries_the_one_device(&cloud, &ok, "the first daemon after the second failed");
+    drop(d1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -331,8 +411,17 @@ async fn a_second_gateway_adopts_the_device_the_first_one_made() {
     let mut sb = Sensor::connect(broker_b.port, "roamer").await;
     sb.announce("{}").await;
     let rb = sb.reply().await;
-    assert_eq!(ra["device_id"], rb["device_id"]);
+    assert_ok_carries_the_one_device(&cloud, &ra, "gateway a");
+    assert_ok_carries_the_one_device(&cloud, &rb, "gateway b");
     assert_eq!(cloud.devices().len(), 1);
+    assert_eq!(
+        cloud.devices()[0]
+            .metadata
+            .get("gateway_id")
+            .map(String::as_str),
+        Some("gw-a"),
+        "made by the first gateway, adopted by the second"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -355,93 +444,132 @@ async fn an_oversized_packet_is_dropped_by_the_broker_and_the_daemon_keeps_servi
     );
 }
 
+/// SIGTERM while 200 onboardings are under way: a clean exit, and after a restart every
+/// sensor's reply (read by one client subscribed to all of them) carries the token of its
+/// one device. The broker is persistent, so what was announced but not acknowledged waits
+/// in onboardd's session.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_exits_0_and_loses_nothing() {
-    let broker = Mosquitto::start();
+    let broker = Mosquitto::start_persistent();
     let cloud = fake_cloud().await;
     cloud.set_delay(Duration::from_millis(50));
-    let state = tempfile::tempdir().unwrap();
-    let mut d = Daemon::with_state(broker.port, &cloud, state.path(), "", vec![]);
-    d.wait_subscribed();
+    let mut d = Daemon::start(&broker, &cloud, "");
     let mut all = Sensor::connect_as(broker.port, "all", "onboard/reply/#", None).await;
     for i in 0..200 {
         all.announce_on(&format!("onboard/announce/load-{i}"), "{}")
             .await;
     }
     d.log.wait_for_n_async("new sensor; onboarding", 20).await;
-    let started = Instant::now();
-    let st = tokio::task::spawn_blocking(move || {
-        let st = d.signal_and_wait(libc::SIGTERM);
-        (d, st)
-    })
-    .await
-    .unwrap();
-    let (mut d, st) = st;
+    // How fast it stops is systemd's TimeoutStopSec and the benchmark's business; here it
+    // must stop by itself (exit 0, not the harness's SIGKILL after WAIT).
+    let st = d.signal_and_wait_async(libc::SIGTERM).await;
     assert_eq!(st.code(), Some(0), "{}", d.log.text());
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "stopped within 10 s"
-    );
 
     d.spawn();
-    let mut ok = HashSet::new();
-    while ok.len() < 200 {
-        let (_, r, _) = all.next().await;
-        if r["status"] == "ok" {
-            ok.insert(r["sensor_id"].as_str().unwrap().to_string());
+    let ok = all.ok_replies_of(200, BURST_WAIT).await;
+    assert_eq!(cloud.devices().len(), 200, "exactly one device each");
+    for r in ok.values() {
+        assert_ok_carries_the_one_device(&cloud, r, "after SIGTERM and a restart");
+    }
+}
+
+/// Every file of the database: name, size, modification time and contents.
+type DbSnapshot = BTreeMap<String, (u64, std::time::SystemTime, Vec<u8>)>;
+
+fn db_snapshot(dir: &Path) -> DbSnapshot {
+    let mut files = BTreeMap::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let path = e.unwrap().path();
+            let m = std::fs::metadata(&path).unwrap();
+            if m.is_dir() {
+                dirs.push(path);
+            } else {
+                let name = path.strip_prefix(dir).unwrap().display().to_string();
+                let bytes = std::fs::read(&path).unwrap();
+                files.insert(name, (m.len(), m.modified().unwrap(), bytes));
+            }
         }
     }
-    assert_eq!(cloud.devices().len(), 200, "exactly one device each");
+    files
 }
 
-/// Size and modification time of every file of the database.
-fn db_fingerprint(dir: &std::path::Path) -> Vec<(String, u64, std::time::SystemTime)> {
-    let mut v: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter(|e| e.path().is_file())
-        .map(|e| {
-            let m = e.metadata().unwrap();
-            (
-                e.file_name().to_string_lossy().into_owned(),
-                m.len(),
-                m.modified().unwrap(),
-            )
+/// The files of `b` that differ from `a` (added, removed, other bytes, or, unless named
+/// in `touched_anyway`, another modification time), described by size and time.
+fn snapshot_diff(a: &DbSnapshot, b: &DbSnapshot, touched_anyway: &[String]) -> Vec<String> {
+    let names: std::collections::BTreeSet<_> = a.keys().chain(b.keys()).collect();
+    names
+        .into_iter()
+        .filter(|n| match (a.get(*n), b.get(*n)) {
+            (Some((_, ta, ba)), Some((_, tb, bb))) => {
+                ba != bb || (ta != tb && !touched_anyway.contains(*n))
+            }
+            _ => true,
         })
-        .collect();
-    v.sort();
-    v
+        .map(|n| {
+            let show = |s: &DbSnapshot| s.get(n).map(|(len, at, _)| format!("{len} bytes, {at:?}"));
+            let same = matches!((a.get(n), b.get(n)), (Some(x), Some(y)) if x.2 == y.2);
+            let bytes = if same { "same bytes" } else { "other bytes" };
+            format!("{n}: {:?} -> {:?} ({bytes})", show(a), show(b))
+        })
+        .collect()
 }
 
+/// Writes are absent events, so instead of waiting for sled's background flusher this
+/// compares what clean stops leave on disk: SIGTERM flushes everything, so after it the
+/// files hold all a run wrote. A run that only starts and stops shows what opening and
+/// closing the database do by themselves (sled 0.34 touches its `db` file at every open,
+/// rewriting the same bytes); a run that also serves 100 re-announces must leave exactly
+/// the same files: the same bytes (sled's log is append-only, so any insert, even of an
+/// identical value, changes them) and the same modification times, except for files the
+/// idle run touched too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reannounce_of_a_known_sensor_writes_nothing_to_disk() {
     let broker = Mosquitto::start();
     let cloud = fake_cloud().await;
-    let d = Daemon::start(&broker, &cloud, "");
+    let mut d = Daemon::start(&broker, &cloud, "");
+    let db = d.state_dir.join("db");
     let mut s = Sensor::connect(broker.port, "quiet").await;
     s.announce("{}").await;
-    s.reply().await;
-    let db = d.state_dir.join("db");
-    // Writes are absent events, so time is the only witness: wait until the files
-    // stay unchanged for longer than sled's background flush period (1 s).
-    let settle = Duration::from_millis(2500);
-    let mut before = db_fingerprint(&db);
-    for _ in 0..10 {
-        tokio::time::sleep(settle).await;
-        let now = db_fingerprint(&db);
-        if now == before {
-            break;
-        }
-        before = now;
+    let ok = s.reply().await;
+    assert_ok_carries_the_one_device(&cloud, &ok, "first onboarding");
+    assert_eq!(d.signal_and_wait_async(libc::SIGTERM).await.code(), Some(0));
+
+    // Two idle runs: the baseline of what a start and a stop alone do to the files (the
+    // first start after the onboarding may still tidy up what that run left).
+    let mut idle = DbSnapshot::new();
+    let mut touched_by_open = Vec::new();
+    for _ in 0..2 {
+        d.spawn();
+        d.wait_subscribed();
+        assert_eq!(d.signal_and_wait_async(libc::SIGTERM).await.code(), Some(0));
+        let next = db_snapshot(&db);
+        touched_by_open = next
+            .iter()
+            .filter(|(n, (_, at, bytes))| {
+                idle.get(*n)
+                    .is_some_and(|(_, at0, bytes0)| at0 != at && bytes0 == bytes)
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        idle = next;
     }
+
+    d.spawn();
+    d.wait_subscribed();
     for _ in 0..100 {
         s.announce("{}").await;
-        assert_eq!(s.reply().await["status"], "ok");
+        let again = s.reply().await;
+        assert_eq!(again["device_token"], ok["device_token"], "{again}");
     }
-    tokio::time::sleep(settle).await;
-    assert_eq!(
-        before,
-        db_fingerprint(&db),
-        "re-announces changed the database files"
+    assert_eq!(d.signal_and_wait_async(libc::SIGTERM).await.code(), Some(0));
+    let after = db_snapshot(&db);
+    let changed = snapshot_diff(&idle, &after, &touched_by_open);
+    assert!(
+        changed.is_empty(),
+        "re-announces changed the database files (an idle run touches only \
+         {touched_by_open:?}):\n{}",
+        changed.join("\n")
     );
 }

@@ -30,6 +30,7 @@ async fn without_a_valid_claim_nothing_is_created_and_no_token_is_returned() {
         (r["status"].as_str(), r["code"].as_str()),
         (Some("error"), Some("unauthorized"))
     );
+    assert!(r.get("device_token").is_none(), "{r}");
 
     s.announce(&format!(r#"{{"claim":"{}"}}"#, claim("someone-else")))
         .await;
@@ -37,11 +38,13 @@ async fn without_a_valid_claim_nothing_is_created_and_no_token_is_returned() {
     s.announce(r#"{"claim":"not hex"}"#).await;
     assert_eq!(s.reply().await["code"], "unauthorized");
     assert_eq!(cloud.requests().len(), 0, "no cloud call for a bad claim");
+    assert!(cloud.devices().is_empty());
 
     s.announce(&format!(r#"{{"claim":"{}"}}"#, claim("claimed-1")))
         .await;
     let ok = s.reply().await;
     assert_eq!(ok["status"], "ok");
+    assert_eq!(ok["device_token"], cloud.devices()[0].token.as_str());
 
     // The cached token needs the proof too.
     s.announce("{}").await;
@@ -82,10 +85,13 @@ async fn the_hourly_cap_answers_rate_limited_and_known_sensors_still_get_their_t
     let cloud = fake_cloud().await;
     let _d = Daemon::start(&broker, &cloud, "[security]\nmax_new_devices_per_hour = 3");
     let mut all = Sensor::connect_as(broker.port, "all", "onboard/reply/#", None).await;
+    let mut tokens = Vec::new();
     for i in 0..3 {
         all.announce_on(&format!("onboard/announce/ok-{i}"), "{}")
             .await;
-        assert_eq!(all.next().await.1["status"], "ok");
+        let r = all.next().await.1;
+        assert_eq!(r["status"], "ok", "{r}");
+        tokens.push(r["device_token"].clone());
     }
     for i in 0..20 {
         all.announce_on(&format!("onboard/announce/flood-{i}"), "{}")
@@ -95,21 +101,16 @@ async fn the_hourly_cap_answers_rate_limited_and_known_sensors_still_get_their_t
     }
     assert_eq!(cloud.count(Endpoint::Create), 3);
     all.announce_on("onboard/announce/ok-1", "{}").await;
-    assert_eq!(all.next().await.1["status"], "ok");
+    let r = all.next().await.1;
+    assert_eq!(r["status"], "ok", "{r}");
+    assert_eq!(r["device_token"], tokens[1], "its token, from the store");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_sensor_announcing_again_within_its_cooldown_is_rate_limited() {
     let broker = Mosquitto::start();
     let cloud = fake_cloud().await;
-    cloud.push_faults(
-        Endpoint::Create,
-        vec![fake_qubitro::Fault::Status {
-            status: 400,
-            retry_after: None,
-            body: None,
-        }],
-    );
+    cloud.push_faults(Endpoint::Create, vec![status_fault(400)]);
     let _d = Daemon::start(&broker, &cloud, "[security]\nnew_sensor_cooldown_s = 3600");
     let mut s = Sensor::connect(broker.port, "eager").await;
     s.announce("{}").await;
@@ -123,14 +124,7 @@ async fn a_new_sensor_announcing_again_within_its_cooldown_is_rate_limited() {
 async fn no_secret_or_token_appears_in_the_output_even_at_trace_level() {
     let broker = Mosquitto::start();
     let cloud = fake_cloud().await;
-    cloud.push_faults(
-        Endpoint::Create,
-        vec![fake_qubitro::Fault::Status {
-            status: 500,
-            retry_after: None,
-            body: None,
-        }],
-    );
+    cloud.push_faults(Endpoint::Create, vec![status_fault(500)]);
     let mut d = Daemon::start(
         &broker,
         &cloud,

@@ -130,13 +130,26 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts onboardd with a fresh state dir and waits until it has subscribed.
+    /// Starts onboardd with a fresh state dir of its own (kept across [`spawn`](Self::spawn))
+    /// and waits until it has subscribed.
     pub fn start(broker: &Mosquitto, cloud: &FakeQubitro, extra: &str) -> Daemon {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let state = dir.path().to_path_buf();
-        let mut d = Daemon::with_state(broker.port, cloud, &state, extra, vec![]);
-        d._dir = Some(dir);
+        let d = Daemon::spawn_new(broker.port, cloud, extra, vec![]);
         d.wait_subscribed();
+        d
+    }
+
+    /// Starts onboardd on `broker_port` with a fresh state dir of its own and `env`,
+    /// without waiting: for a daemon that must fail, crash at a failpoint, or reach the
+    /// broker through a proxy.
+    pub fn spawn_new(
+        broker_port: u16,
+        cloud: &FakeQubitro,
+        extra: &str,
+        env: Vec<(String, String)>,
+    ) -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut d = Daemon::with_state(broker_port, cloud, dir.path(), extra, env);
+        d._dir = Some(dir);
         d
     }
 
@@ -262,6 +275,24 @@ impl Daemon {
     pub fn wait_exit(&mut self) -> ExitStatus {
         let mut p = self.proc.take().expect("running");
         p.wait_exit(WAIT)
+            .unwrap_or_else(|e| panic!("waiting for onboardd to exit: {e}"))
+    }
+
+    /// [`signal_and_wait`](Self::signal_and_wait) without blocking the async runtime.
+    pub async fn signal_and_wait_async(&mut self, sig: i32) -> ExitStatus {
+        let mut p = self.proc.take().expect("running");
+        tokio::task::spawn_blocking(move || p.signal_and_wait(sig, WAIT))
+            .await
+            .expect("the waiting thread does not panic")
+            .unwrap_or_else(|e| panic!("onboardd after signal {sig}: {e}"))
+    }
+
+    /// [`wait_exit`](Self::wait_exit) without blocking the async runtime.
+    pub async fn wait_exit_async(&mut self) -> ExitStatus {
+        let mut p = self.proc.take().expect("running");
+        tokio::task::spawn_blocking(move || p.wait_exit(WAIT))
+            .await
+            .expect("the waiting thread does not panic")
             .unwrap_or_else(|e| panic!("waiting for onboardd to exit: {e}"))
     }
 

@@ -26,7 +26,7 @@ pub mod sensor;
 use std::net::TcpListener;
 use std::time::Duration;
 
-use fake_qubitro::{FakeOptions, FakeQubitro};
+use fake_qubitro::{Endpoint, FakeDevice, FakeOptions, FakeQubitro, Fault};
 
 pub use daemon::{config_toml, daemon_bin, merge_toml, set_daemon_bin, Daemon};
 pub use mosquitto::{Mosquitto, MosquittoBuilder};
@@ -40,6 +40,37 @@ pub const WAIT: Duration = Duration::from_secs(30);
 pub fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
     l.local_addr().expect("local addr").port()
+}
+
+/// A fault answering `code` with the fake's usual error body and no Retry-After.
+pub fn status_fault(code: u16) -> Fault {
+    Fault::Status {
+        status: code,
+        retry_after: None,
+        body: None,
+    }
+}
+
+/// Waits (at most [`WAIT`]) until the fake has seen `n` calls to `ep`.
+pub async fn wait_for_cloud_requests(cloud: &FakeQubitro, ep: Endpoint, n: usize) {
+    if tokio::time::timeout(WAIT, cloud.wait_for_requests(ep, n))
+        .await
+        .is_err()
+    {
+        panic!(
+            "the fake Qubitro saw {} of {n} {ep:?} requests within {WAIT:?}",
+            cloud.count(ep)
+        );
+    }
+}
+
+/// The cloud devices whose metadata names `sensor_id`.
+pub fn cloud_devices_of(cloud: &FakeQubitro, sensor_id: &str) -> Vec<FakeDevice> {
+    cloud
+        .devices()
+        .into_iter()
+        .filter(|d| d.metadata.get("sensor_id").map(String::as_str) == Some(sensor_id))
+        .collect()
 }
 
 /// The fake Qubitro with its default options, on a free port.

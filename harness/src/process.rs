@@ -417,13 +417,13 @@ mod tests {
             LogLines::default(),
         )
         .expect("sh runs");
-        let started = Instant::now();
         let err = p
             .log
             .try_wait_for_n("three", 1, WAIT)
             .expect_err("never written");
-        assert!(started.elapsed() < Duration::from_secs(5), "{err}");
-        assert!(err.contains("exited") && err.contains("two"), "{err}");
+        // Why it gave up is the point, not how long it took: the exit, not the deadline.
+        assert!(err.contains("the process exited first"), "{err}");
+        assert!(err.contains("two"), "{err}");
         assert_eq!(p.log.count("o"), 2);
         assert!(p.wait_exit(WAIT).expect("exits").success());
     }

@@ -1,13 +1,14 @@
 //! Simulated sensors: MQTT clients (v5 and v3.1.1, on rumqttc) that announce themselves
 //! and read their replies. Every wait is bounded by [`WAIT`].
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use serde_json::Value;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::WAIT;
 
@@ -16,6 +17,8 @@ pub struct Sensor {
     pub id: String,
     pub client: AsyncClient,
     replies: mpsc::UnboundedReceiver<(String, Vec<u8>, Option<Vec<u8>>)>,
+    /// PUBACKs received so far: an announce is in the broker's hands once acknowledged.
+    pubacks: watch::Receiver<usize>,
 }
 
 impl Sensor {
@@ -59,6 +62,7 @@ impl Sensor {
         let (client, mut el) = AsyncClient::new(opts, 64);
         let (tx, rx) = mpsc::unbounded_channel();
         let (sub_tx, mut sub_rx) = mpsc::unbounded_channel();
+        let (puback_tx, pubacks) = watch::channel(0usize);
         let c2 = client.clone();
         let f = filter.to_string();
         tokio::spawn(async move {
@@ -69,6 +73,9 @@ impl Sensor {
                     }
                     Ok(Event::Incoming(Packet::SubAck(a))) => {
                         let _ = sub_tx.send(a);
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        puback_tx.send_modify(|n| *n += 1);
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         let topic = String::from_utf8_lossy(&p.topic).to_string();
@@ -94,6 +101,7 @@ impl Sensor {
             id: id.to_string(),
             client,
             replies: rx,
+            pubacks,
         }
     }
 
@@ -110,6 +118,23 @@ impl Sensor {
             Ok(published) => published.expect("publish announce"),
             Err(_) => panic!(
                 "sensor {}: announce on {topic} not queued within {WAIT:?}",
+                self.id
+            ),
+        }
+    }
+
+    /// Announces and waits for the broker's PUBACK: from then on the announce is the
+    /// broker's (queued for onboardd's session, saved with a persistent broker), whatever
+    /// happens to this client. For one announce at a time.
+    pub async fn announce_acked(&mut self, payload: &str) {
+        let before = *self.pubacks.borrow_and_update();
+        self.announce(payload).await;
+        let acked = tokio::time::timeout(WAIT, self.pubacks.wait_for(|n| *n > before)).await;
+        match acked {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => panic!("sensor {}: its connection task ended", self.id),
+            Err(_) => panic!(
+                "sensor {}: announce not acknowledged within {WAIT:?}",
                 self.id
             ),
         }
@@ -174,7 +199,43 @@ impl Sensor {
         }
     }
 
-    /// True when no reply arrives within `d` (for "must not answer" checks).
+    /// The `ok` replies of `n` distinct sensors (by `sensor_id`), for a client subscribed to
+    /// many reply topics; all within `within`. Every other reply must be `pending`, and a
+    /// sensor answered `ok` twice must get the same token both times.
+    pub async fn ok_replies_of(&mut self, n: usize, within: Duration) -> HashMap<String, Value> {
+        let deadline = Instant::now() + within;
+        let mut ok: HashMap<String, Value> = HashMap::new();
+        while ok.len() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(next) = tokio::time::timeout(left, self.replies.recv()).await else {
+                panic!(
+                    "{}: {} of {n} sensors answered ok within {within:?}",
+                    self.id,
+                    ok.len()
+                );
+            };
+            let (t, p, _) = next.expect("reply channel open");
+            let r: Value = serde_json::from_slice(&p).unwrap_or_else(|_| {
+                panic!("reply on {t} is not JSON: {}", String::from_utf8_lossy(&p))
+            });
+            if r["status"] != "ok" {
+                assert_eq!(r["status"], "pending", "on {t}: {r}");
+                continue;
+            }
+            let sensor = r["sensor_id"].as_str().expect("sensor_id").to_owned();
+            if let Some(prev) = ok.get(&sensor) {
+                assert_eq!(
+                    prev["device_token"], r["device_token"],
+                    "{sensor} got two different tokens"
+                );
+            }
+            ok.insert(sensor, r);
+        }
+        ok
+    }
+
+    /// True when no reply arrives within `d`. Only for an absence no later event can
+    /// witness: prefer awaiting a marker reply that must come after anything unwanted.
     pub async fn silent_for(&mut self, d: Duration) -> bool {
         tokio::time::timeout(d, self.replies.recv()).await.is_err()
     }
