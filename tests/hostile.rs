@@ -5,26 +5,16 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use common::*;
-use fake_qubitro::{CredentialsAt, Endpoint, FakeOptions, FakeQubitro, Fault};
+use fake_qubitro::{
+    CredentialsAt, Endpoint, FakeOptions, FakeQubitro, Fault, ListShape, NewDevice,
+};
 use harness::proxy::Proxy;
 
 async fn cloud_with(opts: FakeOptions) -> FakeQubitro {
     FakeQubitro::start(opts).await.expect("start the fake")
-}
-
-/// The cloud's device of each sensor, by the `sensor_id` metadata onboardd sets.
-fn devices_by_sensor(cloud: &FakeQubitro) -> HashMap<String, Vec<(String, String)>> {
-    let mut out: HashMap<String, Vec<(String, String)>> = HashMap::new();
-    for d in cloud.devices() {
-        if let Some(s) = d.metadata.get("sensor_id") {
-            out.entry(s.clone()).or_default().push((d.id, d.token));
-        }
-    }
-    out
 }
 
 /// Polls an observable condition until it holds (bounded by [`WAIT`]).
@@ -79,22 +69,21 @@ async fn replies_beyond_the_receive_maximum_reach_every_sensor_across_a_stalled_
         s.announce("{}").await;
     }
     // A third of the devices exist: replies are flowing through the slow link.
-    cloud.wait_for_requests(Endpoint::Create, n / 3).await;
+    wait_for_cloud_requests(&cloud, Endpoint::Create, n / 3).await;
     proxy.stall();
     // Every device is made while the link to the broker is stuck: the rest of the
     // replies pile up in onboardd and in the stalled connection.
-    cloud.wait_for_requests(Endpoint::Create, n).await;
+    wait_for_cloud_requests(&cloud, Endpoint::Create, n).await;
     broker.restart_clean();
     proxy.resume();
     proxy.sever();
 
-    let cloud_devices = devices_by_sensor(&cloud);
     for s in &mut sensors {
         let ok = s.reply_with_status("ok").await;
-        let mine = &cloud_devices[&s.id];
+        let mine = cloud_devices_of(&cloud, &s.id);
         assert_eq!(mine.len(), 1, "{}: exactly one device", s.id);
-        assert_eq!(ok["device_id"], mine[0].0.as_str(), "{}", s.id);
-        assert_eq!(ok["device_token"], mine[0].1.as_str(), "{}", s.id);
+        assert_eq!(ok["device_id"], mine[0].id.as_str(), "{}", s.id);
+        assert_eq!(ok["device_token"], mine[0].token.as_str(), "{}", s.id);
     }
     assert_eq!(cloud.devices().len(), n);
 }
@@ -147,7 +136,7 @@ async fn a_reply_the_broker_refuses_is_not_counted_as_delivered_and_goes_out_on_
     let ok = refused.reply_with_status("ok").await;
     assert_eq!(
         ok["device_id"],
-        devices_by_sensor(&cloud)["refused-1"][0].0.as_str()
+        cloud_devices_of(&cloud, "refused-1")[0].id.as_str()
     );
     wait_for_state(&d, "refused-1", "delivered").await;
 }
@@ -170,22 +159,18 @@ async fn sigterm_with_the_broker_down_and_the_cloud_hanging_exits_0_within_10_se
     cloud.push_faults(
         Endpoint::List,
         (0..600)
-            .map(|_| Fault::Status {
-                status: 503,
-                retry_after: None,
-                body: None,
-            })
+            .map(|_| status_fault(503))
             .chain((0..100).map(|_| Fault::Hang))
             .collect(),
     );
     for s in &sensors {
         s.announce("{}").await;
     }
-    cloud.wait_for_requests(Endpoint::List, 30).await;
+    wait_for_cloud_requests(&cloud, Endpoint::List, 30).await;
     broker.kill();
     // With the broker gone, pending replies pile up in the MQTT request queue until
     // it is full, and the cloud now hangs.
-    cloud.wait_for_requests(Endpoint::List, 650).await;
+    wait_for_cloud_requests(&cloud, Endpoint::List, 610).await;
     let status = d
         .signal_and_wait_within(libc::SIGTERM, Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("{e}; log:\n{}", d.log.text()));
@@ -205,7 +190,7 @@ async fn a_forget_during_an_in_flight_create_wins_and_the_sensor_is_onboarded_an
     );
     let mut s = Sensor::connect(broker.port, "forget-me").await;
     s.announce("{}").await;
-    cloud.wait_for_requests(Endpoint::Create, 1).await;
+    wait_for_cloud_requests(&cloud, Endpoint::Create, 1).await;
     let (code, msg, err) = d.devices(&["forget", "forget-me"]);
     assert_eq!(code, 0, "{msg}{err}");
     // The late answer finds the record gone and writes nothing back.
@@ -306,4 +291,118 @@ async fn qos1_announces_beyond_the_internal_queue_are_all_answered() {
     }
     assert_eq!(cloud.devices().len(), 100);
     assert_eq!(d.log.count("announce left unacknowledged"), 0);
+}
+
+/// A device made earlier for `sensor` (by another gateway, or before a lost database).
+fn plant(cloud: &FakeQubitro, sensor: &str, name: &str) -> fake_qubitro::FakeDevice {
+    let mut d = NewDevice::named(name);
+    d.metadata.insert("sensor_id".into(), sensor.into());
+    cloud.insert_device(d)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_answer_that_cannot_be_read_creates_nothing_until_it_can() {
+    for shape in [
+        ListShape::Unrecognised,
+        ListShape::NoMetadata,
+        ListShape::SensorIdUnderOtherKey,
+    ] {
+        let broker = Mosquitto::start();
+        let cloud = fake_cloud().await;
+        let existing = plant(&cloud, "odd-1", "made elsewhere");
+        cloud.set_list_shape(shape);
+        let d = Daemon::start(&broker, &cloud, "");
+        let mut s = Sensor::connect(broker.port, "odd-1").await;
+        s.announce("{}").await;
+        // Told to wait, again and again, while the answer stays unreadable.
+        for _ in 0..2 {
+            let r = s.reply().await;
+            assert_eq!(r["status"], "pending", "{shape:?}: {r}");
+        }
+        wait_for_cloud_requests(&cloud, Endpoint::List, 2).await;
+        assert_eq!(
+            cloud.count(Endpoint::Create),
+            0,
+            "{shape:?}: an unreadable lookup is never 'not found'; log:\n{}",
+            d.log.text()
+        );
+        // Once the lookup is readable, the device made elsewhere is adopted.
+        cloud.set_list_shape(ListShape::Standard);
+        let ok = s.reply_with_status("ok").await;
+        assert_eq!(ok["device_id"], existing.id.as_str(), "{shape:?}");
+        assert_eq!(ok["device_token"], existing.token.as_str(), "{shape:?}");
+        assert_eq!(cloud.devices().len(), 1, "{shape:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_under_devices_or_items_adopts_the_existing_device() {
+    for shape in [ListShape::DevicesKey, ListShape::ItemsKey] {
+        let broker = Mosquitto::start();
+        let cloud = fake_cloud().await;
+        let existing = plant(&cloud, "keyed-1", "made elsewhere");
+        cloud.set_list_shape(shape);
+        let _d = Daemon::start(&broker, &cloud, "");
+        let mut s = Sensor::connect(broker.port, "keyed-1").await;
+        s.announce("{}").await;
+        let ok = s.reply_with_status("ok").await;
+        assert_eq!(ok["device_id"], existing.id.as_str(), "{shape:?}");
+        assert_eq!(cloud.count(Endpoint::Create), 0, "{shape:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paginated_lookup_is_followed_to_the_page_that_holds_the_device() {
+    let broker = Mosquitto::start();
+    let cloud = fake_cloud().await;
+    // Seven devices of other sensors, listed first; the server ignores the filter
+    // and pages by two, so ours is on page four.
+    let existing = plant(&cloud, "paged-1", "ours");
+    for i in 0..7 {
+        plant(&cloud, &format!("other-{i}"), "not ours");
+    }
+    cloud.set_list_ignores_filter(true);
+    cloud.set_list_newest_first(true);
+    cloud.set_list_page_size(Some(2));
+    let _d = Daemon::start(&broker, &cloud, "");
+    let mut s = Sensor::connect(broker.port, "paged-1").await;
+    s.announce("{}").await;
+    let ok = s.reply_with_status("ok").await;
+    assert_eq!(ok["device_id"], existing.id.as_str());
+    assert_eq!(cloud.count(Endpoint::Create), 0);
+    assert!(
+        cloud.count(Endpoint::List) >= 4,
+        "every page was read: {}",
+        cloud.count(Endpoint::List)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_matching_devices_adopt_the_oldest_whatever_the_list_order() {
+    for created_at in [true, false] {
+        let broker = Mosquitto::start();
+        let cloud = fake_cloud().await;
+        let planted: Vec<_> = (0..3)
+            .map(|i| plant(&cloud, "twice-1", &format!("copy {i}")))
+            .collect();
+        cloud.set_created_at_field(created_at);
+        cloud.set_list_newest_first(true);
+        let _d = Daemon::start(&broker, &cloud, "");
+        let mut s = Sensor::connect(broker.port, "twice-1").await;
+        s.announce("{}").await;
+        let ok = s.reply_with_status("ok").await;
+        // With creation times: the first one made. Without: the smallest id, the
+        // same choice on every gateway and after every restart.
+        let expected = if created_at {
+            planted[0].id.clone()
+        } else {
+            planted.iter().map(|d| d.id.clone()).min().unwrap()
+        };
+        assert_eq!(
+            ok["device_id"],
+            expected.as_str(),
+            "created_at: {created_at}"
+        );
+        assert_eq!(cloud.count(Endpoint::Create), 0);
+    }
 }

@@ -1527,10 +1527,12 @@ fn device_token() -> String {
 }
 
 /// Current UTC time as `YYYY-MM-DDTHH:MM:SSZ` (no date crate needed for one format).
+/// Microseconds: devices made in the same second still have distinct, ordered times.
 fn rfc3339_now() -> String {
-    let secs = SystemTime::now()
+    let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+        .unwrap_or_default();
+    let (secs, micros) = (now.as_secs(), now.subsec_micros());
     let (days, rem) = (secs / 86_400, secs % 86_400);
     // Howard Hinnant's civil_from_days, for days since 1970-01-01.
     let z = days + 719_468;
@@ -1543,7 +1545,7 @@ fn rfc3339_now() -> String {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + u64::from(month <= 2);
     format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{micros:06}Z",
         rem / 3600,
         rem % 3600 / 60,
         rem % 60
@@ -2225,7 +2227,7 @@ mod tests {
         assert_eq!(names(&list["data"]), ["old", "new"]);
         let created_at = list["data"][0]["created_at"].as_str().expect("created_at");
         assert!(
-            created_at.ends_with('Z') && created_at.len() == 20,
+            created_at.ends_with('Z') && created_at.len() == 27,
             "{created_at}"
         );
         let id = fake.devices()[0].id.clone();
@@ -2374,7 +2376,8 @@ mod tests {
     #[test]
     fn timestamps_are_rfc3339_utc() {
         let t = rfc3339_now();
-        assert_eq!(t.len(), 20, "{t}");
+        assert_eq!(t.len(), 27, "{t}");
+        assert_eq!(&t[19..20], ".", "microseconds: {t}");
         assert!(t.ends_with('Z') && &t[10..11] == "T", "{t}");
         assert!(t.as_str() > "2024-01-01", "{t}");
     }
