@@ -93,12 +93,16 @@ impl Serialize for Secret {
 /// When onboardd asks Qubitro whether a sensor already has a device before creating one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
+/// Whether a `Pending` sensor (no create sent yet) is looked up before its first
+/// create. A `Creating` one (a create may have been sent) is always looked up first,
+/// whatever the policy: that is what keeps a crash or a timeout from duplicating it.
 pub enum LookupPolicy {
-    /// Before every first create and after any attempt that may have created a device.
+    /// Before every first create too: a lost database or a second gateway adopts.
     Always,
     /// Only after an attempt that may have created a device (timeout, 5xx, crash).
     AfterFailure,
-    /// Never: fastest, but a lost database or a second gateway can duplicate devices.
+    /// As `AfterFailure` (kept for configs that say it): a lost database or a second
+    /// gateway can duplicate devices.
     Never,
 }
 

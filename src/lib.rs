@@ -1,21 +1,25 @@
 //! onboardd — onboards MQTT sensors on an edge gateway as Qubitro devices.
 //!
-//! Map of the crate (read top to bottom to follow one announce):
-//! - [`config`]: the TOML/env configuration, validated once at start.
-//! - [`announce`]: topic and payload of an announce → a validated device spec.
-//! - [`reply`]: the JSON answers published back to a sensor.
-//! - [`store`]: the durable per-sensor state in sled, with group-commit flushes.
-//! - [`cloud`]: the Qubitro REST client (create, lookup, get) and its error classes.
-//! - [`backoff`]: exponential backoff with full jitter.
-//! - [`mqtt`]: the one task that owns rumqttc's event loop, acks and delivery tracking.
-//! - [`engine`]: the onboarding state machine: dispatcher, scheduler and workers.
-//! - [`security`]: claim proofs, allow/deny rules, flood limits.
-//! - [`control`]: the Unix socket behind `onboardd devices …`.
-//! - [`metrics`]: counters for the stats topic and log.
-//! - [`failpoint`]: crash injection for the reliability tests (feature `failpoints` only).
-//! - [`tls`]: rustls (ring) for the broker connection.
-//! - [`daemon`]: wires everything together for `onboardd run`.
-//! - [`logging`], [`systemd`]: journald/stderr logging and sd_notify.
+//! Map of the crate, in the order one announce meets it:
+//! - [`mqtt`]: the one task that owns rumqttc's event loop; announces leave it through
+//!   an inbox, replies and acks enter through [`mqtt::Mqtt`], and its tracker tells
+//!   which reply a PUBACK acknowledges.
+//! - [`engine`]: `dispatch` parses and checks each announce ([`announce`],
+//!   [`security`]) and records a new sensor; `worker` runs one sensor's onboarding
+//!   against [`cloud`] (the Qubitro REST client) and [`store`] (sled, group-commit
+//!   flushes), one transition of [`onboarding`] (the persisted state machine) at a
+//!   time; `delivery` publishes [`reply`]s and marks them delivered.
+//! - [`control`]: the Unix socket behind `onboardd devices …` (server and client).
+//! - [`daemon`]: wires everything for `onboardd run` and stops it within one deadline.
+//!
+//! Shared leaves: [`config`] (TOML/env, validated once), [`device`] (credentials and
+//! tokens), [`clock`] (tokio's pausable time, wall time for records), [`backoff`],
+//! [`heartbeat`] (watchdog beats), [`tls`] (one rustls builder), [`metrics`],
+//! [`logging`], [`systemd`], [`failpoint`] (crash injection, feature `failpoints`).
+//!
+//! Dependencies point one way: sources (`mqtt` inbox) → `engine` → `cloud`/`store` →
+//! sinks (`mqtt` publishes); `daemon` and `control` sit on top; no module imports
+//! one that imports it back (CI runs `modcycles.py`).
 
 pub mod announce;
 pub mod backoff;
