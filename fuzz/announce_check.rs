@@ -34,7 +34,7 @@ fn check_announce(data: &[u8]) -> Outcome {
     let sensor = announce::sensor_id_from_topic(FUZZ_PATTERN, &topic);
     if let Some(id) = sensor {
         assert!(
-            onboardd::config::valid_topic_level(id),
+            onboardd::announce::valid_id(id),
             "sensor id {id:?} from {topic:?} is not a valid topic level"
         );
         assert_eq!(

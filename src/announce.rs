@@ -9,8 +9,6 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::config::valid_topic_level;
-
 /// Qubitro's documented limits (../shared/docs/qubitro-api.md).
 pub const MAX_NAME_CHARS: usize = 100;
 pub const MAX_DESCRIPTION_CHARS: usize = 500;
@@ -93,7 +91,15 @@ pub fn sensor_id_from_topic<'a>(pattern: &str, topic: &'a str) -> Option<&'a str
             _ => return None,
         }
     }
-    found.filter(|id| valid_topic_level(id))
+    found.filter(|id| valid_id(id))
+}
+
+/// The sensor id rule, also used for the gateway id: 1–64 characters of
+/// `A–Z a–z 0–9 . _ : -`, safe as one MQTT topic level and in URLs.
+pub fn valid_id(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
 }
 
 /// Best effort: the request_id of a payload, so that even an error reply can echo it.

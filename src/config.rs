@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize, Serializer};
 
+use crate::announce::valid_id;
+
 /// The built-in defaults, which are also what `print-default-config` shows.
 pub const DEFAULT_CONFIG: &str = include_str!("../config/onboardd.toml");
 
@@ -282,9 +284,9 @@ impl Config {
     /// Fills derived defaults, reads secret files and checks every key.
     fn resolve(&mut self) -> Result<(), ConfigError> {
         if self.gateway_id.is_empty() {
-            self.gateway_id = host_name();
+            self.gateway_id = host_name().unwrap_or_else(|| "gateway".to_string());
         }
-        if !valid_topic_level(&self.gateway_id) {
+        if !valid_id(&self.gateway_id) {
             return Err(key_err(
                 "gateway_id",
                 "must be 1-64 characters of A-Z a-z 0-9 . _ : -",
@@ -500,23 +502,48 @@ pub fn read_key_file(key: &'static str, path: &Path) -> Result<Secret, ConfigErr
     Ok(Secret::new(value))
 }
 
-fn host_name() -> String {
-    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
-        .unwrap_or_default();
-    let name = raw.trim();
-    if valid_topic_level(name) {
-        name.to_string()
-    } else {
-        "gateway".to_string()
+/// The kernel's host name, from gethostname(2): under the unit's `ProcSubset=pid`
+/// /proc/sys is hidden, so reading it there fell back to a constant.
+fn host_name() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname writes at most that
+    // many bytes and we stop at the first NUL (or the end).
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return None;
     }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    let name = String::from_utf8_lossy(&buf[..end]).trim().to_string();
+    valid_id(&name).then_some(name)
 }
 
-/// 1–64 characters of `A–Z a–z 0–9 . _ : -`: safe as one MQTT topic level and in URLs.
-pub fn valid_topic_level(s: &str) -> bool {
-    (1..=64).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+/// Host names that many machines share out of the box: as a gateway id they make
+/// several gateways look like one in Qubitro's metadata and on the status topic.
+pub fn generic_gateway_id(id: &str) -> bool {
+    const DEFAULTS: &[&str] = &[
+        "raspberrypi",
+        "localhost",
+        "debian",
+        "ubuntu",
+        "gateway",
+        "pi",
+        "dietpi",
+        "orangepi",
+        "rockpi",
+        "armbian",
+        "onboardd",
+    ];
+    DEFAULTS.iter().any(|d| d.eq_ignore_ascii_case(id))
+}
+
+/// A host on this machine: 127.0.0.0/8, ::1 or localhost.
+pub fn is_loopback_host(host: &str) -> bool {
+    let h = host.trim_start_matches('[').trim_end_matches(']');
+    if h.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    h.parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.is_loopback())
 }
 
 #[cfg(test)]
@@ -654,12 +681,46 @@ mod tests {
     }
 
     #[test]
-    fn topic_level_rule() {
-        assert!(valid_topic_level("abc-1.2_x:y"));
-        assert!(!valid_topic_level(""));
-        assert!(!valid_topic_level(&"a".repeat(65)));
-        assert!(!valid_topic_level("a b"));
-        assert!(!valid_topic_level("a/b"));
-        assert!(!valid_topic_level("a+"));
+    fn the_host_name_comes_from_gethostname() {
+        let out = std::process::Command::new("hostname").output().unwrap();
+        let expected = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert_eq!(host_name().as_deref(), Some(expected.as_str()));
+    }
+
+    #[test]
+    fn default_host_names_are_recognised() {
+        for id in [
+            "raspberrypi",
+            "RaspberryPi",
+            "localhost",
+            "debian",
+            "gateway",
+        ] {
+            assert!(generic_gateway_id(id), "{id}");
+        }
+        assert!(!generic_gateway_id("greenhouse-gw-3"));
+    }
+
+    #[test]
+    fn loopback_hosts() {
+        for h in [
+            "127.0.0.1",
+            "127.1.2.3",
+            "::1",
+            "[::1]",
+            "localhost",
+            "LOCALHOST",
+        ] {
+            assert!(is_loopback_host(h), "{h}");
+        }
+        for h in [
+            "192.168.1.2",
+            "broker.local",
+            "10.0.0.1",
+            "::2",
+            "localhost.evil.com",
+        ] {
+            assert!(!is_loopback_host(h), "{h}");
+        }
     }
 }

@@ -31,6 +31,13 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     // rumqttc's TLS uses the process-wide provider; ring builds for every Pi.
     crate::tls::install_ring_provider();
 
+    if crate::config::generic_gateway_id(&cfg.gateway_id) {
+        tracing::warn!(
+            gateway_id = %cfg.gateway_id,
+            "gateway_id {:?} is a host name many machines share: gateways left at it look like one gateway in Qubitro's metadata and on the status topic; set gateway_id in the config",
+            cfg.gateway_id
+        );
+    }
     let (store, outcome) = Store::open(&cfg.store)?;
     if let OpenOutcome::RebuiltAfterCorruption { moved_to } = &outcome {
         tracing::error!(moved_to = %moved_to.display(), "started with an EMPTY database after corruption (old one moved to {}); sensors are re-adopted from Qubitro as they announce", moved_to.display());

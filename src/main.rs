@@ -154,7 +154,7 @@ fn run(path: &Path) -> Result<(), Failure> {
 /// Only the key: a factory station has no API key and no full config.
 fn claim(key_file: &Path, sensor_id: &str) -> Result<(), Failure> {
     let key = config::read_key_file("--key-file", key_file)?;
-    if !config::valid_topic_level(sensor_id) {
+    if !onboardd::announce::valid_id(sensor_id) {
         return Err(Failure::Usage(anyhow::anyhow!(
             "{sensor_id:?} is not a valid sensor id (1-64 of A-Z a-z 0-9 . _ : -)"
         )));

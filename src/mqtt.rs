@@ -294,12 +294,26 @@ pub fn connect(cfg: &Config) -> Result<Session, MqttError> {
             announce_topic: m.announce_topic.clone(),
             backoff: Backoff::new(
                 Duration::from_millis(m.reconnect_initial_ms),
-                Duration::from_millis(m.reconnect_max_ms),
+                reconnect_cap(m),
             ),
         },
         dropped_qos0: dropped,
     })
 }
+
+/// The longest wait between reconnects. A broker on this machine comes back within
+/// seconds of a restart and costs nothing to retry, so its cap is 2 s: a user who
+/// restarts mosquitto should not wait half a minute for onboardd.
+fn reconnect_cap(m: &crate::config::MqttConfig) -> Duration {
+    let cap = Duration::from_millis(m.reconnect_max_ms);
+    if crate::config::is_loopback_host(&m.host) {
+        cap.min(LOOPBACK_RECONNECT_CAP)
+    } else {
+        cap
+    }
+}
+
+const LOOPBACK_RECONNECT_CAP: Duration = Duration::from_secs(2);
 
 impl EventLoopTask {
     /// Polls until `stop` is cancelled and the disconnect has gone out (bounded).
@@ -595,6 +609,28 @@ mod tests {
         let mut p = Publish::new("t", qos, "x", None);
         p.pkid = pkid;
         Request::Publish(p)
+    }
+
+    #[test]
+    fn a_broker_on_this_machine_is_retried_within_two_seconds() {
+        let cfg = |host: &str| {
+            crate::config::Config::from_toml(&format!(
+                "[mqtt]\nhost = \"{host}\"\nreconnect_max_ms = 30000\n[qubitro]\nproject_id = \"p\"\napi_key = \"k\""
+            ))
+            .unwrap()
+        };
+        assert_eq!(
+            reconnect_cap(&cfg("127.0.0.1").mqtt),
+            LOOPBACK_RECONNECT_CAP
+        );
+        assert_eq!(
+            reconnect_cap(&cfg("localhost").mqtt),
+            LOOPBACK_RECONNECT_CAP
+        );
+        assert_eq!(
+            reconnect_cap(&cfg("broker.lan").mqtt),
+            Duration::from_secs(30)
+        );
     }
 
     #[test]
