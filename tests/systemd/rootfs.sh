@@ -16,9 +16,11 @@ SUITE=bookworm
 MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 # systemd 252 = Debian 12 = Raspberry Pi OS bookworm: the init we ship against.
 # ca-certificates: on every Raspberry Pi OS image, and onboardd's HTTPS client
-# loads the system roots at start.
-PACKAGES="systemd,systemd-sysv,dbus,libnss-systemd,ca-certificates,mosquitto,mosquitto-clients"
-RECIPE_VERSION=2 # bump when the post-install tweaks below change
+# loads the system roots at start. sudo and openssl: also on every Raspberry Pi
+# OS image; the README walkthrough (tests/systemd/readme-test.sh) runs as an
+# ordinary user with sudo, and computes a sensor's proof with `openssl dgst`.
+PACKAGES="systemd,systemd-sysv,dbus,libnss-systemd,ca-certificates,mosquitto,mosquitto-clients,sudo,openssl"
+RECIPE_VERSION=3 # bump when the post-install tweaks below change
 
 stamp_wanted="$(printf '%s\n' "$SUITE" "$MIRROR" "$PACKAGES" "$RECIPE_VERSION" | sha256sum | cut -d' ' -f1)"
 stamp_file="$ROOTFS/.onboardd-test-stamp"
