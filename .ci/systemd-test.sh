@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # CI step (run after `cargo nextest`): the shipped systemd unit, run for real in
-# a Debian bookworm guest under systemd-nspawn (tests/systemd/service-test.sh).
+# a Debian bookworm guest under systemd-nspawn (tests/systemd/service-test.sh),
+# and README's Raspberry Pi walkthrough run as written in such a guest
+# (tests/systemd/readme-test.sh).
 # It is a separate step, not a cargo test, because it needs root, debootstrap
 # and systemd-nspawn, which a developer's `cargo test` must not depend on.
 #
@@ -17,6 +19,14 @@ target="${CARGO_TARGET_DIR:-target}"
 # The .deb as a Pi user installs it (release build, no fake cloud): the guest
 # installs it with dpkg, so the package's files, unit and conffile are tested too.
 deb="$(bash scripts/build-deb.sh host | tail -n 1)"
+# Both run, whatever the first one says; the step fails if either failed.
+rc=0
 start=$(date +%s)
-tests/systemd/service-test.sh --deb "$deb" "$target/debug/fake-qubitro"
-echo "systemd-test: $(($(date +%s) - start)) s" >&2
+tests/systemd/service-test.sh --deb "$deb" "$target/debug/fake-qubitro" || rc=1
+echo "systemd-test: service test $(($(date +%s) - start)) s" >&2
+# README's "From the .deb to the first sensor", extracted from README.md and run
+# as written by an ordinary user with sudo, in the same kind of guest.
+start=$(date +%s)
+tests/systemd/readme-test.sh --deb "$deb" "$target/debug/fake-qubitro" || rc=1
+echo "systemd-test: README walkthrough $(($(date +%s) - start)) s" >&2
+exit "$rc"
