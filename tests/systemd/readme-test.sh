@@ -260,9 +260,12 @@ else
     fail devices-list-shows-the-sensor "$(echo "$devices_out" | tail -n 3 | tr '\n' ' ')"
 fi
 
-# The fake's own view, through its control endpoint (host curl in the guest's
-# network namespace): exactly one device, and it is this sensor's.
-fake_devices="$(nsenter --target "$GUEST_LEADER" --net curl -fsS "$FAKE_URL/_fake/devices" 2>&1)"
+# The fake's own view, through its control endpoint (the host's python3 in the
+# guest's network namespace): exactly one device, and it is this sensor's.
+fake_devices="$(nsenter --target "$GUEST_LEADER" --net python3 -c '
+import sys, urllib.request
+print(urllib.request.urlopen(sys.argv[1] + "/_fake/devices", timeout=10).read().decode())
+' "$FAKE_URL" 2>&1)"
 count="$(python3 -c '
 import json, sys
 devices = json.loads(sys.argv[1])
