@@ -8,10 +8,10 @@
 # below changes (the stamp holds a hash of them).
 #
 # Usage: tests/systemd/rootfs.sh            # prints the root fs path on stdout
+#                                           # (/var/cache/onboardd-test/rootfs-bookworm-vN)
 #        ONBOARDD_TEST_ROOTFS=DIR rootfs.sh # build/use another directory
 set -euo pipefail
 
-ROOTFS="${ONBOARDD_TEST_ROOTFS:-/var/cache/onboardd-test/rootfs-bookworm}"
 SUITE=bookworm
 MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 # systemd 252 = Debian 12 = Raspberry Pi OS bookworm: the init we ship against.
@@ -21,6 +21,10 @@ MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 # ordinary user with sudo, and computes a sensor's proof with `openssl dgst`.
 PACKAGES="systemd,systemd-sysv,dbus,libnss-systemd,ca-certificates,mosquitto,mosquitto-clients,sudo,openssl"
 RECIPE_VERSION=3 # bump when the post-install tweaks below change
+# One directory per recipe version: checkouts of different versions (branches,
+# CI next to a developer) each keep their own tree instead of rebuilding the
+# other's, and a tree is never replaced under a guest that is booted from it.
+ROOTFS="${ONBOARDD_TEST_ROOTFS:-/var/cache/onboardd-test/rootfs-$SUITE-v$RECIPE_VERSION}"
 
 stamp_wanted="$(printf '%s\n' "$SUITE" "$MIRROR" "$PACKAGES" "$RECIPE_VERSION" | sha256sum | cut -d' ' -f1)"
 stamp_file="$ROOTFS/.onboardd-test-stamp"
