@@ -646,14 +646,7 @@ mod tests {
     }
 
     fn spec() -> DeviceSpec {
-        DeviceSpec {
-            name: "n".into(),
-            description: "d".into(),
-            brand: "Custom".into(),
-            model: "Custom".into(),
-            tags: vec![],
-            metadata: Default::default(),
-        }
+        crate::announce::test_spec()
     }
 
     fn cfg(dir: &Path) -> StoreConfig {
