@@ -24,8 +24,9 @@ use std::time::{Duration, Instant};
 use common::*;
 use onboardd::announce::DeviceSpec;
 use onboardd::config::StoreConfig;
+use onboardd::onboarding::{Record, State};
 use onboardd::reply::Route;
-use onboardd::store::{Phase, SensorRecord, Store};
+use onboardd::store::Store;
 
 const SENSOR: &str = "pending-sensor";
 
@@ -51,7 +52,7 @@ async fn healthy_db_with_a_pending_sensor(path: &Path) {
         tags: vec![],
         metadata: [("sensor_id".to_string(), SENSOR.to_string())].into(),
     };
-    let rec = SensorRecord::new_pending(spec, Route::default());
+    let rec = Record::pending(spec, Route::default(), 1, 1);
     store
         .insert_new(SENSOR, &rec)
         .expect("insert")
@@ -60,10 +61,10 @@ async fn healthy_db_with_a_pending_sensor(path: &Path) {
 }
 
 /// The phase of the sensor in the database at `path` (opened, read, closed).
-async fn phase_of_the_sensor(path: &Path) -> Option<Phase> {
+async fn phase_of_the_sensor(path: &Path) -> Option<State> {
     let (store, _) = Store::open(&store_cfg(path))
         .unwrap_or_else(|e| panic!("the database at {} no longer opens: {e}", path.display()));
-    store.get(SENSOR).expect("read").map(|r| r.phase)
+    store.get(SENSOR).expect("read").map(|r| r.state)
 }
 
 /// Every file under `dir` with its bytes: "untouched" means this is unchanged.
@@ -235,7 +236,7 @@ async fn a_store_dir_without_permission_exits_non_zero_naming_eacces_and_is_unto
     assert!(stderr.contains(&line), "expected {line:?} in:\n{stderr}");
     assert_nothing_moved_aside(state.path());
     assert_same_files(&before, &snapshot(&db), false);
-    assert_eq!(phase_of_the_sensor(&db).await, Some(Phase::Pending));
+    assert_eq!(phase_of_the_sensor(&db).await, Some(State::Pending));
 }
 
 /// What the full-disk scenario does inside its own user and mount namespace.
@@ -369,7 +370,7 @@ async fn a_full_file_system_never_moves_the_database_aside_nor_loses_the_pending
     }
     let phase = phase_of_the_sensor(&after).await;
     assert!(
-        matches!(phase, Some(Phase::Pending | Phase::Creating)),
+        matches!(phase, Some(State::Pending | State::Creating)),
         "the acknowledged sensor is {phase:?} after the full disk; log:\n{log}"
     );
 }
