@@ -284,6 +284,19 @@ fn kind(v: &Value) -> &'static str {
     }
 }
 
+/// A plain spec for other modules' unit tests.
+#[cfg(test)]
+pub(crate) fn test_spec() -> DeviceSpec {
+    DeviceSpec {
+        name: "n".into(),
+        description: "d".into(),
+        brand: "Custom".into(),
+        model: "Custom".into(),
+        tags: vec![],
+        metadata: Default::default(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

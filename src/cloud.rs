@@ -4,6 +4,11 @@
 //! ([`CloudError`]), and every response shape Qubitro's docs show is accepted
 //! (wrapped or bare; credentials under `device_credentials` or `metadata`).
 //! The API key is only ever put in the Authorization header; no error text carries it.
+//!
+//! Reading fails closed: an answer that cannot be fully understood is `Retryable`,
+//! never "not found" or "rejected", because the engine creates a device when the
+//! lookup finds none, and every wrong "none" is a duplicate that costs money.
+//! The parsing is pure (`ListReader`, `parse_retry_after`) and unit-tested here.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};

@@ -353,14 +353,7 @@ mod tests {
     use super::*;
 
     fn spec() -> DeviceSpec {
-        DeviceSpec {
-            name: "n".into(),
-            description: "d".into(),
-            brand: "Custom".into(),
-            model: "Custom".into(),
-            tags: vec![],
-            metadata: Default::default(),
-        }
+        crate::announce::test_spec()
     }
 
     fn creds() -> Credentials {

@@ -101,22 +101,13 @@ impl Reply {
         }
     }
 
-    /// An error reply that says when asking again can succeed (whole seconds, at
-    /// least 1, so a sensor never retries at once).
-    pub fn error_retry_after(
-        sensor_id: &str,
-        code: &str,
-        message: impl Into<String>,
-        retry_after: std::time::Duration,
-        request_id: Option<String>,
-    ) -> Reply {
-        Reply::Error {
-            sensor_id: sensor_id.to_string(),
-            code: code.to_string(),
-            message: message.into(),
-            retry_after_s: Some(retry_after.as_secs_f64().ceil().max(1.0) as u64),
-            request_id,
+    /// The same reply, saying when asking again can succeed (whole seconds, at least
+    /// 1, so a sensor never retries at once). Only error replies carry it.
+    pub fn retry_after(mut self, wait: std::time::Duration) -> Reply {
+        if let Reply::Error { retry_after_s, .. } = &mut self {
+            *retry_after_s = Some(wait.as_secs_f64().ceil().max(1.0) as u64);
         }
+        self
     }
 
     pub fn pending(sensor_id: &str, retry_after_s: u64, request_id: Option<String>) -> Reply {

@@ -646,14 +646,7 @@ mod tests {
     }
 
     fn spec() -> DeviceSpec {
-        DeviceSpec {
-            name: "n".into(),
-            description: "d".into(),
-            brand: "Custom".into(),
-            model: "Custom".into(),
-            tags: vec![],
-            metadata: Default::default(),
-        }
+        crate::announce::test_spec()
     }
 
     fn cfg(dir: &Path) -> StoreConfig {
@@ -775,18 +768,7 @@ mod tests {
         let c = cfg(dir.path());
         let other = SEGMENT_SIZE / 2;
         assert_ne!(other, SEGMENT_SIZE);
-        {
-            let db = sled::Config::new()
-                .path(&c.path)
-                .segment_size(other)
-                .open()
-                .unwrap();
-            db.open_tree("sensors")
-                .unwrap()
-                .insert("old", encode(&pending()))
-                .unwrap();
-            db.flush().unwrap();
-        }
+        db_with_one_record(&c, other);
         assert_eq!(existing_segment_size(Path::new(&c.path)), Some(other));
         let (s, outcome) = Store::open(&c).unwrap();
         assert_eq!(outcome, OpenOutcome::Opened);
@@ -796,9 +778,13 @@ mod tests {
 
     /// A database with one record, closed again (no flusher task holding it).
     fn healthy_db(c: &StoreConfig) {
+        db_with_one_record(c, SEGMENT_SIZE);
+    }
+
+    fn db_with_one_record(c: &StoreConfig, segment_size: usize) {
         let db = sled::Config::new()
             .path(&c.path)
-            .segment_size(SEGMENT_SIZE)
+            .segment_size(segment_size)
             .open()
             .unwrap();
         db.open_tree("sensors")

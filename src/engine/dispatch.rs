@@ -249,10 +249,10 @@ impl Engine {
         metrics::error();
         tracing::warn!(sensor_id = sensor, code, detail = %message, outcome = "refused", "announce of sensor {sensor} refused ({code}): {message}");
         let request_id = route.request_id.clone();
-        let reply = match retry_after {
-            Some(ra) => Reply::error_retry_after(sensor, code, message, ra, request_id),
-            None => Reply::error(sensor, code, message, request_id),
-        };
+        let mut reply = Reply::error(sensor, code, message, request_id);
+        if let Some(wait) = retry_after {
+            reply = reply.retry_after(wait);
+        }
         Decision {
             seq: 0,
             answer: Some(Answer {
