@@ -218,7 +218,12 @@ if [[ "$state" == active/running && "$(show Type)" == notify ]]; then
 else
     fail unit-active-after-ready "state $state: $(guest_exec 'journalctl -u onboardd -n 10 -o cat --no-pager' | tr '\n' ' ')"
 fi
-status_text="$(show StatusText)"
+# STATUS= follows the broker session; allow it a moment after a (re)connect.
+for _ in $(seq 25); do
+    status_text="$(show StatusText)"
+    [[ "$status_text" == *"broker connected"* ]] && break
+    sleep 0.2
+done
 if [[ "$status_text" == *"broker connected"* ]]; then
     pass "unit-broker-connected-with-its-login"
 else
