@@ -161,6 +161,10 @@ guest_exec "chown pi:pi '/home/pi/$deb_name'"
 guest_copy "$fake_bin" /usr/local/bin/fake-qubitro 0755
 guest_exec "systemd-run --quiet --unit=fake-qubitro --property=Type=exec \
     /usr/local/bin/fake-qubitro --listen 127.0.0.1:8080 --api-key '$API_KEY' --project-id '$PROJECT_ID'"
+for _ in $(seq 50); do
+    guest_exec 'journalctl -u fake-qubitro -o cat --no-pager | grep -q "fake-qubitro listening on"' && break
+    sleep 0.2
+done
 printf '%s\n' "$script" | guest_write /home/pi/readme-walkthrough.sh 0644
 
 # ------------------------------------------------------------ walkthrough ---
