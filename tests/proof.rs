@@ -332,3 +332,68 @@ async fn a_client_subscribed_to_everything_never_sees_a_token_or_a_sensor_key() 
     assert!(sealed_replies >= 4, "the spy saw the replies: {seen:?}");
     assert!(seen.iter().any(|(t, _)| t == "onboard/announce/watched-1"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_database_moved_aside_keeps_the_claim_key_the_sensors_hold() {
+    let broker = Mosquitto::start();
+    let cloud = fake_cloud().await;
+    let state = tempfile::tempdir().unwrap();
+    let db = state.path().join("db");
+    std::fs::create_dir_all(&db).unwrap();
+    // A key made earlier (sensors were flashed with keys from it), then sled's files
+    // turned unreadable.
+    let key_text = "7f".repeat(32);
+    std::fs::write(db.join("claim-key"), format!("{key_text}\n")).unwrap();
+    std::fs::set_permissions(db.join("claim-key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::write(db.join("conf"), b"\xff\xfe not a sled config").unwrap();
+    std::fs::write(db.join("db"), vec![0xA5; 8192]).unwrap();
+
+    let d = daemon_with_default_security(&broker, &cloud, state.path(), vec![]);
+    d.log.wait_for_async("DATABASE UNREADABLE").await;
+    d.wait_subscribed();
+    assert_eq!(firmware::generated_claim_key(&db), key_text);
+    let key = firmware::sensor_key(&key_text, "kept-1");
+    let mut s = Sensor::connect(broker.port, "kept-1").await;
+    s.announce(&firmware::announce_with_proof(&key, "")).await;
+    let ok = s.reply_with_status("ok").await;
+    assert_eq!(
+        unseal_ok(&key, "kept-1", &ok),
+        cloud_devices_of(&cloud, "kept-1")[0].token
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "failpoints"),
+    ignore = "needs failpoints: cargo test --workspace --features failpoints"
+)]
+async fn a_reply_owed_from_before_proofs_were_required_goes_out_sealed_once_they_are() {
+    let broker = Mosquitto::start();
+    let cloud = fake_cloud().await;
+    let state = tempfile::tempdir().unwrap();
+    // Proofs off: an announce without one, and the daemon dies before its reply left.
+    let mut d = Daemon::with_state(
+        broker.port,
+        &cloud,
+        state.path(),
+        "",
+        vec![(
+            onboardd::failpoint::ENV.into(),
+            "after_created_recorded".into(),
+        )],
+    );
+    d.wait_subscribed();
+    let mut s = Sensor::connect(broker.port, "legacy-1").await;
+    s.announce_acked("{}").await;
+    d.wait_exit_async().await;
+
+    // Proofs on: the reply owed to that unproven announce is published again, sealed.
+    let mut d = daemon_with_default_security(&broker, &cloud, state.path(), vec![]);
+    let ok = s.reply_with_status("ok").await;
+    let key = sensor_key_from_store(state.path(), "legacy-1");
+    assert_eq!(
+        unseal_ok(&key, "legacy-1", &ok),
+        cloud_devices_of(&cloud, "legacy-1")[0].token
+    );
+    assert_eq!(d.signal_and_wait_async(libc::SIGTERM).await.code(), Some(0));
+}
