@@ -3,7 +3,8 @@
 #   --target onboardd      the daemon (package onboardd), exactly as it ships
 #                          to gateways
 #   --target fake-qubitro  the fake Qubitro API (workspace crate fake-qubitro/)
-# Both from one builder stage so the dependency build is shared.
+#   --target sensor        the reference sensor (examples/sensor.rs)
+# All from one builder stage so the dependency build is shared.
 
 FROM rust:1-bookworm AS build
 WORKDIR /src
@@ -14,8 +15,9 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked -p fake-qubitro --bin fake-qubitro \
     && cargo build --release --locked -p onboardd --bin onboardd \
+    && cargo build --release --locked -p onboardd --example sensor \
     && mkdir -p /out \
-    && cp target/release/onboardd target/release/fake-qubitro /out/
+    && cp target/release/onboardd target/release/fake-qubitro target/release/examples/sensor /out/
 
 FROM debian:bookworm-slim AS runtime-base
 # CA roots for a real Qubitro endpoint over TLS (the demo's fake cloud is plain HTTP).
@@ -28,6 +30,11 @@ COPY --from=build /out/fake-qubitro /usr/local/bin/fake-qubitro
 USER 65534:65534
 EXPOSE 8080
 ENTRYPOINT ["/usr/local/bin/fake-qubitro"]
+
+FROM runtime-base AS sensor
+COPY --from=build /out/sensor /usr/local/bin/sensor
+USER 65534:65534
+ENTRYPOINT ["/usr/local/bin/sensor"]
 
 FROM runtime-base AS onboardd
 COPY --from=build /out/onboardd /usr/bin/onboardd

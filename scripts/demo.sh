@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The whole onboarding scenario on this machine, without Docker, in one command:
 # a local mosquitto on a free port, the fake Qubitro API, onboardd with a
-# temporary config and state dir, and a simulated sensor whose reply is printed.
+# temporary config and state dir (proofs required, as shipped: onboardd generates
+# its claim key on first start), and the reference sensor (examples/sensor.rs):
+# `onboardd claim` gives it its sensor key, it announces with its proof and
+# prints the device id and the token it unsealed from the reply.
 # Everything started here is stopped (by PID) on exit.
 #
 #   scripts/demo.sh                # builds the debug binaries if needed
@@ -22,9 +25,10 @@ done
 target="${CARGO_TARGET_DIR:-$repo/target}"
 onboardd="${ONBOARDD_BIN:-$target/debug/onboardd}"
 fake="${FAKE_QUBITRO_BIN:-$target/debug/fake-qubitro}"
-if [[ -z "${ONBOARDD_BIN:-}${FAKE_QUBITRO_BIN:-}" ]]; then
-    echo "demo: cargo build --workspace --bins" >&2
-    cargo build --quiet --workspace --bins
+sensor_bin="${SENSOR_BIN:-$target/debug/examples/sensor}"
+if [[ -z "${ONBOARDD_BIN:-}${FAKE_QUBITRO_BIN:-}${SENSOR_BIN:-}" ]]; then
+    echo "demo: cargo build --workspace --bins --example sensor" >&2
+    cargo build --quiet --workspace --bins --example sensor
 fi
 
 tmp="$(mktemp -d -t onboardd-demo.XXXXXX)"
@@ -110,9 +114,16 @@ onboardd_pid=$!
 pids+=("$onboardd_pid")
 echo "demo: onboardd started (pid $onboardd_pid, log $tmp/onboardd.log)" >&2
 
-# 4. The sensor: it announces until it gets a reply.
-if BROKER_HOST=127.0.0.1 BROKER_PORT="$mqtt_port" SENSOR_ID="demo-sensor-$RANDOM" REPLY_TIMEOUT=30 \
-    "$repo/scripts/demo-sensor.sh"; then
+# 4. The sensor's key, as a factory station would flash it: derived from the
+#    claim key onboardd generated in its store on first start.
+wait_for 10 "onboardd's claim key" test -s "$tmp/state/claim-key"
+sensor_id="demo-sensor-$RANDOM"
+sensor_key="$("$onboardd" claim --config "$tmp/onboardd.toml" "$sensor_id")"
+echo "demo: sensor key of $sensor_id from \`onboardd claim\` (flashed into the sensor, never sent)" >&2
+
+# 5. The sensor: it announces with its proof until it gets a reply, and unseals its token.
+if BROKER_HOST=127.0.0.1 BROKER_PORT="$mqtt_port" SENSOR_ID="$sensor_id" SENSOR_KEY="$sensor_key" \
+    REPLY_TIMEOUT=30 SENSOR_BIN="$sensor_bin" "$repo/scripts/demo-sensor.sh"; then
     echo
     echo "demo: done; onboardd log:" >&2
     sed 's/^/  | /' "$tmp/onboardd.log" >&2

@@ -20,6 +20,9 @@ pub const MAX_METADATA_KEY_CHARS: usize = 64;
 pub const MAX_METADATA_VALUE_CHARS: usize = 256;
 pub const MAX_REQUEST_ID_CHARS: usize = 128;
 pub const MAX_BRAND_MODEL_CHARS: usize = 100;
+/// A proof is 64 hex characters; anything up to this bound is checked (and refused
+/// as `unauthorized`), anything longer is a malformed field.
+pub const MAX_PROOF_CHARS: usize = 128;
 
 /// Metadata keys onboardd sets itself; an announce may not override them.
 pub const RESERVED_METADATA: [&str; 2] = ["sensor_id", "gateway_id"];
@@ -42,8 +45,10 @@ pub struct Announce {
     pub sensor_id: String,
     pub spec: DeviceSpec,
     pub request_id: Option<String>,
-    /// The claim proof (hex HMAC), checked by the security module when a claim key is set.
-    pub claim: Option<String>,
+    /// The `proof` field as sent (hex HMAC, README "Security"), checked by the
+    /// security module. An old `claim` field is ignored like any unknown field: such
+    /// an announce carries no proof.
+    pub proof: Option<String>,
 }
 
 /// Why an announce can never succeed as sent. `code()` is the stable word in the reply.
@@ -135,7 +140,7 @@ pub fn parse(
     };
 
     let request_id = opt_string(&obj, "request_id", MAX_REQUEST_ID_CHARS)?;
-    let claim = opt_string(&obj, "claim", 128)?;
+    let proof = opt_string(&obj, "proof", MAX_PROOF_CHARS)?;
     let name = opt_string(&obj, "name", MAX_NAME_CHARS)?.unwrap_or_else(|| sensor_id.to_string());
     if name.trim().is_empty() {
         return Err(field_err("name", "must not be empty"));
@@ -235,7 +240,7 @@ pub fn parse(
             metadata,
         },
         request_id,
-        claim,
+        proof,
     })
 }
 
@@ -340,7 +345,7 @@ mod tests {
     fn every_field_is_mapped() {
         let a = ok(
             r#"{"name":"N","description":"D","brand":"B","model":"M","tags":["t_1"],
-            "metadata":{"k":"v"},"request_id":"r1","claim":"c","extra":5}"#,
+            "metadata":{"k":"v"},"request_id":"r1","proof":"c","extra":5}"#,
         );
         assert_eq!(a.spec.name, "N");
         assert_eq!(a.spec.description, "D");
@@ -349,7 +354,12 @@ mod tests {
         assert_eq!(a.spec.tags, vec!["t_1"]);
         assert_eq!(a.spec.metadata.get("k").unwrap(), "v");
         assert_eq!(a.request_id.as_deref(), Some("r1"));
-        assert_eq!(a.claim.as_deref(), Some("c"));
+        assert_eq!(a.proof.as_deref(), Some("c"));
+    }
+
+    #[test]
+    fn the_old_claim_field_is_no_proof() {
+        assert_eq!(ok(r#"{"claim":"00ff"}"#).proof, None);
     }
 
     #[test]

@@ -214,6 +214,9 @@ pub struct StoreConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SecurityConfig {
+    /// Announces without a valid proof get `unauthorized` (the default). Off: they
+    /// are served with the token in clear, and a warning at every start says so.
+    pub require_claim: bool,
     #[serde(default)]
     pub claim_key: Secret,
     #[serde(default)]
@@ -500,6 +503,40 @@ pub fn read_key_file(key: &'static str, path: &Path) -> Result<Secret, ConfigErr
         });
     }
     Ok(Secret::new(value))
+}
+
+/// What `onboardd claim --config FILE` needs: the configured claim key (from
+/// `security.claim_key` or `claim_key_file`; empty when neither is set) and
+/// `store.path`, read through the same layers as [`Config::load`] but without the
+/// checks only `run` needs (a factory station or an operator shell has no API key).
+pub fn load_claim_settings(path: &Path) -> Result<(Secret, String), ConfigError> {
+    if !path.exists() {
+        return Err(ConfigError::NotFound {
+            path: path.to_path_buf(),
+        });
+    }
+    let built = config::Config::builder()
+        .add_source(config::File::from_str(
+            DEFAULT_CONFIG,
+            config::FileFormat::Toml,
+        ))
+        .add_source(config::File::from(path).format(config::FileFormat::Toml))
+        .add_source(env_source())
+        .build()
+        .map_err(|source| ConfigError::File {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let mut security: SecurityConfig = built.get("security").map_err(ConfigError::Invalid)?;
+    let store_path = built
+        .get_string("store.path")
+        .map_err(ConfigError::Invalid)?;
+    read_secret_file(
+        "security.claim_key_file",
+        &security.claim_key_file,
+        &mut security.claim_key,
+    )?;
+    Ok((security.claim_key, store_path))
 }
 
 /// The kernel's host name, from gethostname(2): under the unit's `ProcSubset=pid`

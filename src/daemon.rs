@@ -17,7 +17,7 @@ use crate::config::Config;
 use crate::engine::{Engine, Fatal, Shutdown};
 use crate::heartbeat::Heartbeat;
 use crate::store::{OpenOutcome, Store};
-use crate::{control, metrics, mqtt, systemd};
+use crate::{claim_key, control, metrics, mqtt, systemd};
 
 /// From SIGTERM to exit, in every state (broker down and cloud hanging included):
 /// under systemd's default 10 s and the unit's TimeoutStopSec.
@@ -27,6 +27,27 @@ const STOP_BUDGET: Duration = Duration::from_secs(8);
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     crate::failpoint::refuse_if_requested_but_compiled_out()?;
     let started = Instant::now();
+    let mut cfg = cfg;
+    // Before the store opens: a fresh install needs a key before its first announce.
+    let (claim_key, key_origin) =
+        claim_key::load_or_generate(&cfg.security.claim_key, &cfg.store.path)?;
+    cfg.security.claim_key = claim_key;
+    match &key_origin {
+        claim_key::Origin::Generated(path) => tracing::info!(
+            path = %path.display(),
+            "generated this gateway's claim key at {}; `onboardd claim SENSOR_ID` prints each sensor's key",
+            path.display()
+        ),
+        claim_key::Origin::Stored(path) => {
+            tracing::debug!(path = %path.display(), "claim key read from {}", path.display())
+        }
+        claim_key::Origin::Configured => {}
+    }
+    if !cfg.security.require_claim {
+        tracing::warn!(
+            "security.require_claim = false: announces without a proof are served and their device tokens are published in clear, readable by any client of the broker; set security.require_claim = true once the sensors carry proofs"
+        );
+    }
     let cfg = Arc::new(cfg);
     // rumqttc's TLS uses the process-wide provider; ring builds for every Pi.
     crate::tls::install_ring_provider();
@@ -41,6 +62,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let (store, outcome) = Store::open(&cfg.store)?;
     if let OpenOutcome::RebuiltAfterCorruption { moved_to } = &outcome {
         tracing::error!(moved_to = %moved_to.display(), "started with an EMPTY database after corruption (old one moved to {}); sensors are re-adopted from Qubitro as they announce", moved_to.display());
+        // The key went aside with the directory; the sensors still hold keys from it.
+        if key_origin != claim_key::Origin::Configured {
+            claim_key::restore(&cfg.security.claim_key, &cfg.store.path)?;
+        }
     }
     let cloud = Cloud::new(&cfg.qubitro).context("cannot build the HTTP client")?;
     let session = mqtt::connect(&cfg)?;

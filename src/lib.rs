@@ -5,15 +5,17 @@
 //!   an inbox, replies and acks enter through [`mqtt::Mqtt`], and its tracker tells
 //!   which reply a PUBACK acknowledges.
 //! - [`engine`]: `dispatch` parses and checks each announce ([`announce`],
-//!   [`security`]) and records a new sensor; `worker` runs one sensor's onboarding
-//!   against [`cloud`] (the Qubitro REST client) and [`store`] (sled, group-commit
-//!   flushes), one transition of [`onboarding`] (the persisted state machine) at a
-//!   time; `delivery` publishes [`reply`]s and marks them delivered.
+//!   [`security`], which verifies [`proof`]s) and records a new sensor; `worker`
+//!   runs one sensor's onboarding against [`cloud`] (the Qubitro REST client) and
+//!   [`store`] (sled, group-commit flushes), one transition of [`onboarding`] (the
+//!   persisted state machine) at a time; `delivery` publishes [`reply`]s (tokens sealed with [`proof`]) and marks
+//!   them delivered.
 //! - [`control`]: the Unix socket behind `onboardd devices …` (server and client).
 //! - [`daemon`]: wires everything for `onboardd run` and stops it within one deadline.
 //!
-//! Shared leaves: [`config`] (TOML/env, validated once), [`device`] (credentials and
-//! tokens), [`clock`] (tokio's pausable time, wall time for records), [`backoff`],
+//! Shared leaves: [`config`] (TOML/env, validated once), [`claim_key`] (configured
+//! or generated at first start), [`proof`] (the sensor protocol's crypto),
+//! [`device`] (credentials and tokens), [`clock`] (tokio's pausable time, wall time for records), [`backoff`],
 //! [`heartbeat`] (watchdog beats), [`tls`] (one rustls builder), [`metrics`],
 //! [`logging`], [`systemd`], [`failpoint`] (crash injection, feature `failpoints`).
 //!
@@ -23,6 +25,7 @@
 
 pub mod announce;
 pub mod backoff;
+pub mod claim_key;
 pub mod clock;
 pub mod cloud;
 pub mod config;
@@ -36,6 +39,7 @@ pub mod logging;
 pub mod metrics;
 pub mod mqtt;
 pub mod onboarding;
+pub mod proof;
 pub mod reply;
 pub mod security;
 pub mod store;

@@ -47,12 +47,20 @@ enum Command {
         #[command(subcommand)]
         action: DevicesCommand,
     },
-    /// Print the claim a sensor must carry: hex(HMAC-SHA256(claim_key, SENSOR_ID))
+    /// Print a sensor's key (64 hex): HMAC-SHA256(claim_key, SENSOR_ID), to flash into it
+    #[command(
+        long_about = "Print a sensor's key: HMAC-SHA256(claim_key, SENSOR_ID) as 64 hex characters, \
+to flash into the sensor at manufacture (README, Security). The claim key comes from --key-file, \
+else from the config (security.claim_key, claim_key_file, else the key onboardd generated at \
+{store.path}/claim-key on its first start). Creates nothing."
+    )]
     Claim {
         /// File holding the fleet claim key (as for `security.claim_key_file`)
         #[arg(long, env = "ONBOARDD_CLAIM_KEY_FILE")]
-        key_file: PathBuf,
-        /// The sensor id to derive the claim for
+        key_file: Option<PathBuf>,
+        #[command(flatten)]
+        cfg: ConfigArg,
+        /// The sensor id to derive the key for
         sensor_id: String,
     },
 }
@@ -120,8 +128,9 @@ fn execute(command: Command) -> Result<ExitCode, Failure> {
         Command::Run(c) => run(&c.config)?,
         Command::Claim {
             key_file,
+            cfg,
             sensor_id,
-        } => claim(&key_file, &sensor_id)?,
+        } => claim(key_file.as_deref(), &cfg.config, &sensor_id)?,
         Command::Devices { cfg, action } => {
             let cfg = Config::load(&cfg.config)?;
             let outcome = runtime()?
@@ -151,15 +160,38 @@ fn run(path: &Path) -> Result<(), Failure> {
     })
 }
 
-/// Only the key: a factory station has no API key and no full config.
-fn claim(key_file: &Path, sensor_id: &str) -> Result<(), Failure> {
-    let key = config::read_key_file("--key-file", key_file)?;
+/// With `--key-file`, only the key: a factory station has no API key and no full
+/// config. Otherwise the config's key, or the one the daemon generated.
+fn claim(key_file: Option<&Path>, config: &Path, sensor_id: &str) -> Result<(), Failure> {
     if !onboardd::announce::valid_id(sensor_id) {
         return Err(Failure::Usage(anyhow::anyhow!(
             "{sensor_id:?} is not a valid sensor id (1-64 of A-Z a-z 0-9 . _ : -)"
         )));
     }
-    println!("{}", onboardd::security::claim_for(&key, sensor_id));
+    let key = match key_file {
+        Some(f) => config::read_key_file("--key-file", f)?,
+        None => {
+            let (configured, store_path) = config::load_claim_settings(config)?;
+            let found = onboardd::claim_key::existing(&configured, &store_path)
+                .map_err(|e| Failure::Config(e.into()))?;
+            match found {
+                Some(key) => key,
+                None => {
+                    return Err(Failure::Runtime(anyhow::anyhow!(
+                        "no claim key yet: {} does not exist and {} sets neither security.claim_key nor security.claim_key_file. \
+Start the daemon once (`onboardd run` generates the key there), or set security.claim_key_file, \
+or give --key-file FILE",
+                        onboardd::claim_key::generated_path(&store_path).display(),
+                        config.display()
+                    )))
+                }
+            }
+        }
+    };
+    println!(
+        "{}",
+        onboardd::proof::SensorKey::derive(&key, sensor_id).to_hex()
+    );
     Ok(())
 }
 

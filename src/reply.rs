@@ -1,6 +1,8 @@
 //! The answers onboardd publishes to a sensor, and where they go.
 //!
-//! A reply is the only place a device token is ever written out.
+//! A reply is the only place a device token is ever written out, and it goes out
+//! sealed for its sensor ([`crate::proof`]) unless proofs are off and the announce
+//! carried none.
 
 use serde::{Deserialize, Serialize};
 
@@ -17,6 +19,12 @@ pub struct Route {
     pub correlation_data: Option<Vec<u8>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+    /// The announce carried its sensor's valid proof: every ok reply on this route
+    /// carries the token sealed, never in clear. Stored with the record, so the
+    /// republish after a reconnect seals too; records written before proofs read
+    /// as `false` (and are sealed anyway while `require_claim` is on).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub proven: bool,
 }
 
 impl Route {
@@ -51,6 +59,18 @@ pub struct Broker {
     pub port: u16,
 }
 
+/// How an ok reply carries the device token: one of the two fields, never both.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum TokenField {
+    /// `"device_token"`: only to an announce without a proof, with
+    /// `security.require_claim = false`.
+    #[serde(rename = "device_token")]
+    Clear(Token),
+    /// `"device_token_sealed"`: hex(nonce ‖ ciphertext ‖ tag), see [`crate::proof`].
+    #[serde(rename = "device_token_sealed")]
+    Sealed(String),
+}
+
 /// The JSON body of a reply.
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
@@ -58,7 +78,8 @@ pub enum Reply {
     Ok {
         sensor_id: String,
         device_id: String,
-        device_token: Token,
+        #[serde(flatten)]
+        token: TokenField,
         #[serde(skip_serializing_if = "Option::is_none")]
         request_id: Option<String>,
         broker: Broker,
@@ -137,7 +158,7 @@ mod tests {
         let r = Reply::Ok {
             sensor_id: "s".into(),
             device_id: "d".into(),
-            device_token: Token("t$".into()),
+            token: TokenField::Clear(Token("t$".into())),
             request_id: Some("r".into()),
             broker: Broker {
                 host: "broker.qubitro.com".into(),
@@ -151,6 +172,42 @@ mod tests {
                 "request_id":"r","broker":{"host":"broker.qubitro.com","port":8883}})
         );
         assert!(!format!("{r:?}").contains("t$"));
+    }
+
+    #[test]
+    fn a_sealed_ok_reply_has_no_clear_token() {
+        let r = Reply::Ok {
+            sensor_id: "s".into(),
+            device_id: "d".into(),
+            token: TokenField::Sealed("00ff".into()),
+            request_id: None,
+            broker: Broker {
+                host: "h".into(),
+                port: 1,
+            },
+        };
+        let v: serde_json::Value = serde_json::from_slice(&r.to_bytes()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"status":"ok","sensor_id":"s","device_id":"d",
+                "device_token_sealed":"00ff","broker":{"host":"h","port":1}})
+        );
+    }
+
+    #[test]
+    fn a_route_stored_before_proofs_reads_as_unproven_and_proven_round_trips() {
+        let old: Route = serde_json::from_str(r#"{"request_id":"r"}"#).unwrap();
+        assert!(!old.proven);
+        assert_eq!(
+            serde_json::to_string(&old).unwrap(),
+            r#"{"request_id":"r"}"#
+        );
+        let proven = Route {
+            proven: true,
+            ..old
+        };
+        let text = serde_json::to_string(&proven).unwrap();
+        assert_eq!(serde_json::from_str::<Route>(&text).unwrap(), proven);
     }
 
     #[test]

@@ -1,10 +1,12 @@
-//! Who may onboard: claim proofs, allow/deny rules and flood limits.
+//! Who may onboard: announce proofs, allow/deny rules and flood limits.
 //!
 //! Checked by the dispatcher before any cloud call or token reply:
-//! 1. claim proof — with `[security] claim_key` set, an announce must carry
-//!    `claim = hex(HMAC-SHA256(claim_key, sensor_id))`, compared in constant time
-//!    (`Mac::verify_slice`). A leaked claim lets an attacker onboard that one sensor
-//!    id and no other; the same proof is needed to get a cached token back.
+//! 1. proof — an announce carries `proof = hex(HMAC-SHA256(sensor_key,
+//!    "onboardd-announce-v1"))` with `sensor_key = HMAC-SHA256(claim_key, sensor_id)`
+//!    ([`crate::proof`]), compared in constant time. Missing (with
+//!    `security.require_claim`, the default), non-hex or wrong: `unauthorized`. A
+//!    valid proof also means the ok reply is sealed for that sensor, so a replayed
+//!    proof gains nothing; the same proof is needed to get a cached token back.
 //! 2. allow/deny rules on sensor ids (`*` and `?` wildcards), brands and models;
 //!    deny wins over allow.
 //! 3. flood limits for announces that would cause cloud calls: a per-sensor
@@ -17,11 +19,9 @@ use std::time::Duration;
 // tokio's clock: `tokio::time::pause` drives the limits in tests.
 use tokio::time::Instant;
 
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
-
 use crate::announce::Announce;
 use crate::config::{Config, Secret};
+use crate::proof::SensorKey;
 
 /// A refusal: the reply's `code` and a message for humans (never a secret).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,8 +47,20 @@ fn rate_limited(message: &str, retry_after: Duration) -> Denial {
     }
 }
 
+/// What an admitted announce proved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proof {
+    /// It carried its sensor's valid proof: its ok replies are sealed.
+    Verified,
+    /// It carried none (admitted only with `require_claim = false`).
+    Absent,
+}
+
 pub struct Gatekeeper {
-    claim_key: Option<Secret>,
+    /// The fleet claim key (configured or generated: never empty when running).
+    claim_key: Secret,
+    /// Announces without a proof are refused.
+    require_claim: bool,
     allow_ids: Vec<String>,
     deny_ids: Vec<String>,
     allow_brands: Vec<String>,
@@ -74,7 +86,8 @@ impl Gatekeeper {
         let s = &cfg.security;
         let per_hour = s.max_new_devices_per_hour as f64;
         Gatekeeper {
-            claim_key: (!s.claim_key.is_empty()).then(|| s.claim_key.clone()),
+            claim_key: s.claim_key.clone(),
+            require_claim: s.require_claim,
             allow_ids: s.allow_sensor_ids.clone(),
             deny_ids: s.deny_sensor_ids.clone(),
             allow_brands: s.allow_brands.clone(),
@@ -89,17 +102,24 @@ impl Gatekeeper {
         }
     }
 
-    /// Whether this announce may proceed. `known`: the store already holds the sensor
-    /// (its announce causes no cloud call, so the flood limits do not apply).
-    pub fn check(&self, a: &Announce, known: bool) -> Result<(), Denial> {
-        if let Some(key) = &self.claim_key {
-            let Some(claim) = &a.claim else {
-                return Err(deny("unauthorized", "announce carries no claim"));
-            };
-            if !verify_claim(key, &a.sensor_id, claim) {
-                return Err(deny("unauthorized", "claim does not prove this sensor id"));
+    /// Whether this announce may proceed, and whether it proved its sensor id.
+    /// `known`: the store already holds the sensor (its announce causes no cloud
+    /// call, so the flood limits do not apply).
+    pub fn check(&self, a: &Announce, known: bool) -> Result<Proof, Denial> {
+        let proof = match &a.proof {
+            Some(p) => {
+                if self.claim_key.is_empty()
+                    || !SensorKey::derive(&self.claim_key, &a.sensor_id).verify_proof(p)
+                {
+                    return Err(deny("unauthorized", "proof does not prove this sensor id"));
+                }
+                Proof::Verified
             }
-        }
+            None if self.require_claim => {
+                return Err(deny("unauthorized", "announce carries no proof"));
+            }
+            None => Proof::Absent,
+        };
         if self
             .deny_ids
             .iter()
@@ -149,7 +169,7 @@ impl Gatekeeper {
                 ));
             }
         }
-        Ok(())
+        Ok(proof)
     }
 
     /// Counts a sensor that was admitted for onboarding (cool-down and hourly cap).
@@ -187,25 +207,6 @@ impl Gatekeeper {
     }
 }
 
-/// The claim a sensor is given at manufacture: hex(HMAC-SHA256(claim_key, sensor_id)).
-pub fn claim_for(key: &Secret, sensor_id: &str) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(key.expose().as_bytes())
-        .expect("HMAC takes keys of any length");
-    mac.update(sensor_id.as_bytes());
-    hex::encode(mac.finalize().into_bytes())
-}
-
-/// Constant-time check of a hex claim.
-pub fn verify_claim(key: &Secret, sensor_id: &str, claim: &str) -> bool {
-    let Ok(bytes) = hex::decode(claim.trim()) else {
-        return false;
-    };
-    let mut mac = Hmac::<Sha256>::new_from_slice(key.expose().as_bytes())
-        .expect("HMAC takes keys of any length");
-    mac.update(sensor_id.as_bytes());
-    mac.verify_slice(&bytes).is_ok()
-}
-
 /// `*` any run of characters, `?` one character; everything else literal.
 pub fn wildcard_match(pattern: &str, text: &str) -> bool {
     let p: Vec<char> = pattern.chars().collect();
@@ -238,50 +239,69 @@ pub fn wildcard_match(pattern: &str, text: &str) -> bool {
 mod tests {
     use super::*;
 
+    /// Proofs optional, so the rule and limit tests need none.
     fn cfg(extra: &str) -> Config {
         Config::from_toml(&format!(
-            "[qubitro]\nproject_id = \"p\"\napi_key = \"k\"\n[security]\n{extra}"
+            "[qubitro]\nproject_id = \"p\"\napi_key = \"k\"\n[security]\nrequire_claim = false\n{extra}"
         ))
         .unwrap()
     }
 
-    fn ann(id: &str, claim: Option<String>) -> Announce {
+    fn ann(id: &str, proof: Option<String>) -> Announce {
         let mut a = crate::announce::parse(id, b"{}", 4096, "gw").unwrap();
-        a.claim = claim;
+        a.proof = proof;
         a
     }
 
-    #[test]
-    fn claim_matches_openssl_derivation() {
-        // printf %s sensor-1 | openssl dgst -sha256 -hmac fleet-key
-        let key = Secret::new("fleet-key");
-        assert_eq!(
-            claim_for(&key, "sensor-1"),
-            "5d40dfe05fa572b8343e3d480ad8f9b53c89aad08e4e5512405ebc88682bf1d6"
-        );
-        assert!(verify_claim(&key, "sensor-1", &claim_for(&key, "sensor-1")));
-        assert!(!verify_claim(
-            &key,
-            "sensor-2",
-            &claim_for(&key, "sensor-1")
-        ));
-        assert!(!verify_claim(&key, "sensor-1", "zz"));
+    fn proof_of(claim_key: &str, id: &str) -> String {
+        SensorKey::derive(&Secret::new(claim_key), id).proof()
     }
 
     #[test]
-    fn missing_or_wrong_claim_is_unauthorized() {
+    fn by_default_a_missing_or_wrong_proof_is_unauthorized() {
+        let c = Config::from_toml(
+            "[qubitro]\nproject_id = \"p\"\napi_key = \"k\"\n[security]\nclaim_key = \"fleet\"",
+        )
+        .unwrap();
+        assert!(c.security.require_claim, "on by default");
+        let g = Gatekeeper::new(&c);
+        for (proof, known) in [
+            (None, false),
+            (None, true),
+            (Some(proof_of("fleet", "s2")), true),
+            (Some(proof_of("other-fleet", "s1")), false),
+            (Some("not hex".to_string()), false),
+            (
+                Some(SensorKey::derive(&Secret::new("fleet"), "s1").to_hex()),
+                false,
+            ),
+        ] {
+            assert_eq!(
+                g.check(&ann("s1", proof.clone()), known).unwrap_err().code,
+                "unauthorized",
+                "{proof:?}"
+            );
+        }
+        assert_eq!(
+            g.check(&ann("s1", Some(proof_of("fleet", "s1"))), false),
+            Ok(Proof::Verified)
+        );
+    }
+
+    #[test]
+    fn without_require_claim_a_proof_is_optional_but_still_checked() {
         let g = Gatekeeper::new(&cfg("claim_key = \"fleet\""));
+        assert_eq!(g.check(&ann("s1", None), false), Ok(Proof::Absent));
         assert_eq!(
-            g.check(&ann("s1", None), false).unwrap_err().code,
+            g.check(&ann("s1", Some(proof_of("fleet", "s1"))), false),
+            Ok(Proof::Verified)
+        );
+        assert_eq!(
+            g.check(&ann("s1", Some(proof_of("fleet", "s2"))), false)
+                .unwrap_err()
+                .code,
             "unauthorized"
         );
-        let other = claim_for(&Secret::new("fleet"), "s2");
-        assert_eq!(
-            g.check(&ann("s1", Some(other)), true).unwrap_err().code,
-            "unauthorized"
-        );
-        let good = claim_for(&Secret::new("fleet"), "s1");
-        assert!(g.check(&ann("s1", Some(good)), false).is_ok());
     }
 
     #[test]

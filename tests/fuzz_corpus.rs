@@ -83,7 +83,7 @@ fn announce(rng: &mut fastrand::Rng) -> Value {
         ("brand", 100),
         ("model", 100),
         ("request_id", 128),
-        ("claim", 128),
+        ("proof", 128),
     ] {
         if rng.u8(0..3) != 0 {
             o.insert(field.into(), field_value(rng, limit));
@@ -345,7 +345,7 @@ fn values_at_each_limit_pass_the_fuzz_checks_and_one_past_is_refused() {
         ("brand", json!("é".repeat(100)), json!("é".repeat(101))),
         ("model", json!("m".repeat(100)), json!("m".repeat(101))),
         ("request_id", json!("r".repeat(128)), json!("r".repeat(129))),
-        ("claim", json!("c".repeat(128)), json!("c".repeat(129))),
+        ("proof", json!("c".repeat(128)), json!("c".repeat(129))),
         ("tags", tags(32, 8), tags(33, 8)),
         ("tags", tags(1, 64), tags(1, 65)),
         ("tags", json!(["A_z_09"]), json!(["a-b"])),

@@ -1,60 +1,13 @@
-//! Security: claim proofs, allow/deny rules, flood limits, and no secret in any log.
+//! Security: allow/deny rules, flood limits, and no secret in any log. The announce
+//! proof and the sealed token have their own file, tests/proof.rs.
 
 mod common;
 
 use common::*;
 use fake_qubitro::Endpoint;
-use onboardd::config::Secret;
-use onboardd::security::claim_for;
+use harness::firmware;
 
 const CLAIM_KEY: &str = "fleet-claim-key-0123456789";
-
-fn claim(sensor: &str) -> String {
-    claim_for(&Secret::new(CLAIM_KEY), sensor)
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_a_valid_claim_nothing_is_created_and_no_token_is_returned() {
-    let broker = Mosquitto::start();
-    let cloud = fake_cloud().await;
-    let _d = Daemon::start(
-        &broker,
-        &cloud,
-        &format!("[security]\nclaim_key = \"{CLAIM_KEY}\""),
-    );
-    let mut s = Sensor::connect(broker.port, "claimed-1").await;
-
-    s.announce("{}").await;
-    let r = s.reply().await;
-    assert_eq!(
-        (r["status"].as_str(), r["code"].as_str()),
-        (Some("error"), Some("unauthorized"))
-    );
-    assert!(r.get("device_token").is_none(), "{r}");
-
-    s.announce(&format!(r#"{{"claim":"{}"}}"#, claim("someone-else")))
-        .await;
-    assert_eq!(s.reply().await["code"], "unauthorized");
-    s.announce(r#"{"claim":"not hex"}"#).await;
-    assert_eq!(s.reply().await["code"], "unauthorized");
-    assert_eq!(cloud.requests().len(), 0, "no cloud call for a bad claim");
-    assert!(cloud.devices().is_empty());
-
-    s.announce(&format!(r#"{{"claim":"{}"}}"#, claim("claimed-1")))
-        .await;
-    let ok = s.reply().await;
-    assert_eq!(ok["status"], "ok");
-    assert_eq!(ok["device_token"], cloud.devices()[0].token.as_str());
-
-    // The cached token needs the proof too.
-    s.announce("{}").await;
-    let r = s.reply().await;
-    assert_eq!(r["code"], "unauthorized");
-    assert!(r.get("device_token").is_none());
-    s.announce(&format!(r#"{{"claim":"{}"}}"#, claim("claimed-1")))
-        .await;
-    assert_eq!(s.reply().await["device_token"], ok["device_token"]);
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deny_rules_win_over_allow_rules_and_cost_no_cloud_call() {
@@ -128,24 +81,25 @@ async fn no_secret_or_token_appears_in_the_output_even_at_trace_level() {
     let mut d = Daemon::start(
         &broker,
         &cloud,
-        &format!("[log]\nlevel = \"trace\"\n[security]\nclaim_key = \"{CLAIM_KEY}\""),
+        &format!("[log]\nlevel = \"trace\"\n[security]\nrequire_claim = true\nclaim_key = \"{CLAIM_KEY}\""),
     );
-    let mut tokens = Vec::new();
+    let mut secrets = vec![cloud.api_key(), CLAIM_KEY.to_string()];
     for i in 0..5 {
         let id = format!("secret-{i}");
+        let key = firmware::sensor_key(CLAIM_KEY, &id);
+        secrets.extend([hex::encode(key), firmware::proof(&key)]);
         let mut s = Sensor::connect(broker.port, &id).await;
-        s.announce(&format!(r#"{{"claim":"{}"}}"#, claim(&id)))
-            .await;
+        s.announce(&firmware::announce_with_proof(&key, "")).await;
         let ok = s.reply_with_status("ok").await;
-        tokens.push(ok["device_token"].as_str().unwrap().to_string());
+        assert!(ok.get("device_token").is_none(), "{ok}");
         // Re-announce: the cached path too.
-        s.announce(&format!(r#"{{"claim":"{}"}}"#, claim(&id)))
-            .await;
+        s.announce(&firmware::announce_with_proof(&key, "")).await;
         s.reply_with_status("ok").await;
     }
-    // A bad claim: the refusal path.
+    secrets.extend(cloud.devices().into_iter().map(|d| d.token));
+    // A bad proof: the refusal path.
     let mut s = Sensor::connect(broker.port, "secret-bad").await;
-    s.announce(r#"{"claim":"00"}"#).await;
+    s.announce(r#"{"proof":"00"}"#).await;
     s.reply().await;
     assert_eq!(d.signal_and_wait(libc::SIGTERM).code(), Some(0));
     let out = d.log.text();
@@ -153,11 +107,8 @@ async fn no_secret_or_token_appears_in_the_output_even_at_trace_level() {
         out.contains("TRACE") || out.contains("trace"),
         "ran at trace level"
     );
-    for secret in [cloud.api_key(), CLAIM_KEY.to_string()]
-        .into_iter()
-        .chain(tokens.iter().cloned())
-        .chain((0..5).map(|i| claim(&format!("secret-{i}"))))
-    {
+    assert_eq!(secrets.len(), 2 + 5 * 2 + 5);
+    for secret in secrets {
         assert!(!out.contains(&secret), "a secret leaked into the log");
     }
 }

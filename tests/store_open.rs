@@ -30,6 +30,11 @@ use onboardd::store::Store;
 
 const SENSOR: &str = "pending-sensor";
 
+/// A configured claim key: otherwise onboardd would first try to generate one inside
+/// the store directory, and fail there (naming the same path and OS error) before it
+/// ever opens the database these tests are about.
+const CLAIM_KEY_SET: &str = "[security]\nclaim_key = \"store-open-test-key\"";
+
 fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
@@ -161,7 +166,7 @@ async fn a_store_path_that_is_a_regular_file_exits_non_zero_naming_it_and_leaves
     let state = tempfile::tempdir().expect("tempdir");
     let db = state.path().join("db");
     std::fs::write(&db, b"my notes, not a database\n").expect("write the file");
-    let toml = config_toml(free_port(), &cloud, state.path(), "");
+    let toml = config_toml(free_port(), &cloud, state.path(), CLAIM_KEY_SET);
     let mut d = Daemon::from_toml(state.path(), &toml, vec![]);
     // The line main prints just before it exits (a started daemon never prints it).
     d.log.wait_for("onboardd: cannot open the database");
@@ -191,8 +196,11 @@ async fn a_store_dir_without_permission_exits_non_zero_naming_eacces_and_is_unto
     healthy_db_with_a_pending_sensor(&db).await;
     let before = snapshot(&db);
     let config = state.path().join("onboardd.toml");
-    std::fs::write(&config, config_toml(free_port(), &cloud, state.path(), ""))
-        .expect("write config");
+    std::fs::write(
+        &config,
+        config_toml(free_port(), &cloud, state.path(), CLAIM_KEY_SET),
+    )
+    .expect("write config");
     let (code, stderr) = if is_root() {
         // Root ignores file modes: run as nobody against root's 0700 directory.
         std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644))
@@ -273,7 +281,7 @@ async fn a_full_file_system_never_moves_the_database_aside_nor_loses_the_pending
     let before = snapshot(&src);
     // The cloud is down: the Pending sensor stays Pending whatever the daemon does.
     cloud.stop().await;
-    let mut toml = config_toml(broker.port, &cloud, &mnt, "");
+    let mut toml = config_toml(broker.port, &cloud, &mnt, CLAIM_KEY_SET);
     toml = merge_toml(
         &toml,
         &format!(

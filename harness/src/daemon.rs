@@ -57,8 +57,27 @@ pub fn daemon_bin() -> &'static Path {
     bin
 }
 
-/// A config for one test: the broker and fake cloud given, fast retries.
+/// A config for one test: the broker and fake cloud given, fast retries, and
+/// `security.require_claim = false`. Most tests are about onboarding and reliability,
+/// not proofs: their sensors announce without one and read the token in clear (which
+/// `require_claim = false` is documented to do), so each test states only what it is
+/// about. The protocol's tests (tests/proof.rs) run with the shipped default through
+/// [`config_toml_default_security`].
 pub fn config_toml(broker_port: u16, cloud: &FakeQubitro, state_dir: &Path, extra: &str) -> String {
+    merge_toml(
+        &config_toml_default_security(broker_port, cloud, state_dir, ""),
+        &merge_toml("[security]\nrequire_claim = false", extra),
+    )
+}
+
+/// As [`config_toml`], with `[security]` as shipped: proofs required, and no claim key
+/// configured, so the daemon generates one in its store on first start.
+pub fn config_toml_default_security(
+    broker_port: u16,
+    cloud: &FakeQubitro,
+    state_dir: &Path,
+    extra: &str,
+) -> String {
     let base = format!(
         r#"gateway_id = "gw-test"
 [log]

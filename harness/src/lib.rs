@@ -10,6 +10,8 @@
 //! - [`daemon`]: onboardd under test ([`Daemon`]), its config ([`config_toml`]) and where its
 //!   binary is ([`daemon_bin`]).
 //! - [`sensor`]: simulated sensors ([`Sensor`], [`SensorV3`]).
+//! - [`firmware`]: the sensor side of the protocol (sensor key, proof, unsealing),
+//!   written from the README, independent of onboardd's code.
 //! - [`proxy`]: a loopback TCP proxy with latency, stalls and severed connections.
 //! - [`pki`]: a throw-away PKI made with the openssl CLI.
 //!
@@ -17,6 +19,7 @@
 //! of the process concerned.
 
 pub mod daemon;
+pub mod firmware;
 pub mod mosquitto;
 pub mod pki;
 pub mod process;
@@ -28,7 +31,9 @@ use std::time::Duration;
 
 use fake_qubitro::{Endpoint, FakeDevice, FakeOptions, FakeQubitro, Fault};
 
-pub use daemon::{config_toml, daemon_bin, merge_toml, set_daemon_bin, Daemon};
+pub use daemon::{
+    config_toml, config_toml_default_security, daemon_bin, merge_toml, set_daemon_bin, Daemon,
+};
 pub use mosquitto::{Mosquitto, MosquittoBuilder};
 pub use process::{LogLines, Proc};
 pub use sensor::{Sensor, SensorV3};

@@ -6,17 +6,24 @@
 //! published again: tracking starts afresh with each connection, so nothing that
 //! rumqttc did or dropped while reconnecting can leave a sensor marked delivered
 //! that never got its token. Ok replies are idempotent, so a sensor may see one twice.
+//!
+//! Every ok reply is built by [`Outbox::ok_reply`], the one place that decides
+//! whether the token is sealed: always when the route's announce proved its sensor,
+//! and always while `security.require_claim` is on (a record stored before proofs
+//! existed included), so a token never crosses the broker in clear unless the
+//! operator turned proofs off and the announce carried none.
 
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
 use super::Engine;
-use crate::config::Config;
+use crate::config::{Config, Secret};
 use crate::device::Credentials;
 use crate::mqtt::{Acked, DeliveryTag, Mqtt, SessionEvent};
 use crate::onboarding::{Record, State};
-use crate::reply::{Broker, Reply, Route};
+use crate::proof::SensorKey;
+use crate::reply::{Broker, Reply, Route, TokenField};
 
 /// Where replies go out.
 pub struct Outbox {
@@ -25,6 +32,10 @@ pub struct Outbox {
     reply_topic: String,
     /// Qubitro's broker, told to sensors in every ok reply.
     broker: Broker,
+    /// Derives each sensor's key to seal its token.
+    claim_key: Secret,
+    /// Seal every ok reply, whatever its route says.
+    require_claim: bool,
 }
 
 impl Outbox {
@@ -36,6 +47,8 @@ impl Outbox {
                 host: cfg.qubitro.broker_host.clone(),
                 port: cfg.qubitro.broker_port,
             },
+            claim_key: cfg.security.claim_key.clone(),
+            require_claim: cfg.security.require_claim,
         }
     }
 
@@ -47,9 +60,18 @@ impl Outbox {
         Reply::Ok {
             sensor_id: sensor.to_string(),
             device_id: creds.device_id.clone(),
-            device_token: creds.device_token.clone(),
+            token: self.token_field(sensor, route, creds),
             request_id: route.request_id.clone(),
             broker: self.broker.clone(),
+        }
+    }
+
+    fn token_field(&self, sensor: &str, route: &Route, creds: &Credentials) -> TokenField {
+        if route.proven || self.require_claim {
+            let key = SensorKey::derive(&self.claim_key, sensor);
+            TokenField::Sealed(key.seal(sensor, &creds.device_id, &creds.device_token.0))
+        } else {
+            TokenField::Clear(creds.device_token.clone())
         }
     }
 

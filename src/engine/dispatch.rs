@@ -24,7 +24,7 @@ use crate::metrics;
 use crate::mqtt::{DeliveryTag, Inbox};
 use crate::onboarding::Record;
 use crate::reply::{allowed_response_topic, Reply, Route};
-use crate::security::Denial;
+use crate::security::{Denial, Proof};
 use crate::store::StoreError;
 
 /// An announce waiting for its acknowledgement.
@@ -141,8 +141,9 @@ impl Engine {
         // Known and onboarded: the compact credentials tree answers (no full record,
         // no disk write).
         if let Some(creds) = self.store.credentials(sensor)? {
-            if let Err(denied) = self.gate.check(&ann, true) {
-                return Ok(self.refuse(sensor, route, denied));
+            match self.gate.check(&ann, true) {
+                Ok(proof) => route.proven = proof == Proof::Verified,
+                Err(denied) => return Ok(self.refuse(sensor, route, denied)),
             }
             // Its reply still waits for the broker: this one is tracked too.
             let track = if self.store.is_undelivered(sensor)? {
@@ -166,8 +167,9 @@ impl Engine {
             });
         }
         let existing = self.store.get(sensor)?;
-        if let Err(denied) = self.gate.check(&ann, existing.is_some()) {
-            return Ok(self.refuse(sensor, route, denied));
+        match self.gate.check(&ann, existing.is_some()) {
+            Ok(proof) => route.proven = proof == Proof::Verified,
+            Err(denied) => return Ok(self.refuse(sensor, route, denied)),
         }
 
         match existing {

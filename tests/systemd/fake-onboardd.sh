@@ -7,9 +7,17 @@
 # NotifyAccess=all drop-in: systemd-notify is a child process, not the main PID),
 # a reply to each announce, and a native journal record with SENSOR_ID.
 set -u
-# `claim ID`: the stand-in's "HMAC" is just a fixed prefix.
+# The stand-in's sensor key is the hex of "fake-KEY-ID" (no HMAC), KEY naming the
+# claim key: "generated", or "given" for a --key-file / the claim-key credential.
+# The proof is computed from it as the protocol says.
+fake_key() { printf 'fake-%s-%s' "$1" "$2" | od -An -tx1 | tr -d ' \n'; }
+# `claim [--config F | --key-file F] ID`: the sensor key.
 if [ "${1:-}" = claim ]; then
-    echo "fake-claim-$2"
+    which=generated
+    [ "${2:-}" = --key-file ] && which=given
+    for id; do :; done
+    fake_key "$which" "$id"
+    echo
     exit 0
 fi
 config=""
@@ -35,16 +43,18 @@ while :; do
     [ -n "$msg" ] || continue
     topic=${msg%% *}
     sensor=${topic##*/}
-    # With the claim-key credential loaded, an announce must carry its claim.
-    if [ -r "${CREDENTIALS_DIRECTORY:-/nonexistent}/claim-key" ] &&
-        ! printf '%s' "$msg" | grep -q "\"claim\":\"fake-claim-$sensor\""; then
+    # Proofs are required, as by default, under the credential's key when loaded.
+    which=generated
+    [ -r "${CREDENTIALS_DIRECTORY:-/nonexistent}/claim-key" ] && which=given
+    proof=$(printf %s onboardd-announce-v1 | openssl dgst -sha256 -mac HMAC -macopt "hexkey:$(fake_key "$which" "$sensor")" | awk '{print $NF}')
+    if ! printf '%s' "$msg" | grep -q "\"proof\":\"$proof\""; then
         mosquitto_pub -h localhost -q 1 -t "onboard/reply/$sensor" \
-            -m '{"status":"error","code":"unauthorized","message":"announce carries no claim"}'
+            -m '{"status":"error","code":"unauthorized","message":"announce carries no proof"}'
         continue
     fi
     n=$((n + 1))
     mosquitto_pub -h localhost -q 1 -t "onboard/reply/$sensor" \
-        -m "{\"status\":\"ok\",\"device_id\":\"fake-$n\",\"device_token\":\"tok-$n\"}"
+        -m "{\"status\":\"ok\",\"device_id\":\"fake-$n\",\"device_token_sealed\":\"00$n\"}"
     printf 'MESSAGE=sensor onboarded\nPRIORITY=6\nSYSLOG_IDENTIFIER=onboardd\nSENSOR_ID=%s\n' "$sensor" | logger --journald
     systemd-notify --status="fake-onboardd: $n onboarded"
 done

@@ -185,9 +185,22 @@ status_text="$(show StatusText)"
 if [[ -n "$status_text" ]]; then pass "status-text ($status_text)"; else fail status-text "StatusText is empty"; fi
 
 # ------------------------------------------------------------ onboarding ---
-onboard() { # onboard SENSOR_ID [CLAIM] -> prints the reply payload
+# sensor_key_of SENSOR_ID [KEY_FILE]: the sensor's key as an operator gets it, from
+# the key onboardd generated in its state directory, or from KEY_FILE.
+sensor_key_of() {
+    if [[ -n "${2:-}" ]]; then
+        guest_exec "onboardd claim --key-file '$2' '$1'" 2>&1 | tail -n 1
+    else
+        guest_exec "onboardd claim --config /etc/onboardd/onboardd.toml '$1'" 2>&1 | tail -n 1
+    fi
+}
+# proof_of SENSOR_KEY_HEX: the announce's proof, computed as firmware does.
+proof_of() {
+    printf %s onboardd-announce-v1 | openssl dgst -sha256 -mac HMAC -macopt "hexkey:$1" | awk '{print $NF}'
+}
+onboard() { # onboard SENSOR_ID [PROOF] -> prints the reply payload
     # Built here and passed in single quotes: it holds no single quote.
-    local payload="{\"name\":\"service test $1\",\"brand\":\"acme\",\"model\":\"t1\",\"request_id\":\"r-$1\"${2:+,\"claim\":\"$2\"}}"
+    local payload="{\"name\":\"service test $1\",\"brand\":\"acme\",\"model\":\"t1\",\"request_id\":\"r-$1\"${2:+,\"proof\":\"$2\"}}"
     guest_exec "
         out=\$(mktemp)
         # Line-buffered, or the SUBACK line sits in stdio's buffer until exit.
@@ -200,10 +213,18 @@ onboard() { # onboard SENSOR_ID [CLAIM] -> prints the reply payload
         grep '^{' \"\$out\""
 }
 sensor="svc-$RANDOM$RANDOM"
+# Proofs are required by default, with the key onboardd generated on first start.
+unproven="$(onboard "$sensor" 2>&1)"
+if [[ "$unproven" == *unauthorized* && "$unproven" != *'"status":"ok"'* ]]; then
+    pass announce-without-proof-refused-by-default
+else
+    fail announce-without-proof-refused-by-default "reply: ${unproven:-none within 10 s}"
+fi
+sensor_proof="$(proof_of "$(sensor_key_of "$sensor")")"
 t_announce=$(ms_now)
-reply="$(onboard "$sensor" 2>&1)"
+reply="$(onboard "$sensor" "$sensor_proof" 2>&1)"
 t_reply=$(ms_now)
-if [[ "$reply" == *'"status":"ok"'* && "$reply" == *'"device_id"'* && "$reply" == *'"device_token"'* ]]; then
+if [[ "$reply" == *'"status":"ok"'* && "$reply" == *'"device_id"'* && "$reply" == *'"device_token_sealed"'* && "$reply" != *'"device_token":'* ]]; then
     pass "onboarding-through-unit ($((t_reply - t_announce)) ms)"
 else
     fail onboarding-through-unit "reply: ${reply:-none within 10 s}"
@@ -341,12 +362,12 @@ else
     fail watchdog-kills-and-restarts-hung-daemon "MainPID=$(show MainPID) NRestarts=$(show NRestarts) state=$(show ActiveState)/$(show SubState)"
 fi
 # Service still works after the restart (state reloaded from the store).
-reply2="$(onboard "$sensor" 2>&1)"
+reply2="$(onboard "$sensor" "$sensor_proof" 2>&1)"
 if [[ "$reply2" == *'"status":"ok"'* ]]; then pass onboarding-after-restart; else fail onboarding-after-restart "reply: ${reply2:-none within 10 s}"; fi
 
 # ------------------------------------------------------------- claim key ---
-# The optional claim key comes through the shipped drop-in (systemd 252 fails a
-# unit whose LoadCredential= file is missing, so it is not in the main unit).
+# A claim key of the operator's own comes through the shipped drop-in (systemd 252
+# fails a unit whose LoadCredential= file is missing, so it is not in the main unit).
 printf 'claim-key-%s' "$RANDOM$RANDOM" | guest_write /etc/onboardd/claim-key 0600
 guest_copy "$repo/systemd/claim-key.conf" /etc/systemd/system/onboardd.service.d/claim-key.conf 0644
 if guest_exec 'systemctl daemon-reload && systemctl restart onboardd.service' && [[ "$(show ActiveState)" == active ]]; then
@@ -355,20 +376,21 @@ else
     fail claim-key-drop-in-starts "state=$(show ActiveState)/$(show SubState): $(guest_exec 'journalctl -u onboardd -n 5 -o cat --no-pager' | tr '\n' ' ')"
 fi
 claimed="claim-$RANDOM$RANDOM"
-reply3="$(onboard "$claimed" 2>&1)"
+# A proof made with the generated key no longer proves anything.
+reply3="$(onboard "$claimed" "$(proof_of "$(sensor_key_of "$claimed")")" 2>&1)"
 if [[ "$reply3" == *unauthorized* && "$reply3" != *'"status":"ok"'* ]]; then
-    pass announce-without-claim-refused
+    pass announce-with-another-keys-proof-refused
 else
-    fail announce-without-claim-refused "reply: ${reply3:-none within 10 s}"
+    fail announce-with-another-keys-proof-refused "reply: ${reply3:-none within 10 s}"
 fi
-# Derive the claim as the operator would (outside the unit, the key files are
+# Derive the sensor key as the operator would (outside the unit, the key files are
 # given by absolute path: there is no $CREDENTIALS_DIRECTORY).
-claim="$(guest_exec "onboardd claim --key-file /etc/onboardd/claim-key '$claimed'" 2>&1 | tail -n 1)"
-reply4="$(onboard "$claimed" "$claim" 2>&1)"
-if [[ "$reply4" == *'"status":"ok"'* ]]; then
-    pass announce-with-claim-onboarded
+claimed_key="$(sensor_key_of "$claimed" /etc/onboardd/claim-key)"
+reply4="$(onboard "$claimed" "$(proof_of "$claimed_key")" 2>&1)"
+if [[ "$reply4" == *'"status":"ok"'* && "$reply4" == *'"device_token_sealed"'* ]]; then
+    pass announce-with-proof-onboarded
 else
-    fail announce-with-claim-onboarded "claim '$claim', reply: ${reply4:-none within 10 s}"
+    fail announce-with-proof-onboarded "sensor key '$claimed_key', reply: ${reply4:-none within 10 s}"
 fi
 
 if ((failed)); then

@@ -1,0 +1,399 @@
+//! The sensor protocol (README "Security"): an announce proves its sensor id, and the
+//! token goes out sealed for that sensor alone. Run against a real (anonymous)
+//! mosquitto with the shipped `[security]` defaults — proofs required, no key
+//! configured, so the daemon generates one — except where a test says otherwise.
+//! The sensor side (`harness::firmware`) is written from the README with RustCrypto
+//! crates, never with onboardd's code.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::Path;
+
+use common::*;
+use harness::firmware;
+use serde_json::Value;
+
+/// onboardd with the shipped security defaults on `state` (kept across restarts).
+fn daemon_with_default_security(
+    broker: &Mosquitto,
+    cloud: &fake_qubitro::FakeQubitro,
+    state: &Path,
+    env: Vec<(String, String)>,
+) -> Daemon {
+    bin();
+    let toml = config_toml_default_security(broker.port, cloud, state, "");
+    assert!(!toml.contains("require_claim") && !toml.contains("claim_key"));
+    Daemon::from_toml(state, &toml, env)
+}
+
+/// The key the daemon generated, as the sensor would have it flashed.
+fn sensor_key_from_store(state: &Path, sensor: &str) -> [u8; 32] {
+    firmware::sensor_key(&firmware::generated_claim_key(&state.join("db")), sensor)
+}
+
+/// The token an ok reply seals, opened as a sensor would, after checking the reply
+/// has no token in clear.
+fn unseal_ok(key: &[u8; 32], sensor: &str, ok: &Value) -> String {
+    assert_eq!(ok["status"], "ok", "{ok}");
+    assert!(ok.get("device_token").is_none(), "a token in clear: {ok}");
+    let sealed = ok["device_token_sealed"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no device_token_sealed: {ok}"));
+    let device = ok["device_id"].as_str().expect("device_id in clear");
+    firmware::unseal(key, sensor, device, sealed).unwrap_or_else(|e| panic!("{e}: {ok}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_default_an_announce_without_a_valid_proof_is_unauthorized_and_creates_nothing() {
+    let broker = Mosquitto::start();
+    let cloud = fake_cloud().await;
+    let state = tempfile::tempdir().unwrap();
+    let d = daemon_with_default_security(&broker, &cloud, state.path(), vec![]);
+    d.wait_subscribed();
+    let key = sensor_key_from_store(state.path(), "plain-1");
+    let mut s = Sensor::connect(broker.port, "plain-1").await;
+
+    let other = sensor_key_from_store(state.path(), "plain-2");
+    for (what, payload) in [
+        ("no proof", "{}".to_string()),
+        ("an empty payload", String::new()),
+        (
+            // What a sensor of the old protocol sent: its HMAC as `claim`.
+            "only the old claim",
+            format!(r#"{{"claim":"{}"}}"#, hex::encode(key)),
+        ),
+        ("a non-hex proof", r#"{"proof":"not hex"}"#.to_string()),
+        (
+            "another sensor's proof",
+            firmware::announce_with_proof(&other, ""),
+        ),
+        (
+            "the sensor key as proof",
+            format!(r#"{{"proof":"{}"}}"#, hex::encode(key)),
+        ),
+    ] {
+        s.announce(&payload).await;
+        let r = s.reply().await;
+        assert_eq!(
+            (r["status"].as_str(), r["code"].as_str()),
+            (Some("error"), Some("unauthorized")),
+            "{what}: {r}"
+        );
+        assert!(r.get("device_token").is_none() && r.get("device_token_sealed").is_none());
+    }
+    assert_eq!(cloud.requests().len(), 0, "no cloud call without a proof");
+    assert_eq!(d.state_of("plain-1"), None, "nothing recorded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_proof_the_reply_has_no_clear_token_and_unseals_to_the_clouds_token() {
+    let broker = Mosquitto::start();
+    let cloud = fake_cloud().await;
+    let state = tempfile::tempdir().unwrap();
+    let d = daemon_with_default_security(&broker, &cloud, state.path(), vec![]);
+    d.wait_subscribed();
+    let key = sensor_key_from_store(state.path(), "sealed-1");
+    let mut s = Sensor::connect(broker.port, "sealed-1").await;
+
+    s.announce(&firmware::announce_with_proof(
+        &key,
+        r#""request_id":"boot-1""#,
+    ))
+    .await;
+    let ok = s.reply_with_status("ok").await;
+    assert_eq!(ok["request_id"], "boot-1");
+    let devices = cloud.devices();
+    assert_eq!(devices.len(), 1);
+    assert_eq!(ok["device_id"], devices[0].id.as_str());
+    assert_eq!(unseal_ok(&key, "sealed-1", &ok), devices[0].token);
+    // Bound to the sensor: another sensor's key does not open it.
+    let other = sensor_key_from_store(state.path(), "sealed-2");
+    let sealed = ok["device_token_sealed"].as_str().unwrap();
+    assert!(firmware::unseal(&other, "sealed-1", &devices[0].id, sealed).is_err());
+
+    // Known sensor, answered from the store: sealed too, with a fresh nonce.
+    s.announce(&firmware::announce_with_proof(&key, "")).await;
+    let again = s.reply_with_status("ok").await;
+    assert_eq!(unseal_ok(&key, "sealed-1", &again), devices[0].token);
+    assert_ne!(again["device_token_sealed"], ok["device_token_sealed"]);
+    // And without the proof, a known sensor gets nothing.
+    s.announce("{}").await;
+    assert_eq!(s.reply().await["code"], "unauthorized");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_generated_claim_key_is_private_64_hex_and_a_newline_and_kept_across_restarts() {
+    let broker = Mosquitto::start();
+    let cloud = fake_cloud().await;
+    let state = tempfile::tempdir().unwrap();
+    let mut d = daemon_with_default_security(&broker, &cloud, state.path(), vec![]);
+    d.wait_subscribed();
+    d.log.wait_for("generated this gateway's claim key");
+    let path = state.path().join("db").join("claim-key");
+    let key = firmware::generated_claim_key(&state.path().join("db"));
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "claim-key mode {mode:o}");
+    assert!(!d.log.text().contains(&key), "the key is never logged");
+
+    assert_eq!(d.signal_and_wait(libc::SIGTERM).code(), Some(0));
+    d.spawn();
+    d.wait_subscribed();
+    assert_eq!(firmware::generated_claim_key(&state.path().join("db")), key);
+    assert!(!d.log.text().contains("generated this gateway's claim key"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onboardd_claim_prints_the_sensor_key_and_without_a_key_says_how_to_get_one_creating_nothing(
+) {
+    let broker = Mosquitto::start();
+    let cloud = fake_cloud().await;
+    let state = tempfile::tempdir().unwrap();
+    // As an operator's shell or a factory station would have it: no API key.
+    let toml = config_toml_default_security(broker.port, &cloud, state.path(), "").replace(
+        &format!("api_key = \"{}\"", cloud.api_key()),
+        "api_key = \"\"",
+    );
+    let config = state.path().join("claim.toml");
+    std::fs::write(&config, toml).unwrap();
+    let claim = |args: &[&str]| {
+        let out = std::process::Command::new(bin())
+            .arg("claim")
+            .args(args)
+            .env_remove("ONBOARDD_CLAIM_KEY_FILE")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let config_arg = config.to_str().unwrap();
+
+    let (code, out, err) = claim(&["--config", config_arg, "temp-01"]);
+    assert_ne!(code, Some(0));
+    assert_eq!(out, "");
+    assert!(
+        err.contains("no claim key yet") && err.contains("Start the daemon once"),
+        "{err}"
+    );
+    assert!(err.contains("claim_key_file"), "{err}");
+    assert!(!state.path().join("db").exists(), "created nothing");
+
+    let d = daemon_with_default_security(&broker, &cloud, state.path(), vec![]);
+    d.wait_subscribed();
+    let generated = firmware::generated_claim_key(&state.path().join("db"));
+    let expected = format!(
+        "{}\n",
+        hex::encode(firmware::sensor_key(&generated, "temp-01"))
+    );
+    let (code, out, err) = claim(&["--config", config_arg, "temp-01"]);
+    assert_eq!((code, out.as_str()), (Some(0), expected.as_str()), "{err}");
+    let key_file = state.path().join("db").join("claim-key");
+    let (code, out, _) = claim(&["--key-file", key_file.to_str().unwrap(), "temp-01"]);
+    assert_eq!((code, out.as_str()), (Some(0), expected.as_str()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_require_claim_a_warning_names_it_and_tokens_go_in_clear_but_a_proof_is_still_checked_and_sealed(
+) {
+    let broker = Mosquitto::start();
+    let cloud = fake_cloud().await;
+    let state = tempfile::tempdir().unwrap();
+    let warning = "security.require_claim = false";
+    // The harness default: proofs optional.
+    let mut d = Daemon::with_state(broker.port, &cloud, state.path(), "", vec![]);
+    d.wait_subscribed();
+    d.log.wait_for(warning);
+
+    let mut plain = Sensor::connect(broker.port, "open-1").await;
+    plain.announce("{}").await;
+    let ok = plain.reply_with_status("ok").await;
+    let token = &cloud.devices()[0].token;
+    assert_eq!(ok["device_token"], token.as_str(), "in clear, as asked");
+    assert!(ok.get("device_token_sealed").is_none());
+
+    let key = sensor_key_from_store(state.path(), "proven-1");
+    let mut proven = Sensor::connect(broker.port, "proven-1").await;
+    proven
+        .announce(&firmware::announce_with_proof(&key, ""))
+        .await;
+    let ok = proven.reply_with_status("ok").await;
+    let device = cloud_devices_of(&cloud, "proven-1").remove(0);
+    assert_eq!(unseal_ok(&key, "proven-1", &ok), device.token);
+
+    let mut wrong = Sensor::connect(broker.port, "wrong-1").await;
+    wrong
+        .announce(&firmware::announce_with_proof(&key, ""))
+        .await;
+    assert_eq!(wrong.reply().await["code"], "unauthorized");
+    assert!(cloud_devices_of(&cloud, "wrong-1").is_empty());
+
+    // At every start.
+    assert_eq!(d.signal_and_wait(libc::SIGTERM).code(), Some(0));
+    d.spawn();
+    d.wait_subscribed();
+    d.log.wait_for(warning);
+}
+
+/// Everything published on the broker while `scenario` runs, as a client subscribed
+/// to `#` sees it: (topic, payload).
+async fn everything_published(spy: &mut Sensor) -> Vec<(String, String)> {
+    spy.announce_on("spy/end", "end").await;
+    let mut seen = Vec::new();
+    loop {
+        let (topic, payload, _) = spy.next_raw().await;
+        if topic == "spy/end" {
+            return seen;
+        }
+        seen.push((topic, String::from_utf8_lossy(&payload).into_owned()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "failpoints"),
+    ignore = "needs failpoints: cargo test --workspace --features failpoints"
+)]
+async fn a_client_subscribed_to_everything_never_sees_a_token_or_a_sensor_key() {
+    let broker = Mosquitto::start();
+    let cloud = fake_cloud().await;
+    // The first create fails: the sensor waits, and announces again meanwhile.
+    cloud.push_faults(fake_qubitro::Endpoint::Create, vec![status_fault(500)]);
+    let state = tempfile::tempdir().unwrap();
+    let mut d = daemon_with_default_security(&broker, &cloud, state.path(), vec![]);
+    d.wait_subscribed();
+    let mut spy = Sensor::connect_as(broker.port, "spy", "#", None).await;
+
+    // A new sensor: pending, a second announce waiting with it, then ok to both.
+    let key = sensor_key_from_store(state.path(), "watched-1");
+    let mut s = Sensor::connect(broker.port, "watched-1").await;
+    s.announce(&firmware::announce_with_proof(&key, r#""request_id":"r1""#))
+        .await;
+    assert_eq!(s.reply().await["status"], "pending");
+    s.announce(&firmware::announce_with_proof(&key, r#""request_id":"r2""#))
+        .await;
+    let mut answered = Vec::new();
+    while answered.len() < 2 {
+        let r = s.reply().await;
+        if r["status"] == "ok" {
+            let token = unseal_ok(&key, "watched-1", &r);
+            assert_eq!(token, cloud_devices_of(&cloud, "watched-1")[0].token);
+            answered.push(r["request_id"].as_str().unwrap().to_string());
+        }
+    }
+    answered.sort();
+    assert_eq!(answered, ["r1", "r2"], "the waiting route was answered too");
+    // A re-announce, answered from the store.
+    s.announce(&firmware::announce_with_proof(&key, "")).await;
+    unseal_ok(&key, "watched-1", &s.reply_with_status("ok").await);
+
+    // A restart with a reply still owed: killed once `Created` is on disk, before the
+    // reply left; the next start publishes it again from the store.
+    assert_eq!(d.signal_and_wait_async(libc::SIGTERM).await.code(), Some(0));
+    d.set_env(onboardd::failpoint::ENV, "after_created_recorded");
+    d.spawn();
+    d.wait_subscribed();
+    let key2 = sensor_key_from_store(state.path(), "watched-2");
+    let mut s2 = Sensor::connect(broker.port, "watched-2").await;
+    s2.announce_acked(&firmware::announce_with_proof(&key2, ""))
+        .await;
+    d.wait_exit_async().await;
+    d.clear_env();
+    d.spawn();
+    let ok = s2.reply_with_status("ok").await;
+    assert_eq!(
+        unseal_ok(&key2, "watched-2", &ok),
+        cloud_devices_of(&cloud, "watched-2")[0].token
+    );
+    assert!(
+        d.log.text().contains("publishing again"),
+        "the reply came from the republish: {}",
+        d.log.text()
+    );
+
+    let seen = everything_published(&mut spy).await;
+    let claim_key = firmware::generated_claim_key(&state.path().join("db"));
+    let mut secrets = vec![claim_key, hex::encode(key), hex::encode(key2)];
+    secrets.extend(cloud.devices().into_iter().map(|d| d.token));
+    for (topic, payload) in &seen {
+        for secret in &secrets {
+            assert!(
+                !payload.contains(secret.as_str()),
+                "a secret crossed the broker on {topic}: {payload}"
+            );
+        }
+    }
+    let sealed_replies = seen
+        .iter()
+        .filter(|(t, p)| t.starts_with("onboard/reply/") && p.contains("device_token_sealed"))
+        .count();
+    assert!(sealed_replies >= 4, "the spy saw the replies: {seen:?}");
+    assert!(seen.iter().any(|(t, _)| t == "onboard/announce/watched-1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_database_moved_aside_keeps_the_claim_key_the_sensors_hold() {
+    let broker = Mosquitto::start();
+    let cloud = fake_cloud().await;
+    let state = tempfile::tempdir().unwrap();
+    let db = state.path().join("db");
+    std::fs::create_dir_all(&db).unwrap();
+    // A key made earlier (sensors were flashed with keys from it), then sled's files
+    // turned unreadable.
+    let key_text = "7f".repeat(32);
+    std::fs::write(db.join("claim-key"), format!("{key_text}\n")).unwrap();
+    std::fs::set_permissions(db.join("claim-key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::write(db.join("conf"), b"\xff\xfe not a sled config").unwrap();
+    std::fs::write(db.join("db"), vec![0xA5; 8192]).unwrap();
+
+    let d = daemon_with_default_security(&broker, &cloud, state.path(), vec![]);
+    d.log.wait_for_async("DATABASE UNREADABLE").await;
+    d.wait_subscribed();
+    assert_eq!(firmware::generated_claim_key(&db), key_text);
+    let key = firmware::sensor_key(&key_text, "kept-1");
+    let mut s = Sensor::connect(broker.port, "kept-1").await;
+    s.announce(&firmware::announce_with_proof(&key, "")).await;
+    let ok = s.reply_with_status("ok").await;
+    assert_eq!(
+        unseal_ok(&key, "kept-1", &ok),
+        cloud_devices_of(&cloud, "kept-1")[0].token
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "failpoints"),
+    ignore = "needs failpoints: cargo test --workspace --features failpoints"
+)]
+async fn a_reply_owed_from_before_proofs_were_required_goes_out_sealed_once_they_are() {
+    let broker = Mosquitto::start();
+    let cloud = fake_cloud().await;
+    let state = tempfile::tempdir().unwrap();
+    // Proofs off: an announce without one, and the daemon dies before its reply left.
+    let mut d = Daemon::with_state(
+        broker.port,
+        &cloud,
+        state.path(),
+        "",
+        vec![(
+            onboardd::failpoint::ENV.into(),
+            "after_created_recorded".into(),
+        )],
+    );
+    d.wait_subscribed();
+    let mut s = Sensor::connect(broker.port, "legacy-1").await;
+    s.announce_acked("{}").await;
+    d.wait_exit_async().await;
+
+    // Proofs on: the reply owed to that unproven announce is published again, sealed.
+    let mut d = daemon_with_default_security(&broker, &cloud, state.path(), vec![]);
+    let ok = s.reply_with_status("ok").await;
+    let key = sensor_key_from_store(state.path(), "legacy-1");
+    assert_eq!(
+        unseal_ok(&key, "legacy-1", &ok),
+        cloud_devices_of(&cloud, "legacy-1")[0].token
+    );
+    assert_eq!(d.signal_and_wait_async(libc::SIGTERM).await.code(), Some(0));
+}
