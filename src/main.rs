@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use onboardd::config::{self, Config, ConfigError, DEFAULT_CONFIG, DEFAULT_CONFIG_PATH};
+use onboardd::config::{self, Config, ConfigError, Needs, DEFAULT_CONFIG, DEFAULT_CONFIG_PATH};
 use onboardd::control::{self, DevicesCommand, Outcome};
 use onboardd::logging::LogError;
 
@@ -112,10 +112,17 @@ fn execute(command: Command) -> Result<ExitCode, Failure> {
     match command {
         Command::PrintDefaultConfig => print!("{DEFAULT_CONFIG}"),
         Command::CheckConfig(c) => {
-            let cfg = Config::load(&c.config)?;
+            // The packaged unit hands the API key (and the MQTT password) to the
+            // service alone: their absence here is a note, not an error.
+            let cfg = Config::load_for(&c.config, Needs::Local)?;
             println!("# {}: valid", c.config.display());
             print!("{}", cfg.redacted_toml());
             config::warn_if_readable_secrets(&c.config, &cfg);
+            if cfg.require_api_key().is_err() && cfg.qubitro.api_key_file.is_empty() {
+                eprintln!(
+                    "onboardd: note: no qubitro.api_key here; `run` needs one (the packaged unit hands it over from /etc/onboardd/qubitro-api-key with LoadCredential= and ONBOARDD__QUBITRO__API_KEY_FILE)"
+                );
+            }
         }
         Command::Run(c) => run(&c.config)?,
         Command::Claim {
@@ -123,7 +130,9 @@ fn execute(command: Command) -> Result<ExitCode, Failure> {
             sensor_id,
         } => claim(&key_file, &sensor_id)?,
         Command::Devices { cfg, action } => {
-            let cfg = Config::load(&cfg.config)?;
+            let mut cfg = Config::load_for(&cfg.config, Needs::Local)?;
+            // Before the runtime starts: a single thread changes its user.
+            control::client::become_store_owner(&mut cfg).map_err(anyhow::Error::from)?;
             let outcome = runtime()?
                 .block_on(control::client::devices(&cfg, action))
                 .map_err(anyhow::Error::from)?;
