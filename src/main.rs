@@ -130,9 +130,7 @@ fn execute(command: Command) -> Result<ExitCode, Failure> {
             sensor_id,
         } => claim(&key_file, &sensor_id)?,
         Command::Devices { cfg, action } => {
-            let mut cfg = Config::load_for(&cfg.config, Needs::Local)?;
-            // Before the runtime starts: a single thread changes its user.
-            control::client::become_store_owner(&mut cfg).map_err(anyhow::Error::from)?;
+            let cfg = Config::load_for(&cfg.config, Needs::Local)?;
             let outcome = runtime()?
                 .block_on(control::client::devices(&cfg, action))
                 .map_err(anyhow::Error::from)?;

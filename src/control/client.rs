@@ -7,7 +7,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
 use super::{server, ControlError, DeviceRow, Request, Response};
-use crate::config::Config;
+use crate::config::{Config, StoreConfig};
 use crate::store::Store;
 
 /// One `onboardd devices …` command (the clap subcommand of the binary).
@@ -130,7 +130,9 @@ async fn ask(cfg: &Config, req: Request) -> Result<Response, ControlError> {
                     path: PathBuf::from(&cfg.store.path),
                 });
             }
-            let (store, _) = Store::open(&cfg.store).map_err(|source| ControlError::NoDaemon {
+            let mut store_cfg = cfg.store.clone();
+            become_store_owner(&mut store_cfg)?;
+            let (store, _) = Store::open(&store_cfg).map_err(|source| ControlError::NoDaemon {
                 socket: cfg.control.socket.clone(),
                 source,
             })?;
@@ -148,22 +150,21 @@ async fn ask(cfg: &Config, req: Request) -> Result<Response, ControlError> {
     }
 }
 
-/// Run as root, the `devices` commands become the owner of the store directory
-/// (its uid and gid, no supplementary groups) before anything else, so that
-/// opening the store while the daemon is stopped never leaves a root-owned file
-/// where the service's user must write (under `DynamicUser=` that user exists
-/// only while the service runs). The process first changes into the directory,
-/// because the packaged one (`/var/lib/private/onboardd`) sits below a root-only
-/// directory the owner cannot traverse; `cfg.store.path` then becomes `.`. The
-/// control socket stays reachable: the daemon accepts its own user. Does nothing
-/// when not root, or when the store is missing or owned by root.
-pub fn become_store_owner(cfg: &mut Config) -> Result<(), ControlError> {
+/// Run as root with no daemon answering, the `devices` commands become the owner
+/// of the store directory (its uid and gid, no supplementary groups) before
+/// opening it, so that they never leave a root-owned file where the service's
+/// user must write (under `DynamicUser=` that user exists only while the service
+/// runs). The process first changes into the directory, because the packaged one
+/// (`/var/lib/private/onboardd`) sits below a root-only directory its owner cannot
+/// traverse; `cfg.path` then becomes `.`. glibc applies set*id to every thread of
+/// the process. Does nothing when not root, or when the store is owned by root.
+pub fn become_store_owner(cfg: &mut StoreConfig) -> Result<(), ControlError> {
     use std::os::unix::fs::MetadataExt;
     // SAFETY: geteuid(2) cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         return Ok(());
     }
-    let path = PathBuf::from(&cfg.store.path);
+    let path = PathBuf::from(&cfg.path);
     let Ok(meta) = std::fs::metadata(&path) else {
         return Ok(());
     };
@@ -177,8 +178,7 @@ pub fn become_store_owner(cfg: &mut Config) -> Result<(), ControlError> {
         source,
     };
     std::env::set_current_dir(&path).map_err(fail)?;
-    // SAFETY: plain syscalls on integers; glibc applies set*id to every thread.
-    // Groups first, then gid, then uid (after setuid we could no longer change them).
+    // SAFETY: plain syscalls on integers. Groups first, then gid, then uid (after setuid we could no longer change them).
     unsafe {
         if libc::setgroups(0, std::ptr::null()) != 0
             || libc::setgid(gid) != 0
@@ -187,7 +187,7 @@ pub fn become_store_owner(cfg: &mut Config) -> Result<(), ControlError> {
             return Err(fail(std::io::Error::last_os_error()));
         }
     }
-    cfg.store.path = ".".to_string();
+    cfg.path = ".".to_string();
     Ok(())
 }
 
