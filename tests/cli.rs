@@ -405,7 +405,10 @@ async fn devices_and_check_config_work_without_the_api_key_and_only_run_needs_it
     let (code, out, err) = run(&["check-config", "--config", nokey.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("valid"), "{out}");
-    assert!(err.contains("note: no qubitro.api_key here"), "{err}");
+    assert!(
+        err.contains("note: `run` in this environment would stop: qubitro.api_key: is required"),
+        "{err}"
+    );
 
     assert_eq!(d.signal_and_wait(libc::SIGTERM).code(), Some(0));
     check(); // daemon stopped: the store opened directly
