@@ -8,6 +8,8 @@
 //!   effect.
 //! - [`delivery`]: the replies, and the broker's acknowledgements that move a record
 //!   from `Created` to `Delivered`.
+//! - [`rejections`]: specs Qubitro rejected recently, so the same announce again is
+//!   refused without a cloud call (per-sensor exponential backoff, bounded).
 //!
 //! This file holds what they share. Only the engine writes records: `devices forget`
 //! goes through [`Engine::forget`] too.
