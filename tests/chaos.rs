@@ -5,9 +5,10 @@
 //! times, some several times, while the schedule restarts the broker, kills (SIGKILL) and
 //! stops (SIGTERM) onboardd on the same state dir, makes the fake Qubitro fail (5xx, 429 with
 //! Retry-After, hangs past `request_timeout_ms`, slow answers, creates that succeed but answer
-//! too late, whole outages) and forgets onboarded sensors, which then announce again. When the
-//! faults stop (cloud healthy, broker and daemon up) no sensor announces again, and the test
-//! waits, bounded, for the invariant:
+//! too late or with a 5xx, whole outages) and forgets onboarded sensors, which then announce
+//! again. A fifth of the fleet boots in bursts (a power cut), so more replies are outstanding
+//! than the broker's Receive Maximum. When the faults stop (cloud healthy, broker and daemon
+//! up) no sensor announces again, and the test waits, bounded, for the invariant:
 //!
 //! - every sensor has exactly one device in the cloud (by `metadata.sensor_id`), and no other
 //!   device exists;
@@ -69,6 +70,8 @@ enum CloudFault {
     Hangs { ep: Endpoint, n: usize },
     /// The next creates make their device but never answer.
     CreatedThenHang { n: usize },
+    /// The next creates make their device, then answer a 5xx (the answer is lost).
+    CreatedThenStatus { n: usize, status: u16 },
     /// The next creates make their device and answer after the request timeout.
     CreatedTooLate { n: usize, ms: u64 },
     /// Every answer is slowed by `ms` (past the timeout or not) until [`Action::SlowEnd`].
@@ -105,11 +108,21 @@ enum Action {
 fn schedule(seed: u64, sensors: usize, seconds: u64) -> Vec<(u64, Action)> {
     let mut rng = fastrand::Rng::with_seed(seed);
     let span = seconds * 1000;
+    let per_minute = |n: u64| (n * seconds).div_ceil(60).max(1);
     let mut plan = Vec::new();
+    // Power cuts: a fifth of the fleet boots within 300 ms of one of these, so more replies
+    // are outstanding than the broker's Receive Maximum (20) when a fault strikes.
+    let bursts: Vec<u64> = (0..per_minute(2))
+        .map(|_| rng.u64(0..span * 8 / 10))
+        .collect();
     let mut first_announce = Vec::with_capacity(sensors);
     for i in 0..sensors {
         // Everyone announces during the chaos; some again (a reboot, a lost reply).
-        let first = rng.u64(0..span * 8 / 10);
+        let first = if rng.u8(0..100) < 20 {
+            bursts[rng.usize(0..bursts.len())] + rng.u64(0..300)
+        } else {
+            rng.u64(0..span * 9 / 10)
+        };
         first_announce.push(first);
         plan.push((first, Action::Announce(i)));
         let mut last = first;
@@ -118,7 +131,6 @@ fn schedule(seed: u64, sensors: usize, seconds: u64) -> Vec<(u64, Action)> {
             plan.push((last, Action::Announce(i)));
         }
     }
-    let per_minute = |n: u64| (n * seconds).div_ceil(60).max(1);
     // At least one of each kind, so a short run cannot pass without them.
     for _ in 0..per_minute(5) {
         plan.push((
@@ -186,9 +198,13 @@ fn schedule(seed: u64, sensors: usize, seconds: u64) -> Vec<(u64, Action)> {
                 n: rng.usize(1..4),
             },
             62..=73 => CloudFault::CreatedThenHang { n: rng.usize(1..4) },
-            74..=85 => CloudFault::CreatedTooLate {
+            74..=79 => CloudFault::CreatedTooLate {
                 n: rng.usize(1..4),
                 ms: rng.u64(REQUEST_TIMEOUT_MS + 200..REQUEST_TIMEOUT_MS * 3),
+            },
+            80..=85 => CloudFault::CreatedThenStatus {
+                n: rng.usize(1..4),
+                status: [500, 502, 503][rng.usize(0..3)],
             },
             86..=93 => {
                 let ms = rng.u64(100..REQUEST_TIMEOUT_MS * 3 / 2);
@@ -202,6 +218,12 @@ fn schedule(seed: u64, sensors: usize, seconds: u64) -> Vec<(u64, Action)> {
         };
         plan.push((at, Action::Cloud(fault)));
     }
+    // A last outage that only ends with the faults: sensors still pending then must get their
+    // ok without announcing again.
+    plan.push((
+        rng.u64(span * 88 / 100..span * 92 / 100),
+        Action::Cloud(CloudFault::Down),
+    ));
     // Stable: equal times keep their order, so the plan is a function of the seed alone.
     plan.sort_by_key(|(at, _)| *at);
     plan
@@ -558,6 +580,11 @@ max_new_devices_per_hour = 1000000
                     CloudFault::CreatedThenHang { n } => {
                         cloud.push_faults(Endpoint::Create, vec![Fault::CreatedThenHang; n]);
                         "created_then_hang"
+                    }
+                    CloudFault::CreatedThenStatus { n, status } => {
+                        let f = Fault::CreatedThenStatus(status);
+                        cloud.push_faults(Endpoint::Create, vec![f; n]);
+                        "created_then_5xx"
                     }
                     CloudFault::CreatedTooLate { n, ms } => {
                         let f = Fault::Delay(Duration::from_millis(ms));
