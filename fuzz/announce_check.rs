@@ -117,6 +117,16 @@ fn check_announce(data: &[u8]) -> Outcome {
                     chars(v) <= announce::MAX_METADATA_VALUE_CHARS,
                     "value of {k:?}"
                 );
+                assert!(
+                    !k.chars().any(char::is_control) && !v.chars().any(char::is_control),
+                    "control char in metadata {k:?}: {v:?}"
+                );
+            }
+            for reserved in ["device_id", "device_token"] {
+                assert!(
+                    !spec.metadata.contains_key(reserved),
+                    "reserved metadata key {reserved} accepted"
+                );
             }
             if let Some(r) = &a.request_id {
                 assert!(chars(r) <= announce::MAX_REQUEST_ID_CHARS);

@@ -24,8 +24,10 @@ pub const MAX_BRAND_MODEL_CHARS: usize = 100;
 /// as `unauthorized`), anything longer is a malformed field.
 pub const MAX_PROOF_CHARS: usize = 128;
 
-/// Metadata keys onboardd sets itself; an announce may not override them.
-pub const RESERVED_METADATA: [&str; 2] = ["sensor_id", "gateway_id"];
+/// Metadata keys an announce may not set: onboardd sets `sensor_id` and
+/// `gateway_id` itself, and `device_id`/`device_token` in a cloud answer's
+/// `data.metadata` (an older documented shape) must only ever come from Qubitro.
+pub const RESERVED_METADATA: [&str; 4] = ["sensor_id", "gateway_id", "device_id", "device_token"];
 
 /// What onboardd asks Qubitro to create for one sensor. Stored while the create is pending.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -201,6 +203,12 @@ pub fn parse(
                         format!("keys must be 1-{MAX_METADATA_KEY_CHARS} characters"),
                     ));
                 }
+                if k.chars().any(char::is_control) {
+                    return Err(field_err(
+                        "metadata",
+                        "keys must not contain control characters",
+                    ));
+                }
                 if RESERVED_METADATA.contains(&k.as_str()) {
                     return Err(field_err(
                         "metadata",
@@ -219,6 +227,12 @@ pub fn parse(
                         format!(
                             "value of `{k}` is longer than {MAX_METADATA_VALUE_CHARS} characters"
                         ),
+                    ));
+                }
+                if s.chars().any(char::is_control) {
+                    return Err(field_err(
+                        "metadata",
+                        format!("value of `{k}` must not contain control characters"),
                     ));
                 }
                 metadata.insert(k.clone(), s.clone());
@@ -380,6 +394,36 @@ mod tests {
         assert_eq!(ok(&ok100).spec.name.len(), 100);
         let desc = format!(r#"{{"description":"{}"}}"#, "d".repeat(501));
         assert!(err(&desc).to_string().contains("description"));
+    }
+
+    #[test]
+    fn metadata_with_control_characters_is_an_invalid_field() {
+        for payload in [
+            r#"{"metadata":{"a\nb":"v"}}"#,
+            r#"{"metadata":{"k":"line\u0000"}}"#,
+            r#"{"metadata":{"k":"esc\u001b[31m"}}"#,
+            r#"{"metadata":{"k":"del\u007f"}}"#,
+            r#"{"metadata":{"k\t":"v"}}"#,
+        ] {
+            let e = err(payload);
+            assert_eq!(e.code(), "invalid_field", "{payload}");
+            assert!(e.to_string().contains("control characters"), "{e}");
+        }
+        assert_eq!(
+            ok(r#"{"metadata":{"k":"üñí cödé"}}"#).spec.metadata["k"],
+            "üñí cödé"
+        );
+    }
+
+    #[test]
+    fn every_reserved_metadata_key_is_an_invalid_field() {
+        for key in ["sensor_id", "gateway_id", "device_id", "device_token"] {
+            let e = err(&format!(r#"{{"metadata":{{"{key}":"x"}}}}"#));
+            assert_eq!(e.code(), "invalid_field", "{key}");
+            assert!(e.to_string().contains("reserved"), "{e}");
+        }
+        let a = ok(r#"{"metadata":{"device":"x"}}"#);
+        assert!(!a.spec.metadata.contains_key("device_id"));
     }
 
     #[test]

@@ -244,9 +244,28 @@ pub struct ControlConfig {
     pub socket: String,
 }
 
+/// What a command needs from the config besides the keys every command shares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Needs {
+    /// `run`: talks to the broker and to Qubitro, so every secret must be there.
+    Cloud,
+    /// `check-config` and `devices …`: read the store or the control socket only.
+    /// The API key and the MQTT password are not required and their `*_file`s are
+    /// not read: under the packaged unit only the service gets them
+    /// (`LoadCredential=`), so `sudo onboardd devices list` must work without them.
+    /// A remote delete (`devices forget --delete-remote`) is done by the running
+    /// daemon with its own key.
+    Local,
+}
+
 impl Config {
-    /// Reads FILE (required to exist), then the environment, then validates.
+    /// Reads FILE (required to exist), then the environment, then validates for `run`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Config::load_for(path, Needs::Cloud)
+    }
+
+    /// As [`Config::load`], requiring only what `needs` says.
+    pub fn load_for(path: &Path, needs: Needs) -> Result<Config, ConfigError> {
         if !path.exists() {
             return Err(ConfigError::NotFound {
                 path: path.to_path_buf(),
@@ -265,12 +284,17 @@ impl Config {
                 source,
             })?;
         let mut cfg: Config = built.try_deserialize().map_err(ConfigError::Invalid)?;
-        cfg.resolve()?;
+        cfg.resolve(needs)?;
         Ok(cfg)
     }
 
-    /// Parses a config from TOML text alone (tests, defaults), then validates.
+    /// Parses a config from TOML text alone (tests, defaults), then validates for `run`.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml_for(text, Needs::Cloud)
+    }
+
+    /// As [`Config::from_toml`], requiring only what `needs` says.
+    pub fn from_toml_for(text: &str, needs: Needs) -> Result<Config, ConfigError> {
         let built = config::Config::builder()
             .add_source(config::File::from_str(
                 DEFAULT_CONFIG,
@@ -280,12 +304,13 @@ impl Config {
             .build()
             .map_err(ConfigError::Invalid)?;
         let mut cfg: Config = built.try_deserialize().map_err(ConfigError::Invalid)?;
-        cfg.resolve()?;
+        cfg.resolve(needs)?;
         Ok(cfg)
     }
 
     /// Fills derived defaults, reads secret files and checks every key.
-    fn resolve(&mut self) -> Result<(), ConfigError> {
+    fn resolve(&mut self, needs: Needs) -> Result<(), ConfigError> {
+        let cloud = needs == Needs::Cloud;
         if self.gateway_id.is_empty() {
             self.gateway_id = host_name().unwrap_or_else(|| "gateway".to_string());
         }
@@ -307,16 +332,18 @@ impl Config {
             .stats_topic
             .replace("{gateway_id}", &self.gateway_id);
 
-        read_secret_file(
-            "mqtt.password_file",
-            &self.mqtt.password_file,
-            &mut self.mqtt.password,
-        )?;
-        read_secret_file(
-            "qubitro.api_key_file",
-            &self.qubitro.api_key_file,
-            &mut self.qubitro.api_key,
-        )?;
+        if cloud {
+            read_secret_file(
+                "mqtt.password_file",
+                &self.mqtt.password_file,
+                &mut self.mqtt.password,
+            )?;
+            read_secret_file(
+                "qubitro.api_key_file",
+                &self.qubitro.api_key_file,
+                &mut self.qubitro.api_key,
+            )?;
+        }
         read_secret_file(
             "security.claim_key_file",
             &self.security.claim_key_file,
@@ -365,6 +392,14 @@ impl Config {
                 "mqtt.cert_file and mqtt.key_file go together",
             ));
         }
+        // TLS to the broker is on when mqtt.ca_file is set: a client certificate
+        // without it would silently be a plain-text connection.
+        if !self.mqtt.cert_file.is_empty() && self.mqtt.ca_file.is_empty() {
+            return Err(key_err(
+                "mqtt.ca_file",
+                "is required with mqtt.cert_file/mqtt.key_file (TLS to the broker); without it the connection would be plain text",
+            ));
+        }
         if self.announce.max_payload_bytes == 0 {
             return Err(key_err("announce.max_payload_bytes", "must be at least 1"));
         }
@@ -381,6 +416,12 @@ impl Config {
                 "must start with https:// (or http:// for a local fake)",
             ));
         }
+        if url.starts_with("http://") && !loopback_url(url) {
+            return Err(key_err(
+                "qubitro.base_url",
+                "http:// is allowed only for a loopback host (127.0.0.0/8, ::1, localhost): the API key and every device token would cross the network in clear; use https://",
+            ));
+        }
         self.qubitro.base_url = url.trim_end_matches('/').to_string();
         if self.qubitro.project_id.trim().is_empty() {
             return Err(key_err(
@@ -391,11 +432,8 @@ impl Config {
         if self.qubitro.project_id.contains(['/', '?', '#', ' ']) {
             return Err(key_err("qubitro.project_id", "must be a plain project id"));
         }
-        if self.qubitro.api_key.is_empty() {
-            return Err(key_err(
-                "qubitro.api_key",
-                "is required: set qubitro.api_key, qubitro.api_key_file or ONBOARDD__QUBITRO__API_KEY",
-            ));
+        if cloud {
+            self.require_api_key()?;
         }
         if self.qubitro.max_in_flight == 0 {
             return Err(key_err("qubitro.max_in_flight", "must be at least 1"));
@@ -420,6 +458,17 @@ impl Config {
         // The same check `run` makes when it installs the filter, so that
         // `check-config` refuses what `run` would.
         crate::logging::validate_level(&self.log.level).map_err(ConfigError::LogLevel)?;
+        Ok(())
+    }
+
+    /// The API key is there: every command that calls Qubitro needs it.
+    pub fn require_api_key(&self) -> Result<(), ConfigError> {
+        if self.qubitro.api_key.is_empty() {
+            return Err(key_err(
+                "qubitro.api_key",
+                "is required: set qubitro.api_key, qubitro.api_key_file or ONBOARDD__QUBITRO__API_KEY",
+            ));
+        }
         Ok(())
     }
 
@@ -451,7 +500,7 @@ pub fn warn_if_readable_secrets(path: &Path, cfg: &Config) {
         .unwrap_or(0);
     if holds_secret && mode & 0o044 != 0 {
         let msg = format!(
-            "{} holds a secret and is readable by other users (mode {:o}); chmod 600 it or move the secret to a *_file / LoadCredential=",
+            "{} holds a secret and is readable by other users (mode {:o}): move the secret out of it into a root-only file handed over with LoadCredential= and name it in the matching *_file key (the packaged unit does this for the API key: /etc/onboardd/qubitro-api-key, mode 0600). Do not chmod the config itself: the service's dynamic user must read it",
             path.display(),
             mode & 0o777
         );
@@ -462,6 +511,14 @@ pub fn warn_if_readable_secrets(path: &Path, cfg: &Config) {
     }
 }
 
+/// An `http://` URL whose host is 127.0.0.0/8, `::1` or `localhost`.
+fn loopback_url(url: &str) -> bool {
+    let Ok(u) = reqwest::Url::parse(url) else {
+        return false;
+    };
+    u.host_str().is_some_and(is_loopback_host)
+}
+
 fn env_source() -> config::Environment {
     config::Environment::with_prefix("ONBOARDD")
         .prefix_separator("__")
@@ -469,20 +526,55 @@ fn env_source() -> config::Environment {
         .try_parsing(true)
 }
 
-/// Reads a secret from a file into `target` when `file` is set. A relative name is
-/// looked up in `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`) when that is set.
+/// Reads a secret from a file into `target` when `file` is set.
 fn read_secret_file(key: &'static str, file: &str, target: &mut Secret) -> Result<(), ConfigError> {
     if file.is_empty() {
         return Ok(());
     }
+    *target = read_key_file(key, &secret_path(file))?;
+    Ok(())
+}
+
+/// Where a `*_file` secret is: a relative name is looked up in
+/// `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`) when that is set.
+fn secret_path(file: &str) -> PathBuf {
     let mut path = PathBuf::from(file);
     if path.is_relative() {
         if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
             path = Path::new(&dir).join(path);
         }
     }
-    *target = read_key_file(key, &path)?;
-    Ok(())
+    path
+}
+
+/// Warns (naming the file and the fix) when a `*_file` secret can be read by
+/// group or others: anyone on the gateway could take the key.
+pub fn warn_if_loose_secret_files(cfg: &Config) {
+    use std::os::unix::fs::PermissionsExt;
+    for (key, file) in [
+        ("mqtt.password_file", &cfg.mqtt.password_file),
+        ("qubitro.api_key_file", &cfg.qubitro.api_key_file),
+        ("security.claim_key_file", &cfg.security.claim_key_file),
+        ("mqtt.key_file", &cfg.mqtt.key_file),
+    ] {
+        if file.is_empty() {
+            continue;
+        }
+        let path = secret_path(file);
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o044 != 0 {
+            tracing::warn!(
+                key,
+                path = %path.display(),
+                mode = %format!("{mode:o}"),
+                "{key}: {} is readable by group or others (mode {mode:o}): make it owner-only (chmod 600, owned by the user that reads it) or hand it over with systemd's LoadCredential= (the packaged unit reads /etc/onboardd/qubitro-api-key, mode 0600 root, that way)",
+                path.display()
+            );
+        }
+    }
 }
 
 /// Reads a secret (API key, password, claim key) from `path`: the whole file
@@ -759,5 +851,63 @@ mod tests {
         ] {
             assert!(!is_loopback_host(h), "{h}");
         }
+    }
+
+    #[test]
+    fn plain_http_is_refused_unless_the_host_is_loopback() {
+        for url in [
+            "http://api.qubitro.com",
+            "http://10.0.0.5:8080",
+            "http://127.example.com",
+            "http://[::2]",
+            "http://localhost.evil.com",
+        ] {
+            let err = Config::from_toml(&format!("{MINIMAL}\nbase_url = \"{url}\"")).unwrap_err();
+            assert!(
+                err.to_string()
+                    .starts_with("qubitro.base_url: http:// is allowed only"),
+                "{url}: {err}"
+            );
+        }
+        for url in [
+            "http://127.0.0.1:9000",
+            "http://127.1.2.3",
+            "http://[::1]:8080/",
+            "http://localhost:3000",
+            "http://LOCALHOST",
+            "https://api.qubitro.com",
+        ] {
+            Config::from_toml(&format!("{MINIMAL}\nbase_url = \"{url}\""))
+                .unwrap_or_else(|e| panic!("{url}: {e}"));
+        }
+    }
+
+    #[test]
+    fn a_client_certificate_without_a_ca_is_a_config_error() {
+        let err = Config::from_toml(&format!(
+            "{MINIMAL}\n[mqtt]\ncert_file = \"/c.pem\"\nkey_file = \"/k.pem\""
+        ))
+        .unwrap_err();
+        assert!(
+            err.to_string().starts_with("mqtt.ca_file: is required"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn local_commands_need_no_api_key_and_read_no_cloud_secret_file() {
+        let text = "gateway_id = \"gw1\"\n[qubitro]\nproject_id = \"p\"\napi_key_file = \"/nonexistent/key\"\n[mqtt]\npassword_file = \"/nonexistent/pw\"";
+        let c = Config::from_toml_for(text, Needs::Local).unwrap();
+        assert!(c.qubitro.api_key.is_empty());
+        assert!(matches!(
+            c.require_api_key().unwrap_err(),
+            ConfigError::Key { ref key, .. } if key == "qubitro.api_key"
+        ));
+        assert!(matches!(
+            Config::from_toml_for(text, Needs::Cloud).unwrap_err(),
+            ConfigError::SecretFile { .. }
+        ));
+        let err = Config::from_toml_for("[qubitro]\nproject_id = \"p\"", Needs::Cloud).unwrap_err();
+        assert!(err.to_string().starts_with("qubitro.api_key"), "{err}");
     }
 }

@@ -25,6 +25,10 @@ const STOP_BUDGET: Duration = Duration::from_secs(8);
 
 /// Runs the daemon until `shutdown` resolves (exit 0) or a fatal error (Err: exit 1).
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    // Before anything is created: the store holds every device token, and run by
+    // hand (umask 022, no systemd UMask=) its files would be world-readable.
+    // SAFETY: umask(2) cannot fail and touches no memory.
+    unsafe { libc::umask(0o077) };
     crate::failpoint::refuse_if_requested_but_compiled_out()?;
     let started = Instant::now();
     let mut cfg = cfg;
@@ -59,6 +63,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
             cfg.gateway_id
         );
     }
+    prepare_store_dir(std::path::Path::new(&cfg.store.path))?;
+    crate::config::warn_if_loose_secret_files(&cfg);
     let (store, outcome) = Store::open(&cfg.store)?;
     if let OpenOutcome::RebuiltAfterCorruption { moved_to } = &outcome {
         tracing::error!(moved_to = %moved_to.display(), "started with an EMPTY database after corruption (old one moved to {}); sensors are re-adopted from Qubitro as they announce", moved_to.display());
@@ -273,4 +279,53 @@ async fn report(
             }
         }
     }
+}
+
+/// Creates the store directory owner-only (0700) when it is missing, and warns
+/// when an existing one (or a file in it) is open to group or others.
+fn prepare_store_dir(path: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if !path.exists() {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("store.path: cannot create {}", parent.display()))?;
+        }
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(path)
+            .with_context(|| format!("store.path: cannot create {}", path.display()))?;
+        return Ok(());
+    }
+    let loose = |p: &std::path::Path| {
+        std::fs::metadata(p)
+            .ok()
+            .map(|m| m.permissions().mode() & 0o777)
+            .filter(|mode| mode & 0o077 != 0)
+    };
+    if let Some(mode) = loose(path) {
+        tracing::warn!(
+            path = %path.display(),
+            mode = %format!("{mode:o}"),
+            "the store {} is open to group or others (mode {mode:o}) and holds every device token: chmod 700 {} (and chmod 600 the files in it)",
+            path.display(),
+            path.display()
+        );
+        return Ok(());
+    }
+    if let Ok(entries) = std::fs::read_dir(path) {
+        for entry in entries.flatten() {
+            let p = entry.path();
+            if let Some(mode) = loose(&p) {
+                tracing::warn!(
+                    path = %p.display(),
+                    mode = %format!("{mode:o}"),
+                    "{} in the store is readable by group or others (mode {mode:o}): chmod 700 {} and chmod -R go-rwx it",
+                    p.display(),
+                    path.display()
+                );
+                break;
+            }
+        }
+    }
+    Ok(())
 }

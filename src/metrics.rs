@@ -14,6 +14,7 @@ struct Counters {
     cached_replies: AtomicU64,
     pending_replies: AtomicU64,
     errors: AtomicU64,
+    retained_dropped: AtomicU64,
     cloud_requests: AtomicU64,
     cloud_latency_us_total: AtomicU64,
     cloud_latency_us_max: AtomicU64,
@@ -26,6 +27,7 @@ static COUNTERS: Counters = Counters {
     cached_replies: AtomicU64::new(0),
     pending_replies: AtomicU64::new(0),
     errors: AtomicU64::new(0),
+    retained_dropped: AtomicU64::new(0),
     cloud_requests: AtomicU64::new(0),
     cloud_latency_us_total: AtomicU64::new(0),
     cloud_latency_us_max: AtomicU64::new(0),
@@ -49,6 +51,10 @@ pub fn pending_reply() {
 pub fn error() {
     COUNTERS.errors.fetch_add(1, Relaxed);
 }
+/// An announce published with the retain flag, dropped unread.
+pub fn retained_dropped() {
+    COUNTERS.retained_dropped.fetch_add(1, Relaxed);
+}
 pub fn cloud_latency(d: Duration) {
     let us = d.as_micros() as u64;
     COUNTERS.cloud_requests.fetch_add(1, Relaxed);
@@ -65,6 +71,8 @@ pub struct Snapshot {
     pub cached_replies: u64,
     pub pending_replies: u64,
     pub errors: u64,
+    /// Announces dropped because they carried the retain flag.
+    pub retained_dropped: u64,
     /// Sensors waiting for a cloud attempt right now.
     pub pending_now: u64,
     pub cloud_requests: u64,
@@ -82,6 +90,7 @@ pub fn snapshot(pending_now: u64) -> Snapshot {
         cached_replies: COUNTERS.cached_replies.load(Relaxed),
         pending_replies: COUNTERS.pending_replies.load(Relaxed),
         errors: COUNTERS.errors.load(Relaxed),
+        retained_dropped: COUNTERS.retained_dropped.load(Relaxed),
         pending_now,
         cloud_requests: n,
         cloud_latency_ms_avg: if n == 0 {

@@ -345,6 +345,9 @@ impl EventLoopTask {
                     let mut filter = Filter::new(self.announce_topic.clone(), QoS::AtLeastOnce);
                     // A retained announce must not be acted on again at every subscribe.
                     filter.retain_forward_rule = RetainForwardRule::Never;
+                    // And one retained while we are subscribed keeps its retain flag
+                    // (MQTT 5 clears it by default), so the dispatcher can drop it.
+                    filter.preserve_retain = true;
                     if let Err(e) = self.client.try_subscribe_many(vec![filter]) {
                         tracing::error!(error = %e, "cannot queue the announce subscription: {e}");
                     }

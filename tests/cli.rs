@@ -59,7 +59,8 @@ fn check_config_names_the_offending_key_and_exits_78() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("c.toml");
     for (text, key) in [
-        ("[qubitro]\nproject_id = \"p\"", "qubitro.api_key"),
+        // (A missing API key is not an error here: only `run` needs it.)
+        ("[qubitro]\napi_key = \"k\"", "qubitro.project_id"),
         (
             "[qubitro]\nproject_id = \"p\"\napi_key = \"k\"\n[mqtt]\nport = \"x\"",
             "port",
@@ -360,5 +361,182 @@ fn the_harness_finds_the_daemon_binary_cargo_built_for_the_tests() {
     assert_eq!(
         harness::daemon::sibling_daemon_bin(),
         std::path::Path::new(env!("CARGO_BIN_EXE_onboardd"))
+    );
+}
+
+/// A copy of `cfg` without its `api_key` line, readable by everyone (as the
+/// packaged /etc/onboardd/onboardd.toml is: the key reaches only the service).
+fn without_api_key(cfg: &std::path::Path, dir: &std::path::Path) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let text: String = std::fs::read_to_string(cfg)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("api_key"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let path = dir.join("nokey.toml");
+    std::fs::write(&path, text).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_and_check_config_work_without_the_api_key_and_only_run_needs_it() {
+    let broker = Mosquitto::start();
+    let cloud = fake_cloud().await;
+    let mut d = Daemon::start(&broker, &cloud, "");
+    let mut s = Sensor::connect(broker.port, "nokey-1").await;
+    s.announce("{}").await;
+    let ok = s.reply().await;
+    let dir = tempfile::tempdir().unwrap();
+    let nokey = without_api_key(&d.config_path, dir.path());
+    assert!(!std::fs::read_to_string(&nokey)
+        .unwrap()
+        .contains(&cloud.api_key()));
+
+    let check = || {
+        for args in [&["list"][..], &["show", "nokey-1"], &["export"]] {
+            let (code, out, err) = devices(&nokey, args);
+            assert_eq!(code, 0, "devices {args:?}: {err}");
+            assert!(out.contains("nokey-1"), "devices {args:?}: {out}");
+            assert!(out.contains(ok["device_id"].as_str().unwrap()));
+        }
+    };
+    check(); // daemon running: over the socket
+    let (code, out, err) = run(&["check-config", "--config", nokey.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("valid"), "{out}");
+    assert!(
+        err.contains("note: `run` in this environment would stop: qubitro.api_key: is required"),
+        "{err}"
+    );
+
+    assert_eq!(d.signal_and_wait(libc::SIGTERM).code(), Some(0));
+    check(); // daemon stopped: the store opened directly
+
+    let (code, _, err) = run(&["run", "--config", nokey.to_str().unwrap()]);
+    assert_eq!(code, 78, "{err}");
+    assert!(err.contains("qubitro.api_key: is required"), "{err}");
+}
+
+/// Every path below `dir` (directories included) with its owner uid.
+fn owners_below(dir: &std::path::Path) -> Vec<(String, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = entry.path();
+        let meta = std::fs::symlink_metadata(&p).unwrap();
+        out.push((p.display().to_string(), meta.uid()));
+        if meta.is_dir() {
+            out.extend(owners_below(&p));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_run_as_root_leave_no_root_owned_file_in_the_services_store() {
+    let broker = Mosquitto::start();
+    let cloud = fake_cloud().await;
+    let mut d = Daemon::start(&broker, &cloud, "");
+    for id in ["own-1", "own-2"] {
+        let mut s = Sensor::connect(broker.port, id).await;
+        s.announce("{}").await;
+        assert_eq!(s.reply().await["status"], "ok");
+    }
+    assert_eq!(d.signal_and_wait(libc::SIGTERM).code(), Some(0));
+    // As under DynamicUser=: the store belongs to the service's user, and its
+    // parent directory (here the 0700 test dir) is root's.
+    let store = d.state_dir.join("db");
+    let chown = Command::new("chown")
+        .args(["-R", "65534:65534"])
+        .arg(&store)
+        .status()
+        .unwrap();
+    assert!(chown.success());
+
+    let cfg = d.config_path.clone();
+    let (code, table, err) = devices(&cfg, &["list"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        table.contains("own-1") && table.contains("own-2"),
+        "{table}"
+    );
+    // A write too: forget changes the store.
+    let (code, msg, err) = devices(&cfg, &["forget", "own-2"]);
+    assert_eq!(code, 0, "{msg} {err}");
+    let (_, table, _) = devices(&cfg, &["list"]);
+    assert!(!table.contains("own-2"), "{table}");
+    for (path, uid) in owners_below(&store) {
+        assert_eq!(uid, 65534, "{path} is owned by uid {uid}");
+    }
+
+    // No store at all: nothing is created, the message says why.
+    let missing = d.state_dir.join("never-ran");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace(&store.display().to_string(), &missing.display().to_string());
+    let other = d.state_dir.join("missing.toml");
+    std::fs::write(&other, text).unwrap();
+    let (code, _, err) = devices(&other, &["list"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("onboardd has not run here yet"), "{err}");
+    assert!(!missing.exists(), "no store is created by the CLI");
+}
+
+#[test]
+fn plain_http_to_a_remote_cloud_and_a_client_certificate_without_a_ca_are_config_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    for (extra, key) in [
+        (
+            "[qubitro]\nbase_url = \"http://api.qubitro.com\"\n",
+            "qubitro.base_url: http:// is allowed only for a loopback host",
+        ),
+        (
+            "[mqtt]\ncert_file = \"/etc/c.pem\"\nkey_file = \"/etc/k.pem\"\n",
+            "mqtt.ca_file: is required",
+        ),
+    ] {
+        std::fs::write(&path, format!("gateway_id = \"gw\"\n{extra}")).unwrap();
+        // project_id and api_key in the environment, so only the key under test fails.
+        let out = Command::new(bin())
+            .args(["check-config", "--config"])
+            .arg(&path)
+            .env("ONBOARDD__QUBITRO__PROJECT_ID", "p")
+            .env("ONBOARDD__QUBITRO__API_KEY", "k")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{extra}: {err}");
+        assert!(err.contains(key), "{extra}: {err}");
+    }
+    std::fs::write(
+        &path,
+        "[qubitro]\nbase_url = \"http://127.0.0.1:8080\"\nproject_id = \"p\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = run(&["check-config", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, 0, "loopback is fine for a local fake: {err}");
+}
+
+#[test]
+fn the_warning_about_a_readable_config_with_a_secret_gives_advice_that_works_under_the_unit() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(
+        &path,
+        "[qubitro]\nproject_id = \"p\"\napi_key = \"QB_visible\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (code, _, err) = run(&["check-config", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("LoadCredential="), "{err}");
+    assert!(err.contains("*_file"), "{err}");
+    assert!(
+        !err.contains("chmod 600 it"),
+        "chmod breaks the packaged service: {err}"
     );
 }

@@ -109,6 +109,9 @@ fn announce(rng: &mut fastrand::Rng) -> Value {
                 0 => "sensor_id".to_string(),
                 1 => "gateway_id".to_string(),
                 2 => String::new(),
+                4 => "device_id".to_string(),
+                5 => "device_token".to_string(),
+                6 => string_in(rng, 1..6, CHARS),
                 3 => "k".repeat(len_near(rng, &[64])),
                 _ => format!("k{i}"),
             };
@@ -358,6 +361,18 @@ fn values_at_each_limit_pass_the_fuzz_checks_and_one_past_is_refused() {
             json!({"sensor_id": "spoofed"}),
         ),
         ("name", json!("tab-free"), json!("line\nbreak")),
+        (
+            "metadata",
+            json!({"device": "x"}),
+            json!({"device_token": "forged"}),
+        ),
+        (
+            "metadata",
+            json!({"device": "x"}),
+            json!({"device_id": "forged"}),
+        ),
+        ("metadata", json!({"k": "plain"}), json!({"k": "bell\u{7}"})),
+        ("metadata", json!({"k": "plain"}), json!({"k\n": "v"})),
     ] {
         assert_eq!(check(field, &at), Outcome::Accepted, "{field} at its limit");
         assert_eq!(

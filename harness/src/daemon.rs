@@ -315,6 +315,12 @@ impl Daemon {
             .unwrap_or_else(|e| panic!("waiting for onboardd to exit: {e}"))
     }
 
+    /// Whether the process runs: false once it was stopped, killed, or exited by itself
+    /// (a fatal error; its log says why).
+    pub fn running(&mut self) -> bool {
+        self.proc.as_mut().is_some_and(Proc::alive)
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut p) = self.proc.take() {
             p.kill9();

@@ -234,6 +234,19 @@ impl Sensor {
         ok
     }
 
+    /// The next message (topic, payload bytes, correlation data) if one arrives within
+    /// `within`, None on timeout. Nothing is lost on a timeout: a later message is returned
+    /// by the next call (for tests that collect every reply over a long run).
+    pub async fn next_raw_within(
+        &mut self,
+        within: Duration,
+    ) -> Option<(String, Vec<u8>, Option<Vec<u8>>)> {
+        tokio::time::timeout(within, self.replies.recv())
+            .await
+            .ok()
+            .map(|m| m.expect("reply channel open"))
+    }
+
     /// True when no reply arrives within `d`. Only for an absence no later event can
     /// witness: prefer awaiting a marker reply that must come after anything unwanted.
     pub async fn silent_for(&mut self, d: Duration) -> bool {

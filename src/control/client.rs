@@ -1,11 +1,13 @@
 //! The `onboardd devices …` commands: ask the running daemon over the control
 //! socket, or open the store directly when no daemon runs, and print the answer.
 
+use std::path::{Path, PathBuf};
+
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
 use super::{server, ControlError, DeviceRow, Request, Response};
-use crate::config::Config;
+use crate::config::{Config, StoreConfig};
 use crate::store::Store;
 
 /// One `onboardd devices …` command (the clap subcommand of the binary).
@@ -50,7 +52,8 @@ pub enum Outcome {
 pub async fn devices(cfg: &Config, cmd: DevicesCommand) -> Result<Outcome, ControlError> {
     match cmd {
         DevicesCommand::List { json } => {
-            let Response::Devices { mut devices } = ask(cfg, Request::List).await? else {
+            let req = Request::List { with_tokens: false };
+            let Response::Devices { mut devices } = ask(cfg, req).await? else {
                 return Err(ControlError::Unexpected);
             };
             devices.iter_mut().for_each(|d| d.device_token = None);
@@ -66,6 +69,7 @@ pub async fn devices(cfg: &Config, cmd: DevicesCommand) -> Result<Outcome, Contr
         } => {
             let req = Request::Show {
                 sensor_id: sensor_id.clone(),
+                with_token: show_token,
             };
             let Response::Device { device } = ask(cfg, req).await? else {
                 return Err(ControlError::Unexpected);
@@ -95,7 +99,10 @@ pub async fn devices(cfg: &Config, cmd: DevicesCommand) -> Result<Outcome, Contr
             }
         }
         DevicesCommand::Export { include_tokens } => {
-            let Response::Devices { devices } = ask(cfg, Request::List).await? else {
+            let req = Request::List {
+                with_tokens: include_tokens,
+            };
+            let Response::Devices { devices } = ask(cfg, req).await? else {
                 return Err(ControlError::Unexpected);
             };
             for mut d in devices {
@@ -115,7 +122,17 @@ async fn ask(cfg: &Config, req: Request) -> Result<Response, ControlError> {
     let resp = match request(&cfg.control.socket, &req).await? {
         Some(resp) => resp,
         None => {
-            let (store, _) = Store::open(&cfg.store).map_err(|source| ControlError::NoDaemon {
+            // Never create a store here: as root that would leave root-owned files
+            // where the service's user must write.
+            if !Path::new(&cfg.store.path).is_dir() {
+                return Err(ControlError::NoStore {
+                    socket: cfg.control.socket.clone(),
+                    path: PathBuf::from(&cfg.store.path),
+                });
+            }
+            let mut store_cfg = cfg.store.clone();
+            become_store_owner(&mut store_cfg)?;
+            let (store, _) = Store::open(&store_cfg).map_err(|source| ControlError::NoDaemon {
                 socket: cfg.control.socket.clone(),
                 source,
             })?;
@@ -123,9 +140,55 @@ async fn ask(cfg: &Config, req: Request) -> Result<Response, ControlError> {
         }
     };
     match resp {
+        Response::Error { message } if message.starts_with("refused: ") => {
+            Err(ControlError::Refused {
+                message: message["refused: ".len()..].to_string(),
+            })
+        }
         Response::Error { message } => Err(ControlError::Daemon { message }),
         other => Ok(other),
     }
+}
+
+/// Run as root with no daemon answering, the `devices` commands become the owner
+/// of the store directory (its uid and gid, no supplementary groups) before
+/// opening it, so that they never leave a root-owned file where the service's
+/// user must write (under `DynamicUser=` that user exists only while the service
+/// runs). The process first changes into the directory, because the packaged one
+/// (`/var/lib/private/onboardd`) sits below a root-only directory its owner cannot
+/// traverse; `cfg.path` then becomes `.`. glibc applies set*id to every thread of
+/// the process. Does nothing when not root, or when the store is owned by root.
+pub fn become_store_owner(cfg: &mut StoreConfig) -> Result<(), ControlError> {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid(2) cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(());
+    }
+    let path = PathBuf::from(&cfg.path);
+    let Ok(meta) = std::fs::metadata(&path) else {
+        return Ok(());
+    };
+    if !meta.is_dir() || meta.uid() == 0 {
+        return Ok(());
+    }
+    let (uid, gid) = (meta.uid(), meta.gid());
+    let fail = |source: std::io::Error| ControlError::BecomeOwner {
+        uid,
+        path: path.clone(),
+        source,
+    };
+    std::env::set_current_dir(&path).map_err(fail)?;
+    // SAFETY: plain syscalls on integers. Groups first, then gid, then uid (after setuid we could no longer change them).
+    unsafe {
+        if libc::setgroups(0, std::ptr::null()) != 0
+            || libc::setgid(gid) != 0
+            || libc::setuid(uid) != 0
+        {
+            return Err(fail(std::io::Error::last_os_error()));
+        }
+    }
+    cfg.path = ".".to_string();
+    Ok(())
 }
 
 /// Sends one request to a running daemon. `Ok(None)`: no daemon listens there.
@@ -237,7 +300,11 @@ mod tests {
     async fn no_daemon_on_the_socket_is_none_not_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("absent.sock");
-        let r = request(socket.to_str().unwrap(), &Request::List).await;
+        let r = request(
+            socket.to_str().unwrap(),
+            &Request::List { with_tokens: false },
+        )
+        .await;
         assert!(matches!(r, Ok(None)), "{r:?}");
     }
 }

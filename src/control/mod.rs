@@ -71,6 +71,20 @@ pub enum ControlError {
     /// The daemon (or the store the CLI opened) answered with an error.
     #[error("{message}")]
     Daemon { message: String },
+    /// The daemon refused this client (`SO_PEERCRED`: neither root nor its own user).
+    #[error("the daemon refused this user: {message}")]
+    Refused { message: String },
+    /// No daemon answers and there is no store to open (nothing is created).
+    #[error("no daemon answers on {socket} and there is no store at {}: onboardd has not run here yet, or store.path is wrong", path.display())]
+    NoStore { socket: String, path: PathBuf },
+    /// Running as root, the CLI cannot become the store's owner before opening it.
+    #[error("cannot switch to the owner (uid {uid}) of the store {} before opening it", path.display())]
+    BecomeOwner {
+        uid: u32,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// No daemon answers and the store cannot be opened either.
     #[error("no daemon answers on {socket} and the store cannot be opened")]
     NoDaemon {
@@ -80,12 +94,19 @@ pub enum ControlError {
     },
 }
 
+/// One request line. Device tokens travel over the socket only when the operator
+/// asked for them (`--show-token`, `--include-tokens`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
-    List,
+    List {
+        #[serde(default)]
+        with_tokens: bool,
+    },
     Show {
         sensor_id: String,
+        #[serde(default)]
+        with_token: bool,
     },
     Forget {
         sensor_id: String,

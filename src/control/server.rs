@@ -40,10 +40,14 @@ pub fn serve(
     }
     // A stale socket from a killed daemon would make bind fail.
     let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path).map_err(|source| ControlError::Bind {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    // bind() creates the socket file with the umask's mode: owner-only from the
+    // first instant, never a window in which another user could connect (`run`
+    // sets 077 for the whole process; this holds even if it did not).
+    let listener =
+        with_umask(0o177, || UnixListener::bind(path)).map_err(|source| ControlError::Bind {
+            path: path.to_path_buf(),
+            source,
+        })?;
     std::fs::set_permissions(path, PermissionsExt::from_mode(0o600)).map_err(prepare(path))?;
     let path = path.to_path_buf();
     Ok(Some(tokio::spawn(async move {
@@ -55,6 +59,10 @@ pub fn serve(
             if let Ok((stream, _)) = conn {
                 let engine = engine.clone();
                 tokio::spawn(async move {
+                    if let Err(message) = check_peer(&stream) {
+                        refuse(stream, message).await;
+                        return;
+                    }
                     if let Err(e) = handle(stream, engine).await {
                         tracing::debug!(error = %crate::logging::chain(&e), "control connection failed");
                     }
@@ -63,6 +71,49 @@ pub fn serve(
         }
         let _ = std::fs::remove_file(path);
     })))
+}
+
+/// Runs `f` with the process umask set to `mask`, then restores the old one.
+fn with_umask<T>(mask: libc::mode_t, f: impl FnOnce() -> T) -> T {
+    // SAFETY: umask(2) cannot fail and touches no memory.
+    let old = unsafe { libc::umask(mask) };
+    let out = f();
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    out
+}
+
+/// Only root and the daemon's own user may use the socket (`SO_PEERCRED`): the
+/// socket's mode says the same, this holds even if someone loosened it.
+fn check_peer(stream: &UnixStream) -> Result<(), String> {
+    // SAFETY: geteuid(2) cannot fail.
+    let own = unsafe { libc::geteuid() };
+    match stream.peer_cred() {
+        Ok(cred) if cred.uid() == 0 || cred.uid() == own => Ok(()),
+        Ok(cred) => Err(format!(
+            "uid {} may not use the control socket: only root and the daemon's own user (uid {own}) may (run the command with sudo)",
+            cred.uid()
+        )),
+        Err(e) => Err(format!("cannot tell who connected (SO_PEERCRED: {e})")),
+    }
+}
+
+/// Answers a refused peer's first request with the reason, and logs it.
+async fn refuse(stream: UnixStream, message: String) {
+    tracing::warn!(
+        reason = %message,
+        "control connection refused: {message}"
+    );
+    let (r, mut w) = stream.into_split();
+    let mut lines = BufReader::new(r).lines();
+    // Reply to the request so the client prints the reason rather than "closed".
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), lines.next_line()).await;
+    if let Ok(mut out) = serde_json::to_vec(&Response::Error {
+        message: format!("refused: {message}"),
+    }) {
+        out.push(b'\n');
+        let _ = w.write_all(&out).await;
+    }
 }
 
 async fn handle(stream: UnixStream, engine: Arc<Engine>) -> Result<(), ControlError> {
@@ -85,11 +136,11 @@ async fn handle(stream: UnixStream, engine: Arc<Engine>) -> Result<(), ControlEr
 /// Answers one request against a store (the daemon's, or one the CLI opened).
 pub async fn answer(req: Request, store: &Store, engine: Option<&Engine>) -> Response {
     match req {
-        Request::List => {
+        Request::List { with_tokens } => {
             let mut devices = Vec::new();
             for item in store.scan() {
                 match item {
-                    Ok((id, rec)) => devices.push(DeviceRow::from_record(&id, &rec, true)),
+                    Ok((id, rec)) => devices.push(DeviceRow::from_record(&id, &rec, with_tokens)),
                     Err(e) => {
                         return Response::Error {
                             message: e.to_string(),
@@ -99,9 +150,12 @@ pub async fn answer(req: Request, store: &Store, engine: Option<&Engine>) -> Res
             }
             Response::Devices { devices }
         }
-        Request::Show { sensor_id } => match store.get(&sensor_id) {
+        Request::Show {
+            sensor_id,
+            with_token,
+        } => match store.get(&sensor_id) {
             Ok(rec) => Response::Device {
-                device: rec.map(|r| Box::new(DeviceRow::from_record(&sensor_id, &r, true))),
+                device: rec.map(|r| Box::new(DeviceRow::from_record(&sensor_id, &r, with_token))),
             },
             Err(e) => Response::Error {
                 message: e.to_string(),

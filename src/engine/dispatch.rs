@@ -27,6 +27,12 @@ use crate::reply::{allowed_response_topic, Reply, Route};
 use crate::security::{Denial, Proof};
 use crate::store::StoreError;
 
+/// The longest MQTT 5 Response Topic honoured: a longer one gets `invalid_field`
+/// on the default reply topic, and is never stored nor kept per waiting route.
+pub const MAX_RESPONSE_TOPIC_BYTES: usize = 256;
+/// The longest MQTT 5 Correlation Data honoured (same rule).
+pub const MAX_CORRELATION_DATA_BYTES: usize = 64;
+
 /// An announce waiting for its acknowledgement.
 pub struct AckItem {
     publish: Publish,
@@ -109,8 +115,34 @@ impl Engine {
             );
             return Ok(Decision::default());
         };
+        // A retained announce is a stale copy the broker replays to every new
+        // subscriber: acting on it would bring back a forgotten sensor (and create a
+        // new cloud device) at each subscribe. Never parsed, never answered.
+        if p.retain {
+            metrics::retained_dropped();
+            tracing::warn!(
+                sensor_id = sensor,
+                outcome = "dropped",
+                "retained announce of sensor {sensor} dropped: announces must be published without the retain flag (clear it with mosquitto_pub -t {topic} -r -n)"
+            );
+            return Ok(Decision::default());
+        }
         let mut route = Route::default();
         if let Some(props) = &p.properties {
+            let topic_len = props.response_topic.as_ref().map_or(0, String::len);
+            let corr_len = props.correlation_data.as_ref().map_or(0, |c| c.len());
+            if topic_len > MAX_RESPONSE_TOPIC_BYTES || corr_len > MAX_CORRELATION_DATA_BYTES {
+                // Answered on the default topic, without either property.
+                if p.payload.len() <= cfg.announce.max_payload_bytes {
+                    route.request_id = announce::peek_request_id(&p.payload);
+                }
+                let field = if topic_len > MAX_RESPONSE_TOPIC_BYTES {
+                    format!("response topic (MQTT 5 property) is {topic_len} bytes, more than {MAX_RESPONSE_TOPIC_BYTES}")
+                } else {
+                    format!("correlation data (MQTT 5 property) is {corr_len} bytes, more than {MAX_CORRELATION_DATA_BYTES}")
+                };
+                return Ok(self.reject(sensor, route, "invalid_field", field, None));
+            }
             if let Some(rt) = &props.response_topic {
                 if allowed_response_topic(&cfg.mqtt.reply_topic, sensor, rt) {
                     route.response_topic = Some(rt.clone());
@@ -189,6 +221,20 @@ impl Engine {
             }
             Some(rec) => Ok(self.join_pending(sensor, &rec, route)),
             None => {
+                if let Some((left, why)) =
+                    self.rejections.check(sensor, &ann.spec, self.clock.now())
+                {
+                    let message = format!(
+                        "Qubitro rejected this same device moments ago ({why}); change the announce, or ask again later"
+                    );
+                    return Ok(self.reject(
+                        sensor,
+                        route,
+                        "rejected_by_cloud",
+                        message,
+                        Some(left),
+                    ));
+                }
                 let now = self.clock.wall_ms();
                 let rec = Record::pending(ann.spec, route, self.store.next_generation()?, now);
                 match self.store.insert_new(sensor, &rec)? {

@@ -8,12 +8,15 @@
 //!   effect.
 //! - [`delivery`]: the replies, and the broker's acknowledgements that move a record
 //!   from `Created` to `Delivered`.
+//! - [`rejections`]: specs Qubitro rejected recently, so the same announce again is
+//!   refused without a cloud call (per-sensor exponential backoff, bounded).
 //!
 //! This file holds what they share. Only the engine writes records: `devices forget`
 //! goes through [`Engine::forget`] too.
 
 mod delivery;
 mod dispatch;
+mod rejections;
 mod worker;
 
 use std::sync::{Arc, Mutex};
@@ -30,7 +33,8 @@ use crate::security::Gatekeeper;
 use crate::store::{Store, StoreError};
 
 pub use delivery::Outbox;
-pub use dispatch::AckItem;
+pub use dispatch::{AckItem, MAX_CORRELATION_DATA_BYTES, MAX_RESPONSE_TOPIC_BYTES};
+use rejections::Rejections;
 use worker::{CloudHealth, Onboardings};
 
 /// Why the engine cannot go on: the daemon stops with a non-zero exit so systemd
@@ -99,6 +103,8 @@ pub struct Engine {
     onboardings: Onboardings,
     /// Whether Qubitro answers, and the pause after it refused the API key.
     health: CloudHealth,
+    /// Specs Qubitro rejected recently: the same one is refused without a call.
+    rejections: Rejections,
     shutdown: Shutdown,
     fatal: Fatal,
 }
@@ -116,6 +122,7 @@ impl Engine {
         Arc::new(Engine {
             onboardings: Onboardings::new(&cfg),
             health: CloudHealth::default(),
+            rejections: Rejections::default(),
             outbox: Outbox::new(&cfg, mqtt),
             gate: Gatekeeper::new(&cfg),
             cfg,
@@ -170,6 +177,7 @@ impl Engine {
     pub async fn forget(&self, sensor: &str) -> Result<Option<Record>, StoreError> {
         let old = self.store.remove(sensor, None)?;
         self.gate.forgotten(sensor);
+        self.rejections.forget(sensor);
         self.onboardings.take_waiting(sensor);
         self.store.flush_all().await?;
         if old.is_some() {

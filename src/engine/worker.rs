@@ -453,6 +453,19 @@ impl Engine {
                     "Qubitro rejected the device of sensor {sensor} (HTTP {status}): {message}"
                 );
                 let text = format!("Qubitro rejected the device (HTTP {status}): {message}");
+                // The same spec re-announced is refused from memory for a while.
+                let blocked = self.rejections.record(
+                    sensor,
+                    &rec.spec,
+                    &format!("HTTP {status}: {message}"),
+                    now,
+                );
+                tracing::debug!(
+                    sensor_id = sensor,
+                    blocked_s = blocked.as_secs(),
+                    "the same announce of {sensor} is refused without a cloud call for {} s",
+                    blocked.as_secs()
+                );
                 let mut routes = vec![rec.route.clone()];
                 routes.extend(self.onboardings.take_waiting(sensor));
                 for route in routes {
