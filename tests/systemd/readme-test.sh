@@ -30,7 +30,8 @@
 # terminal of a user who types them in order.
 #
 # Output: `PASS name` / `FAIL name: why` lines, then `N passed, M failed`; the
-# walkthrough's own output is printed when a check fails.
+# walkthrough's own output is printed when a check fails. ONBOARDD_TEST_KEEP=1
+# keeps the guest running and the walkthrough's output file, for a look around.
 set -uo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -136,10 +137,11 @@ log="$(mktemp -t readme-test.XXXXXX.log)"
 cleanup() {
     if [[ "${ONBOARDD_TEST_KEEP:-0}" == 1 && -n "$GUEST_PID" ]]; then
         echo "guest kept: nsenter --target $GUEST_LEADER --all /bin/bash   (stop: kill $GUEST_PID)" >&2
+        echo "walkthrough output kept: $log" >&2
     else
         guest_stop
+        rm -f "$log"
     fi
-    rm -f "$log"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
