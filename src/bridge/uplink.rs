@@ -65,6 +65,11 @@ const TAKEOVER_WINDOW: Duration = Duration::from_secs(600);
 /// This many takeovers within the window is said loudly (once per window).
 const TAKEOVERS_LOUD: usize = 3;
 
+/// A connection that still has readings to send keeps its slot at least this long
+/// when another device waits for one: without it, devices taking turns would each
+/// be closed before sending anything.
+const TURN: Duration = Duration::from_secs(5);
+
 /// How long a closing connection waits for its DISCONNECT to go out.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
@@ -415,11 +420,12 @@ impl Bridge {
             stop: shutdown.child_token(),
         };
         loop {
-            sched.schedule();
+            let again = sched.schedule();
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = self.inner.wake.notified() => {}
                 Some((sensor, end)) = sched.ended_rx.recv() => sched.on_end(sensor, end),
+                _ = sleep_until_opt(again) => {}
             }
         }
         sched.stop.cancel();
@@ -499,6 +505,13 @@ impl Inner {
     }
 }
 
+async fn sleep_until_opt(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
 fn prune(takeovers: &mut VecDeque<Instant>, now: Instant) {
     while takeovers
         .front()
@@ -522,6 +535,7 @@ struct Conn {
     cancel: CancellationToken,
     notify: Arc<Notify>,
     last_used: Instant,
+    started: Instant,
 }
 
 struct Scheduler {
@@ -536,7 +550,9 @@ struct Scheduler {
 }
 
 impl Scheduler {
-    fn schedule(&mut self) {
+    /// Opens connections for waiting devices, closing others to make room; returns
+    /// when to look again if a device still waits for a busy connection's turn.
+    fn schedule(&mut self) -> Option<Instant> {
         let dirty: Vec<String> = lock(&self.inner.dirty).drain().collect();
         let now = Instant::now();
         for sensor in dirty {
@@ -573,14 +589,17 @@ impl Scheduler {
             if to_close == 0 {
                 break;
             }
-            // The least recently used open connection makes room.
-            let Some(lru) = self
-                .conns
-                .iter()
-                .filter(|(_, c)| !c.cancel.is_cancelled())
+            // The least recently used open connection makes room: one with nothing
+            // left to send, or else one whose turn is over.
+            let now = Instant::now();
+            let open = self.conns.iter().filter(|(_, c)| !c.cancel.is_cancelled());
+            let lru = open
+                .filter(|(s, c)| {
+                    self.inner.buffer.count(s) == 0 || now.duration_since(c.started) >= TURN
+                })
                 .min_by_key(|(_, c)| c.last_used)
-                .map(|(s, _)| s.clone())
-            else {
+                .map(|(s, _)| s.clone());
+            let Some(lru) = lru else {
                 break;
             };
             tracing::debug!(sensor_id = %lru, "bridge: closing the least recently used uplink for another device");
@@ -590,6 +609,16 @@ impl Scheduler {
         for s in &self.waiting {
             self.inner.set_state(s, DeviceState::Waiting);
         }
+        if self.waiting.is_empty() {
+            return None;
+        }
+        // Look again when the first busy connection's turn is over.
+        self.conns
+            .values()
+            .filter(|c| !c.cancel.is_cancelled())
+            .map(|c| c.started + TURN)
+            .min()
+            .map(|t| t.max(Instant::now() + Duration::from_millis(100)))
     }
 
     fn start(&mut self, sensor: String) {
@@ -604,6 +633,7 @@ impl Scheduler {
                 cancel: cancel.clone(),
                 notify: notify.clone(),
                 last_used: Instant::now(),
+                started: Instant::now(),
             },
         );
         self.inner.connections.fetch_add(1, Ordering::Relaxed);
