@@ -92,6 +92,7 @@ pub fn flatten(payload: &[u8], max_bytes: usize) -> Result<Flattened, Rejection>
     let limit = max_bytes.saturating_mul(MAX_GROWTH);
     walk(
         &mut String::new(),
+        true,
         object,
         &mut Out {
             flat: &mut flat,
@@ -128,20 +129,23 @@ struct Out<'a> {
     limit: usize,
 }
 
+/// `top`: the reading itself, whose keys get no separator in front (an inner
+/// object's keys always do, even under an empty key: `{"":{"a":1}}` → `_a`).
 fn walk(
     prefix: &mut String,
+    top: bool,
     object: Map<String, Value>,
     out: &mut Out<'_>,
 ) -> Result<(), Rejection> {
     let base = prefix.len();
     for (key, value) in object {
         prefix.truncate(base);
-        if base > 0 {
+        if !top {
             prefix.push(SEPARATOR);
         }
         prefix.push_str(&key);
         if let Value::Object(inner) = value {
-            walk(prefix, inner, out)?;
+            walk(prefix, false, inner, out)?;
             continue;
         }
         *out.grown = out.grown.saturating_add(prefix.len());
@@ -192,6 +196,9 @@ mod tests {
     fn nested_objects_are_joined_with_underscores() {
         let (v, _) = ok(r#"{"env":{"hum":40,"air":{"co2":400}},"t":1}"#);
         assert_eq!(v, json!({"env_hum":40,"env_air_co2":400,"t":1}));
+        // An empty key is a level like any other.
+        let (v, _) = ok(r#"{"":{"a":1},"b":{"":2}}"#);
+        assert_eq!(v, json!({"_a":1,"b_":2}));
     }
 
     #[test]
