@@ -373,3 +373,43 @@ async fn with_one_connection_slot_devices_take_turns_and_idle_connections_close(
     );
     b.shut_down().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_session_takeovers_are_detected_and_forwarding_resumes_after() {
+    use rumqttc::v5::{AsyncClient, MqttOptions};
+    let fake = fake_cloud().await;
+    let qb = QubitroBroker::start(&fake);
+    let mut seen = qb.observer().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = start(&config(dir.path(), qb.port(), ""));
+    let d = device(&fake, &qb, "s").await;
+    b.bridge.set_device("s", &d.id, &d.token);
+    b.send("s", br#"{"n":0}"#).await;
+    assert_eq!(seen.on_topic(&d.id, 1).await, vec![json!({"n":0})]);
+
+    // A second client logging in as the same device (another gateway bridging it):
+    // each login takes the other's session over.
+    let rogue = tokio::spawn({
+        let (port, id, token) = (qb.port(), d.id.clone(), d.token.clone());
+        async move {
+            loop {
+                let mut opts = MqttOptions::new(id.clone(), "127.0.0.1", port);
+                opts.set_credentials(id.clone(), token.clone());
+                let (_client, mut el) = AsyncClient::new(opts, 4);
+                while el.poll().await.is_ok() {}
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    });
+    eventually("three takeovers are counted", || {
+        b.bridge
+            .device_status("s")
+            .is_some_and(|s| s.recent_takeovers >= 3)
+    })
+    .await;
+    rogue.abort();
+
+    b.send("s", br#"{"n":1}"#).await;
+    assert_eq!(seen.on_topic(&d.id, 1).await, vec![json!({"n":1})]);
+    b.shut_down().await;
+}

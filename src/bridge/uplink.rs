@@ -30,8 +30,9 @@
 //! with one loud log line, visible through [`Bridge::device_status`], until a new
 //! token is given ([`Bridge::set_device`]) or [`Bridge::resume`]; the others go on.
 //! Two gateways bridging one device take each other's session over (the client id is
-//! the device id): repeated DISCONNECTs with reason 0x8E are said loudly, and the
-//! reconnects back off instead of flapping.
+//! the device id): repeated DISCONNECTs with reason 0x8E — or connections the broker
+//! closes without a word right after accepting the login, which is how mosquitto
+//! 2.0 does it — are said loudly, and the reconnects back off instead of flapping.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -62,6 +63,12 @@ const RECONNECT_INITIAL: Duration = Duration::from_millis(500);
 
 /// Takeovers within this window count as "repeated".
 const TAKEOVER_WINDOW: Duration = Duration::from_secs(600);
+/// A connection the broker closes without a word this soon after accepting the
+/// login counts as a takeover too: mosquitto 2.0 closes a taken-over connection
+/// without the DISCONNECT 0x8E it queues for it (seen with 2.0.11), and other
+/// brokers may do the same.
+const TAKEOVER_SUSPECT: Duration = Duration::from_secs(10);
+
 /// This many takeovers within the window is said loudly (once per window).
 const TAKEOVERS_LOUD: usize = 3;
 
@@ -156,7 +163,8 @@ pub struct DeviceStatus {
     #[serde(flatten)]
     pub state: DeviceState,
     pub buffered: u64,
-    /// Session takeovers (DISCONNECT 0x8E) in the last ten minutes.
+    /// Session takeovers in the last ten minutes: DISCONNECT 0x8E, or the broker
+    /// closing the connection without a word within 10 s of accepting the login.
     pub recent_takeovers: usize,
 }
 
@@ -726,7 +734,7 @@ impl DeviceTask {
                                 "SESSION TAKEN OVER {n} times in 10 minutes: another client logs in to Qubitro as this device (a second gateway bridging it, or the sensor itself with its token); each keeps disconnecting the other"
                             );
                         } else {
-                            tracing::warn!(sensor_id = %self.sensor, device_id = %self.device_id, "bridge: another client took this device's Qubitro session over (DISCONNECT 0x8E)");
+                            tracing::warn!(sensor_id = %self.sensor, device_id = %self.device_id, error = %error, "bridge: session taken over: {error}");
                         }
                     } else if connected {
                         tracing::warn!(sensor_id = %self.sensor, device_id = %self.device_id, error = %error, "bridge: uplink lost ({error}); reconnecting");
@@ -794,6 +802,7 @@ impl DeviceTask {
         let buffer = &self.inner.buffer;
         let idle = self.inner.settings.idle;
         let mut connected = false;
+        let mut connected_at: Option<Instant> = None;
         // Requested from rumqttc, no packet id seen yet (request order).
         let mut requested: VecDeque<u64> = VecDeque::new();
         // Sent, waiting for their PUBACK (send order = ack order).
@@ -850,6 +859,7 @@ impl DeviceTask {
             match ev {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     connected = true;
+                    connected_at = Some(Instant::now());
                     idle_deadline = Instant::now() + idle;
                     self.inner.set_state(&self.sensor, DeviceState::Connected);
                     tracing::debug!(sensor_id = %self.sensor, device_id = %self.device_id, "bridge: uplink connected");
@@ -910,7 +920,10 @@ impl DeviceTask {
                     };
                 }
                 Ok(_) => {}
-                Err(e) => return classify(e, connected),
+                Err(e) => {
+                    let soon = connected_at.is_some_and(|t| t.elapsed() < TAKEOVER_SUSPECT);
+                    return classify(e, connected, soon);
+                }
             }
         }
     }
@@ -935,7 +948,25 @@ async fn close(
     .await;
 }
 
-fn classify(e: ConnectionError, connected: bool) -> SessionEnd {
+/// `soon`: the broker accepted the login less than [`TAKEOVER_SUSPECT`] ago.
+fn classify(e: ConnectionError, connected: bool, soon: bool) -> SessionEnd {
+    let closed_without_a_word = match &e {
+        ConnectionError::MqttState(StateError::ConnectionAborted) => true,
+        ConnectionError::MqttState(StateError::Io(io)) | ConnectionError::Io(io) => matches!(
+            io.kind(),
+            std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::UnexpectedEof
+                | std::io::ErrorKind::BrokenPipe
+        ),
+        _ => false,
+    };
+    if soon && closed_without_a_word {
+        return SessionEnd::Lost {
+            error: format!("the broker closed the connection right after accepting the login ({e}): probably a session takeover"),
+            connected: true,
+            takeover: true,
+        };
+    }
     match &e {
         ConnectionError::ConnectionRefused(code) => match code {
             ConnectReturnCode::BadUserNamePassword
