@@ -413,3 +413,34 @@ async fn repeated_session_takeovers_are_detected_and_forwarding_resumes_after() 
     assert_eq!(seen.on_topic(&d.id, 1).await, vec![json!({"n":1})]);
     b.shut_down().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_credentials_close_the_open_connection_and_the_next_login_uses_them() {
+    let fake = fake_cloud().await;
+    let qb = QubitroBroker::start(&fake);
+    let mut seen = qb.observer().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = start(&config(dir.path(), qb.port(), ""));
+    let d = device(&fake, &qb, "s").await;
+    b.bridge.set_device("s", &d.id, &d.token);
+    b.send("s", br#"{"n":0}"#).await;
+    assert_eq!(seen.on_topic(&d.id, 1).await, vec![json!({"n":0})]);
+    assert_eq!(
+        b.bridge.device_status("s").map(|s| s.state),
+        Some(DeviceState::Connected)
+    );
+
+    // The token changes (here to one Qubitro refuses): the open connection, logged
+    // in with the old one, must not go on sending.
+    b.bridge.set_device("s", &d.id, "revoked");
+    b.send("s", br#"{"n":1}"#).await;
+    eventually("the device is paused by the refused new login", || {
+        matches!(
+            b.bridge.device_status("s").map(|s| s.state),
+            Some(DeviceState::Paused { .. })
+        )
+    })
+    .await;
+    assert_eq!(b.bridge.device_status("s").expect("known").buffered, 1);
+    b.shut_down().await;
+}

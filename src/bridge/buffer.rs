@@ -61,7 +61,14 @@ pub struct Buffer {
     limits: Limits,
     /// Serialises mutations so the tallies match the tree; held only for a few
     /// sled operations, never across an await.
-    tallies: Mutex<HashMap<String, Tally>>,
+    tallies: Mutex<Tallies>,
+}
+
+/// The per-sensor tallies and their byte total (so an append does not sum them).
+#[derive(Default)]
+struct Tallies {
+    per: HashMap<String, Tally>,
+    bytes: u64,
 }
 
 fn key(sensor: &str, id: u64) -> Vec<u8> {
@@ -91,20 +98,21 @@ impl Buffer {
     /// Opens the buffer in `store`'s database and counts what it holds (one scan).
     pub fn open(store: &Store, limits: Limits) -> Result<Buffer, StoreError> {
         let tree = store.readings()?;
-        let mut tallies: HashMap<String, Tally> = HashMap::new();
+        let mut tallies = Tallies::default();
         for item in tree.tree.iter() {
             let (k, v) = item?;
             let Some((sensor, id)) = split_key(&k) else {
                 // Not ours (cannot happen short of corruption): leave it be.
                 continue;
             };
-            let t = tallies.entry(sensor.to_string()).or_insert(Tally {
+            let t = tallies.per.entry(sensor.to_string()).or_insert(Tally {
                 oldest: id,
                 ..Tally::default()
             });
             t.count += 1;
             t.bytes += v.len() as u64;
             t.oldest = t.oldest.min(id);
+            tallies.bytes += v.len() as u64;
         }
         Ok(Buffer {
             tree,
@@ -116,7 +124,7 @@ impl Buffer {
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Tally>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Tallies> {
         // A panic elsewhere while holding it leaves plain counters: still usable.
         self.tallies.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -129,6 +137,7 @@ impl Buffer {
         let mut dropped = 0;
         // Room for this sensor.
         while tallies
+            .per
             .get(sensor)
             .is_some_and(|t| t.count >= self.limits.max_per_sensor)
         {
@@ -139,11 +148,11 @@ impl Buffer {
         }
         // Room in total: the oldest of all sensors goes first.
         loop {
-            let total: u64 = tallies.values().map(|t| t.bytes).sum();
-            if total + size <= self.limits.max_bytes {
+            if tallies.bytes + size <= self.limits.max_bytes {
                 break;
             }
             let Some(victim) = tallies
+                .per
                 .iter()
                 .filter(|(_, t)| t.count > 0)
                 .min_by_key(|(_, t)| t.oldest)
@@ -158,13 +167,14 @@ impl Buffer {
         }
         let id = self.tree.next_id()?;
         self.tree.tree.insert(key(sensor, id), reading)?;
-        let t = tallies.entry(sensor.to_string()).or_insert(Tally {
+        let t = tallies.per.entry(sensor.to_string()).or_insert(Tally {
             oldest: id,
             ..Tally::default()
         });
         t.count += 1;
         t.bytes += size;
         t.oldest = t.oldest.min(id);
+        tallies.bytes += size;
         Ok(Appended {
             id,
             seq: self.tree.wrote(),
@@ -173,11 +183,7 @@ impl Buffer {
     }
 
     /// Removes the oldest reading of `sensor`; false when it has none.
-    fn drop_oldest(
-        &self,
-        tallies: &mut HashMap<String, Tally>,
-        sensor: &str,
-    ) -> Result<bool, StoreError> {
+    fn drop_oldest(&self, tallies: &mut Tallies, sensor: &str) -> Result<bool, StoreError> {
         let Some((k, v)) = self
             .tree
             .tree
@@ -185,7 +191,9 @@ impl Buffer {
             .next()
             .transpose()?
         else {
-            tallies.remove(sensor);
+            if let Some(t) = tallies.per.remove(sensor) {
+                tallies.bytes = tallies.bytes.saturating_sub(t.bytes);
+            }
             return Ok(false);
         };
         self.tree.tree.remove(&k)?;
@@ -195,14 +203,15 @@ impl Buffer {
     }
 
     /// Updates the tally after one reading of `sensor` left the tree.
-    fn forget(&self, tallies: &mut HashMap<String, Tally>, sensor: &str, bytes: u64) {
-        let Some(t) = tallies.get_mut(sensor) else {
+    fn forget(&self, tallies: &mut Tallies, sensor: &str, bytes: u64) {
+        let Some(t) = tallies.per.get_mut(sensor) else {
             return;
         };
         t.count = t.count.saturating_sub(1);
         t.bytes = t.bytes.saturating_sub(bytes);
+        tallies.bytes = tallies.bytes.saturating_sub(bytes);
         if t.count == 0 {
-            tallies.remove(sensor);
+            tallies.per.remove(sensor);
             return;
         }
         // The new oldest: one key read.
@@ -265,20 +274,20 @@ impl Buffer {
 
     /// Readings buffered for `sensor`.
     pub fn count(&self, sensor: &str) -> u64 {
-        self.lock().get(sensor).map_or(0, |t| t.count)
+        self.lock().per.get(sensor).map_or(0, |t| t.count)
     }
 
     /// Sensors that have buffered readings.
     pub fn sensors(&self) -> Vec<String> {
-        self.lock().keys().cloned().collect()
+        self.lock().per.keys().cloned().collect()
     }
 
     pub fn totals(&self) -> Totals {
         let tallies = self.lock();
         Totals {
-            readings: tallies.values().map(|t| t.count).sum(),
-            bytes: tallies.values().map(|t| t.bytes).sum(),
-            sensors: tallies.len() as u64,
+            readings: tallies.per.values().map(|t| t.count).sum(),
+            bytes: tallies.bytes,
+            sensors: tallies.per.len() as u64,
         }
     }
 

@@ -442,6 +442,7 @@ impl Bridge {
             match tokio::time::timeout_at(deadline, sched.ended_rx.recv()).await {
                 Ok(Some((sensor, _))) => {
                     sched.conns.remove(&sensor);
+                    self.inner.connections.fetch_sub(1, Ordering::Relaxed);
                 }
                 _ => break,
             }
@@ -540,6 +541,8 @@ enum End {
 }
 
 struct Conn {
+    /// The device id and token it logs in with.
+    login: (String, Secret),
     cancel: CancellationToken,
     notify: Arc<Notify>,
     last_used: Instant,
@@ -565,8 +568,10 @@ impl Scheduler {
         let now = Instant::now();
         for sensor in dirty {
             if let Some(c) = self.conns.get_mut(&sensor) {
-                if self.inner.ready(&sensor).is_none() {
-                    // Forgotten (or paused meanwhile): close it.
+                let ready = self.inner.ready(&sensor);
+                if ready.as_ref() != Some(&c.login) {
+                    // Forgotten, paused, or new credentials: close it; a
+                    // connection with the new ones follows if there is data.
                     c.cancel.cancel();
                 } else {
                     c.last_used = now;
@@ -638,6 +643,7 @@ impl Scheduler {
         self.conns.insert(
             sensor.clone(),
             Conn {
+                login: (device_id.clone(), token.clone()),
                 cancel: cancel.clone(),
                 notify: notify.clone(),
                 last_used: Instant::now(),
@@ -991,7 +997,15 @@ fn classify(e: ConnectionError, connected: bool, soon: bool) -> SessionEnd {
             }
         }
         _ => SessionEnd::Lost {
-            error: e.to_string(),
+            error: match crate::tls::cert_problem(&e) {
+                Some(crate::tls::CertProblem::NotValidYet) => format!(
+                    "{e}: the broker's certificate is not valid yet; the clock is probably not synced (a Pi has no RTC until NTP runs)"
+                ),
+                Some(crate::tls::CertProblem::Untrusted) => format!(
+                    "{e}: the broker's certificate is not trusted (a TLS-inspecting proxy needs qubitro.ca_file)"
+                ),
+                _ => e.to_string(),
+            },
             connected,
             takeover: false,
         },
