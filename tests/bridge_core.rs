@@ -534,3 +534,54 @@ async fn readings_that_were_durable_survive_a_kill_9_and_are_forwarded_in_order(
     assert_eq!(ns, (0..buffered).collect::<Vec<_>>());
     b.shut_down().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stand_in_lets_a_device_write_only_the_topic_of_its_own_id() {
+    use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    let fake = fake_cloud().await;
+    let qb = QubitroBroker::start(&fake);
+    let a = device(&fake, &qb, "a").await;
+    let other = device(&fake, &qb, "other").await;
+
+    let mut opts = MqttOptions::new(a.id.clone(), "127.0.0.1", qb.port());
+    opts.set_credentials(a.id.clone(), a.token.clone());
+    let (client, mut el) = AsyncClient::new(opts, 8);
+    client
+        .publish(
+            other.id.clone(),
+            QoS::AtLeastOnce,
+            false,
+            br#"{"x":1}"#.to_vec(),
+        )
+        .await
+        .expect("queued");
+    client
+        .publish(
+            a.id.clone(),
+            QoS::AtLeastOnce,
+            false,
+            br#"{"x":1}"#.to_vec(),
+        )
+        .await
+        .expect("queued");
+    let mut reasons = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        while reasons.len() < 2 {
+            if let Event::Incoming(Packet::PubAck(ack)) = el.poll().await.expect("connected") {
+                reasons.push(ack.reason);
+            }
+        }
+    })
+    .await
+    .expect("both publishes acknowledged");
+    // No subscriber on either topic: 0x10 is the broker accepting it.
+    assert_eq!(
+        reasons,
+        vec![
+            PubAckReason::NotAuthorized,
+            PubAckReason::NoMatchingSubscribers
+        ]
+    );
+}

@@ -104,6 +104,10 @@ pub enum AcceptError {
     Retained,
     #[error("reading dropped: {0}")]
     Rejected(#[from] Rejection),
+    /// Not a sensor id (the caller takes it from the data topic with
+    /// `DataTopic::sensor_of`, which never yields one of these).
+    #[error("not a valid sensor id")]
+    InvalidSensorId,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -276,6 +280,10 @@ impl Bridge {
         retained: bool,
     ) -> Result<Accepted, AcceptError> {
         let inner = &self.inner;
+        // The buffer's keys rely on it (no 0x00 inside an id).
+        if !crate::announce::valid_id(sensor) {
+            return Err(AcceptError::InvalidSensorId);
+        }
         if retained {
             inner.count_rejected(sensor, "retained");
             return Err(AcceptError::Retained);
