@@ -435,6 +435,46 @@ impl Store {
     }
 }
 
+// The telemetry bridge's reading buffer (`bridge::buffer`) lives in this same
+// database, so that the one flusher above covers it too: a reading and an
+// onboarding acknowledged in the same moment share one fsync, and there is no
+// second flusher competing for the SD card.
+
+/// The bridge's tree in this database, and the way its writes join the group
+/// commit ([`Store::durable`]).
+#[derive(Clone)]
+pub struct ReadingsTree {
+    pub tree: sled::Tree,
+    store: Store,
+}
+
+impl Store {
+    /// The bridge's reading buffer tree (created on first use).
+    pub fn readings(&self) -> Result<ReadingsTree, StoreError> {
+        Ok(ReadingsTree {
+            tree: self.db.open_tree("bridge_readings")?,
+            store: self.clone(),
+        })
+    }
+}
+
+impl ReadingsTree {
+    /// Records that a write to the tree happened; `durable(seq)` then covers it.
+    pub fn wrote(&self) -> u64 {
+        self.store.wrote()
+    }
+
+    /// A number never handed out before in this database, also after a kill -9
+    /// (sled skips ahead on recovery): orders readings across restarts.
+    pub fn next_id(&self) -> Result<u64, StoreError> {
+        Ok(self.store.db.generate_id()?)
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+}
+
 async fn run_flusher(db: sled::Db, f: Arc<Flusher>, closer: CancellationToken) {
     loop {
         tokio::select! {
