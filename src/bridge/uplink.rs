@@ -320,6 +320,12 @@ impl Bridge {
         })
     }
 
+    /// A reading from a sensor that is not bridged: dropped (the caller acknowledges
+    /// it, so it never comes back) and counted with the refused ones.
+    pub fn refuse_not_bridged(&self, sensor: &str) {
+        self.inner.count_rejected(sensor, "not_bridged");
+    }
+
     /// Tells the bridge a sensor's device and token (when its device is created,
     /// and for every bridged sensor at start). A new token resumes a paused device.
     pub fn set_device(&self, sensor: &str, device_id: &str, token: &str) {
