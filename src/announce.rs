@@ -51,6 +51,9 @@ pub struct Announce {
     /// security module. An old `claim` field is ignored like any unknown field: such
     /// an announce carries no proof.
     pub proof: Option<String>,
+    /// `"bridge": true`: the sensor asks the gateway to forward its readings (README
+    /// "Bridge"); its replies then never carry the token.
+    pub bridge: bool,
 }
 
 /// Why an announce can never succeed as sent. `code()` is the stable word in the reply.
@@ -143,6 +146,16 @@ pub fn parse(
 
     let request_id = opt_string(&obj, "request_id", MAX_REQUEST_ID_CHARS)?;
     let proof = opt_string(&obj, "proof", MAX_PROOF_CHARS)?;
+    let bridge = match obj.get("bridge") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(other) => {
+            return Err(field_err(
+                "bridge",
+                format!("must be true or false, not {}", kind(other)),
+            ))
+        }
+    };
     let name = opt_string(&obj, "name", MAX_NAME_CHARS)?.unwrap_or_else(|| sensor_id.to_string());
     if name.trim().is_empty() {
         return Err(field_err("name", "must not be empty"));
@@ -255,6 +268,7 @@ pub fn parse(
         },
         request_id,
         proof,
+        bridge,
     })
 }
 
@@ -374,6 +388,17 @@ mod tests {
     #[test]
     fn the_old_claim_field_is_no_proof() {
         assert_eq!(ok(r#"{"claim":"00ff"}"#).proof, None);
+    }
+
+    #[test]
+    fn bridge_is_a_boolean_that_defaults_to_false() {
+        assert!(ok(r#"{"bridge":true}"#).bridge);
+        assert!(!ok(r#"{"bridge":false}"#).bridge);
+        assert!(!ok(r#"{"bridge":null}"#).bridge);
+        assert!(!ok("{}").bridge);
+        let err = parse("s", br#"{"bridge":"yes"}"#, 4096, "gw").unwrap_err();
+        assert_eq!(err.code(), "invalid_field");
+        assert!(err.to_string().contains("bridge"), "{err}");
     }
 
     #[test]

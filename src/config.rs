@@ -121,6 +121,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub security: SecurityConfig,
     pub control: ControlConfig,
+    pub bridge: BridgeConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -188,6 +189,8 @@ pub struct QubitroConfig {
     pub api_key_file: String,
     pub broker_host: String,
     pub broker_port: u16,
+    /// TLS to `broker_host` (the bridge's uplink); off only for a loopback host.
+    pub broker_tls: bool,
     /// Extra CA certificates (PEM) trusted for the API besides the built-in web roots:
     /// a TLS-inspecting proxy, a private deployment, a test.
     #[serde(default)]
@@ -256,6 +259,61 @@ pub enum Needs {
     /// A remote delete (`devices forget --delete-remote`) is done by the running
     /// daemon with its own key.
     Local,
+}
+
+/// The telemetry bridge (`src/bridge/`): readings of bridged sensors forwarded to
+/// Qubitro's broker under each device's own login, buffered durably meanwhile.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BridgeConfig {
+    /// Whether sensors may ask to be bridged (costs nothing while none does).
+    pub enabled: bool,
+    /// Where a bridged sensor publishes its readings; `{sensor_id}` is its id.
+    pub data_topic: String,
+    /// Readings kept per device while Qubitro cannot take them; the oldest go first.
+    pub max_buffered_messages: u64,
+    /// Bytes of readings kept in total across devices; the oldest go first.
+    pub max_buffer_bytes: u64,
+    /// A device's uplink connection closes after this long without data.
+    pub idle_disconnect_s: u64,
+    /// Uplink connections open at once; the least recently used closes first.
+    pub max_connections: usize,
+    /// The longest wait between reconnects of one device's uplink.
+    pub reconnect_max_ms: u64,
+}
+
+impl BridgeConfig {
+    /// Checks the `[bridge]` keys and `qubitro.broker_tls`.
+    fn validate(&self, qubitro: &QubitroConfig) -> Result<(), ConfigError> {
+        let t = &self.data_topic;
+        if t.matches("{sensor_id}").count() != 1 || t.contains(['+', '#']) || t.starts_with('$') {
+            return Err(key_err(
+                "bridge.data_topic",
+                "must contain {sensor_id} exactly once and no wildcards",
+            ));
+        }
+        for (key, v) in [
+            ("bridge.max_buffered_messages", self.max_buffered_messages),
+            ("bridge.max_buffer_bytes", self.max_buffer_bytes),
+            ("bridge.idle_disconnect_s", self.idle_disconnect_s),
+            ("bridge.max_connections", self.max_connections as u64),
+            ("bridge.reconnect_max_ms", self.reconnect_max_ms),
+        ] {
+            if v == 0 {
+                return Err(key_err(key, "must be at least 1"));
+            }
+        }
+        if !qubitro.broker_tls && !is_loopback_host(&qubitro.broker_host) {
+            return Err(key_err(
+                "qubitro.broker_tls",
+                format!(
+                    "may be false only for a loopback qubitro.broker_host (tests, local development), not {:?}: device tokens would cross the network in clear",
+                    qubitro.broker_host
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Config {
@@ -458,6 +516,7 @@ impl Config {
         // The same check `run` makes when it installs the filter, so that
         // `check-config` refuses what `run` would.
         crate::logging::validate_level(&self.log.level).map_err(ConfigError::LogLevel)?;
+        self.bridge.validate(&self.qubitro)?;
         Ok(())
     }
 

@@ -11,10 +11,11 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::bridge::Bridge;
 use crate::clock::Clock;
 use crate::cloud::Cloud;
 use crate::config::Config;
-use crate::engine::{Engine, Fatal, Shutdown};
+use crate::engine::{Engine, Shutdown};
 use crate::heartbeat::Heartbeat;
 use crate::store::{OpenOutcome, Store};
 use crate::{claim_key, control, metrics, mqtt, systemd};
@@ -77,17 +78,41 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let session = mqtt::connect(&cfg)?;
     let mqtt = session.mqtt.clone();
 
+    let bridge = if cfg.bridge.enabled {
+        let bridge = Bridge::new(&cfg, &store)?;
+        // Every bridged sensor already onboarded: its readings may flow at once
+        // (an index read per bridged sensor, not a scan of the fleet).
+        let mut known = 0;
+        for (sensor, rec) in store.bridged()? {
+            if let Some(c) = rec.credentials() {
+                bridge.set_device(&sensor, &c.device_id, &c.device_token.0);
+                known += 1;
+            }
+        }
+        if known > 0 {
+            tracing::info!(bridged = known, "bridging the readings of {known} sensors");
+        }
+        Some(bridge)
+    } else {
+        None
+    };
+
     let stops = Shutdown::default();
-    let fatal = Fatal::default();
+    let fatal = stops.fatal.clone();
     let engine = Engine::new(
         cfg.clone(),
         Clock::System,
         store.clone(),
         cloud,
         mqtt.clone(),
+        bridge.clone(),
         stops.clone(),
-        fatal.clone(),
     );
+    let bridge_stop = CancellationToken::new();
+    let uplink = bridge.clone().map(|b| {
+        let stop = bridge_stop.clone();
+        tokio::spawn(async move { b.run(stop).await })
+    });
 
     let (ack_tx, ack_rx) = mpsc::channel(cfg.announce.queue_capacity.max(1));
     let (event_tx, event_rx) = mpsc::unbounded_channel();
@@ -150,8 +175,13 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     // The acker drains: every announce already recorded gets its ack.
     let _ = tokio::time::timeout_at(by(Duration::from_secs(5)), acker).await;
     let workers_left = by(Duration::from_secs(3)).saturating_duration_since(Instant::now());
+    bridge_stop.cancel();
     if !engine.wind_down(workers_left).await {
         tracing::warn!("some onboardings were still in a cloud call; they resume from their stored state at the next start");
+    }
+    if let Some(u) = uplink {
+        // Readings not acknowledged by Qubitro stay buffered for the next start.
+        let _ = tokio::time::timeout_at(by(Duration::from_millis(2500)), u).await;
     }
     match tokio::time::timeout_at(by(Duration::from_secs(2)), store.flush_all()).await {
         Ok(Ok(())) => {}
@@ -252,12 +282,20 @@ async fn report(
             "disconnected"
         };
         let cloud = engine.cloud_status();
-        let status = format!(
+        let mut status = format!(
             // No count of known sensors here: sled's len() reads every record.
             "broker {broker}; cloud {cloud}; {} onboarded since start, {} pending",
             metrics::snapshot(0).onboarded,
             engine.pending_now()
         );
+        if let Some(b) = engine.bridge().map(|b| b.stats()) {
+            if b.bridged_devices > 0 || b.buffered > 0 {
+                status.push_str(&format!(
+                    "; bridge {} devices, {} forwarded, {} buffered, {} dropped",
+                    b.bridged_devices, b.forwarded, b.buffered, b.dropped
+                ));
+            }
+        }
         if status != last_status {
             systemd::status(&status);
             last_status = status;
@@ -274,8 +312,29 @@ async fn report(
                 qos0_dropped = dropped_qos0.load(std::sync::atomic::Ordering::Relaxed),
                 "stats"
             );
-            if let Ok(json) = serde_json::to_vec(&snap) {
-                mqtt.try_publish_qos0(&cfg.mqtt.stats_topic, json);
+            let mut json = serde_json::to_value(&snap).unwrap_or_default();
+            if let (Some(b), Some(obj)) = (engine.bridge().map(|b| b.stats()), json.as_object_mut())
+            {
+                tracing::info!(
+                    bridged_devices = b.bridged_devices,
+                    forwarded = b.forwarded,
+                    buffered = b.buffered,
+                    dropped = b.dropped,
+                    refused = b.rejected,
+                    "bridge stats"
+                );
+                for (k, v) in [
+                    ("bridged_devices", b.bridged_devices),
+                    ("bridge_forwarded", b.forwarded),
+                    ("bridge_buffered", b.buffered),
+                    ("bridge_dropped", b.dropped),
+                    ("bridge_refused", b.rejected),
+                ] {
+                    obj.insert(k.into(), v.into());
+                }
+            }
+            if let Ok(bytes) = serde_json::to_vec(&json) {
+                mqtt.try_publish_qos0(&cfg.mqtt.stats_topic, bytes);
             }
         }
     }

@@ -11,6 +11,10 @@
 //!   persisted state machine) at a time; `delivery` publishes [`reply`]s (tokens sealed with [`proof`]) and marks
 //!   them delivered.
 //! - [`control`]: the Unix socket behind `onboardd devices …` (server and client).
+//! - [`bridge`]: the telemetry bridge: readings of bridged sensors flattened
+//!   ([`bridge::flatten`]), buffered durably in the store's database
+//!   ([`bridge::buffer`]) and forwarded to Qubitro's broker under each device's own
+//!   login ([`bridge::uplink`]).
 //! - [`daemon`]: wires everything for `onboardd run` and stops it within one deadline.
 //!
 //! Shared leaves: [`config`] (TOML/env, validated once), [`claim_key`] (configured
@@ -25,6 +29,7 @@
 
 pub mod announce;
 pub mod backoff;
+pub mod bridge;
 pub mod claim_key;
 pub mod clock;
 pub mod cloud;

@@ -224,6 +224,8 @@ pub struct EventLoopTask {
     outlet: Outlet,
     connected: watch::Sender<bool>,
     announce_topic: String,
+    /// Bridged sensors' readings (`onboard/data/+`), when the bridge is on.
+    data_filter: Option<String>,
     backoff: Backoff,
 }
 
@@ -292,6 +294,10 @@ pub fn connect(cfg: &Config) -> Result<Session, MqttError> {
             },
             connected: connected_tx,
             announce_topic: m.announce_topic.clone(),
+            data_filter: cfg
+                .bridge
+                .enabled
+                .then(|| crate::bridge::DataTopic::new(&cfg.bridge.data_topic).filter()),
             backoff: Backoff::new(
                 Duration::from_millis(m.reconnect_initial_ms),
                 reconnect_cap(m),
@@ -342,13 +348,18 @@ impl EventLoopTask {
                     self.tracker.on_connack(ack.session_present);
                     // Resubscribe on every ConnAck: a broker that lost our session lost
                     // our subscription too. try_* only: never await in this task.
-                    let mut filter = Filter::new(self.announce_topic.clone(), QoS::AtLeastOnce);
-                    // A retained announce must not be acted on again at every subscribe.
-                    filter.retain_forward_rule = RetainForwardRule::Never;
-                    // And one retained while we are subscribed keeps its retain flag
-                    // (MQTT 5 clears it by default), so the dispatcher can drop it.
-                    filter.preserve_retain = true;
-                    if let Err(e) = self.client.try_subscribe_many(vec![filter]) {
+                    // A retained announce (or reading) must not be acted on again at
+                    // every subscribe; one retained while we are subscribed keeps its
+                    // retain flag (MQTT 5 clears it by default), so it can be dropped.
+                    let filters = std::iter::once(&self.announce_topic)
+                        .chain(&self.data_filter)
+                        .map(|topic| {
+                            let mut filter = Filter::new(topic.clone(), QoS::AtLeastOnce);
+                            filter.retain_forward_rule = RetainForwardRule::Never;
+                            filter.preserve_retain = true;
+                            filter
+                        });
+                    if let Err(e) = self.client.try_subscribe_many(filters.collect::<Vec<_>>()) {
                         tracing::error!(error = %e, "cannot queue the announce subscription: {e}");
                     }
                     let _ = events.send(SessionEvent::Connected {
@@ -386,7 +397,7 @@ impl EventLoopTask {
                     if granted {
                         tracing::info!(topic = %self.announce_topic, "subscribed to announces");
                     } else {
-                        tracing::error!(topic = %self.announce_topic, codes = ?ack.return_codes, "the broker refused the announce subscription (check its ACL): {:?}", ack.return_codes);
+                        tracing::error!(topic = %self.announce_topic, data = ?self.data_filter, codes = ?ack.return_codes, "the broker refused the announce or data subscription (check its ACL): {:?}", ack.return_codes);
                     }
                 }
                 Ok(Event::Incoming(Packet::Disconnect(d))) => {

@@ -109,6 +109,9 @@ pub struct Record {
     pub updated_ms: u64,
     /// Why the last attempt failed, for `devices show`.
     pub last_error: Option<String>,
+    /// The gateway forwards this sensor's readings (it asked with `"bridge": true`):
+    /// its replies never carry the token. Stays on until `devices forget`.
+    pub bridged: bool,
 }
 
 impl Record {
@@ -124,7 +127,19 @@ impl Record {
             first_seen_ms: now_ms,
             updated_ms: now_ms,
             last_error: None,
+            bridged: false,
         }
+    }
+
+    /// The sensor asked the gateway to forward its readings: from now on, in any
+    /// state, it is bridged (only `devices forget` turns that off). `None` when it
+    /// already was (nothing to write).
+    pub fn bridged(&self, now_ms: u64) -> Option<Record> {
+        (!self.bridged).then(|| Record {
+            bridged: true,
+            updated_ms: now_ms,
+            ..self.clone()
+        })
     }
 
     /// Before a create is sent: from here on the sensor is looked up before any
@@ -256,6 +271,8 @@ mod wire {
         updated_ms: u64,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         last_error: Option<String>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        bridged: bool,
     }
 
     #[derive(Deserialize)]
@@ -325,6 +342,7 @@ mod wire {
                 first_seen_ms: w.first_seen_ms,
                 updated_ms: w.updated_ms,
                 last_error: w.last_error,
+                bridged: w.bridged,
             })
         }
     }
@@ -343,6 +361,7 @@ mod wire {
                 first_seen_ms: r.first_seen_ms,
                 updated_ms: r.updated_ms,
                 last_error: r.last_error,
+                bridged: r.bridged,
             }
         }
     }
@@ -456,10 +475,32 @@ mod tests {
     }
 
     #[test]
+    fn bridged_is_sticky_in_every_state_and_survives_every_transition() {
+        let b = pending().bridged(5).unwrap();
+        assert!(b.bridged);
+        assert_eq!(b.state, State::Pending);
+        assert_eq!(b.bridged(6), None, "already bridged: nothing to write");
+        let created = b
+            .creating(7)
+            .unwrap()
+            .created(creds(), Origin::Created, 8)
+            .unwrap();
+        assert!(created.bridged);
+        assert!(created.delivered(9).unwrap().bridged);
+        let later = pending()
+            .created(creds(), Origin::Adopted, 2)
+            .unwrap()
+            .bridged(3)
+            .unwrap();
+        assert!(later.bridged && later.credentials().is_some());
+    }
+
+    #[test]
     fn records_round_trip_through_their_stored_form() {
         let created = pending().created(creds(), Origin::Adopted, 2).unwrap();
         for r in [
             pending(),
+            pending().bridged(2).unwrap(),
             pending().creating(2).unwrap(),
             created.clone(),
             created.delivered(3).unwrap(),

@@ -71,6 +71,21 @@ pub enum TokenField {
     Sealed(String),
 }
 
+/// What an `ok` reply gives the sensor besides its device id.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum OkHow {
+    /// The sensor connects to Qubitro itself: its token and where to connect.
+    Direct {
+        #[serde(flatten)]
+        token: TokenField,
+        broker: Broker,
+    },
+    /// The gateway forwards the sensor's readings (`"bridged": true`): no token at
+    /// all, only where to publish them on the local broker.
+    Bridged { bridged: bool, data_topic: String },
+}
+
 /// The JSON body of a reply.
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
@@ -79,10 +94,9 @@ pub enum Reply {
         sensor_id: String,
         device_id: String,
         #[serde(flatten)]
-        token: TokenField,
+        how: OkHow,
         #[serde(skip_serializing_if = "Option::is_none")]
         request_id: Option<String>,
-        broker: Broker,
     },
     Pending {
         sensor_id: String,
@@ -158,12 +172,14 @@ mod tests {
         let r = Reply::Ok {
             sensor_id: "s".into(),
             device_id: "d".into(),
-            token: TokenField::Clear(Token("t$".into())),
-            request_id: Some("r".into()),
-            broker: Broker {
-                host: "broker.qubitro.com".into(),
-                port: 8883,
+            how: OkHow::Direct {
+                token: TokenField::Clear(Token("t$".into())),
+                broker: Broker {
+                    host: "broker.qubitro.com".into(),
+                    port: 8883,
+                },
             },
+            request_id: Some("r".into()),
         };
         let v: serde_json::Value = serde_json::from_slice(&r.to_bytes()).unwrap();
         assert_eq!(
@@ -179,12 +195,14 @@ mod tests {
         let r = Reply::Ok {
             sensor_id: "s".into(),
             device_id: "d".into(),
-            token: TokenField::Sealed("00ff".into()),
-            request_id: None,
-            broker: Broker {
-                host: "h".into(),
-                port: 1,
+            how: OkHow::Direct {
+                token: TokenField::Sealed("00ff".into()),
+                broker: Broker {
+                    host: "h".into(),
+                    port: 1,
+                },
             },
+            request_id: None,
         };
         let v: serde_json::Value = serde_json::from_slice(&r.to_bytes()).unwrap();
         assert_eq!(
@@ -208,6 +226,25 @@ mod tests {
         };
         let text = serde_json::to_string(&proven).unwrap();
         assert_eq!(serde_json::from_str::<Route>(&text).unwrap(), proven);
+    }
+
+    #[test]
+    fn a_bridged_ok_reply_carries_no_token_and_says_where_to_publish() {
+        let r = Reply::Ok {
+            sensor_id: "s".into(),
+            device_id: "d".into(),
+            how: OkHow::Bridged {
+                bridged: true,
+                data_topic: "onboard/data/s".into(),
+            },
+            request_id: None,
+        };
+        let v: serde_json::Value = serde_json::from_slice(&r.to_bytes()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"status":"ok","sensor_id":"s","device_id":"d","bridged":true,
+                "data_topic":"onboard/data/s"})
+        );
     }
 
     #[test]

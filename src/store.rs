@@ -63,6 +63,9 @@ pub struct Store {
     /// sensor id → its credentials only: what a re-announce needs, a fraction of the
     /// record, so answering a large fleet does not pull every full record into memory.
     creds: sled::Tree,
+    /// Index of bridged sensors: re-announces and the bridge's start read it, not
+    /// every record.
+    bridged: sled::Tree,
     flusher: Arc<Flusher>,
     /// Stops the flusher (and so releases the database) when the last clone goes.
     _closer: Arc<DropGuard>,
@@ -149,6 +152,7 @@ impl Store {
         let undelivered = db.open_tree("undelivered")?;
         let quarantine = db.open_tree("quarantine")?;
         let creds = db.open_tree("creds")?;
+        let bridged = db.open_tree("bridged")?;
         let (state, _) = watch::channel(FlushState {
             flushed: 0,
             failed: false,
@@ -168,6 +172,7 @@ impl Store {
                 undelivered,
                 quarantine,
                 creds,
+                bridged,
                 flusher,
                 _closer: Arc::new(closer.drop_guard()),
             },
@@ -201,6 +206,7 @@ impl Store {
                 self.sensors.remove(key)?;
                 self.pending.remove(key)?;
                 self.undelivered.remove(key)?;
+                self.bridged.remove(key)?;
                 self.wrote();
                 Ok(None)
             }
@@ -219,6 +225,9 @@ impl Store {
             }
             State::Delivered { .. } => {}
         }
+        if rec.bridged {
+            self.bridged.insert(key, &[1u8])?;
+        }
         Ok(())
     }
 
@@ -231,6 +240,9 @@ impl Store {
         }
         if !matches!(rec.state, State::Created { .. }) {
             self.undelivered.remove(key)?;
+        }
+        if !rec.bridged {
+            self.bridged.remove(key)?;
         }
         if let Some(c) = rec.credentials() {
             self.creds.insert(
@@ -251,6 +263,16 @@ impl Store {
         self.indexed(&self.undelivered, |r| {
             matches!(r.state, State::Created { .. })
         })
+    }
+
+    /// Bridged sensors, with their records.
+    pub fn bridged(&self) -> Result<Vec<(String, Record)>, StoreError> {
+        self.indexed(&self.bridged, |r| r.bridged)
+    }
+
+    /// Whether the sensor is bridged (an index read, not a record read).
+    pub fn is_bridged(&self, sensor: &str) -> Result<bool, StoreError> {
+        Ok(self.bridged.contains_key(sensor.as_bytes())?)
     }
 
     /// Whether the sensor's ok reply still waits for the broker's acknowledgement
@@ -364,6 +386,7 @@ impl Store {
             {
                 self.pending.remove(key)?;
                 self.undelivered.remove(key)?;
+                self.bridged.remove(key)?;
                 self.wrote();
                 return Ok(rec);
             }
@@ -432,6 +455,46 @@ impl Store {
     /// Flushes everything written so far (shutdown, CLI writes).
     pub async fn flush_all(&self) -> Result<(), StoreError> {
         self.durable(self.last_write()).await
+    }
+}
+
+// The telemetry bridge's reading buffer (`bridge::buffer`) lives in this same
+// database, so that the one flusher above covers it too: a reading and an
+// onboarding acknowledged in the same moment share one fsync, and there is no
+// second flusher competing for the SD card.
+
+/// The bridge's tree in this database, and the way its writes join the group
+/// commit ([`Store::durable`]).
+#[derive(Clone)]
+pub struct ReadingsTree {
+    pub tree: sled::Tree,
+    store: Store,
+}
+
+impl Store {
+    /// The bridge's reading buffer tree (created on first use).
+    pub fn readings(&self) -> Result<ReadingsTree, StoreError> {
+        Ok(ReadingsTree {
+            tree: self.db.open_tree("bridge_readings")?,
+            store: self.clone(),
+        })
+    }
+}
+
+impl ReadingsTree {
+    /// Records that a write to the tree happened; `durable(seq)` then covers it.
+    pub fn wrote(&self) -> u64 {
+        self.store.wrote()
+    }
+
+    /// A number never handed out before in this database, also after a kill -9
+    /// (sled skips ahead on recovery): orders readings across restarts.
+    pub fn next_id(&self) -> Result<u64, StoreError> {
+        Ok(self.store.db.generate_id()?)
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
     }
 }
 
@@ -720,6 +783,21 @@ mod tests {
         assert_eq!(r.attempts, 1);
         assert_eq!(s.get("a").unwrap().unwrap(), r);
         assert!(s.update("missing", |r| Some(r.clone())).unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn the_bridged_index_follows_the_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = Store::open(&cfg(dir.path())).unwrap();
+        s.insert_new("a", &pending()).unwrap();
+        s.insert_new("b", &pending().bridged(1).unwrap()).unwrap();
+        assert!(!s.is_bridged("a").unwrap());
+        assert!(s.is_bridged("b").unwrap());
+        s.update("a", |r| r.bridged(2)).unwrap();
+        let names: Vec<String> = s.bridged().unwrap().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(names, ["a", "b"]);
+        s.remove("a", None).unwrap();
+        assert!(!s.is_bridged("a").unwrap());
     }
 
     #[tokio::test]

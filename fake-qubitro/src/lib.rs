@@ -337,6 +337,7 @@ impl FakeQubitro {
         let shared = Arc::new(Shared {
             state: Mutex::new(Registry::new(&opts)),
             counts,
+            hooks: Mutex::new(Vec::new()),
             opts,
         });
         let running = spawn_server(listener, shared.clone());
@@ -406,7 +407,17 @@ impl FakeQubitro {
 
     /// Plants a device as if created through the API (fresh id and token).
     pub fn insert_device(&self, d: NewDevice) -> FakeDevice {
-        self.inner.shared.lock().insert(d)
+        let device = self.inner.shared.lock().insert(d);
+        self.inner.shared.created(&device);
+        device
+    }
+
+    /// Calls `hook` with every device created from now on (through the API or
+    /// [`insert_device`](Self::insert_device)), before the create is answered: a test
+    /// hands each device a login on a stand-in for Qubitro's MQTT broker this way
+    /// (harness `qubitro_broker`). The hook runs outside the fake's lock.
+    pub fn on_device_created(&self, hook: DeviceHook) {
+        lock(&self.inner.shared.hooks).push(hook);
     }
 
     /// Every request so far, in arrival order (faulted and unroutable ones included).
@@ -535,7 +546,12 @@ struct Shared {
     state: Mutex<Registry>,
     // Arrival counters, in a watch channel so wait_for_requests needs no polling.
     counts: watch::Sender<[usize; 4]>,
+    /// See [`FakeQubitro::on_device_created`].
+    hooks: Mutex<Vec<DeviceHook>>,
 }
+
+/// Called with each device the fake creates (see [`FakeQubitro::on_device_created`]).
+pub type DeviceHook = Arc<dyn Fn(&FakeDevice) + Send + Sync>;
 
 struct StoredDevice {
     device: FakeDevice,
@@ -762,6 +778,14 @@ impl Shared {
         lock(&self.state)
     }
 
+    /// Tells every hook of a new device (outside the registry lock).
+    fn created(&self, device: &FakeDevice) {
+        let hooks: Vec<DeviceHook> = lock(&self.hooks).clone();
+        for hook in hooks {
+            hook(device);
+        }
+    }
+
     fn reset(&self) {
         let mut state = self.lock();
         let epoch = state.epoch + 1;
@@ -924,6 +948,7 @@ impl Shared {
                 .flatten();
             (device, created_at)
         };
+        self.created(&device);
         let creds = match self.opts.credentials_at {
             CredentialsAt::DeviceCredentials => Creds::DeviceCredentials,
             CredentialsAt::Metadata => Creds::Metadata,

@@ -14,6 +14,8 @@
 //!   written from the README, independent of onboardd's code.
 //! - [`proxy`]: a loopback TCP proxy with latency, stalls and severed connections.
 //! - [`pki`]: a throw-away PKI made with the openssl CLI.
+//! - [`qubitro_broker`]: a second mosquitto standing in for Qubitro's broker, with a
+//!   login per device the fake cloud creates (the telemetry bridge's tests).
 //!
 //! Every wait has a deadline ([`WAIT`]) and panics saying what it waited for, with the log
 //! of the process concerned.
@@ -24,6 +26,7 @@ pub mod mosquitto;
 pub mod pki;
 pub mod process;
 pub mod proxy;
+pub mod qubitro_broker;
 pub mod sensor;
 
 use std::net::TcpListener;

@@ -244,16 +244,17 @@ fn table(devices: &[DeviceRow]) -> String {
     // Writing to a String cannot fail.
     let _ = writeln!(
         out,
-        "{:<w_id$}  {:<9}  {:<w_dev$}  NAME",
-        "SENSOR_ID", "STATE", "DEVICE_ID"
+        "{:<w_id$}  {:<9}  {:<w_dev$}  {:<7}  NAME",
+        "SENSOR_ID", "STATE", "DEVICE_ID", "BRIDGED"
     );
     for d in devices {
         let _ = writeln!(
             out,
-            "{:<w_id$}  {:<9}  {:<w_dev$}  {}",
+            "{:<w_id$}  {:<9}  {:<w_dev$}  {:<7}  {}",
             d.sensor_id,
             d.state,
             d.device_id.as_deref().unwrap_or("-"),
+            if d.bridged { "yes" } else { "-" },
             d.name
         );
     }
@@ -279,6 +280,8 @@ mod tests {
             updated_ms: 0,
             last_error: None,
             origin: None,
+            bridged: id == "s2",
+            bridge: None,
         }
     }
 
@@ -293,6 +296,8 @@ mod tests {
             "{t}"
         );
         assert_eq!(lines[3], "2 sensors");
+        assert!(lines[1].contains(" -        Cellar"), "not bridged: {t}");
+        assert!(lines[2].contains(" yes      Cellar"), "bridged: {t}");
         assert!(!t.contains("secret-token"));
     }
 

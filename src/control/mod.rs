@@ -133,6 +133,13 @@ pub struct DeviceRow {
     pub last_error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub origin: Option<String>,
+    /// The gateway forwards this sensor's readings.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub bridged: bool,
+    /// `devices show` of a bridged sensor while the daemon runs: its uplink's state
+    /// (connected, paused and why, readings buffered).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<serde_json::Value>,
 }
 
 impl DeviceRow {
@@ -157,6 +164,8 @@ impl DeviceRow {
             updated_ms: rec.updated_ms,
             last_error: rec.last_error.clone(),
             origin: rec.origin().map(|o| o.as_str().to_string()),
+            bridged: rec.bridged,
+            bridge: None,
         }
     }
 }

@@ -155,7 +155,14 @@ pub async fn answer(req: Request, store: &Store, engine: Option<&Engine>) -> Res
             with_token,
         } => match store.get(&sensor_id) {
             Ok(rec) => Response::Device {
-                device: rec.map(|r| Box::new(DeviceRow::from_record(&sensor_id, &r, with_token))),
+                device: rec.map(|r| {
+                    let mut row = DeviceRow::from_record(&sensor_id, &r, with_token);
+                    row.bridge = engine
+                        .and_then(Engine::bridge)
+                        .and_then(|b| b.device_status(&sensor_id))
+                        .and_then(|st| serde_json::to_value(st).ok());
+                    Box::new(row)
+                }),
             },
             Err(e) => Response::Error {
                 message: e.to_string(),

@@ -18,12 +18,13 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use super::Engine;
+use crate::bridge::DataTopic;
 use crate::config::{Config, Secret};
 use crate::device::Credentials;
 use crate::mqtt::{Acked, DeliveryTag, Mqtt, SessionEvent};
 use crate::onboarding::{Record, State};
 use crate::proof::SensorKey;
-use crate::reply::{Broker, Reply, Route, TokenField};
+use crate::reply::{Broker, OkHow, Reply, Route, TokenField};
 
 /// Where replies go out.
 pub struct Outbox {
@@ -36,6 +37,8 @@ pub struct Outbox {
     claim_key: Secret,
     /// Seal every ok reply, whatever its route says.
     require_claim: bool,
+    /// Where bridged sensors publish their readings.
+    data_topic: DataTopic,
 }
 
 impl Outbox {
@@ -49,6 +52,7 @@ impl Outbox {
             },
             claim_key: cfg.security.claim_key.clone(),
             require_claim: cfg.security.require_claim,
+            data_topic: DataTopic::new(&cfg.bridge.data_topic),
         }
     }
 
@@ -56,13 +60,31 @@ impl Outbox {
         &self.mqtt
     }
 
-    pub(super) fn ok_reply(&self, sensor: &str, route: &Route, creds: &Credentials) -> Reply {
+    /// The ok reply of an onboarded sensor. A bridged sensor never gets its token,
+    /// neither clear nor sealed: the gateway keeps it to forward the readings.
+    pub(super) fn ok_reply(
+        &self,
+        sensor: &str,
+        route: &Route,
+        creds: &Credentials,
+        bridged: bool,
+    ) -> Reply {
+        let how = if bridged {
+            OkHow::Bridged {
+                bridged: true,
+                data_topic: self.data_topic.for_sensor(sensor),
+            }
+        } else {
+            OkHow::Direct {
+                token: self.token_field(sensor, route, creds),
+                broker: self.broker.clone(),
+            }
+        };
         Reply::Ok {
             sensor_id: sensor.to_string(),
             device_id: creds.device_id.clone(),
-            token: self.token_field(sensor, route, creds),
+            how,
             request_id: route.request_id.clone(),
-            broker: self.broker.clone(),
         }
     }
 
@@ -116,7 +138,7 @@ impl Engine {
         let Some(creds) = rec.credentials() else {
             return;
         };
-        let reply = self.outbox.ok_reply(sensor, route, creds);
+        let reply = self.outbox.ok_reply(sensor, route, creds, rec.bridged);
         self.outbox
             .send(sensor, route, reply, delivery_tag(sensor, rec))
             .await;

@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use super::delivery::delivery_tag;
 use super::Engine;
 use crate::announce::{self, AnnounceError};
+use crate::bridge::{AcceptError, Bridge};
 use crate::failpoint;
 use crate::heartbeat::Heartbeat;
 use crate::metrics;
@@ -103,9 +104,14 @@ impl Engine {
     /// Decides what one announce gets: the write to wait for before the ack, and
     /// the reply to send now, if any.
     fn dispatch(self: &Arc<Self>, p: &Publish) -> Result<Decision, StoreError> {
-        metrics::announce();
         let cfg = &self.cfg;
         let topic = String::from_utf8_lossy(&p.topic);
+        if let Some(bridge) = &self.bridge {
+            if let Some(sensor) = self.data_topic.sensor_of(&topic) {
+                return self.reading(bridge, sensor, p);
+            }
+        }
+        metrics::announce();
         let Some(sensor) = announce::sensor_id_from_topic(&cfg.mqtt.announce_topic, &topic) else {
             metrics::error();
             let shown: String = topic.chars().take(128).collect();
@@ -169,6 +175,15 @@ impl Engine {
             }
         };
         route.request_id = ann.request_id.clone();
+        if ann.bridge && self.bridge.is_none() {
+            return Ok(self.reject(
+                sensor,
+                route,
+                "invalid_field",
+                "bridge: this gateway does not forward readings ([bridge] enabled = false)".into(),
+                None,
+            ));
+        }
 
         // Known and onboarded: the compact credentials tree answers (no full record,
         // no disk write).
@@ -185,11 +200,12 @@ impl Engine {
             } else {
                 None
             };
+            let (bridged, seq) = self.note_bridged(sensor, ann.bridge)?;
             metrics::cached_reply();
             tracing::debug!(sensor_id = sensor, "known sensor; answering from the store");
-            let reply = self.outbox.ok_reply(sensor, &route, &creds);
+            let reply = self.outbox.ok_reply(sensor, &route, &creds, bridged);
             return Ok(Decision {
-                seq: 0,
+                seq,
                 answer: Some(Answer {
                     sensor: sensor.to_string(),
                     route,
@@ -208,9 +224,10 @@ impl Engine {
             Some(rec) if rec.credentials().is_some() => {
                 // Created, but without the shortcut (a crash between the two writes).
                 let creds = rec.credentials().expect("checked").clone();
-                let reply = self.outbox.ok_reply(sensor, &route, &creds);
+                let (bridged, seq) = self.note_bridged(sensor, ann.bridge)?;
+                let reply = self.outbox.ok_reply(sensor, &route, &creds, bridged);
                 Ok(Decision {
-                    seq: 0,
+                    seq,
                     answer: Some(Answer {
                         sensor: sensor.to_string(),
                         track: delivery_tag(sensor, &rec),
@@ -219,7 +236,10 @@ impl Engine {
                     }),
                 })
             }
-            Some(rec) => Ok(self.join_pending(sensor, &rec, route)),
+            Some(rec) => {
+                self.note_bridged(sensor, ann.bridge)?;
+                Ok(self.join_pending(sensor, &rec, route))
+            }
             None => {
                 if let Some((left, why)) =
                     self.rejections.check(sensor, &ann.spec, self.clock.now())
@@ -237,6 +257,13 @@ impl Engine {
                 }
                 let now = self.clock.wall_ms();
                 let rec = Record::pending(ann.spec, route, self.store.next_generation()?, now);
+                // Bridged from the moment it is recorded: readings that arrive while
+                // its device is being made are buffered.
+                let rec = if ann.bridge {
+                    rec.bridged(now).unwrap_or(rec)
+                } else {
+                    rec
+                };
                 match self.store.insert_new(sensor, &rec)? {
                     Some(seq) => {
                         failpoint::hit("after_pending_recorded");
@@ -251,6 +278,47 @@ impl Engine {
                     }),
                 }
             }
+        }
+    }
+
+    /// A bridged announce makes the sensor bridged for good (sticky until `devices
+    /// forget`). Returns whether it is bridged now, and the write to wait for before
+    /// the ack (0: none).
+    fn note_bridged(&self, sensor: &str, wants: bool) -> Result<(bool, u64), StoreError> {
+        if self.store.is_bridged(sensor)? {
+            return Ok((true, 0));
+        }
+        if !wants {
+            return Ok((false, 0));
+        }
+        let now = self.clock.wall_ms();
+        match self.store.update(sensor, |r| r.bridged(now))? {
+            Some((rec, seq)) => {
+                tracing::info!(sensor_id = sensor, "sensor {sensor} is bridged from now on");
+                self.bridge_device(sensor, &rec);
+                Ok((true, seq))
+            }
+            None => Ok((false, 0)),
+        }
+    }
+
+    /// A reading on a sensor's data topic: buffered durably for the bridge when the
+    /// sensor is bridged (the ack waits for that write), else dropped and counted.
+    /// Every reading is acknowledged, refused ones too: a poison reading must not
+    /// come back at every reconnect.
+    fn reading(&self, bridge: &Bridge, sensor: &str, p: &Publish) -> Result<Decision, StoreError> {
+        if !self.store.is_bridged(sensor)? {
+            bridge.refuse_not_bridged(sensor);
+            return Ok(Decision::default());
+        }
+        match bridge.accept(sensor, &p.payload, p.retain) {
+            Ok(accepted) => Ok(Decision {
+                seq: accepted.seq,
+                answer: None,
+            }),
+            Err(AcceptError::Store(e)) => Err(e),
+            // Counted and logged by the bridge.
+            Err(_) => Ok(Decision::default()),
         }
     }
 

@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::bridge::{Bridge, DataTopic};
 use crate::clock::Clock;
 use crate::cloud::Cloud;
 use crate::config::Config;
@@ -83,11 +84,12 @@ impl Fatal {
 /// When the engine stops: `stop` ends waits and admits no new work; `abort` then
 /// cancels cloud calls still running (their state is on disk at every step, and a
 /// `Creating` sensor is looked up before any further create, so stopping anywhere
-/// is safe).
+/// is safe); `fatal` is how any task asks the daemon to stop on an error.
 #[derive(Clone, Default)]
 pub struct Shutdown {
     pub stop: CancellationToken,
     pub abort: CancellationToken,
+    pub fatal: Fatal,
 }
 
 pub struct Engine {
@@ -105,6 +107,10 @@ pub struct Engine {
     health: CloudHealth,
     /// Specs Qubitro rejected recently: the same one is refused without a call.
     rejections: Rejections,
+    /// Forwards the readings of bridged sensors (`None`: `[bridge] enabled = false`).
+    bridge: Option<Bridge>,
+    /// Where bridged sensors publish readings on the local broker.
+    data_topic: DataTopic,
     shutdown: Shutdown,
     fatal: Fatal,
 }
@@ -116,10 +122,12 @@ impl Engine {
         store: Store,
         cloud: Cloud,
         mqtt: Mqtt,
+        bridge: Option<Bridge>,
         shutdown: Shutdown,
-        fatal: Fatal,
     ) -> Arc<Engine> {
         Arc::new(Engine {
+            data_topic: DataTopic::new(&cfg.bridge.data_topic),
+            bridge,
             onboardings: Onboardings::new(&cfg),
             health: CloudHealth::default(),
             rejections: Rejections::default(),
@@ -129,8 +137,8 @@ impl Engine {
             clock,
             store,
             cloud,
+            fatal: shutdown.fatal.clone(),
             shutdown,
-            fatal,
         })
     }
 
@@ -140,6 +148,18 @@ impl Engine {
 
     pub fn cloud(&self) -> &Cloud {
         &self.cloud
+    }
+
+    /// The telemetry bridge, when `[bridge] enabled`.
+    pub fn bridge(&self) -> Option<&Bridge> {
+        self.bridge.as_ref()
+    }
+
+    /// Tells the bridge the device of a bridged sensor, so its readings flow.
+    fn bridge_device(&self, sensor: &str, rec: &Record) {
+        if let (Some(bridge), true, Some(c)) = (&self.bridge, rec.bridged, rec.credentials()) {
+            bridge.set_device(sensor, &c.device_id, &c.device_token.0);
+        }
     }
 
     /// Sensors whose onboarding runs right now.
@@ -179,6 +199,10 @@ impl Engine {
         self.gate.forgotten(sensor);
         self.rejections.forget(sensor);
         self.onboardings.take_waiting(sensor);
+        if let Some(bridge) = &self.bridge {
+            // Its buffered readings belong to the onboarding that is gone.
+            bridge.forget(sensor)?;
+        }
         self.store.flush_all().await?;
         if old.is_some() {
             tracing::info!(sensor_id = sensor, "sensor forgotten by the operator");

@@ -369,6 +369,8 @@ impl Engine {
         };
         self.store.durable(seq).await?;
         failpoint::hit("after_created_recorded");
+        // Readings buffered while the device was being made start flowing.
+        self.bridge_device(sensor, &rec);
         metrics::onboarded(origin == Origin::Adopted);
         tracing::info!(
             sensor_id = sensor,
