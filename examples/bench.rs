@@ -138,6 +138,8 @@ struct Sizes {
     /// Bridged devices of the many-device phase, and readings per device in it.
     bridge_devices: usize,
     bridge_rounds: usize,
+    /// Readings of the trickle (one device, 10/s) for bytes written at a sensor's pace.
+    bridge_trickle: usize,
 }
 
 impl Sizes {
@@ -153,6 +155,7 @@ impl Sizes {
                 bridge_one: 200,
                 bridge_devices: 20,
                 bridge_rounds: 10,
+                bridge_trickle: 5,
             }
         } else {
             Sizes {
@@ -165,6 +168,7 @@ impl Sizes {
                 bridge_one: 10_000,
                 bridge_devices: 100,
                 bridge_rounds: 200,
+                bridge_trickle: 50,
             }
         }
     }
@@ -1802,6 +1806,31 @@ fn report_binary_sizes(rep: &mut Report, bins: &Path) -> Result<()> {
 
 // ------------------------------------------------------------------ telemetry bridge
 
+/// Between two readings of the trickle (one device, 10 readings/s).
+const TRICKLE_GAP: Duration = Duration::from_millis(100);
+
+/// Bytes written over a trickle of `count` readings at 10/s by `pid`: from quiet to
+/// 1.5 s after the last. (bytes, readings)
+async fn trickle_written(
+    f: &Feeders,
+    what: &str,
+    flow: &Arc<Flow>,
+    pid: u32,
+    count: usize,
+) -> Result<Option<(u64, usize)>> {
+    let w0 = quiet_write_bytes(pid).await;
+    f.trickle(what, flow, count).await?;
+    tokio::time::sleep(SLED_FLUSH_SETTLE).await;
+    Ok(w0.zip(write_bytes(pid)).map(|(a, b)| (b - a, count)))
+}
+
+fn per_reading(w: Option<(u64, usize)>) -> String {
+    match w {
+        Some((b, n)) => format!("{:.0} B ({b} B over {n} readings)", b as f64 / n as f64),
+        None => "/proc/PID/io unreadable".into(),
+    }
+}
+
 /// The plain mosquitto bridge's one login on the stand-in broker (a Qubitro device
 /// could write only the topic equal to its own id).
 const MQ_BRIDGE_USER: &str = "mqbridge";
@@ -2077,12 +2106,24 @@ impl Feeders {
             wall_s: st.last_ns.saturating_sub(first) as f64 / 1e9,
             latencies_us: Vec::new(),
         };
-        eprintln!(
-            "bench: {what}: {n} readings in {:.2} s = {:.0}/s",
-            r.wall_s,
-            r.rate()
-        );
+        if n > 1 {
+            eprintln!(
+                "bench: {what}: {n} readings in {:.2} s = {:.0}/s",
+                r.wall_s,
+                r.rate()
+            );
+        }
         Ok(r)
+    }
+
+    /// A sensor's pace rather than a burst: `count` readings of device 0, each sent
+    /// once the previous one arrived, 100 ms apart (10/s).
+    async fn trickle(&self, what: &str, flow: &Arc<Flow>, count: usize) -> Result<()> {
+        for _ in 0..count {
+            self.run(what, flow, &[0], 1).await?;
+            tokio::time::sleep(TRICKLE_GAP).await;
+        }
+        Ok(())
     }
 }
 
@@ -2411,8 +2452,17 @@ async fn bridge_bytes_written_per_reading(
     };
     rep.row(
         120,
-        "Bytes written per reading, onboardd's bridge",
+        "Bytes written per reading, onboardd's bridge, burst",
         result,
+        "",
+        None,
+        String::new(),
+    );
+    let w = trickle_written(f, "bridge trickle", &br.flow, pid, sz.bridge_trickle).await?;
+    rep.row(
+        123,
+        "Bytes written per reading, onboardd's bridge, 1 device at 10 readings/s",
+        format!("{} (until 1.5 s after the last)", per_reading(w)),
         "",
         None,
         String::new(),
@@ -2562,6 +2612,24 @@ async fn mosquitto_bridge(
         ),
         _ => "/proc/PID/io unreadable".into(),
     };
+    let w = trickle_written(
+        &f,
+        "mosquitto bridge trickle",
+        &br.flow,
+        pid,
+        sz.bridge_trickle,
+    )
+    .await?;
+    rep.row(
+        124 + p,
+        &format!(
+            "Bytes written per reading, plain mosquitto bridge ({mode}), 1 topic at 10 readings/s"
+        ),
+        format!("{} (until 1.5 s after the last)", per_reading(w)),
+        "",
+        None,
+        String::new(),
+    );
     rep.row(
         121 + p,
         &format!("Bytes written per reading, plain mosquitto bridge ({mode})"),
