@@ -140,6 +140,8 @@ struct Sizes {
     bridge_rounds: usize,
     /// Readings of the trickle (one device, 10/s) for bytes written at a sensor's pace.
     bridge_trickle: usize,
+    /// Readings at 1/s, the same (none in --quick: it would take seconds).
+    bridge_slow: usize,
 }
 
 impl Sizes {
@@ -156,6 +158,7 @@ impl Sizes {
                 bridge_devices: 20,
                 bridge_rounds: 10,
                 bridge_trickle: 5,
+                bridge_slow: 0,
             }
         } else {
             Sizes {
@@ -165,10 +168,11 @@ impl Sizes {
                 rounds: 5,
                 latency_rate: 1000.0,
                 latency_secs: 10.0,
-                bridge_one: 10_000,
+                bridge_one: 100_000,
                 bridge_devices: 100,
-                bridge_rounds: 200,
+                bridge_rounds: 1_000,
                 bridge_trickle: 50,
+                bridge_slow: 10,
             }
         }
     }
@@ -1806,20 +1810,22 @@ fn report_binary_sizes(rep: &mut Report, bins: &Path) -> Result<()> {
 
 // ------------------------------------------------------------------ telemetry bridge
 
-/// Between two readings of the trickle (one device, 10 readings/s).
+/// Between two readings of the trickles: 10 readings/s and 1 reading/s.
 const TRICKLE_GAP: Duration = Duration::from_millis(100);
+const SLOW_GAP: Duration = Duration::from_secs(1);
 
-/// Bytes written over a trickle of `count` readings at 10/s by `pid`: from quiet to
-/// 1.5 s after the last. (bytes, readings)
+/// Bytes written over a trickle of `count` readings `gap` apart by `pid`: from quiet
+/// to 1.5 s after the last. (bytes, readings)
 async fn trickle_written(
     f: &Feeders,
     what: &str,
     flow: &Arc<Flow>,
     pid: u32,
     count: usize,
+    gap: Duration,
 ) -> Result<Option<(u64, usize)>> {
     let w0 = quiet_write_bytes(pid).await;
-    f.trickle(what, flow, count).await?;
+    f.trickle(what, flow, count, gap).await?;
     tokio::time::sleep(SLED_FLUSH_SETTLE).await;
     Ok(w0.zip(write_bytes(pid)).map(|(a, b)| (b - a, count)))
 }
@@ -2117,11 +2123,17 @@ impl Feeders {
     }
 
     /// A sensor's pace rather than a burst: `count` readings of device 0, each sent
-    /// once the previous one arrived, 100 ms apart (10/s).
-    async fn trickle(&self, what: &str, flow: &Arc<Flow>, count: usize) -> Result<()> {
+    /// once the previous one arrived, `gap` apart.
+    async fn trickle(
+        &self,
+        what: &str,
+        flow: &Arc<Flow>,
+        count: usize,
+        gap: Duration,
+    ) -> Result<()> {
         for _ in 0..count {
             self.run(what, flow, &[0], 1).await?;
-            tokio::time::sleep(TRICKLE_GAP).await;
+            tokio::time::sleep(gap).await;
         }
         Ok(())
     }
@@ -2458,15 +2470,23 @@ async fn bridge_bytes_written_per_reading(
         None,
         String::new(),
     );
-    let w = trickle_written(f, "bridge trickle", &br.flow, pid, sz.bridge_trickle).await?;
-    rep.row(
-        123,
-        "Bytes written per reading, onboardd's bridge, 1 device at 10 readings/s",
-        format!("{} (until 1.5 s after the last)", per_reading(w)),
-        "",
-        None,
-        String::new(),
-    );
+    for (order, count, gap, pace) in [
+        (123, sz.bridge_trickle, TRICKLE_GAP, "10 readings/s"),
+        (126, sz.bridge_slow, SLOW_GAP, "1 reading/s"),
+    ] {
+        if count == 0 {
+            continue;
+        }
+        let w = trickle_written(f, "bridge trickle", &br.flow, pid, count, gap).await?;
+        rep.row(
+            order,
+            &format!("Bytes written per reading, onboardd's bridge, 1 device at {pace}"),
+            format!("{} (until 1.5 s after the last)", per_reading(w)),
+            "",
+            None,
+            String::new(),
+        );
+    }
     Ok(())
 }
 
@@ -2612,24 +2632,25 @@ async fn mosquitto_bridge(
         ),
         _ => "/proc/PID/io unreadable".into(),
     };
-    let w = trickle_written(
-        &f,
-        "mosquitto bridge trickle",
-        &br.flow,
-        pid,
-        sz.bridge_trickle,
-    )
-    .await?;
-    rep.row(
-        124 + p,
-        &format!(
-            "Bytes written per reading, plain mosquitto bridge ({mode}), 1 topic at 10 readings/s"
-        ),
-        format!("{} (until 1.5 s after the last)", per_reading(w)),
-        "",
-        None,
-        String::new(),
-    );
+    for (order, count, gap, pace) in [
+        (124 + p, sz.bridge_trickle, TRICKLE_GAP, "10 readings/s"),
+        (127 + p, sz.bridge_slow, SLOW_GAP, "1 reading/s"),
+    ] {
+        if count == 0 {
+            continue;
+        }
+        let w = trickle_written(&f, "mosquitto bridge trickle", &br.flow, pid, count, gap).await?;
+        rep.row(
+            order,
+            &format!(
+                "Bytes written per reading, plain mosquitto bridge ({mode}), 1 topic at {pace}"
+            ),
+            format!("{} (until 1.5 s after the last)", per_reading(w)),
+            "",
+            None,
+            String::new(),
+        );
+    }
     rep.row(
         121 + p,
         &format!("Bytes written per reading, plain mosquitto bridge ({mode})"),
