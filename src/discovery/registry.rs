@@ -79,6 +79,13 @@ impl Registry {
             .collect()
     }
 
+    /// Whether any entity reads this topic.
+    pub fn follows(&self, topic: &str) -> bool {
+        self.configs
+            .values()
+            .any(|c| c.entities.iter().any(|e| e.state_topic == topic))
+    }
+
     /// Whether the device still has entities.
     pub fn is_active(&self, key: &str) -> bool {
         self.configs
