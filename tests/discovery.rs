@@ -126,9 +126,8 @@ async fn a_zigbee2mqtt_sensor_becomes_one_device_and_its_readings_reach_qubitro_
 
     // Exactly one device for the three entities; none for the bridge device.
     assert_eq!(cloud.devices().len(), 1, "{:?}", cloud.devices());
-    let (code, out, err) = d.devices(&["list", "--json"]);
-    assert_eq!(code, 0, "{err}");
-    assert!(out.contains(Z2M_ID), "{out}");
+    // Complete without a reply (no onboardd firmware listens for one).
+    assert_eq!(d.state_of(Z2M_ID).as_deref(), Some("delivered"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
