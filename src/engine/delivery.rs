@@ -125,8 +125,9 @@ impl Outbox {
 
 /// The tag of an ok reply: only a `Created` record's reply is tracked (a delivered
 /// one needs no proof again).
-/// Made by discovery: a discovery id and the metadata only discovery sets (an
-/// announce cannot use such an id while discovery is on).
+/// Made by discovery: a discovery id and the metadata discovery sets. Asked only
+/// while discovery is on, when no announce may use such an id; with discovery off
+/// a firmware sensor named `ha-…` gets its reply as before.
 fn is_discovered(sensor: &str, rec: &Record) -> bool {
     crate::discovery::is_discovery_id(sensor) && rec.spec.metadata.contains_key("discovered_by")
 }
@@ -144,7 +145,7 @@ impl Engine {
         let Some(creds) = rec.credentials() else {
             return;
         };
-        if is_discovered(sensor, rec) {
+        if self.discovery.is_some() && is_discovered(sensor, rec) {
             // Nobody listens for a discovered device's reply (it has no firmware of
             // ours): its onboarding ends with the device made, instead of a reply
             // published to no one again at every reconnect.
