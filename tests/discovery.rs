@@ -397,3 +397,21 @@ async fn malformed_configs_are_skipped_with_a_warning_and_the_daemon_keeps_servi
     let r = squatter.reply_with_status("error").await;
     assert_eq!(r["code"], "invalid_field", "{r}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_discovery_off_discovery_topics_are_ignored_and_ha_ids_are_ordinary_sensors() {
+    let broker = Mosquitto::start();
+    let cloud = fake_cloud().await;
+    let _d = Daemon::start(&broker, &cloud, "");
+    let z2m = Sensor::connect_as(broker.port, "z2m", "zigbee2mqtt/none", None).await;
+    publish_z2m(&z2m).await;
+    let mut s = Sensor::connect(broker.port, "ha-firmware").await;
+    s.announce(r#"{"name":"Firmware"}"#).await;
+    let ok = s.reply_with_status("ok").await;
+    assert!(
+        ok.get("device_token").is_some() || ok.get("device_token_sealed").is_some(),
+        "{ok}"
+    );
+    let names: Vec<String> = cloud.devices().into_iter().map(|d| d.name).collect();
+    assert_eq!(names, vec!["Firmware".to_string()]);
+}

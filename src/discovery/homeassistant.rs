@@ -276,6 +276,34 @@ mod tests {
     pub(crate) const Z2M_TEMPERATURE: &str = r#"{"availability":[{"topic":"zigbee2mqtt/bridge/state","value_template":"{{ value_json.state }}"},{"topic":"zigbee2mqtt/living_room/availability","value_template":"{{ value_json.state }}"}],"availability_mode":"all","device":{"identifiers":["zigbee2mqtt_0x00158d0001a2b3c4"],"manufacturer":"Aqara","model":"Temperature and humidity sensor (WSDCGQ11LM)","model_id":"WSDCGQ11LM","name":"living_room","sw_version":"3000-0001","via_device":"zigbee2mqtt_bridge_0x00124b0022334455"},"device_class":"temperature","enabled_by_default":true,"object_id":"living_room_temperature","origin":{"name":"Zigbee2MQTT","sw":"1.40.2","url":"https://www.zigbee2mqtt.io"},"state_class":"measurement","state_topic":"zigbee2mqtt/living_room","unique_id":"0x00158d0001a2b3c4_temperature_zigbee2mqtt","unit_of_measurement":"°C","value_template":"{{ value_json.temperature }}"}"#;
 
     #[test]
+    fn every_truncation_of_a_real_config_is_parsed_or_skipped_without_panicking() {
+        let topic = "homeassistant/sensor/0x00158d0001a2b3c4/temperature/config";
+        for cut in 0..Z2M_TEMPERATURE.len() {
+            let _ = parse(
+                &rules(),
+                "homeassistant",
+                topic,
+                &Z2M_TEMPERATURE.as_bytes()[..cut],
+            );
+        }
+        for junk in [
+            &br#"{"~":"","stat_t":"~"}"#[..],
+            br#"{"dev":{"ids":[1,null,{}],"cns":[["mac"],[1,2]]},"stat_t":"x"}"#,
+            br#"{"cmps":[],"dev":{"ids":"a"}}"#,
+            br#"{"cmps":{"a":1,"b":{"p":7}},"dev":{"ids":"a"}}"#,
+            br#"{"stat_t":"~/x","~":"\u0000","uniq_id":"u","val_tpl":"{{ value_json[''] }}"}"#,
+        ] {
+            let _ = parse(
+                &rules(),
+                "homeassistant",
+                "homeassistant/device/x/config",
+                junk,
+            );
+            let _ = parse(&rules(), "homeassistant", topic, junk);
+        }
+    }
+
+    #[test]
     fn config_topics_split_with_and_without_node_id() {
         assert_eq!(
             config_topic(
