@@ -36,6 +36,9 @@ pub struct Change {
     pub active: bool,
     /// State topics followed for the first time.
     pub new_topics: Vec<String>,
+    /// The device this config topic described before, when it named another
+    /// identifier and that device has no entity left now (it is retired).
+    pub orphaned: Option<Known>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -139,10 +142,15 @@ impl Registry {
                         entities,
                     },
                 );
-                // A topic that moved to another device changes that one too; the
-                // caller is told about the new one (the old one's readings stop).
-                let _ = old;
-                key
+                let mut change = self.change(key.clone(), &before)?;
+                // A topic that now names another identifier: the device it named
+                // before may have nothing left.
+                if let Some(old) = old.filter(|o| o.device != key) {
+                    if !self.is_active(&old.device) {
+                        change.orphaned = self.devices.get(&old.device).cloned();
+                    }
+                }
+                return Some(change);
             }
         };
         self.change(key, &before)
@@ -155,6 +163,7 @@ impl Registry {
             new_topics: self.topics().difference(before).cloned().collect(),
             key,
             known,
+            orphaned: None,
         })
     }
 
@@ -351,6 +360,28 @@ mod tests {
             sensor_id(Source::HomeAssistant, "a/b", true)
         );
         assert_ne!(a.known.sensor_id, b.known.sensor_id);
+    }
+
+    #[test]
+    fn a_config_topic_that_names_another_device_orphans_the_first() {
+        let mut r = Registry::default();
+        let mk = |id: &str| {
+            homeassistant::parse(
+                &rules(),
+                "homeassistant",
+                "homeassistant/sensor/n/t/config",
+                format!(r#"{{"stat_t":"s","dev":{{"ids":"{id}"}}}}"#).as_bytes(),
+            )
+            .unwrap()
+        };
+        let a = r.apply("homeassistant/sensor/n/t/config", mk("a")).unwrap();
+        let b = r.apply("homeassistant/sensor/n/t/config", mk("b")).unwrap();
+        assert!(b.active);
+        assert_eq!(
+            b.orphaned.map(|k| k.sensor_id),
+            Some(a.known.sensor_id.clone())
+        );
+        assert!(r.retired().contains(&a.known.sensor_id));
     }
 
     #[test]

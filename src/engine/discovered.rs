@@ -260,13 +260,13 @@ impl Engine {
             format!("{DEVICE_PREFIX}{}", change.key),
             json(&change.known),
         )?;
-        let retired = format!("{RETIRED_PREFIX}{sensor}");
         if change.active {
-            d.tree.tree.remove(retired)?;
-        } else if self.store.get(&sensor)?.is_some()
-            && d.tree.tree.insert(retired, b"".as_slice())?.is_none()
-        {
-            tracing::info!(sensor_id = %sensor, "discovered device {sensor} has no entity left: kept in Qubitro, shown retired; its readings are no longer forwarded");
+            d.tree.tree.remove(format!("{RETIRED_PREFIX}{sensor}"))?;
+        } else {
+            self.retire(d, &sensor)?;
+        }
+        if let Some(old) = &change.orphaned {
+            self.retire(d, &old.sensor_id)?;
         }
         let mut seq = d.tree.wrote();
         for t in &change.new_topics {
@@ -276,6 +276,19 @@ impl Engine {
             seq = seq.max(self.onboard_discovered(&change.known)?);
         }
         Ok(Decision { seq, answer: None })
+    }
+
+    /// Marks a device made before that has no entity left (listed `retired`).
+    fn retire(&self, d: &Discovery, sensor: &str) -> Result<(), StoreError> {
+        if self.store.get(sensor)?.is_some()
+            && d.tree
+                .tree
+                .insert(format!("{RETIRED_PREFIX}{sensor}"), b"".as_slice())?
+                .is_none()
+        {
+            tracing::info!(sensor_id = sensor, "discovered device {sensor} has no entity left: kept in Qubitro, shown retired; its readings are no longer forwarded");
+        }
+        Ok(())
     }
 
     /// Onboards a discovered device like a bridged announce; returns the write to
