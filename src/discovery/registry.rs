@@ -223,7 +223,7 @@ impl Registry {
         out
     }
 
-    /// Every (key, device) and (topic, config), to persist.
+    /// Every known device by key (tests, and what the store holds).
     pub fn devices(&self) -> impl Iterator<Item = (&String, &Known)> {
         self.devices.iter()
     }
