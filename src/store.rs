@@ -493,6 +493,38 @@ impl Store {
     }
 }
 
+/// Key prefix of the discovery tree's retired markers (see [`Store::discovery`]).
+pub const RETIRED_PREFIX: &str = "r/";
+
+impl Store {
+    /// Zero-firmware onboarding's state (`engine::discovered`): devices, config
+    /// topics and retired markers, as JSON, in this database so its writes join the
+    /// same group commit as the records they lead to.
+    pub fn discovery(&self) -> Result<ReadingsTree, StoreError> {
+        Ok(ReadingsTree {
+            tree: self.db.open_tree("discovery")?,
+            store: self.clone(),
+        })
+    }
+
+    /// Sensors discovery made whose entities are all gone (`devices list` shows
+    /// them `retired`); readable without the daemon.
+    pub fn retired_discovered(&self) -> Result<std::collections::BTreeSet<String>, StoreError> {
+        let tree = self.db.open_tree("discovery")?;
+        let mut out = std::collections::BTreeSet::new();
+        for item in tree.scan_prefix(RETIRED_PREFIX) {
+            let (k, _) = item?;
+            if let Some(id) = std::str::from_utf8(&k)
+                .ok()
+                .and_then(|k| k.strip_prefix(RETIRED_PREFIX))
+            {
+                out.insert(id.to_string());
+            }
+        }
+        Ok(out)
+    }
+}
+
 impl ReadingsTree {
     /// Records that a write to the tree happened; `durable(seq)` then covers it.
     pub fn wrote(&self) -> u64 {
