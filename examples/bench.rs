@@ -73,6 +73,10 @@ struct Args {
     /// Keep the temporary state dir (databases, configs) for profiling; prints its path.
     #[arg(long)]
     keep: bool,
+    /// Run only the telemetry bridge phases (onboardd's bridge and a plain mosquitto
+    /// bridge forwarding readings to a stand-in for Qubitro's broker).
+    #[arg(long)]
+    bridge_only: bool,
     /// Internal: run as the echo client against the broker on this port.
     #[arg(long, hide = true)]
     echo_port: Option<u16>,
@@ -129,6 +133,15 @@ struct Sizes {
     /// Offered rate and length of the latency phases.
     latency_rate: f64,
     latency_secs: f64,
+    /// Readings of the one-device bridge phase.
+    bridge_one: usize,
+    /// Bridged devices of the many-device phase, and readings per device in it.
+    bridge_devices: usize,
+    bridge_rounds: usize,
+    /// Readings of the trickle (one device, 10/s) for bytes written at a sensor's pace.
+    bridge_trickle: usize,
+    /// Readings at 1/s, the same (none in --quick: it would take seconds).
+    bridge_slow: usize,
 }
 
 impl Sizes {
@@ -141,6 +154,11 @@ impl Sizes {
                 rounds: 2,
                 latency_rate: 1000.0,
                 latency_secs: 1.0,
+                bridge_one: 200,
+                bridge_devices: 20,
+                bridge_rounds: 10,
+                bridge_trickle: 5,
+                bridge_slow: 0,
             }
         } else {
             Sizes {
@@ -150,6 +168,11 @@ impl Sizes {
                 rounds: 5,
                 latency_rate: 1000.0,
                 latency_secs: 10.0,
+                bridge_one: 100_000,
+                bridge_devices: 100,
+                bridge_rounds: 1_000,
+                bridge_trickle: 50,
+                bridge_slow: 10,
             }
         }
     }
@@ -412,6 +435,8 @@ struct DaemonSpec<'a> {
     cloud_url: &'a str,
     policy: &'a str,
     client_id: &'a str,
+    /// More config (TOML), overlaid table by table on the bench's own.
+    extra: String,
 }
 
 fn field_u64(line: &str, key: &str) -> Option<u64> {
@@ -423,6 +448,8 @@ fn field_u64(line: &str, key: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
+/// The load generator's announces carry no proof (issue 11): `require_claim = false`,
+/// so the figures measure onboarding without the cost of checking a proof.
 fn start_onboardd(s: &DaemonSpec) -> Result<Daemon> {
     std::fs::create_dir_all(&s.state)?;
     let config = s.state.join("onboardd.toml");
@@ -446,6 +473,7 @@ lookup_before_create = "{policy}"
 [store]
 path = "{state}/db"
 [security]
+require_claim = false
 new_sensor_cooldown_s = 0
 max_new_devices_per_hour = 1000000000
 [control]
@@ -459,6 +487,10 @@ socket = "{state}/onboardd.sock"
             state = s.state.display(),
         ),
     )?;
+    if !s.extra.is_empty() {
+        let merged = harness::merge_toml(&std::fs::read_to_string(&config)?, &s.extra);
+        std::fs::write(&config, merged)?;
+    }
     // Owner-only, or onboardd warns about a readable secret.
     std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600))?;
     let proc = spawn(
@@ -550,6 +582,8 @@ struct Shared {
     conn_errors: AtomicU64,
     subscribed: AtomicU64,
     stop: AtomicBool,
+    /// Announce with `"bridge": true` (the bridge phases).
+    bridged: AtomicBool,
 }
 
 impl Shared {
@@ -626,6 +660,14 @@ fn announce_payload(idx: usize) -> Vec<u8> {
     .into_bytes()
 }
 
+/// A sensor that cannot reach Qubitro itself: the gateway forwards its readings.
+fn bridged_announce_payload(idx: usize) -> Vec<u8> {
+    format!(
+        r#"{{"bridge":true,"name":"Bridged sensor {idx}","brand":"Acme","model":"T1000","request_id":"r{idx}"}}"#
+    )
+    .into_bytes()
+}
+
 impl LoadGen {
     async fn connect(
         port: u16,
@@ -649,6 +691,7 @@ impl LoadGen {
             conn_errors: AtomicU64::new(0),
             subscribed: AtomicU64::new(0),
             stop: AtomicBool::new(false),
+            bridged: AtomicBool::new(false),
         });
         let mut clients = Vec::new();
         for c in 0..connections {
@@ -718,8 +761,12 @@ impl LoadGen {
 
     async fn send(&self, conn: usize, idx: usize) -> Result<()> {
         let topic = format!("onboard/announce/s{idx}");
-        let payload = announce_payload(idx);
         let s = &self.shared;
+        let payload = if s.bridged.load(Ordering::Relaxed) {
+            bridged_announce_payload(idx)
+        } else {
+            announce_payload(idx)
+        };
         let now = s.now_ns();
         s.first_send_ns.fetch_min(now, Ordering::Relaxed);
         if s.slots[idx].swap(now + 1, Ordering::AcqRel) != 0 {
@@ -990,6 +1037,7 @@ impl Env {
             cloud_url: &cloud.url,
             policy,
             client_id,
+            extra: String::new(),
         }
     }
 
@@ -1161,7 +1209,8 @@ async fn bench(args: &Args, rep: &mut Report) -> Result<()> {
         .timeout(Duration::from_secs(10))
         .build()?;
     let ids = Ids::new(&sz);
-    let load = LoadGen::connect(broker.port, args.connections, args.window, ids.total).await?;
+    let sensors = ids.total.max(sz.bridge_devices);
+    let load = LoadGen::connect(broker.port, args.connections, args.window, sensors).await?;
     let env = Env {
         bins: bins.clone(),
         work,
@@ -1173,15 +1222,26 @@ async fn bench(args: &Args, rep: &mut Report) -> Result<()> {
         fake100,
     };
 
-    let (a, ready_empty, ready_known) = new_devices_on_a_fresh_store(&env, rep, &ids.a).await?;
-    let known = known_sensors_re_announce(&env, rep, &sz, a, &ids.a).await?;
-    let echo = the_brokers_own_limit(&env, &known).await?;
-    report_against_the_broker(rep, &sz, &known, &echo);
-    new_devices_with_lookup_after_failure(&env, rep, ids.b.clone()).await?;
-    new_devices_with_a_slow_cloud(&env, rep, ids.c.clone(), ids.d.clone()).await?;
-    let ready_grown = grow_the_store(&env, rep, &sz, &ids).await?;
-    report_start_times(rep, &sz, [ready_empty, ready_known, ready_grown]);
-    report_binary_sizes(rep, &bins)?;
+    if !args.bridge_only {
+        let (a, ready_empty, ready_known) = new_devices_on_a_fresh_store(&env, rep, &ids.a).await?;
+        let known = known_sensors_re_announce(&env, rep, &sz, a, &ids.a).await?;
+        let echo = the_brokers_own_limit(&env, &known).await?;
+        report_against_the_broker(rep, &sz, &known, &echo);
+        new_devices_with_lookup_after_failure(&env, rep, ids.b.clone()).await?;
+        new_devices_with_a_slow_cloud(&env, rep, ids.c.clone(), ids.d.clone()).await?;
+        let ready_grown = grow_the_store(&env, rep, &sz, &ids).await?;
+        report_start_times(rep, &sz, [ready_empty, ready_known, ready_grown]);
+        report_binary_sizes(rep, &bins)?;
+    }
+    let mut br = bridged_devices_onboarded(&env, rep, &sz).await?;
+    bridge_one_device(&env, rep, &sz, &mut br).await?;
+    bridge_many_devices(&env, rep, &sz, &mut br).await?;
+    bridge_rss_with_devices_connected(rep, &sz, &br);
+    bridge_bytes_written_per_reading(rep, &sz, &mut br).await?;
+    bridge_stop(&env, rep, &mut br).await?;
+    for persistent in [false, true] {
+        mosquitto_bridge(&env, rep, &sz, &mut br, persistent).await?;
+    }
 
     let log = broker.log();
     for w in warnings(&log) {
@@ -1748,6 +1808,862 @@ fn report_binary_sizes(rep: &mut Report, bins: &Path) -> Result<()> {
             String::new(),
         ),
     }
+    Ok(())
+}
+
+// ------------------------------------------------------------------ telemetry bridge
+
+/// Between two readings of the trickles: 10 readings/s and 1 reading/s.
+const TRICKLE_GAP: Duration = Duration::from_millis(100);
+const SLOW_GAP: Duration = Duration::from_secs(1);
+
+/// Bytes written over a trickle of `count` readings `gap` apart by `pid`: from quiet
+/// to 1.5 s after the last. (bytes, readings)
+async fn trickle_written(
+    f: &Feeders,
+    what: &str,
+    flow: &Arc<Flow>,
+    pid: u32,
+    count: usize,
+    gap: Duration,
+) -> Result<Option<(u64, usize)>> {
+    let w0 = quiet_write_bytes(pid).await;
+    f.trickle(what, flow, count, gap).await?;
+    tokio::time::sleep(SLED_FLUSH_SETTLE).await;
+    Ok(w0.zip(write_bytes(pid)).map(|(a, b)| (b - a, count)))
+}
+
+fn per_reading(w: Option<(u64, usize)>) -> String {
+    match w {
+        Some((b, n)) => format!("{:.0} B ({b} B over {n} readings)", b as f64 / n as f64),
+        None => "/proc/PID/io unreadable".into(),
+    }
+}
+
+/// The plain mosquitto bridge's one login on the stand-in broker (a Qubitro device
+/// could write only the topic equal to its own id).
+const MQ_BRIDGE_USER: &str = "mqbridge";
+const MQ_BRIDGE_PASSWORD: &str = "mqbridge-password";
+
+/// A reading as a small sensor would send it: ≈ 40 bytes, flat (the flattener has
+/// nothing to do, so both bridges forward the same bytes).
+fn reading_payload(n: u64) -> Vec<u8> {
+    format!(r#"{{"n":{n},"temp":21.5,"hum":40.2}}"#).into_bytes()
+}
+
+fn data_topic(idx: usize) -> String {
+    format!("onboard/data/s{idx}")
+}
+
+/// Readings in flight, from the publishers on a local broker to the observer on the
+/// stand-in for Qubitro's broker: one closed-loop window, and per device the next
+/// reading expected (readings of one device must arrive in the order they were sent).
+struct Flow {
+    base: Instant,
+    window: Semaphore,
+    st: Mutex<FlowState>,
+}
+
+#[derive(Default)]
+struct FlowState {
+    /// Topic on the stand-in broker → device index (a device id for onboardd's
+    /// bridge, the local topic name for mosquitto's).
+    topics: std::collections::HashMap<String, usize>,
+    /// Per device: the `n` of the next reading expected (= readings sent so far once
+    /// a run is complete).
+    next: Vec<u64>,
+    arrived: u64,
+    duplicates: u64,
+    out_of_order: u64,
+    unknown: u64,
+    samples: Vec<String>,
+    last_ns: u64,
+}
+
+impl Flow {
+    fn new(window: usize, devices: usize) -> Arc<Flow> {
+        Arc::new(Flow {
+            base: Instant::now(),
+            window: Semaphore::new(window),
+            st: Mutex::new(FlowState {
+                next: vec![0; devices],
+                ..FlowState::default()
+            }),
+        })
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.base.elapsed().as_nanos() as u64
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, FlowState> {
+        self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn on_arrival(&self, topic: &str, payload: &[u8]) {
+        let now = self.now_ns();
+        let mut st = self.state();
+        let Some(&i) = st.topics.get(topic) else {
+            st.unknown += 1;
+            return;
+        };
+        let n = serde_json::from_slice::<serde_json::Value>(payload)
+            .ok()
+            .and_then(|v| v["n"].as_u64());
+        let Some(n) = n else {
+            st.unknown += 1;
+            return;
+        };
+        let want = st.next[i];
+        if n < want {
+            // At least once: a reading sent again after a lost PUBACK.
+            st.duplicates += 1;
+            return;
+        }
+        if n > want {
+            st.out_of_order += 1;
+            if st.samples.len() < 5 {
+                st.samples.push(format!(
+                    "{topic}: reading {n} arrived while {want} was expected"
+                ));
+            }
+        }
+        st.next[i] = n + 1;
+        st.arrived += 1;
+        st.last_ns = now;
+        drop(st);
+        self.window.add_permits(1);
+    }
+}
+
+/// The observer on the stand-in broker: every topic, QoS 1, a clean session.
+async fn connect_observer(port: u16, flow: Arc<Flow>) -> Result<AsyncClient> {
+    use harness::qubitro_broker::{OBSERVER, OBSERVER_PASSWORD};
+    let mut opts = mqtt_options(OBSERVER.to_string(), port);
+    opts.set_credentials(OBSERVER, OBSERVER_PASSWORD);
+    let (client, mut el) = AsyncClient::new(opts, 64);
+    let sub = client.clone();
+    let subscribed = Arc::new(AtomicBool::new(false));
+    let done = subscribed.clone();
+    tokio::spawn(async move {
+        let mut errors = 0u32;
+        while errors < 1000 {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    flow.on_arrival(&String::from_utf8_lossy(&p.topic), &p.payload)
+                }
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    if let Err(e) = sub.try_subscribe("#", QoS::AtLeastOnce) {
+                        eprintln!("bench: observer cannot subscribe: {e}");
+                    }
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => done.store(true, Ordering::Relaxed),
+                Ok(_) => {}
+                Err(e) => {
+                    errors += 1;
+                    if errors < 5 {
+                        eprintln!("bench: observer: {e}");
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !subscribed.load(Ordering::Relaxed) {
+        if Instant::now() > deadline {
+            bail!("the observer on the stand-in broker did not subscribe in 10 s");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(client)
+}
+
+/// The sensors' side: `k` connections to a local broker, device `i` always on
+/// connection `i % k` (so its readings stay in order).
+struct Feeders {
+    clients: Vec<AsyncClient>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Feeders {
+    async fn connect(port: u16, k: usize) -> Result<Feeders> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let connected = Arc::new(AtomicU64::new(0));
+        let mut clients = Vec::new();
+        for c in 0..k {
+            let opts = mqtt_options(format!("bench-feed-{}-{c}", std::process::id()), port);
+            let (client, mut el) = AsyncClient::new(opts, 20_000);
+            let (stop, connected) = (stop.clone(), connected.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    match el.poll().await {
+                        Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                            connected.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            eprintln!("bench: feeder {c}: {e}");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
+                }
+            });
+            clients.push(client);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while connected.load(Ordering::Relaxed) < k as u64 {
+            if Instant::now() > deadline {
+                bail!("the sensors' connections did not connect in 10 s");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(Feeders { clients, stop })
+    }
+
+    /// Closed loop: `rounds` readings from each of `devices`, QoS 1, at most the flow's
+    /// window not yet arrived at the observer. Throughput = readings ÷ (last arrival −
+    /// first publish). A reading missing or out of order fails the run.
+    async fn run(
+        &self,
+        what: &str,
+        flow: &Arc<Flow>,
+        devices: &[usize],
+        rounds: usize,
+    ) -> Result<PhaseResult> {
+        let n = devices.len() * rounds;
+        let starts: Vec<(usize, u64)> = {
+            let mut st = flow.state();
+            st.arrived = 0;
+            st.duplicates = 0;
+            st.out_of_order = 0;
+            st.unknown = 0;
+            st.samples.clear();
+            st.last_ns = 0;
+            devices.iter().map(|&d| (d, st.next[d])).collect()
+        };
+        let first = flow.now_ns();
+        let k = self.clients.len();
+        let mut tasks = Vec::new();
+        for c in 0..k {
+            let client = self.clients[c].clone();
+            let flow = flow.clone();
+            let mine: Vec<(usize, u64)> =
+                starts.iter().filter(|(d, _)| d % k == c).copied().collect();
+            tasks.push(tokio::spawn(async move {
+                for r in 0..rounds as u64 {
+                    for &(d, start) in &mine {
+                        flow.window.acquire().await?.forget();
+                        client
+                            .publish(
+                                data_topic(d),
+                                QoS::AtLeastOnce,
+                                false,
+                                reading_payload(start + r),
+                            )
+                            .await
+                            .context("queue a reading")?;
+                    }
+                }
+                anyhow::Ok(())
+            }));
+        }
+        let until = Instant::now() + Env::deadline(n);
+        loop {
+            if flow.state().arrived as usize >= n || Instant::now() > until {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let mut send_error = None;
+        for t in tasks {
+            if !t.is_finished() {
+                t.abort();
+                continue;
+            }
+            if let Ok(Err(e)) = t.await {
+                send_error = Some(e);
+            }
+        }
+        if let Some(e) = send_error {
+            return Err(e.context(format!("{what}: sending")));
+        }
+        let st = flow.state();
+        if st.out_of_order > 0 {
+            bail!(
+                "{what}: {} readings arrived out of order (missing earlier ones), e.g. {}",
+                st.out_of_order,
+                st.samples.join("; ")
+            );
+        }
+        if (st.arrived as usize) < n {
+            bail!(
+                "{what}: only {} of {n} readings reached the stand-in broker within {:?} ({} on unknown topics)",
+                st.arrived,
+                Env::deadline(n),
+                st.unknown
+            );
+        }
+        if st.duplicates > 0 || st.unknown > 0 {
+            eprintln!(
+                "bench: {what}: {} duplicate readings (at least once), {} on unknown topics",
+                st.duplicates, st.unknown
+            );
+        }
+        let r = PhaseResult {
+            n,
+            wall_s: st.last_ns.saturating_sub(first) as f64 / 1e9,
+            latencies_us: Vec::new(),
+        };
+        if n > 1 {
+            eprintln!(
+                "bench: {what}: {n} readings in {:.2} s = {:.0}/s",
+                r.wall_s,
+                r.rate()
+            );
+        }
+        Ok(r)
+    }
+
+    /// A sensor's pace rather than a burst: `count` readings of device 0, each sent
+    /// once the previous one arrived, `gap` apart.
+    async fn trickle(
+        &self,
+        what: &str,
+        flow: &Arc<Flow>,
+        count: usize,
+        gap: Duration,
+    ) -> Result<()> {
+        for _ in 0..count {
+            self.run(what, flow, &[0], 1).await?;
+            tokio::time::sleep(gap).await;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Feeders {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for c in &self.clients {
+            let _ = c.try_disconnect();
+        }
+    }
+}
+
+/// CPU of named processes (and of this one, the load generator) over a phase.
+struct NamedCpu {
+    at: Instant,
+    procs: Vec<(&'static str, u32, f64)>,
+    load: f64,
+}
+
+impl NamedCpu {
+    fn take(procs: &[(&'static str, u32)]) -> NamedCpu {
+        NamedCpu {
+            at: Instant::now(),
+            procs: procs.iter().map(|&(n, p)| (n, p, cpu_secs(p))).collect(),
+            load: self_cpu_secs(),
+        }
+    }
+
+    fn since(&self) -> String {
+        let wall = self.at.elapsed().as_secs_f64().max(1e-3);
+        let pct = |now: f64, before: f64| ((now - before) / wall * 100.0).round();
+        let mut parts: Vec<String> = self
+            .procs
+            .iter()
+            .map(|&(n, p, c)| format!("{n} {}%", pct(cpu_secs(p), c)))
+            .collect();
+        parts.push(format!(
+            "load gen + observer {}%",
+            pct(self_cpu_secs(), self.load)
+        ));
+        parts.join(" · ")
+    }
+}
+
+/// Waits until `pid` has written nothing for [`SLED_FLUSH_SETTLE`] (at most ~30 s);
+/// returns its `write_bytes` then.
+async fn quiet_write_bytes(pid: u32) -> Option<u64> {
+    let mut before = write_bytes(pid);
+    for _ in 0..20 {
+        tokio::time::sleep(SLED_FLUSH_SETTLE).await;
+        let now = write_bytes(pid);
+        if now == before {
+            break;
+        }
+        before = now;
+    }
+    before
+}
+
+/// Established TCP connections from this host to `port` (both ends are local: the
+/// client ends are the ones whose remote port is `port`).
+fn connections_to(port: u16) -> usize {
+    let mut n = 0;
+    for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(f) else {
+            continue;
+        };
+        for l in text.lines().skip(1) {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            let rem_port = cols
+                .get(2)
+                .and_then(|a| a.rsplit_once(':'))
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            if rem_port == Some(port) && cols.get(3) == Some(&"01") {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+/// Everything the bridge phases share: the stand-in for Qubitro's broker, the fake
+/// cloud whose devices become its logins, the observer, and onboardd with its
+/// bridged devices.
+struct Bridged {
+    /// Kept alive: it serves onboardd's requests and makes the stand-in's logins.
+    _cloud: fake_qubitro::FakeQubitro,
+    qubitro: harness::qubitro_broker::QubitroBroker,
+    flow: Arc<Flow>,
+    _observer: AsyncClient,
+    daemon: Option<Daemon>,
+    feeders: Option<Feeders>,
+    devices: Vec<usize>,
+    /// Readings/s of onboardd's bridge, 1 device and all devices, for the comparison.
+    one_rate: f64,
+    many_rate: f64,
+}
+
+impl Bridged {
+    fn onboardd_pid(&self) -> u32 {
+        self.daemon.as_ref().map_or(0, |d| d.proc.pid())
+    }
+    fn feeders(&self) -> &Feeders {
+        self.feeders.as_ref().expect("feeders connected")
+    }
+}
+
+const BRIDGE_CLIENT: &str = "onboardd-bench-br";
+
+/// The bridge phases' setup: a stand-in for Qubitro's broker with one login per device
+/// the (in-process) fake cloud creates, onboardd pointed at it, and `bridge_devices`
+/// sensors onboarded with `"bridge": true` (each exactly one device, each login
+/// accepted before any reading is sent).
+async fn bridged_devices_onboarded(env: &Env, rep: &mut Report, sz: &Sizes) -> Result<Bridged> {
+    let cloud = fake_qubitro::FakeQubitro::start(fake_qubitro::FakeOptions::default()).await?;
+    let qubitro = harness::qubitro_broker::QubitroBroker::start(&cloud);
+    qubitro
+        .add_writer(MQ_BRIDGE_USER, MQ_BRIDGE_PASSWORD, "onboard/data/#")
+        .await;
+    let flow = Flow::new(env.load.window, sz.bridge_devices);
+    let observer = connect_observer(qubitro.port(), flow.clone()).await?;
+    let url = cloud.base_url();
+    let spec = DaemonSpec {
+        bins: &env.bins,
+        state: env.work.join("br"),
+        broker_port: env.broker_port,
+        cloud_url: &url,
+        policy: "after_failure",
+        client_id: BRIDGE_CLIENT,
+        extra: format!(
+            "[qubitro]\nproject_id = \"{}\"\napi_key = \"{}\"\nbroker_host = \"127.0.0.1\"\nbroker_port = {}\nbroker_tls = false\n\
+             [bridge]\nmax_connections = {}\n",
+            cloud.project_id(),
+            cloud.api_key(),
+            qubitro.port(),
+            sz.bridge_devices.max(64),
+        ),
+    };
+    let daemon = start_onboardd(&spec)?;
+    let devices: Vec<usize> = (0..sz.bridge_devices).collect();
+    env.load.shared.bridged.store(true, Ordering::Relaxed);
+    let onboarded = env
+        .load
+        .closed(
+            "bridged devices onboarding",
+            Arc::new(devices.clone()),
+            Env::deadline(devices.len()),
+        )
+        .await;
+    env.load.shared.bridged.store(false, Ordering::Relaxed);
+    onboarded?;
+    let all = cloud.devices();
+    {
+        let mut st = flow.state();
+        for &i in &devices {
+            let sensor = format!("s{i}");
+            let mine: Vec<_> = all
+                .iter()
+                .filter(|d| d.metadata.get("sensor_id") == Some(&sensor))
+                .collect();
+            if !rep.check(
+                mine.len() == 1,
+                format!(
+                    "bridged sensor {sensor}: {} devices in the cloud",
+                    mine.len()
+                ),
+            ) {
+                continue;
+            }
+            st.topics.insert(mine[0].id.clone(), i);
+            // mosquitto's bridge forwards under the local topic names.
+            st.topics.insert(data_topic(i), i);
+        }
+    }
+    for d in &all {
+        qubitro.wait_for_login(d).await;
+    }
+    let feeders = Feeders::connect(env.broker_port, env.load.clients.len()).await?;
+    Ok(Bridged {
+        _cloud: cloud,
+        qubitro,
+        flow,
+        _observer: observer,
+        daemon: Some(daemon),
+        feeders: Some(feeders),
+        devices,
+        one_rate: 0.0,
+        many_rate: 0.0,
+    })
+}
+
+/// (a) One bridged device: `bridge_one` readings as fast as the window allows.
+async fn bridge_one_device(
+    env: &Env,
+    rep: &mut Report,
+    sz: &Sizes,
+    br: &mut Bridged,
+) -> Result<()> {
+    let f = br.feeders();
+    // Its uplink connection opens with the first reading: not part of the figure.
+    f.run("bridge warm-up, 1 device", &br.flow, &[0], 1).await?;
+    let cpu = NamedCpu::take(&[
+        ("onboardd", br.onboardd_pid()),
+        ("local broker", env.broker_pid),
+        ("stand-in broker", br.qubitro.broker.pid()),
+    ]);
+    let r = f
+        .run("bridge, 1 device", &br.flow, &[0], sz.bridge_one)
+        .await?;
+    br.one_rate = r.rate();
+    rep.row(
+        100,
+        "Bridge (onboardd), 1 device: readings forwarded",
+        format!(
+            "{:.0} readings/s ({} readings, QoS 1 on both legs, window {})",
+            r.rate(),
+            r.n,
+            env.load.window
+        ),
+        "",
+        None,
+        cpu.since(),
+    );
+    Ok(())
+}
+
+/// (b) Every bridged device at once, `bridge_rounds` readings each, interleaved.
+async fn bridge_many_devices(
+    env: &Env,
+    rep: &mut Report,
+    sz: &Sizes,
+    br: &mut Bridged,
+) -> Result<()> {
+    let f = br.feeders();
+    f.run("bridge warm-up, all devices", &br.flow, &br.devices, 1)
+        .await?;
+    let cpu = NamedCpu::take(&[
+        ("onboardd", br.onboardd_pid()),
+        ("local broker", env.broker_pid),
+        ("stand-in broker", br.qubitro.broker.pid()),
+    ]);
+    let r = f
+        .run(
+            "bridge, all devices",
+            &br.flow,
+            &br.devices,
+            sz.bridge_rounds,
+        )
+        .await?;
+    br.many_rate = r.rate();
+    rep.row(
+        101,
+        &format!(
+            "Bridge (onboardd), {} devices: readings forwarded (aggregate)",
+            sz.bridge_devices
+        ),
+        format!(
+            "{:.0} readings/s ({} readings, {} per device, interleaved)",
+            r.rate(),
+            r.n,
+            sz.bridge_rounds
+        ),
+        "",
+        None,
+        cpu.since(),
+    );
+    Ok(())
+}
+
+/// (c) onboardd's RSS with every bridged device's uplink connected, idle after (b).
+fn bridge_rss_with_devices_connected(rep: &mut Report, sz: &Sizes, br: &Bridged) {
+    let pid = br.onboardd_pid();
+    // The observer is the one other client of the stand-in broker.
+    let uplinks = connections_to(br.qubitro.port()).saturating_sub(1);
+    rep.row(
+        110,
+        &format!(
+            "RSS, onboardd with {} bridged devices connected (idle after the burst)",
+            sz.bridge_devices
+        ),
+        format!(
+            "{} (peak VmHWM {}); {uplinks} uplink connections open",
+            mib(proc_status_kib(pid, "VmRSS").unwrap_or(0)),
+            mib(proc_status_kib(pid, "VmHWM").unwrap_or(0)),
+        ),
+        "",
+        None,
+        String::new(),
+    );
+}
+
+/// (d) Bytes onboardd writes per forwarded reading: `write_bytes` before (once it has
+/// been quiet for 1.5 s) and 1.5 s after a burst over every device, and again once
+/// it is quiet, which includes sled's background segment rewrites.
+async fn bridge_bytes_written_per_reading(
+    rep: &mut Report,
+    sz: &Sizes,
+    br: &mut Bridged,
+) -> Result<()> {
+    let pid = br.onboardd_pid();
+    let f = br.feeders();
+    let w0 = quiet_write_bytes(pid).await;
+    let r = f
+        .run(
+            "bridge, bytes written",
+            &br.flow,
+            &br.devices,
+            sz.bridge_rounds,
+        )
+        .await?;
+    tokio::time::sleep(SLED_FLUSH_SETTLE).await;
+    let w1 = write_bytes(pid);
+    let w2 = quiet_write_bytes(pid).await;
+    let result = match (w0, w1, w2) {
+        (Some(w0), Some(w1), Some(w2)) => {
+            format!(
+                "{:.0} B ({} B over {} readings of {} devices, until 1.5 s after the last); {:.0} B counted until quiet (incl. sled's background segment rewrites)",
+                (w1 - w0) as f64 / r.n as f64,
+                w1 - w0,
+                r.n,
+                sz.bridge_devices,
+                (w2 - w0) as f64 / r.n as f64,
+            )
+        }
+        _ => "/proc/PID/io unreadable".into(),
+    };
+    rep.row(
+        120,
+        "Bytes written per reading, onboardd's bridge, burst",
+        result,
+        "",
+        None,
+        String::new(),
+    );
+    for (order, count, gap, pace) in [
+        (123, sz.bridge_trickle, TRICKLE_GAP, "10 readings/s"),
+        (126, sz.bridge_slow, SLOW_GAP, "1 reading/s"),
+    ] {
+        if count == 0 {
+            continue;
+        }
+        let w = trickle_written(f, "bridge trickle", &br.flow, pid, count, gap).await?;
+        rep.row(
+            order,
+            &format!("Bytes written per reading, onboardd's bridge, 1 device at {pace}"),
+            format!("{} (until 1.5 s after the last)", per_reading(w)),
+            "",
+            None,
+            String::new(),
+        );
+    }
+    Ok(())
+}
+
+/// Stops onboardd (SIGTERM) and its sensors' connections; nothing more for it is queued.
+async fn bridge_stop(env: &Env, rep: &mut Report, br: &mut Bridged) -> Result<()> {
+    br.feeders = None;
+    if let Some(mut d) = br.daemon.take() {
+        rep.check(
+            d.proc.terminate(Duration::from_secs(10)),
+            "onboardd (bridge): SIGTERM did not exit 0".into(),
+        );
+    }
+    forget_session(env.broker_port, BRIDGE_CLIENT).await?;
+    Ok(())
+}
+
+/// (e) The same forwarding by a plain mosquitto bridge: a third mosquitto that the
+/// sensors publish to, with a `connection` to the stand-in broker under ONE login
+/// (`mqbridge`, allowed to write `onboard/data/#`), forwarding `onboard/data/#` out at
+/// QoS 1 under the local topic names: no per-device login, no flattening. Persistence
+/// off, or on (mosquitto saves its whole in-memory state every second, `autosave_interval
+/// 1`: not a write per message).
+async fn mosquitto_bridge(
+    env: &Env,
+    rep: &mut Report,
+    sz: &Sizes,
+    br: &mut Bridged,
+    persistent: bool,
+) -> Result<()> {
+    let mode = if persistent {
+        "persistence on"
+    } else {
+        "persistence off"
+    };
+    let mut b = Mosquitto::builder().die_with_parent().conf(&format!(
+        "max_queued_messages 1000000\n\
+         max_queued_bytes 0\n\
+         max_inflight_messages 1000\n\
+         connection bench-bridge\n\
+         address 127.0.0.1:{port}\n\
+         remote_username {MQ_BRIDGE_USER}\n\
+         remote_password {MQ_BRIDGE_PASSWORD}\n\
+         remote_clientid {MQ_BRIDGE_USER}\n\
+         cleansession false\n\
+         notifications false\n\
+         topic onboard/data/# out 1\n",
+        port = br.qubitro.port()
+    ));
+    if persistent {
+        b = b.persistent();
+    }
+    let mut mq = b.start();
+    let pid = mq.pid();
+    let f = Feeders::connect(mq.port, env.load.clients.len()).await?;
+    // The bridge connects by itself; the first reading waits for it.
+    f.run("mosquitto bridge warm-up", &br.flow, &br.devices, 1)
+        .await?;
+    let procs = [
+        ("bridging mosquitto", pid),
+        ("stand-in broker", br.qubitro.broker.pid()),
+    ];
+    let w0 = quiet_write_bytes(pid).await;
+    let cpu = NamedCpu::take(&procs);
+    let one = f
+        .run(
+            &format!("mosquitto bridge ({mode}), 1 topic"),
+            &br.flow,
+            &[0],
+            sz.bridge_one,
+        )
+        .await?;
+    let one_cpu = cpu.since();
+    let cpu = NamedCpu::take(&procs);
+    let many = f
+        .run(
+            &format!("mosquitto bridge ({mode}), all topics"),
+            &br.flow,
+            &br.devices,
+            sz.bridge_rounds,
+        )
+        .await?;
+    let many_cpu = cpu.since();
+    tokio::time::sleep(SLED_FLUSH_SETTLE).await;
+    let w1 = write_bytes(pid);
+    let (rss, hwm) = (
+        proc_status_kib(pid, "VmRSS").unwrap_or(0),
+        proc_status_kib(pid, "VmHWM").unwrap_or(0),
+    );
+    let p = u32::from(persistent);
+    let vs = |theirs: f64, ours: f64| {
+        if ours > 0.0 {
+            format!(" = {:.2} × onboardd's bridge", theirs / ours)
+        } else {
+            String::new()
+        }
+    };
+    rep.row(
+        102 + 2 * p,
+        &format!("Plain mosquitto bridge ({mode}), 1 topic: readings forwarded"),
+        format!(
+            "{:.0} readings/s ({} readings){}",
+            one.rate(),
+            one.n,
+            vs(one.rate(), br.one_rate)
+        ),
+        "",
+        None,
+        one_cpu,
+    );
+    rep.row(
+        103 + 2 * p,
+        &format!(
+            "Plain mosquitto bridge ({mode}), {} topics: readings forwarded (aggregate)",
+            sz.bridge_devices
+        ),
+        format!(
+            "{:.0} readings/s ({} readings){}",
+            many.rate(),
+            many.n,
+            vs(many.rate(), br.many_rate)
+        ),
+        "",
+        None,
+        many_cpu,
+    );
+    rep.row(
+        111 + p,
+        &format!(
+            "RSS, bridging mosquitto ({mode}) after {} topics",
+            sz.bridge_devices
+        ),
+        format!("{} (peak VmHWM {})", mib(rss), mib(hwm)),
+        "",
+        None,
+        String::new(),
+    );
+    let written = match (w0, w1) {
+        (Some(w0), Some(w1)) => format!(
+            "{:.1} B ({} B over {} readings, until 1.5 s after the last)",
+            (w1 - w0) as f64 / (one.n + many.n) as f64,
+            w1 - w0,
+            one.n + many.n
+        ),
+        _ => "/proc/PID/io unreadable".into(),
+    };
+    for (order, count, gap, pace) in [
+        (124 + p, sz.bridge_trickle, TRICKLE_GAP, "10 readings/s"),
+        (127 + p, sz.bridge_slow, SLOW_GAP, "1 reading/s"),
+    ] {
+        if count == 0 {
+            continue;
+        }
+        let w = trickle_written(&f, "mosquitto bridge trickle", &br.flow, pid, count, gap).await?;
+        rep.row(
+            order,
+            &format!(
+                "Bytes written per reading, plain mosquitto bridge ({mode}), 1 topic at {pace}"
+            ),
+            format!("{} (until 1.5 s after the last)", per_reading(w)),
+            "",
+            None,
+            String::new(),
+        );
+    }
+    rep.row(
+        121 + p,
+        &format!("Bytes written per reading, plain mosquitto bridge ({mode})"),
+        written,
+        "",
+        None,
+        String::new(),
+    );
+    drop(f);
+    mq.stop();
     Ok(())
 }
 

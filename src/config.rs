@@ -122,6 +122,7 @@ pub struct Config {
     pub security: SecurityConfig,
     pub control: ControlConfig,
     pub bridge: BridgeConfig,
+    pub discovery: DiscoveryConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -280,6 +281,58 @@ pub struct BridgeConfig {
     pub max_connections: usize,
     /// The longest wait between reconnects of one device's uplink.
     pub reconnect_max_ms: u64,
+}
+
+/// Zero-firmware onboarding (`src/discovery/`): devices that describe themselves
+/// with Home Assistant or Tasmota discovery become bridged devices. Off by
+/// default: each device is billed, and turning it on trusts whoever may publish
+/// under the prefixes.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoveryConfig {
+    /// Read Home Assistant discovery configs under `homeassistant_prefix`.
+    pub homeassistant: bool,
+    pub homeassistant_prefix: String,
+    /// Read Tasmota's own discovery under `tasmota_prefix`.
+    pub tasmota: bool,
+    pub tasmota_prefix: String,
+    /// Home Assistant components whose entities are onboarded (readings).
+    pub components: Vec<String>,
+    /// Devices any of whose identifiers matches one of these (`*`, `?`) are left out.
+    pub skip_identifiers: Vec<String>,
+    /// Larger configs are skipped with a warning.
+    pub max_config_bytes: usize,
+}
+
+impl DiscoveryConfig {
+    /// Whether any discovery source is on.
+    pub fn enabled(&self) -> bool {
+        self.homeassistant || self.tasmota
+    }
+
+    fn validate(&self, bridge: &BridgeConfig) -> Result<(), ConfigError> {
+        for (key, p) in [
+            ("discovery.homeassistant_prefix", &self.homeassistant_prefix),
+            ("discovery.tasmota_prefix", &self.tasmota_prefix),
+        ] {
+            if p.is_empty() || p.contains(['+', '#']) || p.ends_with('/') || p.starts_with('$') {
+                return Err(key_err(
+                    key,
+                    "must be a topic without wildcards or a trailing /",
+                ));
+            }
+        }
+        if self.max_config_bytes == 0 {
+            return Err(key_err("discovery.max_config_bytes", "must be at least 1"));
+        }
+        if self.enabled() && !bridge.enabled {
+            return Err(key_err(
+                "discovery.homeassistant",
+                "discovery forwards readings through the bridge: set bridge.enabled = true",
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl BridgeConfig {
@@ -517,6 +570,7 @@ impl Config {
         // `check-config` refuses what `run` would.
         crate::logging::validate_level(&self.log.level).map_err(ConfigError::LogLevel)?;
         self.bridge.validate(&self.qubitro)?;
+        self.discovery.validate(&self.bridge)?;
         Ok(())
     }
 

@@ -107,7 +107,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         mqtt.clone(),
         bridge.clone(),
         stops.clone(),
-    );
+    )?;
     let bridge_stop = CancellationToken::new();
     let uplink = bridge.clone().map(|b| {
         let stop = bridge_stop.clone();
@@ -122,6 +122,16 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     // Before any announce can arrive: resuming after the dispatcher started could
     // pick up a record the dispatcher just made and onboard it twice.
     let resumed = engine.resume_from_store()?;
+    // Before the first ConnAck, so its subscriptions include them.
+    let followed = engine.follow_discovered();
+    if cfg.discovery.enabled() {
+        tracing::info!(
+            homeassistant = cfg.discovery.homeassistant,
+            tasmota = cfg.discovery.tasmota,
+            followed,
+            "discovery on: devices published under the discovery prefixes are onboarded; following {followed} state topics"
+        );
+    }
     let event_loop = tokio::spawn(session.event_loop.run(
         event_tx,
         mqtt_stop.clone(),

@@ -15,6 +15,9 @@
 //!   ([`bridge::flatten`]), buffered durably in the store's database
 //!   ([`bridge::buffer`]) and forwarded to Qubitro's broker under each device's own
 //!   login ([`bridge::uplink`]).
+//! - [`discovery`]: zero-firmware onboarding: Home Assistant and Tasmota discovery
+//!   configs parsed into physical devices and their entities, state messages into
+//!   flat readings for the bridge (pure; the engine onboards what it reports).
 //! - [`daemon`]: wires everything for `onboardd run` and stops it within one deadline.
 //!
 //! Shared leaves: [`config`] (TOML/env, validated once), [`claim_key`] (configured
@@ -37,6 +40,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod device;
+pub mod discovery;
 pub mod engine;
 pub mod failpoint;
 pub mod heartbeat;

@@ -24,7 +24,7 @@
 //! rumqttc's resend queue: the engine publishes every undelivered reply again on
 //! every ConnAck from the store, which cannot drift.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -102,9 +102,24 @@ pub struct Mqtt {
     queue: Arc<Mutex<VecDeque<Option<DeliveryTag>>>>,
     connected: watch::Receiver<bool>,
     status_topic: String,
+    /// State topics discovery follows, shared with the event-loop task, which
+    /// subscribes to all of them again on every ConnAck.
+    followed: Arc<Mutex<BTreeSet<String>>>,
 }
 
 impl Mqtt {
+    /// Follows one more state topic (discovery): remembered for every later
+    /// ConnAck, and subscribed now. Never waits: a full request channel only delays
+    /// the subscription to the next ConnAck.
+    pub fn follow(&self, topic: &str) {
+        if !lock(&self.followed).insert(topic.to_string()) {
+            return;
+        }
+        if let Err(e) = self.client.try_subscribe_many(vec![state_filter(topic)]) {
+            tracing::warn!(topic, error = %e, "cannot queue the subscription to {topic} now; it is made at the next reconnect: {e}");
+        }
+    }
+
     /// Publishes a reply with QoS 1, never retained (a retained token would go to
     /// every later subscriber). `track`: report the broker's acknowledgement.
     pub async fn publish(
@@ -226,8 +241,26 @@ pub struct EventLoopTask {
     announce_topic: String,
     /// Bridged sensors' readings (`onboard/data/+`), when the bridge is on.
     data_filter: Option<String>,
+    /// Discovery config prefixes (`homeassistant/#`…), when discovery is on.
+    discovery_filters: Vec<String>,
+    /// State topics discovery follows (see [`Mqtt::follow`]).
+    followed: Arc<Mutex<BTreeSet<String>>>,
     backoff: Backoff,
 }
+
+/// A discovered state topic's subscription: no stored copy at subscribe (it would
+/// be forwarded again at every reconnect) and, Retain As Published off, live
+/// states arrive without the retain flag even from devices that retain them
+/// (ESPHome does by default), so the bridge takes them.
+fn state_filter(topic: &str) -> Filter {
+    let mut f = Filter::new(topic.to_string(), QoS::AtLeastOnce);
+    f.retain_forward_rule = RetainForwardRule::Never;
+    f.preserve_retain = false;
+    f
+}
+
+/// Subscriptions per SUBSCRIBE packet when following many state topics.
+const FILTERS_PER_SUBSCRIBE: usize = 64;
 
 /// Builds the client and its event loop from the config; connects lazily on first poll.
 pub fn connect(cfg: &Config) -> Result<Session, MqttError> {
@@ -271,6 +304,16 @@ pub fn connect(cfg: &Config) -> Result<Session, MqttError> {
     let (reliable_tx, reliable_rx) = mpsc::unbounded_channel();
     let (best_tx, best_rx) = mpsc::channel(cfg.announce.queue_capacity.max(1));
     let dropped = Arc::new(AtomicU64::new(0));
+    let followed = Arc::new(Mutex::new(BTreeSet::new()));
+    let d = &cfg.discovery;
+    let discovery_filters = [
+        (d.homeassistant, &d.homeassistant_prefix),
+        (d.tasmota, &d.tasmota_prefix),
+    ]
+    .into_iter()
+    .filter(|(on, _)| *on)
+    .map(|(_, prefix)| format!("{prefix}/#"))
+    .collect();
     Ok(Session {
         mqtt: Mqtt {
             client: client.clone(),
@@ -278,6 +321,7 @@ pub fn connect(cfg: &Config) -> Result<Session, MqttError> {
             queue: queue.clone(),
             connected: connected_rx,
             status_topic: m.status_topic.clone(),
+            followed: followed.clone(),
         },
         inbox: Inbox {
             reliable: reliable_rx,
@@ -298,6 +342,8 @@ pub fn connect(cfg: &Config) -> Result<Session, MqttError> {
                 .bridge
                 .enabled
                 .then(|| crate::bridge::DataTopic::new(&cfg.bridge.data_topic).filter()),
+            discovery_filters,
+            followed,
             backoff: Backoff::new(
                 Duration::from_millis(m.reconnect_initial_ms),
                 reconnect_cap(m),
@@ -359,8 +405,28 @@ impl EventLoopTask {
                             filter.preserve_retain = true;
                             filter
                         });
-                    if let Err(e) = self.client.try_subscribe_many(filters.collect::<Vec<_>>()) {
+                    // Discovery configs in the same SUBSCRIBE (one SUBACK says all is
+                    // ready), with Retain Handling 0: the retained configs are re-read
+                    // at every subscribe, and handling them again creates nothing.
+                    let discovery = self.discovery_filters.iter().map(|topic| {
+                        let mut filter = Filter::new(topic.clone(), QoS::AtLeastOnce);
+                        filter.retain_forward_rule = RetainForwardRule::OnEverySubscribe;
+                        filter
+                    });
+                    if let Err(e) = self
+                        .client
+                        .try_subscribe_many(filters.chain(discovery).collect::<Vec<_>>())
+                    {
                         tracing::error!(error = %e, "cannot queue the announce subscription: {e}");
+                    }
+                    let followed: Vec<Filter> = lock(&self.followed)
+                        .iter()
+                        .map(|t| state_filter(t))
+                        .collect();
+                    for chunk in followed.chunks(FILTERS_PER_SUBSCRIBE) {
+                        if let Err(e) = self.client.try_subscribe_many(chunk.to_vec()) {
+                            tracing::error!(error = %e, "cannot queue the discovered state subscriptions: {e}");
+                        }
                     }
                     let _ = events.send(SessionEvent::Connected {
                         session_present: ack.session_present,

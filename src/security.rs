@@ -120,6 +120,14 @@ impl Gatekeeper {
             }
             None => Proof::Absent,
         };
+        self.check_rules(a, known)?;
+        Ok(proof)
+    }
+
+    /// The rules besides the proof: allow/deny lists, brand/model rules, the
+    /// cool-down and the hourly cap. A discovered device (which can carry no proof)
+    /// meets exactly these.
+    pub fn check_rules(&self, a: &Announce, known: bool) -> Result<(), Denial> {
         if self
             .deny_ids
             .iter()
@@ -169,7 +177,7 @@ impl Gatekeeper {
                 ));
             }
         }
-        Ok(proof)
+        Ok(())
     }
 
     /// Counts a sensor that was admitted for onboarding (cool-down and hourly cap).

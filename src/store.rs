@@ -43,8 +43,16 @@ struct FlushState {
 struct Flusher {
     /// Sequence number of the last completed write.
     written: AtomicU64,
+    /// The highest write a `durable` caller waits for. Only these make a flush:
+    /// writes nobody waits for (a delivered mark, a forwarded reading's removal) ride
+    /// along with the next flush or sled's own every second, so they cost no extra
+    /// fsync (SD-card wear).
+    wanted: AtomicU64,
     state: watch::Sender<FlushState>,
     wake: Notify,
+    /// Flushes done, for tests.
+    #[cfg(test)]
+    flushes: AtomicU64,
 }
 
 /// The sensor store. Cheap to clone.
@@ -159,8 +167,11 @@ impl Store {
         });
         let flusher = Arc::new(Flusher {
             written: AtomicU64::new(0),
+            wanted: AtomicU64::new(0),
             state,
             wake: Notify::new(),
+            #[cfg(test)]
+            flushes: AtomicU64::new(0),
         });
         let closer = CancellationToken::new();
         tokio::spawn(run_flusher(db.clone(), flusher.clone(), closer.clone()));
@@ -440,6 +451,7 @@ impl Store {
                 return Ok(());
             }
         }
+        self.flusher.wanted.fetch_max(seq, Ordering::SeqCst);
         self.flusher.wake.notify_one();
         let s = rx
             .wait_for(|s| s.failed || s.flushed >= seq)
@@ -481,6 +493,38 @@ impl Store {
     }
 }
 
+/// Key prefix of the discovery tree's retired markers (see [`Store::discovery`]).
+pub const RETIRED_PREFIX: &str = "r/";
+
+impl Store {
+    /// Zero-firmware onboarding's state (`engine::discovered`): devices, config
+    /// topics and retired markers, as JSON, in this database so its writes join the
+    /// same group commit as the records they lead to.
+    pub fn discovery(&self) -> Result<ReadingsTree, StoreError> {
+        Ok(ReadingsTree {
+            tree: self.db.open_tree("discovery")?,
+            store: self.clone(),
+        })
+    }
+
+    /// Sensors discovery made whose entities are all gone (`devices list` shows
+    /// them `retired`); readable without the daemon.
+    pub fn retired_discovered(&self) -> Result<std::collections::BTreeSet<String>, StoreError> {
+        let tree = self.db.open_tree("discovery")?;
+        let mut out = std::collections::BTreeSet::new();
+        for item in tree.scan_prefix(RETIRED_PREFIX) {
+            let (k, _) = item?;
+            if let Some(id) = std::str::from_utf8(&k)
+                .ok()
+                .and_then(|k| k.strip_prefix(RETIRED_PREFIX))
+            {
+                out.insert(id.to_string());
+            }
+        }
+        Ok(out)
+    }
+}
+
 impl ReadingsTree {
     /// Records that a write to the tree happened; `durable(seq)` then covers it.
     pub fn wrote(&self) -> u64 {
@@ -505,14 +549,17 @@ async fn run_flusher(db: sled::Db, f: Arc<Flusher>, closer: CancellationToken) {
             _ = closer.cancelled() => return,
         }
         loop {
-            let target = f.written.load(Ordering::SeqCst);
-            if target <= f.state.borrow().flushed {
+            if f.wanted.load(Ordering::SeqCst) <= f.state.borrow().flushed {
                 break;
             }
+            // Everything written so far is covered by this flush, waited for or not.
+            let target = f.written.load(Ordering::SeqCst);
             let db2 = db.clone();
             let result = tokio::task::spawn_blocking(move || db2.flush()).await;
             match result {
                 Ok(Ok(_)) => {
+                    #[cfg(test)]
+                    f.flushes.fetch_add(1, Ordering::Relaxed);
                     f.state.send_modify(|s| s.flushed = s.flushed.max(target));
                 }
                 Ok(Err(e)) => {
@@ -768,6 +815,32 @@ mod tests {
             w.await.unwrap().unwrap();
         }
         assert_eq!(s.len(), 200);
+    }
+
+    #[tokio::test]
+    async fn writes_nobody_waits_for_cost_no_flush_of_their_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = Store::open(&cfg(dir.path())).unwrap();
+        let seq = s.insert_new("a", &pending()).unwrap().unwrap();
+        s.durable(seq).await.unwrap();
+        let flushes = || s.flusher.flushes.load(Ordering::Relaxed);
+        assert_eq!(flushes(), 1);
+        // Marks and removals that nobody awaits: no flush.
+        for i in 0..20 {
+            s.update("a", |r| r.retry_later(i, None, true, i).ok())
+                .unwrap();
+        }
+        s.insert_new("b", &pending()).unwrap();
+        tokio::task::yield_now().await;
+        assert_eq!(flushes(), 1);
+        // The next awaited write covers them all in one flush.
+        let seq = s.update("b", |r| r.creating(9).ok()).unwrap().unwrap().1;
+        s.durable(seq).await.unwrap();
+        assert_eq!(flushes(), 2);
+        assert!(
+            s.durable(seq - 1).await.is_ok(),
+            "earlier writes are durable too"
+        );
     }
 
     #[tokio::test]

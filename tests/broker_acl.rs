@@ -535,3 +535,82 @@ async fn clients_without_a_valid_login_are_refused() {
         .await
         .is_ok());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_acl_lets_zigbee2mqtt_publish_discovery_and_onboardd_read_its_states() {
+    let b = SecuredBroker::start(&["zigbee2mqtt", "intruder"]);
+    let cloud = fake_cloud().await;
+    let qubitro = harness::qubitro_broker::QubitroBroker::start(&cloud);
+    let mut obs = qubitro.observer().await;
+    let toml = format!(
+        "{}\n[qubitro]\nbroker_host = \"127.0.0.1\"\nbroker_port = {}\nbroker_tls = false\n[discovery]\nhomeassistant = true",
+        daemon_login(),
+        qubitro.port()
+    );
+    let _d = Daemon::start(&b.broker, &cloud, &toml);
+    let pw = sensor_pw("intruder");
+    let intruder = Sensor::connect_as(
+        b.port(),
+        "intruder",
+        "nothing/here",
+        Some(("intruder", &pw)),
+    )
+    .await;
+    let pw = sensor_pw("zigbee2mqtt");
+    let z2m = Sensor::connect_as(
+        b.port(),
+        "zigbee2mqtt",
+        "nothing/here",
+        Some(("zigbee2mqtt", &pw)),
+    )
+    .await;
+    let config = |ieee: &str| {
+        format!(
+            r#"{{"device":{{"identifiers":["zigbee2mqtt_{ieee}"],"name":"n","manufacturer":"Aqara","model":"m"}},"state_topic":"zigbee2mqtt/{ieee}","value_template":"{{{{ value_json.temperature }}}}"}}"#
+        )
+    };
+    // Anyone else's discovery config never reaches onboardd.
+    intruder
+        .client
+        .publish(
+            "homeassistant/sensor/0xbad/temperature/config",
+            QoS::AtLeastOnce,
+            true,
+            config("0xbad"),
+        )
+        .await
+        .unwrap();
+    z2m.client
+        .publish(
+            "homeassistant/sensor/0x01/temperature/config",
+            QoS::AtLeastOnce,
+            true,
+            config("0x01"),
+        )
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let device = loop {
+        if let Some(d) = cloud_devices_of(&cloud, "ha-zigbee2mqtt_0x01").pop() {
+            break d;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no device made");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    qubitro.wait_for_login(&device).await;
+    z2m.client
+        .publish(
+            "zigbee2mqtt/0x01",
+            QoS::AtLeastOnce,
+            false,
+            r#"{"temperature":20.5}"#,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        obs.on_topic(&device.id, 1).await[0],
+        serde_json::json!({"temperature":20.5})
+    );
+    assert!(cloud_devices_of(&cloud, "ha-zigbee2mqtt_0xbad").is_empty());
+    assert_eq!(cloud.devices().len(), 1);
+}

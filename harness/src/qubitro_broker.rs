@@ -104,6 +104,31 @@ impl QubitroBroker {
         self.pid.store(self.broker.pid(), Ordering::SeqCst);
     }
 
+    /// Adds a login `user` that may write `topic` (a filter: `onboard/data/#`), as
+    /// no Qubitro device could: for the benchmark's plain mosquitto bridge, which
+    /// forwards under one login and the local topic names. Returns once it works.
+    pub async fn add_writer(&self, user: &str, password: &str, topic: &str) {
+        let dir = self.broker.dir();
+        add_login(&dir.join("passwd"), user, password);
+        let acl = dir.join("acl");
+        let mut text = std::fs::read_to_string(&acl).expect("read the ACL");
+        text.push_str(&format!("\nuser {user}\ntopic write {topic}\n"));
+        std::fs::write(&acl, text).expect("write the ACL");
+        let pid = self.pid.load(Ordering::SeqCst);
+        if pid != 0 {
+            // SAFETY: kill(2) with a pid we started and a valid signal.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGHUP) };
+        }
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !probe_login(self.port(), user, password).await {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "login {user} not accepted by the stand-in broker within {WAIT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Waits until `device` can log in. Call it before the bridge connects as the
     /// device: the probe uses the device's client id and would take its session over.
     pub async fn wait_for_login(&self, device: &FakeDevice) {

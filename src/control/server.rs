@@ -138,9 +138,24 @@ pub async fn answer(req: Request, store: &Store, engine: Option<&Engine>) -> Res
     match req {
         Request::List { with_tokens } => {
             let mut devices = Vec::new();
+            // Discovered devices whose entities are all gone: kept, shown retired.
+            let retired = match store.retired_discovered() {
+                Ok(r) => r,
+                Err(e) => {
+                    return Response::Error {
+                        message: e.to_string(),
+                    }
+                }
+            };
             for item in store.scan() {
                 match item {
-                    Ok((id, rec)) => devices.push(DeviceRow::from_record(&id, &rec, with_tokens)),
+                    Ok((id, rec)) => {
+                        let mut row = DeviceRow::from_record(&id, &rec, with_tokens);
+                        if retired.contains(&id) {
+                            row.state = "retired".into();
+                        }
+                        devices.push(row)
+                    }
                     Err(e) => {
                         return Response::Error {
                             message: e.to_string(),

@@ -125,6 +125,13 @@ impl Outbox {
 
 /// The tag of an ok reply: only a `Created` record's reply is tracked (a delivered
 /// one needs no proof again).
+/// Made by discovery: a discovery id and the metadata discovery sets. Asked only
+/// while discovery is on, when no announce may use such an id; with discovery off
+/// a firmware sensor named `ha-…` gets its reply as before.
+fn is_discovered(sensor: &str, rec: &Record) -> bool {
+    crate::discovery::is_discovery_id(sensor) && rec.spec.metadata.contains_key("discovered_by")
+}
+
 pub(super) fn delivery_tag(sensor: &str, rec: &Record) -> Option<DeliveryTag> {
     matches!(rec.state, State::Created { .. }).then(|| DeliveryTag {
         sensor: sensor.to_string(),
@@ -138,6 +145,17 @@ impl Engine {
         let Some(creds) = rec.credentials() else {
             return;
         };
+        if self.discovery.is_some() && is_discovered(sensor, rec) {
+            // Nobody listens for a discovered device's reply (it has no firmware of
+            // ours): its onboarding ends with the device made, instead of a reply
+            // published to no one again at every reconnect.
+            if let Some(tag) = delivery_tag(sensor, rec) {
+                if let Err(e) = self.acked(tag, Acked::Delivered) {
+                    self.fatal.trigger(e);
+                }
+            }
+            return;
+        }
         let reply = self.outbox.ok_reply(sensor, route, creds, rec.bridged);
         self.outbox
             .send(sensor, route, reply, delivery_tag(sensor, rec))

@@ -42,7 +42,7 @@ pub struct AckItem {
 }
 
 /// A reply decided by the dispatcher.
-struct Answer {
+pub(super) struct Answer {
     sensor: String,
     route: Route,
     reply: Reply,
@@ -51,11 +51,11 @@ struct Answer {
 
 /// What the dispatcher decided for one announce.
 #[derive(Default)]
-struct Decision {
+pub(super) struct Decision {
     /// Write that must be on disk before the ack (0: none).
-    seq: u64,
+    pub(super) seq: u64,
     /// Reply to publish right away.
-    answer: Option<Answer>,
+    pub(super) answer: Option<Answer>,
 }
 
 impl Engine {
@@ -111,6 +111,11 @@ impl Engine {
                 return self.reading(bridge, sensor, p);
             }
         }
+        if let Some(d) = &self.discovery {
+            if let Some(decision) = self.discovered(d, &topic, p) {
+                return decision;
+            }
+        }
         metrics::announce();
         let Some(sensor) = announce::sensor_id_from_topic(&cfg.mqtt.announce_topic, &topic) else {
             metrics::error();
@@ -134,6 +139,15 @@ impl Engine {
             return Ok(Decision::default());
         }
         let mut route = Route::default();
+        if self.discovery.is_some() && crate::discovery::is_discovery_id(sensor) {
+            // Those ids belong to discovered devices: a firmware announcing one
+            // could take over a device it does not own.
+            if p.payload.len() <= cfg.announce.max_payload_bytes {
+                route.request_id = announce::peek_request_id(&p.payload);
+            }
+            let message = "sensor ids beginning with ha- or tasmota- are reserved for discovered devices while discovery is on".to_string();
+            return Ok(self.reject(sensor, route, "invalid_field", message, None));
+        }
         if let Some(props) = &p.properties {
             let topic_len = props.response_topic.as_ref().map_or(0, String::len);
             let corr_len = props.correlation_data.as_ref().map_or(0, |c| c.len());

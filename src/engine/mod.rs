@@ -15,6 +15,7 @@
 //! goes through [`Engine::forget`] too.
 
 mod delivery;
+mod discovered;
 mod dispatch;
 mod rejections;
 mod worker;
@@ -34,6 +35,7 @@ use crate::security::Gatekeeper;
 use crate::store::{Store, StoreError};
 
 pub use delivery::Outbox;
+use discovered::Discovery;
 pub use dispatch::{AckItem, MAX_CORRELATION_DATA_BYTES, MAX_RESPONSE_TOPIC_BYTES};
 use rejections::Rejections;
 use worker::{CloudHealth, Onboardings};
@@ -111,6 +113,8 @@ pub struct Engine {
     bridge: Option<Bridge>,
     /// Where bridged sensors publish readings on the local broker.
     data_topic: DataTopic,
+    /// Zero-firmware onboarding (`None`: `[discovery]` off, the default).
+    discovery: Option<Discovery>,
     shutdown: Shutdown,
     fatal: Fatal,
 }
@@ -124,8 +128,9 @@ impl Engine {
         mqtt: Mqtt,
         bridge: Option<Bridge>,
         shutdown: Shutdown,
-    ) -> Arc<Engine> {
-        Arc::new(Engine {
+    ) -> Result<Arc<Engine>, StoreError> {
+        Ok(Arc::new(Engine {
+            discovery: Discovery::open(&cfg, &store)?,
             data_topic: DataTopic::new(&cfg.bridge.data_topic),
             bridge,
             onboardings: Onboardings::new(&cfg),
@@ -139,7 +144,7 @@ impl Engine {
             cloud,
             fatal: shutdown.fatal.clone(),
             shutdown,
-        })
+        }))
     }
 
     pub fn store(&self) -> &Store {

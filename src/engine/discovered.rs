@@ -1,0 +1,391 @@
+//! Zero-firmware onboarding in the engine: discovery configs and state messages
+//! arrive through the dispatcher like announces, in order, and are acknowledged the
+//! same way (once what they changed is on disk).
+//!
+//! A config updates the [`Registry`] (persisted in the store's `discovery` tree in
+//! the same group commit as the record it leads to), follows new state topics, and
+//! onboards a device with entities exactly like an announce with `bridge: true`
+//! would: a `Pending` record, the same rules and limits, the same worker. Because
+//! the registry remembers each identifier's sensor id and the store each sensor's
+//! record, a retained config re-read at every subscribe, or after a restart, finds
+//! what it made before and makes nothing new.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rumqttc::v5::mqttbytes::v5::Publish;
+use serde_json::Value;
+
+use super::dispatch::Decision;
+use super::Engine;
+use crate::announce::{
+    Announce, DeviceSpec, MAX_BRAND_MODEL_CHARS, MAX_METADATA_VALUE_CHARS, MAX_NAME_CHARS,
+};
+use crate::bridge::{AcceptError, Bridge};
+use crate::config::Config;
+use crate::discovery::registry::{ConfigEntry, Known};
+use crate::discovery::{homeassistant, tasmota, Parsed, Registry, Rules, Skip, Source};
+use crate::onboarding::Record;
+use crate::reply::Route;
+use crate::store::{ReadingsTree, Store, StoreError, RETIRED_PREFIX};
+
+/// Keys in the `discovery` tree: a device by its registry key, a config by topic.
+const DEVICE_PREFIX: &str = "d/";
+const CONFIG_PREFIX: &str = "c/";
+/// Entity warnings remembered so each is logged once, not at every re-publish.
+const MAX_WARNED: usize = 4096;
+
+/// Discovery's state in the engine (present only while discovery is on).
+pub(super) struct Discovery {
+    rules: Rules,
+    homeassistant: Option<String>,
+    tasmota: Option<String>,
+    registry: Mutex<Registry>,
+    tree: ReadingsTree,
+    /// (config topic, warning) already logged.
+    warned: Mutex<HashSet<(String, String)>>,
+}
+
+impl Discovery {
+    /// Reads the registry back from the store; `None` when discovery is off.
+    pub(super) fn open(cfg: &Config, store: &Store) -> Result<Option<Discovery>, StoreError> {
+        let d = &cfg.discovery;
+        if !d.enabled() {
+            return Ok(None);
+        }
+        let tree = store.discovery()?;
+        let mut devices = Vec::new();
+        let mut configs = Vec::new();
+        for item in tree.tree.iter() {
+            let (k, v) = item?;
+            let Ok(k) = std::str::from_utf8(&k) else {
+                continue;
+            };
+            if let Some(key) = k.strip_prefix(DEVICE_PREFIX) {
+                match serde_json::from_slice::<Known>(&v) {
+                    Ok(known) => devices.push((key.to_string(), known)),
+                    Err(e) => {
+                        tracing::warn!(key, error = %e, "unreadable discovered device {key} in the store: ignored")
+                    }
+                }
+            } else if let Some(topic) = k.strip_prefix(CONFIG_PREFIX) {
+                match serde_json::from_slice::<ConfigEntry>(&v) {
+                    Ok(c) => configs.push((topic.to_string(), c)),
+                    Err(e) => {
+                        tracing::warn!(topic, error = %e, "unreadable discovery config {topic} in the store: ignored")
+                    }
+                }
+            }
+        }
+        Ok(Some(Discovery {
+            rules: Rules::from_config(d),
+            homeassistant: d.homeassistant.then(|| d.homeassistant_prefix.clone()),
+            tasmota: d.tasmota.then(|| d.tasmota_prefix.clone()),
+            registry: Mutex::new(Registry::restore(devices, configs)),
+            tree,
+            warned: Mutex::new(HashSet::new()),
+        }))
+    }
+
+    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.registry
+            .lock()
+            .expect("the registry lock is never poisoned")
+    }
+
+    /// Which source's config topic this is, if any.
+    fn config_source(&self, topic: &str) -> Option<(Source, &str)> {
+        if let Some(p) = &self.homeassistant {
+            if homeassistant::config_topic(p, topic).is_some() {
+                return Some((Source::HomeAssistant, p));
+            }
+        }
+        if let Some(p) = &self.tasmota {
+            if tasmota::is_config_topic(p, topic) {
+                return Some((Source::Tasmota, p));
+            }
+        }
+        None
+    }
+
+    /// Whether the topic lies under a discovery prefix (other messages there, such
+    /// as `homeassistant/status` or Tasmota's `…/sensors`, are not announces).
+    fn under_prefix(&self, topic: &str) -> bool {
+        [&self.homeassistant, &self.tasmota]
+            .into_iter()
+            .flatten()
+            .any(|p| {
+                topic
+                    .strip_prefix(p.as_str())
+                    .is_some_and(|r| r.starts_with('/'))
+            })
+    }
+
+    fn warn_once(&self, topic: &str, warning: &str) {
+        let mut w = self.warned.lock().expect("never poisoned");
+        if w.len() >= MAX_WARNED {
+            w.clear();
+        }
+        if w.insert((topic.to_string(), warning.to_string())) {
+            tracing::warn!(topic, "discovery config {topic}: {warning}");
+        }
+    }
+}
+
+/// What Qubitro gets for a discovered device (README "Zero-firmware onboarding").
+pub(super) fn spec_for(known: &Known, gateway_id: &str) -> DeviceSpec {
+    let d = &known.device;
+    let clean = |s: &str, max: usize| -> String {
+        s.chars()
+            .filter(|c| !c.is_control())
+            .take(max)
+            .collect::<String>()
+            .trim()
+            .to_string()
+    };
+    let or_custom = |s: &Option<String>| {
+        let v = s.as_deref().map(|s| clean(s, MAX_BRAND_MODEL_CHARS));
+        v.filter(|v| !v.is_empty())
+            .unwrap_or_else(|| "Custom".into())
+    };
+    let name = d
+        .name
+        .as_deref()
+        .map(|n| clean(n, MAX_NAME_CHARS))
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| clean(&d.identifier, MAX_NAME_CHARS));
+    let source = d.source.as_str();
+    let how = match d.source {
+        Source::HomeAssistant => "Home Assistant MQTT discovery",
+        Source::Tasmota => "Tasmota discovery",
+    };
+    let mut metadata = BTreeMap::new();
+    metadata.insert("discovered_by".into(), source.to_string());
+    metadata.insert(
+        "discovery_id".into(),
+        clean(&d.identifier, MAX_METADATA_VALUE_CHARS),
+    );
+    metadata.insert("sensor_id".into(), known.sensor_id.clone());
+    metadata.insert("gateway_id".into(), gateway_id.to_string());
+    DeviceSpec {
+        name,
+        description: format!(
+            "Found through {how} by onboardd on gateway {gateway_id}; readings forwarded by the gateway"
+        ),
+        brand: or_custom(&d.manufacturer),
+        model: or_custom(&d.model),
+        tags: vec![source.to_string()],
+        metadata,
+    }
+}
+
+impl Engine {
+    /// A message discovery may own: a config, or a state of a followed topic.
+    /// `None`: not discovery's (the dispatcher goes on with it as an announce).
+    pub(super) fn discovered(
+        self: &Arc<Self>,
+        d: &Discovery,
+        topic: &str,
+        p: &Publish,
+    ) -> Option<Result<Decision, StoreError>> {
+        if let Some((source, prefix)) = d.config_source(topic) {
+            return Some(self.discovery_config(d, source, prefix, topic, p));
+        }
+        let follows = d.registry().follows(topic);
+        if follows {
+            return Some(match self.bridge() {
+                Some(bridge) => self.discovered_reading(d, bridge, topic, p),
+                None => Ok(Decision::default()),
+            });
+        }
+        d.under_prefix(topic).then(|| Ok(Decision::default()))
+    }
+
+    fn discovery_config(
+        self: &Arc<Self>,
+        d: &Discovery,
+        source: Source,
+        prefix: &str,
+        topic: &str,
+        p: &Publish,
+    ) -> Result<Decision, StoreError> {
+        let parsed = match source {
+            Source::HomeAssistant => homeassistant::parse(&d.rules, prefix, topic, &p.payload),
+            Source::Tasmota => tasmota::parse(&d.rules, prefix, topic, &p.payload),
+        };
+        let parsed = match parsed {
+            Ok(parsed) => parsed,
+            // Other components are normal on a shared broker: not worth a warning.
+            Err(Skip::Component(c)) => {
+                tracing::debug!(
+                    topic,
+                    "discovery config {topic}: component {c} not onboarded"
+                );
+                return Ok(Decision::default());
+            }
+            Err(e) => {
+                d.warn_once(topic, &format!("skipped: {e}"));
+                return Ok(Decision::default());
+            }
+        };
+        if let Parsed::Config { warnings, .. } = &parsed {
+            for w in warnings {
+                d.warn_once(topic, w);
+            }
+        }
+        let (change, config) = {
+            let mut reg = d.registry();
+            let change = reg.apply(topic, parsed);
+            (change, reg.config(topic).cloned())
+        };
+        // Persist what the registry now says of this topic and its device.
+        let key = format!("{CONFIG_PREFIX}{topic}");
+        match &config {
+            Some(c) => {
+                d.tree.tree.insert(key, json(c))?;
+            }
+            None => {
+                d.tree.tree.remove(key)?;
+            }
+        }
+        let Some(change) = change else {
+            return Ok(Decision {
+                seq: d.tree.wrote(),
+                answer: None,
+            });
+        };
+        let sensor = change.known.sensor_id.clone();
+        d.tree.tree.insert(
+            format!("{DEVICE_PREFIX}{}", change.key),
+            json(&change.known),
+        )?;
+        if change.active {
+            d.tree.tree.remove(format!("{RETIRED_PREFIX}{sensor}"))?;
+        } else {
+            self.retire(d, &sensor)?;
+        }
+        if let Some(old) = &change.orphaned {
+            self.retire(d, &old.sensor_id)?;
+        }
+        let mut seq = d.tree.wrote();
+        for t in &change.new_topics {
+            self.outbox.mqtt().follow(t);
+        }
+        if change.active {
+            seq = seq.max(self.onboard_discovered(&change.known)?);
+        }
+        Ok(Decision { seq, answer: None })
+    }
+
+    /// Marks a device made before that has no entity left (listed `retired`).
+    fn retire(&self, d: &Discovery, sensor: &str) -> Result<(), StoreError> {
+        if self.store.get(sensor)?.is_some()
+            && d.tree
+                .tree
+                .insert(format!("{RETIRED_PREFIX}{sensor}"), b"".as_slice())?
+                .is_none()
+        {
+            tracing::info!(sensor_id = sensor, "discovered device {sensor} has no entity left: kept in Qubitro, shown retired; its readings are no longer forwarded");
+        }
+        Ok(())
+    }
+
+    /// Onboards a discovered device like a bridged announce; returns the write to
+    /// wait for (0: none).
+    fn onboard_discovered(self: &Arc<Self>, known: &Known) -> Result<u64, StoreError> {
+        let sensor = known.sensor_id.as_str();
+        if self.store.get(sensor)?.is_some() {
+            // Made before (a re-published or re-read config, a restart): nothing
+            // new, but it must be bridged (an operator may have forgotten and a
+            // firmware re-announced it in between).
+            let now = self.clock.wall_ms();
+            return Ok(match self.store.update(sensor, |r| r.bridged(now))? {
+                Some((rec, seq)) => {
+                    self.bridge_device(sensor, &rec);
+                    seq
+                }
+                None => 0,
+            });
+        }
+        let spec = spec_for(known, &self.cfg.gateway_id);
+        let ann = Announce {
+            sensor_id: sensor.to_string(),
+            spec,
+            request_id: None,
+            proof: None,
+            bridge: true,
+        };
+        if let Err(denied) = self.gate.check_rules(&ann, false) {
+            tracing::warn!(sensor_id = sensor, code = denied.code, outcome = "refused", "discovered device {sensor} not onboarded ({}): {}; it is tried again when its config is seen again", denied.code, denied.message);
+            return Ok(0);
+        }
+        if let Some((_, why)) = self.rejections.check(sensor, &ann.spec, self.clock.now()) {
+            tracing::warn!(
+                sensor_id = sensor,
+                "discovered device {sensor} not onboarded: Qubitro rejected it moments ago ({why})"
+            );
+            return Ok(0);
+        }
+        let now = self.clock.wall_ms();
+        let rec = Record::pending(
+            ann.spec,
+            Route::default(),
+            self.store.next_generation()?,
+            now,
+        );
+        let rec = rec.bridged(now).unwrap_or(rec);
+        match self.store.insert_new(sensor, &rec)? {
+            Some(seq) => {
+                self.gate.admitted(sensor);
+                tracing::info!(sensor_id = sensor, discovery_id = %known.device.identifier, "discovered device {sensor} ({}); onboarding it", known.device.identifier);
+                self.spawn_onboarding(sensor.to_string(), Duration::ZERO);
+                Ok(seq)
+            }
+            None => Ok(self.store.last_write()),
+        }
+    }
+
+    /// A state message of followed topics: one flat reading per device reading it,
+    /// buffered through the bridge like a bridged sensor's own.
+    fn discovered_reading(
+        &self,
+        d: &Discovery,
+        bridge: &Bridge,
+        topic: &str,
+        p: &Publish,
+    ) -> Result<Decision, StoreError> {
+        let readings = d.registry().readings(topic, &p.payload);
+        let mut seq = 0;
+        for (sensor, reading) in readings {
+            // Not onboarded (refused by a rule, or the record was forgotten).
+            if !self.store.is_bridged(&sensor)? {
+                continue;
+            }
+            let body = json(&Value::Object(reading));
+            match bridge.accept(&sensor, &body, p.retain) {
+                Ok(a) => seq = seq.max(a.seq),
+                Err(AcceptError::Store(e)) => return Err(e),
+                // Counted and logged by the bridge.
+                Err(_) => {}
+            }
+        }
+        Ok(Decision { seq, answer: None })
+    }
+
+    /// Discovery's followed state topics, subscribed from the start (restart).
+    pub fn follow_discovered(&self) -> usize {
+        let Some(d) = &self.discovery else {
+            return 0;
+        };
+        let topics = d.registry().topics();
+        for t in &topics {
+            self.outbox.mqtt().follow(t);
+        }
+        topics.len()
+    }
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("plain data always serialises")
+}
