@@ -376,6 +376,8 @@ impl EventLoopTask {
         heartbeat: Arc<Heartbeat>,
     ) {
         let mut failures: u32 = 0;
+        // The next SUBACK answers the announce subscription of the last ConnAck.
+        let mut main_suback = false;
         loop {
             let event = tokio::select! {
                 biased;
@@ -428,6 +430,7 @@ impl EventLoopTask {
                             tracing::error!(error = %e, "cannot queue the discovered state subscriptions: {e}");
                         }
                     }
+                    main_suback = true;
                     let _ = events.send(SessionEvent::Connected {
                         session_present: ack.session_present,
                     });
@@ -460,10 +463,25 @@ impl EventLoopTask {
                             rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_)
                         )
                     });
-                    if granted {
-                        tracing::info!(topic = %self.announce_topic, "subscribed to announces");
-                    } else {
-                        tracing::error!(topic = %self.announce_topic, data = ?self.data_filter, codes = ?ack.return_codes, "the broker refused the announce or data subscription (check its ACL): {:?}", ack.return_codes);
+                    // The announce subscription is queued first at every ConnAck, so
+                    // its SUBACK is the first; later ones are discovered state topics.
+                    let main = std::mem::take(&mut main_suback);
+                    match (main, granted) {
+                        (true, true) => {
+                            tracing::info!(topic = %self.announce_topic, "subscribed to announces")
+                        }
+                        (true, false) => {
+                            tracing::error!(topic = %self.announce_topic, data = ?self.data_filter, codes = ?ack.return_codes, "the broker refused the announce, data or discovery subscription (check its ACL): {:?}", ack.return_codes)
+                        }
+                        (false, true) => {
+                            tracing::debug!(
+                                filters = ack.return_codes.len(),
+                                "subscribed to discovered state topics"
+                            )
+                        }
+                        (false, false) => {
+                            tracing::warn!(codes = ?ack.return_codes, "the broker refused some discovered state topics (check its ACL for onboardd's login): {:?}", ack.return_codes)
+                        }
                     }
                 }
                 Ok(Event::Incoming(Packet::Disconnect(d))) => {

@@ -778,6 +778,15 @@ impl DeviceTask {
         }
     }
 
+    /// Whether the device's credentials are still the ones this task logs in with.
+    fn credentials_current(&self) -> bool {
+        lock(&self.inner.devices)
+            .get(&self.sensor)
+            .is_some_and(|d| {
+                d.device_id == self.device_id && d.token.expose() == self.token.expose()
+            })
+    }
+
     fn options(&self) -> MqttOptions {
         let s = &self.inner.settings;
         let mut opts = MqttOptions::new(self.device_id.clone(), s.host.clone(), s.port);
@@ -844,6 +853,12 @@ impl DeviceTask {
                         return lost(format!("buffer: {e}"), true);
                     }
                 };
+                // Checked after reading: a reading appended after new credentials
+                // were set (set_device) never goes out under the old login.
+                if !batch.is_empty() && !self.credentials_current() {
+                    close(&client, &mut rx).await;
+                    return SessionEnd::Closed;
+                }
                 for (id, json) in batch {
                     idle_deadline = Instant::now() + idle;
                     // The channel holds twice the window: this never finds it full.
