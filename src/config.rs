@@ -377,23 +377,7 @@ impl Config {
 
     /// As [`Config::load`], requiring only what `needs` says.
     pub fn load_for(path: &Path, needs: Needs) -> Result<Config, ConfigError> {
-        if !path.exists() {
-            return Err(ConfigError::NotFound {
-                path: path.to_path_buf(),
-            });
-        }
-        let built = config::Config::builder()
-            .add_source(config::File::from_str(
-                DEFAULT_CONFIG,
-                config::FileFormat::Toml,
-            ))
-            .add_source(config::File::from(path).format(config::FileFormat::Toml))
-            .add_source(env_source())
-            .build()
-            .map_err(|source| ConfigError::File {
-                path: path.to_path_buf(),
-                source,
-            })?;
+        let built = layered(path)?;
         let mut cfg: Config = built.try_deserialize().map_err(ConfigError::Invalid)?;
         cfg.resolve(needs)?;
         Ok(cfg)
@@ -632,6 +616,28 @@ fn loopback_url(url: &str) -> bool {
     u.host_str().is_some_and(is_loopback_host)
 }
 
+/// The layers every command reads: the built-in defaults, FILE (required to
+/// exist), then `ONBOARDD__…` variables.
+fn layered(path: &Path) -> Result<config::Config, ConfigError> {
+    if !path.exists() {
+        return Err(ConfigError::NotFound {
+            path: path.to_path_buf(),
+        });
+    }
+    config::Config::builder()
+        .add_source(config::File::from_str(
+            DEFAULT_CONFIG,
+            config::FileFormat::Toml,
+        ))
+        .add_source(config::File::from(path).format(config::FileFormat::Toml))
+        .add_source(env_source())
+        .build()
+        .map_err(|source| ConfigError::File {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
 fn env_source() -> config::Environment {
     config::Environment::with_prefix("ONBOARDD")
         .prefix_separator("__")
@@ -715,23 +721,7 @@ pub fn read_key_file(key: &'static str, path: &Path) -> Result<Secret, ConfigErr
 /// `store.path`, read through the same layers as [`Config::load`] but without the
 /// checks only `run` needs (a factory station or an operator shell has no API key).
 pub fn load_claim_settings(path: &Path) -> Result<(Secret, String), ConfigError> {
-    if !path.exists() {
-        return Err(ConfigError::NotFound {
-            path: path.to_path_buf(),
-        });
-    }
-    let built = config::Config::builder()
-        .add_source(config::File::from_str(
-            DEFAULT_CONFIG,
-            config::FileFormat::Toml,
-        ))
-        .add_source(config::File::from(path).format(config::FileFormat::Toml))
-        .add_source(env_source())
-        .build()
-        .map_err(|source| ConfigError::File {
-            path: path.to_path_buf(),
-            source,
-        })?;
+    let built = layered(path)?;
     let mut security: SecurityConfig = built.get("security").map_err(ConfigError::Invalid)?;
     let store_path = built
         .get_string("store.path")

@@ -12,27 +12,7 @@ use std::time::Duration;
 
 use common::*;
 use harness::qubitro_broker::{Observer, QubitroBroker};
-use rumqttc::v5::mqttbytes::QoS;
 use serde_json::{json, Value};
-
-/// The daemon's config for a stand-in Qubitro broker on `port` (plain MQTT is
-/// accepted for a loopback host only).
-fn bridge_toml(port: u16) -> String {
-    format!("[qubitro]\nbroker_host = \"127.0.0.1\"\nbroker_port = {port}\nbroker_tls = false\n[bridge]\nreconnect_max_ms = 500")
-}
-
-/// A sensor's reading on its data topic, QoS 1 (or retained), acknowledged by the
-/// local broker.
-async fn publish(s: &Sensor, topic: &str, payload: &[u8], retain: bool) {
-    tokio::time::timeout(
-        WAIT,
-        s.client
-            .publish(topic, QoS::AtLeastOnce, retain, payload.to_vec()),
-    )
-    .await
-    .expect("queued in time")
-    .expect("publish a reading");
-}
 
 /// Onboards `id` as a bridged sensor and returns its reply.
 async fn onboard_bridged(s: &mut Sensor) -> Value {
@@ -67,7 +47,7 @@ async fn a_bridged_sensor_never_gets_its_token_and_its_readings_reach_qubitro_fl
     let cloud = fake_cloud().await;
     let qubitro = QubitroBroker::start(&cloud);
     let mut obs = qubitro.observer().await;
-    let d = Daemon::start(&broker, &cloud, &bridge_toml(qubitro.port()));
+    let d = Daemon::start(&broker, &cloud, &qubitro.daemon_toml());
     // Anyone on the local broker: sees every topic.
     let mut snoop = Sensor::connect_as(broker.port, "snoop", "#", None).await;
 
@@ -79,8 +59,7 @@ async fn a_bridged_sensor_never_gets_its_token_and_its_readings_reach_qubitro_fl
     assert_eq!(ok["data_topic"], "onboard/data/br-1");
     assert!(ok.get("device_token").is_none() && ok.get("device_token_sealed").is_none());
 
-    publish(
-        &s,
+    s.publish(
         "onboard/data/br-1",
         br#"{"env":{"hum":40,"temp":21.5},"ok":true}"#,
         false,
@@ -125,22 +104,21 @@ async fn readings_sent_during_an_uplink_outage_and_across_a_kill_9_all_arrive_in
         broker.port,
         &cloud,
         state.path(),
-        &bridge_toml(qubitro.port()),
+        &qubitro.daemon_toml(),
         vec![],
     );
     d.wait_subscribed();
     let mut s = Sensor::connect_persistent(broker.port, "br-out").await;
     onboard_bridged(&mut s).await;
     let device = cloud_devices_of(&cloud, "br-out").remove(0);
-    publish(&s, "onboard/data/br-out", br#"{"n":0}"#, false).await;
+    s.publish("onboard/data/br-out", br#"{"n":0}"#, false).await;
     assert_eq!(obs.on_topic(&device.id, 1).await[0], json!({"n":0}));
 
     // Qubitro's broker goes away; readings keep coming.
     qubitro.stop();
     let total = 300;
     for n in 1..150 {
-        publish(
-            &s,
+        s.publish(
             "onboard/data/br-out",
             format!(r#"{{"n":{n}}}"#).as_bytes(),
             false,
@@ -150,8 +128,7 @@ async fn readings_sent_during_an_uplink_outage_and_across_a_kill_9_all_arrive_in
     // onboardd dies mid-stream; the local broker keeps what it has not acknowledged.
     d.kill9();
     for n in 150..total {
-        publish(
-            &s,
+        s.publish(
             "onboard/data/br-out",
             format!(r#"{{"n":{n}}}"#).as_bytes(),
             false,
@@ -178,10 +155,7 @@ async fn bad_readings_and_readings_of_sensors_that_are_not_bridged_are_dropped_a
     let d = Daemon::start(
         &broker,
         &cloud,
-        &format!(
-            "{}\n[log]\nstats_interval_s = 1",
-            bridge_toml(qubitro.port())
-        ),
+        &format!("{}\n[log]\nstats_interval_s = 1", qubitro.daemon_toml()),
     );
     let mut s = Sensor::connect(broker.port, "br-bad").await;
     onboard_bridged(&mut s).await;
@@ -200,12 +174,14 @@ async fn bad_readings_and_readings_of_sensors_that_are_not_bridged_are_dropped_a
         format!(r#"{{"big":"{}"}}"#, "x".repeat(5000)).into_bytes(),
     ];
     for payload in &bad {
-        publish(&s, topic, payload, false).await;
+        s.publish(topic, payload, false).await;
     }
-    publish(&s, topic, br#"{"retained":1}"#, true).await;
-    publish(&plain, "onboard/data/not-bridged", br#"{"stray":1}"#, false).await;
+    s.publish(topic, br#"{"retained":1}"#, true).await;
+    plain
+        .publish("onboard/data/not-bridged", br#"{"stray":1}"#, false)
+        .await;
     // An array is left out, the rest goes on.
-    publish(&s, topic, br#"{"list":[1,2],"good":1}"#, false).await;
+    s.publish(topic, br#"{"list":[1,2],"good":1}"#, false).await;
 
     // The first reading that reaches Qubitro is the good one: none of the bad came.
     assert_eq!(obs.on_topic(&device.id, 1).await[0], json!({"good":1}));
@@ -223,6 +199,6 @@ async fn bad_readings_and_readings_of_sensors_that_are_not_bridged_are_dropped_a
         );
     }
     // And the daemon keeps serving.
-    publish(&s, topic, br#"{"after":1}"#, false).await;
+    s.publish(topic, br#"{"after":1}"#, false).await;
     assert_eq!(obs.on_topic(&device.id, 1).await[0], json!({"after":1}));
 }

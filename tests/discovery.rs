@@ -10,24 +10,14 @@ use std::time::Duration;
 use common::*;
 use fake_qubitro::{FakeDevice, FakeQubitro};
 use harness::qubitro_broker::QubitroBroker;
-use rumqttc::v5::mqttbytes::QoS;
 use serde_json::{json, Value};
 
 /// Discovery on (both sources), the bridge pointed at the stand-in broker.
-fn discovery_toml(port: u16) -> String {
-    format!("[qubitro]\nbroker_host = \"127.0.0.1\"\nbroker_port = {port}\nbroker_tls = false\n[bridge]\nreconnect_max_ms = 500\n[discovery]\nhomeassistant = true\ntasmota = true")
-}
-
-/// Publishes like Zigbee2MQTT, ESPHome or Tasmota would: QoS 1, acknowledged.
-async fn publish(s: &Sensor, topic: &str, payload: &[u8], retain: bool) {
-    tokio::time::timeout(
-        WAIT,
-        s.client
-            .publish(topic, QoS::AtLeastOnce, retain, payload.to_vec()),
+fn discovery_toml(qubitro: &QubitroBroker) -> String {
+    format!(
+        "{}[discovery]\nhomeassistant = true\ntasmota = true",
+        qubitro.daemon_toml()
     )
-    .await
-    .expect("queued in time")
-    .expect("publish");
 }
 
 const Z2M_IEEE: &str = "0x00158d0001a2b3c4";
@@ -60,12 +50,10 @@ fn z2m_config(object: &str, unit: &str) -> (String, String) {
 async fn publish_z2m(s: &Sensor) {
     for (object, unit) in [("temperature", "°C"), ("humidity", "%"), ("battery", "%")] {
         let (t, b) = z2m_config(object, unit);
-        publish(s, &t, b.as_bytes(), true).await;
+        s.publish(&t, b.as_bytes(), true).await;
     }
     // Its bridge device: skipped by discovery.skip_identifiers.
-    publish(
-        s,
-        "homeassistant/binary_sensor/1221051039810110150109113116116_0x00124b0022334455/connection_state/config",
+    s.publish("homeassistant/binary_sensor/1221051039810110150109113116116_0x00124b0022334455/connection_state/config",
         br#"{"device":{"identifiers":["zigbee2mqtt_bridge_0x00124b0022334455"],"name":"Zigbee2MQTT Bridge"},"state_topic":"zigbee2mqtt/bridge/state","value_template":"{{ value_json.state }}"}"#,
         true,
     )
@@ -94,7 +82,7 @@ async fn a_zigbee2mqtt_sensor_becomes_one_device_and_its_readings_reach_qubitro_
     let cloud = fake_cloud().await;
     let qubitro = QubitroBroker::start(&cloud);
     let mut obs = qubitro.observer().await;
-    let d = Daemon::start(&broker, &cloud, &discovery_toml(qubitro.port()));
+    let d = Daemon::start(&broker, &cloud, &discovery_toml(&qubitro));
     let z2m = Sensor::connect_as(broker.port, "z2m", "zigbee2mqtt/none", None).await;
 
     publish_z2m(&z2m).await;
@@ -111,8 +99,7 @@ async fn a_zigbee2mqtt_sensor_becomes_one_device_and_its_readings_reach_qubitro_
     assert_eq!(device.metadata["sensor_id"], Z2M_ID);
     assert!(device.metadata.contains_key("gateway_id"));
 
-    publish(
-        &z2m,
+    z2m.publish(
         "zigbee2mqtt/living_room",
         br#"{"temperature":21.5,"humidity":45,"battery":100,"linkquality":120,"voltage":3005}"#,
         false,
@@ -136,7 +123,7 @@ async fn esphome_plain_values_a_device_based_config_and_tasmota_telemetry_are_fo
     let cloud = fake_cloud().await;
     let qubitro = QubitroBroker::start(&cloud);
     let mut obs = qubitro.observer().await;
-    let _d = Daemon::start(&broker, &cloud, &discovery_toml(qubitro.port()));
+    let _d = Daemon::start(&broker, &cloud, &discovery_toml(&qubitro));
     let p = Sensor::connect_as(broker.port, "pub", "nothing/here", None).await;
 
     // ESPHome, abbreviated keys, plain values.
@@ -148,8 +135,7 @@ async fn esphome_plain_values_a_device_based_config_and_tasmota_telemetry_are_fo
             "dev": {"ids": "240ac4aabbcc", "name": "garden-node", "sw": "esphome v2024.10.0",
                     "mdl": "esp32dev", "mf": "Espressif", "cns": [["mac", "24:0a:c4:aa:bb:cc"]]}
         });
-        publish(
-            &p,
+        p.publish(
             &format!("homeassistant/sensor/garden-node/{object}/config"),
             body.to_string().as_bytes(),
             true,
@@ -158,8 +144,7 @@ async fn esphome_plain_values_a_device_based_config_and_tasmota_telemetry_are_fo
     }
     // A device-based config with a shared state topic under `~`.
     let kitchen = r#"{"dev":{"ids":["ea334450945afc"],"name":"Kitchen","mf":"Bla electronics","mdl":"xya"},"o":{"name":"bla2mqtt"},"~":"kitchen/sensors","stat_t":"~/state","cmps":{"t1":{"p":"sensor","val_tpl":"{{ value_json.temperature | round(1) }}","uniq_id":"k_t"},"h1":{"p":"sensor","val_tpl":"{{ value_json['humidity'] }}","uniq_id":"k_h"},"lamp":{"p":"light","cmd_t":"~/lamp/set"}}}"#;
-    publish(
-        &p,
+    p.publish(
         "homeassistant/device/kitchen01/config",
         kitchen.as_bytes(),
         true,
@@ -167,8 +152,7 @@ async fn esphome_plain_values_a_device_based_config_and_tasmota_telemetry_are_fo
     .await;
     // Tasmota's own discovery.
     let tasmota = r#"{"ip":"192.168.1.50","dn":"Greenhouse","hn":"tasmota-A1B2C3-0707","mac":"DC4F22A1B2C3","md":"Sonoff TH","sw":"13.2.0","t":"tasmota_A1B2C3","ft":"%prefix%/%topic%/","tp":["cmnd","stat","tele"],"ver":1}"#;
-    publish(
-        &p,
+    p.publish(
         "tasmota/discovery/DC4F22A1B2C3/config",
         tasmota.as_bytes(),
         true,
@@ -195,13 +179,13 @@ async fn esphome_plain_values_a_device_based_config_and_tasmota_telemetry_are_fo
     assert_eq!(t.metadata["discovery_id"], "DC4F22A1B2C3");
     assert_eq!(cloud.devices().len(), 3);
 
-    publish(&p, "garden-node/sensor/temperature/state", b"21.4", false).await;
+    p.publish("garden-node/sensor/temperature/state", b"21.4", false)
+        .await;
     assert_eq!(
         obs.on_topic(&esp.id, 1).await[0],
         json!({"temperature":21.4})
     );
-    publish(
-        &p,
+    p.publish(
         "kitchen/sensors/state",
         br#"{"temperature":21.46,"humidity":40,"other":1}"#,
         false,
@@ -211,9 +195,7 @@ async fn esphome_plain_values_a_device_based_config_and_tasmota_telemetry_are_fo
         obs.on_topic(&k.id, 1).await[0],
         json!({"temperature":21.5,"humidity":40})
     );
-    publish(
-        &p,
-        "tele/tasmota_A1B2C3/SENSOR",
+    p.publish("tele/tasmota_A1B2C3/SENSOR",
         br#"{"Time":"2017-02-12T16:11:12","DHT22":{"Temperature":23.9,"Humidity":34.1},"TempUnit":"C"}"#,
         false,
     )
@@ -232,7 +214,7 @@ async fn removing_every_entity_stops_forwarding_retires_the_device_and_a_restart
     let qubitro = QubitroBroker::start(&cloud);
     let mut obs = qubitro.observer().await;
     let state = tempfile::tempdir().unwrap();
-    let toml = discovery_toml(qubitro.port());
+    let toml = discovery_toml(&qubitro);
     let mut d = Daemon::with_state(broker.port, &cloud, state.path(), &toml, vec![]);
     d.wait_subscribed();
     let z2m = Sensor::connect_as(broker.port, "z2m", "zigbee2mqtt/none", None).await;
@@ -244,8 +226,7 @@ async fn removing_every_entity_stops_forwarding_retires_the_device_and_a_restart
     d.signal_and_wait(libc::SIGTERM);
     d.spawn();
     d.wait_subscribed();
-    publish(
-        &z2m,
+    z2m.publish(
         "zigbee2mqtt/living_room",
         br#"{"temperature":20,"humidity":50,"battery":99}"#,
         false,
@@ -257,13 +238,8 @@ async fn removing_every_entity_stops_forwarding_retires_the_device_and_a_restart
     );
     // Re-published configs (Zigbee2MQTT does so when Home Assistant comes online).
     publish_z2m(&z2m).await;
-    publish(
-        &z2m,
-        "zigbee2mqtt/living_room",
-        br#"{"temperature":19}"#,
-        false,
-    )
-    .await;
+    z2m.publish("zigbee2mqtt/living_room", br#"{"temperature":19}"#, false)
+        .await;
     assert_eq!(
         obs.on_topic(&device.id, 1).await[0],
         json!({"temperature":19})
@@ -272,9 +248,8 @@ async fn removing_every_entity_stops_forwarding_retires_the_device_and_a_restart
 
     // One entity removed: its key is no longer forwarded.
     let (t_topic, t_body) = z2m_config("temperature", "°C");
-    publish(&z2m, &t_topic, b"", true).await;
-    publish(
-        &z2m,
+    z2m.publish(&t_topic, b"", true).await;
+    z2m.publish(
         "zigbee2mqtt/living_room",
         br#"{"temperature":18,"humidity":51}"#,
         false,
@@ -284,7 +259,7 @@ async fn removing_every_entity_stops_forwarding_retires_the_device_and_a_restart
 
     // All removed: retired, nothing forwarded, the device kept.
     for object in ["humidity", "battery"] {
-        publish(&z2m, &z2m_config(object, "%").0, b"", true).await;
+        z2m.publish(&z2m_config(object, "%").0, b"", true).await;
     }
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
@@ -302,8 +277,7 @@ async fn removing_every_entity_stops_forwarding_retires_the_device_and_a_restart
         assert!(tokio::time::Instant::now() < deadline, "not retired: {out}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    publish(
-        &z2m,
+    z2m.publish(
         "zigbee2mqtt/living_room",
         br#"{"temperature":17,"humidity":52}"#,
         false,
@@ -318,9 +292,8 @@ async fn removing_every_entity_stops_forwarding_retires_the_device_and_a_restart
     assert!(late.is_empty(), "forwarded after removal: {late:?}");
 
     // The config comes back: the same device revives.
-    publish(&z2m, &t_topic, t_body.as_bytes(), true).await;
-    publish(
-        &z2m,
+    z2m.publish(&t_topic, t_body.as_bytes(), true).await;
+    z2m.publish(
         "zigbee2mqtt/living_room",
         br#"{"temperature":16,"humidity":53}"#,
         false,
@@ -342,21 +315,15 @@ async fn malformed_configs_are_skipped_with_a_warning_and_the_daemon_keeps_servi
     // config (with the default 64 KiB the broker never delivers it at all).
     let toml = format!(
         "{}\n[mqtt]\nmax_packet_bytes = 2097152",
-        discovery_toml(qubitro.port())
+        discovery_toml(&qubitro)
     );
     let d = Daemon::start(&broker, &cloud, &toml);
     let p = Sensor::connect_as(broker.port, "pub", "nothing/here", None).await;
 
-    publish(
-        &p,
-        "homeassistant/sensor/bad/json/config",
-        b"{not json",
-        false,
-    )
-    .await;
+    p.publish("homeassistant/sensor/bad/json/config", b"{not json", false)
+        .await;
     d.log.wait_for("config is not valid JSON");
-    publish(
-        &p,
+    p.publish(
         "homeassistant/sensor/bad/nostate/config",
         br#"{"dev":{"ids":"nostate"},"uniq_id":"x"}"#,
         false,

@@ -91,6 +91,15 @@ impl QubitroBroker {
         self.broker.port
     }
 
+    /// The daemon's config lines that point its bridge at this broker (plain MQTT
+    /// is accepted for a loopback host only), with quick reconnects.
+    pub fn daemon_toml(&self) -> String {
+        format!(
+            "[qubitro]\nbroker_host = \"127.0.0.1\"\nbroker_port = {}\nbroker_tls = false\n[bridge]\nreconnect_max_ms = 500\n",
+            self.port()
+        )
+    }
+
     /// Stops the broker cleanly (an uplink outage); its state is saved.
     pub fn stop(&mut self) {
         self.pid.store(0, Ordering::SeqCst);

@@ -110,6 +110,21 @@ impl Sensor {
             .await;
     }
 
+    /// Publishes raw bytes on any topic at QoS 1 (readings, discovery configs),
+    /// optionally retained, as the devices that publish them would.
+    pub async fn publish(&self, topic: &str, payload: &[u8], retain: bool) {
+        let publish = self
+            .client
+            .publish(topic, QoS::AtLeastOnce, retain, payload.to_vec());
+        match tokio::time::timeout(WAIT, publish).await {
+            Ok(published) => published.expect("publish"),
+            Err(_) => panic!(
+                "sensor {}: publish on {topic} not queued within {WAIT:?}",
+                self.id
+            ),
+        }
+    }
+
     pub async fn announce_on(&self, topic: &str, payload: &str) {
         let publish =
             self.client
