@@ -133,7 +133,7 @@ impl Cloud {
     /// Fails closed: `Ok(None)` only when every page was understood and no item is
     /// the sensor's; anything unreadable is `Retryable`, because "not found" leads
     /// to a create, and a wrong "not found" to a duplicate device. When several
-    /// devices match, the oldest is adopted (see [`choose_oldest`]).
+    /// devices match, the oldest is adopted (see `list::choose_oldest`).
     pub async fn find_by_sensor(&self, sensor_id: &str) -> Result<Option<String>, CloudError> {
         // sensor ids are [A-Za-z0-9._:-] only, so only ':' needs escaping.
         let base = format!(
