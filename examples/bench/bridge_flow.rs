@@ -1,0 +1,412 @@
+//! Telemetry bridge tooling: reading payloads, the observer on the stand-in for Qubitro's broker,
+//! the feeders that publish readings, per-process CPU and write counters.
+
+use anyhow::{bail, Context, Result};
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+
+use crate::env::Env;
+use crate::loadgen::{join_senders, PhaseResult};
+use crate::procs::{cpu_secs, self_cpu_secs, write_bytes};
+use crate::services::mqtt_options;
+use crate::sizes::SLED_FLUSH_SETTLE;
+
+/// Between two readings of the trickles: 10 readings/s and 1 reading/s.
+pub(crate) const TRICKLE_GAP: Duration = Duration::from_millis(100);
+pub(crate) const SLOW_GAP: Duration = Duration::from_secs(1);
+
+/// Bytes written over a trickle of `count` readings `gap` apart by `pid`: from quiet
+/// to 1.5 s after the last. (bytes, readings)
+pub(crate) async fn trickle_written(
+    f: &Feeders,
+    what: &str,
+    flow: &Arc<Flow>,
+    pid: u32,
+    count: usize,
+    gap: Duration,
+) -> Result<Option<(u64, usize)>> {
+    let w0 = quiet_write_bytes(pid).await;
+    f.trickle(what, flow, count, gap).await?;
+    tokio::time::sleep(SLED_FLUSH_SETTLE).await;
+    Ok(w0.zip(write_bytes(pid)).map(|(a, b)| (b - a, count)))
+}
+
+pub(crate) fn per_reading(w: Option<(u64, usize)>) -> String {
+    match w {
+        Some((b, n)) => format!("{:.0} B ({b} B over {n} readings)", b as f64 / n as f64),
+        None => "/proc/PID/io unreadable".into(),
+    }
+}
+
+/// The plain mosquitto bridge's one login on the stand-in broker (a Qubitro device
+/// could write only the topic equal to its own id).
+pub(crate) const MQ_BRIDGE_USER: &str = "mqbridge";
+pub(crate) const MQ_BRIDGE_PASSWORD: &str = "mqbridge-password";
+
+/// A reading as a small sensor would send it: ≈ 40 bytes, flat (the flattener has
+/// nothing to do, so both bridges forward the same bytes).
+pub(crate) fn reading_payload(n: u64) -> Vec<u8> {
+    format!(r#"{{"n":{n},"temp":21.5,"hum":40.2}}"#).into_bytes()
+}
+
+pub(crate) fn data_topic(idx: usize) -> String {
+    format!("onboard/data/s{idx}")
+}
+
+/// Readings in flight, from the publishers on a local broker to the observer on the
+/// stand-in for Qubitro's broker: one closed-loop window, and per device the next
+/// reading expected (readings of one device must arrive in the order they were sent).
+pub(crate) struct Flow {
+    pub(crate) base: Instant,
+    pub(crate) window: Semaphore,
+    pub(crate) st: Mutex<FlowState>,
+}
+
+#[derive(Default)]
+pub(crate) struct FlowState {
+    /// Topic on the stand-in broker → device index (a device id for onboardd's
+    /// bridge, the local topic name for mosquitto's).
+    pub(crate) topics: std::collections::HashMap<String, usize>,
+    /// Per device: the `n` of the next reading expected (= readings sent so far once
+    /// a run is complete).
+    pub(crate) next: Vec<u64>,
+    pub(crate) arrived: u64,
+    pub(crate) duplicates: u64,
+    pub(crate) out_of_order: u64,
+    pub(crate) unknown: u64,
+    pub(crate) samples: Vec<String>,
+    pub(crate) last_ns: u64,
+}
+
+impl Flow {
+    pub(crate) fn new(window: usize, devices: usize) -> Arc<Flow> {
+        Arc::new(Flow {
+            base: Instant::now(),
+            window: Semaphore::new(window),
+            st: Mutex::new(FlowState {
+                next: vec![0; devices],
+                ..FlowState::default()
+            }),
+        })
+    }
+
+    pub(crate) fn now_ns(&self) -> u64 {
+        self.base.elapsed().as_nanos() as u64
+    }
+
+    pub(crate) fn state(&self) -> std::sync::MutexGuard<'_, FlowState> {
+        self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn on_arrival(&self, topic: &str, payload: &[u8]) {
+        let now = self.now_ns();
+        let mut st = self.state();
+        let Some(&i) = st.topics.get(topic) else {
+            st.unknown += 1;
+            return;
+        };
+        let n = serde_json::from_slice::<serde_json::Value>(payload)
+            .ok()
+            .and_then(|v| v["n"].as_u64());
+        let Some(n) = n else {
+            st.unknown += 1;
+            return;
+        };
+        let want = st.next[i];
+        if n < want {
+            // At least once: a reading sent again after a lost PUBACK.
+            st.duplicates += 1;
+            return;
+        }
+        if n > want {
+            st.out_of_order += 1;
+            if st.samples.len() < 5 {
+                st.samples.push(format!(
+                    "{topic}: reading {n} arrived while {want} was expected"
+                ));
+            }
+        }
+        st.next[i] = n + 1;
+        st.arrived += 1;
+        st.last_ns = now;
+        drop(st);
+        self.window.add_permits(1);
+    }
+}
+
+/// The observer on the stand-in broker: every topic, QoS 1, a clean session.
+pub(crate) async fn connect_observer(port: u16, flow: Arc<Flow>) -> Result<AsyncClient> {
+    use harness::qubitro_broker::{OBSERVER, OBSERVER_PASSWORD};
+    let mut opts = mqtt_options(OBSERVER.to_string(), port);
+    opts.set_credentials(OBSERVER, OBSERVER_PASSWORD);
+    let (client, mut el) = AsyncClient::new(opts, 64);
+    let sub = client.clone();
+    let subscribed = Arc::new(AtomicBool::new(false));
+    let done = subscribed.clone();
+    tokio::spawn(async move {
+        let mut errors = 0u32;
+        while errors < 1000 {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    flow.on_arrival(&String::from_utf8_lossy(&p.topic), &p.payload)
+                }
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    if let Err(e) = sub.try_subscribe("#", QoS::AtLeastOnce) {
+                        eprintln!("bench: observer cannot subscribe: {e}");
+                    }
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => done.store(true, Ordering::Relaxed),
+                Ok(_) => {}
+                Err(e) => {
+                    errors += 1;
+                    if errors < 5 {
+                        eprintln!("bench: observer: {e}");
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !subscribed.load(Ordering::Relaxed) {
+        if Instant::now() > deadline {
+            bail!("the observer on the stand-in broker did not subscribe in 10 s");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(client)
+}
+
+/// The sensors' side: `k` connections to a local broker, device `i` always on
+/// connection `i % k` (so its readings stay in order).
+pub(crate) struct Feeders {
+    pub(crate) clients: Vec<AsyncClient>,
+    pub(crate) stop: Arc<AtomicBool>,
+}
+
+impl Feeders {
+    pub(crate) async fn connect(port: u16, k: usize) -> Result<Feeders> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let connected = Arc::new(AtomicU64::new(0));
+        let mut clients = Vec::new();
+        for c in 0..k {
+            let opts = mqtt_options(format!("bench-feed-{}-{c}", std::process::id()), port);
+            let (client, mut el) = AsyncClient::new(opts, 20_000);
+            let (stop, connected) = (stop.clone(), connected.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    match el.poll().await {
+                        Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                            connected.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            eprintln!("bench: feeder {c}: {e}");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
+                }
+            });
+            clients.push(client);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while connected.load(Ordering::Relaxed) < k as u64 {
+            if Instant::now() > deadline {
+                bail!("the sensors' connections did not connect in 10 s");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(Feeders { clients, stop })
+    }
+
+    /// Closed loop: `rounds` readings from each of `devices`, QoS 1, at most the flow's
+    /// window not yet arrived at the observer. Throughput = readings ÷ (last arrival −
+    /// first publish). A reading missing or out of order fails the run.
+    pub(crate) async fn run(
+        &self,
+        what: &str,
+        flow: &Arc<Flow>,
+        devices: &[usize],
+        rounds: usize,
+    ) -> Result<PhaseResult> {
+        let n = devices.len() * rounds;
+        let starts: Vec<(usize, u64)> = {
+            let mut st = flow.state();
+            st.arrived = 0;
+            st.duplicates = 0;
+            st.out_of_order = 0;
+            st.unknown = 0;
+            st.samples.clear();
+            st.last_ns = 0;
+            devices.iter().map(|&d| (d, st.next[d])).collect()
+        };
+        let first = flow.now_ns();
+        let k = self.clients.len();
+        let mut tasks = Vec::new();
+        for c in 0..k {
+            let client = self.clients[c].clone();
+            let flow = flow.clone();
+            let mine: Vec<(usize, u64)> =
+                starts.iter().filter(|(d, _)| d % k == c).copied().collect();
+            tasks.push(tokio::spawn(async move {
+                for r in 0..rounds as u64 {
+                    for &(d, start) in &mine {
+                        flow.window.acquire().await?.forget();
+                        client
+                            .publish(
+                                data_topic(d),
+                                QoS::AtLeastOnce,
+                                false,
+                                reading_payload(start + r),
+                            )
+                            .await
+                            .context("queue a reading")?;
+                    }
+                }
+                anyhow::Ok(())
+            }));
+        }
+        let until = Instant::now() + Env::deadline(n);
+        loop {
+            if flow.state().arrived as usize >= n || Instant::now() > until {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        join_senders(what, tasks).await?;
+        let st = flow.state();
+        if st.out_of_order > 0 {
+            bail!(
+                "{what}: {} readings arrived out of order (missing earlier ones), e.g. {}",
+                st.out_of_order,
+                st.samples.join("; ")
+            );
+        }
+        if (st.arrived as usize) < n {
+            bail!(
+                "{what}: only {} of {n} readings reached the stand-in broker within {:?} ({} on unknown topics)",
+                st.arrived,
+                Env::deadline(n),
+                st.unknown
+            );
+        }
+        if st.duplicates > 0 || st.unknown > 0 {
+            eprintln!(
+                "bench: {what}: {} duplicate readings (at least once), {} on unknown topics",
+                st.duplicates, st.unknown
+            );
+        }
+        let r = PhaseResult {
+            n,
+            wall_s: st.last_ns.saturating_sub(first) as f64 / 1e9,
+            latencies_us: Vec::new(),
+        };
+        if n > 1 {
+            eprintln!(
+                "bench: {what}: {n} readings in {:.2} s = {:.0}/s",
+                r.wall_s,
+                r.rate()
+            );
+        }
+        Ok(r)
+    }
+
+    /// A sensor's pace rather than a burst: `count` readings of device 0, each sent
+    /// once the previous one arrived, `gap` apart.
+    pub(crate) async fn trickle(
+        &self,
+        what: &str,
+        flow: &Arc<Flow>,
+        count: usize,
+        gap: Duration,
+    ) -> Result<()> {
+        for _ in 0..count {
+            self.run(what, flow, &[0], 1).await?;
+            tokio::time::sleep(gap).await;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Feeders {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for c in &self.clients {
+            let _ = c.try_disconnect();
+        }
+    }
+}
+
+/// CPU of named processes (and of this one, the load generator) over a phase.
+pub(crate) struct NamedCpu {
+    pub(crate) at: Instant,
+    pub(crate) procs: Vec<(&'static str, u32, f64)>,
+    pub(crate) load: f64,
+}
+
+impl NamedCpu {
+    pub(crate) fn take(procs: &[(&'static str, u32)]) -> NamedCpu {
+        NamedCpu {
+            at: Instant::now(),
+            procs: procs.iter().map(|&(n, p)| (n, p, cpu_secs(p))).collect(),
+            load: self_cpu_secs(),
+        }
+    }
+
+    pub(crate) fn since(&self) -> String {
+        let wall = self.at.elapsed().as_secs_f64().max(1e-3);
+        let pct = |now: f64, before: f64| ((now - before) / wall * 100.0).round();
+        let mut parts: Vec<String> = self
+            .procs
+            .iter()
+            .map(|&(n, p, c)| format!("{n} {}%", pct(cpu_secs(p), c)))
+            .collect();
+        parts.push(format!(
+            "load gen + observer {}%",
+            pct(self_cpu_secs(), self.load)
+        ));
+        parts.join(" · ")
+    }
+}
+
+/// Waits until `pid` has written nothing for [`SLED_FLUSH_SETTLE`] (at most ~30 s);
+/// returns its `write_bytes` then.
+pub(crate) async fn quiet_write_bytes(pid: u32) -> Option<u64> {
+    let mut before = write_bytes(pid);
+    for _ in 0..20 {
+        tokio::time::sleep(SLED_FLUSH_SETTLE).await;
+        let now = write_bytes(pid);
+        if now == before {
+            break;
+        }
+        before = now;
+    }
+    before
+}
+
+/// Established TCP connections from this host to `port` (both ends are local: the
+/// client ends are the ones whose remote port is `port`).
+pub(crate) fn connections_to(port: u16) -> usize {
+    let mut n = 0;
+    for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(f) else {
+            continue;
+        };
+        for l in text.lines().skip(1) {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            let rem_port = cols
+                .get(2)
+                .and_then(|a| a.rsplit_once(':'))
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            if rem_port == Some(port) && cols.get(3) == Some(&"01") {
+                n += 1;
+            }
+        }
+    }
+    n
+}
