@@ -3,10 +3,13 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use serde::Serialize;
 use serde_json::{json, Map, Value};
+use time::format_description::BorrowedFormatItem;
+use time::macros::format_description;
+use time::OffsetDateTime;
 
 use crate::options::Endpoint;
 
@@ -217,30 +220,15 @@ pub(crate) fn device_token() -> String {
         .collect()
 }
 
-/// Current UTC time as `YYYY-MM-DDTHH:MM:SSZ` (no date crate needed for one format).
-/// Microseconds: devices made in the same second still have distinct, ordered times.
+/// Current UTC time as `YYYY-MM-DDTHH:MM:SS.ffffffZ`. Microseconds: devices made in the
+/// same second still have distinct, ordered times.
 pub(crate) fn rfc3339_now() -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    let (secs, micros) = (now.as_secs(), now.subsec_micros());
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Howard Hinnant's civil_from_days, for days since 1970-01-01.
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z % 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + u64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{micros:06}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    // Fixed width, so the strings also sort as the instants do.
+    const FORMAT: &[BorrowedFormatItem<'_>] =
+        format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z");
+    OffsetDateTime::now_utc()
+        .format(FORMAT)
+        .expect("a UTC time between years 0 and 9999 always formats")
 }
 
 #[cfg(test)]
