@@ -111,7 +111,7 @@ pub(crate) fn field_u64(line: &str, key: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
-/// The load generator's announces carry no proof (issue 11): `require_claim = false`,
+/// The load generator's announces carry no claim proof: `require_claim = false`,
 /// so the figures measure onboarding without the cost of checking a proof.
 pub(crate) fn start_onboardd(s: &DaemonSpec) -> Result<Daemon> {
     std::fs::create_dir_all(&s.state)?;
