@@ -1,0 +1,113 @@
+//! What the session subscribes to, given by whoever wires it: the transport knows
+//! the filters and how each treats retained messages, not what they carry.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+
+use rumqttc::v5::mqttbytes::v5::{Filter, RetainForwardRule, Subscribe};
+use rumqttc::v5::mqttbytes::QoS;
+
+use super::lock;
+
+/// Subscriptions per SUBSCRIBE packet when following many state topics.
+const FILTERS_PER_SUBSCRIBE: usize = 64;
+
+/// The filters subscribed again at every ConnAck: the announce topic first, then the
+/// others in the same SUBSCRIBE (one SUBACK says the gateway hears everything), and
+/// the followed topics added at run time in their own SUBSCRIBEs.
+pub struct Subscriptions {
+    /// The announce topic: its SUBACK is what "subscribed to announces" means.
+    announce: String,
+    /// Everything in the announce's SUBSCRIBE, the announce filter first.
+    filters: Vec<Filter>,
+    /// Topics added while running (see [`Followed`]).
+    followed: Followed,
+}
+
+impl Subscriptions {
+    /// Starts with the announce topic, live messages only: a retained announce must
+    /// not be acted on again at every subscribe, and one retained while we are
+    /// subscribed keeps its retain flag (MQTT 5 clears it by default), so it can be
+    /// dropped.
+    pub fn new(announce_topic: &str) -> Subscriptions {
+        Subscriptions {
+            announce: announce_topic.to_string(),
+            filters: vec![live_filter(announce_topic)],
+            followed: Followed::default(),
+        }
+    }
+
+    /// Adds a filter taken like the announce topic (no stored copy at subscribe,
+    /// retain flag kept).
+    pub fn live(mut self, filter: &str) -> Subscriptions {
+        self.filters.push(live_filter(filter));
+        self
+    }
+
+    /// Adds a filter whose retained messages are read again at every subscribe
+    /// (Retain Handling 0): for messages that handling twice creates nothing.
+    pub fn with_retained(mut self, filter: &str) -> Subscriptions {
+        let mut f = Filter::new(filter.to_string(), QoS::AtLeastOnce);
+        f.retain_forward_rule = RetainForwardRule::OnEverySubscribe;
+        self.filters.push(f);
+        self
+    }
+
+    pub fn announce_topic(&self) -> &str {
+        &self.announce
+    }
+
+    /// The filters of the announce's SUBSCRIBE, for logs.
+    pub fn topics(&self) -> Vec<String> {
+        self.filters.iter().map(|f| f.path.clone()).collect()
+    }
+
+    pub(super) fn followed(&self) -> &Followed {
+        &self.followed
+    }
+
+    /// The SUBSCRIBE packets of one ConnAck: the announce's first, then the followed
+    /// topics in chunks.
+    pub(super) fn packets(&self) -> (Subscribe, Vec<Subscribe>) {
+        let main = Subscribe::new_many(self.filters.clone(), None);
+        let followed: Vec<Filter> = lock(&self.followed.0)
+            .iter()
+            .map(|t| state_filter(t))
+            .collect();
+        let rest = followed
+            .chunks(FILTERS_PER_SUBSCRIBE)
+            .map(|chunk| Subscribe::new_many(chunk.to_vec(), None))
+            .collect();
+        (main, rest)
+    }
+}
+
+/// State topics followed at run time, shared by the client side (which adds them)
+/// and the event-loop task (which subscribes to all of them at every ConnAck).
+#[derive(Clone, Default)]
+pub(super) struct Followed(Arc<Mutex<BTreeSet<String>>>);
+
+impl Followed {
+    /// Remembers `topic`; false when it was already followed.
+    pub(super) fn insert(&self, topic: &str) -> bool {
+        lock(&self.0).insert(topic.to_string())
+    }
+}
+
+fn live_filter(topic: &str) -> Filter {
+    let mut filter = Filter::new(topic.to_string(), QoS::AtLeastOnce);
+    filter.retain_forward_rule = RetainForwardRule::Never;
+    filter.preserve_retain = true;
+    filter
+}
+
+/// A followed state topic's subscription: no stored copy at subscribe (it would be
+/// forwarded again at every reconnect) and, Retain As Published off, live states
+/// arrive without the retain flag even from devices that retain them (ESPHome does
+/// by default), so the bridge takes them.
+pub(super) fn state_filter(topic: &str) -> Filter {
+    let mut f = Filter::new(topic.to_string(), QoS::AtLeastOnce);
+    f.retain_forward_rule = RetainForwardRule::Never;
+    f.preserve_retain = false;
+    f
+}
