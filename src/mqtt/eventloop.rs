@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::v5::mqttbytes::v5::{Packet, Publish};
+use rumqttc::v5::mqttbytes::v5::{Packet, Publish, SubAck, SubscribeReasonCode};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop, Request};
 use rumqttc::Outgoing;
@@ -27,6 +27,17 @@ pub(super) struct Outlet {
     pub(super) dropped: Arc<AtomicU64>,
 }
 
+/// The announce SUBSCRIBE of the current connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Announces {
+    /// None outstanding (granted, refused, or not connected).
+    Idle,
+    /// Queued at the ConnAck, not yet given a packet id.
+    Queued,
+    /// Sent with this packet id; its SUBACK is awaited.
+    Sent(u16),
+}
+
 /// Polls rumqttc's event loop (see the module doc); spawned by the daemon.
 pub struct EventLoopTask {
     eventloop: EventLoop,
@@ -34,8 +45,13 @@ pub struct EventLoopTask {
     client: AsyncClient,
     tracker: Tracker,
     outlet: Outlet,
-    /// True while connected (STATUS=, the watchdog).
+    /// True once this connection's announce subscription is granted (STATUS=, the
+    /// watchdog): connected but not subscribed is deaf.
     connected: watch::Sender<bool>,
+    /// Connected (since the last ConnAck), subscribed or not.
+    online: bool,
+    /// Where this connection's announce subscription stands.
+    announces: Announces,
     /// Subscribed again at every ConnAck.
     subscriptions: Subscriptions,
     backoff: Backoff,
@@ -59,6 +75,8 @@ impl EventLoopTask {
             connected,
             subscriptions,
             backoff,
+            online: false,
+            announces: Announces::Idle,
         }
     }
 
@@ -70,8 +88,6 @@ impl EventLoopTask {
         heartbeat: Arc<Heartbeat>,
     ) {
         let mut failures: u32 = 0;
-        // The next SUBACK answers the announce subscription of the last ConnAck.
-        let mut main_suback = false;
         loop {
             let event = tokio::select! {
                 biased;
@@ -82,24 +98,13 @@ impl EventLoopTask {
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     failures = 0;
-                    let _ = self.connected.send(true);
+                    self.online = true;
                     tracing::info!(
                         session_present = ack.session_present,
                         "connected to the broker"
                     );
                     self.tracker.on_connack(ack.session_present);
-                    // Resubscribe on every ConnAck: a broker that lost our session lost
-                    // our subscription too. try_* only: never await in this task.
-                    let (main, followed) = self.subscriptions.packets();
-                    if let Err(e) = self.client.try_subscribe_many(main.filters) {
-                        tracing::error!(error = %e, "cannot queue the announce subscription: {e}");
-                    }
-                    for chunk in followed {
-                        if let Err(e) = self.client.try_subscribe_many(chunk.filters) {
-                            tracing::error!(error = %e, "cannot queue the followed state subscriptions: {e}");
-                        }
-                    }
-                    main_suback = true;
+                    self.subscribe_all();
                     let _ = events.send(SessionEvent::Connected {
                         session_present: ack.session_present,
                     });
@@ -110,6 +115,11 @@ impl EventLoopTask {
                 }
                 Ok(Event::Outgoing(Outgoing::AwaitAck(pkid))) => {
                     self.tracker.on_collision(pkid);
+                }
+                Ok(Event::Outgoing(Outgoing::Subscribe(pkid))) => {
+                    if self.announces == Announces::Queued {
+                        self.announces = Announces::Sent(pkid);
+                    }
                 }
                 Ok(Event::Incoming(Packet::PubAck(ack))) => {
                     if let Some(collided) = self.tracker.on_puback(ack.pkid, &ack.reason) {
@@ -125,56 +135,24 @@ impl EventLoopTask {
                         let _ = events.send(SessionEvent::Acked(tag, outcome));
                     }
                 }
-                Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                    let granted = ack.return_codes.iter().all(|c| {
-                        matches!(
-                            c,
-                            rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_)
-                        )
-                    });
-                    // The announce subscription is queued first at every ConnAck, so
-                    // its SUBACK is the first; later ones are followed state topics.
-                    let main = std::mem::take(&mut main_suback);
-                    match (main, granted) {
-                        (true, true) => {
-                            let topic = self.subscriptions.announce_topic();
-                            tracing::info!(topic, "subscribed to announces")
-                        }
-                        (true, false) => {
-                            let filters = self.subscriptions.topics();
-                            let codes = &ack.return_codes;
-                            tracing::error!(
-                                ?filters,
-                                ?codes,
-                                "the broker refused a subscription of {filters:?} (check its ACL): {codes:?}"
-                            )
-                        }
-                        (false, true) => {
-                            tracing::debug!(
-                                filters = ack.return_codes.len(),
-                                "subscribed to followed state topics"
-                            )
-                        }
-                        (false, false) => {
-                            let codes = &ack.return_codes;
-                            tracing::warn!(
-                                ?codes,
-                                "the broker refused some followed state topics (check its ACL for onboardd's login): {codes:?}"
-                            )
-                        }
-                    }
-                }
+                Ok(Event::Incoming(Packet::SubAck(ack))) => self.on_suback(&ack),
                 Ok(Event::Incoming(Packet::Disconnect(d))) => {
                     tracing::warn!(reason = ?d.reason_code, "the broker disconnected us: {:?}", d.reason_code);
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    let was_connected = *self.connected.borrow();
+                    let was_connected = std::mem::take(&mut self.online);
+                    self.announces = Announces::Idle;
                     let _ = self.connected.send(false);
                     // Whatever rumqttc moved into its resend queue: tracked replies
                     // come out (the engine republishes them on the next ConnAck).
                     self.tracker.on_connection_lost(&mut self.eventloop.pending);
                     self.eventloop.state.collision = None;
+                    // Every ConnAck subscribes to everything again, from the front of
+                    // the queue: older SUBSCRIBEs would only pile up across flaps.
+                    self.eventloop
+                        .pending
+                        .retain(|r| !matches!(r, Request::Subscribe(_)));
                     let wait = self.backoff.delay(failures);
                     if crate::tls::cert_problem(&e) == Some(crate::tls::CertProblem::NotValidYet) {
                         tracing::warn!(
@@ -196,13 +174,87 @@ impl EventLoopTask {
                     }
                 }
             }
+            if self.online {
+                self.subscribe_retried();
+            }
         }
         self.drain_and_disconnect().await;
     }
 
+    /// Subscribes to everything again (a broker that lost our session lost our
+    /// subscriptions too). Straight into rumqttc's own queue, which is unbounded and
+    /// sent before the request channel: a channel full of replies queued during an
+    /// outage cannot keep the gateway deaf. The announce SUBSCRIBE goes first, so the
+    /// first SUBSCRIBE sent on this connection is it.
+    fn subscribe_all(&mut self) {
+        let (main, followed) = self.subscriptions.packets();
+        self.subscriptions.followed().take_retries();
+        let pending = &mut self.eventloop.pending;
+        pending.retain(|r| !matches!(r, Request::Subscribe(_)));
+        for packet in followed.into_iter().rev() {
+            pending.push_front(Request::Subscribe(packet));
+        }
+        pending.push_front(Request::Subscribe(main));
+        self.announces = Announces::Queued;
+    }
+
+    /// Followed topics whose subscription could not be queued when they were added
+    /// (the request channel was full) go into rumqttc's own queue now.
+    fn subscribe_retried(&mut self) {
+        let topics = self.subscriptions.followed().take_retries();
+        if topics.is_empty() {
+            return;
+        }
+        tracing::debug!(
+            topics = topics.len(),
+            "subscribing to followed state topics that could not be queued at once"
+        );
+        for packet in self.subscriptions.packets_for(&topics) {
+            self.eventloop.pending.push_back(Request::Subscribe(packet));
+        }
+    }
+
+    /// Only the SUBACK of this connection's announce SUBSCRIBE (matched by packet
+    /// id) says the gateway hears sensors; the others answer followed topics.
+    fn on_suback(&mut self, ack: &SubAck) {
+        let granted = ack
+            .return_codes
+            .iter()
+            .all(|c| matches!(c, SubscribeReasonCode::Success(_)));
+        let main = self.announces == Announces::Sent(ack.pkid);
+        if main {
+            self.announces = Announces::Idle;
+        }
+        let codes = &ack.return_codes;
+        match (main, granted) {
+            (true, true) => {
+                let topic = self.subscriptions.announce_topic();
+                tracing::info!(topic, "subscribed to announces");
+                let _ = self.connected.send(true);
+            }
+            (true, false) => {
+                let filters = self.subscriptions.topics();
+                tracing::error!(
+                    ?filters,
+                    ?codes,
+                    "the broker refused a subscription of {filters:?} (check its ACL): {codes:?}"
+                )
+            }
+            (false, true) => {
+                tracing::debug!(filters = codes.len(), "subscribed to followed state topics")
+            }
+            (false, false) => {
+                tracing::warn!(
+                    ?codes,
+                    "the broker refused some followed state topics (check its ACL for onboardd's login): {codes:?}"
+                )
+            }
+        }
+    }
+
     /// Lets queued publishes and acks go out, then sends DISCONNECT (bounded in time).
     async fn drain_and_disconnect(&mut self) {
-        if !*self.connected.borrow() {
+        if !self.online {
             return;
         }
         let _ = self.client.try_disconnect();

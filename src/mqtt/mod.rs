@@ -114,14 +114,15 @@ pub struct Mqtt {
 
 impl Mqtt {
     /// Follows one more state topic: remembered for every later ConnAck, and
-    /// subscribed now. Never waits: a full request channel only delays the
-    /// subscription to the next ConnAck.
+    /// subscribed now. Never waits: when the request channel is full, the event-loop
+    /// task makes the subscription through its own queue.
     pub fn follow(&self, topic: &str) {
         if !self.followed.insert(topic) {
             return;
         }
         if let Err(e) = self.client.try_subscribe_many(vec![state_filter(topic)]) {
-            tracing::warn!(topic, error = %e, "cannot queue the subscription to {topic} now; it is made at the next reconnect: {e}");
+            tracing::debug!(topic, error = %e, "cannot queue the subscription to {topic} now; the event loop makes it: {e}");
+            self.followed.retry(topic);
         }
     }
 
@@ -139,10 +140,11 @@ impl Mqtt {
             correlation_data: correlation.map(Bytes::from),
             ..Default::default()
         };
+        let topic_shown = topic.clone();
         let request =
             self.client
                 .publish_with_properties(topic, QoS::AtLeastOnce, false, payload, props);
-        self.ordered(track, request).await
+        self.ordered(&topic_shown, track, request).await
     }
 
     /// Publishes the retained gateway status ("online"/"offline").
@@ -153,7 +155,7 @@ impl Mqtt {
             true,
             status.as_bytes().to_vec(),
         );
-        self.ordered(None, request).await
+        self.ordered(&self.status_topic, None, request).await
     }
 
     /// Queues one QoS 1 publish request with its tracker entry, both in the same
@@ -161,6 +163,7 @@ impl Mqtt {
     /// the push.
     async fn ordered(
         &self,
+        topic: &str,
         track: Option<DeliveryTag>,
         request: impl std::future::Future<Output = Result<(), rumqttc::v5::ClientError>>,
     ) -> Result<(), MqttError> {
@@ -171,7 +174,9 @@ impl Mqtt {
             // The request never entered the channel: take its entry back.
             lock(&self.queue).pop_back();
         }
-        Ok(result?)
+        result?;
+        tracing::trace!("queued a publish to {topic}");
+        Ok(())
     }
 
     /// Publishes a QoS 0 message (stats): not tracked, loss is harmless.
@@ -244,7 +249,7 @@ pub fn connect(cfg: &Config, subscriptions: Subscriptions) -> Result<Session, Mq
     // (≈ 14 MiB) unless capped. The broker grants far fewer (mosquitto: 20).
     opts.set_outgoing_inflight_upper_limit(1024);
     opts.set_connection_timeout(m.connect_timeout_s);
-    let cap = m.receive_maximum as usize * 2 + 256;
+    let cap = request_channel_capacity(m.receive_maximum as usize * 2 + 256);
     opts.set_request_channel_capacity(cap);
     if !m.username.is_empty() {
         opts.set_credentials(m.username.clone(), m.password.expose().to_string());
@@ -303,6 +308,22 @@ pub fn connect(cfg: &Config, subscriptions: Subscriptions) -> Result<Session, Mq
         ),
         dropped_qos0: dropped,
     })
+}
+
+/// Names the capacity of rumqttc's request channel in builds with the `failpoints`
+/// feature: tests shrink it so that a few queued requests fill it as a roll-out's
+/// worth of replies queued during an outage would.
+pub const REQUEST_CHANNEL_ENV: &str = "ONBOARDD_FAILPOINT_REQUEST_CHANNEL";
+
+fn request_channel_capacity(default: usize) -> usize {
+    #[cfg(feature = "failpoints")]
+    if let Some(cap) = std::env::var(REQUEST_CHANNEL_ENV)
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        return cap.max(1);
+    }
+    default
 }
 
 /// The longest wait between reconnects. A broker on this machine comes back within
