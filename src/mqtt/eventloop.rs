@@ -144,9 +144,17 @@ impl EventLoopTask {
                     let was_connected = std::mem::take(&mut self.online);
                     self.announces = Announces::Idle;
                     let _ = self.connected.send(false);
-                    // Whatever rumqttc moved into its resend queue: tracked replies
-                    // come out (the engine republishes them on the next ConnAck).
-                    self.tracker.on_connection_lost(&mut self.eventloop.pending);
+                    // What the dead connection left behind: its buffered events (acks
+                    // read before it died are still reported) and rumqttc's resend
+                    // queue, out of which tracked replies come (the engine republishes
+                    // them on the next ConnAck).
+                    let acked = self.tracker.on_connection_lost(
+                        &mut self.eventloop.state.events,
+                        &mut self.eventloop.pending,
+                    );
+                    for (tag, outcome) in acked {
+                        let _ = events.send(SessionEvent::Acked(tag, outcome));
+                    }
                     self.eventloop.state.collision = None;
                     // Every ConnAck subscribes to everything again, from the front of
                     // the queue: older SUBSCRIBEs would only pile up across flaps.

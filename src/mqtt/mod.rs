@@ -10,8 +10,10 @@
 //!
 //! The session is persistent (clean start off, stable client id, session expiry),
 //! so announces published while onboardd is down are queued by the broker. On every
-//! ConnAck we subscribe again (rumqtt#250). rumqttc reconnects with no pause at all
-//! (rumqtt#703), so after each error this task sleeps with jittered backoff.
+//! ConnAck we subscribe again (rumqtt#250) to the [`Subscriptions`] the daemon gave,
+//! through rumqttc's own queue rather than the bounded request channel. rumqttc
+//! reconnects with no pause at all (rumqtt#703), so after each error this task
+//! sleeps with jittered backoff.
 //!
 //! Delivery tracking ([`Tracker`]): a reply counts as delivered only when the broker
 //! acknowledged it with reason Success. rumqttc does not say which packet id it gave
@@ -19,10 +21,12 @@
 //! (handled one per poll, in request order, its event returned before anything else
 //! happens) yields exactly one `Outgoing::Publish` or, on a packet-id collision,
 //! `Outgoing::AwaitAck`. What rumqttc would resend by itself after a reconnect is
-//! where that mirror used to drift (pitfalls.md: colliding resends are dropped
-//! silently), so after every connection error the tracked publishes are taken out of
-//! rumqttc's resend queue: the engine publishes every undelivered reply again on
-//! every ConnAck from the store, which cannot drift.
+//! where that mirror used to drift (colliding resends are dropped silently), so
+//! after every connection error the tracked publishes are taken out of rumqttc's
+//! resend queue: the engine publishes every undelivered reply again on every ConnAck
+//! from the store, which cannot drift. rumqttc buffers a publish's event before it
+//! writes the packet and keeps it when the write fails; those buffered events are
+//! applied before the resend queue is read, never left for the next connection.
 
 use std::collections::VecDeque;
 use std::sync::atomic::AtomicU64;

@@ -5,9 +5,10 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
-use rumqttc::v5::mqttbytes::v5::PubAckReason;
+use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::Request;
+use rumqttc::v5::{Event, Request};
+use rumqttc::Outgoing;
 
 use super::{lock, Acked, DeliveryTag};
 
@@ -97,12 +98,40 @@ impl Tracker {
         self.outcome.take()
     }
 
-    /// After a connection error rumqttc's `pending` holds, in order: what it had not
-    /// resent yet, the publishes awaiting a PUBACK (their packet ids kept), and the
-    /// requests drained from the channel (packet id 0). Tracked publishes are taken
-    /// out; the untracked ones (pending/error replies, the status) stay, and their
-    /// entries are what rumqttc will send first.
-    pub(super) fn on_connection_lost(&mut self, pending: &mut VecDeque<Request>) {
+    /// After a connection error rumqttc's `events` still hold what it buffered on the
+    /// dead connection (`clean()` never clears them), and its `pending` holds, in
+    /// order: what it had not resent yet, the publishes awaiting a PUBACK (their
+    /// packet ids kept, including one whose write failed), and the requests drained
+    /// from the channel (packet id 0). The events are applied and consumed first
+    /// (else they would come back after the next ConnAck and shift every later
+    /// PUBACK onto the previous request); the acknowledgements among them are
+    /// returned. Then tracked publishes are taken out of `pending`; the untracked
+    /// ones (pending/error replies, the status) stay, and their entries are what
+    /// rumqttc will send first.
+    pub(super) fn on_connection_lost(
+        &mut self,
+        events: &mut VecDeque<Event>,
+        pending: &mut VecDeque<Request>,
+    ) -> Vec<(DeliveryTag, Acked)> {
+        // First what happened before it died: rumqttc buffers a publish's event
+        // before writing it, and PUBACKs read in the same batch as the error.
+        // Incoming publishes are dropped unacknowledged: the broker sends them again
+        // in a kept session, and an ack queued now could answer another message in
+        // a new one.
+        let mut outcomes = Vec::new();
+        for event in events.drain(..) {
+            match event {
+                Event::Outgoing(Outgoing::Publish(pkid)) if pkid != 0 => {
+                    self.on_outgoing_publish(pkid)
+                }
+                Event::Outgoing(Outgoing::AwaitAck(pkid)) => self.on_collision(pkid),
+                Event::Incoming(Packet::PubAck(ack)) => {
+                    self.on_puback(ack.pkid, &ack.reason);
+                    outcomes.extend(self.take_outcome());
+                }
+                _ => {}
+            }
+        }
         let mut resend = std::mem::take(&mut self.resend);
         let mut inflight = std::mem::take(&mut self.inflight);
         // The held-back publish is dropped by the caller (never resent by rumqttc).
@@ -132,6 +161,7 @@ impl Tracker {
             }
         });
         self.resend = kept;
+        outcomes
     }
 
     /// rumqttc drops its whole resend list when the broker kept no session.
@@ -146,7 +176,7 @@ impl Tracker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rumqttc::v5::mqttbytes::v5::Publish;
+    use rumqttc::v5::mqttbytes::v5::{PubAck, Publish};
 
     fn tag(s: &str) -> Option<DeliveryTag> {
         Some(DeliveryTag {
@@ -244,7 +274,7 @@ mod tests {
             publish(0, QoS::AtMostOnce),
             publish(0, QoS::AtLeastOnce),
         ]);
-        t.on_connection_lost(&mut pending);
+        t.on_connection_lost(&mut VecDeque::new(), &mut pending);
         let left: Vec<(u16, QoS)> = pending
             .iter()
             .map(|r| match r {
@@ -277,7 +307,7 @@ mod tests {
         let mut t = tracker(&[None, tag("e")]);
         t.on_outgoing_publish(1);
         let mut pending = VecDeque::from(vec![publish(1, QoS::AtLeastOnce)]);
-        t.on_connection_lost(&mut pending);
+        t.on_connection_lost(&mut VecDeque::new(), &mut pending);
         assert_eq!(pending.len(), 1);
         t.on_connack(false); // rumqttc cleared `pending`
         t.on_outgoing_publish(1);
@@ -293,11 +323,64 @@ mod tests {
             publish(1, QoS::AtLeastOnce),
             publish(2, QoS::AtLeastOnce),
         ]);
-        t.on_connection_lost(&mut pending);
+        t.on_connection_lost(&mut VecDeque::new(), &mut pending);
         assert_eq!(pending.len(), 1);
         // The reconnect fails before any ConnAck: rumqttc's pending is unchanged.
-        t.on_connection_lost(&mut pending);
+        t.on_connection_lost(&mut VecDeque::new(), &mut pending);
         assert_eq!(pending.len(), 1);
         assert_eq!(t.resend.len(), 1);
+    }
+
+    #[test]
+    fn a_publish_whose_write_failed_is_credited_by_its_buffered_event_not_by_the_next_puback() {
+        // "a" got packet id 1 and its event was buffered, then the write failed; "b"
+        // was still in the request channel. rumqttc moved both into `pending`.
+        let mut t = tracker(&[tag("a"), tag("b")]);
+        let mut events = VecDeque::from(vec![Event::Outgoing(Outgoing::Publish(1))]);
+        let mut pending = VecDeque::from(vec![
+            publish(1, QoS::AtLeastOnce),
+            publish(0, QoS::AtLeastOnce),
+        ]);
+        assert!(t.on_connection_lost(&mut events, &mut pending).is_empty());
+        assert!(
+            events.is_empty(),
+            "the dead connection's events are consumed"
+        );
+        assert!(
+            pending.is_empty(),
+            "both are tracked: the engine republishes them"
+        );
+        // The session resumes; the engine republishes "a" then "b", and the broker
+        // refuses "a": the refusal is "a"'s, and "b" alone is delivered.
+        lock(&t.queue).extend([tag("a"), tag("b")]);
+        t.on_connack(true);
+        t.on_outgoing_publish(2);
+        t.on_outgoing_publish(3);
+        assert_eq!(
+            acked(&mut t, 2, PubAckReason::NotAuthorized),
+            Some(("a".into(), Acked::Refused(PubAckReason::NotAuthorized)))
+        );
+        assert_eq!(
+            acked(&mut t, 3, PubAckReason::Success),
+            Some(("b".into(), Acked::Delivered))
+        );
+    }
+
+    #[test]
+    fn pubacks_read_before_the_connection_died_are_still_reported() {
+        let mut t = tracker(&[tag("a")]);
+        t.on_outgoing_publish(1);
+        let mut ack = PubAck::new(1, None);
+        ack.reason = PubAckReason::NotAuthorized;
+        let mut events = VecDeque::from(vec![Event::Incoming(Packet::PubAck(ack))]);
+        let outcomes = t.on_connection_lost(&mut events, &mut VecDeque::new());
+        let outcomes: Vec<(String, Acked)> = outcomes
+            .into_iter()
+            .map(|(tag, a)| (tag.sensor, a))
+            .collect();
+        assert_eq!(
+            outcomes,
+            vec![("a".into(), Acked::Refused(PubAckReason::NotAuthorized))]
+        );
     }
 }
