@@ -182,9 +182,6 @@ impl EventLoopTask {
                     }
                 }
             }
-            if self.online {
-                self.subscribe_retried();
-            }
         }
         self.drain_and_disconnect().await;
     }
@@ -196,7 +193,6 @@ impl EventLoopTask {
     /// first SUBSCRIBE sent on this connection is it.
     fn subscribe_all(&mut self) {
         let (main, followed) = self.subscriptions.packets();
-        self.subscriptions.followed().take_retries();
         let pending = &mut self.eventloop.pending;
         pending.retain(|r| !matches!(r, Request::Subscribe(_)));
         for packet in followed.into_iter().rev() {
@@ -204,22 +200,6 @@ impl EventLoopTask {
         }
         pending.push_front(Request::Subscribe(main));
         self.announces = Announces::Queued;
-    }
-
-    /// Followed topics whose subscription could not be queued when they were added
-    /// (the request channel was full) go into rumqttc's own queue now.
-    fn subscribe_retried(&mut self) {
-        let topics = self.subscriptions.followed().take_retries();
-        if topics.is_empty() {
-            return;
-        }
-        tracing::debug!(
-            topics = topics.len(),
-            "subscribing to followed state topics that could not be queued at once"
-        );
-        for packet in self.subscriptions.packets_for(&topics) {
-            self.eventloop.pending.push_back(Request::Subscribe(packet));
-        }
     }
 
     /// Only the SUBACK of this connection's announce SUBSCRIBE (matched by packet

@@ -118,16 +118,30 @@ pub struct Mqtt {
 
 impl Mqtt {
     /// Follows one more state topic: remembered for every later ConnAck, and
-    /// subscribed now. Never waits: when the request channel is full, the event-loop
-    /// task makes the subscription through its own queue.
+    /// subscribed now. Never waits: when the request channel is full, a task of its
+    /// own waits for room (never the event-loop task, which must not await the
+    /// channel), so the subscription is not left until the next reconnect.
     pub fn follow(&self, topic: &str) {
         if !self.followed.insert(topic) {
             return;
         }
-        if let Err(e) = self.client.try_subscribe_many(vec![state_filter(topic)]) {
-            tracing::debug!(topic, error = %e, "cannot queue the subscription to {topic} now; the event loop makes it: {e}");
-            self.followed.retry(topic);
-        }
+        let filters = vec![state_filter(topic)];
+        let Err(e) = self.client.try_subscribe_many(filters.clone()) else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(topic, error = %e, "cannot queue the subscription to {topic} now; it is made at the next reconnect: {e}");
+            return;
+        };
+        tracing::debug!(
+            topic,
+            "cannot queue the subscription to {topic} now; waiting for room: {e}"
+        );
+        let client = self.client.clone();
+        runtime.spawn(async move {
+            // Err only once the event loop is gone (shutting down).
+            let _ = client.subscribe_many(filters).await;
+        });
     }
 
     /// Publishes a reply with QoS 1, never retained (a retained token would go to

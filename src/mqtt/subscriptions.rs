@@ -70,12 +70,11 @@ impl Subscriptions {
     /// topics in chunks.
     pub(super) fn packets(&self) -> (Subscribe, Vec<Subscribe>) {
         let main = Subscribe::new_many(self.filters.clone(), None);
-        let followed: Vec<String> = lock(&self.followed.0).topics.iter().cloned().collect();
+        let followed: Vec<String> = lock(&self.followed.0).iter().cloned().collect();
         (main, self.packets_for(&followed))
     }
 
-    /// SUBSCRIBE packets for these followed topics, in chunks.
-    pub(super) fn packets_for(&self, topics: &[String]) -> Vec<Subscribe> {
+    fn packets_for(&self, topics: &[String]) -> Vec<Subscribe> {
         let filters: Vec<Filter> = topics.iter().map(|t| state_filter(t)).collect();
         filters
             .chunks(FILTERS_PER_SUBSCRIBE)
@@ -87,29 +86,12 @@ impl Subscriptions {
 /// State topics followed at run time, shared by the client side (which adds them)
 /// and the event-loop task (which subscribes to all of them at every ConnAck).
 #[derive(Clone, Default)]
-pub(super) struct Followed(Arc<Mutex<FollowedTopics>>);
-
-#[derive(Default)]
-struct FollowedTopics {
-    topics: BTreeSet<String>,
-    /// Added while the request channel was full: the event-loop task subscribes to
-    /// them through its own queue.
-    retries: Vec<String>,
-}
+pub(super) struct Followed(Arc<Mutex<BTreeSet<String>>>);
 
 impl Followed {
     /// Remembers `topic`; false when it was already followed.
     pub(super) fn insert(&self, topic: &str) -> bool {
-        lock(&self.0).topics.insert(topic.to_string())
-    }
-
-    /// `topic`'s subscription could not be queued: the event-loop task makes it.
-    pub(super) fn retry(&self, topic: &str) {
-        lock(&self.0).retries.push(topic.to_string());
-    }
-
-    pub(super) fn take_retries(&self) -> Vec<String> {
-        std::mem::take(&mut lock(&self.0).retries)
+        lock(&self.0).insert(topic.to_string())
     }
 }
 
