@@ -109,6 +109,7 @@ pub struct Mqtt {
     send_lock: Arc<tokio::sync::Mutex<()>>,
     /// Tags of QoS 1 publish requests not yet given a packet id, in request order.
     queue: Arc<Mutex<VecDeque<Option<DeliveryTag>>>>,
+    /// True while the broker has granted this connection's announce subscription.
     connected: watch::Receiver<bool>,
     status_topic: String,
     /// State topics followed at run time, shared with the event-loop task, which
@@ -209,6 +210,8 @@ impl Mqtt {
         Ok(self.client.ack(publish).await?)
     }
 
+    /// Connected, and the announce subscription of this connection granted: a
+    /// connection without it hears no sensor.
     pub fn is_connected(&self) -> bool {
         *self.connected.borrow()
     }

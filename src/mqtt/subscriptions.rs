@@ -70,16 +70,15 @@ impl Subscriptions {
     /// topics in chunks.
     pub(super) fn packets(&self) -> (Subscribe, Vec<Subscribe>) {
         let main = Subscribe::new_many(self.filters.clone(), None);
-        let followed: Vec<String> = lock(&self.followed.0).iter().cloned().collect();
-        (main, self.packets_for(&followed))
-    }
-
-    fn packets_for(&self, topics: &[String]) -> Vec<Subscribe> {
-        let filters: Vec<Filter> = topics.iter().map(|t| state_filter(t)).collect();
-        filters
+        let followed: Vec<Filter> = lock(&self.followed.0)
+            .iter()
+            .map(|t| state_filter(t))
+            .collect();
+        let rest = followed
             .chunks(FILTERS_PER_SUBSCRIBE)
             .map(|chunk| Subscribe::new_many(chunk.to_vec(), None))
-            .collect()
+            .collect();
+        (main, rest)
     }
 }
 
@@ -111,4 +110,50 @@ pub(super) fn state_filter(topic: &str) -> Filter {
     f.retain_forward_rule = RetainForwardRule::Never;
     f.preserve_retain = false;
     f
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_announce_filter_leads_its_subscribe_and_followed_topics_come_in_chunks() {
+        let subs = Subscriptions::new("onboard/announce/+")
+            .live("onboard/data/+")
+            .with_retained("homeassistant/#");
+        for n in 0..=FILTERS_PER_SUBSCRIBE {
+            assert!(subs.followed().insert(&format!("state/{n}")));
+        }
+        assert!(!subs.followed().insert("state/0"), "already followed");
+        let (main, rest) = subs.packets();
+        let rules: Vec<(&str, RetainForwardRule, bool)> = main
+            .filters
+            .iter()
+            .map(|f| {
+                (
+                    f.path.as_str(),
+                    f.retain_forward_rule.clone(),
+                    f.preserve_retain,
+                )
+            })
+            .collect();
+        assert_eq!(
+            rules,
+            vec![
+                ("onboard/announce/+", RetainForwardRule::Never, true),
+                ("onboard/data/+", RetainForwardRule::Never, true),
+                (
+                    "homeassistant/#",
+                    RetainForwardRule::OnEverySubscribe,
+                    false
+                ),
+            ]
+        );
+        let sizes: Vec<usize> = rest.iter().map(|s| s.filters.len()).collect();
+        assert_eq!(sizes, vec![FILTERS_PER_SUBSCRIBE, 1]);
+        assert!(rest[0]
+            .filters
+            .iter()
+            .all(|f| !f.preserve_retain && f.retain_forward_rule == RetainForwardRule::Never));
+    }
 }
