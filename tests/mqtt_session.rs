@@ -203,7 +203,7 @@ async fn after_a_publish_whose_write_failed_a_refused_reply_is_still_not_marked_
 async fn a_state_topic_followed_while_the_request_channel_is_full_is_subscribed_without_a_reconnect(
 ) {
     let broker = Mosquitto::builder()
-        .conf("max_inflight_messages 1\n")
+        .conf("max_inflight_messages 1\nlog_type debug\n")
         .start();
     let cloud = fake_cloud().await;
     let qubitro = QubitroBroker::start(&cloud);
@@ -211,6 +211,12 @@ async fn a_state_topic_followed_while_the_request_channel_is_full_is_subscribed_
     let proxy = Proxy::start(broker.port);
     let extra = format!("{}[discovery]\nhomeassistant = true", qubitro.daemon_toml());
     let d = start_with_one_request_slot(proxy.port, &cloud, &extra);
+    // The status onboardd publishes on connecting must have reached the broker (its
+    // PUBACK then comes back whatever is held): else it would keep the one slot.
+    until("the broker received onboardd's status", || {
+        broker.log().contains("Received PUBLISH from onboardd-test")
+    })
+    .await;
 
     proxy.stall_upstream();
     for sensor in ["a", "b"] {
