@@ -13,7 +13,7 @@ use rumqttc::Outgoing;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::subscriptions::Subscriptions;
+use super::subscriptions::{Announces, Subscriptions};
 use super::tracker::Tracker;
 use super::SessionEvent;
 use crate::backoff::Backoff;
@@ -25,17 +25,6 @@ pub(super) struct Outlet {
     pub(super) best_effort: mpsc::Sender<Publish>,
     /// QoS 0 announces dropped on a full queue since start.
     pub(super) dropped: Arc<AtomicU64>,
-}
-
-/// The announce SUBSCRIBE of the current connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Announces {
-    /// None outstanding (granted, refused, or not connected).
-    Idle,
-    /// Queued at the ConnAck, not yet given a packet id.
-    Queued,
-    /// Sent with this packet id; its SUBACK is awaited.
-    Sent(u16),
 }
 
 /// Polls rumqttc's event loop (see the module doc); spawned by the daemon.
@@ -76,7 +65,7 @@ impl EventLoopTask {
             subscriptions,
             backoff,
             online: false,
-            announces: Announces::Idle,
+            announces: Announces::default(),
         }
     }
 
@@ -117,9 +106,7 @@ impl EventLoopTask {
                     self.tracker.on_collision(pkid);
                 }
                 Ok(Event::Outgoing(Outgoing::Subscribe(pkid))) => {
-                    if self.announces == Announces::Queued {
-                        self.announces = Announces::Sent(pkid);
-                    }
+                    self.announces.on_outgoing_subscribe(pkid);
                 }
                 Ok(Event::Incoming(Packet::PubAck(ack))) => {
                     if let Some(collided) = self.tracker.on_puback(ack.pkid, &ack.reason) {
@@ -142,7 +129,7 @@ impl EventLoopTask {
                 Ok(_) => {}
                 Err(e) => {
                     let was_connected = std::mem::take(&mut self.online);
-                    self.announces = Announces::Idle;
+                    self.announces.on_connection_lost();
                     let _ = self.connected.send(false);
                     // What the dead connection left behind: its buffered events (acks
                     // read before it died are still reported) and rumqttc's resend
@@ -199,7 +186,7 @@ impl EventLoopTask {
             pending.push_front(Request::Subscribe(packet));
         }
         pending.push_front(Request::Subscribe(main));
-        self.announces = Announces::Queued;
+        self.announces.on_queued();
     }
 
     /// Only the SUBACK of this connection's announce SUBSCRIBE (matched by packet
@@ -209,10 +196,7 @@ impl EventLoopTask {
             .return_codes
             .iter()
             .all(|c| matches!(c, SubscribeReasonCode::Success(_)));
-        let main = self.announces == Announces::Sent(ack.pkid);
-        if main {
-            self.announces = Announces::Idle;
-        }
+        let main = self.announces.on_suback(ack.pkid);
         let codes = &ack.return_codes;
         match (main, granted) {
             (true, true) => {

@@ -94,6 +94,46 @@ impl Followed {
     }
 }
 
+/// Where the announce SUBSCRIBE of the current connection stands: only its own
+/// SUBACK, matched by packet id, says the gateway hears sensors (not a followed
+/// topic's, nor one of an earlier connection).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) enum Announces {
+    /// None outstanding (granted, refused, or not connected).
+    #[default]
+    Idle,
+    /// Queued at the ConnAck, first in rumqttc's queue, not yet given a packet id.
+    Queued,
+    /// Sent with this packet id; its SUBACK is awaited.
+    Sent(u16),
+}
+
+impl Announces {
+    pub(super) fn on_queued(&mut self) {
+        *self = Announces::Queued;
+    }
+
+    /// A SUBSCRIBE went out: the first after the ConnAck is the announce one.
+    pub(super) fn on_outgoing_subscribe(&mut self, pkid: u16) {
+        if *self == Announces::Queued {
+            *self = Announces::Sent(pkid);
+        }
+    }
+
+    /// Whether this SUBACK answers the announce SUBSCRIBE.
+    pub(super) fn on_suback(&mut self, pkid: u16) -> bool {
+        let main = *self == Announces::Sent(pkid);
+        if main {
+            *self = Announces::Idle;
+        }
+        main
+    }
+
+    pub(super) fn on_connection_lost(&mut self) {
+        *self = Announces::Idle;
+    }
+}
+
 fn live_filter(topic: &str) -> Filter {
     let mut filter = Filter::new(topic.to_string(), QoS::AtLeastOnce);
     filter.retain_forward_rule = RetainForwardRule::Never;
@@ -115,6 +155,27 @@ pub(super) fn state_filter(topic: &str) -> Filter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_suback_of_this_connections_announce_subscribe_says_subscribed() {
+        let mut a = Announces::default();
+        a.on_queued();
+        assert!(!a.on_suback(1), "nothing sent yet");
+        a.on_outgoing_subscribe(4);
+        a.on_outgoing_subscribe(5); // a followed topic's SUBSCRIBE
+        assert!(!a.on_suback(5), "the followed topic's SUBACK");
+        assert!(a.on_suback(4));
+        assert!(!a.on_suback(4), "once");
+        // The connection dies between SUBSCRIBE and SUBACK: a late SUBACK of that
+        // packet id on the next connection is not the new one's.
+        a.on_queued();
+        a.on_outgoing_subscribe(7);
+        a.on_connection_lost();
+        a.on_queued();
+        assert!(!a.on_suback(7));
+        a.on_outgoing_subscribe(1);
+        assert!(a.on_suback(1));
+    }
 
     #[test]
     fn the_announce_filter_leads_its_subscribe_and_followed_topics_come_in_chunks() {
