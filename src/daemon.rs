@@ -75,7 +75,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         }
     }
     let cloud = Cloud::new(&cfg.qubitro).context("cannot build the HTTP client")?;
-    let session = mqtt::connect(&cfg)?;
+    let session = mqtt::connect(&cfg, subscriptions(&cfg))?;
     let mqtt = session.mqtt.clone();
 
     let bridge = if cfg.bridge.enabled {
@@ -213,6 +213,28 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         Some(reason) => Err(anyhow::Error::new(ArcError(reason))),
         None => Ok(()),
     }
+}
+
+/// What the session subscribes to at every ConnAck: announces, bridged sensors'
+/// readings (live only: a retained reading is not forwarded again at each
+/// subscribe), and discovery configs (retained ones re-read at every subscribe:
+/// handling one again creates nothing). Discovered state topics are added at run
+/// time by the engine.
+fn subscriptions(cfg: &Config) -> mqtt::Subscriptions {
+    let mut subs = mqtt::Subscriptions::new(&cfg.mqtt.announce_topic);
+    if cfg.bridge.enabled {
+        subs = subs.live(&crate::bridge::DataTopic::new(&cfg.bridge.data_topic).filter());
+    }
+    let d = &cfg.discovery;
+    for (on, prefix) in [
+        (d.homeassistant, &d.homeassistant_prefix),
+        (d.tasmota, &d.tasmota_prefix),
+    ] {
+        if on {
+            subs = subs.with_retained(&format!("{prefix}/#"));
+        }
+    }
+    subs
 }
 
 /// Lets the shared fatal error travel as the daemon's error, sources included.

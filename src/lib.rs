@@ -3,7 +3,8 @@
 //! Map of the crate, in the order one announce meets it:
 //! - [`mqtt`]: the one task that owns rumqttc's event loop; announces leave it through
 //!   an inbox, replies and acks enter through [`mqtt::Mqtt`], and its tracker tells
-//!   which reply a PUBACK acknowledges.
+//!   which reply a PUBACK acknowledges. It knows no topic's meaning: the daemon hands
+//!   it the [`mqtt::Subscriptions`] (announces, bridge data, discovery prefixes).
 //! - [`engine`]: `dispatch` parses and checks each announce ([`announce`],
 //!   [`security`], which verifies [`proof`]s) and records a new sensor; `worker`
 //!   runs one sensor's onboarding against [`cloud`] (the Qubitro REST client) and

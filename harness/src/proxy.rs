@@ -32,6 +32,14 @@ pub const QUEUE_CHUNKS: usize = 16;
 struct Switches {
     latency: Duration,
     stalled: bool,
+    /// Only the client-to-upstream direction is stalled.
+    upstream_stalled: bool,
+}
+
+impl Switches {
+    fn holds(&self, upstream: bool) -> bool {
+        self.stalled || (upstream && self.upstream_stalled)
+    }
 }
 
 /// The connections accepted since the last sever, and how to end them.
@@ -117,9 +125,19 @@ impl Proxy {
         self.ctl.switches.send_modify(|s| s.stalled = true);
     }
 
-    /// Forwards again, starting with what was held back.
+    /// Stops forwarding what clients send; what upstream sends still reaches them
+    /// (a client whose packets are lost while it still hears the server).
+    /// [`Proxy::resume`] ends it.
+    pub fn stall_upstream(&self) {
+        self.ctl.switches.send_modify(|s| s.upstream_stalled = true);
+    }
+
+    /// Forwards again, both ways, starting with what was held back.
     pub fn resume(&self) {
-        self.ctl.switches.send_modify(|s| s.stalled = false);
+        self.ctl.switches.send_modify(|s| {
+            s.stalled = false;
+            s.upstream_stalled = false;
+        });
     }
 
     /// Drops every current connection (both sides see it closed) and returns once they are
@@ -201,17 +219,19 @@ async fn connection(client: TcpStream, upstream: SocketAddr, switches: watch::Re
     let (client_r, client_w) = client.into_split();
     let (server_r, server_w) = server.into_split();
     tokio::join!(
-        pump(client_r, server_w, switches.clone()),
-        pump(server_r, client_w, switches),
+        pump(client_r, server_w, switches.clone(), true),
+        pump(server_r, client_w, switches, false),
     );
 }
 
 /// One direction: a reader stamps each chunk with when it may leave, a writer sends chunks
 /// in order once due and not stalled. EOF is passed on as a write shutdown.
+/// `upstream`: this is the client-to-upstream direction.
 async fn pump(
     mut from: OwnedReadHalf,
     mut to: OwnedWriteHalf,
     switches: watch::Receiver<Switches>,
+    upstream: bool,
 ) {
     let (tx, mut rx) = mpsc::channel::<(tokio::time::Instant, Vec<u8>)>(QUEUE_CHUNKS);
     let mut read_switches = switches.clone();
@@ -219,7 +239,7 @@ async fn pump(
         let mut buf = vec![0u8; CHUNK];
         loop {
             // Err only when the proxy is being dropped.
-            let _ = read_switches.wait_for(|s| !s.stalled).await;
+            let _ = read_switches.wait_for(|s| !s.holds(upstream)).await;
             let n = match from.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
@@ -234,7 +254,7 @@ async fn pump(
     let writer = async move {
         while let Some((due, bytes)) = rx.recv().await {
             tokio::time::sleep_until(due).await;
-            let _ = write_switches.wait_for(|s| !s.stalled).await;
+            let _ = write_switches.wait_for(|s| !s.holds(upstream)).await;
             if to.write_all(&bytes).await.is_err() {
                 return;
             }
@@ -335,6 +355,40 @@ mod tests {
         proxy.resume();
         s.set_read_timeout(Some(WAIT)).expect("timeout");
         assert_eq!(read_n(&mut s, 1), b"2");
+    }
+
+    #[test]
+    fn an_upstream_stall_holds_what_clients_send_but_not_what_they_receive() {
+        // An upstream that greets on request and echoes everything else.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        let (greet_tx, greet_rx) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            let Ok((mut s, _)) = l.accept() else { return };
+            let mut r = s.try_clone().expect("clone");
+            let mut w = s.try_clone().expect("clone");
+            std::thread::spawn(move || {
+                while greet_rx.recv().is_ok() {
+                    let _ = w.write_all(b"g");
+                }
+            });
+            let _ = std::io::copy(&mut r, &mut s);
+        });
+        let proxy = Proxy::start(port);
+        let mut s = connect(&proxy);
+        s.write_all(b"1").expect("write");
+        assert_eq!(read_n(&mut s, 1), b"1");
+        proxy.stall_upstream();
+        s.write_all(b"2")
+            .expect("write while the upstream direction is stalled");
+        greet_tx.send(()).expect("greet");
+        assert_eq!(
+            read_n(&mut s, 1),
+            b"g",
+            "the server's bytes still come through"
+        );
+        proxy.resume();
+        assert_eq!(read_n(&mut s, 1), b"2", "the held bytes go out on resume");
     }
 
     #[test]
