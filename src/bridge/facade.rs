@@ -3,7 +3,7 @@
 //! answers for status, and runs the [`scheduler`](super::scheduler) that opens the
 //! uplinks.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,8 +15,9 @@ use tokio_util::sync::CancellationToken;
 use super::buffer::{Buffer, Limits};
 use super::flatten::flatten;
 use super::scheduler::Scheduler;
-use super::shared::{lock, prune, DeviceEntry, Inner, Settings};
+use super::shared::{lock, prune, DeviceEntry, Inner, Settings, PAUSE_MAX};
 use super::status::{AcceptError, Accepted, BridgeError, BridgeStats, DeviceState, DeviceStatus};
+use super::uplink::{rumqttc_connect, Connect};
 use crate::backoff::Backoff;
 use crate::config::{Config, Secret};
 use crate::store::{Store, StoreError};
@@ -27,7 +28,7 @@ const RECONNECT_INITIAL: Duration = Duration::from_millis(500);
 /// The telemetry bridge. Cheap to clone.
 #[derive(Clone)]
 pub struct Bridge {
-    inner: Arc<Inner>,
+    pub(super) inner: Arc<Inner>,
 }
 
 impl Bridge {
@@ -52,6 +53,10 @@ impl Bridge {
             backoff: Backoff::new(
                 RECONNECT_INITIAL,
                 Duration::from_millis(b.reconnect_max_ms).max(RECONNECT_INITIAL),
+            ),
+            pause_backoff: Backoff::new(
+                Duration::from_millis(b.reconnect_max_ms).max(RECONNECT_INITIAL),
+                PAUSE_MAX,
             ),
             max_payload: cfg.announce.max_payload_bytes,
         };
@@ -146,26 +151,16 @@ impl Bridge {
             Some(d) => {
                 d.device_id = device_id.to_string();
                 d.token = Secret::new(token);
-                if matches!(d.state, DeviceState::Paused { .. }) {
+                if d.unpause() {
                     tracing::info!(
                         sensor_id = sensor,
                         device_id,
                         "bridge: new credentials, device resumed"
                     );
-                    d.state = DeviceState::Idle;
                 }
             }
             None => {
-                devices.insert(
-                    sensor.to_string(),
-                    DeviceEntry {
-                        device_id: device_id.to_string(),
-                        token: Secret::new(token),
-                        state: DeviceState::Idle,
-                        takeovers: VecDeque::new(),
-                        takeover_said: None,
-                    },
-                );
+                devices.insert(sensor.to_string(), DeviceEntry::new(device_id, token));
             }
         }
         drop(devices);
@@ -173,19 +168,20 @@ impl Bridge {
         self.inner.wake.notify_one();
     }
 
-    /// Un-pauses a device with its current token (an operator fixed it in Qubitro).
-    pub fn resume(&self, sensor: &str) -> bool {
+    /// Retries a paused device at once with its current token (`devices resume`:
+    /// an operator fixed it in Qubitro). Returns whether the device was paused;
+    /// `None` when the bridge knows no device for `sensor`.
+    pub fn resume(&self, sensor: &str) -> Option<bool> {
         let mut devices = lock(&self.inner.devices);
-        let Some(d) = devices.get_mut(sensor) else {
-            return false;
-        };
-        if matches!(d.state, DeviceState::Paused { .. }) {
-            d.state = DeviceState::Idle;
+        let d = devices.get_mut(sensor)?;
+        let was_paused = d.unpause();
+        if was_paused {
+            tracing::info!(sensor_id = sensor, device_id = %d.device_id, "bridge: device resumed by the operator");
         }
         drop(devices);
         lock(&self.inner.dirty).insert(sensor.to_string());
         self.inner.wake.notify_one();
-        true
+        Some(was_paused)
     }
 
     /// Forgets a sensor (`devices forget`): its connection closes, its readings are
@@ -204,10 +200,19 @@ impl Bridge {
         let mut devices = lock(&self.inner.devices);
         match devices.get_mut(sensor) {
             Some(d) => {
-                prune(&mut d.takeovers, Instant::now());
+                let now = Instant::now();
+                prune(&mut d.takeovers, now);
+                let mut state = d.state.clone();
+                if let DeviceState::Paused {
+                    next_retry_in_s, ..
+                } = &mut state
+                {
+                    let left = d.retry_at.map(|t| t.saturating_duration_since(now));
+                    *next_retry_in_s = left.unwrap_or_default().as_secs();
+                }
                 Some(DeviceStatus {
                     device_id: Some(d.device_id.clone()),
-                    state: d.state.clone(),
+                    state,
                     buffered,
                     recent_takeovers: d.takeovers.len(),
                 })
@@ -240,6 +245,7 @@ impl Bridge {
     /// gets [`CLOSE_GRACE`] to send its DISCONNECT). Readings not yet acknowledged
     /// stay in the buffer for the next start.
     pub async fn run(&self, shutdown: CancellationToken) {
-        Scheduler::run(self.inner.clone(), shutdown).await
+        let connect: Arc<Connect> = Arc::new(rumqttc_connect);
+        Scheduler::run(self.inner.clone(), connect, shutdown).await
     }
 }

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::shared::{lock, Inner};
 use super::status::DeviceState;
-use super::uplink::{DeviceTask, End, CLOSE_GRACE};
+use super::uplink::{Connect, DeviceTask, End, CLOSE_GRACE};
 use crate::config::Secret;
 
 /// A connection that still has readings to send keeps its slot at least this long
@@ -32,9 +32,14 @@ struct Conn {
 
 pub(super) struct Scheduler {
     inner: Arc<Inner>,
+    /// How each uplink connects (rumqttc in the daemon).
+    connect: Arc<Connect>,
     conns: HashMap<String, Conn>,
     /// Devices with data and credentials but no connection slot, oldest first.
     waiting: VecDeque<String>,
+    /// Paused devices and when each is retried. An entry left behind by a resume
+    /// only makes the scheduler look at that device once more.
+    retries: HashMap<String, Instant>,
     /// Each connection task says here how it ended.
     ended_tx: mpsc::UnboundedSender<(String, End)>,
     ended_rx: mpsc::UnboundedReceiver<(String, End)>,
@@ -44,15 +49,17 @@ pub(super) struct Scheduler {
 impl Scheduler {
     /// Forwards until `shutdown` is cancelled, then closes every connection (each
     /// gets [`CLOSE_GRACE`] to send its DISCONNECT).
-    pub(super) async fn run(inner: Arc<Inner>, shutdown: CancellationToken) {
+    pub(super) async fn run(inner: Arc<Inner>, connect: Arc<Connect>, shutdown: CancellationToken) {
         // Readings buffered before a restart: their sensors are due as soon as
         // their devices are set.
         lock(&inner.dirty).extend(inner.buffer.sensors());
         let (ended_tx, ended_rx) = mpsc::unbounded_channel();
         let mut sched = Scheduler {
             inner: inner.clone(),
+            connect,
             conns: HashMap::new(),
             waiting: VecDeque::new(),
+            retries: HashMap::new(),
             ended_tx,
             ended_rx,
             stop: shutdown.child_token(),
@@ -82,8 +89,16 @@ impl Scheduler {
     /// Opens connections for waiting devices, closing others to make room; returns
     /// when to look again if a device still waits for a busy connection's turn.
     fn schedule(&mut self) -> Option<Instant> {
-        let dirty: Vec<String> = lock(&self.inner.dirty).drain().collect();
+        let mut dirty: Vec<String> = lock(&self.inner.dirty).drain().collect();
         let now = Instant::now();
+        // Paused devices whose retry is due look for a slot like any other.
+        self.retries.retain(|sensor, at| {
+            let due = *at <= now;
+            if due {
+                dirty.push(sensor.clone());
+            }
+            !due
+        });
         for sensor in dirty {
             if let Some(c) = self.conns.get_mut(&sensor) {
                 let ready = self.inner.ready(&sensor);
@@ -140,16 +155,19 @@ impl Scheduler {
         for s in &self.waiting {
             self.inner.set_state(s, DeviceState::Waiting);
         }
+        let retry = self.retries.values().min().copied();
         if self.waiting.is_empty() {
-            return None;
+            return retry;
         }
         // Look again when the first busy connection's turn is over.
-        self.conns
+        let turn = self
+            .conns
             .values()
             .filter(|c| !c.cancel.is_cancelled())
             .map(|c| c.started + TURN)
             .min()
-            .map(|t| t.max(Instant::now() + Duration::from_millis(100)))
+            .map(|t| t.max(Instant::now() + Duration::from_millis(100)));
+        turn.into_iter().chain(retry).min()
     }
 
     fn start(&mut self, sensor: String) {
@@ -170,6 +188,7 @@ impl Scheduler {
         );
         self.inner.connections.fetch_add(1, Ordering::Relaxed);
         let task = DeviceTask {
+            connect: self.connect.clone(),
             inner: self.inner.clone(),
             sensor: sensor.clone(),
             device_id,
@@ -188,7 +207,9 @@ impl Scheduler {
         self.conns.remove(&sensor);
         self.inner.connections.fetch_sub(1, Ordering::Relaxed);
         match end {
-            End::Paused => {}
+            End::Paused(retry_at) => {
+                self.retries.insert(sensor, retry_at);
+            }
             End::Idle | End::Closed => {
                 self.inner.set_state(&sensor, DeviceState::Idle);
                 // Still has data (closed for another device, or data came in as it

@@ -20,6 +20,11 @@ const TAKEOVER_WINDOW: Duration = Duration::from_secs(600);
 /// This many takeovers within the window is said loudly (once per window).
 const TAKEOVERS_LOUD: usize = 3;
 
+/// The longest wait between retries of a device Qubitro refused: a device made
+/// moments ago may be refused until Qubitro's broker knows its token, and an
+/// operator may fix a refused one in Qubitro without telling the gateway.
+pub(super) const PAUSE_MAX: Duration = Duration::from_secs(3600);
+
 /// Distinct (sensor, key) pairs remembered for "array left out" lines; past this
 /// the lines stop (memory stays bounded whatever keys sensors invent).
 const ARRAY_NOTES_MAX: usize = 4096;
@@ -35,6 +40,9 @@ pub(super) struct Settings {
     pub(super) idle: Duration,
     pub(super) max_connections: usize,
     pub(super) backoff: Backoff,
+    /// Between retries of a paused device: from `bridge.reconnect_max_ms` to
+    /// [`PAUSE_MAX`].
+    pub(super) pause_backoff: Backoff,
     pub(super) max_payload: usize,
 }
 
@@ -45,6 +53,43 @@ pub(super) struct DeviceEntry {
     pub(super) takeovers: VecDeque<Instant>,
     /// When the last loud takeover line was logged.
     pub(super) takeover_said: Option<Instant>,
+    /// While paused: when the next retry may connect.
+    pub(super) retry_at: Option<Instant>,
+    /// Refusals since the device last logged in (or was resumed): the pause backoff's attempt.
+    pub(super) refusals: u32,
+}
+
+impl DeviceEntry {
+    pub(super) fn new(device_id: &str, token: &str) -> DeviceEntry {
+        DeviceEntry {
+            device_id: device_id.to_string(),
+            token: Secret::new(token),
+            state: DeviceState::Idle,
+            takeovers: VecDeque::new(),
+            takeover_said: None,
+            retry_at: None,
+            refusals: 0,
+        }
+    }
+
+    /// Lifts a pause (new credentials, `devices resume`); false when not paused.
+    pub(super) fn unpause(&mut self) -> bool {
+        self.retry_at = None;
+        self.refusals = 0;
+        if matches!(self.state, DeviceState::Paused { .. }) {
+            self.state = DeviceState::Idle;
+            return true;
+        }
+        false
+    }
+}
+
+/// A device paused by a refusal.
+pub(super) struct Pause {
+    pub(super) retry_at: Instant,
+    pub(super) retry_in: Duration,
+    /// Refusals in a row, this one included.
+    pub(super) refusals: u32,
 }
 
 pub(super) struct Inner {
@@ -86,26 +131,55 @@ impl Inner {
             return;
         }
         if notes.insert((sensor.to_string(), key.to_string())) {
-            tracing::warn!(sensor_id = sensor, key, "bridge: the key {key:?} holds an array, which Qubitro does not take; it is left out of this sensor's readings");
+            tracing::warn!(
+                sensor_id = sensor,
+                key,
+                "bridge: the key {key:?} holds an array, which Qubitro does not take; it is left out of this sensor's readings"
+            );
         }
     }
 
     pub(super) fn set_state(&self, sensor: &str, state: DeviceState) {
         if let Some(d) = lock(&self.devices).get_mut(sensor) {
-            // A pause is lifted only by set_device/resume, never by a late update.
-            if !matches!(d.state, DeviceState::Paused { .. })
-                || matches!(state, DeviceState::Paused { .. })
-            {
+            // A pause is lifted by set_device/resume or by a login that works (a
+            // retry), never by the retry's "connecting", so `devices show` keeps
+            // saying why it is paused while it tries again.
+            if state == DeviceState::Connected {
+                d.unpause();
+            }
+            if !matches!(d.state, DeviceState::Paused { .. }) {
                 d.state = state;
             }
         }
     }
 
-    /// The credentials of a device that may connect now.
+    /// Pauses a device Qubitro refused, until its next retry; `None` when the device
+    /// is no longer known.
+    pub(super) fn pause(&self, sensor: &str, reason: &str) -> Option<Pause> {
+        let mut devices = lock(&self.devices);
+        let d = devices.get_mut(sensor)?;
+        let retry_in = self.settings.pause_backoff.delay(d.refusals);
+        d.refusals = d.refusals.saturating_add(1);
+        let retry_at = Instant::now() + retry_in;
+        d.retry_at = Some(retry_at);
+        d.state = DeviceState::Paused {
+            reason: reason.to_string(),
+            next_retry_in_s: retry_in.as_secs(),
+        };
+        Some(Pause {
+            retry_at,
+            retry_in,
+            refusals: d.refusals,
+        })
+    }
+
+    /// The credentials of a device that may connect now: not paused, or paused and
+    /// due for its retry.
     pub(super) fn ready(&self, sensor: &str) -> Option<(String, Secret)> {
         let devices = lock(&self.devices);
         let d = devices.get(sensor)?;
-        (!matches!(d.state, DeviceState::Paused { .. }))
+        let due = d.retry_at.is_none_or(|t| t <= Instant::now());
+        (!matches!(d.state, DeviceState::Paused { .. }) || due)
             .then(|| (d.device_id.clone(), d.token.clone()))
     }
 

@@ -74,10 +74,13 @@ pub enum DeviceState {
         attempt: u32,
     },
     Connected,
-    /// Qubitro refused this device's login (or its topic): nothing is sent until a
-    /// new token is set or it is resumed. Readings stay buffered, within the bounds.
+    /// Qubitro refused this device's login (or its topic): nothing is sent until
+    /// the next retry (the wait doubles from `bridge.reconnect_max_ms` to 1 h), a
+    /// new token, or `devices resume`. Readings stay buffered, within the bounds.
     Paused {
         reason: String,
+        /// Seconds until the next retry (0: due, or trying now).
+        next_retry_in_s: u64,
     },
 }
 

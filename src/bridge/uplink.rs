@@ -59,6 +59,11 @@ pub const WINDOW: usize = 16;
 /// brokers may do the same.
 const TAKEOVER_SUSPECT: Duration = Duration::from_secs(10);
 
+/// Refusals of one reading (a non-success PUBACK other than "not authorized")
+/// after which it is dropped and counted: a reading Qubitro never takes must not
+/// block every later one of its device.
+pub const READING_REFUSALS_MAX: u32 = 5;
+
 /// How long a closing connection waits for its DISCONNECT to go out.
 pub(super) const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
@@ -69,7 +74,8 @@ pub(super) enum End {
     Idle,
     /// Closed by the scheduler (a slot for another device, shutdown, forget).
     Closed,
-    Paused,
+    /// Refused by Qubitro: retried at this time unless resumed earlier.
+    Paused(Instant),
 }
 /// How one connection (one rumqttc event loop) ended.
 enum SessionEnd {
@@ -77,6 +83,12 @@ enum SessionEnd {
     Closed,
     /// Qubitro refused the login or the topic: pause the device.
     Refused(String),
+    /// Qubitro answered reading `id` with a non-success PUBACK: reconnect after a
+    /// growing backoff; the reading is dropped after [`READING_REFUSALS_MAX`].
+    ReadingRefused {
+        id: u64,
+        reason: String,
+    },
     /// Anything else: reconnect after a backoff.
     Lost {
         error: String,
@@ -87,6 +99,8 @@ enum SessionEnd {
 }
 
 pub(super) struct DeviceTask {
+    /// Opens each connection: rumqttc in the daemon, a script in unit tests.
+    pub(super) connect: Arc<Connect>,
     pub(super) inner: Arc<Inner>,
     pub(super) sensor: String,
     pub(super) device_id: String,
@@ -98,59 +112,131 @@ pub(super) struct DeviceTask {
 impl DeviceTask {
     pub(super) async fn run(self) -> End {
         let mut attempt: u32 = 0;
+        // The reading Qubitro refused last, and how many times in a row.
+        let mut refused: Option<(u64, u32)> = None;
         loop {
             self.inner
                 .set_state(&self.sensor, DeviceState::Connecting { attempt });
             match self.session().await {
                 SessionEnd::Idle => return End::Idle,
                 SessionEnd::Closed => return End::Closed,
-                SessionEnd::Refused(reason) => {
-                    tracing::error!(
-                        sensor_id = %self.sensor,
-                        device_id = %self.device_id,
-                        reason = %reason,
-                        "BRIDGE PAUSED for this device: Qubitro refused it ({reason}); was the device deleted or its token changed? Its readings stay buffered; other devices are not affected"
-                    );
-                    self.inner
-                        .set_state(&self.sensor, DeviceState::Paused { reason });
-                    return End::Paused;
+                SessionEnd::Refused(reason) => return self.pause(reason),
+                SessionEnd::ReadingRefused { id, reason } => {
+                    refused = self.reading_refused(refused, id, &reason);
                 }
                 SessionEnd::Lost {
                     error,
                     connected,
                     takeover,
                 } => {
-                    if takeover {
-                        let (n, say) = self.inner.takeover(&self.sensor);
-                        if say {
-                            tracing::error!(
-                                sensor_id = %self.sensor,
-                                device_id = %self.device_id,
-                                takeovers = n,
-                                "SESSION TAKEN OVER {n} times in 10 minutes: another client logs in to Qubitro as this device (a second gateway bridging it, or the sensor itself with its token); each keeps disconnecting the other"
-                            );
-                        } else {
-                            tracing::warn!(sensor_id = %self.sensor, device_id = %self.device_id, error = %error, "bridge: session taken over: {error}");
-                        }
-                    } else if connected {
-                        tracing::warn!(sensor_id = %self.sensor, device_id = %self.device_id, error = %error, "bridge: uplink lost ({error}); reconnecting");
-                    } else if attempt == 0 {
-                        tracing::warn!(sensor_id = %self.sensor, device_id = %self.device_id, error = %error, "bridge: cannot reach Qubitro's broker ({error}); retrying");
-                    } else {
-                        tracing::debug!(sensor_id = %self.sensor, attempt, error = %error, "bridge: still unreachable");
-                    }
+                    self.say_lost(&error, connected, takeover, attempt);
                     // A takeover "succeeded" at connecting, but resetting would flap.
                     if connected && !takeover {
                         attempt = 0;
                     }
-                    let wait = self.inner.settings.backoff.delay(attempt);
-                    attempt = attempt.saturating_add(1);
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
-                        _ = self.cancel.cancelled() => return End::Closed,
-                    }
                 }
             }
+            let wait = self.inner.settings.backoff.delay(attempt);
+            attempt = attempt.saturating_add(1);
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.cancel.cancelled() => return End::Closed,
+            }
+        }
+    }
+
+    /// Qubitro refused the login or the topic: the device waits for its retry
+    /// (or for new credentials, or `devices resume`), and its slot goes to others.
+    fn pause(&self, reason: String) -> End {
+        let Some(pause) = self.inner.pause(&self.sensor, &reason) else {
+            // Forgotten meanwhile.
+            return End::Closed;
+        };
+        let retry_in = humantime(pause.retry_in);
+        if pause.refusals == 1 {
+            tracing::error!(
+                sensor_id = %self.sensor,
+                device_id = %self.device_id,
+                reason = %reason,
+                "BRIDGE PAUSED for this device: Qubitro refused it ({reason}); was the device deleted or its \
+                 token changed? Its readings stay buffered; retried in {retry_in} (the wait doubles up to 1 h), \
+                 at once on `onboardd devices resume {}`; other devices are not affected",
+                self.sensor
+            );
+        } else {
+            tracing::warn!(
+                sensor_id = %self.sensor,
+                device_id = %self.device_id,
+                reason = %reason,
+                refusals = pause.refusals,
+                "bridge: still paused, Qubitro refused this device again ({reason}); next retry in {retry_in}"
+            );
+        }
+        End::Paused(pause.retry_at)
+    }
+
+    /// Qubitro refused reading `id` with a PUBACK that is neither success nor "not
+    /// authorized": counted, and dropped at the [`READING_REFUSALS_MAX`]th refusal
+    /// in a row. Returns the new count.
+    fn reading_refused(
+        &self,
+        last: Option<(u64, u32)>,
+        id: u64,
+        reason: &str,
+    ) -> Option<(u64, u32)> {
+        let n = match last {
+            Some((last, n)) if last == id => n + 1,
+            _ => 1,
+        };
+        if n < READING_REFUSALS_MAX {
+            tracing::warn!(
+                sensor_id = %self.sensor, device_id = %self.device_id, reason, refusals = n,
+                "bridge: Qubitro refused a reading ({reason}), {n} of {READING_REFUSALS_MAX} times; retrying after a backoff"
+            );
+            return Some((id, n));
+        }
+        match self.inner.buffer.remove_through(&self.sensor, id) {
+            Ok(removed) => {
+                let total = self.inner.dropped.fetch_add(removed, Ordering::Relaxed) + removed;
+                tracing::warn!(
+                    sensor_id = %self.sensor, device_id = %self.device_id, reason, dropped = total,
+                    "bridge: Qubitro refused a reading {n} times ({reason}); dropped ({total} dropped since start)"
+                );
+            }
+            Err(e) => tracing::error!(sensor_id = %self.sensor, error = %e, "bridge buffer: {e}"),
+        }
+        None
+    }
+
+    fn say_lost(&self, error: &str, connected: bool, takeover: bool, attempt: u32) {
+        if takeover {
+            let (n, say) = self.inner.takeover(&self.sensor);
+            if say {
+                tracing::error!(
+                    sensor_id = %self.sensor,
+                    device_id = %self.device_id,
+                    takeovers = n,
+                    "SESSION TAKEN OVER {n} times in 10 minutes: another client logs in to Qubitro as this device \
+                     (a second gateway bridging it, or the sensor itself with its token); each keeps disconnecting the other"
+                );
+            } else {
+                tracing::warn!(
+                    sensor_id = %self.sensor, device_id = %self.device_id, error = %error,
+                    "bridge: session taken over: {error}"
+                );
+            }
+        } else if connected {
+            tracing::warn!(
+                sensor_id = %self.sensor, device_id = %self.device_id, error = %error,
+                "bridge: uplink lost ({error}); reconnecting"
+            );
+        } else if attempt == 0 {
+            tracing::warn!(
+                sensor_id = %self.sensor, device_id = %self.device_id, error = %error,
+                "bridge: cannot reach Qubitro's broker ({error}); retrying"
+            );
+        } else {
+            tracing::debug!(sensor_id = %self.sensor, attempt, error = %error, "bridge: still unreachable");
         }
     }
 
@@ -189,20 +275,13 @@ impl DeviceTask {
     }
 
     async fn session(&self) -> SessionEnd {
-        let (client, mut eventloop) = AsyncClient::new(self.options(), WINDOW * 2 + 8);
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        // The poll task never awaits a client call; it ends at the first error, and
-        // the event loop (with anything it still holds) is dropped with it.
-        let poller = tokio::spawn(async move {
-            loop {
-                let ev = eventloop.poll().await;
-                let failed = ev.is_err();
-                if tx.send(ev).is_err() || failed {
-                    return;
-                }
-            }
-        });
-        let _abort = AbortOnDrop(poller);
+        let (client, mut rx) = (self.connect)(self.options());
+        self.drive(client.as_ref(), &mut rx).await
+    }
+
+    /// One session on `client`, whose event loop's events arrive on `rx`: the
+    /// seam the unit tests script, playing the broker.
+    async fn drive(&self, client: &(impl UplinkClient + ?Sized), rx: &mut Events) -> SessionEnd {
         let topic = self.device_id.clone();
         let buffer = &self.inner.buffer;
         let idle = self.inner.settings.idle;
@@ -232,14 +311,13 @@ impl DeviceTask {
                 // Checked after reading: a reading appended after new credentials
                 // were set (set_device) never goes out under the old login.
                 if !batch.is_empty() && !self.credentials_current() {
-                    close(&client, &mut rx).await;
+                    close(client, rx).await;
                     return SessionEnd::Closed;
                 }
                 for (id, json) in batch {
                     idle_deadline = Instant::now() + idle;
                     // The channel holds twice the window: this never finds it full.
-                    if let Err(e) = client.try_publish(topic.clone(), QoS::AtLeastOnce, false, json)
-                    {
+                    if let Err(e) = client.publish(&topic, json) {
                         return lost(format!("queueing a publish: {e}"), true);
                     }
                     requested.push_back(id);
@@ -250,7 +328,7 @@ impl DeviceTask {
             let ev = tokio::select! {
                 biased;
                 _ = self.cancel.cancelled() => {
-                    close(&client, &mut rx).await;
+                    close(client, rx).await;
                     return SessionEnd::Closed;
                 }
                 ev = rx.recv() => ev,
@@ -260,7 +338,7 @@ impl DeviceTask {
                         idle_deadline = Instant::now() + idle;
                         continue;
                     }
-                    close(&client, &mut rx).await;
+                    close(client, rx).await;
                     return SessionEnd::Idle;
                 }
             };
@@ -316,10 +394,18 @@ impl DeviceTask {
                             let removed = buffer.remove_through(&self.sensor, id).unwrap_or(0);
                             let n =
                                 self.inner.dropped.fetch_add(removed, Ordering::Relaxed) + removed;
-                            tracing::warn!(sensor_id = %self.sensor, device_id = %self.device_id, reason = ?ack.reason, dropped = n, "bridge: Qubitro refused a reading ({:?}); dropped", ack.reason);
+                            tracing::warn!(
+                                sensor_id = %self.sensor, device_id = %self.device_id, reason = ?ack.reason, dropped = n,
+                                "bridge: Qubitro refused a reading ({:?}); dropped", ack.reason
+                            );
                         }
+                        // Unspecified (0x80), implementation specific (0x83), quota
+                        // exceeded (0x97), …: like a failed session, the backoff grows.
                         other => {
-                            return lost(format!("PUBACK reason {other:?}; retrying later"), true);
+                            return SessionEnd::ReadingRefused {
+                                id,
+                                reason: format!("PUBACK {other:?}"),
+                            };
                         }
                     }
                 }
@@ -340,12 +426,77 @@ impl DeviceTask {
     }
 }
 
+/// The events of one connection's event loop, in the order rumqttc returned them.
+type Events = mpsc::UnboundedReceiver<Result<Event, ConnectionError>>;
+
+/// What a session asks of its MQTT client; rumqttc's [`AsyncClient`] in the daemon,
+/// a recording fake in the unit tests. Neither call may wait: the session task
+/// also reads the event loop's events (rumqtt#263).
+pub(super) trait UplinkClient {
+    /// Queues a QoS 1 publish of `payload` to `topic`.
+    fn publish(&self, topic: &str, payload: Vec<u8>) -> Result<(), String>;
+    /// Queues a DISCONNECT; false when it cannot be queued.
+    fn disconnect(&self) -> bool;
+}
+
+impl UplinkClient for Rumqttc {
+    fn publish(&self, topic: &str, payload: Vec<u8>) -> Result<(), String> {
+        self.client
+            .try_publish(topic, QoS::AtLeastOnce, false, payload)
+            .map_err(|e| e.to_string())
+    }
+
+    fn disconnect(&self) -> bool {
+        self.client.try_disconnect().is_ok()
+    }
+}
+
+/// Opens one connection with these options: a client for the session's requests,
+/// and the event loop's events.
+pub(super) type Connect =
+    dyn Fn(MqttOptions) -> (Box<dyn UplinkClient + Send + Sync>, Events) + Send + Sync;
+
+/// The daemon's [`Connect`]: a fresh rumqttc client and event loop (clean start, so
+/// nothing queued for an old connection goes out later), the loop polled in a task
+/// of its own that never awaits a client call (rumqtt#263). It ends at the first
+/// error, and the event loop (with anything it still holds) is dropped with it.
+pub(super) fn rumqttc_connect(opts: MqttOptions) -> (Box<dyn UplinkClient + Send + Sync>, Events) {
+    let (client, mut eventloop) = AsyncClient::new(opts, WINDOW * 2 + 8);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let poller = tokio::spawn(async move {
+        loop {
+            let ev = eventloop.poll().await;
+            let failed = ev.is_err();
+            if tx.send(ev).is_err() || failed {
+                return;
+            }
+        }
+    });
+    let client = Rumqttc {
+        client,
+        _poller: AbortOnDrop(poller),
+    };
+    (Box::new(client), rx)
+}
+
+/// A rumqttc client and its poll task, which ends with the session.
+struct Rumqttc {
+    client: AsyncClient,
+    _poller: AbortOnDrop,
+}
+
+/// A wait as the log lines say it: "750 ms", "4 s", "2 min".
+fn humantime(d: Duration) -> String {
+    match d.as_secs() {
+        0 => format!("{} ms", d.as_millis()),
+        s @ 1..=119 => format!("{s} s"),
+        s => format!("{} min", s / 60),
+    }
+}
+
 /// Sends DISCONNECT and gives it [`CLOSE_GRACE`] to go out.
-async fn close(
-    client: &AsyncClient,
-    rx: &mut mpsc::UnboundedReceiver<Result<Event, ConnectionError>>,
-) {
-    if client.try_disconnect().is_err() {
+async fn close(client: &(impl UplinkClient + ?Sized), rx: &mut Events) {
+    if !client.disconnect() {
         return;
     }
     let _ = tokio::time::timeout(CLOSE_GRACE, async {
@@ -425,3 +576,7 @@ impl Drop for AbortOnDrop {
         self.0.abort();
     }
 }
+
+#[cfg(test)]
+#[path = "uplink_tests.rs"]
+mod tests;
