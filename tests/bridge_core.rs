@@ -334,8 +334,9 @@ async fn past_the_total_bound_the_oldest_readings_of_any_device_are_dropped() {
     let qb = QubitroBroker::start(&fake);
     let mut seen = qb.observer().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    // Each reading {"n":N} is 7 bytes: room for four.
-    let b = start(&config(dir.path(), qb.port(), "max_buffer_bytes = 28"));
+    // Each reading {"n":N} takes 17 bytes as stored (a 10-byte key, a 7-byte
+    // record): room for four.
+    let b = start(&config(dir.path(), qb.port(), "max_buffer_bytes = 68"));
     let a = device(&fake, &qb, "a").await;
     let c = device(&fake, &qb, "c").await;
     b.send("a", br#"{"n":1}"#).await;

@@ -52,6 +52,7 @@ pub struct BridgeStats {
     pub forwarded: u64,
     /// Readings waiting now.
     pub buffered: u64,
+    /// What they take in the store: keys and records.
     pub buffered_bytes: u64,
     /// Readings dropped after being accepted (buffer bounds, refused by Qubitro), since start.
     pub dropped: u64,
