@@ -55,7 +55,8 @@ pub(super) struct DeviceEntry {
     pub(super) takeover_said: Option<Instant>,
     /// While paused: when the next retry may connect.
     pub(super) retry_at: Option<Instant>,
-    /// Refusals since the device last logged in (or was resumed): the pause backoff's attempt.
+    /// Refusals since Qubitro last took a reading of this device (or it was
+    /// resumed, or got new credentials): the pause backoff's attempt.
     pub(super) refusals: u32,
 }
 
@@ -145,11 +146,21 @@ impl Inner {
             // retry), never by the retry's "connecting", so `devices show` keeps
             // saying why it is paused while it tries again.
             if state == DeviceState::Connected {
-                d.unpause();
-            }
-            if !matches!(d.state, DeviceState::Paused { .. }) {
+                // The refusals are not forgotten yet: a device whose login works
+                // but whose publishes are refused (0x87) must still wait longer
+                // each time; see `delivered`.
+                d.retry_at = None;
+                d.state = state;
+            } else if !matches!(d.state, DeviceState::Paused { .. }) {
                 d.state = state;
             }
+        }
+    }
+
+    /// Qubitro took a reading of this device: its past refusals no longer count.
+    pub(super) fn delivered(&self, sensor: &str) {
+        if let Some(d) = lock(&self.devices).get_mut(sensor) {
+            d.refusals = 0;
         }
     }
 

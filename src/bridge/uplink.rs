@@ -292,6 +292,8 @@ impl DeviceTask {
         // Sent, waiting for their PUBACK (send order = ack order).
         let mut inflight: VecDeque<(u16, u64)> = VecDeque::new();
         let mut last_sent: Option<u64> = None;
+        // Whether Qubitro took a reading on this connection (once is enough to say so).
+        let mut delivered = false;
         let mut idle_deadline = Instant::now() + idle;
         let lost = |error: String, connected: bool| SessionEnd::Lost {
             error,
@@ -382,6 +384,10 @@ impl DeviceTask {
                                 return lost(format!("buffer: {e}"), true);
                             }
                             self.inner.forwarded.fetch_add(1, Ordering::Relaxed);
+                            if !delivered {
+                                delivered = true;
+                                self.inner.delivered(&self.sensor);
+                            }
                         }
                         PubAckReason::NotAuthorized => {
                             return SessionEnd::Refused(format!(

@@ -11,8 +11,8 @@ use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{Connect, DeviceTask, UplinkClient, READING_REFUSALS_MAX};
-use crate::bridge::Bridge;
+use super::{Connect, DeviceTask, End, UplinkClient, READING_REFUSALS_MAX};
+use crate::bridge::{Bridge, DeviceState};
 use crate::config::{Config, Secret};
 use crate::store::Store;
 
@@ -84,8 +84,31 @@ struct Setup {
     bridge: Bridge,
     _store: Store,
     _dir: tempfile::TempDir,
+    connect: Arc<Connect>,
     opened: mpsc::UnboundedReceiver<Opened>,
     cancel: CancellationToken,
+    /// How each uplink task ended.
+    ended: mpsc::UnboundedReceiver<End>,
+    ended_tx: mpsc::UnboundedSender<End>,
+}
+
+impl Setup {
+    /// Starts the device's uplink task, as the scheduler does.
+    fn restart(&self) {
+        let task = DeviceTask {
+            connect: self.connect.clone(),
+            inner: self.bridge.inner.clone(),
+            sensor: "s".into(),
+            device_id: "dev-1".into(),
+            token: Secret::new("tok"),
+            notify: Arc::new(Notify::new()),
+            cancel: self.cancel.clone(),
+        };
+        let ended = self.ended_tx.clone();
+        tokio::spawn(async move {
+            let _ = ended.send(task.run().await);
+        });
+    }
 }
 
 /// A bridge whose device `s` (device `dev-1`) has `readings` buffered, and its
@@ -114,24 +137,19 @@ fn setup(readings: &[&str]) -> Setup {
         bridge.accept("s", r.as_bytes(), false).expect("accepted");
     }
     let (connect, opened) = scripted();
-    let cancel = CancellationToken::new();
-    let task = DeviceTask {
-        connect,
-        inner: bridge.inner.clone(),
-        sensor: "s".into(),
-        device_id: "dev-1".into(),
-        token: Secret::new("tok"),
-        notify: Arc::new(Notify::new()),
-        cancel: cancel.clone(),
-    };
-    tokio::spawn(task.run());
-    Setup {
+    let (ended_tx, ended) = mpsc::unbounded_channel();
+    let s = Setup {
         bridge,
         _store: store,
         _dir: dir,
+        connect,
         opened,
-        cancel,
-    }
+        cancel: CancellationToken::new(),
+        ended,
+        ended_tx,
+    };
+    s.restart();
+    s
 }
 
 #[tokio::test(start_paused = true)]
@@ -193,5 +211,36 @@ async fn a_refusal_of_another_reading_starts_its_own_count() {
     assert_eq!(c.next_published().await["n"], 2);
     assert_eq!(s.bridge.stats().dropped, 0);
     assert_eq!(s.bridge.stats().forwarded, 1);
+    s.cancel.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_device_whose_publishes_are_refused_waits_longer_before_each_retry() {
+    let mut s = setup(&[r#"{"n":1}"#]);
+    let mut waits = Vec::new();
+    for _ in 0..3 {
+        let mut c = s.opened.recv().await.expect("a connection");
+        // The login works; the topic does not (PUBACK 0x87).
+        c.accept_login();
+        assert_eq!(c.next_published().await["n"], 1);
+        c.play(Event::Outgoing(Outgoing::Publish(1)));
+        c.puback(1, PubAckReason::NotAuthorized);
+        let end = s.ended.recv().await.expect("the task ended");
+        let End::Paused(retry_at) = end else {
+            panic!("not paused: {end:?}");
+        };
+        let status = s.bridge.device_status("s").expect("known");
+        assert!(
+            matches!(status.state, DeviceState::Paused { .. }),
+            "{status:?}"
+        );
+        assert_eq!(status.buffered, 1);
+        waits.push(retry_at - Instant::now());
+        // The scheduler starts the next attempt when the retry is due.
+        tokio::time::sleep_until(retry_at).await;
+        s.restart();
+    }
+    assert!(waits.windows(2).all(|w| w[1] >= w[0]), "{waits:?}");
+    assert!(waits[2] >= waits[0] * 2, "{waits:?}");
     s.cancel.cancel();
 }
