@@ -1,6 +1,6 @@
 //! The bridge's facade: [`Bridge`], what the engine, the daemon and the control
 //! socket call. It takes readings into the buffer, learns each device's credentials,
-//! answers for status, and runs the [`scheduler`](super::scheduler) that opens the
+//! answers for status, and runs the scheduler (`super::scheduler`) that opens the
 //! uplinks.
 
 use std::collections::{HashMap, HashSet};
@@ -242,7 +242,7 @@ impl Bridge {
     }
 
     /// Forwards until `shutdown` is cancelled, then closes every connection (each
-    /// gets [`CLOSE_GRACE`] to send its DISCONNECT). Readings not yet acknowledged
+    /// gets one second to send its DISCONNECT). Readings not yet acknowledged
     /// stay in the buffer for the next start.
     pub async fn run(&self, shutdown: CancellationToken) {
         let connect: Arc<Connect> = Arc::new(rumqttc_connect);

@@ -1,4 +1,4 @@
-//! The telemetry bridge (issue 12): readings that bridged sensors publish on the
+//! The telemetry bridge: readings that bridged sensors publish on the
 //! local broker are forwarded to Qubitro's broker under each device's own login, so
 //! the token never leaves the gateway, with durable store-and-forward across
 //! outages and restarts.

@@ -1,6 +1,7 @@
 //! The scheduler: opens a device's uplink when it has data and credentials, keeps
 //! at most `bridge.max_connections` open (the least recently used is closed first
-//! when another device needs a slot, after its [`TURN`]) and learns when each ends.
+//! when another device needs a slot, after its [`TURN`]) and learns when each ends;
+//! a device Qubitro refused waits here until its retry is due.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;

@@ -24,9 +24,18 @@
 //! in a task of its own that never awaits a client call (rumqtt#263) and hands
 //! every event to the connection's task.
 //!
-//! A refused login (bad token: the device was deleted in Qubitro) pauses that device
-//! with one loud log line, visible through [`Bridge::device_status`], until a new
-//! token is given ([`Bridge::set_device`]) or [`Bridge::resume`]; the others go on.
+//! A refused login or PUBACK 0x87 (bad token: the device was deleted in Qubitro, or
+//! its broker does not know a new device yet) ends the task and pauses that device
+//! with one loud log line, visible through [`Bridge::device_status`]; the scheduler
+//! retries it after `bridge.reconnect_max_ms`, the wait doubling up to an hour, or at
+//! once on a new token ([`Bridge::set_device`]) or [`Bridge::resume`]; the others go
+//! on. Any other non-success PUBACK (0x80, 0x83, 0x97, …) is treated like a failed
+//! session, whose backoff grows, and after [`READING_REFUSALS_MAX`] refusals in a row
+//! that reading is dropped and counted rather than block the device.
+//!
+//! [`Bridge::device_status`]: super::Bridge::device_status
+//! [`Bridge::set_device`]: super::Bridge::set_device
+//! [`Bridge::resume`]: super::Bridge::resume
 //! Two gateways bridging one device take each other's session over (the client id is
 //! the device id): repeated DISCONNECTs with reason 0x8E — or connections the broker
 //! closes without a word right after accepting the login, which is how mosquitto
@@ -77,6 +86,7 @@ pub(super) enum End {
     /// Refused by Qubitro: retried at this time unless resumed earlier.
     Paused(Instant),
 }
+
 /// How one connection (one rumqttc event loop) ended.
 enum SessionEnd {
     Idle,
@@ -262,7 +272,7 @@ impl DeviceTask {
         opts.set_outgoing_inflight_upper_limit(WINDOW as u16 + 4);
         opts.set_max_packet_size(Some(64 * 1024));
         let mut net = rumqttc::NetworkOptions::new();
-        // Nagle would hold every small reading back ~40 ms (pitfalls.md).
+        // Nagle would hold every small reading back ~40 ms behind the previous one.
         net.set_tcp_nodelay(true);
         net.set_connection_timeout(s.connect_timeout_s);
         opts.set_network_options(net);
