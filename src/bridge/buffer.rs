@@ -12,8 +12,10 @@
 //! sensor with buffered readings (count, bytes, oldest id) — rebuilt by one scan at
 //! open — and whatever batch the uplink reads. Past a bound
 //! (`bridge.max_buffered_messages` per sensor, `bridge.max_buffer_bytes` in total,
-//! counting payload bytes) the oldest readings are dropped and counted: the oldest of
-//! that sensor for the first bound, the oldest of all sensors for the second.
+//! counting each reading as stored: its key and its record, so that many small
+//! readings of a long sensor id cannot hold several times the bound) the oldest
+//! readings are dropped and counted: the oldest of that sensor for the first bound,
+//! the oldest of all sensors for the second.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -33,6 +35,7 @@ struct Tally {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Totals {
     pub readings: u64,
+    /// As stored: keys and records.
     pub bytes: u64,
     pub sensors: u64,
 }
@@ -69,6 +72,11 @@ pub struct Buffer {
 struct Tallies {
     per: HashMap<String, Tally>,
     bytes: u64,
+}
+
+/// The bytes one reading takes in the tree: its key and its record.
+fn stored(key_len: usize, record_len: usize) -> u64 {
+    (key_len + record_len) as u64
 }
 
 fn key(sensor: &str, id: u64) -> Vec<u8> {
@@ -109,10 +117,11 @@ impl Buffer {
                 oldest: id,
                 ..Tally::default()
             });
+            let size = stored(k.len(), v.len());
             t.count += 1;
-            t.bytes += v.len() as u64;
+            t.bytes += size;
             t.oldest = t.oldest.min(id);
-            tallies.bytes += v.len() as u64;
+            tallies.bytes += size;
         }
         Ok(Buffer {
             tree,
@@ -132,7 +141,7 @@ impl Buffer {
     /// Appends a reading of `sensor`, dropping the oldest readings past a bound.
     /// Wait for `store.durable(appended.seq)` before acknowledging the reading.
     pub fn append(&self, sensor: &str, reading: &[u8]) -> Result<Appended, StoreError> {
-        let size = reading.len() as u64;
+        let size = stored(prefix(sensor).len() + 8, reading.len());
         let mut tallies = self.lock();
         let mut dropped = 0;
         // Room for this sensor.
@@ -198,7 +207,7 @@ impl Buffer {
         };
         self.tree.tree.remove(&k)?;
         self.tree.wrote();
-        self.forget(tallies, sensor, v.len() as u64);
+        self.forget(tallies, sensor, stored(k.len(), v.len()));
         Ok(true)
     }
 
@@ -261,7 +270,7 @@ impl Buffer {
         for (k, len) in keys {
             if self.tree.tree.remove(&k)?.is_some() {
                 removed += 1;
-                self.forget(&mut tallies, sensor, len as u64);
+                self.forget(&mut tallies, sensor, stored(k.len(), len));
             }
         }
         if removed > 0 {
@@ -355,7 +364,8 @@ mod tests {
         assert_eq!(ids(&buf.oldest("s", None, 10).expect("read")), ["r2", "r3"]);
         assert_eq!(buf.count("s"), 2);
         assert_eq!(buf.count("t"), 1);
-        assert_eq!(buf.totals().bytes, 4 + 5);
+        // Keys of one-letter sensors are 10 bytes.
+        assert_eq!(buf.totals().bytes, 2 * (10 + 2) + (10 + 5));
     }
 
     #[tokio::test]
@@ -420,13 +430,14 @@ mod tests {
             &store,
             Limits {
                 max_per_sensor: 100,
-                max_bytes: 30,
+                max_bytes: 60,
             },
         )
         .expect("open");
-        buf.append("a", b"aaaaaaaaaa").expect("append"); // 10, oldest
-        buf.append("b", b"bbbbbbbbbb").expect("append"); // 20
-        buf.append("a", b"AAAAAAAAAA").expect("append"); // 30
+        // Each takes 20 bytes as stored: a 10-byte key and a 10-byte record.
+        buf.append("a", b"aaaaaaaaaa").expect("append"); // 20, oldest
+        buf.append("b", b"bbbbbbbbbb").expect("append"); // 40
+        buf.append("a", b"AAAAAAAAAA").expect("append"); // 60
         let r = buf.append("c", b"cccccccccc").expect("append");
         assert_eq!(r.dropped, 1);
         assert_eq!(
@@ -435,7 +446,35 @@ mod tests {
         );
         assert_eq!(buf.count("b"), 1);
         assert_eq!(buf.count("c"), 1);
-        assert_eq!(buf.totals().bytes, 30);
+        assert_eq!(buf.totals().bytes, 60);
+    }
+
+    #[tokio::test]
+    async fn the_total_bound_counts_each_readings_key_as_well_as_its_payload() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sensor = "a-sensor-with-a-long-id"; // 23 bytes: its keys are 32
+        {
+            let store = open_store(dir.path());
+            // Room for two readings of 10 bytes as stored (32 + 10 each), not ten.
+            let limits = Limits {
+                max_per_sensor: 100,
+                max_bytes: 100,
+            };
+            let buf = Buffer::open(&store, limits).expect("open");
+            assert_eq!(buf.append(sensor, b"0123456789").expect("a").dropped, 0);
+            assert_eq!(buf.append(sensor, b"1123456789").expect("a").dropped, 0);
+            let third = buf.append(sensor, b"2123456789").expect("a");
+            assert_eq!(third.dropped, 1);
+            assert_eq!(buf.totals().bytes, 2 * 42);
+            store.durable(third.seq).await.expect("flushed");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        // Counted the same way when the buffer is opened again.
+        let store = open_store(dir.path());
+        let buf = Buffer::open(&store, WIDE).expect("reopen");
+        assert_eq!(buf.totals().bytes, 2 * 42);
+        buf.remove_through(sensor, u64::MAX).expect("remove");
+        assert_eq!(buf.totals().bytes, 0);
     }
 
     #[test]

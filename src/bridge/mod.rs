@@ -1,4 +1,4 @@
-//! The telemetry bridge (issue 12): readings that bridged sensors publish on the
+//! The telemetry bridge: readings that bridged sensors publish on the
 //! local broker are forwarded to Qubitro's broker under each device's own login, so
 //! the token never leaves the gateway, with durable store-and-forward across
 //! outages and restarts.
@@ -6,17 +6,23 @@
 //! - [`flatten`]: a reading → the flat JSON object Qubitro takes, or why it is dropped.
 //! - [`buffer`]: readings waiting for Qubitro's PUBACK, in the store's sled database
 //!   under its one flusher (group commit).
-//! - [`uplink`]: [`Bridge`], one MQTT connection per device to Qubitro's broker.
+//! - [`facade`]: [`Bridge`], what the rest of onboardd calls; [`status`]: what it answers.
+//! - `scheduler`: which devices get one of the `bridge.max_connections` uplinks.
+//! - [`uplink`]: one device's MQTT session to Qubitro's broker, under its own login.
+//! - `shared`: the device table and counters the three above share.
 //!
 //! [`DataTopic`] maps the data topic pattern to the local subscription and back.
 
 pub mod buffer;
+pub mod facade;
 pub mod flatten;
+mod scheduler;
+mod shared;
+pub mod status;
 pub mod uplink;
 
-pub use uplink::{
-    AcceptError, Accepted, Bridge, BridgeError, BridgeStats, DeviceState, DeviceStatus,
-};
+pub use facade::Bridge;
+pub use status::{AcceptError, Accepted, BridgeError, BridgeStats, DeviceState, DeviceStatus};
 
 use crate::announce::valid_id;
 

@@ -33,6 +33,9 @@ pub enum DevicesCommand {
         #[arg(long)]
         delete_remote: bool,
     },
+    /// Retry a bridged sensor's uplink now, after Qubitro refused its device (needs
+    /// the daemon running; paused devices are also retried on their own)
+    Resume { sensor_id: String },
     /// Every sensor as JSON lines (tokens only with --include-tokens)
     Export {
         #[arg(long)]
@@ -96,6 +99,17 @@ pub async fn devices(cfg: &Config, cmd: DevicesCommand) -> Result<Outcome, Contr
                 if !found {
                     return Ok(Outcome::NotFound);
                 }
+            }
+        }
+        DevicesCommand::Resume { sensor_id } => {
+            let Response::Resumed { found, message } =
+                ask(cfg, Request::Resume { sensor_id }).await?
+            else {
+                return Err(ControlError::Unexpected);
+            };
+            println!("{message}");
+            if !found {
+                return Ok(Outcome::NotFound);
             }
         }
         DevicesCommand::Export { include_tokens } => {

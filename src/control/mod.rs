@@ -112,6 +112,8 @@ pub enum Request {
         sensor_id: String,
         delete_remote: bool,
     },
+    /// Retry a bridged device Qubitro refused, now rather than at its next retry.
+    Resume { sensor_id: String },
 }
 
 /// One device as the CLI shows it. The token only when asked for.
@@ -182,6 +184,10 @@ pub enum Response {
     Forgot {
         found: bool,
         remote_deleted: bool,
+        message: String,
+    },
+    Resumed {
+        found: bool,
         message: String,
     },
     Error {

@@ -187,7 +187,36 @@ pub async fn answer(req: Request, store: &Store, engine: Option<&Engine>) -> Res
             sensor_id,
             delete_remote,
         } => forget(store, engine, &sensor_id, delete_remote).await,
+        Request::Resume { sensor_id } => resume(engine, &sensor_id),
     }
+}
+
+/// Lifts a bridged device's pause at once (an operator fixed it in Qubitro).
+fn resume(engine: Option<&Engine>, sensor: &str) -> Response {
+    let Some(engine) = engine else {
+        return Response::Error {
+            message: "the daemon is not running: nothing is paused \
+                      (a pause lasts only while it runs; each start logs every device in again)"
+                .into(),
+        };
+    };
+    let Some(bridge) = engine.bridge() else {
+        return Response::Error {
+            message: "the bridge is off (bridge.enabled = false): nothing to resume".into(),
+        };
+    };
+    let (found, message) = match bridge.resume(sensor) {
+        None => (
+            false,
+            format!("{sensor} has no bridged device on this gateway"),
+        ),
+        Some(true) => (
+            true,
+            format!("{sensor} resumed: its uplink logs in again now"),
+        ),
+        Some(false) => (true, format!("{sensor} was not paused: nothing to do")),
+    };
+    Response::Resumed { found, message }
 }
 
 /// Forgets one sensor, and deletes its Qubitro device when asked and possible.

@@ -1,0 +1,246 @@
+//! The uplink's session logic against a scripted broker: the test plays rumqttc's
+//! event loop through the [`Connect`] seam, on tokio's paused clock, so the waits
+//! between connections are exact.
+
+use std::sync::Arc;
+
+use rumqttc::v5::mqttbytes::v5::{ConnAck, ConnectReturnCode, Packet, PubAck, PubAckReason};
+use rumqttc::v5::{ConnectionError, Event};
+use rumqttc::Outgoing;
+use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::{Connect, DeviceTask, End, UplinkClient, READING_REFUSALS_MAX};
+use crate::bridge::{Bridge, DeviceState};
+use crate::config::{Config, Secret};
+use crate::store::Store;
+
+/// What a scripted connection publishes.
+struct Recorder(mpsc::UnboundedSender<Vec<u8>>);
+
+impl UplinkClient for Recorder {
+    fn publish(&self, _topic: &str, payload: Vec<u8>) -> Result<(), String> {
+        self.0.send(payload).map_err(|e| e.to_string())
+    }
+
+    fn disconnect(&self) -> bool {
+        true
+    }
+}
+
+/// One connection the uplink opened, as the scripted broker sees it.
+struct Opened {
+    at: Instant,
+    events: mpsc::UnboundedSender<Result<Event, ConnectionError>>,
+    published: mpsc::UnboundedReceiver<Vec<u8>>,
+}
+
+impl Opened {
+    fn play(&self, ev: Event) {
+        // The session may have ended already; then nobody listens, as with rumqttc.
+        let _ = self.events.send(Ok(ev));
+    }
+
+    fn accept_login(&self) {
+        self.play(Event::Incoming(Packet::ConnAck(ConnAck {
+            session_present: false,
+            code: ConnectReturnCode::Success,
+            properties: None,
+        })));
+    }
+
+    async fn next_published(&mut self) -> serde_json::Value {
+        let p = self.published.recv().await.expect("a publish");
+        serde_json::from_slice(&p).expect("JSON")
+    }
+
+    fn puback(&self, pkid: u16, reason: PubAckReason) {
+        self.play(Event::Incoming(Packet::PubAck(PubAck {
+            pkid,
+            reason,
+            properties: None,
+        })));
+    }
+}
+
+fn scripted() -> (Arc<Connect>, mpsc::UnboundedReceiver<Opened>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let connect: Arc<Connect> = Arc::new(move |_opts| {
+        let (events, events_rx) = mpsc::unbounded_channel();
+        let (published_tx, published) = mpsc::unbounded_channel();
+        let _ = tx.send(Opened {
+            at: Instant::now(),
+            events,
+            published,
+        });
+        let client: Box<dyn UplinkClient + Send + Sync> = Box::new(Recorder(published_tx));
+        (client, events_rx)
+    });
+    (connect, rx)
+}
+
+struct Setup {
+    bridge: Bridge,
+    _store: Store,
+    _dir: tempfile::TempDir,
+    connect: Arc<Connect>,
+    opened: mpsc::UnboundedReceiver<Opened>,
+    cancel: CancellationToken,
+    /// How each uplink task ended.
+    ended: mpsc::UnboundedReceiver<End>,
+    ended_tx: mpsc::UnboundedSender<End>,
+}
+
+impl Setup {
+    /// Starts the device's uplink task, as the scheduler does.
+    fn restart(&self) {
+        let task = DeviceTask {
+            connect: self.connect.clone(),
+            inner: self.bridge.inner.clone(),
+            sensor: "s".into(),
+            device_id: "dev-1".into(),
+            token: Secret::new("tok"),
+            notify: Arc::new(Notify::new()),
+            cancel: self.cancel.clone(),
+        };
+        let ended = self.ended_tx.clone();
+        tokio::spawn(async move {
+            let _ = ended.send(task.run().await);
+        });
+    }
+}
+
+/// A bridge whose device `s` (device `dev-1`) has `readings` buffered, and its
+/// uplink task running on the scripted broker.
+fn setup(readings: &[&str]) -> Setup {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = Config::from_toml(&format!(
+        r#"
+        gateway_id = "gw"
+        [qubitro]
+        project_id = "p1"
+        api_key = "QB_test"
+        [store]
+        path = "{}"
+        cache_capacity_bytes = 1048576
+        [bridge]
+        reconnect_max_ms = 60000
+        "#,
+        dir.path().join("db").display()
+    ))
+    .expect("config");
+    let (store, _) = Store::open(&cfg.store).expect("store");
+    let bridge = Bridge::new(&cfg, &store).expect("bridge");
+    bridge.set_device("s", "dev-1", "tok");
+    for r in readings {
+        bridge.accept("s", r.as_bytes(), false).expect("accepted");
+    }
+    let (connect, opened) = scripted();
+    let (ended_tx, ended) = mpsc::unbounded_channel();
+    let s = Setup {
+        bridge,
+        _store: store,
+        _dir: dir,
+        connect,
+        opened,
+        cancel: CancellationToken::new(),
+        ended,
+        ended_tx,
+    };
+    s.restart();
+    s
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reading_qubitro_keeps_refusing_is_retried_with_growing_waits_then_dropped_and_counted() {
+    let mut s = setup(&[r#"{"n":1}"#, r#"{"n":2}"#]);
+    let mut at = Vec::new();
+    for _ in 0..READING_REFUSALS_MAX {
+        let mut c = s.opened.recv().await.expect("a connection");
+        at.push(c.at);
+        c.accept_login();
+        assert_eq!(c.next_published().await["n"], 1);
+        assert_eq!(c.next_published().await["n"], 2);
+        c.play(Event::Outgoing(Outgoing::Publish(1)));
+        c.play(Event::Outgoing(Outgoing::Publish(2)));
+        c.puback(1, PubAckReason::UnspecifiedError);
+    }
+    // Each wait is at least as long as the one before, the last one several
+    // times the first: a refusing broker is not hammered every half second.
+    let waits: Vec<_> = at.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(waits.windows(2).all(|w| w[1] >= w[0]), "{waits:?}");
+    assert!(waits[waits.len() - 1] >= waits[0] * 4, "{waits:?}");
+
+    // After the last refusal the reading is dropped and counted; the next goes out.
+    let mut c = s.opened.recv().await.expect("a connection");
+    c.accept_login();
+    assert_eq!(c.next_published().await["n"], 2);
+    assert_eq!(s.bridge.stats().dropped, 1);
+    c.play(Event::Outgoing(Outgoing::Publish(1)));
+    c.puback(1, PubAckReason::Success);
+    while s.bridge.stats().forwarded == 0 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(s.bridge.device_status("s").expect("known").buffered, 0);
+    s.cancel.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refusal_of_another_reading_starts_its_own_count() {
+    let mut s = setup(&[r#"{"n":1}"#, r#"{"n":2}"#]);
+    // Refused N-1 times, then accepted: n=1 is delivered, not dropped.
+    for _ in 1..READING_REFUSALS_MAX {
+        let mut c = s.opened.recv().await.expect("a connection");
+        c.accept_login();
+        assert_eq!(c.next_published().await["n"], 1);
+        c.play(Event::Outgoing(Outgoing::Publish(1)));
+        c.puback(1, PubAckReason::QuotaExceeded);
+    }
+    let mut c = s.opened.recv().await.expect("a connection");
+    c.accept_login();
+    assert_eq!(c.next_published().await["n"], 1);
+    assert_eq!(c.next_published().await["n"], 2);
+    c.play(Event::Outgoing(Outgoing::Publish(1)));
+    c.play(Event::Outgoing(Outgoing::Publish(2)));
+    c.puback(1, PubAckReason::Success);
+    // The second reading's first refusal does not drop it.
+    c.puback(2, PubAckReason::ImplementationSpecificError);
+    let mut c = s.opened.recv().await.expect("a connection");
+    c.accept_login();
+    assert_eq!(c.next_published().await["n"], 2);
+    assert_eq!(s.bridge.stats().dropped, 0);
+    assert_eq!(s.bridge.stats().forwarded, 1);
+    s.cancel.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_device_whose_publishes_are_refused_waits_longer_before_each_retry() {
+    let mut s = setup(&[r#"{"n":1}"#]);
+    let mut waits = Vec::new();
+    for _ in 0..3 {
+        let mut c = s.opened.recv().await.expect("a connection");
+        // The login works; the topic does not (PUBACK 0x87).
+        c.accept_login();
+        assert_eq!(c.next_published().await["n"], 1);
+        c.play(Event::Outgoing(Outgoing::Publish(1)));
+        c.puback(1, PubAckReason::NotAuthorized);
+        let end = s.ended.recv().await.expect("the task ended");
+        let End::Paused(retry_at) = end else {
+            panic!("not paused: {end:?}");
+        };
+        let status = s.bridge.device_status("s").expect("known");
+        assert!(
+            matches!(status.state, DeviceState::Paused { .. }),
+            "{status:?}"
+        );
+        assert_eq!(status.buffered, 1);
+        waits.push(retry_at - Instant::now());
+        // The scheduler starts the next attempt when the retry is due.
+        tokio::time::sleep_until(retry_at).await;
+        s.restart();
+    }
+    assert!(waits.windows(2).all(|w| w[1] >= w[0]), "{waits:?}");
+    assert!(waits[2] >= waits[0] * 2, "{waits:?}");
+    s.cancel.cancel();
+}
