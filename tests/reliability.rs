@@ -356,7 +356,8 @@ async fn a_corrupt_database_is_moved_aside_loudly_and_devices_are_adopted() {
     let d = Daemon::with_state(broker.port, &cloud, state.path(), "", vec![]);
     d.log.wait_for_async("DATABASE UNREADABLE").await;
     d.wait_subscribed();
-    let moved: Vec<_> = std::fs::read_dir(state.path())
+    // Inside store.path, which keeps its name (a state directory or volume).
+    let moved: Vec<_> = std::fs::read_dir(&db)
         .unwrap()
         .filter_map(|e| e.ok())
         .filter(|e| e.file_name().to_string_lossy().starts_with("db.corrupt-"))
