@@ -228,6 +228,12 @@ impl Store {
         }
     }
 
+    /// Whether any sensor was ever recorded here and is still known (readable or
+    /// quarantined): what tells a store in use from a fresh one.
+    pub fn holds_records(&self) -> Result<bool, StoreError> {
+        Ok(self.sensors.first()?.is_some() || self.quarantine.first()?.is_some())
+    }
+
     /// Reads every record (sled has no count): for tests, never for a hot path.
     #[cfg(test)]
     pub(super) fn len(&self) -> usize {
