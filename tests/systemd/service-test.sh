@@ -308,8 +308,9 @@ while isinstance(v, dict):
     v = next(x for x in v.values() if isinstance(x, (list, dict)))
 print(len(v))'
 }
+# sled's files: in db/, or (a version before db/) directly in the state directory.
 noise_out="$(guest_exec "set -e
-    cd $state_dir/db
+    cd $state_dir/db 2>/dev/null || cd $state_dir
     n=0
     for f in conf db snap.*; do
         [ -f \"\$f\" ] || continue
