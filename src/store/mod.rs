@@ -74,7 +74,8 @@ pub struct Store {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OpenOutcome {
     Opened,
-    /// The old directory was unreadable and moved here; a new one was made.
+    /// sled's `db/` was unreadable and moved here (a `db.corrupt-<secs>` inside the
+    /// state directory); a new, empty one was made.
     RebuiltAfterCorruption {
         moved_to: PathBuf,
     },
