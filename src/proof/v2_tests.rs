@@ -263,3 +263,45 @@ fn exchange_keys_differ_and_never_show_in_debug() {
     assert_ne!(k.mac, k.seal);
     assert_ne!(k.mac, k.sensor);
 }
+
+/// `tests/vectors/v2.json`, which README states and two implementations outside
+/// `src/` derive again (`tests/protocol_v2_vectors.rs`).
+#[test]
+fn the_v2_test_vectors_hold() {
+    let v: serde_json::Map<String, Value> =
+        serde_json::from_str(include_str!("../../tests/vectors/v2.json")).unwrap();
+    let get = |name: &str| v[name].as_str().unwrap().to_string();
+    let sensor_id = get("sensor_id");
+    let key = SensorKey::derive(&Secret::new(get("claim_key")), &sensor_id);
+    assert_eq!(key.to_hex(), get("sensor_key"));
+    let k = ExchangeKeys::derive(&key);
+    assert_eq!(hex::encode(k.mac), get("mac_key"));
+    assert_eq!(hex::encode(k.seal), get("seal_key"));
+
+    let body = get("announce_body");
+    assert_eq!(k.announce_proof(&body), get("proof"));
+    let announce = envelope(&body, "proof", &get("proof"));
+    let verified = k.verify_announce(&announce).unwrap();
+    assert_eq!(verified.body, body);
+
+    let gcm_nonce: [u8; 12] = hex::decode(get("gcm_nonce")).unwrap().try_into().unwrap();
+    let sealed = k.seal_token_with_gcm_nonce(
+        &sensor_id,
+        &get("device_id"),
+        &verified.nonce,
+        &get("token"),
+        gcm_nonce,
+    );
+    assert_eq!(sealed, get("device_token_sealed"));
+    assert_eq!(
+        k.open_token(&sensor_id, &get("device_id"), &verified.nonce, &sealed)
+            .unwrap(),
+        get("token")
+    );
+
+    let reply_body = get("reply_body");
+    assert_eq!(k.reply_mac(&reply_body), get("reply_mac"));
+    let reply = envelope(&reply_body, "mac", &get("reply_mac"));
+    let object = k.verify_reply(&reply, &verified.nonce).unwrap();
+    assert_eq!(object["device_token_sealed"], sealed.as_str());
+}
