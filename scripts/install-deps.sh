@@ -6,7 +6,8 @@
 #   scripts/install-deps.sh test       # what `cargo test --workspace --features failpoints`
 #                                      # and scripts/demo.sh need:
 #                                      # mosquitto (+ clients), openssl (test
-#                                      # certificates), a C compiler (ring)
+#                                      # certificates), a C compiler (ring),
+#                                      # Python's cryptography (v2 vectors)
 #   scripts/install-deps.sh            # everything CI runs (test + the rest below)
 #   scripts/install-deps.sh systemd    # only the systemd guest test's needs
 #   scripts/install-deps.sh cross      # only the cross build + qemu smoke test
@@ -16,7 +17,8 @@ set -euo pipefail
 
 systemd_pkgs=(debootstrap systemd-container python3-cryptography)
 cross_pkgs=(qemu-user gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf libc6-dev-arm64-cross libc6-dev-armhf-cross)
-test_pkgs=(mosquitto mosquitto-clients openssl gcc libc6-dev)
+# python3-cryptography: tests/protocol_v2_vectors.rs checks the v2 vectors with it too.
+test_pkgs=(mosquitto mosquitto-clients openssl gcc libc6-dev python3-cryptography)
 # Only to validate docker-compose.yml (no engine is needed for `config`).
 compose_pkgs=(docker-compose)
 

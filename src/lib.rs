@@ -25,6 +25,7 @@
 //! or generated at first start), [`proof`] (the sensor protocol's crypto),
 //! [`device`] (credentials and tokens), [`clock`] (tokio's pausable time, wall time for records), [`backoff`],
 //! [`heartbeat`] (watchdog beats), [`tls`] (one rustls builder), [`metrics`],
+//! [`open_broker`] (does the broker let anyone in; not wired in yet),
 //! [`logging`], [`systemd`], [`failpoint`] (crash injection, feature `failpoints`).
 //!
 //! Dependencies point one way: sources (`mqtt` inbox) → `engine` → `cloud`/`store` →
@@ -49,6 +50,7 @@ pub mod logging;
 pub mod metrics;
 pub mod mqtt;
 pub mod onboarding;
+pub mod open_broker;
 pub mod proof;
 pub mod reply;
 pub mod security;

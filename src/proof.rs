@@ -15,7 +15,7 @@
 //! HMAC comes from `hmac` + `sha2` (constant-time `verify_slice`); AES-GCM and the
 //! random source from `ring`, which the TLS stack already links in (no second AES
 //! implementation in the binary). README "Security" has the test vectors that the
-//! unit tests below check.
+//! unit tests below check. [`v2`] holds protocol v2's primitives (not served yet).
 
 use std::fmt;
 
@@ -25,6 +25,8 @@ use ring::rand::{SecureRandom, SystemRandom};
 use sha2::Sha256;
 
 use crate::config::Secret;
+
+pub mod v2;
 
 /// The message a sensor MACs with its key to prove it holds it.
 pub const ANNOUNCE_CONTEXT: &[u8] = b"onboardd-announce-v1";

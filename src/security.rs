@@ -261,26 +261,29 @@ mod tests {
         a
     }
 
+    /// A claim key strong enough for the config to accept.
+    const FLEET: &str = "fleet-claim-key-of-at-least-32-chars";
+
     fn proof_of(claim_key: &str, id: &str) -> String {
         SensorKey::derive(&Secret::new(claim_key), id).proof()
     }
 
     #[test]
     fn by_default_a_missing_or_wrong_proof_is_unauthorized() {
-        let c = Config::from_toml(
-            "[qubitro]\nproject_id = \"p\"\napi_key = \"k\"\n[security]\nclaim_key = \"fleet\"",
-        )
+        let c = Config::from_toml(&format!(
+            "[qubitro]\nproject_id = \"p\"\napi_key = \"k\"\n[security]\nclaim_key = \"{FLEET}\""
+        ))
         .unwrap();
         assert!(c.security.require_claim, "on by default");
         let g = Gatekeeper::new(&c);
         for (proof, known) in [
             (None, false),
             (None, true),
-            (Some(proof_of("fleet", "s2")), true),
+            (Some(proof_of(FLEET, "s2")), true),
             (Some(proof_of("other-fleet", "s1")), false),
             (Some("not hex".to_string()), false),
             (
-                Some(SensorKey::derive(&Secret::new("fleet"), "s1").to_hex()),
+                Some(SensorKey::derive(&Secret::new(FLEET), "s1").to_hex()),
                 false,
             ),
         ] {
@@ -291,21 +294,21 @@ mod tests {
             );
         }
         assert_eq!(
-            g.check(&ann("s1", Some(proof_of("fleet", "s1"))), false),
+            g.check(&ann("s1", Some(proof_of(FLEET, "s1"))), false),
             Ok(Proof::Verified)
         );
     }
 
     #[test]
     fn without_require_claim_a_proof_is_optional_but_still_checked() {
-        let g = Gatekeeper::new(&cfg("claim_key = \"fleet\""));
+        let g = Gatekeeper::new(&cfg(&format!("claim_key = \"{FLEET}\"")));
         assert_eq!(g.check(&ann("s1", None), false), Ok(Proof::Absent));
         assert_eq!(
-            g.check(&ann("s1", Some(proof_of("fleet", "s1"))), false),
+            g.check(&ann("s1", Some(proof_of(FLEET, "s1"))), false),
             Ok(Proof::Verified)
         );
         assert_eq!(
-            g.check(&ann("s1", Some(proof_of("fleet", "s2"))), false)
+            g.check(&ann("s1", Some(proof_of(FLEET, "s2"))), false)
                 .unwrap_err()
                 .code,
             "unauthorized"

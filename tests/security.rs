@@ -7,7 +7,7 @@ use common::*;
 use fake_qubitro::Endpoint;
 use harness::firmware;
 
-const CLAIM_KEY: &str = "fleet-claim-key-0123456789";
+const CLAIM_KEY: &str = "fleet-claim-key-0123456789abcdefghij";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deny_rules_win_over_allow_rules_and_cost_no_cloud_call() {

@@ -33,7 +33,7 @@ const SENSOR: &str = "pending-sensor";
 /// A configured claim key: otherwise onboardd would first try to generate one inside
 /// the store directory, and fail there (naming the same path and OS error) before it
 /// ever opens the database these tests are about.
-const CLAIM_KEY_SET: &str = "[security]\nclaim_key = \"store-open-test-key\"";
+const CLAIM_KEY_SET: &str = "[security]\nclaim_key = \"store-open-test-key-0123456789abcd\"";
 
 fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use super::error::ConfigError;
-use super::secrets::{read_secret_file, Secret};
+use super::secrets::{read_secret_file, require_strong_claim_key, Secret};
 use super::types::{Config, Needs, SecurityConfig};
 
 /// The built-in defaults, which are also what `print-default-config` shows.
@@ -92,6 +92,8 @@ pub fn load_claim_settings(path: &Path) -> Result<(Secret, String), ConfigError>
         &security.claim_key_file,
         &mut security.claim_key,
     )?;
+    // What `run` would refuse, `claim` does not derive sensor keys from.
+    require_strong_claim_key(&security)?;
     Ok((security.claim_key, store_path))
 }
 

@@ -6,8 +6,13 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize, Serializer};
 
-use super::error::ConfigError;
-use super::types::Config;
+use super::error::{key_err, ConfigError};
+use super::types::{Config, SecurityConfig};
+
+/// Fewer characters than this make a configured claim key guessable offline: one
+/// announce seen on the broker is enough to test guesses against, and every sensor
+/// key derives from it. A generated key has 64.
+pub const MIN_CLAIM_KEY_CHARS: usize = 32;
 
 /// A secret value: never printed by `Debug`, `Display` or serialization.
 #[derive(Clone, Default, PartialEq, Eq, Deserialize)]
@@ -91,6 +96,37 @@ pub(super) fn read_secret_file(
     }
     *target = read_key_file(key, &secret_path(file))?;
     Ok(())
+}
+
+/// Refuses a configured claim key (after its file was read) that is too short or
+/// whitespace only, naming the setting or the file it came from, never the value.
+/// An empty key is no key: onboardd generates one.
+pub(super) fn require_strong_claim_key(security: &SecurityConfig) -> Result<(), ConfigError> {
+    let key = security.claim_key.expose();
+    if key.is_empty() {
+        return Ok(());
+    }
+    let why = if key.trim().is_empty() {
+        "is whitespace only"
+    } else if key.chars().count() < MIN_CLAIM_KEY_CHARS {
+        "is too short"
+    } else {
+        return Ok(());
+    };
+    let advice = format!(
+        "a claim key needs at least {MIN_CLAIM_KEY_CHARS} characters, not whitespace only (every sensor key derives \
+            from it); use `openssl rand -hex 32`, or set neither key so onboardd generates one. Sensors flashed \
+            with the old key need their new sensor key (`onboardd claim SENSOR_ID`)"
+    );
+    if security.claim_key_file.is_empty() {
+        Err(key_err("security.claim_key", format!("{why}: {advice}")))
+    } else {
+        let path = secret_path(&security.claim_key_file);
+        Err(key_err(
+            "security.claim_key_file",
+            format!("the key in {} {why}: {advice}", path.display()),
+        ))
+    }
 }
 
 /// Where a `*_file` secret is: a relative name is looked up in
@@ -196,6 +232,59 @@ mod tests {
                 .starts_with("qubitro.api_key_file: cannot read "),
             "{err}"
         );
+    }
+
+    fn security(claim_key: &str, claim_key_file: &str) -> SecurityConfig {
+        SecurityConfig {
+            require_claim: true,
+            claim_key: Secret::new(claim_key),
+            claim_key_file: claim_key_file.to_string(),
+            allow_sensor_ids: vec![],
+            deny_sensor_ids: vec![],
+            allow_brands: vec![],
+            allow_models: vec![],
+            new_sensor_cooldown_s: 0,
+            max_new_devices_per_hour: 0,
+        }
+    }
+
+    #[test]
+    fn a_claim_key_needs_32_characters_not_all_whitespace_and_errors_never_show_it() {
+        for ok in [
+            "",
+            &"k".repeat(32),
+            &"é".repeat(32),
+            " padded key of thirty-two chars ",
+        ] {
+            assert!(
+                require_strong_claim_key(&security(ok, "")).is_ok(),
+                "{ok:?}"
+            );
+        }
+        let short = "k".repeat(31);
+        let blank = " \t\n".repeat(20);
+        for (weak, why) in [
+            (short.as_str(), "is too short"),
+            (blank.as_str(), "is whitespace only"),
+        ] {
+            let err = require_strong_claim_key(&security(weak, ""))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with(&format!("security.claim_key: {why}: ")),
+                "{err}"
+            );
+            assert!(!err.contains(&short), "{err}");
+            let err = require_strong_claim_key(&security(weak, "/etc/k"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with(&format!(
+                    "security.claim_key_file: the key in /etc/k {why}: "
+                )),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use crate::announce::valid_id;
 
 use super::error::{key_err, ConfigError};
-use super::secrets::read_secret_file;
+use super::secrets::{read_secret_file, require_strong_claim_key};
 use super::types::{BridgeConfig, Config, DiscoveryConfig, Needs, QubitroConfig};
 
 impl Config {
@@ -50,6 +50,7 @@ impl Config {
             &self.security.claim_key_file,
             &mut self.security.claim_key,
         )?;
+        require_strong_claim_key(&self.security)?;
 
         let plus = self
             .mqtt
