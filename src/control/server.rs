@@ -198,13 +198,10 @@ async fn forget(
     delete_remote: bool,
 ) -> Response {
     // With the daemon running, the engine forgets (it owns every record and the
-    // cool-downs); without it, nothing else holds the store.
+    // cool-downs); without it, nothing else holds the store. Both remove the same.
     let removed = match engine {
         Some(engine) => engine.forget(sensor).await,
-        None => match store.remove(sensor, None) {
-            Ok(r) => store.flush_all().await.map(|()| r),
-            Err(e) => Err(e),
-        },
+        None => crate::engine::forget_stored(store, None, sensor).await,
     };
     let rec = match removed {
         Ok(r) => r,

@@ -17,6 +17,7 @@
 mod delivery;
 mod discovered;
 mod dispatch;
+mod forget;
 mod rejections;
 mod worker;
 
@@ -37,6 +38,7 @@ use crate::store::{Store, StoreError};
 pub use delivery::Outbox;
 use discovered::Discovery;
 pub use dispatch::{AckItem, MAX_CORRELATION_DATA_BYTES, MAX_RESPONSE_TOPIC_BYTES};
+pub use forget::forget_stored;
 use rejections::Rejections;
 use worker::{CloudHealth, Onboardings};
 
@@ -196,19 +198,15 @@ impl Engine {
         Duration::from_millis(ms).min(self.onboardings.backoff.max)
     }
 
-    /// `devices forget`: the record goes, with its cool-down and waiting routes, so
-    /// the next announce onboards the sensor anew. A create still in flight for it
-    /// finds the record gone (its generation no longer matches) and writes nothing.
+    /// `devices forget`: what is stored goes ([`forget_stored`]), with the
+    /// cool-down and waiting routes, so the next announce onboards the sensor anew.
+    /// A create still in flight for it finds the record gone (its generation no
+    /// longer matches) and writes nothing.
     pub async fn forget(&self, sensor: &str) -> Result<Option<Record>, StoreError> {
-        let old = self.store.remove(sensor, None)?;
+        let old = forget_stored(&self.store, self.bridge.as_ref(), sensor).await?;
         self.gate.forgotten(sensor);
         self.rejections.forget(sensor);
         self.onboardings.take_waiting(sensor);
-        if let Some(bridge) = &self.bridge {
-            // Its buffered readings belong to the onboarding that is gone.
-            bridge.forget(sensor)?;
-        }
-        self.store.flush_all().await?;
         if old.is_some() {
             tracing::info!(sensor_id = sensor, "sensor forgotten by the operator");
         }

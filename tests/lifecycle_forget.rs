@@ -1,0 +1,69 @@
+//! `devices forget` takes everything of a sensor's onboarding with it, whether the
+//! daemon runs (the engine forgets) or not (the CLI opens the store itself): the
+//! record, and the readings the bridge still held for it, so a later onboarding of
+//! the same id starts clean and never forwards readings of the one forgotten.
+
+mod common;
+
+use common::*;
+use harness::qubitro_broker::QubitroBroker;
+use serde_json::{json, Value};
+
+/// Readings the daemon holds for `sensor` per `devices show` (0 when it shows none).
+fn buffered(d: &Daemon, sensor: &str) -> u64 {
+    let (code, out, err) = d.devices(&["show", sensor]);
+    assert_eq!(code, 0, "devices show {sensor}: {err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    v["bridge"]["buffered"].as_u64().unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forgetting_a_sensor_while_the_daemon_is_stopped_drops_its_buffered_readings() {
+    let broker = Mosquitto::start();
+    let cloud = fake_cloud().await;
+    let mut qubitro = QubitroBroker::start(&cloud);
+    let mut obs = qubitro.observer().await;
+    let state = tempfile::tempdir().unwrap();
+    let mut d = Daemon::with_state(
+        broker.port,
+        &cloud,
+        state.path(),
+        &qubitro.daemon_toml(),
+        vec![],
+    );
+    d.wait_subscribed();
+    let mut s = Sensor::connect(broker.port, "lf-1").await;
+    s.announce(r#"{"bridge":true}"#).await;
+    s.reply_with_status("ok").await;
+
+    // Qubitro's broker is away: the reading stays in the gateway's buffer.
+    qubitro.stop();
+    s.publish("onboard/data/lf-1", br#"{"n":1}"#, false).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while buffered(&d, "lf-1") == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the reading was never buffered; log:\n{}",
+            d.log.text()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(d.signal_and_wait(libc::SIGTERM).code(), Some(0));
+
+    // No daemon: the CLI forgets on the store itself.
+    let (code, msg, err) = d.devices(&["forget", "lf-1"]);
+    assert_eq!(code, 0, "{msg}{err}");
+
+    d.spawn();
+    d.wait_subscribed();
+    qubitro.start_again();
+    s.announce(r#"{"bridge":true}"#).await;
+    let ok = s.reply_with_status("ok").await;
+    let device = ok["device_id"].as_str().expect("a device id").to_string();
+    s.publish("onboard/data/lf-1", br#"{"n":2}"#, false).await;
+    assert_eq!(
+        obs.on_topic(&device, 1).await[0],
+        json!({"n":2}),
+        "the first reading forwarded after the forget is the new onboarding's own"
+    );
+}
