@@ -317,7 +317,7 @@ impl Engine {
             bridge: true,
         };
         if let Err(denied) = self.gate.check_rules(&ann, false) {
-            tracing::warn!(sensor_id = sensor, code = denied.code, outcome = "refused", "discovered device {sensor} not onboarded ({}): {}; it is tried again when its config is seen again", denied.code, denied.message);
+            tracing::warn!(sensor_id = sensor, code = denied.code.as_str(), outcome = "refused", "discovered device {sensor} not onboarded ({}): {}; it is tried again when its config is seen again", denied.code, denied.message);
             return Ok(0);
         }
         if let Some((_, why)) = self.rejections.check(sensor, &ann.spec, self.clock.now()) {

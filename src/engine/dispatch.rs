@@ -24,7 +24,7 @@ use crate::heartbeat::Heartbeat;
 use crate::metrics;
 use crate::mqtt::{DeliveryTag, Inbox};
 use crate::onboarding::Record;
-use crate::reply::{allowed_response_topic, Reply, Route};
+use crate::reply::{allowed_response_topic, Reply, ReplyCode, Route};
 use crate::security::{Denial, Proof};
 use crate::store::StoreError;
 
@@ -146,7 +146,7 @@ impl Engine {
                 route.request_id = announce::peek_request_id(&p.payload);
             }
             let message = "sensor ids beginning with ha- or tasmota- are reserved for discovered devices while discovery is on".to_string();
-            return Ok(self.reject(sensor, route, "invalid_field", message, None));
+            return Ok(self.reject(sensor, route, ReplyCode::InvalidField, message, None));
         }
         if let Some(props) = &p.properties {
             let topic_len = props.response_topic.as_ref().map_or(0, String::len);
@@ -161,7 +161,7 @@ impl Engine {
                 } else {
                     format!("correlation data (MQTT 5 property) is {corr_len} bytes, more than {MAX_CORRELATION_DATA_BYTES}")
                 };
-                return Ok(self.reject(sensor, route, "invalid_field", field, None));
+                return Ok(self.reject(sensor, route, ReplyCode::InvalidField, field, None));
             }
             if let Some(rt) = &props.response_topic {
                 if allowed_response_topic(&cfg.mqtt.reply_topic, sensor, rt) {
@@ -185,7 +185,7 @@ impl Engine {
                 if !matches!(e, AnnounceError::PayloadTooLarge { .. }) {
                     route.request_id = announce::peek_request_id(&p.payload);
                 }
-                return Ok(self.reject(sensor, route, e.code(), e.to_string(), None));
+                return Ok(self.reject(sensor, route, e.reply_code(), e.to_string(), None));
             }
         };
         route.request_id = ann.request_id.clone();
@@ -193,7 +193,7 @@ impl Engine {
             return Ok(self.reject(
                 sensor,
                 route,
-                "invalid_field",
+                ReplyCode::InvalidField,
                 "bridge: this gateway does not forward readings ([bridge] enabled = false)".into(),
                 None,
             ));
@@ -264,7 +264,7 @@ impl Engine {
                     return Ok(self.reject(
                         sensor,
                         route,
-                        "rejected_by_cloud",
+                        ReplyCode::RejectedByCloud,
                         message,
                         Some(left),
                     ));
@@ -372,12 +372,12 @@ impl Engine {
         &self,
         sensor: &str,
         route: Route,
-        code: &str,
+        code: ReplyCode,
         message: String,
         retry_after: Option<Duration>,
     ) -> Decision {
         metrics::error();
-        tracing::warn!(sensor_id = sensor, code, detail = %message, outcome = "refused", "announce of sensor {sensor} refused ({code}): {message}");
+        tracing::warn!(sensor_id = sensor, code = code.as_str(), detail = %message, outcome = "refused", "announce of sensor {sensor} refused ({code}): {message}");
         let request_id = route.request_id.clone();
         let mut reply = Reply::error(sensor, code, message, request_id);
         if let Some(wait) = retry_after {

@@ -26,7 +26,7 @@ use crate::device::Credentials;
 use crate::failpoint;
 use crate::metrics;
 use crate::onboarding::{Invalid, Origin, Record, State};
-use crate::reply::{Reply, Route};
+use crate::reply::{Reply, ReplyCode, Route};
 use crate::store::StoreError;
 
 /// Routes kept per pending sensor for announces that arrive while it is pending.
@@ -473,7 +473,7 @@ impl Engine {
                 for route in routes {
                     let reply = Reply::error(
                         sensor,
-                        "rejected_by_cloud",
+                        ReplyCode::RejectedByCloud,
                         text.clone(),
                         route.request_id.clone(),
                     );
