@@ -17,18 +17,19 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
+use super::publisher::{Outgoing, Publisher};
 use super::Engine;
 use crate::bridge::DataTopic;
 use crate::config::{Config, Secret};
 use crate::device::Credentials;
-use crate::mqtt::{Acked, DeliveryTag, Mqtt, SessionEvent};
+use crate::mqtt::{Acked, DeliveryTag, SessionEvent};
 use crate::onboarding::{Record, State};
 use crate::proof::SensorKey;
 use crate::reply::{Broker, OkHow, Reply, Route, TokenField};
 
 /// Where replies go out.
 pub struct Outbox {
-    mqtt: Mqtt,
+    publisher: Arc<dyn Publisher>,
     /// `{sensor_id}` pattern of the default reply topic.
     reply_topic: String,
     /// Qubitro's broker, told to sensors in every ok reply.
@@ -42,9 +43,9 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    pub(super) fn new(cfg: &Config, mqtt: Mqtt) -> Outbox {
+    pub(super) fn new(cfg: &Config, publisher: Arc<dyn Publisher>) -> Outbox {
         Outbox {
-            mqtt,
+            publisher,
             reply_topic: cfg.mqtt.reply_topic.clone(),
             broker: Broker {
                 host: cfg.qubitro.broker_host.clone(),
@@ -56,8 +57,8 @@ impl Outbox {
         }
     }
 
-    pub fn mqtt(&self) -> &Mqtt {
-        &self.mqtt
+    pub(super) fn publisher(&self) -> &dyn Publisher {
+        self.publisher.as_ref()
     }
 
     /// The ok reply of an onboarded sensor. A bridged sensor never gets its token,
@@ -108,23 +109,18 @@ impl Outbox {
     ) {
         let topic = route.topic(&self.reply_topic, sensor);
         tracing::debug!(sensor_id = sensor, topic = %topic, status = reply.status(), "reply");
-        if let Err(e) = self
-            .mqtt
-            .publish(
-                topic,
-                reply.to_bytes(),
-                route.correlation_data.clone(),
-                track,
-            )
-            .await
-        {
+        let out = Outgoing {
+            topic,
+            payload: reply.to_bytes(),
+            correlation: route.correlation_data.clone(),
+            track,
+        };
+        if let Err(e) = self.publisher.publish(out).await {
             tracing::debug!(sensor_id = sensor, error = %e, "cannot queue a reply: {e}");
         }
     }
 }
 
-/// The tag of an ok reply: only a `Created` record's reply is tracked (a delivered
-/// one needs no proof again).
 /// Made by discovery: a discovery id and the metadata discovery sets. Asked only
 /// while discovery is on, when no announce may use such an id; with discovery off
 /// a firmware sensor named `ha-…` gets its reply as before.
@@ -132,6 +128,8 @@ fn is_discovered(sensor: &str, rec: &Record) -> bool {
     crate::discovery::is_discovery_id(sensor) && rec.spec.metadata.contains_key("discovered_by")
 }
 
+/// The tag of an ok reply: only a `Created` record's reply is tracked (a delivered
+/// one needs no proof again).
 pub(super) fn delivery_tag(sensor: &str, rec: &Record) -> Option<DeliveryTag> {
     matches!(rec.state, State::Created { .. }).then(|| DeliveryTag {
         sensor: sensor.to_string(),
@@ -171,7 +169,7 @@ impl Engine {
         while let Some(ev) = events.recv().await {
             let result = match ev {
                 SessionEvent::Connected { .. } => {
-                    if let Err(e) = self.outbox.mqtt.publish_status("online").await {
+                    if let Err(e) = self.outbox.publisher.publish_status("online").await {
                         tracing::debug!(error = %e, "cannot queue the status: {e}");
                     }
                     self.republish_undelivered().await
@@ -227,5 +225,110 @@ impl Engine {
             self.deliver_ok(&sensor, &rec, &rec.route).await;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::publisher::Recording;
+    use super::*;
+    use crate::device::Token;
+    use crate::onboarding::Origin;
+
+    fn outbox(security: &str) -> (Outbox, Arc<Recording>) {
+        let cfg = Config::from_toml(&format!(
+            "[qubitro]\nproject_id = \"p\"\napi_key = \"k\"\n[security]\nclaim_key = \"fleet\"\n{security}"
+        ))
+        .unwrap();
+        let rec = Arc::new(Recording::default());
+        (Outbox::new(&cfg, rec.clone()), rec)
+    }
+
+    fn creds() -> Credentials {
+        Credentials {
+            device_id: "dev-1".into(),
+            device_token: Token("tok$1".into()),
+        }
+    }
+
+    fn proven(yes: bool) -> Route {
+        Route {
+            proven: yes,
+            ..Route::default()
+        }
+    }
+
+    fn body(reply: &Reply) -> serde_json::Value {
+        serde_json::from_slice(&reply.to_bytes()).unwrap()
+    }
+
+    #[test]
+    fn an_unproven_announce_gets_its_token_in_clear_only_when_claims_are_off() {
+        let (open, _) = outbox("require_claim = false");
+        let clear = body(&open.ok_reply("s", &proven(false), &creds(), false));
+        assert_eq!(clear["device_token"], "tok$1", "{clear}");
+        let (strict, _) = outbox("require_claim = true");
+        let sealed = body(&strict.ok_reply("s", &proven(false), &creds(), false));
+        assert!(sealed.get("device_token").is_none(), "{sealed}");
+        assert!(sealed["device_token_sealed"].is_string(), "{sealed}");
+    }
+
+    #[test]
+    fn a_proven_announce_always_gets_its_token_sealed() {
+        let (open, _) = outbox("require_claim = false");
+        let v = body(&open.ok_reply("s", &proven(true), &creds(), false));
+        assert!(v.get("device_token").is_none(), "{v}");
+        assert!(!v.to_string().contains("tok$1"), "{v}");
+        assert!(v["device_token_sealed"].is_string(), "{v}");
+    }
+
+    #[test]
+    fn a_bridged_sensor_gets_no_token_at_all_but_its_data_topic() {
+        let (open, _) = outbox("require_claim = false");
+        let v = body(&open.ok_reply("s", &proven(false), &creds(), true));
+        assert_eq!(v["bridged"], true);
+        assert_eq!(v["data_topic"], "onboard/data/s");
+        assert!(!v.to_string().contains("tok$1"), "{v}");
+    }
+
+    #[tokio::test]
+    async fn a_reply_goes_to_the_routes_topic_with_its_correlation_data_and_tag() {
+        let (outbox, rec) = outbox("");
+        let route = Route {
+            response_topic: Some("onboard/reply/s/r1".into()),
+            correlation_data: Some(b"c1".to_vec()),
+            ..Route::default()
+        };
+        let tag = DeliveryTag {
+            sensor: "s".into(),
+            generation: 3,
+        };
+        let reply = Reply::pending("s", 2, None);
+        outbox.send("s", &route, reply, Some(tag.clone())).await;
+        outbox
+            .send("s", &Route::default(), Reply::pending("s", 2, None), None)
+            .await;
+        let sent = rec.sent.lock().unwrap().clone();
+        assert_eq!(sent[0].topic, "onboard/reply/s/r1");
+        assert_eq!(sent[0].correlation.as_deref(), Some(&b"c1"[..]));
+        assert_eq!(sent[0].track, Some(tag));
+        assert_eq!(sent[1].topic, "onboard/reply/s", "the default reply topic");
+        assert_eq!(rec.replies()[1].1["status"], "pending");
+    }
+
+    #[test]
+    fn only_a_created_records_reply_is_tracked_for_delivery() {
+        let spec = crate::announce::test_spec();
+        let pending = Record::pending(spec, Route::default(), 9, 1);
+        assert_eq!(delivery_tag("s", &pending), None);
+        let created = pending.created(creds(), Origin::Created, 2).unwrap();
+        assert_eq!(
+            delivery_tag("s", &created),
+            Some(DeliveryTag {
+                sensor: "s".into(),
+                generation: 9
+            })
+        );
+        assert_eq!(delivery_tag("s", &created.delivered(3).unwrap()), None);
     }
 }

@@ -270,7 +270,7 @@ impl Engine {
         }
         let mut seq = d.tree.wrote();
         for t in &change.new_topics {
-            self.outbox.mqtt().follow(t);
+            self.outbox.publisher().follow(t);
         }
         if change.active {
             seq = seq.max(self.onboard_discovered(&change.known)?);
@@ -380,7 +380,7 @@ impl Engine {
         };
         let topics = d.registry().topics();
         for t in &topics {
-            self.outbox.mqtt().follow(t);
+            self.outbox.publisher().follow(t);
         }
         topics.len()
     }

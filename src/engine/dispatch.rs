@@ -411,7 +411,7 @@ impl Engine {
                 }
             }
             tokio::select! {
-                r = self.outbox.mqtt().ack(&item.publish) => {
+                r = self.outbox.publisher().ack(&item.publish) => {
                     if let Err(e) = r {
                         tracing::debug!(error = %e, "cannot queue an ack: {e}");
                     }

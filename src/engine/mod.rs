@@ -18,6 +18,7 @@ mod delivery;
 mod discovered;
 mod dispatch;
 mod forget;
+mod publisher;
 mod rejections;
 mod worker;
 
@@ -30,7 +31,6 @@ use crate::bridge::{Bridge, DataTopic};
 use crate::clock::Clock;
 use crate::cloud::Cloud;
 use crate::config::Config;
-use crate::mqtt::Mqtt;
 use crate::onboarding::Record;
 use crate::security::Gatekeeper;
 use crate::store::{Store, StoreError};
@@ -39,6 +39,7 @@ pub use delivery::Outbox;
 use discovered::Discovery;
 pub use dispatch::{AckItem, MAX_CORRELATION_DATA_BYTES, MAX_RESPONSE_TOPIC_BYTES};
 pub use forget::forget_stored;
+pub use publisher::{Outgoing, Pending, Publisher};
 use rejections::Rejections;
 use worker::{CloudHealth, Onboardings};
 
@@ -127,7 +128,7 @@ impl Engine {
         clock: Clock,
         store: Store,
         cloud: Cloud,
-        mqtt: Mqtt,
+        publisher: Arc<dyn Publisher>,
         bridge: Option<Bridge>,
         shutdown: Shutdown,
     ) -> Result<Arc<Engine>, StoreError> {
@@ -138,7 +139,7 @@ impl Engine {
             onboardings: Onboardings::new(&cfg),
             health: CloudHealth::default(),
             rejections: Rejections::default(),
-            outbox: Outbox::new(&cfg, mqtt),
+            outbox: Outbox::new(&cfg, publisher),
             gate: Gatekeeper::new(&cfg),
             cfg,
             clock,
