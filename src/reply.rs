@@ -1,7 +1,7 @@
 //! The answers onboardd publishes to a sensor, and where they go.
 //!
 //! A reply is the only place a device token is ever written out, and it goes out
-//! sealed for its sensor ([`crate::proof`]) unless proofs are off and the announce
+//! sealed for its sensor (see the `proof` module) unless proofs are off and the announce
 //! carried none.
 
 use serde::{Deserialize, Serialize};
@@ -108,7 +108,7 @@ pub enum TokenField {
     /// `security.require_claim = false`.
     #[serde(rename = "device_token")]
     Clear(Token),
-    /// `"device_token_sealed"`: hex(nonce ‖ ciphertext ‖ tag), see [`crate::proof`].
+    /// `"device_token_sealed"`: hex(nonce ‖ ciphertext ‖ tag), see the `proof` module.
     #[serde(rename = "device_token_sealed")]
     Sealed(String),
 }
