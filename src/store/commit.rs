@@ -1,0 +1,178 @@
+//! Group commit: every write gets a sequence number, and one flusher task makes
+//! the writes that someone waits for durable, many at a time.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+
+use super::{Store, StoreError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FlushState {
+    flushed: u64,
+    failed: bool,
+}
+
+pub(super) struct Flusher {
+    /// Sequence number of the last completed write.
+    written: AtomicU64,
+    /// The highest write a `durable` caller waits for. Only these make a flush:
+    /// writes nobody waits for (a delivered mark, a forwarded reading's removal) ride
+    /// along with the next flush or sled's own every second, so they cost no extra
+    /// fsync (SD-card wear).
+    wanted: AtomicU64,
+    state: watch::Sender<FlushState>,
+    wake: Notify,
+    /// Flushes done, for tests.
+    #[cfg(test)]
+    flushes: AtomicU64,
+}
+
+impl Flusher {
+    /// Starts the flusher task for `db`; cancelling the token stops it (and so
+    /// releases the database).
+    pub(super) fn start(db: &sled::Db) -> (Arc<Flusher>, CancellationToken) {
+        let (state, _) = watch::channel(FlushState {
+            flushed: 0,
+            failed: false,
+        });
+        let flusher = Arc::new(Flusher {
+            written: AtomicU64::new(0),
+            wanted: AtomicU64::new(0),
+            state,
+            wake: Notify::new(),
+            #[cfg(test)]
+            flushes: AtomicU64::new(0),
+        });
+        let closer = CancellationToken::new();
+        tokio::spawn(run_flusher(db.clone(), flusher.clone(), closer.clone()));
+        (flusher, closer)
+    }
+}
+
+impl Store {
+    pub(super) fn wrote(&self) -> u64 {
+        self.flusher.written.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// The sequence number of the latest write, for waiting on everything so far.
+    pub fn last_write(&self) -> u64 {
+        self.flusher.written.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once write `seq` is on disk. Many waiters share one flush.
+    pub async fn durable(&self, seq: u64) -> Result<(), StoreError> {
+        let mut rx = self.flusher.state.subscribe();
+        {
+            let s = *rx.borrow();
+            if s.failed {
+                return Err(StoreError::Flush("an earlier flush failed".into()));
+            }
+            if s.flushed >= seq {
+                return Ok(());
+            }
+        }
+        self.flusher.wanted.fetch_max(seq, Ordering::SeqCst);
+        self.flusher.wake.notify_one();
+        let s = rx
+            .wait_for(|s| s.failed || s.flushed >= seq)
+            .await
+            .map_err(|_| StoreError::Flush("the flusher stopped".into()))?;
+        if s.failed {
+            Err(StoreError::Flush("flush failed".into()))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Flushes everything written so far (shutdown, CLI writes).
+    pub async fn flush_all(&self) -> Result<(), StoreError> {
+        self.durable(self.last_write()).await
+    }
+}
+
+async fn run_flusher(db: sled::Db, f: Arc<Flusher>, closer: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = f.wake.notified() => {}
+            _ = closer.cancelled() => return,
+        }
+        loop {
+            if f.wanted.load(Ordering::SeqCst) <= f.state.borrow().flushed {
+                break;
+            }
+            // Everything written so far is covered by this flush, waited for or not.
+            let target = f.written.load(Ordering::SeqCst);
+            let db2 = db.clone();
+            let result = tokio::task::spawn_blocking(move || db2.flush()).await;
+            match result {
+                Ok(Ok(_)) => {
+                    #[cfg(test)]
+                    f.flushes.fetch_add(1, Ordering::Relaxed);
+                    f.state.send_modify(|s| s.flushed = s.flushed.max(target));
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "flushing the database failed");
+                    f.state.send_modify(|s| s.failed = true);
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "the flush task died");
+                    f.state.send_modify(|s| s.failed = true);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::{cfg, pending};
+    use super::*;
+
+    #[tokio::test]
+    async fn many_waiters_share_flushes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = Store::open(&cfg(dir.path())).unwrap();
+        let mut waits = Vec::new();
+        for i in 0..200 {
+            let rec = pending();
+            let seq = s.insert_new(&format!("s{i}"), &rec).unwrap().unwrap();
+            let s2 = s.clone();
+            waits.push(tokio::spawn(async move { s2.durable(seq).await }));
+        }
+        for w in waits {
+            w.await.unwrap().unwrap();
+        }
+        assert_eq!(s.len(), 200);
+    }
+
+    #[tokio::test]
+    async fn writes_nobody_waits_for_cost_no_flush_of_their_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = Store::open(&cfg(dir.path())).unwrap();
+        let seq = s.insert_new("a", &pending()).unwrap().unwrap();
+        s.durable(seq).await.unwrap();
+        let flushes = || s.flusher.flushes.load(Ordering::Relaxed);
+        assert_eq!(flushes(), 1);
+        // Marks and removals that nobody awaits: no flush.
+        for i in 0..20 {
+            s.update("a", |r| r.retry_later(i, None, true, i).ok())
+                .unwrap();
+        }
+        s.insert_new("b", &pending()).unwrap();
+        tokio::task::yield_now().await;
+        assert_eq!(flushes(), 1);
+        // The next awaited write covers them all in one flush.
+        let seq = s.update("b", |r| r.creating(9).ok()).unwrap().unwrap().1;
+        s.durable(seq).await.unwrap();
+        assert_eq!(flushes(), 2);
+        assert!(
+            s.durable(seq - 1).await.is_ok(),
+            "earlier writes are durable too"
+        );
+    }
+}

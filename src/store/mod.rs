@@ -1,0 +1,128 @@
+//! The durable per-sensor state, in sled 0.34: the [`Store`] facade and its errors.
+//!
+//! sled makes nothing durable on return: only `flush` fsyncs. Every write here
+//! returns a sequence number, and [`Store::durable`] waits until a flush has covered
+//! it. One flusher task serves all waiters, so concurrent onboardings share one
+//! fsync (group commit) instead of each paying for its own. `flush_async` can
+//! deadlock in 0.34, so the flush runs in `spawn_blocking`. Any sled error is
+//! returned, and callers treat it as fatal: sled's own flusher stops silently after
+//! an I/O error, so carrying on would lose data.
+//!
+//! One concern per file: `open` (open, recovery, move-aside, lock retry), `commit`
+//! (group commit), `records` (sensor records and their indexes), `trees` (the side
+//! trees other modules keep in the same database).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio_util::sync::DropGuard;
+
+use crate::onboarding::Record;
+
+mod commit;
+mod open;
+mod records;
+mod trees;
+
+pub use open::OPEN_PANICKED;
+pub use trees::{ReadingsTree, RETIRED_PREFIX};
+
+use commit::Flusher;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("stored record of sensor {sensor} is unreadable: {message}")]
+    Decode { sensor: String, message: String },
+    #[error("the database at {path} is in use by another process (is onboardd already running?)")]
+    Locked { path: PathBuf },
+    #[error("cannot open the database at {path}: {message}")]
+    Open { path: PathBuf, message: String },
+    #[error("flushing the database to disk failed: {0}")]
+    Flush(String),
+}
+
+/// The sensor store. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    /// The database itself: flushes and unique ids.
+    db: sled::Db,
+    sensors: sled::Tree,
+    /// Index of sensors in Pending/Creating: the restart resumes these without
+    /// reading every record (start-up time does not grow with the fleet).
+    pending: sled::Tree,
+    /// Index of sensors whose ok reply the broker has not acknowledged yet.
+    undelivered: sled::Tree,
+    /// Records that could not be decoded, kept for inspection, out of the way.
+    quarantine: sled::Tree,
+    /// sensor id → its credentials only: what a re-announce needs, a fraction of the
+    /// record, so answering a large fleet does not pull every full record into memory.
+    creds: sled::Tree,
+    /// Index of bridged sensors: re-announces and the bridge's start read it, not
+    /// every record.
+    bridged: sled::Tree,
+    flusher: Arc<Flusher>,
+    /// Stops the flusher (and so releases the database) when the last clone goes.
+    _closer: Arc<DropGuard>,
+}
+
+/// How the database was opened, for the start-up log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpenOutcome {
+    Opened,
+    /// The old directory was unreadable and moved here; a new one was made.
+    RebuiltAfterCorruption {
+        moved_to: PathBuf,
+    },
+}
+
+fn encode(rec: &Record) -> Vec<u8> {
+    serde_json::to_vec(rec).expect("a record is plain data and always serializes")
+}
+
+fn decode(key: &[u8], bytes: &[u8]) -> Result<Record, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Decode {
+        sensor: String::from_utf8_lossy(key).into_owned(),
+        message: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod test_support {
+    use std::path::Path;
+
+    use crate::announce::DeviceSpec;
+    use crate::config::StoreConfig;
+    use crate::device::{Credentials, Token};
+    use crate::onboarding::{Origin, Record};
+    use crate::reply::Route;
+
+    pub fn pending() -> Record {
+        Record::pending(spec(), Route::default(), 1, 1)
+    }
+
+    pub fn created() -> Record {
+        pending()
+            .created(
+                Credentials {
+                    device_id: "d".into(),
+                    device_token: Token("t".into()),
+                },
+                Origin::Created,
+                2,
+            )
+            .unwrap()
+    }
+
+    fn spec() -> DeviceSpec {
+        crate::announce::test_spec()
+    }
+
+    pub fn cfg(dir: &Path) -> StoreConfig {
+        StoreConfig {
+            path: dir.join("db").display().to_string(),
+            cache_capacity_bytes: 1 << 20,
+        }
+    }
+}

@@ -1,0 +1,356 @@
+//! Sensor records and their indexes: the one place a record is read, created,
+//! changed (compare-and-swap) or removed.
+
+use super::{decode, encode, Store, StoreError};
+use crate::device::Credentials;
+use crate::onboarding::{Record, State};
+
+impl Store {
+    pub fn get(&self, sensor: &str) -> Result<Option<Record>, StoreError> {
+        match self.sensors.get(sensor.as_bytes())? {
+            Some(v) => self.decode_or_quarantine(sensor.as_bytes(), &v),
+            None => Ok(None),
+        }
+    }
+
+    /// A number never handed out before in this database (survives restarts): the
+    /// `generation` of a new onboarding.
+    pub fn next_generation(&self) -> Result<u64, StoreError> {
+        Ok(self.db.generate_id()?)
+    }
+
+    /// A record that cannot be decoded is moved to the quarantine tree and treated
+    /// as unknown: the lookup before create then adopts the sensor's device. Failing
+    /// instead would make systemd restart into the same failure forever.
+    fn decode_or_quarantine(&self, key: &[u8], bytes: &[u8]) -> Result<Option<Record>, StoreError> {
+        match decode(key, bytes) {
+            Ok(rec) => Ok(Some(rec)),
+            Err(e) => {
+                tracing::error!(error = %e, "UNREADABLE RECORD moved to quarantine; the sensor is re-adopted from Qubitro on its next announce");
+                self.quarantine.insert(key, bytes)?;
+                self.creds.remove(key)?;
+                self.sensors.remove(key)?;
+                self.pending.remove(key)?;
+                self.undelivered.remove(key)?;
+                self.bridged.remove(key)?;
+                self.wrote();
+                Ok(None)
+            }
+        }
+    }
+
+    /// Index entries are added before the record changes and removed after, so a
+    /// crash in between leaves a stale entry (cleaned when read), never a missing one.
+    fn index_before(&self, key: &[u8], rec: &Record) -> Result<(), StoreError> {
+        match rec.state {
+            State::Pending | State::Creating => {
+                self.pending.insert(key, &[1u8])?;
+            }
+            State::Created { .. } => {
+                self.undelivered.insert(key, &[1u8])?;
+            }
+            State::Delivered { .. } => {}
+        }
+        if rec.bridged {
+            self.bridged.insert(key, &[1u8])?;
+        }
+        Ok(())
+    }
+
+    /// After the record: stale index entries go, and the credentials shortcut is
+    /// written (a crash before it leaves a record without the shortcut, and the full
+    /// record still answers).
+    fn index_after(&self, key: &[u8], rec: &Record) -> Result<(), StoreError> {
+        if !rec.state.is_unfinished() {
+            self.pending.remove(key)?;
+        }
+        if !matches!(rec.state, State::Created { .. }) {
+            self.undelivered.remove(key)?;
+        }
+        if !rec.bridged {
+            self.bridged.remove(key)?;
+        }
+        if let Some(c) = rec.credentials() {
+            self.creds.insert(
+                key,
+                serde_json::to_vec(c).expect("credentials always serialize"),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Sensors whose onboarding is unfinished (Pending or Creating).
+    pub fn unfinished(&self) -> Result<Vec<(String, Record)>, StoreError> {
+        self.indexed(&self.pending, |r| r.state.is_unfinished())
+    }
+
+    /// Sensors whose ok reply the broker has not acknowledged (Created).
+    pub fn undelivered(&self) -> Result<Vec<(String, Record)>, StoreError> {
+        self.indexed(&self.undelivered, |r| {
+            matches!(r.state, State::Created { .. })
+        })
+    }
+
+    /// Bridged sensors, with their records.
+    pub fn bridged(&self) -> Result<Vec<(String, Record)>, StoreError> {
+        self.indexed(&self.bridged, |r| r.bridged)
+    }
+
+    /// Whether the sensor is bridged (an index read, not a record read).
+    pub fn is_bridged(&self, sensor: &str) -> Result<bool, StoreError> {
+        Ok(self.bridged.contains_key(sensor.as_bytes())?)
+    }
+
+    /// Whether the sensor's ok reply still waits for the broker's acknowledgement
+    /// (an index read, not a record read).
+    pub fn is_undelivered(&self, sensor: &str) -> Result<bool, StoreError> {
+        Ok(self.undelivered.contains_key(sensor.as_bytes())?)
+    }
+
+    fn indexed(
+        &self,
+        index: &sled::Tree,
+        wanted: impl Fn(&Record) -> bool,
+    ) -> Result<Vec<(String, Record)>, StoreError> {
+        let mut out = Vec::new();
+        for item in index.iter() {
+            let (k, _) = item?;
+            let sensor = String::from_utf8_lossy(&k).into_owned();
+            match self.get(&sensor)? {
+                Some(rec) if wanted(&rec) => out.push((sensor, rec)),
+                _ => {
+                    index.remove(&k)?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records a new sensor unless one is already recorded. `Some(seq)` when inserted.
+    pub fn insert_new(&self, sensor: &str, rec: &Record) -> Result<Option<u64>, StoreError> {
+        let key = sensor.as_bytes();
+        self.index_before(key, rec)?;
+        let swapped = self
+            .sensors
+            .compare_and_swap(key, None::<&[u8]>, Some(encode(rec)))?;
+        match swapped {
+            Ok(()) => {
+                self.index_after(key, rec)?;
+                Ok(Some(self.wrote()))
+            }
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// The credentials of an onboarded sensor, from the compact tree; `None` when
+    /// the sensor is not (yet) onboarded or the shortcut is missing.
+    pub fn credentials(&self, sensor: &str) -> Result<Option<Credentials>, StoreError> {
+        match self.creds.get(sensor.as_bytes())? {
+            Some(v) => Ok(serde_json::from_slice(&v).ok()),
+            None => Ok(None),
+        }
+    }
+
+    /// The one way a stored record changes: compare-and-swap against the bytes
+    /// that `next` was shown, retried if another writer got there first. `next`
+    /// returns the new record, or `None` to leave it as it is (a record of another
+    /// generation, a transition that no longer applies). Nothing is written when
+    /// the sensor is unknown. Returns the new record and its write's sequence number.
+    pub fn update(
+        &self,
+        sensor: &str,
+        mut next: impl FnMut(&Record) -> Option<Record>,
+    ) -> Result<Option<(Record, u64)>, StoreError> {
+        let key = sensor.as_bytes();
+        loop {
+            let Some(old) = self.sensors.get(key)? else {
+                return Ok(None);
+            };
+            let Some(current) = self.decode_or_quarantine(key, &old)? else {
+                return Ok(None);
+            };
+            let Some(new) = next(&current) else {
+                return Ok(None);
+            };
+            self.index_before(key, &new)?;
+            if self
+                .sensors
+                .compare_and_swap(key, Some(&old), Some(encode(&new)))?
+                .is_ok()
+            {
+                self.index_after(key, &new)?;
+                let seq = self.wrote();
+                return Ok(Some((new, seq)));
+            }
+        }
+    }
+
+    /// Deletes a sensor's record (forget, or a create Qubitro rejected). With
+    /// `generation`, only that onboarding is deleted, not a newer one.
+    pub fn remove(
+        &self,
+        sensor: &str,
+        generation: Option<u64>,
+    ) -> Result<Option<Record>, StoreError> {
+        let key = sensor.as_bytes();
+        loop {
+            let Some(old) = self.sensors.get(key)? else {
+                return Ok(None);
+            };
+            let rec = decode(key, &old).ok();
+            if let (Some(g), Some(r)) = (generation, &rec) {
+                if r.generation != g {
+                    return Ok(None);
+                }
+            }
+            // The shortcut first: it must never outlive the record.
+            self.creds.remove(key)?;
+            if self
+                .sensors
+                .compare_and_swap(key, Some(&old), None::<&[u8]>)?
+                .is_ok()
+            {
+                self.pending.remove(key)?;
+                self.undelivered.remove(key)?;
+                self.bridged.remove(key)?;
+                self.wrote();
+                return Ok(rec);
+            }
+        }
+    }
+
+    /// Reads every record (sled has no count): for tests, never for a hot path.
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.sensors.len()
+    }
+
+    #[cfg(test)]
+    pub(super) fn is_empty(&self) -> bool {
+        self.sensors.is_empty()
+    }
+
+    /// All readable records in sensor-id order (unreadable ones are quarantined).
+    pub fn scan(&self) -> impl Iterator<Item = Result<(String, Record), StoreError>> + '_ {
+        self.sensors.iter().filter_map(|item| {
+            let (k, v) = match item {
+                Ok(kv) => kv,
+                Err(e) => return Some(Err(e.into())),
+            };
+            match self.decode_or_quarantine(&k, &v) {
+                Ok(Some(rec)) => Some(Ok((String::from_utf8_lossy(&k).into_owned(), rec))),
+                Ok(None) => None,
+                Err(e) => Some(Err(e)),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::{cfg, created, pending};
+    use super::*;
+
+    #[tokio::test]
+    async fn insert_new_refuses_a_second_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = Store::open(&cfg(dir.path())).unwrap();
+        let rec = pending();
+        let seq = s.insert_new("a", &rec).unwrap().unwrap();
+        assert!(s.insert_new("a", &rec).unwrap().is_none());
+        s.durable(seq).await.unwrap();
+        assert_eq!(s.get("a").unwrap().unwrap().state, State::Pending);
+    }
+
+    #[tokio::test]
+    async fn update_changes_only_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = Store::open(&cfg(dir.path())).unwrap();
+        s.insert_new("a", &pending()).unwrap();
+        assert!(s.update("a", |_| None).unwrap().is_none());
+        let (r, _) = s
+            .update("a", |r| r.retry_later(5, None, true, 9).ok())
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.attempts, 1);
+        assert_eq!(s.get("a").unwrap().unwrap(), r);
+        assert!(s.update("missing", |r| Some(r.clone())).unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn the_bridged_index_follows_the_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = Store::open(&cfg(dir.path())).unwrap();
+        s.insert_new("a", &pending()).unwrap();
+        s.insert_new("b", &pending().bridged(1).unwrap()).unwrap();
+        assert!(!s.is_bridged("a").unwrap());
+        assert!(s.is_bridged("b").unwrap());
+        s.update("a", |r| r.bridged(2)).unwrap();
+        let names: Vec<String> = s.bridged().unwrap().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(names, ["a", "b"]);
+        s.remove("a", None).unwrap();
+        assert!(!s.is_bridged("a").unwrap());
+    }
+
+    #[tokio::test]
+    async fn remove_with_a_generation_spares_a_newer_onboarding() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = Store::open(&cfg(dir.path())).unwrap();
+        s.insert_new("a", &pending()).unwrap();
+        assert!(s.remove("a", Some(99)).unwrap().is_none());
+        assert!(s.get("a").unwrap().is_some());
+        assert!(s.remove("a", Some(1)).unwrap().is_some());
+        assert!(s.get("a").unwrap().is_none());
+        assert!(s.remove("a", None).unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn generations_are_never_handed_out_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = Store::open(&cfg(dir.path())).unwrap();
+        let a = s.next_generation().unwrap();
+        let b = s.next_generation().unwrap();
+        assert_ne!(a, b);
+    }
+
+    #[tokio::test]
+    async fn indexes_follow_the_phase() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = Store::open(&cfg(dir.path())).unwrap();
+        s.insert_new("a", &pending()).unwrap();
+        s.insert_new("b", &pending()).unwrap();
+        assert_eq!(s.unfinished().unwrap().len(), 2);
+        s.update("a", |_| Some(created())).unwrap();
+        let names = |v: Vec<(String, Record)>| v.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
+        assert_eq!(names(s.unfinished().unwrap()), vec!["b"]);
+        assert_eq!(names(s.undelivered().unwrap()), vec!["a"]);
+        assert!(s.is_undelivered("a").unwrap());
+        s.update("a", |r| r.delivered(3).ok()).unwrap();
+        assert!(s.undelivered().unwrap().is_empty());
+        assert!(!s.is_undelivered("a").unwrap());
+        s.remove("b", None).unwrap();
+        assert!(s.unfinished().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn credentials_shortcut_follows_the_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = Store::open(&cfg(dir.path())).unwrap();
+        s.insert_new("a", &pending()).unwrap();
+        assert!(s.credentials("a").unwrap().is_none());
+        s.update("a", |_| Some(created())).unwrap();
+        assert_eq!(s.credentials("a").unwrap().unwrap().device_id, "d");
+        s.remove("a", None).unwrap();
+        assert!(s.credentials("a").unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_record_is_quarantined_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = Store::open(&cfg(dir.path())).unwrap();
+        s.sensors.insert(b"bad", b"{not json").unwrap();
+        assert!(s.get("bad").unwrap().is_none());
+        assert_eq!(s.quarantine.len(), 1);
+        assert!(s.is_empty());
+    }
+}
