@@ -18,6 +18,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use super::publisher::{Outgoing, Publisher};
+use super::records::{self, Transition};
 use super::Engine;
 use crate::bridge::DataTopic;
 use crate::config::{Config, Secret};
@@ -189,11 +190,13 @@ impl Engine {
             Acked::Delivered => {
                 let now = self.clock.wall_ms();
                 // No flush: should it be lost, the reply is only published again.
-                self.store.update(sensor, |r| {
-                    (r.generation == tag.generation)
-                        .then(|| r.delivered(now).ok())
-                        .flatten()
-                })?;
+                records::apply(
+                    &self.store,
+                    sensor,
+                    tag.generation,
+                    &Transition::Delivered,
+                    now,
+                )?;
             }
             Acked::NoSubscribers => {
                 tracing::debug!(

@@ -18,6 +18,7 @@ use rumqttc::v5::mqttbytes::v5::Publish;
 use serde_json::Value;
 
 use super::dispatch::Decision;
+use super::records::{self, Transition};
 use super::Engine;
 use crate::announce::{
     Announce, DeviceSpec, MAX_BRAND_MODEL_CHARS, MAX_METADATA_VALUE_CHARS, MAX_NAME_CHARS,
@@ -295,12 +296,19 @@ impl Engine {
     /// wait for (0: none).
     fn onboard_discovered(self: &Arc<Self>, known: &Known) -> Result<u64, StoreError> {
         let sensor = known.sensor_id.as_str();
-        if self.store.get(sensor)?.is_some() {
+        if let Some(rec) = self.store.get(sensor)? {
             // Made before (a re-published or re-read config, a restart): nothing
             // new, but it must be bridged (an operator may have forgotten and a
             // firmware re-announced it in between).
             let now = self.clock.wall_ms();
-            return Ok(match self.store.update(sensor, |r| r.bridged(now))? {
+            let bridged = records::apply(
+                &self.store,
+                sensor,
+                rec.generation,
+                &Transition::Bridged,
+                now,
+            )?;
+            return Ok(match bridged.written() {
                 Some((rec, seq)) => {
                     self.bridge_device(sensor, &rec);
                     seq

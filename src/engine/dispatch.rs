@@ -16,6 +16,7 @@ use rumqttc::v5::mqttbytes::QoS;
 use tokio::sync::mpsc;
 
 use super::delivery::delivery_tag;
+use super::records::{self, Transition};
 use super::Engine;
 use crate::announce::{self, AnnounceError};
 use crate::bridge::{AcceptError, Bridge};
@@ -305,8 +306,18 @@ impl Engine {
         if !wants {
             return Ok((false, 0));
         }
+        let Some(rec) = self.store.get(sensor)? else {
+            return Ok((false, 0));
+        };
         let now = self.clock.wall_ms();
-        match self.store.update(sensor, |r| r.bridged(now))? {
+        let applied = records::apply(
+            &self.store,
+            sensor,
+            rec.generation,
+            &Transition::Bridged,
+            now,
+        )?;
+        match applied.written() {
             Some((rec, seq)) => {
                 tracing::info!(sensor_id = sensor, "sensor {sensor} is bridged from now on");
                 self.bridge_device(sensor, &rec);

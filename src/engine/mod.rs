@@ -19,6 +19,7 @@ mod discovered;
 mod dispatch;
 mod forget;
 mod publisher;
+pub mod records;
 mod rejections;
 mod worker;
 

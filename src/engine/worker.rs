@@ -6,9 +6,9 @@
 //! create anywhere leaves a state from which the restart neither loses the sensor
 //! nor creates a second device.
 //!
-//! Every write is a compare-and-swap on the record of the same generation: when the
-//! operator forgot the sensor meanwhile, the write finds nothing to change and the
-//! task stops, so `forget` always wins.
+//! Every write goes through [`records::apply`] on the record of the generation the
+//! task started with: when the operator forgot the sensor meanwhile, the write
+//! finds nothing to change and the task stops, so `forget` always wins.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -18,6 +18,7 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
+use super::records::{self, Transition};
 use super::Engine;
 use crate::backoff::Backoff;
 use crate::cloud::CloudError;
@@ -25,7 +26,7 @@ use crate::config::{Config, LookupPolicy};
 use crate::device::Credentials;
 use crate::failpoint;
 use crate::metrics;
-use crate::onboarding::{Invalid, Origin, Record, State};
+use crate::onboarding::{Origin, Record, State};
 use crate::reply::{Reply, ReplyCode, Route};
 use crate::store::StoreError;
 
@@ -298,8 +299,7 @@ impl Engine {
         let rec = if rec.state == State::Pending {
             // On disk before the request leaves: after a crash from here on, the
             // restart looks the sensor up instead of blindly creating again.
-            let now = self.clock.wall_ms();
-            let Some((rec, seq)) = self.transition(sensor, &rec, |r| r.creating(now))? else {
+            let Some((rec, seq)) = self.transition(sensor, &rec, Transition::Creating)? else {
                 return Ok(Next::Done);
             };
             self.store.durable(seq).await?;
@@ -317,33 +317,16 @@ impl Engine {
         }
     }
 
-    /// Applies one transition to the sensor's record of `rec`'s generation. `None`
-    /// when the sensor was forgotten meanwhile (nothing written). A transition the
-    /// state machine refuses means the record changed under its only writer: it is
-    /// logged and the task ends rather than guess.
+    /// Applies one transition to the record the task works on ([`records::apply`]).
+    /// `None`: nothing written (forgotten meanwhile, or a refused move, logged).
     fn transition(
         &self,
         sensor: &str,
         rec: &Record,
-        apply: impl Fn(&Record) -> Result<Record, Invalid>,
+        t: Transition,
     ) -> Result<Option<(Record, u64)>, StoreError> {
-        let mut refused = None;
-        let written = self.store.update(sensor, |current| {
-            if current.generation != rec.generation {
-                return None;
-            }
-            match apply(current) {
-                Ok(next) => Some(next),
-                Err(e) => {
-                    refused = Some(e);
-                    None
-                }
-            }
-        })?;
-        if let Some(e) = refused {
-            tracing::error!(sensor_id = sensor, error = %e, "onboarding step refused: {e}");
-        }
-        Ok(written)
+        let now = self.clock.wall_ms();
+        Ok(records::apply(&self.store, sensor, rec.generation, &t, now)?.written())
     }
 
     /// Stores the credentials durably, then publishes them.
@@ -356,9 +339,11 @@ impl Engine {
     ) -> Result<Next, StoreError> {
         self.health.answered();
         let now = self.clock.wall_ms();
-        let Some((rec, seq)) =
-            self.transition(sensor, rec, |r| r.created(creds.clone(), origin, now))?
-        else {
+        let created = Transition::Created {
+            credentials: creds.clone(),
+            origin,
+        };
+        let Some((rec, seq)) = self.transition(sensor, rec, created)? else {
             tracing::warn!(
                 sensor_id = sensor,
                 device_id = %creds.device_id,
@@ -442,7 +427,7 @@ impl Engine {
                 self.health.answered();
                 // The create can never succeed as sent: forget the sensor so that a
                 // corrected announce starts afresh, and say why.
-                if self.store.remove(sensor, Some(rec.generation))?.is_none() {
+                if !records::abandon(&self.store, sensor, rec.generation)? {
                     return Ok(Next::Done); // forgotten meanwhile
                 }
                 metrics::error();
@@ -494,12 +479,13 @@ impl Engine {
         reason: Option<String>,
         failure: bool,
     ) -> Result<Next, StoreError> {
-        let now = self.clock.wall_ms();
         let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
-        let Some((rec, _)) = self.transition(sensor, rec, |r| {
-            r.retry_later(wait_ms, reason.clone(), failure, now)
-        })?
-        else {
+        let retry = Transition::RetryLater {
+            wait_ms,
+            reason,
+            failure,
+        };
+        let Some((rec, _)) = self.transition(sensor, rec, retry)? else {
             return Ok(Next::Done);
         };
         metrics::pending_reply();
