@@ -46,6 +46,36 @@ impl Origin {
     }
 }
 
+/// Where a record came from, fixed at its creation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Provenance {
+    /// Our firmware announced it.
+    #[default]
+    Firmware,
+    /// Discovery found it (Home Assistant or Tasmota): no firmware of ours listens
+    /// for its replies.
+    Discovered,
+}
+
+impl Provenance {
+    /// For records written before provenance was stored: discovery alone sets a
+    /// `discovered_by` entry together with a discovery sensor id (`ha-…`,
+    /// `tasmota-…`; announces may not set `sensor_id` themselves).
+    fn derive(spec: &DeviceSpec) -> Provenance {
+        let by_discovery = spec.metadata.contains_key("discovered_by")
+            && spec
+                .metadata
+                .get("sensor_id")
+                .is_some_and(|id| crate::discovery::is_discovery_id(id));
+        if by_discovery {
+            Provenance::Discovered
+        } else {
+            Provenance::Firmware
+        }
+    }
+}
+
 /// Where a sensor is in its onboarding.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "is", rename_all = "snake_case")]
@@ -112,12 +142,29 @@ pub struct Record {
     /// The gateway forwards this sensor's readings (it asked with `"bridge": true`):
     /// its replies never carry the token. Stays on until `devices forget`.
     pub bridged: bool,
+    pub provenance: Provenance,
+    /// A discovered device with no entity left: kept (with its Qubitro device),
+    /// shown `retired`, its readings no longer forwarded, until an entity returns.
+    pub retired: bool,
 }
 
 impl Record {
     /// A newly announced sensor.
     pub fn pending(spec: DeviceSpec, route: Route, generation: u64, now_ms: u64) -> Record {
+        Record::pending_from(Provenance::Firmware, spec, route, generation, now_ms)
+    }
+
+    /// A new sensor, announced or discovered.
+    pub fn pending_from(
+        provenance: Provenance,
+        spec: DeviceSpec,
+        route: Route,
+        generation: u64,
+        now_ms: u64,
+    ) -> Record {
         Record {
+            provenance,
+            retired: false,
             state: State::Pending,
             spec,
             route,
@@ -140,6 +187,40 @@ impl Record {
             updated_ms: now_ms,
             ..self.clone()
         })
+    }
+
+    /// A discovered device lost its last entity. Only discovery retires, and only
+    /// what it found.
+    pub fn retired(&self, now_ms: u64) -> Result<Record, Invalid> {
+        if self.provenance != Provenance::Discovered {
+            return Err(Invalid {
+                from: "announced",
+                to: "retired",
+            });
+        }
+        Ok(Record {
+            retired: true,
+            updated_ms: now_ms,
+            ..self.clone()
+        })
+    }
+
+    /// A retired discovered device has an entity again.
+    pub fn reactivated(&self, now_ms: u64) -> Record {
+        Record {
+            retired: false,
+            updated_ms: now_ms,
+            ..self.clone()
+        }
+    }
+
+    /// The state shown to the operator (`devices list`): `retired` over the rest.
+    pub fn shown_state(&self) -> &'static str {
+        if self.retired {
+            "retired"
+        } else {
+            self.state.name()
+        }
     }
 
     /// Before a create is sent: from here on the sensor is looked up before any
@@ -273,6 +354,12 @@ mod wire {
         last_error: Option<String>,
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         bridged: bool,
+        /// Absent in records written before it was stored: derived once on read.
+        #[serde(default)]
+        provenance: Option<Provenance>,
+        /// Before 0.3 a mark in discovery's own tree said it (still honoured there).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        retired: bool,
     }
 
     #[derive(Deserialize)]
@@ -332,7 +419,10 @@ mod wire {
                     return Err("credentials with an empty device id or token".into());
                 }
             }
+            let provenance = w.provenance.unwrap_or_else(|| Provenance::derive(&w.spec));
             Ok(Record {
+                provenance,
+                retired: w.retired,
                 state,
                 spec: w.spec,
                 route: w.route,
@@ -362,6 +452,8 @@ mod wire {
                 updated_ms: r.updated_ms,
                 last_error: r.last_error,
                 bridged: r.bridged,
+                provenance: Some(r.provenance),
+                retired: r.retired,
             }
         }
     }
@@ -545,5 +637,59 @@ mod tests {
             r#"{{"state":{{"is":"created","device_id":"","device_token":"t","origin":"created"}},{base}}}"#
         );
         assert!(serde_json::from_str::<Record>(&empty).is_err());
+    }
+
+    #[test]
+    fn provenance_is_kept_and_older_records_derive_it_once_on_read() {
+        let found = Record::pending_from(Provenance::Discovered, spec(), Route::default(), 1, 1);
+        let back: Record = serde_json::from_slice(&serde_json::to_vec(&found).unwrap()).unwrap();
+        assert_eq!(back.provenance, Provenance::Discovered);
+
+        let old = |metadata: &str| -> Record {
+            serde_json::from_str(&format!(
+                r#"{{"state":{{"is":"pending"}},"spec":{{"name":"n","description":"d","brand":"Custom",
+                "model":"Custom","tags":[],"metadata":{metadata}}},"attempts":0,"next_attempt_ms":0,
+                "first_seen_ms":0,"updated_ms":0}}"#
+            ))
+            .unwrap()
+        };
+        let discovered = old(r#"{"discovered_by":"homeassistant","sensor_id":"ha-abc"}"#);
+        assert_eq!(discovered.provenance, Provenance::Discovered);
+        let firmware = old(r#"{"sensor_id":"ha-abc"}"#);
+        assert_eq!(firmware.provenance, Provenance::Firmware);
+        let claims_it = old(r#"{"discovered_by":"me","sensor_id":"cellar-1"}"#);
+        assert_eq!(
+            claims_it.provenance,
+            Provenance::Firmware,
+            "not a discovery id"
+        );
+        // Once read, it is written as it was derived.
+        let again: Record =
+            serde_json::from_slice(&serde_json::to_vec(&discovered).unwrap()).unwrap();
+        assert_eq!(again.provenance, Provenance::Discovered);
+    }
+
+    #[test]
+    fn only_a_discovered_record_retires_and_it_keeps_its_device() {
+        let created = pending().created(creds(), Origin::Created, 2).unwrap();
+        assert_eq!(
+            created.retired(3),
+            Err(Invalid {
+                from: "announced",
+                to: "retired"
+            })
+        );
+        let found = Record::pending_from(Provenance::Discovered, spec(), Route::default(), 1, 1)
+            .created(creds(), Origin::Created, 2)
+            .unwrap();
+        let retired = found.retired(3).unwrap();
+        assert_eq!(retired.shown_state(), "retired");
+        assert_eq!(retired.credentials(), Some(&creds()));
+        let back: Record = serde_json::from_slice(&serde_json::to_vec(&retired).unwrap()).unwrap();
+        assert_eq!(back, retired);
+        let active = retired.reactivated(4);
+        assert_eq!(active.shown_state(), "created");
+        let text = serde_json::to_string(&active).unwrap();
+        assert!(!text.contains("retired"), "{text}");
     }
 }

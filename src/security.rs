@@ -107,7 +107,14 @@ impl Gatekeeper {
     /// `known`: the store already holds the sensor (its announce causes no cloud
     /// call, so the flood limits do not apply).
     pub fn check(&self, a: &Announce, known: bool) -> Result<Proof, Denial> {
-        let proof = match &a.proof {
+        let proof = self.verify_proof(a)?;
+        self.check_rules(a, known)?;
+        Ok(proof)
+    }
+
+    /// The proof alone: valid, absent while allowed, or the refusal.
+    pub fn verify_proof(&self, a: &Announce) -> Result<Proof, Denial> {
+        Ok(match &a.proof {
             Some(p) => {
                 if self.claim_key.is_empty()
                     || !SensorKey::derive(&self.claim_key, &a.sensor_id).verify_proof(p)
@@ -123,9 +130,7 @@ impl Gatekeeper {
                 return Err(deny(ReplyCode::Unauthorized, "announce carries no proof"));
             }
             None => Proof::Absent,
-        };
-        self.check_rules(a, known)?;
-        Ok(proof)
+        })
     }
 
     /// The rules besides the proof: allow/deny lists, brand/model rules, the

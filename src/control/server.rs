@@ -138,7 +138,8 @@ pub async fn answer(req: Request, store: &Store, engine: Option<&Engine>) -> Res
     match req {
         Request::List { with_tokens } => {
             let mut devices = Vec::new();
-            // Discovered devices whose entities are all gone: kept, shown retired.
+            // Discovered devices whose entities are all gone are kept, shown retired
+            // (their records say so; a store written before also has marks).
             let retired = match store.retired_discovered() {
                 Ok(r) => r,
                 Err(e) => {

@@ -24,7 +24,7 @@ use crate::bridge::DataTopic;
 use crate::config::{Config, Secret};
 use crate::device::Credentials;
 use crate::mqtt::{Acked, DeliveryTag, SessionEvent};
-use crate::onboarding::{Record, State};
+use crate::onboarding::{Provenance, Record, State};
 use crate::proof::SensorKey;
 use crate::reply::{Broker, OkHow, Reply, Route, TokenField};
 
@@ -122,13 +122,6 @@ impl Outbox {
     }
 }
 
-/// Made by discovery: a discovery id and the metadata discovery sets. Asked only
-/// while discovery is on, when no announce may use such an id; with discovery off
-/// a firmware sensor named `ha-…` gets its reply as before.
-fn is_discovered(sensor: &str, rec: &Record) -> bool {
-    crate::discovery::is_discovery_id(sensor) && rec.spec.metadata.contains_key("discovered_by")
-}
-
 /// The tag of an ok reply: only a `Created` record's reply is tracked (a delivered
 /// one needs no proof again).
 pub(super) fn delivery_tag(sensor: &str, rec: &Record) -> Option<DeliveryTag> {
@@ -144,7 +137,7 @@ impl Engine {
         let Some(creds) = rec.credentials() else {
             return;
         };
-        if self.discovery.is_some() && is_discovered(sensor, rec) {
+        if self.discovery.is_some() && rec.provenance == Provenance::Discovered {
             // Nobody listens for a discovered device's reply (it has no firmware of
             // ours): its onboarding ends with the device made, instead of a reply
             // published to no one again at every reconnect.

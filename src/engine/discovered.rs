@@ -17,8 +17,9 @@ use std::time::Duration;
 use rumqttc::v5::mqttbytes::v5::Publish;
 use serde_json::Value;
 
+use super::admit::{Admitted, Refusal};
 use super::dispatch::Decision;
-use super::records::{self, Transition};
+use super::records::{self, Applied, Transition};
 use super::Engine;
 use crate::announce::{
     Announce, DeviceSpec, MAX_BRAND_MODEL_CHARS, MAX_METADATA_VALUE_CHARS, MAX_NAME_CHARS,
@@ -27,7 +28,7 @@ use crate::bridge::{AcceptError, Bridge};
 use crate::config::Config;
 use crate::discovery::registry::{ConfigEntry, Known};
 use crate::discovery::{homeassistant, tasmota, Parsed, Registry, Rules, Skip, Source};
-use crate::onboarding::Record;
+use crate::onboarding::Provenance;
 use crate::reply::Route;
 use crate::store::{ReadingsTree, Store, StoreError, RETIRED_PREFIX};
 
@@ -50,12 +51,17 @@ pub(super) struct Discovery {
 
 impl Discovery {
     /// Reads the registry back from the store; `None` when discovery is off.
-    pub(super) fn open(cfg: &Config, store: &Store) -> Result<Option<Discovery>, StoreError> {
+    pub(super) fn open(
+        cfg: &Config,
+        store: &Store,
+        now_ms: u64,
+    ) -> Result<Option<Discovery>, StoreError> {
         let d = &cfg.discovery;
         if !d.enabled() {
             return Ok(None);
         }
         let tree = store.discovery()?;
+        retire_marked(store, &tree, now_ms)?;
         let mut devices = Vec::new();
         let mut configs = Vec::new();
         for item in tree.tree.iter() {
@@ -132,6 +138,21 @@ impl Discovery {
             tracing::warn!(topic, "discovery config {topic}: {warning}");
         }
     }
+}
+
+/// A store written before retirement was a state holds it as marks in discovery's
+/// tree: each becomes its record's state, once, and the mark goes.
+fn retire_marked(store: &Store, tree: &ReadingsTree, now_ms: u64) -> Result<(), StoreError> {
+    for item in tree.tree.scan_prefix(RETIRED_PREFIX) {
+        let (k, _) = item?;
+        let sensor = String::from_utf8_lossy(&k[RETIRED_PREFIX.len()..]).into_owned();
+        if let Some(rec) = store.get(&sensor)? {
+            records::apply(store, &sensor, rec.generation, &Transition::Retired, now_ms)?;
+        }
+        tree.tree.remove(&k)?;
+        tree.wrote();
+    }
+    Ok(())
 }
 
 /// What Qubitro gets for a discovered device (README "Zero-firmware onboarding").
@@ -262,12 +283,12 @@ impl Engine {
             json(&change.known),
         )?;
         if change.active {
-            d.tree.tree.remove(format!("{RETIRED_PREFIX}{sensor}"))?;
+            self.reactivate(&sensor)?;
         } else {
-            self.retire(d, &sensor)?;
+            self.retire(&sensor)?;
         }
         if let Some(old) = &change.orphaned {
-            self.retire(d, &old.sensor_id)?;
+            self.retire(&old.sensor_id)?;
         }
         let mut seq = d.tree.wrote();
         for t in &change.new_topics {
@@ -279,15 +300,36 @@ impl Engine {
         Ok(Decision { seq, answer: None })
     }
 
-    /// Marks a device made before that has no entity left (listed `retired`).
-    fn retire(&self, d: &Discovery, sensor: &str) -> Result<(), StoreError> {
-        if self.store.get(sensor)?.is_some()
-            && d.tree
-                .tree
-                .insert(format!("{RETIRED_PREFIX}{sensor}"), b"".as_slice())?
-                .is_none()
-        {
+    /// Retires a device made before that has no entity left (listed `retired`).
+    fn retire(&self, sensor: &str) -> Result<(), StoreError> {
+        let Some(rec) = self.store.get(sensor)? else {
+            return Ok(());
+        };
+        let now = self.clock.wall_ms();
+        let applied = records::apply(
+            &self.store,
+            sensor,
+            rec.generation,
+            &Transition::Retired,
+            now,
+        )?;
+        if matches!(applied, Applied::Written(..)) {
             tracing::info!(sensor_id = sensor, "discovered device {sensor} has no entity left: kept in Qubitro, shown retired; its readings are no longer forwarded");
+        }
+        Ok(())
+    }
+
+    /// A device with an entity again is no longer retired.
+    fn reactivate(&self, sensor: &str) -> Result<(), StoreError> {
+        if let Some(rec) = self.store.get(sensor)? {
+            let now = self.clock.wall_ms();
+            records::apply(
+                &self.store,
+                sensor,
+                rec.generation,
+                &Transition::Reactivated,
+                now,
+            )?;
         }
         Ok(())
     }
@@ -324,34 +366,29 @@ impl Engine {
             proof: None,
             bridge: true,
         };
-        if let Err(denied) = self.gate.check_rules(&ann, false) {
-            tracing::warn!(sensor_id = sensor, code = denied.code.as_str(), outcome = "refused", "discovered device {sensor} not onboarded ({}): {}; it is tried again when its config is seen again", denied.code, denied.message);
-            return Ok(0);
-        }
-        if let Some((_, why)) = self.rejections.check(sensor, &ann.spec, self.clock.now()) {
-            tracing::warn!(
-                sensor_id = sensor,
-                "discovered device {sensor} not onboarded: Qubitro rejected it moments ago ({why})"
-            );
-            return Ok(0);
-        }
-        let now = self.clock.wall_ms();
-        let rec = Record::pending(
-            ann.spec,
-            Route::default(),
-            self.store.next_generation()?,
-            now,
-        );
-        let rec = rec.bridged(now).unwrap_or(rec);
-        match self.store.insert_new(sensor, &rec)? {
-            Some(seq) => {
-                self.gate.admitted(sensor);
+        let now = (self.clock.now(), self.clock.wall_ms());
+        let admitted =
+            self.admission()
+                .admit(ann, Route::default(), Provenance::Discovered, now.0, now.1)?;
+        Ok(match admitted {
+            Ok(Admitted::New { seq }) => {
                 tracing::info!(sensor_id = sensor, discovery_id = %known.device.identifier, "discovered device {sensor} ({}); onboarding it", known.device.identifier);
                 self.spawn_onboarding(sensor.to_string(), Duration::ZERO);
-                Ok(seq)
+                seq
             }
-            None => Ok(self.store.last_write()),
-        }
+            Ok(Admitted::Raced { seq }) => seq,
+            Err(Refusal::Rules(denied)) => {
+                tracing::warn!(sensor_id = sensor, code = denied.code.as_str(), outcome = "refused", "discovered device {sensor} not onboarded ({}): {}; it is tried again when its config is seen again", denied.code, denied.message);
+                0
+            }
+            Err(Refusal::RejectedRecently { why, .. }) => {
+                tracing::warn!(
+                    sensor_id = sensor,
+                    "discovered device {sensor} not onboarded: Qubitro rejected it moments ago ({why})"
+                );
+                0
+            }
+        })
     }
 
     /// A state message of followed topics: one flat reading per device reading it,
@@ -396,4 +433,60 @@ impl Engine {
 
 fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("plain data always serialises")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::Credentials;
+    use crate::engine::records::tests::store;
+    use crate::onboarding::{Origin, Record};
+
+    #[tokio::test]
+    async fn a_retired_mark_of_the_previous_version_becomes_the_records_state_once() {
+        let (store, _dir) = store();
+        let mut spec = crate::announce::test_spec();
+        spec.metadata
+            .insert("discovered_by".into(), "homeassistant".into());
+        spec.metadata.insert("sensor_id".into(), "ha-old".into());
+        // As the previous version wrote it: no provenance, no retired flag, a mark.
+        let rec = Record::pending(spec, Route::default(), 3, 1)
+            .created(
+                Credentials {
+                    device_id: "d".into(),
+                    device_token: crate::device::Token("t".into()),
+                },
+                Origin::Created,
+                2,
+            )
+            .unwrap();
+        let mut old = serde_json::to_value(&rec).unwrap();
+        old.as_object_mut().unwrap().remove("provenance");
+        let old_rec: Record = serde_json::from_value(old).unwrap();
+        assert_eq!(
+            old_rec.provenance,
+            Provenance::Discovered,
+            "derived on read"
+        );
+        store.insert_new("ha-old", &old_rec).unwrap().unwrap();
+        let tree = store.discovery().unwrap();
+        tree.tree
+            .insert(format!("{RETIRED_PREFIX}ha-old"), b"".as_slice())
+            .unwrap();
+        assert!(store.retired_discovered().unwrap().contains("ha-old"));
+
+        let mut cfg = Config::from_toml("[qubitro]\nproject_id = \"p\"\napi_key = \"k\"").unwrap();
+        cfg.discovery.homeassistant = true;
+        assert!(Discovery::open(&cfg, &store, 10).unwrap().is_some());
+        let now = store.get("ha-old").unwrap().unwrap();
+        assert!(now.retired);
+        assert_eq!(now.shown_state(), "retired", "listed as before");
+        assert!(
+            store.retired_discovered().unwrap().is_empty(),
+            "the mark is gone"
+        );
+        // Opened again: nothing left to move.
+        assert!(Discovery::open(&cfg, &store, 11).unwrap().is_some());
+        assert_eq!(store.get("ha-old").unwrap().unwrap().updated_ms, 10);
+    }
 }

@@ -15,16 +15,17 @@ use rumqttc::v5::mqttbytes::v5::Publish;
 use rumqttc::v5::mqttbytes::QoS;
 use tokio::sync::mpsc;
 
+use super::admit::{Admitted, Refusal};
 use super::delivery::delivery_tag;
 use super::records::{self, Transition};
 use super::Engine;
-use crate::announce::{self, AnnounceError};
+use crate::announce::{self, Announce, AnnounceError};
 use crate::bridge::{AcceptError, Bridge};
 use crate::failpoint;
 use crate::heartbeat::Heartbeat;
 use crate::metrics;
 use crate::mqtt::{DeliveryTag, Inbox};
-use crate::onboarding::Record;
+use crate::onboarding::{Provenance, Record};
 use crate::reply::{allowed_response_topic, Reply, ReplyCode, Route};
 use crate::security::{Denial, Proof};
 use crate::store::StoreError;
@@ -229,18 +230,18 @@ impl Engine {
                 }),
             });
         }
-        let existing = self.store.get(sensor)?;
-        match self.gate.check(&ann, existing.is_some()) {
+        let Some(rec) = self.store.get(sensor)? else {
+            return self.admit_announced(sensor, ann, route);
+        };
+        match self.gate.check(&ann, true) {
             Ok(proof) => route.proven = proof == Proof::Verified,
             Err(denied) => return Ok(self.refuse(sensor, route, denied)),
         }
-
-        match existing {
-            Some(rec) if rec.credentials().is_some() => {
+        match rec.credentials() {
+            Some(creds) => {
                 // Created, but without the shortcut (a crash between the two writes).
-                let creds = rec.credentials().expect("checked").clone();
                 let (bridged, seq) = self.note_bridged(sensor, ann.bridge)?;
-                let reply = self.outbox.ok_reply(sensor, &route, &creds, bridged);
+                let reply = self.outbox.ok_reply(sensor, &route, creds, bridged);
                 Ok(Decision {
                     seq,
                     answer: Some(Answer {
@@ -251,49 +252,49 @@ impl Engine {
                     }),
                 })
             }
-            Some(rec) => {
+            None => {
                 self.note_bridged(sensor, ann.bridge)?;
                 Ok(self.join_pending(sensor, &rec, route))
             }
-            None => {
-                if let Some((left, why)) =
-                    self.rejections.check(sensor, &ann.spec, self.clock.now())
-                {
-                    let message = format!(
-                        "Qubitro rejected this same device moments ago ({why}); change the announce, or ask again later"
-                    );
-                    return Ok(self.reject(
-                        sensor,
-                        route,
-                        ReplyCode::RejectedByCloud,
-                        message,
-                        Some(left),
-                    ));
-                }
-                let now = self.clock.wall_ms();
-                let rec = Record::pending(ann.spec, route, self.store.next_generation()?, now);
-                // Bridged from the moment it is recorded: readings that arrive while
-                // its device is being made are buffered.
-                let rec = if ann.bridge {
-                    rec.bridged(now).unwrap_or(rec)
-                } else {
-                    rec
-                };
-                match self.store.insert_new(sensor, &rec)? {
-                    Some(seq) => {
-                        failpoint::hit("after_pending_recorded");
-                        self.gate.admitted(sensor);
-                        tracing::info!(sensor_id = sensor, "new sensor; onboarding {sensor}");
-                        self.spawn_onboarding(sensor.to_string(), Duration::ZERO);
-                        Ok(Decision { seq, answer: None })
-                    }
-                    None => Ok(Decision {
-                        seq: self.store.last_write(),
-                        answer: None,
-                    }),
-                }
-            }
         }
+    }
+
+    /// A sensor the store does not know: its proof, then [`Admission`].
+    fn admit_announced(
+        self: &Arc<Self>,
+        sensor: &str,
+        ann: Announce,
+        mut route: Route,
+    ) -> Result<Decision, StoreError> {
+        match self.gate.verify_proof(&ann) {
+            Ok(proof) => route.proven = proof == Proof::Verified,
+            Err(denied) => return Ok(self.refuse(sensor, route, denied)),
+        }
+        let now = (self.clock.now(), self.clock.wall_ms());
+        let admitted =
+            self.admission()
+                .admit(ann, route.clone(), Provenance::Firmware, now.0, now.1)?;
+        Ok(match admitted {
+            Ok(Admitted::New { seq }) => {
+                tracing::info!(sensor_id = sensor, "new sensor; onboarding {sensor}");
+                self.spawn_onboarding(sensor.to_string(), Duration::ZERO);
+                Decision { seq, answer: None }
+            }
+            Ok(Admitted::Raced { seq }) => Decision { seq, answer: None },
+            Err(Refusal::Rules(denied)) => self.refuse(sensor, route, denied),
+            Err(Refusal::RejectedRecently { left, why }) => {
+                let message = format!(
+                    "Qubitro rejected this same device moments ago ({why}); change the announce, or ask again later"
+                );
+                self.reject(
+                    sensor,
+                    route,
+                    ReplyCode::RejectedByCloud,
+                    message,
+                    Some(left),
+                )
+            }
+        })
     }
 
     /// A bridged announce makes the sensor bridged for good (sticky until `devices

@@ -14,6 +14,7 @@
 //! This file holds what they share. Only the engine writes records: `devices forget`
 //! goes through [`Engine::forget`] too.
 
+mod admit;
 mod delivery;
 mod discovered;
 mod dispatch;
@@ -134,7 +135,7 @@ impl Engine {
         shutdown: Shutdown,
     ) -> Result<Arc<Engine>, StoreError> {
         Ok(Arc::new(Engine {
-            discovery: Discovery::open(&cfg, &store)?,
+            discovery: Discovery::open(&cfg, &store, clock.wall_ms())?,
             data_topic: DataTopic::new(&cfg.bridge.data_topic),
             bridge,
             onboardings: Onboardings::new(&cfg),
@@ -162,6 +163,15 @@ impl Engine {
     /// The telemetry bridge, when `[bridge] enabled`.
     pub fn bridge(&self) -> Option<&Bridge> {
         self.bridge.as_ref()
+    }
+
+    /// The state admission reads and changes.
+    fn admission(&self) -> admit::Admission<'_> {
+        admit::Admission {
+            store: &self.store,
+            gate: &self.gate,
+            rejections: &self.rejections,
+        }
     }
 
     /// Tells the bridge the device of a bridged sensor, so its readings flow.

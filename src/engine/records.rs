@@ -32,6 +32,10 @@ pub enum Transition {
     },
     /// Its readings are forwarded from now on (sticky until forget).
     Bridged,
+    /// A discovered device with no entity left.
+    Retired,
+    /// A retired discovered device has an entity again.
+    Reactivated,
 }
 
 impl Transition {
@@ -43,6 +47,8 @@ impl Transition {
             Transition::Delivered => "delivered",
             Transition::RetryLater { .. } => "retried",
             Transition::Bridged => "bridged",
+            Transition::Retired => "retired",
+            Transition::Reactivated => "reactivated",
         }
     }
 
@@ -53,6 +59,8 @@ impl Transition {
         match self {
             Transition::Delivered => matches!(rec.state, State::Delivered { .. }),
             Transition::Bridged => rec.bridged,
+            Transition::Retired => rec.retired,
+            Transition::Reactivated => !rec.retired,
             _ => false,
         }
     }
@@ -72,6 +80,8 @@ impl Transition {
                 failure,
             } => rec.retry_later(*wait_ms, reason.clone(), *failure, now_ms),
             Transition::Bridged => Ok(rec.bridged(now_ms).unwrap_or_else(|| rec.clone())),
+            Transition::Retired => rec.retired(now_ms),
+            Transition::Reactivated => Ok(rec.reactivated(now_ms)),
         }
     }
 }
