@@ -234,7 +234,8 @@ async fn forget(
             message.push_str(&format!("; Qubitro device {id} NOT deleted (the daemon is not running to do it)"))
         }
         (Some(id), false, _) => message.push_str(&format!(
-            "; the Qubitro device {id} is KEPT (use --delete-remote to delete it). With lookup_before_create on, the next announce adopts it again"
+            "; the Qubitro device {id} is KEPT (use --delete-remote to delete it). With lookup_before_create on, the next announce \
+                adopts it again"
         )),
         (None, _, _) => {}
     }

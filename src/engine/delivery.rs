@@ -194,7 +194,8 @@ impl Engine {
             Acked::NoSubscribers => {
                 tracing::debug!(
                     sensor_id = sensor,
-                    "nobody is subscribed to sensor {sensor}'s reply topic; it is sent again when the sensor announces or on the next session"
+                    "nobody is subscribed to sensor {sensor}'s reply topic; it is sent again when the sensor announces or on the \
+                        next session"
                 );
             }
             Acked::Refused(reason) => {

@@ -314,7 +314,8 @@ impl Engine {
             now,
         )?;
         if matches!(applied, Applied::Written(..)) {
-            tracing::info!(sensor_id = sensor, "discovered device {sensor} has no entity left: kept in Qubitro, shown retired; its readings are no longer forwarded");
+            tracing::info!(sensor_id = sensor, "discovered device {sensor} has no entity left: kept in Qubitro, shown retired; its \
+                readings are no longer forwarded");
         }
         Ok(())
     }
@@ -372,13 +373,22 @@ impl Engine {
                 .admit(ann, Route::default(), Provenance::Discovered, now.0, now.1)?;
         Ok(match admitted {
             Ok(Admitted::New { seq }) => {
-                tracing::info!(sensor_id = sensor, discovery_id = %known.device.identifier, "discovered device {sensor} ({}); onboarding it", known.device.identifier);
+                let id = &known.device.identifier;
+                tracing::info!(sensor_id = sensor, discovery_id = %id, "discovered device {sensor} ({id}); onboarding it");
                 self.spawn_onboarding(sensor.to_string(), Duration::ZERO);
                 seq
             }
             Ok(Admitted::Raced { seq }) => seq,
             Err(Refusal::Rules(denied)) => {
-                tracing::warn!(sensor_id = sensor, code = denied.code.as_str(), outcome = "refused", "discovered device {sensor} not onboarded ({}): {}; it is tried again when its config is seen again", denied.code, denied.message);
+                tracing::warn!(
+                    sensor_id = sensor,
+                    code = denied.code.as_str(),
+                    outcome = "refused",
+                    "discovered device {sensor} \
+                    not onboarded ({}): {}; it is tried again when its config is seen again",
+                    denied.code,
+                    denied.message
+                );
                 0
             }
             Err(Refusal::RejectedRecently { why, .. }) => {

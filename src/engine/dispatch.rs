@@ -136,7 +136,8 @@ impl Engine {
             tracing::warn!(
                 sensor_id = sensor,
                 outcome = "dropped",
-                "retained announce of sensor {sensor} dropped: announces must be published without the retain flag (clear it with mosquitto_pub -t {topic} -r -n)"
+                "retained announce of sensor {sensor} dropped: announces must be published without the retain flag (clear it with \
+                    mosquitto_pub -t {topic} -r -n)"
             );
             return Ok(Decision::default());
         }
@@ -169,7 +170,11 @@ impl Engine {
                 if allowed_response_topic(&cfg.mqtt.reply_topic, sensor, rt) {
                     route.response_topic = Some(rt.clone());
                 } else {
-                    tracing::warn!(sensor_id = sensor, "response topic of sensor {sensor} is outside its reply namespace; using the default reply topic");
+                    tracing::warn!(
+                        sensor_id = sensor,
+                        "response topic of sensor {sensor} is outside its reply namespace; using \
+                        the default reply topic"
+                    );
                 }
             }
             route.correlation_data = props.correlation_data.as_ref().map(|c| c.to_vec());
@@ -389,7 +394,8 @@ impl Engine {
         retry_after: Option<Duration>,
     ) -> Decision {
         metrics::error();
-        tracing::warn!(sensor_id = sensor, code = code.as_str(), detail = %message, outcome = "refused", "announce of sensor {sensor} refused ({code}): {message}");
+        tracing::warn!(sensor_id = sensor, code = code.as_str(), detail = %message, outcome = "refused", "announce of sensor \
+            {sensor} refused ({code}): {message}");
         let request_id = route.request_id.clone();
         let mut reply = Reply::error(sensor, code, message, request_id);
         if let Some(wait) = retry_after {

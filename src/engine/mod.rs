@@ -19,6 +19,7 @@ mod delivery;
 mod discovered;
 mod dispatch;
 mod forget;
+mod health;
 mod publisher;
 pub mod records;
 mod rejections;
@@ -41,9 +42,10 @@ pub use delivery::Outbox;
 use discovered::Discovery;
 pub use dispatch::{AckItem, MAX_CORRELATION_DATA_BYTES, MAX_RESPONSE_TOPIC_BYTES};
 pub use forget::forget_stored;
+use health::CloudHealth;
 pub use publisher::{Outgoing, Pending, Publisher};
 use rejections::Rejections;
-use worker::{CloudHealth, Onboardings};
+use worker::Onboardings;
 
 /// Why the engine cannot go on: the daemon stops with a non-zero exit so systemd
 /// restarts it.

@@ -15,7 +15,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Semaphore;
-use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use super::records::{self, Transition};
@@ -110,67 +109,6 @@ impl Onboardings {
             .expect("never poisoned")
             .remove(sensor)
             .unwrap_or_default()
-    }
-}
-
-/// What the last cloud requests said, for STATUS= and the pause after a refused key.
-#[derive(Default)]
-pub(super) struct CloudHealth {
-    state: Mutex<HealthState>,
-}
-
-#[derive(Default)]
-struct HealthState {
-    /// After a 401/403 every cloud call waits until then: no retry storm.
-    paused_until: Option<Instant>,
-    /// Since when every request failed (None: the last one was answered).
-    failing_since: Option<Instant>,
-    last_failure: String,
-}
-
-impl CloudHealth {
-    fn answered(&self) {
-        let mut s = self.state.lock().expect("never poisoned");
-        s.failing_since = None;
-    }
-
-    fn failed(&self, now: Instant, reason: &str) {
-        let mut s = self.state.lock().expect("never poisoned");
-        s.failing_since.get_or_insert(now);
-        s.last_failure = reason.to_string();
-    }
-
-    /// Starts a pause; true when none was running (log it once, not per sensor).
-    fn pause(&self, now: Instant, pause: Duration) -> bool {
-        let mut s = self.state.lock().expect("never poisoned");
-        let fresh = s.paused_until.is_none_or(|t| t <= now);
-        if fresh {
-            s.paused_until = Some(now + pause);
-        }
-        fresh
-    }
-
-    /// The rest of a running pause, spread over a short window so that the sensors
-    /// do not all hit the cloud in the same millisecond when it ends.
-    fn pause_remaining(&self, now: Instant) -> Option<Duration> {
-        let s = self.state.lock().expect("never poisoned");
-        match s.paused_until {
-            Some(t) if t > now => Some(t - now + Duration::from_millis(fastrand::u64(0..2000))),
-            _ => None,
-        }
-    }
-
-    pub(super) fn describe(&self, now: Instant) -> String {
-        let s = self.state.lock().expect("never poisoned");
-        match (s.paused_until, s.failing_since) {
-            (Some(t), _) if t > now => "refusing the API key (calls paused)".to_string(),
-            (_, Some(since)) => format!(
-                "unreachable for {}s ({})",
-                now.duration_since(since).as_secs(),
-                s.last_failure
-            ),
-            _ => "ok".to_string(),
-        }
     }
 }
 
@@ -415,7 +353,8 @@ impl Engine {
                     tracing::error!(
                         status,
                         pause_s = pause.as_secs(),
-                        "OPERATOR ERROR: Qubitro refused the API key or project (HTTP {status}; check qubitro.api_key, its permissions and qubitro.project_id); pausing all cloud calls for {} s",
+                        "OPERATOR ERROR: Qubitro refused the API key or project (HTTP {status}; check qubitro.api_key, its \
+                            permissions and qubitro.project_id); pausing all cloud calls for {} s",
                         pause.as_secs()
                     );
                 }
@@ -548,38 +487,6 @@ mod tests {
     fn after_a_possible_create_the_lookup_waits_for_the_request_timeout() {
         assert_eq!(retry_wait(ms(100), None, true, CAP, TIMEOUT), TIMEOUT);
         assert_eq!(retry_wait(ms(20_000), None, true, CAP, TIMEOUT), ms(20_000));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_pause_is_logged_once_and_ends_on_time() {
-        let h = CloudHealth::default();
-        let now = Instant::now();
-        assert!(h.pause(now, Duration::from_secs(60)));
-        assert!(!h.pause(now, Duration::from_secs(60)), "already paused");
-        let left = h.pause_remaining(now).unwrap();
-        assert!(left >= Duration::from_secs(60) && left < Duration::from_secs(62));
-        assert!(h.describe(now).contains("refusing the API key"));
-        tokio::time::advance(Duration::from_secs(61)).await;
-        assert_eq!(h.pause_remaining(Instant::now()), None);
-        assert!(
-            h.pause(Instant::now(), Duration::from_secs(1)),
-            "a new pause"
-        );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn cloud_status_says_since_when_it_fails() {
-        let h = CloudHealth::default();
-        assert_eq!(h.describe(Instant::now()), "ok");
-        h.failed(Instant::now(), "timed out");
-        tokio::time::advance(Duration::from_secs(42)).await;
-        h.failed(Instant::now(), "cannot connect");
-        assert_eq!(
-            h.describe(Instant::now()),
-            "unreachable for 42s (cannot connect)"
-        );
-        h.answered();
-        assert_eq!(h.describe(Instant::now()), "ok");
     }
 
     #[test]
