@@ -41,8 +41,6 @@ const MAX_WARNED: usize = 4096;
 /// Discovery's state in the engine (present only while discovery is on).
 pub(super) struct Discovery {
     rules: Rules,
-    homeassistant: Option<String>,
-    tasmota: Option<String>,
     registry: Mutex<Registry>,
     tree: ReadingsTree,
     /// (config topic, warning) already logged.
@@ -87,8 +85,6 @@ impl Discovery {
         }
         Ok(Some(Discovery {
             rules: Rules::from_config(d),
-            homeassistant: d.homeassistant.then(|| d.homeassistant_prefix.clone()),
-            tasmota: d.tasmota.then(|| d.tasmota_prefix.clone()),
             registry: Mutex::new(Registry::restore(devices, configs)),
             tree,
             warned: Mutex::new(HashSet::new()),
@@ -99,34 +95,6 @@ impl Discovery {
         self.registry
             .lock()
             .expect("the registry lock is never poisoned")
-    }
-
-    /// Which source's config topic this is, if any.
-    fn config_source(&self, topic: &str) -> Option<(Source, &str)> {
-        if let Some(p) = &self.homeassistant {
-            if homeassistant::config_topic(p, topic).is_some() {
-                return Some((Source::HomeAssistant, p));
-            }
-        }
-        if let Some(p) = &self.tasmota {
-            if tasmota::is_config_topic(p, topic) {
-                return Some((Source::Tasmota, p));
-            }
-        }
-        None
-    }
-
-    /// Whether the topic lies under a discovery prefix (other messages there, such
-    /// as `homeassistant/status` or Tasmota's `…/sensors`, are not announces).
-    fn under_prefix(&self, topic: &str) -> bool {
-        [&self.homeassistant, &self.tasmota]
-            .into_iter()
-            .flatten()
-            .any(|p| {
-                topic
-                    .strip_prefix(p.as_str())
-                    .is_some_and(|r| r.starts_with('/'))
-            })
     }
 
     fn warn_once(&self, topic: &str, warning: &str) {
@@ -203,28 +171,14 @@ pub(super) fn spec_for(known: &Known, gateway_id: &str) -> DeviceSpec {
 }
 
 impl Engine {
-    /// A message discovery may own: a config, or a state of a followed topic.
-    /// `None`: not discovery's (the dispatcher goes on with it as an announce).
-    pub(super) fn discovered(
-        self: &Arc<Self>,
-        d: &Discovery,
-        topic: &str,
-        p: &Publish,
-    ) -> Option<Result<Decision, StoreError>> {
-        if let Some((source, prefix)) = d.config_source(topic) {
-            return Some(self.discovery_config(d, source, prefix, topic, p));
-        }
-        let follows = d.registry().follows(topic);
-        if follows {
-            return Some(match self.bridge() {
-                Some(bridge) => self.discovered_reading(d, bridge, topic, p),
-                None => Ok(Decision::default()),
-            });
-        }
-        d.under_prefix(topic).then(|| Ok(Decision::default()))
+    /// Whether discovery follows `topic` as a state topic.
+    pub(super) fn follows(d: &Discovery, topic: &str) -> bool {
+        d.registry().follows(topic)
     }
 
-    fn discovery_config(
+    /// A discovery config: the registry learns it, and a device with entities is
+    /// admitted like a bridged announce.
+    pub(super) fn discovery_config(
         self: &Arc<Self>,
         d: &Discovery,
         source: Source,
@@ -403,7 +357,7 @@ impl Engine {
 
     /// A state message of followed topics: one flat reading per device reading it,
     /// buffered through the bridge like a bridged sensor's own.
-    fn discovered_reading(
+    pub(super) fn discovered_reading(
         &self,
         d: &Discovery,
         bridge: &Bridge,

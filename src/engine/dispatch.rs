@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 
 use super::admit::{Admitted, Refusal};
 use super::delivery::delivery_tag;
+use super::inbound::Inbound;
 use super::records::{self, Transition};
 use super::Engine;
 use crate::announce::{self, Announce, AnnounceError};
@@ -106,28 +107,54 @@ impl Engine {
     /// Decides what one announce gets: the write to wait for before the ack, and
     /// the reply to send now, if any.
     fn dispatch(self: &Arc<Self>, p: &Publish) -> Result<Decision, StoreError> {
-        let cfg = &self.cfg;
         let topic = String::from_utf8_lossy(&p.topic);
-        if let Some(bridge) = &self.bridge {
-            if let Some(sensor) = self.data_topic.sensor_of(&topic) {
-                return self.reading(bridge, sensor, p);
-            }
-        }
-        if let Some(d) = &self.discovery {
-            if let Some(decision) = self.discovered(d, &topic, p) {
-                return decision;
-            }
-        }
-        metrics::announce();
-        let Some(sensor) = announce::sensor_id_from_topic(&cfg.mqtt.announce_topic, &topic) else {
-            metrics::error();
-            let shown: String = topic.chars().take(128).collect();
-            tracing::warn!(
-                topic = %shown,
-                "announce on {shown} without a valid sensor id (1-64 of A-Z a-z 0-9 . _ : -); dropped, no safe topic to answer on"
-            );
-            return Ok(Decision::default());
+        let followed = |t: &str| {
+            self.discovery
+                .as_ref()
+                .is_some_and(|d| Engine::follows(d, t))
         };
+        let sensor = match self.routes.classify(&topic, followed) {
+            Inbound::Reading { sensor } => match &self.bridge {
+                Some(bridge) => return self.reading(bridge, sensor, p),
+                None => return Ok(Decision::default()),
+            },
+            Inbound::DiscoveryConfig { source, prefix } => {
+                return match &self.discovery {
+                    Some(d) => self.discovery_config(d, source, prefix, &topic, p),
+                    None => Ok(Decision::default()),
+                };
+            }
+            Inbound::FollowedState => {
+                return match (&self.discovery, &self.bridge) {
+                    (Some(d), Some(bridge)) => self.discovered_reading(d, bridge, &topic, p),
+                    _ => Ok(Decision::default()),
+                };
+            }
+            Inbound::DiscoveryOther => return Ok(Decision::default()),
+            Inbound::Unroutable => {
+                metrics::announce();
+                metrics::error();
+                let shown: String = topic.chars().take(128).collect();
+                tracing::warn!(
+                    topic = %shown,
+                    "announce on {shown} without a valid sensor id (1-64 of A-Z a-z 0-9 . _ : -); dropped, no safe topic to answer on"
+                );
+                return Ok(Decision::default());
+            }
+            Inbound::Announce { sensor } => sensor,
+        };
+        metrics::announce();
+        self.announce(sensor, &topic, p)
+    }
+
+    /// An announce of `sensor`: refused, answered from the store, or admitted.
+    fn announce(
+        self: &Arc<Self>,
+        sensor: &str,
+        topic: &str,
+        p: &Publish,
+    ) -> Result<Decision, StoreError> {
+        let cfg = &self.cfg;
         // A retained announce is a stale copy the broker replays to every new
         // subscriber: acting on it would bring back a forgotten sensor (and create a
         // new cloud device) at each subscribe. Never parsed, never answered.

@@ -1,18 +1,26 @@
-//! The onboarding engine: turns announces into devices and replies.
+//! The onboarding engine: turns inbound messages into records, cloud devices and
+//! replies. One stage per file, each given the state it touches:
 //!
-//! - [`dispatch`]: one task takes announces in arrival order and decides what each
-//!   gets (a reply from the store, a new `Pending` record, a refusal); the acker
-//!   acknowledges them to the broker once their record is on disk.
+//! - [`inbound`]: what a message is, from its topic alone (pure).
+//! - [`dispatch`]: one task takes messages in arrival order and decides what each
+//!   gets (a reply from the store, an admission, a refusal); the acker acknowledges
+//!   them to the broker once their write is on disk.
+//! - [`admit`]: the one place a new sensor (announced or discovered) becomes a
+//!   `Pending` record: rules, flood limits, recent rejections.
 //! - [`worker`]: one onboarding task per unfinished sensor drives its record through
 //!   the transitions of [`crate::onboarding`], persisting each before the next side
-//!   effect.
+//!   effect; [`health`]: what the cloud's last answers said.
+//! - [`records`]: the only door through which a record changes.
 //! - [`delivery`]: the replies, and the broker's acknowledgements that move a record
-//!   from `Created` to `Delivered`.
+//!   from `Created` to `Delivered`; [`publisher`]: the trait replies and acks go
+//!   through.
+//! - [`discovered`]: discovery configs and state messages, in the same order and
+//!   with the same acknowledgements as announces.
 //! - [`rejections`]: specs Qubitro rejected recently, so the same announce again is
 //!   refused without a cloud call (per-sensor exponential backoff, bounded).
+//! - [`forget`]: `devices forget`, the same with or without a running daemon.
 //!
-//! This file holds what they share. Only the engine writes records: `devices forget`
-//! goes through [`Engine::forget`] too.
+//! This file holds what they share.
 
 mod admit;
 mod delivery;
@@ -20,6 +28,7 @@ mod discovered;
 mod dispatch;
 mod forget;
 mod health;
+mod inbound;
 mod publisher;
 pub mod records;
 mod rejections;
@@ -30,7 +39,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::bridge::{Bridge, DataTopic};
+use crate::bridge::Bridge;
 use crate::clock::Clock;
 use crate::cloud::Cloud;
 use crate::config::Config;
@@ -118,8 +127,8 @@ pub struct Engine {
     rejections: Rejections,
     /// Forwards the readings of bridged sensors (`None`: `[bridge] enabled = false`).
     bridge: Option<Bridge>,
-    /// Where bridged sensors publish readings on the local broker.
-    data_topic: DataTopic,
+    /// What each inbound topic is (readings, discovery, announces).
+    routes: inbound::Routes,
     /// Zero-firmware onboarding (`None`: `[discovery]` off, the default).
     discovery: Option<Discovery>,
     shutdown: Shutdown,
@@ -138,7 +147,7 @@ impl Engine {
     ) -> Result<Arc<Engine>, StoreError> {
         Ok(Arc::new(Engine {
             discovery: Discovery::open(&cfg, &store, clock.wall_ms())?,
-            data_topic: DataTopic::new(&cfg.bridge.data_topic),
+            routes: inbound::Routes::new(&cfg, bridge.is_some()),
             bridge,
             onboardings: Onboardings::new(&cfg),
             health: CloudHealth::default(),
