@@ -6,7 +6,8 @@
 //! **Sources** — what arrives:
 //! - [`mqtt`]: the one task that owns rumqttc's event loop; inbound messages leave it
 //!   through an inbox, and its tracker tells which reply a PUBACK acknowledges. It
-//!   knows neither the engine, the bridge nor discovery.
+//!   knows no topic's meaning: the daemon hands it the subscriptions (announces,
+//!   bridge data, discovery prefixes).
 //! - [`announce`]: the pure parser of announce payloads (limits as constants, fuzzed).
 //! - [`discovery`]: zero-firmware onboarding's pure half: Home Assistant and Tasmota
 //!   configs parsed into devices and entities ([`discovery::registry`]), state

@@ -10,7 +10,7 @@
 //! record, a retained config re-read at every subscribe, or after a restart, finds
 //! what it made before and makes nothing new.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,20 +21,16 @@ use super::admit::{Admitted, Refusal};
 use super::dispatch::Decision;
 use super::records::{self, Applied, Transition};
 use super::Engine;
-use crate::announce::{
-    Announce, DeviceSpec, MAX_BRAND_MODEL_CHARS, MAX_METADATA_VALUE_CHARS, MAX_NAME_CHARS,
-};
+use crate::announce::Announce;
 use crate::bridge::{AcceptError, Bridge};
 use crate::config::Config;
 use crate::discovery::registry::{ConfigEntry, Known};
+use crate::discovery::spec::spec_for;
 use crate::discovery::{homeassistant, tasmota, Parsed, Registry, Rules, Skip, Source};
 use crate::onboarding::Provenance;
 use crate::reply::Route;
-use crate::store::{ReadingsTree, Store, StoreError, RETIRED_PREFIX};
+use crate::store::{DiscoveryTree, Store, StoreError};
 
-/// Keys in the `discovery` tree: a device by its registry key, a config by topic.
-const DEVICE_PREFIX: &str = "d/";
-const CONFIG_PREFIX: &str = "c/";
 /// Entity warnings remembered so each is logged once, not at every re-publish.
 const MAX_WARNED: usize = 4096;
 
@@ -42,7 +38,7 @@ const MAX_WARNED: usize = 4096;
 pub(super) struct Discovery {
     rules: Rules,
     registry: Mutex<Registry>,
-    tree: ReadingsTree,
+    tree: DiscoveryTree,
     /// (config topic, warning) already logged.
     warned: Mutex<HashSet<(String, String)>>,
 }
@@ -58,34 +54,12 @@ impl Discovery {
         if !d.enabled() {
             return Ok(None);
         }
-        let tree = store.discovery()?;
+        let tree = store.discovery_tree()?;
         retire_marked(store, &tree, now_ms)?;
-        let mut devices = Vec::new();
-        let mut configs = Vec::new();
-        for item in tree.tree.iter() {
-            let (k, v) = item?;
-            let Ok(k) = std::str::from_utf8(&k) else {
-                continue;
-            };
-            if let Some(key) = k.strip_prefix(DEVICE_PREFIX) {
-                match serde_json::from_slice::<Known>(&v) {
-                    Ok(known) => devices.push((key.to_string(), known)),
-                    Err(e) => {
-                        tracing::warn!(key, error = %e, "unreadable discovered device {key} in the store: ignored")
-                    }
-                }
-            } else if let Some(topic) = k.strip_prefix(CONFIG_PREFIX) {
-                match serde_json::from_slice::<ConfigEntry>(&v) {
-                    Ok(c) => configs.push((topic.to_string(), c)),
-                    Err(e) => {
-                        tracing::warn!(topic, error = %e, "unreadable discovery config {topic} in the store: ignored")
-                    }
-                }
-            }
-        }
+        let stored = tree.load::<Known, ConfigEntry>()?;
         Ok(Some(Discovery {
             rules: Rules::from_config(d),
-            registry: Mutex::new(Registry::restore(devices, configs)),
+            registry: Mutex::new(Registry::restore(stored.devices, stored.configs)),
             tree,
             warned: Mutex::new(HashSet::new()),
         }))
@@ -110,64 +84,15 @@ impl Discovery {
 
 /// A store written before retirement was a state holds it as marks in discovery's
 /// tree: each becomes its record's state, once, and the mark goes.
-fn retire_marked(store: &Store, tree: &ReadingsTree, now_ms: u64) -> Result<(), StoreError> {
-    for item in tree.tree.scan_prefix(RETIRED_PREFIX) {
-        let (k, _) = item?;
-        let sensor = String::from_utf8_lossy(&k[RETIRED_PREFIX.len()..]).into_owned();
+fn retire_marked(store: &Store, tree: &DiscoveryTree, now_ms: u64) -> Result<(), StoreError> {
+    for sensor in tree.retired_marks()? {
         if let Some(rec) = store.get(&sensor)? {
             records::apply(store, &sensor, rec.generation, &Transition::Retired, now_ms)?;
         }
-        tree.tree.remove(&k)?;
+        tree.remove_retired_mark(&sensor)?;
         tree.wrote();
     }
     Ok(())
-}
-
-/// What Qubitro gets for a discovered device (README "Zero-firmware onboarding").
-pub(super) fn spec_for(known: &Known, gateway_id: &str) -> DeviceSpec {
-    let d = &known.device;
-    let clean = |s: &str, max: usize| -> String {
-        s.chars()
-            .filter(|c| !c.is_control())
-            .take(max)
-            .collect::<String>()
-            .trim()
-            .to_string()
-    };
-    let or_custom = |s: &Option<String>| {
-        let v = s.as_deref().map(|s| clean(s, MAX_BRAND_MODEL_CHARS));
-        v.filter(|v| !v.is_empty())
-            .unwrap_or_else(|| "Custom".into())
-    };
-    let name = d
-        .name
-        .as_deref()
-        .map(|n| clean(n, MAX_NAME_CHARS))
-        .filter(|n| !n.is_empty())
-        .unwrap_or_else(|| clean(&d.identifier, MAX_NAME_CHARS));
-    let source = d.source.as_str();
-    let how = match d.source {
-        Source::HomeAssistant => "Home Assistant MQTT discovery",
-        Source::Tasmota => "Tasmota discovery",
-    };
-    let mut metadata = BTreeMap::new();
-    metadata.insert("discovered_by".into(), source.to_string());
-    metadata.insert(
-        "discovery_id".into(),
-        clean(&d.identifier, MAX_METADATA_VALUE_CHARS),
-    );
-    metadata.insert("sensor_id".into(), known.sensor_id.clone());
-    metadata.insert("gateway_id".into(), gateway_id.to_string());
-    DeviceSpec {
-        name,
-        description: format!(
-            "Found through {how} by onboardd on gateway {gateway_id}; readings forwarded by the gateway"
-        ),
-        brand: or_custom(&d.manufacturer),
-        model: or_custom(&d.model),
-        tags: vec![source.to_string()],
-        metadata,
-    }
 }
 
 impl Engine {
@@ -216,15 +141,7 @@ impl Engine {
             (change, reg.config(topic).cloned())
         };
         // Persist what the registry now says of this topic and its device.
-        let key = format!("{CONFIG_PREFIX}{topic}");
-        match &config {
-            Some(c) => {
-                d.tree.tree.insert(key, json(c))?;
-            }
-            None => {
-                d.tree.tree.remove(key)?;
-            }
-        }
+        d.tree.set_config(topic, config.as_ref())?;
         let Some(change) = change else {
             return Ok(Decision {
                 seq: d.tree.wrote(),
@@ -232,10 +149,7 @@ impl Engine {
             });
         };
         let sensor = change.known.sensor_id.clone();
-        d.tree.tree.insert(
-            format!("{DEVICE_PREFIX}{}", change.key),
-            json(&change.known),
-        )?;
+        d.tree.set_device(&change.key, &change.known)?;
         if change.active {
             self.reactivate(&sensor)?;
         } else {
@@ -433,10 +347,8 @@ mod tests {
             "derived on read"
         );
         store.insert_new("ha-old", &old_rec).unwrap().unwrap();
-        let tree = store.discovery().unwrap();
-        tree.tree
-            .insert(format!("{RETIRED_PREFIX}ha-old"), b"".as_slice())
-            .unwrap();
+        let tree = store.discovery_tree().unwrap();
+        tree.mark_retired_as_before("ha-old").unwrap();
         assert!(store.retired_discovered().unwrap().contains("ha-old"));
 
         let mut cfg = Config::from_toml("[qubitro]\nproject_id = \"p\"\napi_key = \"k\"").unwrap();

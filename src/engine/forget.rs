@@ -10,7 +10,7 @@
 use crate::bridge::buffer::{Buffer, Limits};
 use crate::bridge::Bridge;
 use crate::onboarding::Record;
-use crate::store::{Store, StoreError, RETIRED_PREFIX};
+use crate::store::{Store, StoreError};
 
 /// Removes the sensor's record, buffered readings and discovery mark, and waits
 /// until that is on disk. `bridge`: the running daemon's bridge, which also closes
@@ -35,12 +35,8 @@ pub async fn forget_stored(
             Buffer::open(store, unbounded)?.remove_through(sensor, u64::MAX)?;
         }
     }
-    let discovery = store.discovery()?;
-    if discovery
-        .tree
-        .remove(format!("{RETIRED_PREFIX}{sensor}"))?
-        .is_some()
-    {
+    let discovery = store.discovery_tree()?;
+    if discovery.remove_retired_mark(sensor)? {
         discovery.wrote();
     }
     store.flush_all().await?;

@@ -10,7 +10,8 @@
 //!
 //! One concern per file: `open` (open, recovery, move-aside, lock retry), `commit`
 //! (group commit), `records` (sensor records and their indexes), `trees` (the side
-//! trees other modules keep in the same database).
+//! trees other modules keep in the same database), `discovery` (discovery's state in
+//! its tree).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,10 +21,12 @@ use tokio_util::sync::DropGuard;
 use crate::onboarding::Record;
 
 mod commit;
+mod discovery;
 mod open;
 mod records;
 mod trees;
 
+pub use discovery::{DiscoveryState, DiscoveryTree};
 pub use open::OPEN_PANICKED;
 pub use trees::{ReadingsTree, RETIRED_PREFIX};
 
