@@ -17,8 +17,10 @@ fn buffered(d: &Daemon, sensor: &str) -> u64 {
     v["bridge"]["buffered"].as_u64().unwrap_or(0)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn forgetting_a_sensor_while_the_daemon_is_stopped_drops_its_buffered_readings() {
+/// Onboards a bridged sensor, buffers one reading of it while Qubitro's broker is
+/// away, forgets it (with the daemon stopped when `offline`), onboards it again and
+/// checks that the first reading Qubitro then gets is the new onboarding's own.
+async fn a_reading_buffered_before_the_forget_never_reaches_qubitro(sensor: &str, offline: bool) {
     let broker = Mosquitto::start();
     let cloud = fake_cloud().await;
     let mut qubitro = QubitroBroker::start(&cloud);
@@ -32,15 +34,16 @@ async fn forgetting_a_sensor_while_the_daemon_is_stopped_drops_its_buffered_read
         vec![],
     );
     d.wait_subscribed();
-    let mut s = Sensor::connect(broker.port, "lf-1").await;
+    let data = format!("onboard/data/{sensor}");
+    let mut s = Sensor::connect(broker.port, sensor).await;
     s.announce(r#"{"bridge":true}"#).await;
     s.reply_with_status("ok").await;
 
     // Qubitro's broker is away: the reading stays in the gateway's buffer.
     qubitro.stop();
-    s.publish("onboard/data/lf-1", br#"{"n":1}"#, false).await;
+    s.publish(&data, br#"{"n":1}"#, false).await;
     let deadline = tokio::time::Instant::now() + WAIT;
-    while buffered(&d, "lf-1") == 0 {
+    while buffered(&d, sensor) == 0 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the reading was never buffered; log:\n{}",
@@ -48,22 +51,35 @@ async fn forgetting_a_sensor_while_the_daemon_is_stopped_drops_its_buffered_read
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    assert_eq!(d.signal_and_wait(libc::SIGTERM).code(), Some(0));
 
-    // No daemon: the CLI forgets on the store itself.
-    let (code, msg, err) = d.devices(&["forget", "lf-1"]);
+    if offline {
+        assert_eq!(d.signal_and_wait(libc::SIGTERM).code(), Some(0));
+    }
+    let (code, msg, err) = d.devices(&["forget", sensor]);
     assert_eq!(code, 0, "{msg}{err}");
+    if offline {
+        d.spawn();
+        d.wait_subscribed();
+    }
 
-    d.spawn();
-    d.wait_subscribed();
     qubitro.start_again();
     s.announce(r#"{"bridge":true}"#).await;
     let ok = s.reply_with_status("ok").await;
     let device = ok["device_id"].as_str().expect("a device id").to_string();
-    s.publish("onboard/data/lf-1", br#"{"n":2}"#, false).await;
+    s.publish(&data, br#"{"n":2}"#, false).await;
     assert_eq!(
         obs.on_topic(&device, 1).await[0],
         json!({"n":2}),
         "the first reading forwarded after the forget is the new onboarding's own"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forgetting_a_sensor_while_the_daemon_is_stopped_drops_its_buffered_readings() {
+    a_reading_buffered_before_the_forget_never_reaches_qubitro("lf-off", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forgetting_a_sensor_while_the_daemon_runs_drops_its_buffered_readings() {
+    a_reading_buffered_before_the_forget_never_reaches_qubitro("lf-on", false).await;
 }
