@@ -105,6 +105,34 @@ mod tests {
         crate::announce::parse(id, payload.as_bytes(), 4096, "gw").unwrap()
     }
 
+    /// Admission over a fresh store with `security` rules and no rejections.
+    struct Fixture {
+        store: Store,
+        gate: Gatekeeper,
+        rejections: Rejections,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Fixture {
+        fn new(security: &str) -> Fixture {
+            let (store, _dir) = store();
+            Fixture {
+                store,
+                gate: gate(security),
+                rejections: Rejections::default(),
+                _dir,
+            }
+        }
+
+        fn admission(&self) -> Admission<'_> {
+            Admission {
+                store: &self.store,
+                gate: &self.gate,
+                rejections: &self.rejections,
+            }
+        }
+    }
+
     fn admit(a: &Admission<'_>, ann: Announce, p: Provenance) -> Result<Admitted, Refusal> {
         a.admit(ann, Route::default(), p, Instant::now(), 1_000)
             .unwrap()
@@ -119,13 +147,8 @@ mod tests {
 
     #[tokio::test]
     async fn an_admitted_newcomer_is_recorded_pending_with_its_provenance() {
-        let (store, _dir) = store();
-        let (gate, rejections) = (gate(""), Rejections::default());
-        let a = Admission {
-            store: &store,
-            gate: &gate,
-            rejections: &rejections,
-        };
+        let f = Fixture::new("");
+        let (a, store) = (f.admission(), &f.store);
         let got = admit(&a, ann("fw-1", "{}"), Provenance::Firmware);
         assert!(
             matches!(got, Ok(Admitted::New { seq }) if seq > 0),
@@ -155,47 +178,21 @@ mod tests {
 
     #[tokio::test]
     async fn a_sensor_recorded_meanwhile_is_not_recorded_twice() {
-        let (store, _dir) = store();
-        let (gate, rejections) = (gate(""), Rejections::default());
-        let a = Admission {
-            store: &store,
-            gate: &gate,
-            rejections: &rejections,
-        };
-        let first = store.get("s").unwrap();
-        assert_eq!(first, None);
-        assert!(matches!(
-            admit(&a, ann("s", "{}"), Provenance::Firmware),
-            Ok(Admitted::New { .. })
-        ));
+        // Cool-down off, so the second admission meets the first one's record.
+        let f = Fixture::new("new_sensor_cooldown_s = 0");
+        let (a, store) = (f.admission(), &f.store);
+        let first = admit(&a, ann("s", "{}"), Provenance::Firmware);
+        assert!(matches!(first, Ok(Admitted::New { .. })));
         let rec = store.get("s").unwrap();
-        // Cool-down off: a second admission of the same id races the first record.
-        let gate = gate_without_cooldown();
-        let a = Admission {
-            store: &store,
-            gate: &gate,
-            rejections: &rejections,
-        };
-        assert!(matches!(
-            admit(&a, ann("s", "{}"), Provenance::Firmware),
-            Ok(Admitted::Raced { .. })
-        ));
+        let second = admit(&a, ann("s", r#"{"name":"Other"}"#), Provenance::Firmware);
+        assert!(matches!(second, Ok(Admitted::Raced { .. })));
         assert_eq!(store.get("s").unwrap(), rec, "the first record stands");
-    }
-
-    fn gate_without_cooldown() -> Gatekeeper {
-        gate("new_sensor_cooldown_s = 0")
     }
 
     #[tokio::test]
     async fn a_sensor_the_rules_deny_is_refused_and_not_recorded() {
-        let (store, _dir) = store();
-        let (gate, rejections) = (gate("deny_sensor_ids = [\"bad-*\"]"), Rejections::default());
-        let a = Admission {
-            store: &store,
-            gate: &gate,
-            rejections: &rejections,
-        };
+        let f = Fixture::new("deny_sensor_ids = [\"bad-*\"]");
+        let (a, store) = (f.admission(), &f.store);
         assert_eq!(
             code(admit(&a, ann("bad-1", "{}"), Provenance::Firmware)),
             ReplyCode::Denied
@@ -211,13 +208,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_sensor_admitted_moments_ago_waits_out_its_cool_down() {
-        let (store, _dir) = store();
-        let (gate, rejections) = (gate("new_sensor_cooldown_s = 3600"), Rejections::default());
-        let a = Admission {
-            store: &store,
-            gate: &gate,
-            rejections: &rejections,
-        };
+        let f = Fixture::new("new_sensor_cooldown_s = 3600");
+        let (a, store) = (f.admission(), &f.store);
         assert!(matches!(
             admit(&a, ann("s", "{}"), Provenance::Firmware),
             Ok(Admitted::New { .. })
@@ -237,13 +229,8 @@ mod tests {
 
     #[tokio::test]
     async fn newcomers_past_the_hourly_cap_are_refused() {
-        let (store, _dir) = store();
-        let (gate, rejections) = (gate("max_new_devices_per_hour = 2"), Rejections::default());
-        let a = Admission {
-            store: &store,
-            gate: &gate,
-            rejections: &rejections,
-        };
+        let f = Fixture::new("max_new_devices_per_hour = 2");
+        let (a, store) = (f.admission(), &f.store);
         for id in ["a", "b"] {
             assert!(matches!(
                 admit(&a, ann(id, "{}"), Provenance::Firmware),
@@ -259,13 +246,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_spec_qubitro_rejected_moments_ago_is_refused_without_a_record() {
-        let (store, _dir) = store();
-        let (gate, rejections) = (gate(""), Rejections::default());
-        let a = Admission {
-            store: &store,
-            gate: &gate,
-            rejections: &rejections,
-        };
+        let f = Fixture::new("");
+        let (a, store, rejections) = (f.admission(), &f.store, &f.rejections);
         let bad = ann("s", "{}");
         rejections.record("s", &bad.spec, "HTTP 400: name", Instant::now());
         match admit(&a, bad, Provenance::Firmware) {

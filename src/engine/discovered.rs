@@ -86,9 +86,7 @@ impl Discovery {
 /// tree: each becomes its record's state, once, and the mark goes.
 fn retire_marked(store: &Store, tree: &DiscoveryTree, now_ms: u64) -> Result<(), StoreError> {
     for sensor in tree.retired_marks()? {
-        if let Some(rec) = store.get(&sensor)? {
-            records::apply(store, &sensor, rec.generation, &Transition::Retired, now_ms)?;
-        }
+        records::apply_to_current(store, &sensor, &Transition::Retired, now_ms)?;
         tree.remove_retired_mark(&sensor)?;
         tree.wrote();
     }
@@ -170,18 +168,10 @@ impl Engine {
 
     /// Retires a device made before that has no entity left (listed `retired`).
     fn retire(&self, sensor: &str) -> Result<(), StoreError> {
-        let Some(rec) = self.store.get(sensor)? else {
-            return Ok(());
-        };
-        let now = self.clock.wall_ms();
-        let applied = records::apply(
-            &self.store,
-            sensor,
-            rec.generation,
-            &Transition::Retired,
-            now,
-        )?;
-        if matches!(applied, Applied::Written(..)) {
+        if matches!(
+            self.change(sensor, Transition::Retired)?,
+            Applied::Written(..)
+        ) {
             tracing::info!(sensor_id = sensor, "discovered device {sensor} has no entity left: kept in Qubitro, shown retired; its \
                 readings are no longer forwarded");
         }
@@ -190,16 +180,7 @@ impl Engine {
 
     /// A device with an entity again is no longer retired.
     fn reactivate(&self, sensor: &str) -> Result<(), StoreError> {
-        if let Some(rec) = self.store.get(sensor)? {
-            let now = self.clock.wall_ms();
-            records::apply(
-                &self.store,
-                sensor,
-                rec.generation,
-                &Transition::Reactivated,
-                now,
-            )?;
-        }
+        self.change(sensor, Transition::Reactivated)?;
         Ok(())
     }
 
@@ -207,18 +188,11 @@ impl Engine {
     /// wait for (0: none).
     fn onboard_discovered(self: &Arc<Self>, known: &Known) -> Result<u64, StoreError> {
         let sensor = known.sensor_id.as_str();
-        if let Some(rec) = self.store.get(sensor)? {
+        if self.store.get(sensor)?.is_some() {
             // Made before (a re-published or re-read config, a restart): nothing
             // new, but it must be bridged (an operator may have forgotten and a
             // firmware re-announced it in between).
-            let now = self.clock.wall_ms();
-            let bridged = records::apply(
-                &self.store,
-                sensor,
-                rec.generation,
-                &Transition::Bridged,
-                now,
-            )?;
+            let bridged = self.change(sensor, Transition::Bridged)?;
             return Ok(match bridged.written() {
                 Some((rec, seq)) => {
                     self.bridge_device(sensor, &rec);

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use super::admit::{Admitted, Refusal};
 use super::delivery::delivery_tag;
 use super::inbound::Inbound;
-use super::records::{self, Transition};
+use super::records::Transition;
 use super::Engine;
 use crate::announce::{self, Announce, AnnounceError};
 use crate::bridge::{AcceptError, Bridge};
@@ -339,17 +339,7 @@ impl Engine {
         if !wants {
             return Ok((false, 0));
         }
-        let Some(rec) = self.store.get(sensor)? else {
-            return Ok((false, 0));
-        };
-        let now = self.clock.wall_ms();
-        let applied = records::apply(
-            &self.store,
-            sensor,
-            rec.generation,
-            &Transition::Bridged,
-            now,
-        )?;
+        let applied = self.change(sensor, Transition::Bridged)?;
         match applied.written() {
             Some((rec, seq)) => {
                 tracing::info!(sensor_id = sensor, "sensor {sensor} is bridged from now on");

@@ -176,6 +176,12 @@ impl Engine {
         self.bridge.as_ref()
     }
 
+    /// Applies a change that belongs to the sensor, not to one onboarding of it
+    /// ([`records::apply_to_current`]).
+    fn change(&self, sensor: &str, t: records::Transition) -> Result<records::Applied, StoreError> {
+        records::apply_to_current(&self.store, sensor, &t, self.clock.wall_ms())
+    }
+
     /// The state admission reads and changes.
     fn admission(&self) -> admit::Admission<'_> {
         admit::Admission {

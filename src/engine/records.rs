@@ -150,6 +150,21 @@ pub fn apply(
     Ok(outcome)
 }
 
+/// Applies `t` to whichever onboarding of the sensor is stored now: for changes
+/// that belong to the sensor rather than to one onboarding (bridged, retired).
+/// `Gone` when the sensor is not known.
+pub fn apply_to_current(
+    store: &Store,
+    sensor: &str,
+    t: &Transition,
+    now_ms: u64,
+) -> Result<Applied, StoreError> {
+    match store.get(sensor)? {
+        Some(rec) => apply(store, sensor, rec.generation, t, now_ms),
+        None => Ok(Applied::Gone),
+    }
+}
+
 /// Deletes the sensor's record of `generation` (a create Qubitro rejected: the
 /// corrected announce starts afresh). False when it was forgotten meanwhile.
 pub fn abandon(store: &Store, sensor: &str, generation: u64) -> Result<bool, StoreError> {
