@@ -122,6 +122,50 @@ impl Outbox {
     }
 }
 
+/// How a record's ok reply goes out.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum OkDelivery<'a> {
+    /// Published with these credentials, tracked while the record is `Created`.
+    Publish {
+        creds: &'a Credentials,
+        track: Option<DeliveryTag>,
+    },
+    /// Nobody listens for a discovered device's reply (it has no firmware of ours):
+    /// its onboarding ends with the device made (`tag`: mark it delivered), instead
+    /// of a reply published to no one again at every reconnect.
+    Settle { tag: Option<DeliveryTag> },
+    /// No device yet: nothing to deliver.
+    NotYet,
+}
+
+/// The reply choice for an onboarded (or not yet onboarded) record.
+pub(super) fn ok_delivery<'a>(sensor: &str, rec: &'a Record, discovery_on: bool) -> OkDelivery<'a> {
+    let Some(creds) = rec.credentials() else {
+        return OkDelivery::NotYet;
+    };
+    let tag = delivery_tag(sensor, rec);
+    if discovery_on && rec.provenance == Provenance::Discovered {
+        return OkDelivery::Settle { tag };
+    }
+    OkDelivery::Publish { creds, track: tag }
+}
+
+/// The `retry_after_s` of the pending reply to an announce of a sensor still being
+/// onboarded (`due`: until its next attempt), or `None` when its task's outcome is
+/// the answer. Told now once an attempt failed, or when the task cannot keep the
+/// announce's route (`route_kept` false: too many owed already).
+pub(super) fn pending_wait(
+    rec: &Record,
+    due: std::time::Duration,
+    route_kept: bool,
+) -> Option<u64> {
+    let mut wait = (rec.attempts > 0).then(|| due.as_secs_f64().ceil() as u64);
+    if !route_kept {
+        wait.get_or_insert(1);
+    }
+    wait
+}
+
 /// The tag of an ok reply: only a `Created` record's reply is tracked (a delivered
 /// one needs no proof again).
 pub(super) fn delivery_tag(sensor: &str, rec: &Record) -> Option<DeliveryTag> {
@@ -134,24 +178,20 @@ pub(super) fn delivery_tag(sensor: &str, rec: &Record) -> Option<DeliveryTag> {
 impl Engine {
     /// Publishes a sensor's ok reply; tracked while its record is `Created`.
     pub(super) async fn deliver_ok(&self, sensor: &str, rec: &Record, route: &Route) {
-        let Some(creds) = rec.credentials() else {
-            return;
-        };
-        if self.discovery.is_some() && rec.provenance == Provenance::Discovered {
-            // Nobody listens for a discovered device's reply (it has no firmware of
-            // ours): its onboarding ends with the device made, instead of a reply
-            // published to no one again at every reconnect.
-            if let Some(tag) = delivery_tag(sensor, rec) {
-                if let Err(e) = self.acked(tag, Acked::Delivered) {
-                    self.fatal.trigger(e);
+        match ok_delivery(sensor, rec, self.discovery.is_some()) {
+            OkDelivery::Publish { creds, track } => {
+                let reply = self.outbox.ok_reply(sensor, route, creds, rec.bridged);
+                self.outbox.send(sensor, route, reply, track).await;
+            }
+            OkDelivery::Settle { tag } => {
+                if let Some(tag) = tag {
+                    if let Err(e) = self.acked(tag, Acked::Delivered) {
+                        self.fatal.trigger(e);
+                    }
                 }
             }
-            return;
+            OkDelivery::NotYet => {}
         }
-        let reply = self.outbox.ok_reply(sensor, route, creds, rec.bridged);
-        self.outbox
-            .send(sensor, route, reply, delivery_tag(sensor, rec))
-            .await;
     }
 
     /// Reacts to the MQTT session: status and republishing on every connection,
@@ -327,5 +367,67 @@ mod tests {
             })
         );
         assert_eq!(delivery_tag("s", &created.delivered(3).unwrap()), None);
+    }
+
+    #[test]
+    fn an_onboarded_record_gets_its_ok_reply_tracked_only_until_delivered() {
+        let pending = Record::pending(crate::announce::test_spec(), Route::default(), 9, 1);
+        assert_eq!(ok_delivery("s", &pending, false), OkDelivery::NotYet);
+        let created = pending.created(creds(), Origin::Created, 2).unwrap();
+        let tag = delivery_tag("s", &created);
+        assert!(tag.is_some());
+        assert_eq!(
+            ok_delivery("s", &created, true),
+            OkDelivery::Publish {
+                creds: &creds(),
+                track: tag
+            }
+        );
+        let delivered = created.delivered(3).unwrap();
+        assert_eq!(
+            ok_delivery("s", &delivered, false),
+            OkDelivery::Publish {
+                creds: &creds(),
+                track: None
+            }
+        );
+    }
+
+    #[test]
+    fn a_discovered_device_gets_no_reply_while_discovery_is_on() {
+        let found = Record::pending_from(
+            Provenance::Discovered,
+            crate::announce::test_spec(),
+            Route::default(),
+            4,
+            1,
+        )
+        .created(creds(), Origin::Created, 2)
+        .unwrap();
+        let tag = delivery_tag("ha-x", &found);
+        assert_eq!(
+            ok_delivery("ha-x", &found, true),
+            OkDelivery::Settle { tag }
+        );
+        assert!(matches!(
+            ok_delivery("ha-x", &found, false),
+            OkDelivery::Publish { .. }
+        ));
+    }
+
+    #[test]
+    fn a_sensor_still_onboarding_is_told_to_wait_only_after_a_failure_or_when_its_route_cannot_be_kept(
+    ) {
+        let rec = Record::pending(crate::announce::test_spec(), Route::default(), 1, 1);
+        let due = std::time::Duration::from_millis(2_100);
+        assert_eq!(pending_wait(&rec, due, true), None, "its task answers");
+        assert_eq!(pending_wait(&rec, due, false), Some(1));
+        let failed = rec.retry_later(2_100, None, true, 2).unwrap();
+        assert_eq!(
+            pending_wait(&failed, due, true),
+            Some(3),
+            "whole seconds, rounded up"
+        );
+        assert_eq!(pending_wait(&failed, due, false), Some(3));
     }
 }

@@ -16,7 +16,7 @@ use rumqttc::v5::mqttbytes::QoS;
 use tokio::sync::mpsc;
 
 use super::admit::{Admitted, Refusal};
-use super::delivery::delivery_tag;
+use super::delivery::{delivery_tag, pending_wait};
 use super::inbound::Inbound;
 use super::records::Transition;
 use super::Engine;
@@ -376,10 +376,8 @@ impl Engine {
         // Should no task be running for it, this starts one; otherwise a no-op.
         let due = self.until_due(rec);
         self.spawn_onboarding(sensor.to_string(), due);
-        let mut retry_after_s = (rec.attempts > 0).then(|| due.as_secs_f64().ceil() as u64);
-        if route != rec.route && !self.onboardings.add_waiting(sensor, route.clone()) {
-            retry_after_s.get_or_insert(1);
-        }
+        let route_kept = route == rec.route || self.onboardings.add_waiting(sensor, route.clone());
+        let retry_after_s = pending_wait(rec, due, route_kept);
         Decision {
             // Its record may not be flushed yet: this ack waits for the same flush.
             seq: self.store.last_write(),
