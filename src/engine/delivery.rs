@@ -21,12 +21,14 @@ use super::publisher::{Outgoing, Publisher};
 use super::records::{self, Transition};
 use super::Engine;
 use crate::bridge::DataTopic;
+use crate::clock::Clock;
 use crate::config::{Config, Secret};
 use crate::device::Credentials;
 use crate::mqtt::{Acked, DeliveryTag, SessionEvent};
 use crate::onboarding::{Provenance, Record, State};
 use crate::proof::SensorKey;
 use crate::reply::{Broker, OkHow, Reply, Route, TokenField};
+use crate::store::{Store, StoreError};
 
 /// Where replies go out.
 pub struct Outbox {
@@ -175,56 +177,43 @@ pub(super) fn delivery_tag(sensor: &str, rec: &Record) -> Option<DeliveryTag> {
     })
 }
 
-impl Engine {
+/// The delivery stage: what it reads and writes.
+pub(super) struct Delivery<'a> {
+    pub(super) store: &'a Store,
+    pub(super) outbox: &'a Outbox,
+    pub(super) clock: &'a Clock,
+    /// Discovered devices get no reply while discovery is on.
+    pub(super) discovery_on: bool,
+}
+
+impl Delivery<'_> {
     /// Publishes a sensor's ok reply; tracked while its record is `Created`.
-    pub(super) async fn deliver_ok(&self, sensor: &str, rec: &Record, route: &Route) {
-        match ok_delivery(sensor, rec, self.discovery.is_some()) {
+    pub(super) async fn deliver_ok(
+        &self,
+        sensor: &str,
+        rec: &Record,
+        route: &Route,
+    ) -> Result<(), StoreError> {
+        match ok_delivery(sensor, rec, self.discovery_on) {
             OkDelivery::Publish { creds, track } => {
                 let reply = self.outbox.ok_reply(sensor, route, creds, rec.bridged);
                 self.outbox.send(sensor, route, reply, track).await;
             }
-            OkDelivery::Settle { tag } => {
-                if let Some(tag) = tag {
-                    if let Err(e) = self.acked(tag, Acked::Delivered) {
-                        self.fatal.trigger(e);
-                    }
-                }
-            }
-            OkDelivery::NotYet => {}
+            OkDelivery::Settle { tag: Some(tag) } => self.acked(tag, Acked::Delivered)?,
+            OkDelivery::Settle { tag: None } | OkDelivery::NotYet => {}
         }
+        Ok(())
     }
 
-    /// Reacts to the MQTT session: status and republishing on every connection,
-    /// delivery marks on PUBACK.
-    pub async fn run_session_events(
-        self: Arc<Self>,
-        mut events: mpsc::UnboundedReceiver<SessionEvent>,
-    ) {
-        while let Some(ev) = events.recv().await {
-            let result = match ev {
-                SessionEvent::Connected { .. } => {
-                    if let Err(e) = self.outbox.publisher.publish_status("online").await {
-                        tracing::debug!(error = %e, "cannot queue the status: {e}");
-                    }
-                    self.republish_undelivered().await
-                }
-                SessionEvent::Acked(tag, outcome) => self.acked(tag, outcome),
-            };
-            if let Err(e) = result {
-                self.fatal.trigger(e);
-                return;
-            }
-        }
-    }
-
-    fn acked(&self, tag: DeliveryTag, outcome: Acked) -> Result<(), crate::store::StoreError> {
+    /// The broker's word on a tracked reply.
+    pub(super) fn acked(&self, tag: DeliveryTag, outcome: Acked) -> Result<(), StoreError> {
         let sensor = tag.sensor.as_str();
         match outcome {
             Acked::Delivered => {
                 let now = self.clock.wall_ms();
                 // No flush: should it be lost, the reply is only published again.
                 records::apply(
-                    &self.store,
+                    self.store,
                     sensor,
                     tag.generation,
                     &Transition::Delivered,
@@ -249,7 +238,8 @@ impl Engine {
         Ok(())
     }
 
-    async fn republish_undelivered(&self) -> Result<(), crate::store::StoreError> {
+    /// Every ok reply the broker has not acknowledged, published again (a new session).
+    pub(super) async fn republish_undelivered(&self) -> Result<(), StoreError> {
         let todo = self.store.undelivered()?;
         if !todo.is_empty() {
             tracing::info!(
@@ -259,9 +249,51 @@ impl Engine {
             );
         }
         for (sensor, rec) in todo {
-            self.deliver_ok(&sensor, &rec, &rec.route).await;
+            self.deliver_ok(&sensor, &rec, &rec.route).await?;
         }
         Ok(())
+    }
+}
+
+impl Engine {
+    /// The delivery stage over the engine's state.
+    pub(super) fn delivery(&self) -> Delivery<'_> {
+        Delivery {
+            store: &self.store,
+            outbox: &self.outbox,
+            clock: &self.clock,
+            discovery_on: self.discovery.is_some(),
+        }
+    }
+
+    /// Publishes a sensor's ok reply ([`Delivery::deliver_ok`]); a store error is fatal.
+    pub(super) async fn deliver_ok(&self, sensor: &str, rec: &Record, route: &Route) {
+        if let Err(e) = self.delivery().deliver_ok(sensor, rec, route).await {
+            self.fatal.trigger(e);
+        }
+    }
+
+    /// Reacts to the MQTT session: status and republishing on every connection,
+    /// delivery marks on PUBACK.
+    pub async fn run_session_events(
+        self: Arc<Self>,
+        mut events: mpsc::UnboundedReceiver<SessionEvent>,
+    ) {
+        while let Some(ev) = events.recv().await {
+            let result = match ev {
+                SessionEvent::Connected { .. } => {
+                    if let Err(e) = self.outbox.publisher.publish_status("online").await {
+                        tracing::debug!(error = %e, "cannot queue the status: {e}");
+                    }
+                    self.delivery().republish_undelivered().await
+                }
+                SessionEvent::Acked(tag, outcome) => self.delivery().acked(tag, outcome),
+            };
+            if let Err(e) = result {
+                self.fatal.trigger(e);
+                return;
+            }
+        }
     }
 }
 
@@ -270,6 +302,7 @@ mod tests {
     use super::super::publisher::Recording;
     use super::*;
     use crate::device::Token;
+    use crate::engine::records::{self, Transition};
     use crate::onboarding::Origin;
 
     fn outbox(security: &str) -> (Outbox, Arc<Recording>) {
@@ -429,5 +462,64 @@ mod tests {
             "whole seconds, rounded up"
         );
         assert_eq!(pending_wait(&failed, due, false), Some(3));
+    }
+
+    #[tokio::test]
+    async fn each_new_session_publishes_again_exactly_the_replies_the_broker_has_not_acknowledged()
+    {
+        let (store, _dir) = crate::engine::records::tests::store();
+        let (outbox, sent) = outbox("");
+        let clock = Clock::System;
+        let delivery = Delivery {
+            store: &store,
+            outbox: &outbox,
+            clock: &clock,
+            discovery_on: true,
+        };
+        let spec = crate::announce::test_spec;
+        let fw = Record::pending(spec(), Route::default(), 1, 1);
+        let found = Record::pending_from(Provenance::Discovered, spec(), Route::default(), 2, 1);
+        for (sensor, rec) in [
+            ("fw", fw),
+            ("ha-x", found),
+            ("waiting", Record::pending(spec(), Route::default(), 3, 1)),
+        ] {
+            store.insert_new(sensor, &rec).unwrap().unwrap();
+            if sensor != "waiting" {
+                let created = Transition::Created {
+                    credentials: creds(),
+                    origin: Origin::Created,
+                };
+                records::apply(&store, sensor, rec.generation, &created, 2).unwrap();
+            }
+        }
+
+        delivery.republish_undelivered().await.unwrap();
+        let first = sent.sent.lock().unwrap().clone();
+        assert_eq!(
+            first.len(),
+            1,
+            "only the firmware sensor's reply: {first:?}"
+        );
+        assert_eq!(first[0].topic, "onboard/reply/fw");
+        let tag = first[0].track.clone().expect("tracked while Created");
+        assert_eq!(
+            store.get("ha-x").unwrap().unwrap().state.name(),
+            "delivered",
+            "a discovered device's onboarding ends without a reply"
+        );
+
+        delivery.acked(tag.clone(), Acked::NoSubscribers).unwrap();
+        assert_eq!(store.get("fw").unwrap().unwrap().state.name(), "created");
+        delivery.acked(tag.clone(), Acked::Delivered).unwrap();
+        assert_eq!(store.get("fw").unwrap().unwrap().state.name(), "delivered");
+        delivery.acked(tag, Acked::Delivered).unwrap();
+
+        delivery.republish_undelivered().await.unwrap();
+        assert_eq!(
+            sent.sent.lock().unwrap().len(),
+            1,
+            "nothing left to publish again"
+        );
     }
 }
