@@ -40,7 +40,10 @@ FROM runtime-base AS onboardd
 COPY --from=build /out/onboardd /usr/bin/onboardd
 COPY config/onboardd.toml /etc/onboardd/onboardd.toml
 # The same directories the systemd unit gives it (StateDirectory=,
-# RuntimeDirectory=), owned by an unprivileged user.
+# RuntimeDirectory=), owned by an unprivileged user. The volume is the state
+# directory (store.path): sled in db/, the generated claim key beside it. A
+# corrupt database is moved aside to db.corrupt-<secs> inside it, a rename that
+# works where the volume's mount point itself cannot be renamed.
 RUN useradd --system --no-create-home --shell /usr/sbin/nologin onboardd \
     && install -d -m 0700 -o onboardd -g onboardd /var/lib/onboardd /run/onboardd
 USER onboardd

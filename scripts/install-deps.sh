@@ -14,7 +14,7 @@
 #   scripts/install-deps.sh compose    # only docker-compose, to validate docker-compose.yml
 set -euo pipefail
 
-systemd_pkgs=(debootstrap systemd-container)
+systemd_pkgs=(debootstrap systemd-container python3-cryptography)
 cross_pkgs=(qemu-user gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf libc6-dev-arm64-cross libc6-dev-armhf-cross)
 test_pkgs=(mosquitto mosquitto-clients openssl gcc libc6-dev)
 # Only to validate docker-compose.yml (no engine is needed for `config`).

@@ -7,6 +7,11 @@
 //! atomically (written aside, fsynced, then hard-linked into place, which never
 //! replaces a key that is already there): a crash leaves either no key or a whole
 //! one, and a key that sensors were flashed with is never overwritten.
+//!
+//! Nor is it ever replaced by a new one: when the file is missing but sensors were
+//! onboarded here (the daemon finds a database with records, or one moved aside),
+//! the sensors hold keys derived from the lost one and would all be refused from
+//! then on. Starting is refused instead, naming the file to restore.
 
 use std::io::Write as _;
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
@@ -42,6 +47,21 @@ pub enum ClaimKeyError {
         #[source]
         source: std::io::Error,
     },
+    /// The generated key is gone but sensors were onboarded with it.
+    #[error(
+        "the claim key {} is missing, but {} shows that sensors were onboarded here with it: \
+restore {} from your backup (every sensor's key derives from it), \
+or delete {} to start afresh with a new key (every sensor must then be flashed again)",
+        path.display(), evidence.display(), path.display(), evidence.display()
+    )]
+    Missing { path: PathBuf, evidence: PathBuf },
+}
+
+impl ClaimKeyError {
+    /// A refusal the operator must resolve (exit 78: systemd does not restart).
+    pub fn is_config(&self) -> bool {
+        matches!(self, ClaimKeyError::Missing { .. })
+    }
 }
 
 impl From<ConfigError> for ClaimKeyError {
@@ -56,10 +76,12 @@ pub fn generated_path(store_path: &str) -> PathBuf {
 }
 
 /// For `run`: the configured key (`configured` non-empty), else the stored one, else
-/// a new one, written before it is used.
+/// a new one, written before it is used. `evidence` names what shows that sensors
+/// were onboarded in this store (then no new key is made: [`ClaimKeyError::Missing`]).
 pub fn load_or_generate(
     configured: &Secret,
     store_path: &str,
+    evidence: Option<&Path>,
 ) -> Result<(Secret, Origin), ClaimKeyError> {
     if !configured.is_empty() {
         return Ok((configured.clone(), Origin::Configured));
@@ -67,6 +89,12 @@ pub fn load_or_generate(
     let path = generated_path(store_path);
     if let Some(key) = stored(&path)? {
         return Ok((key, Origin::Stored(path)));
+    }
+    if let Some(evidence) = evidence {
+        return Err(ClaimKeyError::Missing {
+            path,
+            evidence: evidence.to_path_buf(),
+        });
     }
     let key = crate::proof::generate_claim_key();
     match write_new(&path, &key) {
@@ -87,18 +115,6 @@ pub fn existing(configured: &Secret, store_path: &str) -> Result<Option<Secret>,
         return Ok(Some(configured.clone()));
     }
     Ok(stored(&generated_path(store_path))?)
-}
-
-/// Puts `key` back at `{store_path}/claim-key` when the file is missing: after a
-/// corrupt database was moved aside with the directory that held it, the key the
-/// sensors were flashed with must stay the gateway's key.
-pub fn restore(key: &Secret, store_path: &str) -> Result<(), ClaimKeyError> {
-    let path = generated_path(store_path);
-    match write_new(&path, key) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(source) => Err(ClaimKeyError::Create { path, source }),
-    }
 }
 
 fn stored(path: &Path) -> Result<Option<Secret>, ConfigError> {
@@ -148,7 +164,7 @@ mod tests {
         assert_eq!(existing(&Secret::default(), store).unwrap(), None);
         assert!(!Path::new(store).exists(), "existing() creates nothing");
 
-        let (key, origin) = load_or_generate(&Secret::default(), store).unwrap();
+        let (key, origin) = load_or_generate(&Secret::default(), store, None).unwrap();
         let path = generated_path(store);
         assert_eq!(origin, Origin::Generated(path.clone()));
         let text = std::fs::read_to_string(&path).unwrap();
@@ -159,7 +175,7 @@ mod tests {
         let dir_mode = std::fs::metadata(store).unwrap().permissions().mode();
         assert_eq!(dir_mode & 0o777, 0o700);
 
-        let (again, origin) = load_or_generate(&Secret::default(), store).unwrap();
+        let (again, origin) = load_or_generate(&Secret::default(), store, None).unwrap();
         assert_eq!((again.clone(), origin), (key.clone(), Origin::Stored(path)));
         assert_eq!(existing(&Secret::default(), store).unwrap(), Some(key));
         let leftovers: Vec<_> = std::fs::read_dir(store).unwrap().collect();
@@ -172,21 +188,30 @@ mod tests {
         let store = dir.path().join("db");
         let store = store.to_str().unwrap();
         let configured = Secret::new("fleet");
-        let (key, origin) = load_or_generate(&configured, store).unwrap();
+        let (key, origin) = load_or_generate(&configured, store, None).unwrap();
         assert_eq!((key, origin), (configured, Origin::Configured));
         assert!(!Path::new(store).exists());
     }
 
     #[test]
-    fn restore_puts_the_key_back_and_never_replaces_one() {
+    fn a_missing_key_with_evidence_of_onboarded_sensors_is_refused_not_replaced() {
         let dir = tempfile::tempdir().unwrap();
-        let store = dir.path().join("db");
+        let store = dir.path().join("state");
+        let evidence = store.join("db.corrupt-1");
         let store = store.to_str().unwrap();
-        restore(&Secret::new("abc"), store).unwrap();
-        restore(&Secret::new("other"), store).unwrap();
-        assert_eq!(
-            std::fs::read_to_string(generated_path(store)).unwrap(),
-            "abc\n"
+        let e = load_or_generate(&Secret::default(), store, Some(&evidence)).unwrap_err();
+        assert!(e.is_config());
+        let text = e.to_string();
+        let path = generated_path(store).display().to_string();
+        assert!(text.contains(&format!("restore {path}")), "{text}");
+        assert!(
+            text.contains(&format!("delete {}", evidence.display())),
+            "{text}"
         );
+        assert!(!generated_path(store).exists(), "no new key was made");
+        // A configured key is unaffected.
+        let configured = Secret::new("fleet");
+        let (key, _) = load_or_generate(&configured, store, Some(&evidence)).unwrap();
+        assert_eq!(key, configured);
     }
 }

@@ -20,6 +20,21 @@ use crate::heartbeat::Heartbeat;
 use crate::store::{OpenOutcome, Store};
 use crate::{claim_key, control, metrics, mqtt, systemd};
 
+/// What shows that sensors were onboarded in this store: the database when it
+/// holds records, else a database moved aside.
+fn onboarding_evidence(
+    store: &Store,
+    store_path: &str,
+) -> anyhow::Result<Option<std::path::PathBuf>> {
+    let dir = std::path::Path::new(store_path);
+    if store.holds_records()? {
+        return Ok(Some(dir.join(crate::store::DB_DIR)));
+    }
+    let aside = crate::store::moved_aside(dir)
+        .with_context(|| format!("cannot read the store directory {}", dir.display()))?;
+    Ok(aside.into_iter().next())
+}
+
 /// From SIGTERM to exit, in every state (broker down and cloud hanging included):
 /// under systemd's default 10 s and the unit's TimeoutStopSec.
 const STOP_BUDGET: Duration = Duration::from_secs(8);
@@ -33,9 +48,28 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     crate::failpoint::refuse_if_requested_but_compiled_out()?;
     let started = Instant::now();
     let mut cfg = cfg;
-    // Before the store opens: a fresh install needs a key before its first announce.
-    let (claim_key, key_origin) =
-        claim_key::load_or_generate(&cfg.security.claim_key, &cfg.store.path)?;
+    prepare_store_dir(std::path::Path::new(&cfg.store.path))?;
+    crate::config::warn_if_loose_secret_files(&cfg);
+    let (store, outcome) = Store::open(&cfg.store)?;
+    if let OpenOutcome::RebuiltAfterCorruption { moved_to } = &outcome {
+        tracing::error!(
+            moved_to = %moved_to.display(),
+            concat!(
+                "started with an EMPTY database after corruption (old one moved to {}); ",
+                "sensors are re-adopted from Qubitro as they announce"
+            ),
+            moved_to.display()
+        );
+    }
+    // Before anything is served: a fresh install needs a key before its first
+    // announce, and a lost key must not silently become a new one (the store,
+    // opened first, tells whether sensors were onboarded with the old one).
+    let evidence = onboarding_evidence(&store, &cfg.store.path)?;
+    let (claim_key, key_origin) = claim_key::load_or_generate(
+        &cfg.security.claim_key,
+        &cfg.store.path,
+        evidence.as_deref(),
+    )?;
     cfg.security.claim_key = claim_key;
     match &key_origin {
         claim_key::Origin::Generated(path) => tracing::info!(
@@ -63,16 +97,6 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
             "gateway_id {:?} is a host name many machines share: gateways left at it look like one gateway in Qubitro's metadata and on the status topic; set gateway_id in the config",
             cfg.gateway_id
         );
-    }
-    prepare_store_dir(std::path::Path::new(&cfg.store.path))?;
-    crate::config::warn_if_loose_secret_files(&cfg);
-    let (store, outcome) = Store::open(&cfg.store)?;
-    if let OpenOutcome::RebuiltAfterCorruption { moved_to } = &outcome {
-        tracing::error!(moved_to = %moved_to.display(), "started with an EMPTY database after corruption (old one moved to {}); sensors are re-adopted from Qubitro as they announce", moved_to.display());
-        // The key went aside with the directory; the sensors still hold keys from it.
-        if key_origin != claim_key::Origin::Configured {
-            claim_key::restore(&cfg.security.claim_key, &cfg.store.path)?;
-        }
     }
     let cloud = Cloud::new(&cfg.qubitro).context("cannot build the HTTP client")?;
     let session = mqtt::connect(&cfg)?;

@@ -165,7 +165,15 @@ fn run(path: &Path) -> Result<(), Failure> {
     })
     .map_err(|e| {
         tracing::error!(error = %format!("{e:#}"), "onboardd stopped on an error");
-        Failure::Runtime(e)
+        // A refusal the operator must resolve: restarting would only repeat it.
+        let refused = e
+            .downcast_ref::<onboardd::claim_key::ClaimKeyError>()
+            .is_some_and(|c| c.is_config());
+        if refused {
+            Failure::Config(e)
+        } else {
+            Failure::Runtime(e)
+        }
     })
 }
 

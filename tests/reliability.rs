@@ -353,10 +353,14 @@ async fn a_corrupt_database_is_moved_aside_loudly_and_devices_are_adopted() {
     std::fs::create_dir_all(&db).unwrap();
     std::fs::write(db.join("conf"), b"\xff\xfe not a sled config").unwrap();
     std::fs::write(db.join("db"), vec![0xA5; 8192]).unwrap();
+    // The gateway's key, beside the database: without it a corrupt database is
+    // evidence of sensors onboarded with a lost key, and onboardd refuses to start.
+    std::fs::write(db.join("claim-key"), format!("{}\n", "ab".repeat(32))).unwrap();
     let d = Daemon::with_state(broker.port, &cloud, state.path(), "", vec![]);
     d.log.wait_for_async("DATABASE UNREADABLE").await;
     d.wait_subscribed();
-    let moved: Vec<_> = std::fs::read_dir(state.path())
+    // Inside store.path, which keeps its name (a state directory or volume).
+    let moved: Vec<_> = std::fs::read_dir(&db)
         .unwrap()
         .filter_map(|e| e.ok())
         .filter(|e| e.file_name().to_string_lossy().starts_with("db.corrupt-"))

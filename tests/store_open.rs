@@ -239,7 +239,7 @@ async fn a_store_dir_without_permission_exits_non_zero_naming_eacces_and_is_unto
     );
     let line = format!(
         "onboardd: cannot open the database at {}: Permission denied (os error 13)",
-        db.display()
+        db.join("db").display()
     );
     assert!(stderr.contains(&line), "expected {line:?} in:\n{stderr}");
     assert_nothing_moved_aside(state.path());
@@ -362,7 +362,7 @@ async fn a_full_file_system_never_moves_the_database_aside_nor_loses_the_pending
         assert_ne!(code, 0, "log:\n{log}");
         let line = format!(
             "onboardd: cannot open the database at {}: No space left on device (os error 28)",
-            mnt.join("db").display()
+            mnt.join("db").join("db").display()
         );
         assert!(log.contains(&line), "expected {line:?} in:\n{log}");
     }

@@ -124,18 +124,18 @@ async fn ask(cfg: &Config, req: Request) -> Result<Response, ControlError> {
         None => {
             // Never create a store here: as root that would leave root-owned files
             // where the service's user must write.
-            if !Path::new(&cfg.store.path).is_dir() {
+            if !crate::store::exists(Path::new(&cfg.store.path)) {
                 return Err(ControlError::NoStore {
                     socket: cfg.control.socket.clone(),
                     path: PathBuf::from(&cfg.store.path),
                 });
             }
-            let mut store_cfg = cfg.store.clone();
-            become_store_owner(&mut store_cfg)?;
-            let (store, _) = Store::open(&store_cfg).map_err(|source| ControlError::NoDaemon {
-                socket: cfg.control.socket.clone(),
-                source,
-            })?;
+            let dir = become_store_owner(&cfg.store)?;
+            let (store, _) =
+                Store::open_via(&dir, &cfg.store).map_err(|source| ControlError::NoDaemon {
+                    socket: cfg.control.socket.clone(),
+                    source,
+                })?;
             server::answer(req, &store, None).await
         }
     };
@@ -154,22 +154,28 @@ async fn ask(cfg: &Config, req: Request) -> Result<Response, ControlError> {
 /// of the store directory (its uid and gid, no supplementary groups) before
 /// opening it, so that they never leave a root-owned file where the service's
 /// user must write (under `DynamicUser=` that user exists only while the service
-/// runs). The process first changes into the directory, because the packaged one
-/// (`/var/lib/private/onboardd`) sits below a root-only directory its owner cannot
-/// traverse; `cfg.path` then becomes `.`. glibc applies set*id to every thread of
-/// the process. Does nothing when not root, or when the store is owned by root.
-pub fn become_store_owner(cfg: &mut StoreConfig) -> Result<(), ControlError> {
+/// runs). Returns the path to open the store through.
+///
+/// The packaged directory (`/var/lib/private/onboardd`) sits below a root-only
+/// directory its owner cannot traverse, so the process first changes into it and
+/// then opens it as `/proc/self/cwd`: a relative path would not do, because sled
+/// turns it into an absolute one (through getcwd) to look for its snapshot files,
+/// and that path runs through the root-only directory again ("Permission denied").
+/// `/proc/self/cwd` leads into the directory without walking its parents. glibc
+/// applies set*id to every thread of the process. Does nothing when not root, or
+/// when the store is owned by root.
+pub fn become_store_owner(cfg: &StoreConfig) -> Result<PathBuf, ControlError> {
     use std::os::unix::fs::MetadataExt;
+    let path = PathBuf::from(&cfg.path);
     // SAFETY: geteuid(2) cannot fail.
     if unsafe { libc::geteuid() } != 0 {
-        return Ok(());
+        return Ok(path);
     }
-    let path = PathBuf::from(&cfg.path);
     let Ok(meta) = std::fs::metadata(&path) else {
-        return Ok(());
+        return Ok(path);
     };
     if !meta.is_dir() || meta.uid() == 0 {
-        return Ok(());
+        return Ok(path);
     }
     let (uid, gid) = (meta.uid(), meta.gid());
     let fail = |source: std::io::Error| ControlError::BecomeOwner {
@@ -187,8 +193,7 @@ pub fn become_store_owner(cfg: &mut StoreConfig) -> Result<(), ControlError> {
             return Err(fail(std::io::Error::last_os_error()));
         }
     }
-    cfg.path = ".".to_string();
-    Ok(())
+    Ok(PathBuf::from("/proc/self/cwd"))
 }
 
 /// Sends one request to a running daemon. `Ok(None)`: no daemon listens there.

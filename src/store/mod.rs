@@ -8,7 +8,8 @@
 //! returned, and callers treat it as fatal: sled's own flusher stops silently after
 //! an I/O error, so carrying on would lose data.
 //!
-//! One concern per file: `open` (open, recovery, move-aside, lock retry), `commit`
+//! One concern per file: `layout` (what lives where in the state directory, the
+//! move from the previous layout), `open` (open, recovery, lock retry), `commit`
 //! (group commit), `records` (sensor records and their indexes), `trees` (the side
 //! trees other modules keep in the same database), `discovery` (discovery's state in
 //! its tree).
@@ -22,11 +23,13 @@ use crate::onboarding::Record;
 
 mod commit;
 mod discovery;
+mod layout;
 mod open;
 mod records;
 mod trees;
 
 pub use discovery::{DiscoveryState, DiscoveryTree};
+pub use layout::{exists, moved_aside, ASIDE_PREFIX, DB_DIR};
 pub use open::OPEN_PANICKED;
 pub use trees::{ReadingsTree, RETIRED_PREFIX};
 

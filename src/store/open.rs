@@ -6,68 +6,102 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::commit::Flusher;
+use super::layout::Layout;
 use super::{OpenOutcome, Store, StoreError};
 use crate::config::StoreConfig;
 
 impl Store {
-    /// Opens (or creates) the database and starts its flusher; needs a tokio runtime.
+    /// Opens (or creates) the database in the state directory `store.path` and
+    /// starts its flusher; needs a tokio runtime. sled lives in `{store.path}/db`
+    /// (see [`super::layout`]); a database of the previous layout, directly in
+    /// `store.path`, is first moved in there.
     ///
-    /// Only a database that sled cannot read is moved aside (to `<path>.corrupt-<secs>`)
-    /// and replaced by an empty one; the lookup before create then adopts each
-    /// sensor's existing Qubitro device instead of duplicating it. "Cannot read"
-    /// means sled reported corruption, an unsupported format or a bug, its `conf`
-    /// file cannot be parsed, or it panicked while opening (see [`OPEN_PANICKED`]).
-    /// Every other failure (no space, I/O error, no permission, too many open files,
-    /// a path that is not a directory) is returned as [`StoreError::Open`] naming the
-    /// path and the OS error, and nothing on disk is touched: moving a healthy
-    /// database aside would lose the acknowledged Pending/Creating sensors, and each
-    /// restart by systemd would make another copy.
+    /// Only a database that sled cannot read is moved aside (to
+    /// `{store.path}/db.corrupt-<secs>`) and replaced by an empty one; the lookup
+    /// before create then adopts each sensor's existing Qubitro device instead of
+    /// duplicating it. "Cannot read" means sled reported corruption, an unsupported
+    /// format or a bug, its `conf` file cannot be parsed, or it panicked while
+    /// opening (see [`OPEN_PANICKED`]). Every other failure (no space, I/O error, no
+    /// permission, too many open files, a path that is not a directory) is returned
+    /// as [`StoreError::Open`] naming the path and the OS error, and nothing on disk
+    /// is touched: moving a healthy database aside would lose the acknowledged
+    /// Pending/Creating sensors, and each restart by systemd would make another copy.
     ///
     /// A lock held by another process is retried for a moment (right after a kill -9
     /// the old lock can linger briefly), then reported clearly.
     pub fn open(cfg: &StoreConfig) -> Result<(Store, OpenOutcome), StoreError> {
-        let path = PathBuf::from(&cfg.path);
-        if let Ok(meta) = std::fs::metadata(&path) {
+        let path = Path::new(&cfg.path);
+        Store::open_layout(&Layout::new(path, path), cfg.cache_capacity_bytes)
+    }
+
+    /// As [`Store::open`], for the state directory `cfg.path` reached through
+    /// another path `dir` (the CLI's `/proc/self/cwd`); messages name `cfg.path`.
+    pub fn open_via(dir: &Path, cfg: &StoreConfig) -> Result<(Store, OpenOutcome), StoreError> {
+        let layout = Layout::new(dir, Path::new(&cfg.path));
+        Store::open_layout(&layout, cfg.cache_capacity_bytes)
+    }
+
+    fn open_layout(layout: &Layout, cache: u64) -> Result<(Store, OpenOutcome), StoreError> {
+        if let Ok(meta) = std::fs::metadata(layout.dir()) {
             if !meta.is_dir() {
                 return Err(StoreError::Open {
                     message: format!(
                         "{}; store.path must name a directory",
                         std::io::Error::from_raw_os_error(libc::ENOTDIR)
                     ),
-                    path,
+                    path: layout.shown_dir().to_path_buf(),
                 });
             }
         }
+        // An error here is about the directory (no permission, no space), as it
+        // would be for sled: named the same way, and nothing is moved aside.
+        let moved_in = layout
+            .move_in_previous_layout()
+            .map_err(|io| StoreError::Open {
+                path: layout.shown_db(),
+                message: io.to_string(),
+            })?;
+        if moved_in {
+            tracing::info!(
+                path = %layout.shown_db().display(),
+                "moved the database into {} (the layout of this version)",
+                layout.shown_db().display()
+            );
+        }
+        let path = layout.db();
         let marker = path.join(OPEN_PANICKED);
         let first = if marker.exists() {
             Err(OpenFailure::Corrupt(format!(
                 "an earlier start panicked inside sled while opening it ({} exists)",
-                marker.display()
+                layout.shown(&marker).display()
             )))
         } else {
-            open_with_retry(&path, cfg.cache_capacity_bytes)
+            open_with_retry(layout, cache)
         };
         let (db, outcome) = match first {
             Ok(db) => (db, OpenOutcome::Opened),
             Err(OpenFailure::Fatal(e)) => return Err(e),
             Err(OpenFailure::Corrupt(why)) => {
-                let moved_to = aside_name(&path);
                 tracing::error!(
-                    path = %path.display(),
-                    moved_to = %moved_to.display(),
+                    path = %layout.shown_db().display(),
                     error = %why,
-                    "DATABASE UNREADABLE: moving it aside and starting empty; sensors will be re-adopted from Qubitro on their next announce"
+                    concat!(
+                        "DATABASE UNREADABLE: moving it aside and starting empty; ",
+                        "sensors will be re-adopted from Qubitro on their next announce"
+                    )
                 );
-                std::fs::rename(&path, &moved_to).map_err(|io| StoreError::Open {
-                    path: path.clone(),
+                let moved_to = layout.move_db_aside().map_err(|io| StoreError::Open {
+                    path: layout.shown_db(),
                     message: format!("it is unreadable ({why}), and moving it aside failed: {io}"),
                 })?;
-                let db = match open_with_retry(&path, cfg.cache_capacity_bytes) {
+                let moved_to = layout.shown(&moved_to);
+                tracing::error!(moved_to = %moved_to.display(), "the unreadable database is kept at {}", moved_to.display());
+                let db = match open_with_retry(layout, cache) {
                     Ok(db) => db,
                     Err(OpenFailure::Fatal(e)) => return Err(e),
                     Err(OpenFailure::Corrupt(why)) => {
                         return Err(StoreError::Open {
-                            path,
+                            path: layout.shown_db(),
                             message: format!("a new, empty database is unreadable too: {why}"),
                         })
                     }
@@ -97,12 +131,6 @@ impl Store {
             outcome,
         ))
     }
-}
-
-fn aside_name(path: &Path) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(format!(".corrupt-{}", crate::clock::system_ms() / 1000));
-    PathBuf::from(name)
 }
 
 /// sled's log segment size for new databases: its default. (64 KiB segments were
@@ -202,7 +230,10 @@ fn guarded_open<T>(path: &Path, open: impl FnOnce() -> T) -> std::thread::Result
     result
 }
 
-fn open_with_retry(path: &Path, cache: u64) -> Result<sled::Db, OpenFailure> {
+fn open_with_retry(layout: &Layout, cache: u64) -> Result<sled::Db, OpenFailure> {
+    let db = layout.db();
+    let path = db.as_path();
+    let shown = layout.shown_db();
     let deadline = std::time::Instant::now() + Duration::from_secs(3);
     let segment_size = existing_segment_size(path).unwrap_or(SEGMENT_SIZE);
     loop {
@@ -215,13 +246,11 @@ fn open_with_retry(path: &Path, cache: u64) -> Result<sled::Db, OpenFailure> {
             Ok(Ok(db)) => return Ok(db),
             Ok(Err(e)) if is_lock_error(&e) => {
                 if std::time::Instant::now() >= deadline {
-                    return Err(OpenFailure::Fatal(StoreError::Locked {
-                        path: path.to_path_buf(),
-                    }));
+                    return Err(OpenFailure::Fatal(StoreError::Locked { path: shown }));
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
-            Ok(Err(e)) => return Err(classify_open_error(path, e)),
+            Ok(Err(e)) => return Err(classify_open_error(&shown, e)),
             Err(_) => {
                 return Err(OpenFailure::Corrupt(
                     "sled panicked while reading it".into(),
@@ -243,8 +272,8 @@ fn is_lock_error(e: &sled::Error) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::super::encode;
     use super::super::test_support::{cfg, created, pending};
+    use super::super::{encode, ASIDE_PREFIX, DB_DIR};
     use super::*;
 
     // Multi-threaded: the first store's flusher must get to run and let go of the
@@ -276,22 +305,25 @@ mod tests {
         let c = cfg(dir.path());
         let other = SEGMENT_SIZE / 2;
         assert_ne!(other, SEGMENT_SIZE);
-        db_with_one_record(&c, other);
-        assert_eq!(existing_segment_size(Path::new(&c.path)), Some(other));
+        let db = Path::new(&c.path).join(DB_DIR);
+        db_with_one_record(&db, other);
+        assert_eq!(existing_segment_size(&db), Some(other));
         let (s, outcome) = Store::open(&c).unwrap();
         assert_eq!(outcome, OpenOutcome::Opened);
         assert!(s.get("old").unwrap().is_some());
-        assert_eq!(existing_segment_size(Path::new(&c.path)), Some(other));
+        assert_eq!(existing_segment_size(&db), Some(other));
     }
 
     /// A database with one record, closed again (no flusher task holding it).
     fn healthy_db(c: &StoreConfig) {
-        db_with_one_record(c, SEGMENT_SIZE);
+        db_with_one_record(&Path::new(&c.path).join(DB_DIR), SEGMENT_SIZE);
     }
 
-    fn db_with_one_record(c: &StoreConfig, segment_size: usize) {
+    /// sled's files directly in `path`: `{store.path}/db`, or `store.path` itself as
+    /// the previous version kept them.
+    fn db_with_one_record(path: &Path, segment_size: usize) {
         let db = sled::Config::new()
-            .path(&c.path)
+            .path(path)
             .segment_size(segment_size)
             .open()
             .unwrap();
@@ -376,7 +408,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let c = cfg(dir.path());
         healthy_db(&c);
-        let db = Path::new(&c.path);
+        let db = &Path::new(&c.path).join(DB_DIR);
         // What happens in a release build (panic = "abort") up to the abort: the hook
         // runs and leaves the marker. Unwinding here lets the test see it.
         let caught = guarded_open(db, || -> sled::Result<()> {
@@ -399,24 +431,78 @@ mod tests {
         healthy_db(&c);
         install_open_panic_hook();
         assert!(std::panic::catch_unwind(|| panic!("not in open")).is_err());
-        assert!(!Path::new(&c.path).join(OPEN_PANICKED).exists());
+        assert!(!Path::new(&c.path).join(DB_DIR).join(OPEN_PANICKED).exists());
         let (s, outcome) = Store::open(&c).unwrap();
         assert_eq!(outcome, OpenOutcome::Opened);
         assert!(s.get("old").unwrap().is_some());
     }
 
+    /// Noise where sled's `conf` and `db` are: what a power cut on a worn SD card
+    /// leaves.
+    fn garbage_at(path: &Path) {
+        std::fs::create_dir_all(path).unwrap();
+        std::fs::write(path.join("conf"), b"\xff\xfe garbage").unwrap();
+        std::fs::write(path.join("db"), vec![0xAB; 4096]).unwrap();
+    }
+
+    /// The state directory keeps its name and its other files: only `db/` moves,
+    /// to a sibling inside it (a rename that works where the directory itself is a
+    /// systemd `StateDirectory=` or a Docker volume).
+    fn assert_moved_aside_inside(state: &Path, outcome: &OpenOutcome) {
+        let OpenOutcome::RebuiltAfterCorruption { moved_to } = outcome else {
+            panic!("{outcome:?}")
+        };
+        assert_eq!(moved_to.parent(), Some(state), "{}", moved_to.display());
+        let name = moved_to.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(name.starts_with(ASIDE_PREFIX), "{name}");
+        assert!(
+            moved_to.join("db").is_file(),
+            "the unreadable files went with it"
+        );
+        assert_eq!(std::fs::read(state.join("claim-key")).unwrap(), b"key\n");
+        assert!(
+            state.join(DB_DIR).join("conf").is_file(),
+            "a new database in db/"
+        );
+    }
+
     #[tokio::test]
-    async fn garbage_database_is_moved_aside_and_rebuilt() {
+    async fn garbage_database_is_moved_aside_inside_the_state_directory_and_rebuilt() {
         let dir = tempfile::tempdir().unwrap();
         let c = cfg(dir.path());
-        std::fs::create_dir_all(&c.path).unwrap();
-        std::fs::write(Path::new(&c.path).join("conf"), b"\xff\xfe garbage").unwrap();
-        std::fs::write(Path::new(&c.path).join("db"), vec![0xAB; 4096]).unwrap();
+        let state = Path::new(&c.path);
+        garbage_at(&state.join(DB_DIR));
+        std::fs::write(state.join("claim-key"), "key\n").unwrap();
         let (s, outcome) = Store::open(&c).unwrap();
-        assert!(
-            matches!(outcome, OpenOutcome::RebuiltAfterCorruption { .. }),
-            "{outcome:?}"
-        );
+        assert_moved_aside_inside(state, &outcome);
         assert!(s.is_empty());
+    }
+
+    #[tokio::test]
+    async fn garbage_in_the_previous_layout_is_moved_in_then_aside_inside_the_state_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(dir.path());
+        let state = Path::new(&c.path);
+        garbage_at(state);
+        std::fs::write(state.join("claim-key"), "key\n").unwrap();
+        let (s, outcome) = Store::open(&c).unwrap();
+        assert_moved_aside_inside(state, &outcome);
+        assert!(s.is_empty());
+    }
+
+    // Multi-threaded: sled's own flusher thread of the first open must let go.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_database_of_the_previous_layout_is_moved_into_db_and_its_sensor_survives() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(dir.path());
+        let state = Path::new(&c.path);
+        // As the previous version left it: sled directly in store.path, the key beside.
+        db_with_one_record(state, SEGMENT_SIZE);
+        std::fs::write(state.join("claim-key"), "key\n").unwrap();
+        let (s, outcome) = Store::open(&c).unwrap();
+        assert_eq!(outcome, OpenOutcome::Opened);
+        assert_eq!(s.get("old").unwrap().unwrap().state, pending().state);
+        assert_eq!(siblings(state), ["claim-key", "db"]);
+        assert!(state.join(DB_DIR).join("conf").is_file());
     }
 }

@@ -26,7 +26,13 @@ impl Store {
         match decode(key, bytes) {
             Ok(rec) => Ok(Some(rec)),
             Err(e) => {
-                tracing::error!(error = %e, "UNREADABLE RECORD moved to quarantine; the sensor is re-adopted from Qubitro on its next announce");
+                tracing::error!(
+                    error = %e,
+                    concat!(
+                        "UNREADABLE RECORD moved to quarantine; ",
+                        "the sensor is re-adopted from Qubitro on its next announce"
+                    )
+                );
                 self.quarantine.insert(key, bytes)?;
                 self.creds.remove(key)?;
                 self.sensors.remove(key)?;
@@ -39,9 +45,12 @@ impl Store {
         }
     }
 
-    /// Index entries are added before the record changes and removed after, so a
-    /// crash in between leaves a stale entry (cleaned when read), never a missing one.
-    fn index_before(&self, key: &[u8], rec: &Record) -> Result<(), StoreError> {
+    /// The index entries `rec` needs, added once its swap has won: a swap that lost
+    /// (another writer changed the record first) leaves no entry for a state that
+    /// was never stored. The write's sequence number is taken after them, so a
+    /// caller that waits for it to be durable has the record and its entries on
+    /// disk together.
+    fn index_add(&self, key: &[u8], rec: &Record) -> Result<(), StoreError> {
         match rec.state {
             State::Pending | State::Creating => {
                 self.pending.insert(key, &[1u8])?;
@@ -57,10 +66,10 @@ impl Store {
         Ok(())
     }
 
-    /// After the record: stale index entries go, and the credentials shortcut is
+    /// Then stale index entries go, and the credentials shortcut is
     /// written (a crash before it leaves a record without the shortcut, and the full
     /// record still answers).
-    fn index_after(&self, key: &[u8], rec: &Record) -> Result<(), StoreError> {
+    fn index_rest(&self, key: &[u8], rec: &Record) -> Result<(), StoreError> {
         if !rec.state.is_unfinished() {
             self.pending.remove(key)?;
         }
@@ -129,13 +138,13 @@ impl Store {
     /// Records a new sensor unless one is already recorded. `Some(seq)` when inserted.
     pub fn insert_new(&self, sensor: &str, rec: &Record) -> Result<Option<u64>, StoreError> {
         let key = sensor.as_bytes();
-        self.index_before(key, rec)?;
         let swapped = self
             .sensors
             .compare_and_swap(key, None::<&[u8]>, Some(encode(rec)))?;
         match swapped {
             Ok(()) => {
-                self.index_after(key, rec)?;
+                self.index_add(key, rec)?;
+                self.index_rest(key, rec)?;
                 Ok(Some(self.wrote()))
             }
             Err(_) => Ok(None),
@@ -172,13 +181,13 @@ impl Store {
             let Some(new) = next(&current) else {
                 return Ok(None);
             };
-            self.index_before(key, &new)?;
             if self
                 .sensors
                 .compare_and_swap(key, Some(&old), Some(encode(&new)))?
                 .is_ok()
             {
-                self.index_after(key, &new)?;
+                self.index_add(key, &new)?;
+                self.index_rest(key, &new)?;
                 let seq = self.wrote();
                 return Ok(Some((new, seq)));
             }
@@ -219,6 +228,12 @@ impl Store {
         }
     }
 
+    /// Whether any sensor was ever recorded here and is still known (readable or
+    /// quarantined): what tells a store in use from a fresh one.
+    pub fn holds_records(&self) -> Result<bool, StoreError> {
+        Ok(self.sensors.first()?.is_some() || self.quarantine.first()?.is_some())
+    }
+
     /// Reads every record (sled has no count): for tests, never for a hot path.
     #[cfg(test)]
     pub(super) fn len(&self) -> usize {
@@ -248,6 +263,7 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
+    use super::super::encode;
     use super::super::test_support::{cfg, created, pending};
     use super::*;
 
@@ -260,6 +276,46 @@ mod tests {
         assert!(s.insert_new("a", &rec).unwrap().is_none());
         s.durable(seq).await.unwrap();
         assert_eq!(s.get("a").unwrap().unwrap().state, State::Pending);
+    }
+
+    #[tokio::test]
+    async fn a_lost_compare_and_swap_leaves_no_index_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = Store::open(&cfg(dir.path())).unwrap();
+        s.insert_new("a", &pending()).unwrap();
+        let mut calls = 0;
+        let r = s
+            .update("a", |current| {
+                calls += 1;
+                if calls > 1 {
+                    return None;
+                }
+                // Another writer gets there first, so this swap loses.
+                let other = current.retry_later(1, None, true, 1).unwrap();
+                s.sensors.insert("a", encode(&other)).unwrap();
+                Some(created().bridged(3).unwrap())
+            })
+            .unwrap();
+        assert!(r.is_none());
+        assert_eq!(calls, 2, "the lost swap was retried against the new record");
+        assert!(
+            !s.is_undelivered("a").unwrap(),
+            "undelivered entry of a lost swap"
+        );
+        assert!(!s.is_bridged("a").unwrap(), "bridged entry of a lost swap");
+    }
+
+    #[tokio::test]
+    async fn a_refused_insert_leaves_no_index_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = Store::open(&cfg(dir.path())).unwrap();
+        s.insert_new("a", &pending()).unwrap();
+        assert!(s
+            .insert_new("a", &created().bridged(3).unwrap())
+            .unwrap()
+            .is_none());
+        assert!(!s.is_undelivered("a").unwrap());
+        assert!(!s.is_bridged("a").unwrap());
     }
 
     #[tokio::test]

@@ -2,9 +2,12 @@
 # Runs onboardd as the shipped systemd unit in a throw-away Debian bookworm guest
 # (systemd 252, the init of Raspberry Pi OS bookworm) and checks what the unit
 # promises: Type=notify readiness, status text, an onboarding through the unit,
-# structured journal records, secrets through LoadCredential=, no restart on a
-# config error (exit 78), a missing API key named by `systemctl status`, and
-# the watchdog killing and restarting a hung daemon.
+# structured journal records, secrets through LoadCredential=, recovery from a
+# corrupt database (moved aside inside the state directory, the sensor adopted
+# again with its sealed token readable), `devices list` with the service stopped,
+# no restart on a config error (exit 78), a missing API key named by
+# `systemctl status`, and the watchdog killing and restarting a hung daemon.
+# Needs python3-cryptography on the host (tests/systemd/unseal.py).
 #
 # Usage (root; needs debootstrap and systemd-container, see scripts/install-deps.sh):
 #   tests/systemd/service-test.sh [ONBOARDD_BIN [FAKE_QUBITRO_BIN]]
@@ -276,6 +279,82 @@ if guest_exec 'systemctl stop onboardd.service' && [[ "$(show Result)" == succes
 else
     fail clean-stop-exit-0 "Result=$(show Result) ExecMainStatus=$(show ExecMainStatus)"
 fi
+
+# ------------------------------------------------------ corrupt database ---
+# What a power cut on a worn SD card leaves: sled's files overwritten with noise
+# while the service is stopped. The database must be moved aside inside the state
+# directory (/var/lib/onboardd itself cannot be renamed under ProtectSystem=strict),
+# the service must come up, and the sensor must be adopted again: the same device,
+# its token sealed with the key the sensor was flashed with (the claim key beside
+# the database is untouched), and no second device at Qubitro.
+state_dir=/var/lib/private/onboardd
+json_field() { /usr/bin/python3 -c 'import json, sys; print(json.loads(sys.argv[1]).get(sys.argv[2], ""))' "$1" "$2" 2>/dev/null; }
+sensor_key="$(sensor_key_of "$sensor")"
+first_device="$(json_field "$reply" device_id)"
+first_token="$("$here/unseal.py" "$sensor_key" "$sensor" "$reply" 2>&1)"
+# fake_devices: the number of devices the fake Qubitro holds (its list endpoint,
+# over the guest's own loopback: the guest has no curl, and bash's /dev/tcp does).
+guest_write /usr/local/bin/fake-qubitro-devices 0755 <<EOF
+#!/bin/bash
+exec 3<>/dev/tcp/127.0.0.1/8080
+printf 'GET /v2/projects/$PROJECT_ID/devices HTTP/1.0\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %s\r\n\r\n' '$API_KEY' >&3
+cat <&3
+EOF
+fake_devices() {
+    guest_exec /usr/local/bin/fake-qubitro-devices | sed '1,/^\r$/d' | /usr/bin/python3 -c '
+import json, sys
+v = json.load(sys.stdin)
+while isinstance(v, dict):
+    v = next(x for x in v.values() if isinstance(x, (list, dict)))
+print(len(v))'
+}
+# sled's files: in db/, or (a version before db/) directly in the state directory.
+noise_out="$(guest_exec "set -e
+    cd $state_dir/db 2>/dev/null || cd $state_dir
+    n=0
+    for f in conf db snap.*; do
+        [ -f \"\$f\" ] || continue
+        head -c 4096 /dev/urandom >\"\$f\"; n=\$((n+1))
+    done
+    echo \"overwrote \$n files\"; [ \$n -ge 2 ]" 2>&1)" || fail corrupt-db-noise-written "$noise_out"
+restarts_before="$(show NRestarts)"
+t_corrupt=$(ms_now)
+guest_exec 'systemctl start onboardd.service' >/dev/null 2>&1
+up_with_broker() { [[ "$(show ActiveState)" == active && "$(show StatusText)" == *"broker connected"* ]]; }
+if poll 10 up_with_broker; then
+    t_up=$(ms_now)
+    restarts=$(($(show NRestarts) - restarts_before))
+    if ((restarts <= 1)); then
+        pass "corrupt-db-service-up-with-broker ($((t_up - t_corrupt)) ms, $restarts restarts)"
+    else
+        fail corrupt-db-service-up-with-broker "NRestarts went from $restarts_before to $(show NRestarts)"
+    fi
+else
+    fail corrupt-db-service-up-with-broker "state=$(show ActiveState)/$(show SubState) NRestarts=$(show NRestarts) status='$(show StatusText)': $(guest_exec 'journalctl -u onboardd -n 8 -o cat --no-pager' | tr '\n' ' ')"
+fi
+check corrupt-db-moved-aside-inside-state-dir guest_exec "ls -d $state_dir/db.corrupt-* && [ -f $state_dir/claim-key ] && [ -d $state_dir/db ]"
+reply5="$(onboard "$sensor" "$sensor_proof" 2>&1)"
+token5="$("$here/unseal.py" "$sensor_key" "$sensor" "$reply5" 2>&1)"
+if [[ "$reply5" == *'"status":"ok"'* && -n "$first_device" && "$(json_field "$reply5" device_id)" == "$first_device" ]] &&
+    [[ -n "$first_token" && "$token5" == "$first_token" ]]; then
+    pass corrupt-db-same-device-token-opens-with-flashed-key
+else
+    fail corrupt-db-same-device-token-opens-with-flashed-key "first device '$first_device' token '${first_token:0:60}'; now reply: ${reply5:-none within 10 s}; unsealed: ${token5:0:80}"
+fi
+devices_now="$(fake_devices 2>&1)"
+if [[ "$devices_now" == 1 ]]; then pass corrupt-db-fake-holds-one-device; else fail corrupt-db-fake-holds-one-device "devices: $devices_now"; fi
+
+# The operator's look at the store while the service is stopped: run as root
+# (sudo), the CLI becomes the store's dynamic owner and leaves no root-owned file.
+guest_exec 'systemctl stop onboardd.service'
+list_out="$(guest_exec 'sudo onboardd devices list --config /etc/onboardd/onboardd.toml 2>&1; echo "exit=$?"')"
+root_owned="$(guest_exec "find $state_dir -user root" 2>&1)"
+if [[ "$list_out" == *"exit=0"* && "$list_out" == *"$sensor"* && -z "$root_owned" ]]; then
+    pass devices-list-with-service-stopped
+else
+    fail devices-list-with-service-stopped "$(echo "$list_out" | tail -n 3 | tr '\n' ' ') root-owned: $(echo "$root_owned" | tr '\n' ' ')"
+fi
+guest_exec 'systemctl reset-failed onboardd.service' >/dev/null 2>&1
 
 # ---------------------------------------------------------- config error ---
 # Exit 78 must leave the unit failed, not restarting: a config error cannot be
