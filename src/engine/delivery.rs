@@ -266,13 +266,6 @@ impl Engine {
         }
     }
 
-    /// Publishes a sensor's ok reply ([`Delivery::deliver_ok`]); a store error is fatal.
-    pub(super) async fn deliver_ok(&self, sensor: &str, rec: &Record, route: &Route) {
-        if let Err(e) = self.delivery().deliver_ok(sensor, rec, route).await {
-            self.fatal.trigger(e);
-        }
-    }
-
     /// Reacts to the MQTT session: status and republishing on every connection,
     /// delivery marks on PUBACK.
     pub async fn run_session_events(

@@ -10,6 +10,8 @@
 //! - [`worker`]: one onboarding task per unfinished sensor drives its record through
 //!   the transitions of [`crate::onboarding`], persisting each before the next side
 //!   effect; [`health`]: what the cloud's last answers said.
+//!   [`onboardings`]: the running tasks and the routes they owe; [`retry`]: how long
+//!   a sensor waits before its next attempt.
 //! - [`records`]: the only door through which a record changes.
 //! - [`delivery`]: the replies, and the broker's acknowledgements that move a record
 //!   from `Created` to `Delivered`; [`publisher`]: the trait replies and acks go
@@ -29,9 +31,11 @@ mod dispatch;
 mod forget;
 mod health;
 mod inbound;
+mod onboardings;
 mod publisher;
 pub mod records;
 mod rejections;
+mod retry;
 mod worker;
 
 use std::sync::{Arc, Mutex};
@@ -52,9 +56,9 @@ use discovered::Discovery;
 pub use dispatch::{AckItem, MAX_CORRELATION_DATA_BYTES, MAX_RESPONSE_TOPIC_BYTES};
 pub use forget::forget_stored;
 use health::CloudHealth;
+use onboardings::Onboardings;
 pub use publisher::{Outgoing, Pending, Publisher};
 use rejections::Rejections;
-use worker::Onboardings;
 
 /// Why the engine cannot go on: the daemon stops with a non-zero exit so systemd
 /// restarts it.
@@ -64,6 +68,13 @@ pub enum EngineError {
     /// I/O error).
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// Tells the bridge (when on) the device of a bridged sensor, so its readings flow.
+fn bridge_device(bridge: Option<&Bridge>, sensor: &str, rec: &Record) {
+    if let (Some(bridge), true, Some(c)) = (bridge, rec.bridged, rec.credentials()) {
+        bridge.set_device(sensor, &c.device_id, &c.device_token.0);
+    }
 }
 
 /// The first fatal error, shared by every task.
@@ -193,9 +204,7 @@ impl Engine {
 
     /// Tells the bridge the device of a bridged sensor, so its readings flow.
     fn bridge_device(&self, sensor: &str, rec: &Record) {
-        if let (Some(bridge), true, Some(c)) = (&self.bridge, rec.bridged, rec.credentials()) {
-            bridge.set_device(sensor, &c.device_id, &c.device_token.0);
-        }
+        bridge_device(self.bridge.as_ref(), sensor, rec);
     }
 
     /// Sensors whose onboarding runs right now.
