@@ -1,7 +1,8 @@
 //! onboardd — onboards MQTT sensors on an edge gateway as Qubitro devices.
 //!
-//! Map of the crate, by layer; dependencies point down the list, never back up
-//! (CI's module-cycle check sees submodules too).
+//! Map of the crate, by layer, in the order data flows: sources → engine →
+//! cloud/store → sinks. No module imports one that imports it back (CI's
+//! module-cycle check sees submodules too).
 //!
 //! **Sources** — what arrives:
 //! - [`mqtt`]: the one task that owns rumqttc's event loop; inbound messages leave it
@@ -10,8 +11,10 @@
 //!   bridge data, discovery prefixes).
 //! - [`announce`]: the pure parser of announce payloads (limits as constants, fuzzed).
 //! - [`discovery`]: zero-firmware onboarding's pure half: Home Assistant and Tasmota
-//!   configs parsed into devices and entities ([`discovery::registry`]), state
-//!   messages into flat readings, and the Qubitro spec of a discovered device.
+//!   configs parsed into devices and entities ([`discovery::homeassistant`],
+//!   [`discovery::tasmota`], [`discovery::template`], [`discovery::registry`]), state
+//!   messages into flat readings, and the Qubitro spec of a discovered device
+//!   ([`discovery::spec`]).
 //!
 //! **Engine** — [`engine`], one stage per file, each given only the state it touches:
 //! - `inbound`: the pure routing of a topic (reading, discovery config, followed
@@ -19,8 +22,10 @@
 //!   decides what each gets; the acker acknowledges each once its write is durable.
 //! - `admit`: the one place a new sensor becomes a record (rules and flood limits of
 //!   [`security`], recent rejections in `rejections`), announced or discovered.
-//! - `worker`: one task per unfinished sensor runs its cloud steps; `health`: whether
-//!   Qubitro answers and the pause after a refused key.
+//! - `worker`: one task per unfinished sensor runs its cloud steps (`Steps`);
+//!   `onboardings`: the running tasks and the routes they owe; `retry`: the wait
+//!   before the next attempt; `health`: whether Qubitro answers and the pause after a
+//!   refused key.
 //! - `records`: the only door for a record change, one [`onboarding`] transition as a
 //!   compare-and-swap on its generation; `forget`: `devices forget`, daemon or not.
 //! - `delivery`: which [`reply`] a record gets and the broker's word on it; replies go
@@ -29,8 +34,9 @@
 //!
 //! **Cloud and store** — what the engine calls:
 //! - [`cloud`]: the Qubitro REST client. [`onboarding`]: the persisted state machine,
-//!   one pure function per transition. [`store`]: sled with group-commit flushes
-//!   (`open`, `commit`, `records`, `trees` for the bridge's and discovery's trees).
+//!   one pure function per transition (`wire`: its on-disk form, older records
+//!   included). [`store`]: sled with group-commit flushes (`layout`, `open`, `commit`,
+//!   `records`, `trees` for the bridge's tree, `discovery` for discovery's state).
 //!
 //! **Sinks** — what leaves:
 //! - replies through [`mqtt`] (tokens sealed with [`proof`]); readings through the
