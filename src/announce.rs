@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::reply::ReplyCode;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -70,13 +71,18 @@ pub enum AnnounceError {
 }
 
 impl AnnounceError {
-    pub fn code(&self) -> &'static str {
+    pub fn reply_code(&self) -> ReplyCode {
         match self {
-            AnnounceError::PayloadTooLarge { .. } => "payload_too_large",
-            AnnounceError::InvalidJson(_) => "invalid_json",
-            AnnounceError::NotAnObject(_) => "not_an_object",
-            AnnounceError::InvalidField { .. } => "invalid_field",
+            AnnounceError::PayloadTooLarge { .. } => ReplyCode::PayloadTooLarge,
+            AnnounceError::InvalidJson(_) => ReplyCode::InvalidJson,
+            AnnounceError::NotAnObject(_) => ReplyCode::NotAnObject,
+            AnnounceError::InvalidField { .. } => ReplyCode::InvalidField,
         }
+    }
+
+    /// The reply code's word.
+    pub fn code(&self) -> &'static str {
+        self.reply_code().as_str()
     }
 }
 

@@ -128,7 +128,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         Clock::System,
         store.clone(),
         cloud,
-        mqtt.clone(),
+        Arc::new(mqtt.clone()),
         bridge.clone(),
         stops.clone(),
     )?;

@@ -1,36 +1,61 @@
 //! onboardd — onboards MQTT sensors on an edge gateway as Qubitro devices.
 //!
-//! Map of the crate, in the order one announce meets it:
-//! - [`mqtt`]: the one task that owns rumqttc's event loop; announces leave it through
-//!   an inbox, replies and acks enter through [`mqtt::Mqtt`], and its tracker tells
-//!   which reply a PUBACK acknowledges. It knows no topic's meaning: the daemon hands
-//!   it the [`mqtt::Subscriptions`] (announces, bridge data, discovery prefixes).
-//! - [`engine`]: `dispatch` parses and checks each announce ([`announce`],
-//!   [`security`], which verifies [`proof`]s) and records a new sensor; `worker`
-//!   runs one sensor's onboarding against [`cloud`] (the Qubitro REST client) and
-//!   [`store`] (sled, group-commit flushes), one transition of [`onboarding`] (the
-//!   persisted state machine) at a time; `delivery` publishes [`reply`]s (tokens sealed with [`proof`]) and marks
-//!   them delivered.
-//! - [`control`]: the Unix socket behind `onboardd devices …` (server and client).
-//! - [`bridge`]: the telemetry bridge: readings of bridged sensors flattened
-//!   ([`bridge::flatten`]), buffered durably in the store's database
-//!   ([`bridge::buffer`]) and forwarded to Qubitro's broker under each device's own
-//!   login ([`bridge::uplink`]).
-//! - [`discovery`]: zero-firmware onboarding: Home Assistant and Tasmota discovery
-//!   configs parsed into physical devices and their entities, state messages into
-//!   flat readings for the bridge (pure; the engine onboards what it reports).
-//! - [`daemon`]: wires everything for `onboardd run` and stops it within one deadline.
+//! Map of the crate, by layer, in the order data flows: sources → engine →
+//! cloud/store → sinks. No module imports one that imports it back (CI's
+//! module-cycle check sees submodules too).
+//!
+//! **Sources** — what arrives:
+//! - [`mqtt`]: the one task that owns rumqttc's event loop; inbound messages leave it
+//!   through an inbox, and its tracker tells which reply a PUBACK acknowledges. It
+//!   knows no topic's meaning: the daemon hands it the subscriptions (announces,
+//!   bridge data, discovery prefixes).
+//! - [`announce`]: the pure parser of announce payloads (limits as constants, fuzzed).
+//! - [`discovery`]: zero-firmware onboarding's pure half: Home Assistant and Tasmota
+//!   configs parsed into devices and entities ([`discovery::homeassistant`],
+//!   [`discovery::tasmota`], [`discovery::template`], [`discovery::registry`]), state
+//!   messages into flat readings, and the Qubitro spec of a discovered device
+//!   ([`discovery::spec`]).
+//!
+//! **Engine** — [`engine`], one stage per file, each given only the state it touches:
+//! - `inbound`: the pure routing of a topic (reading, discovery config, followed
+//!   state, announce); `dispatch`: one task takes messages in arrival order and
+//!   decides what each gets; the acker acknowledges each once its write is durable.
+//! - `admit`: the one place a new sensor becomes a record (rules and flood limits of
+//!   [`security`], recent rejections in `rejections`), announced or discovered.
+//! - `worker`: one task per unfinished sensor runs its cloud steps (`Steps`);
+//!   `onboardings`: the running tasks and the routes they owe; `retry`: the wait
+//!   before the next attempt; `health`: whether Qubitro answers and the pause after a
+//!   refused key.
+//! - `records`: the only door for a record change, one [`onboarding`] transition as a
+//!   compare-and-swap on its generation; `forget`: `devices forget`, daemon or not.
+//! - `delivery`: which [`reply`] a record gets and the broker's word on it; replies go
+//!   out through `publisher` (a trait [`mqtt::Mqtt`] implements); `discovered`:
+//!   discovery's configs and state messages as the engine sees them.
+//!
+//! **Cloud and store** — what the engine calls:
+//! - [`cloud`]: the Qubitro REST client. [`onboarding`]: the persisted state machine,
+//!   one pure function per transition (`wire`: its on-disk form, older records
+//!   included). [`store`]: sled with group-commit flushes (`layout`, `open`, `commit`,
+//!   `records`, `trees` for the bridge's tree, `discovery` for discovery's state).
+//!
+//! **Sinks** — what leaves:
+//! - replies through [`mqtt`] (tokens sealed with [`proof`]); readings through the
+//!   [`bridge`]: flattened ([`bridge::flatten`]), buffered durably in the store's
+//!   database ([`bridge::buffer`]) and forwarded to Qubitro's broker under each
+//!   device's own login (`bridge::scheduler` decides which device may hold a
+//!   connection, [`bridge::uplink`] is one device's session).
+//!
+//! **On top**: [`daemon`] wires everything for `onboardd run` and stops it within one
+//! deadline; [`control`] is the Unix socket behind `onboardd devices …` (server and
+//! client).
 //!
 //! Shared leaves: [`config`] (TOML/env, validated once), [`claim_key`] (configured
 //! or generated at first start), [`proof`] (the sensor protocol's crypto),
-//! [`device`] (credentials and tokens), [`clock`] (tokio's pausable time, wall time for records), [`backoff`],
-//! [`heartbeat`] (watchdog beats), [`tls`] (one rustls builder), [`metrics`],
-//! [`open_broker`] (does the broker let anyone in; not wired in yet),
-//! [`logging`], [`systemd`], [`failpoint`] (crash injection, feature `failpoints`).
-//!
-//! Dependencies point one way: sources (`mqtt` inbox) → `engine` → `cloud`/`store` →
-//! sinks (`mqtt` publishes); `daemon` and `control` sit on top; no module imports
-//! one that imports it back (CI runs `modcycles.py`).
+//! [`device`] (credentials and tokens), [`clock`] (tokio's pausable time, wall time
+//! for records), [`backoff`], [`heartbeat`] (watchdog beats), [`tls`] (one rustls
+//! builder), [`metrics`], [`logging`], [`systemd`], [`failpoint`] (crash injection,
+//! feature `failpoints`), [`open_broker`] (does the broker let anyone in; not wired in
+//! yet).
 
 pub mod announce;
 pub mod backoff;

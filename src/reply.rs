@@ -1,7 +1,7 @@
 //! The answers onboardd publishes to a sensor, and where they go.
 //!
 //! A reply is the only place a device token is ever written out, and it goes out
-//! sealed for its sensor ([`crate::proof`]) unless proofs are off and the announce
+//! sealed for its sensor (see the `proof` module) unless proofs are off and the announce
 //! carried none.
 
 use serde::{Deserialize, Serialize};
@@ -53,6 +53,48 @@ pub fn allowed_response_topic(reply_pattern: &str, sensor_id: &str, requested: &
             .is_some_and(|rest| rest.starts_with('/') && rest.len() > 1)
 }
 
+/// Why an announce got an error reply: the stable word sensors read in `"code"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplyCode {
+    /// The payload is over `announce.max_payload_bytes` (never parsed).
+    PayloadTooLarge,
+    InvalidJson,
+    NotAnObject,
+    /// A field, an MQTT 5 property or a reserved id the gateway cannot take.
+    InvalidField,
+    /// No valid proof while `security.require_claim` is on.
+    Unauthorized,
+    /// The gateway's rules (deny or allow lists) refuse the sensor.
+    Denied,
+    /// A flood limit or cool-down: ask again after `retry_after_s`.
+    RateLimited,
+    /// Qubitro refused the device as announced.
+    RejectedByCloud,
+}
+
+impl ReplyCode {
+    /// The word on the wire (and in logs).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplyCode::PayloadTooLarge => "payload_too_large",
+            ReplyCode::InvalidJson => "invalid_json",
+            ReplyCode::NotAnObject => "not_an_object",
+            ReplyCode::InvalidField => "invalid_field",
+            ReplyCode::Unauthorized => "unauthorized",
+            ReplyCode::Denied => "denied",
+            ReplyCode::RateLimited => "rate_limited",
+            ReplyCode::RejectedByCloud => "rejected_by_cloud",
+        }
+    }
+}
+
+impl std::fmt::Display for ReplyCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Broker {
     pub host: String,
@@ -66,7 +108,7 @@ pub enum TokenField {
     /// `security.require_claim = false`.
     #[serde(rename = "device_token")]
     Clear(Token),
-    /// `"device_token_sealed"`: hex(nonce ‖ ciphertext ‖ tag), see [`crate::proof`].
+    /// `"device_token_sealed"`: hex(nonce ‖ ciphertext ‖ tag), see the `proof` module.
     #[serde(rename = "device_token_sealed")]
     Sealed(String),
 }
@@ -106,7 +148,7 @@ pub enum Reply {
     },
     Error {
         sensor_id: String,
-        code: String,
+        code: ReplyCode,
         message: String,
         /// With `rate_limited`: when asking again can succeed.
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -123,13 +165,13 @@ impl Reply {
 
     pub fn error(
         sensor_id: &str,
-        code: &str,
+        code: ReplyCode,
         message: impl Into<String>,
         request_id: Option<String>,
     ) -> Reply {
         Reply::Error {
             sensor_id: sensor_id.to_string(),
-            code: code.to_string(),
+            code,
             message: message.into(),
             retry_after_s: None,
             request_id,
@@ -245,6 +287,28 @@ mod tests {
             serde_json::json!({"status":"ok","sensor_id":"s","device_id":"d","bridged":true,
                 "data_topic":"onboard/data/s"})
         );
+    }
+
+    #[test]
+    fn every_reply_code_goes_out_as_its_documented_word() {
+        use ReplyCode::*;
+        for code in [
+            PayloadTooLarge,
+            InvalidJson,
+            NotAnObject,
+            InvalidField,
+            Unauthorized,
+            Denied,
+            RateLimited,
+            RejectedByCloud,
+        ] {
+            let r = Reply::error("s", code, "m", None);
+            let v: serde_json::Value = serde_json::from_slice(&r.to_bytes()).unwrap();
+            assert_eq!(v["code"], code.as_str());
+            assert_eq!(code.to_string(), code.as_str());
+        }
+        assert_eq!(RejectedByCloud.as_str(), "rejected_by_cloud");
+        assert_eq!(PayloadTooLarge.as_str(), "payload_too_large");
     }
 
     #[test]

@@ -22,17 +22,18 @@ use tokio::time::Instant;
 use crate::announce::Announce;
 use crate::config::{Config, Secret};
 use crate::proof::SensorKey;
+use crate::reply::ReplyCode;
 
 /// A refusal: the reply's `code` and a message for humans (never a secret).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Denial {
-    pub code: &'static str,
+    pub code: ReplyCode,
     pub message: String,
     /// For `rate_limited`: when asking again can succeed.
     pub retry_after: Option<Duration>,
 }
 
-fn deny(code: &'static str, message: impl Into<String>) -> Denial {
+fn deny(code: ReplyCode, message: impl Into<String>) -> Denial {
     Denial {
         code,
         message: message.into(),
@@ -43,7 +44,7 @@ fn deny(code: &'static str, message: impl Into<String>) -> Denial {
 fn rate_limited(message: &str, retry_after: Duration) -> Denial {
     Denial {
         retry_after: Some(retry_after),
-        ..deny("rate_limited", message)
+        ..deny(ReplyCode::RateLimited, message)
     }
 }
 
@@ -106,22 +107,30 @@ impl Gatekeeper {
     /// `known`: the store already holds the sensor (its announce causes no cloud
     /// call, so the flood limits do not apply).
     pub fn check(&self, a: &Announce, known: bool) -> Result<Proof, Denial> {
-        let proof = match &a.proof {
+        let proof = self.verify_proof(a)?;
+        self.check_rules(a, known)?;
+        Ok(proof)
+    }
+
+    /// The proof alone: valid, absent while allowed, or the refusal.
+    pub fn verify_proof(&self, a: &Announce) -> Result<Proof, Denial> {
+        Ok(match &a.proof {
             Some(p) => {
                 if self.claim_key.is_empty()
                     || !SensorKey::derive(&self.claim_key, &a.sensor_id).verify_proof(p)
                 {
-                    return Err(deny("unauthorized", "proof does not prove this sensor id"));
+                    return Err(deny(
+                        ReplyCode::Unauthorized,
+                        "proof does not prove this sensor id",
+                    ));
                 }
                 Proof::Verified
             }
             None if self.require_claim => {
-                return Err(deny("unauthorized", "announce carries no proof"));
+                return Err(deny(ReplyCode::Unauthorized, "announce carries no proof"));
             }
             None => Proof::Absent,
-        };
-        self.check_rules(a, known)?;
-        Ok(proof)
+        })
     }
 
     /// The rules besides the proof: allow/deny lists, brand/model rules, the
@@ -133,7 +142,10 @@ impl Gatekeeper {
             .iter()
             .any(|p| wildcard_match(p, &a.sensor_id))
         {
-            return Err(deny("denied", "sensor id is denied on this gateway"));
+            return Err(deny(
+                ReplyCode::Denied,
+                "sensor id is denied on this gateway",
+            ));
         }
         if !self.allow_ids.is_empty()
             && !self
@@ -141,13 +153,22 @@ impl Gatekeeper {
                 .iter()
                 .any(|p| wildcard_match(p, &a.sensor_id))
         {
-            return Err(deny("denied", "sensor id is not allowed on this gateway"));
+            return Err(deny(
+                ReplyCode::Denied,
+                "sensor id is not allowed on this gateway",
+            ));
         }
         if !self.allow_brands.is_empty() && !self.allow_brands.iter().any(|b| b == &a.spec.brand) {
-            return Err(deny("denied", "brand is not allowed on this gateway"));
+            return Err(deny(
+                ReplyCode::Denied,
+                "brand is not allowed on this gateway",
+            ));
         }
         if !self.allow_models.is_empty() && !self.allow_models.iter().any(|m| m == &a.spec.model) {
-            return Err(deny("denied", "model is not allowed on this gateway"));
+            return Err(deny(
+                ReplyCode::Denied,
+                "model is not allowed on this gateway",
+            ));
         }
         if !known {
             let mut l = self.limits.lock().expect("never poisoned");
@@ -289,7 +310,7 @@ mod tests {
         ] {
             assert_eq!(
                 g.check(&ann("s1", proof.clone()), known).unwrap_err().code,
-                "unauthorized",
+                ReplyCode::Unauthorized,
                 "{proof:?}"
             );
         }
@@ -311,7 +332,7 @@ mod tests {
             g.check(&ann("s1", Some(proof_of(FLEET, "s2"))), false)
                 .unwrap_err()
                 .code,
-            "unauthorized"
+            ReplyCode::Unauthorized
         );
     }
 
@@ -323,18 +344,21 @@ mod tests {
         assert!(g.check(&ann("temp-1", None), false).is_ok());
         assert_eq!(
             g.check(&ann("temp-bad1", None), false).unwrap_err().code,
-            "denied"
+            ReplyCode::Denied
         );
         assert_eq!(
             g.check(&ann("hum-1", None), false).unwrap_err().code,
-            "denied"
+            ReplyCode::Denied
         );
     }
 
     #[test]
     fn brand_allow_list() {
         let g = Gatekeeper::new(&cfg("allow_brands = [\"Acme\"]"));
-        assert_eq!(g.check(&ann("s", None), false).unwrap_err().code, "denied");
+        assert_eq!(
+            g.check(&ann("s", None), false).unwrap_err().code,
+            ReplyCode::Denied
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -348,7 +372,7 @@ mod tests {
         }
         assert_eq!(
             g.check(&ann("c", None), false).unwrap_err().code,
-            "rate_limited"
+            ReplyCode::RateLimited
         );
         assert!(
             g.check(&ann("c", None), true).is_ok(),
@@ -358,7 +382,7 @@ mod tests {
         g.admitted("a");
         assert_eq!(
             g.check(&ann("a", None), false).unwrap_err().code,
-            "rate_limited"
+            ReplyCode::RateLimited
         );
     }
 
@@ -404,7 +428,7 @@ mod tests {
         let newest = format!("s{}", COOLDOWN_MAP_PRUNE_AT + 9);
         assert_eq!(
             g.check(&ann(&newest, None), false).unwrap_err().code,
-            "rate_limited"
+            ReplyCode::RateLimited
         );
         assert!(
             g.check(&ann("s0", None), false).is_ok(),

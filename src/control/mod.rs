@@ -155,7 +155,7 @@ impl DeviceRow {
         };
         DeviceRow {
             sensor_id: sensor_id.to_string(),
-            state: rec.state.name().to_string(),
+            state: rec.shown_state().to_string(),
             device_id,
             device_token,
             name: rec.spec.name.clone(),

@@ -138,7 +138,8 @@ pub async fn answer(req: Request, store: &Store, engine: Option<&Engine>) -> Res
     match req {
         Request::List { with_tokens } => {
             let mut devices = Vec::new();
-            // Discovered devices whose entities are all gone: kept, shown retired.
+            // Discovered devices whose entities are all gone are kept, shown retired
+            // (their records say so; a store written before also has marks).
             let retired = match store.retired_discovered() {
                 Ok(r) => r,
                 Err(e) => {
@@ -227,13 +228,10 @@ async fn forget(
     delete_remote: bool,
 ) -> Response {
     // With the daemon running, the engine forgets (it owns every record and the
-    // cool-downs); without it, nothing else holds the store.
+    // cool-downs); without it, nothing else holds the store. Both remove the same.
     let removed = match engine {
         Some(engine) => engine.forget(sensor).await,
-        None => match store.remove(sensor, None) {
-            Ok(r) => store.flush_all().await.map(|()| r),
-            Err(e) => Err(e),
-        },
+        None => crate::engine::forget_stored(store, None, sensor).await,
     };
     let rec = match removed {
         Ok(r) => r,
@@ -265,7 +263,8 @@ async fn forget(
             message.push_str(&format!("; Qubitro device {id} NOT deleted (the daemon is not running to do it)"))
         }
         (Some(id), false, _) => message.push_str(&format!(
-            "; the Qubitro device {id} is KEPT (use --delete-remote to delete it). With lookup_before_create on, the next announce adopts it again"
+            "; the Qubitro device {id} is KEPT (use --delete-remote to delete it). With lookup_before_create on, the next announce \
+                adopts it again"
         )),
         (None, _, _) => {}
     }

@@ -15,6 +15,7 @@
 
 pub mod homeassistant;
 pub mod registry;
+pub mod spec;
 pub mod tasmota;
 pub mod template;
 

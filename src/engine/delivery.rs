@@ -17,18 +17,22 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
+use super::publisher::{Outgoing, Publisher};
+use super::records::{self, Transition};
 use super::Engine;
 use crate::bridge::DataTopic;
+use crate::clock::Clock;
 use crate::config::{Config, Secret};
 use crate::device::Credentials;
-use crate::mqtt::{Acked, DeliveryTag, Mqtt, SessionEvent};
-use crate::onboarding::{Record, State};
+use crate::mqtt::{Acked, DeliveryTag, SessionEvent};
+use crate::onboarding::{Provenance, Record, State};
 use crate::proof::SensorKey;
 use crate::reply::{Broker, OkHow, Reply, Route, TokenField};
+use crate::store::{Store, StoreError};
 
 /// Where replies go out.
 pub struct Outbox {
-    mqtt: Mqtt,
+    publisher: Arc<dyn Publisher>,
     /// `{sensor_id}` pattern of the default reply topic.
     reply_topic: String,
     /// Qubitro's broker, told to sensors in every ok reply.
@@ -42,9 +46,9 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    pub(super) fn new(cfg: &Config, mqtt: Mqtt) -> Outbox {
+    pub(super) fn new(cfg: &Config, publisher: Arc<dyn Publisher>) -> Outbox {
         Outbox {
-            mqtt,
+            publisher,
             reply_topic: cfg.mqtt.reply_topic.clone(),
             broker: Broker {
                 host: cfg.qubitro.broker_host.clone(),
@@ -56,8 +60,8 @@ impl Outbox {
         }
     }
 
-    pub fn mqtt(&self) -> &Mqtt {
-        &self.mqtt
+    pub(super) fn publisher(&self) -> &dyn Publisher {
+        self.publisher.as_ref()
     }
 
     /// The ok reply of an onboarded sensor. A bridged sensor never gets its token,
@@ -108,30 +112,64 @@ impl Outbox {
     ) {
         let topic = route.topic(&self.reply_topic, sensor);
         tracing::debug!(sensor_id = sensor, topic = %topic, status = reply.status(), "reply");
-        if let Err(e) = self
-            .mqtt
-            .publish(
-                topic,
-                reply.to_bytes(),
-                route.correlation_data.clone(),
-                track,
-            )
-            .await
-        {
+        let out = Outgoing {
+            topic,
+            payload: reply.to_bytes(),
+            correlation: route.correlation_data.clone(),
+            track,
+        };
+        if let Err(e) = self.publisher.publish(out).await {
             tracing::debug!(sensor_id = sensor, error = %e, "cannot queue a reply: {e}");
         }
     }
 }
 
-/// The tag of an ok reply: only a `Created` record's reply is tracked (a delivered
-/// one needs no proof again).
-/// Made by discovery: a discovery id and the metadata discovery sets. Asked only
-/// while discovery is on, when no announce may use such an id; with discovery off
-/// a firmware sensor named `ha-…` gets its reply as before.
-fn is_discovered(sensor: &str, rec: &Record) -> bool {
-    crate::discovery::is_discovery_id(sensor) && rec.spec.metadata.contains_key("discovered_by")
+/// How a record's ok reply goes out.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum OkDelivery<'a> {
+    /// Published with these credentials, tracked while the record is `Created`.
+    Publish {
+        creds: &'a Credentials,
+        track: Option<DeliveryTag>,
+    },
+    /// Nobody listens for a discovered device's reply (it has no firmware of ours):
+    /// its onboarding ends with the device made (`tag`: mark it delivered), instead
+    /// of a reply published to no one again at every reconnect.
+    Settle { tag: Option<DeliveryTag> },
+    /// No device yet: nothing to deliver.
+    NotYet,
 }
 
+/// The reply choice for an onboarded (or not yet onboarded) record.
+pub(super) fn ok_delivery<'a>(sensor: &str, rec: &'a Record, discovery_on: bool) -> OkDelivery<'a> {
+    let Some(creds) = rec.credentials() else {
+        return OkDelivery::NotYet;
+    };
+    let tag = delivery_tag(sensor, rec);
+    if discovery_on && rec.provenance == Provenance::Discovered {
+        return OkDelivery::Settle { tag };
+    }
+    OkDelivery::Publish { creds, track: tag }
+}
+
+/// The `retry_after_s` of the pending reply to an announce of a sensor still being
+/// onboarded (`due`: until its next attempt), or `None` when its task's outcome is
+/// the answer. Told now once an attempt failed, or when the task cannot keep the
+/// announce's route (`route_kept` false: too many owed already).
+pub(super) fn pending_wait(
+    rec: &Record,
+    due: std::time::Duration,
+    route_kept: bool,
+) -> Option<u64> {
+    let mut wait = (rec.attempts > 0).then(|| due.as_secs_f64().ceil() as u64);
+    if !route_kept {
+        wait.get_or_insert(1);
+    }
+    wait
+}
+
+/// The tag of an ok reply: only a `Created` record's reply is tracked (a delivered
+/// one needs no proof again).
 pub(super) fn delivery_tag(sensor: &str, rec: &Record) -> Option<DeliveryTag> {
     matches!(rec.state, State::Created { .. }).then(|| DeliveryTag {
         sensor: sensor.to_string(),
@@ -139,68 +177,54 @@ pub(super) fn delivery_tag(sensor: &str, rec: &Record) -> Option<DeliveryTag> {
     })
 }
 
-impl Engine {
+/// The delivery stage: what it reads and writes.
+pub(super) struct Delivery<'a> {
+    pub(super) store: &'a Store,
+    pub(super) outbox: &'a Outbox,
+    pub(super) clock: &'a Clock,
+    /// Discovered devices get no reply while discovery is on.
+    pub(super) discovery_on: bool,
+}
+
+impl Delivery<'_> {
     /// Publishes a sensor's ok reply; tracked while its record is `Created`.
-    pub(super) async fn deliver_ok(&self, sensor: &str, rec: &Record, route: &Route) {
-        let Some(creds) = rec.credentials() else {
-            return;
-        };
-        if self.discovery.is_some() && is_discovered(sensor, rec) {
-            // Nobody listens for a discovered device's reply (it has no firmware of
-            // ours): its onboarding ends with the device made, instead of a reply
-            // published to no one again at every reconnect.
-            if let Some(tag) = delivery_tag(sensor, rec) {
-                if let Err(e) = self.acked(tag, Acked::Delivered) {
-                    self.fatal.trigger(e);
-                }
+    pub(super) async fn deliver_ok(
+        &self,
+        sensor: &str,
+        rec: &Record,
+        route: &Route,
+    ) -> Result<(), StoreError> {
+        match ok_delivery(sensor, rec, self.discovery_on) {
+            OkDelivery::Publish { creds, track } => {
+                let reply = self.outbox.ok_reply(sensor, route, creds, rec.bridged);
+                self.outbox.send(sensor, route, reply, track).await;
             }
-            return;
+            OkDelivery::Settle { tag: Some(tag) } => self.acked(tag, Acked::Delivered)?,
+            OkDelivery::Settle { tag: None } | OkDelivery::NotYet => {}
         }
-        let reply = self.outbox.ok_reply(sensor, route, creds, rec.bridged);
-        self.outbox
-            .send(sensor, route, reply, delivery_tag(sensor, rec))
-            .await;
+        Ok(())
     }
 
-    /// Reacts to the MQTT session: status and republishing on every connection,
-    /// delivery marks on PUBACK.
-    pub async fn run_session_events(
-        self: Arc<Self>,
-        mut events: mpsc::UnboundedReceiver<SessionEvent>,
-    ) {
-        while let Some(ev) = events.recv().await {
-            let result = match ev {
-                SessionEvent::Connected { .. } => {
-                    if let Err(e) = self.outbox.mqtt.publish_status("online").await {
-                        tracing::debug!(error = %e, "cannot queue the status: {e}");
-                    }
-                    self.republish_undelivered().await
-                }
-                SessionEvent::Acked(tag, outcome) => self.acked(tag, outcome),
-            };
-            if let Err(e) = result {
-                self.fatal.trigger(e);
-                return;
-            }
-        }
-    }
-
-    fn acked(&self, tag: DeliveryTag, outcome: Acked) -> Result<(), crate::store::StoreError> {
+    /// The broker's word on a tracked reply.
+    pub(super) fn acked(&self, tag: DeliveryTag, outcome: Acked) -> Result<(), StoreError> {
         let sensor = tag.sensor.as_str();
         match outcome {
             Acked::Delivered => {
                 let now = self.clock.wall_ms();
                 // No flush: should it be lost, the reply is only published again.
-                self.store.update(sensor, |r| {
-                    (r.generation == tag.generation)
-                        .then(|| r.delivered(now).ok())
-                        .flatten()
-                })?;
+                records::apply(
+                    self.store,
+                    sensor,
+                    tag.generation,
+                    &Transition::Delivered,
+                    now,
+                )?;
             }
             Acked::NoSubscribers => {
                 tracing::debug!(
                     sensor_id = sensor,
-                    "nobody is subscribed to sensor {sensor}'s reply topic; it is sent again when the sensor announces or on the next session"
+                    "nobody is subscribed to sensor {sensor}'s reply topic; it is sent again when the sensor announces or on the \
+                        next session"
                 );
             }
             Acked::Refused(reason) => {
@@ -214,7 +238,8 @@ impl Engine {
         Ok(())
     }
 
-    async fn republish_undelivered(&self) -> Result<(), crate::store::StoreError> {
+    /// Every ok reply the broker has not acknowledged, published again (a new session).
+    pub(super) async fn republish_undelivered(&self) -> Result<(), StoreError> {
         let todo = self.store.undelivered()?;
         if !todo.is_empty() {
             tracing::info!(
@@ -224,8 +249,270 @@ impl Engine {
             );
         }
         for (sensor, rec) in todo {
-            self.deliver_ok(&sensor, &rec, &rec.route).await;
+            self.deliver_ok(&sensor, &rec, &rec.route).await?;
         }
         Ok(())
+    }
+}
+
+impl Engine {
+    /// The delivery stage over the engine's state.
+    pub(super) fn delivery(&self) -> Delivery<'_> {
+        Delivery {
+            store: &self.store,
+            outbox: &self.outbox,
+            clock: &self.clock,
+            discovery_on: self.discovery.is_some(),
+        }
+    }
+
+    /// Reacts to the MQTT session: status and republishing on every connection,
+    /// delivery marks on PUBACK.
+    pub async fn run_session_events(
+        self: Arc<Self>,
+        mut events: mpsc::UnboundedReceiver<SessionEvent>,
+    ) {
+        while let Some(ev) = events.recv().await {
+            let result = match ev {
+                SessionEvent::Connected { .. } => {
+                    if let Err(e) = self.outbox.publisher.publish_status("online").await {
+                        tracing::debug!(error = %e, "cannot queue the status: {e}");
+                    }
+                    self.delivery().republish_undelivered().await
+                }
+                SessionEvent::Acked(tag, outcome) => self.delivery().acked(tag, outcome),
+            };
+            if let Err(e) = result {
+                self.fatal.trigger(e);
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::publisher::Recording;
+    use super::*;
+    use crate::device::Token;
+    use crate::engine::records::{self, Transition};
+    use crate::onboarding::Origin;
+
+    fn outbox(security: &str) -> (Outbox, Arc<Recording>) {
+        let cfg = Config::from_toml(&format!(
+            "[qubitro]\nproject_id = \"p\"\napi_key = \"k\"\n[security]\nclaim_key = \"fleet\"\n{security}"
+        ))
+        .unwrap();
+        let rec = Arc::new(Recording::default());
+        (Outbox::new(&cfg, rec.clone()), rec)
+    }
+
+    fn creds() -> Credentials {
+        Credentials {
+            device_id: "dev-1".into(),
+            device_token: Token("tok$1".into()),
+        }
+    }
+
+    fn proven(yes: bool) -> Route {
+        Route {
+            proven: yes,
+            ..Route::default()
+        }
+    }
+
+    fn body(reply: &Reply) -> serde_json::Value {
+        serde_json::from_slice(&reply.to_bytes()).unwrap()
+    }
+
+    #[test]
+    fn an_unproven_announce_gets_its_token_in_clear_only_when_claims_are_off() {
+        let (open, _) = outbox("require_claim = false");
+        let clear = body(&open.ok_reply("s", &proven(false), &creds(), false));
+        assert_eq!(clear["device_token"], "tok$1", "{clear}");
+        let (strict, _) = outbox("require_claim = true");
+        let sealed = body(&strict.ok_reply("s", &proven(false), &creds(), false));
+        assert!(sealed.get("device_token").is_none(), "{sealed}");
+        assert!(sealed["device_token_sealed"].is_string(), "{sealed}");
+    }
+
+    #[test]
+    fn a_proven_announce_always_gets_its_token_sealed() {
+        let (open, _) = outbox("require_claim = false");
+        let v = body(&open.ok_reply("s", &proven(true), &creds(), false));
+        assert!(v.get("device_token").is_none(), "{v}");
+        assert!(!v.to_string().contains("tok$1"), "{v}");
+        assert!(v["device_token_sealed"].is_string(), "{v}");
+    }
+
+    #[test]
+    fn a_bridged_sensor_gets_no_token_at_all_but_its_data_topic() {
+        let (open, _) = outbox("require_claim = false");
+        let v = body(&open.ok_reply("s", &proven(false), &creds(), true));
+        assert_eq!(v["bridged"], true);
+        assert_eq!(v["data_topic"], "onboard/data/s");
+        assert!(!v.to_string().contains("tok$1"), "{v}");
+    }
+
+    #[tokio::test]
+    async fn a_reply_goes_to_the_routes_topic_with_its_correlation_data_and_tag() {
+        let (outbox, rec) = outbox("");
+        let route = Route {
+            response_topic: Some("onboard/reply/s/r1".into()),
+            correlation_data: Some(b"c1".to_vec()),
+            ..Route::default()
+        };
+        let tag = DeliveryTag {
+            sensor: "s".into(),
+            generation: 3,
+        };
+        let reply = Reply::pending("s", 2, None);
+        outbox.send("s", &route, reply, Some(tag.clone())).await;
+        outbox
+            .send("s", &Route::default(), Reply::pending("s", 2, None), None)
+            .await;
+        let sent = rec.sent.lock().unwrap().clone();
+        assert_eq!(sent[0].topic, "onboard/reply/s/r1");
+        assert_eq!(sent[0].correlation.as_deref(), Some(&b"c1"[..]));
+        assert_eq!(sent[0].track, Some(tag));
+        assert_eq!(sent[1].topic, "onboard/reply/s", "the default reply topic");
+        assert_eq!(rec.replies()[1].1["status"], "pending");
+    }
+
+    #[test]
+    fn only_a_created_records_reply_is_tracked_for_delivery() {
+        let spec = crate::announce::test_spec();
+        let pending = Record::pending(spec, Route::default(), 9, 1);
+        assert_eq!(delivery_tag("s", &pending), None);
+        let created = pending.created(creds(), Origin::Created, 2).unwrap();
+        assert_eq!(
+            delivery_tag("s", &created),
+            Some(DeliveryTag {
+                sensor: "s".into(),
+                generation: 9
+            })
+        );
+        assert_eq!(delivery_tag("s", &created.delivered(3).unwrap()), None);
+    }
+
+    #[test]
+    fn an_onboarded_record_gets_its_ok_reply_tracked_only_until_delivered() {
+        let pending = Record::pending(crate::announce::test_spec(), Route::default(), 9, 1);
+        assert_eq!(ok_delivery("s", &pending, false), OkDelivery::NotYet);
+        let created = pending.created(creds(), Origin::Created, 2).unwrap();
+        let tag = delivery_tag("s", &created);
+        assert!(tag.is_some());
+        assert_eq!(
+            ok_delivery("s", &created, true),
+            OkDelivery::Publish {
+                creds: &creds(),
+                track: tag
+            }
+        );
+        let delivered = created.delivered(3).unwrap();
+        assert_eq!(
+            ok_delivery("s", &delivered, false),
+            OkDelivery::Publish {
+                creds: &creds(),
+                track: None
+            }
+        );
+    }
+
+    #[test]
+    fn a_discovered_device_gets_no_reply_while_discovery_is_on() {
+        let found = Record::pending_from(
+            Provenance::Discovered,
+            crate::announce::test_spec(),
+            Route::default(),
+            4,
+            1,
+        )
+        .created(creds(), Origin::Created, 2)
+        .unwrap();
+        let tag = delivery_tag("ha-x", &found);
+        assert_eq!(
+            ok_delivery("ha-x", &found, true),
+            OkDelivery::Settle { tag }
+        );
+        assert!(matches!(
+            ok_delivery("ha-x", &found, false),
+            OkDelivery::Publish { .. }
+        ));
+    }
+
+    #[test]
+    fn a_sensor_still_onboarding_is_told_to_wait_only_after_a_failure_or_when_its_route_cannot_be_kept(
+    ) {
+        let rec = Record::pending(crate::announce::test_spec(), Route::default(), 1, 1);
+        let due = std::time::Duration::from_millis(2_100);
+        assert_eq!(pending_wait(&rec, due, true), None, "its task answers");
+        assert_eq!(pending_wait(&rec, due, false), Some(1));
+        let failed = rec.retry_later(2_100, None, true, 2).unwrap();
+        assert_eq!(
+            pending_wait(&failed, due, true),
+            Some(3),
+            "whole seconds, rounded up"
+        );
+        assert_eq!(pending_wait(&failed, due, false), Some(3));
+    }
+
+    #[tokio::test]
+    async fn each_new_session_publishes_again_exactly_the_replies_the_broker_has_not_acknowledged()
+    {
+        let (store, _dir) = crate::engine::records::tests::store();
+        let (outbox, sent) = outbox("");
+        let clock = Clock::System;
+        let delivery = Delivery {
+            store: &store,
+            outbox: &outbox,
+            clock: &clock,
+            discovery_on: true,
+        };
+        let spec = crate::announce::test_spec;
+        let fw = Record::pending(spec(), Route::default(), 1, 1);
+        let found = Record::pending_from(Provenance::Discovered, spec(), Route::default(), 2, 1);
+        for (sensor, rec) in [
+            ("fw", fw),
+            ("ha-x", found),
+            ("waiting", Record::pending(spec(), Route::default(), 3, 1)),
+        ] {
+            store.insert_new(sensor, &rec).unwrap().unwrap();
+            if sensor != "waiting" {
+                let created = Transition::Created {
+                    credentials: creds(),
+                    origin: Origin::Created,
+                };
+                records::apply(&store, sensor, rec.generation, &created, 2).unwrap();
+            }
+        }
+
+        delivery.republish_undelivered().await.unwrap();
+        let first = sent.sent.lock().unwrap().clone();
+        assert_eq!(
+            first.len(),
+            1,
+            "only the firmware sensor's reply: {first:?}"
+        );
+        assert_eq!(first[0].topic, "onboard/reply/fw");
+        let tag = first[0].track.clone().expect("tracked while Created");
+        assert_eq!(
+            store.get("ha-x").unwrap().unwrap().state.name(),
+            "delivered",
+            "a discovered device's onboarding ends without a reply"
+        );
+
+        delivery.acked(tag.clone(), Acked::NoSubscribers).unwrap();
+        assert_eq!(store.get("fw").unwrap().unwrap().state.name(), "created");
+        delivery.acked(tag.clone(), Acked::Delivered).unwrap();
+        assert_eq!(store.get("fw").unwrap().unwrap().state.name(), "delivered");
+        delivery.acked(tag, Acked::Delivered).unwrap();
+
+        delivery.republish_undelivered().await.unwrap();
+        assert_eq!(
+            sent.sent.lock().unwrap().len(),
+            1,
+            "nothing left to publish again"
+        );
     }
 }

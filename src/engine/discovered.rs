@@ -10,79 +10,56 @@
 //! record, a retained config re-read at every subscribe, or after a restart, finds
 //! what it made before and makes nothing new.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::v5::Publish;
 use serde_json::Value;
 
+use super::admit::{Admitted, Refusal};
 use super::dispatch::Decision;
+use super::records::{self, Applied, Transition};
 use super::Engine;
-use crate::announce::{
-    Announce, DeviceSpec, MAX_BRAND_MODEL_CHARS, MAX_METADATA_VALUE_CHARS, MAX_NAME_CHARS,
-};
+use crate::announce::Announce;
 use crate::bridge::{AcceptError, Bridge};
 use crate::config::Config;
 use crate::discovery::registry::{ConfigEntry, Known};
+use crate::discovery::spec::spec_for;
 use crate::discovery::{homeassistant, tasmota, Parsed, Registry, Rules, Skip, Source};
-use crate::onboarding::Record;
+use crate::onboarding::Provenance;
 use crate::reply::Route;
-use crate::store::{ReadingsTree, Store, StoreError, RETIRED_PREFIX};
+use crate::store::{DiscoveryTree, Store, StoreError};
 
-/// Keys in the `discovery` tree: a device by its registry key, a config by topic.
-const DEVICE_PREFIX: &str = "d/";
-const CONFIG_PREFIX: &str = "c/";
 /// Entity warnings remembered so each is logged once, not at every re-publish.
 const MAX_WARNED: usize = 4096;
 
 /// Discovery's state in the engine (present only while discovery is on).
 pub(super) struct Discovery {
     rules: Rules,
-    homeassistant: Option<String>,
-    tasmota: Option<String>,
     registry: Mutex<Registry>,
-    tree: ReadingsTree,
+    tree: DiscoveryTree,
     /// (config topic, warning) already logged.
     warned: Mutex<HashSet<(String, String)>>,
 }
 
 impl Discovery {
     /// Reads the registry back from the store; `None` when discovery is off.
-    pub(super) fn open(cfg: &Config, store: &Store) -> Result<Option<Discovery>, StoreError> {
+    pub(super) fn open(
+        cfg: &Config,
+        store: &Store,
+        now_ms: u64,
+    ) -> Result<Option<Discovery>, StoreError> {
         let d = &cfg.discovery;
         if !d.enabled() {
             return Ok(None);
         }
-        let tree = store.discovery()?;
-        let mut devices = Vec::new();
-        let mut configs = Vec::new();
-        for item in tree.tree.iter() {
-            let (k, v) = item?;
-            let Ok(k) = std::str::from_utf8(&k) else {
-                continue;
-            };
-            if let Some(key) = k.strip_prefix(DEVICE_PREFIX) {
-                match serde_json::from_slice::<Known>(&v) {
-                    Ok(known) => devices.push((key.to_string(), known)),
-                    Err(e) => {
-                        tracing::warn!(key, error = %e, "unreadable discovered device {key} in the store: ignored")
-                    }
-                }
-            } else if let Some(topic) = k.strip_prefix(CONFIG_PREFIX) {
-                match serde_json::from_slice::<ConfigEntry>(&v) {
-                    Ok(c) => configs.push((topic.to_string(), c)),
-                    Err(e) => {
-                        tracing::warn!(topic, error = %e, "unreadable discovery config {topic} in the store: ignored")
-                    }
-                }
-            }
-        }
+        let tree = store.discovery_tree()?;
+        retire_marked(store, &tree, now_ms)?;
+        let stored = tree.load::<Known, ConfigEntry>()?;
         Ok(Some(Discovery {
             rules: Rules::from_config(d),
-            homeassistant: d.homeassistant.then(|| d.homeassistant_prefix.clone()),
-            tasmota: d.tasmota.then(|| d.tasmota_prefix.clone()),
-            registry: Mutex::new(Registry::restore(devices, configs)),
+            registry: Mutex::new(Registry::restore(stored.devices, stored.configs)),
             tree,
             warned: Mutex::new(HashSet::new()),
         }))
@@ -92,34 +69,6 @@ impl Discovery {
         self.registry
             .lock()
             .expect("the registry lock is never poisoned")
-    }
-
-    /// Which source's config topic this is, if any.
-    fn config_source(&self, topic: &str) -> Option<(Source, &str)> {
-        if let Some(p) = &self.homeassistant {
-            if homeassistant::config_topic(p, topic).is_some() {
-                return Some((Source::HomeAssistant, p));
-            }
-        }
-        if let Some(p) = &self.tasmota {
-            if tasmota::is_config_topic(p, topic) {
-                return Some((Source::Tasmota, p));
-            }
-        }
-        None
-    }
-
-    /// Whether the topic lies under a discovery prefix (other messages there, such
-    /// as `homeassistant/status` or Tasmota's `…/sensors`, are not announces).
-    fn under_prefix(&self, topic: &str) -> bool {
-        [&self.homeassistant, &self.tasmota]
-            .into_iter()
-            .flatten()
-            .any(|p| {
-                topic
-                    .strip_prefix(p.as_str())
-                    .is_some_and(|r| r.starts_with('/'))
-            })
     }
 
     fn warn_once(&self, topic: &str, warning: &str) {
@@ -133,76 +82,26 @@ impl Discovery {
     }
 }
 
-/// What Qubitro gets for a discovered device (README "Zero-firmware onboarding").
-pub(super) fn spec_for(known: &Known, gateway_id: &str) -> DeviceSpec {
-    let d = &known.device;
-    let clean = |s: &str, max: usize| -> String {
-        s.chars()
-            .filter(|c| !c.is_control())
-            .take(max)
-            .collect::<String>()
-            .trim()
-            .to_string()
-    };
-    let or_custom = |s: &Option<String>| {
-        let v = s.as_deref().map(|s| clean(s, MAX_BRAND_MODEL_CHARS));
-        v.filter(|v| !v.is_empty())
-            .unwrap_or_else(|| "Custom".into())
-    };
-    let name = d
-        .name
-        .as_deref()
-        .map(|n| clean(n, MAX_NAME_CHARS))
-        .filter(|n| !n.is_empty())
-        .unwrap_or_else(|| clean(&d.identifier, MAX_NAME_CHARS));
-    let source = d.source.as_str();
-    let how = match d.source {
-        Source::HomeAssistant => "Home Assistant MQTT discovery",
-        Source::Tasmota => "Tasmota discovery",
-    };
-    let mut metadata = BTreeMap::new();
-    metadata.insert("discovered_by".into(), source.to_string());
-    metadata.insert(
-        "discovery_id".into(),
-        clean(&d.identifier, MAX_METADATA_VALUE_CHARS),
-    );
-    metadata.insert("sensor_id".into(), known.sensor_id.clone());
-    metadata.insert("gateway_id".into(), gateway_id.to_string());
-    DeviceSpec {
-        name,
-        description: format!(
-            "Found through {how} by onboardd on gateway {gateway_id}; readings forwarded by the gateway"
-        ),
-        brand: or_custom(&d.manufacturer),
-        model: or_custom(&d.model),
-        tags: vec![source.to_string()],
-        metadata,
+/// A store written before retirement was a state holds it as marks in discovery's
+/// tree: each becomes its record's state, once, and the mark goes.
+fn retire_marked(store: &Store, tree: &DiscoveryTree, now_ms: u64) -> Result<(), StoreError> {
+    for sensor in tree.retired_marks()? {
+        records::apply_to_current(store, &sensor, &Transition::Retired, now_ms)?;
+        tree.remove_retired_mark(&sensor)?;
+        tree.wrote();
     }
+    Ok(())
 }
 
 impl Engine {
-    /// A message discovery may own: a config, or a state of a followed topic.
-    /// `None`: not discovery's (the dispatcher goes on with it as an announce).
-    pub(super) fn discovered(
-        self: &Arc<Self>,
-        d: &Discovery,
-        topic: &str,
-        p: &Publish,
-    ) -> Option<Result<Decision, StoreError>> {
-        if let Some((source, prefix)) = d.config_source(topic) {
-            return Some(self.discovery_config(d, source, prefix, topic, p));
-        }
-        let follows = d.registry().follows(topic);
-        if follows {
-            return Some(match self.bridge() {
-                Some(bridge) => self.discovered_reading(d, bridge, topic, p),
-                None => Ok(Decision::default()),
-            });
-        }
-        d.under_prefix(topic).then(|| Ok(Decision::default()))
+    /// Whether discovery follows `topic` as a state topic.
+    pub(super) fn follows(d: &Discovery, topic: &str) -> bool {
+        d.registry().follows(topic)
     }
 
-    fn discovery_config(
+    /// A discovery config: the registry learns it, and a device with entities is
+    /// admitted like a bridged announce.
+    pub(super) fn discovery_config(
         self: &Arc<Self>,
         d: &Discovery,
         source: Source,
@@ -240,15 +139,7 @@ impl Engine {
             (change, reg.config(topic).cloned())
         };
         // Persist what the registry now says of this topic and its device.
-        let key = format!("{CONFIG_PREFIX}{topic}");
-        match &config {
-            Some(c) => {
-                d.tree.tree.insert(key, json(c))?;
-            }
-            None => {
-                d.tree.tree.remove(key)?;
-            }
-        }
+        d.tree.set_config(topic, config.as_ref())?;
         let Some(change) = change else {
             return Ok(Decision {
                 seq: d.tree.wrote(),
@@ -256,21 +147,18 @@ impl Engine {
             });
         };
         let sensor = change.known.sensor_id.clone();
-        d.tree.tree.insert(
-            format!("{DEVICE_PREFIX}{}", change.key),
-            json(&change.known),
-        )?;
+        d.tree.set_device(&change.key, &change.known)?;
         if change.active {
-            d.tree.tree.remove(format!("{RETIRED_PREFIX}{sensor}"))?;
+            self.reactivate(&sensor)?;
         } else {
-            self.retire(d, &sensor)?;
+            self.retire(&sensor)?;
         }
         if let Some(old) = &change.orphaned {
-            self.retire(d, &old.sensor_id)?;
+            self.retire(&old.sensor_id)?;
         }
         let mut seq = d.tree.wrote();
         for t in &change.new_topics {
-            self.outbox.mqtt().follow(t);
+            self.outbox.publisher().follow(t);
         }
         if change.active {
             seq = seq.max(self.onboard_discovered(&change.known)?);
@@ -278,16 +166,21 @@ impl Engine {
         Ok(Decision { seq, answer: None })
     }
 
-    /// Marks a device made before that has no entity left (listed `retired`).
-    fn retire(&self, d: &Discovery, sensor: &str) -> Result<(), StoreError> {
-        if self.store.get(sensor)?.is_some()
-            && d.tree
-                .tree
-                .insert(format!("{RETIRED_PREFIX}{sensor}"), b"".as_slice())?
-                .is_none()
-        {
-            tracing::info!(sensor_id = sensor, "discovered device {sensor} has no entity left: kept in Qubitro, shown retired; its readings are no longer forwarded");
+    /// Retires a device made before that has no entity left (listed `retired`).
+    fn retire(&self, sensor: &str) -> Result<(), StoreError> {
+        if matches!(
+            self.change(sensor, Transition::Retired)?,
+            Applied::Written(..)
+        ) {
+            tracing::info!(sensor_id = sensor, "discovered device {sensor} has no entity left: kept in Qubitro, shown retired; its \
+                readings are no longer forwarded");
         }
+        Ok(())
+    }
+
+    /// A device with an entity again is no longer retired.
+    fn reactivate(&self, sensor: &str) -> Result<(), StoreError> {
+        self.change(sensor, Transition::Reactivated)?;
         Ok(())
     }
 
@@ -299,8 +192,8 @@ impl Engine {
             // Made before (a re-published or re-read config, a restart): nothing
             // new, but it must be bridged (an operator may have forgotten and a
             // firmware re-announced it in between).
-            let now = self.clock.wall_ms();
-            return Ok(match self.store.update(sensor, |r| r.bridged(now))? {
+            let bridged = self.change(sensor, Transition::Bridged)?;
+            return Ok(match bridged.written() {
                 Some((rec, seq)) => {
                     self.bridge_device(sensor, &rec);
                     seq
@@ -316,39 +209,43 @@ impl Engine {
             proof: None,
             bridge: true,
         };
-        if let Err(denied) = self.gate.check_rules(&ann, false) {
-            tracing::warn!(sensor_id = sensor, code = denied.code, outcome = "refused", "discovered device {sensor} not onboarded ({}): {}; it is tried again when its config is seen again", denied.code, denied.message);
-            return Ok(0);
-        }
-        if let Some((_, why)) = self.rejections.check(sensor, &ann.spec, self.clock.now()) {
-            tracing::warn!(
-                sensor_id = sensor,
-                "discovered device {sensor} not onboarded: Qubitro rejected it moments ago ({why})"
-            );
-            return Ok(0);
-        }
-        let now = self.clock.wall_ms();
-        let rec = Record::pending(
-            ann.spec,
-            Route::default(),
-            self.store.next_generation()?,
-            now,
-        );
-        let rec = rec.bridged(now).unwrap_or(rec);
-        match self.store.insert_new(sensor, &rec)? {
-            Some(seq) => {
-                self.gate.admitted(sensor);
-                tracing::info!(sensor_id = sensor, discovery_id = %known.device.identifier, "discovered device {sensor} ({}); onboarding it", known.device.identifier);
+        let now = (self.clock.now(), self.clock.wall_ms());
+        let admitted =
+            self.admission()
+                .admit(ann, Route::default(), Provenance::Discovered, now.0, now.1)?;
+        Ok(match admitted {
+            Ok(Admitted::New { seq }) => {
+                let id = &known.device.identifier;
+                tracing::info!(sensor_id = sensor, discovery_id = %id, "discovered device {sensor} ({id}); onboarding it");
                 self.spawn_onboarding(sensor.to_string(), Duration::ZERO);
-                Ok(seq)
+                seq
             }
-            None => Ok(self.store.last_write()),
-        }
+            Ok(Admitted::Raced { seq }) => seq,
+            Err(Refusal::Rules(denied)) => {
+                tracing::warn!(
+                    sensor_id = sensor,
+                    code = denied.code.as_str(),
+                    outcome = "refused",
+                    "discovered device {sensor} \
+                    not onboarded ({}): {}; it is tried again when its config is seen again",
+                    denied.code,
+                    denied.message
+                );
+                0
+            }
+            Err(Refusal::RejectedRecently { why, .. }) => {
+                tracing::warn!(
+                    sensor_id = sensor,
+                    "discovered device {sensor} not onboarded: Qubitro rejected it moments ago ({why})"
+                );
+                0
+            }
+        })
     }
 
     /// A state message of followed topics: one flat reading per device reading it,
     /// buffered through the bridge like a bridged sensor's own.
-    fn discovered_reading(
+    pub(super) fn discovered_reading(
         &self,
         d: &Discovery,
         bridge: &Bridge,
@@ -380,7 +277,7 @@ impl Engine {
         };
         let topics = d.registry().topics();
         for t in &topics {
-            self.outbox.mqtt().follow(t);
+            self.outbox.publisher().follow(t);
         }
         topics.len()
     }
@@ -388,4 +285,58 @@ impl Engine {
 
 fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("plain data always serialises")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::Credentials;
+    use crate::engine::records::tests::store;
+    use crate::onboarding::{Origin, Record};
+
+    #[tokio::test]
+    async fn a_retired_mark_of_the_previous_version_becomes_the_records_state_once() {
+        let (store, _dir) = store();
+        let mut spec = crate::announce::test_spec();
+        spec.metadata
+            .insert("discovered_by".into(), "homeassistant".into());
+        spec.metadata.insert("sensor_id".into(), "ha-old".into());
+        // As the previous version wrote it: no provenance, no retired flag, a mark.
+        let rec = Record::pending(spec, Route::default(), 3, 1)
+            .created(
+                Credentials {
+                    device_id: "d".into(),
+                    device_token: crate::device::Token("t".into()),
+                },
+                Origin::Created,
+                2,
+            )
+            .unwrap();
+        let mut old = serde_json::to_value(&rec).unwrap();
+        old.as_object_mut().unwrap().remove("provenance");
+        let old_rec: Record = serde_json::from_value(old).unwrap();
+        assert_eq!(
+            old_rec.provenance,
+            Provenance::Discovered,
+            "derived on read"
+        );
+        store.insert_new("ha-old", &old_rec).unwrap().unwrap();
+        let tree = store.discovery_tree().unwrap();
+        tree.mark_retired_as_before("ha-old").unwrap();
+        assert!(store.retired_discovered().unwrap().contains("ha-old"));
+
+        let mut cfg = Config::from_toml("[qubitro]\nproject_id = \"p\"\napi_key = \"k\"").unwrap();
+        cfg.discovery.homeassistant = true;
+        assert!(Discovery::open(&cfg, &store, 10).unwrap().is_some());
+        let now = store.get("ha-old").unwrap().unwrap();
+        assert!(now.retired);
+        assert_eq!(now.shown_state(), "retired", "listed as before");
+        assert!(
+            store.retired_discovered().unwrap().is_empty(),
+            "the mark is gone"
+        );
+        // Opened again: nothing left to move.
+        assert!(Discovery::open(&cfg, &store, 11).unwrap().is_some());
+        assert_eq!(store.get("ha-old").unwrap().unwrap().updated_ms, 10);
+    }
 }

@@ -15,16 +15,19 @@ use rumqttc::v5::mqttbytes::v5::Publish;
 use rumqttc::v5::mqttbytes::QoS;
 use tokio::sync::mpsc;
 
-use super::delivery::delivery_tag;
+use super::admit::{Admitted, Refusal};
+use super::delivery::{delivery_tag, pending_wait};
+use super::inbound::Inbound;
+use super::records::Transition;
 use super::Engine;
-use crate::announce::{self, AnnounceError};
+use crate::announce::{self, Announce, AnnounceError};
 use crate::bridge::{AcceptError, Bridge};
 use crate::failpoint;
 use crate::heartbeat::Heartbeat;
 use crate::metrics;
 use crate::mqtt::{DeliveryTag, Inbox};
-use crate::onboarding::Record;
-use crate::reply::{allowed_response_topic, Reply, Route};
+use crate::onboarding::{Provenance, Record};
+use crate::reply::{allowed_response_topic, Reply, ReplyCode, Route};
 use crate::security::{Denial, Proof};
 use crate::store::StoreError;
 
@@ -104,28 +107,54 @@ impl Engine {
     /// Decides what one announce gets: the write to wait for before the ack, and
     /// the reply to send now, if any.
     fn dispatch(self: &Arc<Self>, p: &Publish) -> Result<Decision, StoreError> {
-        let cfg = &self.cfg;
         let topic = String::from_utf8_lossy(&p.topic);
-        if let Some(bridge) = &self.bridge {
-            if let Some(sensor) = self.data_topic.sensor_of(&topic) {
-                return self.reading(bridge, sensor, p);
-            }
-        }
-        if let Some(d) = &self.discovery {
-            if let Some(decision) = self.discovered(d, &topic, p) {
-                return decision;
-            }
-        }
-        metrics::announce();
-        let Some(sensor) = announce::sensor_id_from_topic(&cfg.mqtt.announce_topic, &topic) else {
-            metrics::error();
-            let shown: String = topic.chars().take(128).collect();
-            tracing::warn!(
-                topic = %shown,
-                "announce on {shown} without a valid sensor id (1-64 of A-Z a-z 0-9 . _ : -); dropped, no safe topic to answer on"
-            );
-            return Ok(Decision::default());
+        let followed = |t: &str| {
+            self.discovery
+                .as_ref()
+                .is_some_and(|d| Engine::follows(d, t))
         };
+        let sensor = match self.routes.classify(&topic, followed) {
+            Inbound::Reading { sensor } => match &self.bridge {
+                Some(bridge) => return self.reading(bridge, sensor, p),
+                None => return Ok(Decision::default()),
+            },
+            Inbound::DiscoveryConfig { source, prefix } => {
+                return match &self.discovery {
+                    Some(d) => self.discovery_config(d, source, prefix, &topic, p),
+                    None => Ok(Decision::default()),
+                };
+            }
+            Inbound::FollowedState => {
+                return match (&self.discovery, &self.bridge) {
+                    (Some(d), Some(bridge)) => self.discovered_reading(d, bridge, &topic, p),
+                    _ => Ok(Decision::default()),
+                };
+            }
+            Inbound::DiscoveryOther => return Ok(Decision::default()),
+            Inbound::Unroutable => {
+                metrics::announce();
+                metrics::error();
+                let shown: String = topic.chars().take(128).collect();
+                tracing::warn!(
+                    topic = %shown,
+                    "announce on {shown} without a valid sensor id (1-64 of A-Z a-z 0-9 . _ : -); dropped, no safe topic to answer on"
+                );
+                return Ok(Decision::default());
+            }
+            Inbound::Announce { sensor } => sensor,
+        };
+        metrics::announce();
+        self.announce(sensor, &topic, p)
+    }
+
+    /// An announce of `sensor`: refused, answered from the store, or admitted.
+    fn announce(
+        self: &Arc<Self>,
+        sensor: &str,
+        topic: &str,
+        p: &Publish,
+    ) -> Result<Decision, StoreError> {
+        let cfg = &self.cfg;
         // A retained announce is a stale copy the broker replays to every new
         // subscriber: acting on it would bring back a forgotten sensor (and create a
         // new cloud device) at each subscribe. Never parsed, never answered.
@@ -134,7 +163,8 @@ impl Engine {
             tracing::warn!(
                 sensor_id = sensor,
                 outcome = "dropped",
-                "retained announce of sensor {sensor} dropped: announces must be published without the retain flag (clear it with mosquitto_pub -t {topic} -r -n)"
+                "retained announce of sensor {sensor} dropped: announces must be published without the retain flag (clear it with \
+                    mosquitto_pub -t {topic} -r -n)"
             );
             return Ok(Decision::default());
         }
@@ -146,7 +176,7 @@ impl Engine {
                 route.request_id = announce::peek_request_id(&p.payload);
             }
             let message = "sensor ids beginning with ha- or tasmota- are reserved for discovered devices while discovery is on".to_string();
-            return Ok(self.reject(sensor, route, "invalid_field", message, None));
+            return Ok(self.reject(sensor, route, ReplyCode::InvalidField, message, None));
         }
         if let Some(props) = &p.properties {
             let topic_len = props.response_topic.as_ref().map_or(0, String::len);
@@ -161,13 +191,17 @@ impl Engine {
                 } else {
                     format!("correlation data (MQTT 5 property) is {corr_len} bytes, more than {MAX_CORRELATION_DATA_BYTES}")
                 };
-                return Ok(self.reject(sensor, route, "invalid_field", field, None));
+                return Ok(self.reject(sensor, route, ReplyCode::InvalidField, field, None));
             }
             if let Some(rt) = &props.response_topic {
                 if allowed_response_topic(&cfg.mqtt.reply_topic, sensor, rt) {
                     route.response_topic = Some(rt.clone());
                 } else {
-                    tracing::warn!(sensor_id = sensor, "response topic of sensor {sensor} is outside its reply namespace; using the default reply topic");
+                    tracing::warn!(
+                        sensor_id = sensor,
+                        "response topic of sensor {sensor} is outside its reply namespace; using \
+                        the default reply topic"
+                    );
                 }
             }
             route.correlation_data = props.correlation_data.as_ref().map(|c| c.to_vec());
@@ -185,7 +219,7 @@ impl Engine {
                 if !matches!(e, AnnounceError::PayloadTooLarge { .. }) {
                     route.request_id = announce::peek_request_id(&p.payload);
                 }
-                return Ok(self.reject(sensor, route, e.code(), e.to_string(), None));
+                return Ok(self.reject(sensor, route, e.reply_code(), e.to_string(), None));
             }
         };
         route.request_id = ann.request_id.clone();
@@ -193,7 +227,7 @@ impl Engine {
             return Ok(self.reject(
                 sensor,
                 route,
-                "invalid_field",
+                ReplyCode::InvalidField,
                 "bridge: this gateway does not forward readings ([bridge] enabled = false)".into(),
                 None,
             ));
@@ -228,18 +262,18 @@ impl Engine {
                 }),
             });
         }
-        let existing = self.store.get(sensor)?;
-        match self.gate.check(&ann, existing.is_some()) {
+        let Some(rec) = self.store.get(sensor)? else {
+            return self.admit_announced(sensor, ann, route);
+        };
+        match self.gate.check(&ann, true) {
             Ok(proof) => route.proven = proof == Proof::Verified,
             Err(denied) => return Ok(self.refuse(sensor, route, denied)),
         }
-
-        match existing {
-            Some(rec) if rec.credentials().is_some() => {
+        match rec.credentials() {
+            Some(creds) => {
                 // Created, but without the shortcut (a crash between the two writes).
-                let creds = rec.credentials().expect("checked").clone();
                 let (bridged, seq) = self.note_bridged(sensor, ann.bridge)?;
-                let reply = self.outbox.ok_reply(sensor, &route, &creds, bridged);
+                let reply = self.outbox.ok_reply(sensor, &route, creds, bridged);
                 Ok(Decision {
                     seq,
                     answer: Some(Answer {
@@ -250,49 +284,49 @@ impl Engine {
                     }),
                 })
             }
-            Some(rec) => {
+            None => {
                 self.note_bridged(sensor, ann.bridge)?;
                 Ok(self.join_pending(sensor, &rec, route))
             }
-            None => {
-                if let Some((left, why)) =
-                    self.rejections.check(sensor, &ann.spec, self.clock.now())
-                {
-                    let message = format!(
-                        "Qubitro rejected this same device moments ago ({why}); change the announce, or ask again later"
-                    );
-                    return Ok(self.reject(
-                        sensor,
-                        route,
-                        "rejected_by_cloud",
-                        message,
-                        Some(left),
-                    ));
-                }
-                let now = self.clock.wall_ms();
-                let rec = Record::pending(ann.spec, route, self.store.next_generation()?, now);
-                // Bridged from the moment it is recorded: readings that arrive while
-                // its device is being made are buffered.
-                let rec = if ann.bridge {
-                    rec.bridged(now).unwrap_or(rec)
-                } else {
-                    rec
-                };
-                match self.store.insert_new(sensor, &rec)? {
-                    Some(seq) => {
-                        failpoint::hit("after_pending_recorded");
-                        self.gate.admitted(sensor);
-                        tracing::info!(sensor_id = sensor, "new sensor; onboarding {sensor}");
-                        self.spawn_onboarding(sensor.to_string(), Duration::ZERO);
-                        Ok(Decision { seq, answer: None })
-                    }
-                    None => Ok(Decision {
-                        seq: self.store.last_write(),
-                        answer: None,
-                    }),
-                }
-            }
         }
+    }
+
+    /// A sensor the store does not know: its proof, then [`Admission`].
+    fn admit_announced(
+        self: &Arc<Self>,
+        sensor: &str,
+        ann: Announce,
+        mut route: Route,
+    ) -> Result<Decision, StoreError> {
+        match self.gate.verify_proof(&ann) {
+            Ok(proof) => route.proven = proof == Proof::Verified,
+            Err(denied) => return Ok(self.refuse(sensor, route, denied)),
+        }
+        let now = (self.clock.now(), self.clock.wall_ms());
+        let admitted =
+            self.admission()
+                .admit(ann, route.clone(), Provenance::Firmware, now.0, now.1)?;
+        Ok(match admitted {
+            Ok(Admitted::New { seq }) => {
+                tracing::info!(sensor_id = sensor, "new sensor; onboarding {sensor}");
+                self.spawn_onboarding(sensor.to_string(), Duration::ZERO);
+                Decision { seq, answer: None }
+            }
+            Ok(Admitted::Raced { seq }) => Decision { seq, answer: None },
+            Err(Refusal::Rules(denied)) => self.refuse(sensor, route, denied),
+            Err(Refusal::RejectedRecently { left, why }) => {
+                let message = format!(
+                    "Qubitro rejected this same device moments ago ({why}); change the announce, or ask again later"
+                );
+                self.reject(
+                    sensor,
+                    route,
+                    ReplyCode::RejectedByCloud,
+                    message,
+                    Some(left),
+                )
+            }
+        })
     }
 
     /// A bridged announce makes the sensor bridged for good (sticky until `devices
@@ -305,8 +339,8 @@ impl Engine {
         if !wants {
             return Ok((false, 0));
         }
-        let now = self.clock.wall_ms();
-        match self.store.update(sensor, |r| r.bridged(now))? {
+        let applied = self.change(sensor, Transition::Bridged)?;
+        match applied.written() {
             Some((rec, seq)) => {
                 tracing::info!(sensor_id = sensor, "sensor {sensor} is bridged from now on");
                 self.bridge_device(sensor, &rec);
@@ -342,10 +376,8 @@ impl Engine {
         // Should no task be running for it, this starts one; otherwise a no-op.
         let due = self.until_due(rec);
         self.spawn_onboarding(sensor.to_string(), due);
-        let mut retry_after_s = (rec.attempts > 0).then(|| due.as_secs_f64().ceil() as u64);
-        if route != rec.route && !self.onboardings.add_waiting(sensor, route.clone()) {
-            retry_after_s.get_or_insert(1);
-        }
+        let route_kept = route == rec.route || self.onboardings.add_waiting(sensor, route.clone());
+        let retry_after_s = pending_wait(rec, due, route_kept);
         Decision {
             // Its record may not be flushed yet: this ack waits for the same flush.
             seq: self.store.last_write(),
@@ -372,12 +404,13 @@ impl Engine {
         &self,
         sensor: &str,
         route: Route,
-        code: &str,
+        code: ReplyCode,
         message: String,
         retry_after: Option<Duration>,
     ) -> Decision {
         metrics::error();
-        tracing::warn!(sensor_id = sensor, code, detail = %message, outcome = "refused", "announce of sensor {sensor} refused ({code}): {message}");
+        tracing::warn!(sensor_id = sensor, code = code.as_str(), detail = %message, outcome = "refused", "announce of sensor \
+            {sensor} refused ({code}): {message}");
         let request_id = route.request_id.clone();
         let mut reply = Reply::error(sensor, code, message, request_id);
         if let Some(wait) = retry_after {
@@ -411,7 +444,7 @@ impl Engine {
                 }
             }
             tokio::select! {
-                r = self.outbox.mqtt().ack(&item.publish) => {
+                r = self.outbox.publisher().ack(&item.publish) => {
                     if let Err(e) = r {
                         tracing::debug!(error = %e, "cannot queue an ack: {e}");
                     }

@@ -1,23 +1,41 @@
-//! The onboarding engine: turns announces into devices and replies.
+//! The onboarding engine: turns inbound messages into records, cloud devices and
+//! replies. One stage per file, each given the state it touches:
 //!
-//! - [`dispatch`]: one task takes announces in arrival order and decides what each
-//!   gets (a reply from the store, a new `Pending` record, a refusal); the acker
-//!   acknowledges them to the broker once their record is on disk.
+//! - [`inbound`]: what a message is, from its topic alone (pure).
+//! - [`dispatch`]: one task takes messages in arrival order and decides what each
+//!   gets (a reply from the store, an admission, a refusal); the acker acknowledges
+//!   them to the broker once their write is on disk.
+//! - [`admit`]: the one place a new sensor (announced or discovered) becomes a
+//!   `Pending` record: rules, flood limits, recent rejections.
 //! - [`worker`]: one onboarding task per unfinished sensor drives its record through
 //!   the transitions of [`crate::onboarding`], persisting each before the next side
-//!   effect.
+//!   effect; [`health`]: what the cloud's last answers said.
+//!   [`onboardings`]: the running tasks and the routes they owe; [`retry`]: how long
+//!   a sensor waits before its next attempt.
+//! - [`records`]: the only door through which a record changes.
 //! - [`delivery`]: the replies, and the broker's acknowledgements that move a record
-//!   from `Created` to `Delivered`.
+//!   from `Created` to `Delivered`; [`publisher`]: the trait replies and acks go
+//!   through.
+//! - [`discovered`]: discovery configs and state messages, in the same order and
+//!   with the same acknowledgements as announces.
 //! - [`rejections`]: specs Qubitro rejected recently, so the same announce again is
 //!   refused without a cloud call (per-sensor exponential backoff, bounded).
+//! - [`forget`]: `devices forget`, the same with or without a running daemon.
 //!
-//! This file holds what they share. Only the engine writes records: `devices forget`
-//! goes through [`Engine::forget`] too.
+//! This file holds what they share.
 
+mod admit;
 mod delivery;
 mod discovered;
 mod dispatch;
+mod forget;
+mod health;
+mod inbound;
+mod onboardings;
+mod publisher;
+pub mod records;
 mod rejections;
+mod retry;
 mod worker;
 
 use std::sync::{Arc, Mutex};
@@ -25,11 +43,10 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::bridge::{Bridge, DataTopic};
+use crate::bridge::Bridge;
 use crate::clock::Clock;
 use crate::cloud::Cloud;
 use crate::config::Config;
-use crate::mqtt::Mqtt;
 use crate::onboarding::Record;
 use crate::security::Gatekeeper;
 use crate::store::{Store, StoreError};
@@ -37,8 +54,11 @@ use crate::store::{Store, StoreError};
 pub use delivery::Outbox;
 use discovered::Discovery;
 pub use dispatch::{AckItem, MAX_CORRELATION_DATA_BYTES, MAX_RESPONSE_TOPIC_BYTES};
+pub use forget::forget_stored;
+use health::CloudHealth;
+use onboardings::Onboardings;
+pub use publisher::{Outgoing, Pending, Publisher};
 use rejections::Rejections;
-use worker::{CloudHealth, Onboardings};
 
 /// Why the engine cannot go on: the daemon stops with a non-zero exit so systemd
 /// restarts it.
@@ -48,6 +68,13 @@ pub enum EngineError {
     /// I/O error).
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// Tells the bridge (when on) the device of a bridged sensor, so its readings flow.
+fn bridge_device(bridge: Option<&Bridge>, sensor: &str, rec: &Record) {
+    if let (Some(bridge), true, Some(c)) = (bridge, rec.bridged, rec.credentials()) {
+        bridge.set_device(sensor, &c.device_id, &c.device_token.0);
+    }
 }
 
 /// The first fatal error, shared by every task.
@@ -111,8 +138,8 @@ pub struct Engine {
     rejections: Rejections,
     /// Forwards the readings of bridged sensors (`None`: `[bridge] enabled = false`).
     bridge: Option<Bridge>,
-    /// Where bridged sensors publish readings on the local broker.
-    data_topic: DataTopic,
+    /// What each inbound topic is (readings, discovery, announces).
+    routes: inbound::Routes,
     /// Zero-firmware onboarding (`None`: `[discovery]` off, the default).
     discovery: Option<Discovery>,
     shutdown: Shutdown,
@@ -125,18 +152,18 @@ impl Engine {
         clock: Clock,
         store: Store,
         cloud: Cloud,
-        mqtt: Mqtt,
+        publisher: Arc<dyn Publisher>,
         bridge: Option<Bridge>,
         shutdown: Shutdown,
     ) -> Result<Arc<Engine>, StoreError> {
         Ok(Arc::new(Engine {
-            discovery: Discovery::open(&cfg, &store)?,
-            data_topic: DataTopic::new(&cfg.bridge.data_topic),
+            discovery: Discovery::open(&cfg, &store, clock.wall_ms())?,
+            routes: inbound::Routes::new(&cfg, bridge.is_some()),
             bridge,
             onboardings: Onboardings::new(&cfg),
             health: CloudHealth::default(),
             rejections: Rejections::default(),
-            outbox: Outbox::new(&cfg, mqtt),
+            outbox: Outbox::new(&cfg, publisher),
             gate: Gatekeeper::new(&cfg),
             cfg,
             clock,
@@ -160,11 +187,24 @@ impl Engine {
         self.bridge.as_ref()
     }
 
+    /// Applies a change that belongs to the sensor, not to one onboarding of it
+    /// ([`records::apply_to_current`]).
+    fn change(&self, sensor: &str, t: records::Transition) -> Result<records::Applied, StoreError> {
+        records::apply_to_current(&self.store, sensor, &t, self.clock.wall_ms())
+    }
+
+    /// The state admission reads and changes.
+    fn admission(&self) -> admit::Admission<'_> {
+        admit::Admission {
+            store: &self.store,
+            gate: &self.gate,
+            rejections: &self.rejections,
+        }
+    }
+
     /// Tells the bridge the device of a bridged sensor, so its readings flow.
     fn bridge_device(&self, sensor: &str, rec: &Record) {
-        if let (Some(bridge), true, Some(c)) = (&self.bridge, rec.bridged, rec.credentials()) {
-            bridge.set_device(sensor, &c.device_id, &c.device_token.0);
-        }
+        bridge_device(self.bridge.as_ref(), sensor, rec);
     }
 
     /// Sensors whose onboarding runs right now.
@@ -196,19 +236,15 @@ impl Engine {
         Duration::from_millis(ms).min(self.onboardings.backoff.max)
     }
 
-    /// `devices forget`: the record goes, with its cool-down and waiting routes, so
-    /// the next announce onboards the sensor anew. A create still in flight for it
-    /// finds the record gone (its generation no longer matches) and writes nothing.
+    /// `devices forget`: what is stored goes ([`forget_stored`]), with the
+    /// cool-down and waiting routes, so the next announce onboards the sensor anew.
+    /// A create still in flight for it finds the record gone (its generation no
+    /// longer matches) and writes nothing.
     pub async fn forget(&self, sensor: &str) -> Result<Option<Record>, StoreError> {
-        let old = self.store.remove(sensor, None)?;
+        let old = forget_stored(&self.store, self.bridge.as_ref(), sensor).await?;
         self.gate.forgotten(sensor);
         self.rejections.forget(sensor);
         self.onboardings.take_waiting(sensor);
-        if let Some(bridge) = &self.bridge {
-            // Its buffered readings belong to the onboarding that is gone.
-            bridge.forget(sensor)?;
-        }
-        self.store.flush_all().await?;
         if old.is_some() {
             tracing::info!(sensor_id = sensor, "sensor forgotten by the operator");
         }

@@ -6,196 +6,41 @@
 //! create anywhere leaves a state from which the restart neither loses the sensor
 //! nor creates a second device.
 //!
-//! Every write is a compare-and-swap on the record of the same generation: when the
-//! operator forgot the sensor meanwhile, the write finds nothing to change and the
-//! task stops, so `forget` always wins.
+//! Every write goes through [`records::apply`] on the record of the generation the
+//! task started with: when the operator forgot the sensor meanwhile, the write
+//! finds nothing to change and the task stops, so `forget` always wins.
+//!
+//! The tasks (spawn, wait, stop) are the engine's; each attempt is [`Steps`], which
+//! holds exactly the state the cloud steps read and write, so they are unit-tested
+//! against the fake Qubitro with no broker.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
-use tokio::time::Instant;
-use tokio_util::task::TaskTracker;
-
-use super::Engine;
-use crate::backoff::Backoff;
+use super::delivery::{Delivery, Outbox};
+use super::health::CloudHealth;
+use super::onboardings::Onboardings;
+use super::records::{self, Transition};
+use super::rejections::Rejections;
+use super::retry::retry_wait;
+use super::{bridge_device, Engine};
+use crate::bridge::Bridge;
+use crate::clock::Clock;
+use crate::cloud::Cloud;
 use crate::cloud::CloudError;
 use crate::config::{Config, LookupPolicy};
 use crate::device::Credentials;
 use crate::failpoint;
 use crate::metrics;
-use crate::onboarding::{Invalid, Origin, Record, State};
-use crate::reply::{Reply, Route};
-use crate::store::StoreError;
-
-/// Routes kept per pending sensor for announces that arrive while it is pending.
-pub(super) const MAX_WAITING_ROUTES: usize = 16;
-
-/// The shortest wait between two attempts for one sensor.
-const MIN_RETRY: Duration = Duration::from_millis(50);
+use crate::onboarding::{Origin, Record, State};
+use crate::reply::{Reply, ReplyCode};
+use crate::store::{Store, StoreError};
 
 /// What an onboarding task does after one attempt.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Next {
     Done,
     RetryIn(Duration),
-}
-
-/// The running onboarding tasks and what they owe.
-pub(super) struct Onboardings {
-    /// Sensors with a live task: never two tasks for one sensor.
-    active: Mutex<HashSet<String>>,
-    /// Extra reply routes of sensors that announced again while pending.
-    waiting: Mutex<HashMap<String, Vec<Route>>>,
-    pub(super) tasks: TaskTracker,
-    /// Attempts in progress (each holds at most one cloud request at a time).
-    workers: Arc<Semaphore>,
-    pub(super) backoff: Backoff,
-}
-
-impl Onboardings {
-    pub(super) fn new(cfg: &Config) -> Onboardings {
-        let q = &cfg.qubitro;
-        Onboardings {
-            active: Mutex::new(HashSet::new()),
-            waiting: Mutex::new(HashMap::new()),
-            tasks: TaskTracker::new(),
-            // Twice the request limit: while one attempt waits for its fsync or its
-            // reply, another can already use the freed request slot, so the cloud's
-            // in-flight limit is really used (the cloud client enforces the limit).
-            workers: Arc::new(Semaphore::new(q.max_in_flight * 2)),
-            backoff: Backoff::new(
-                Duration::from_millis(q.retry_initial_ms),
-                Duration::from_millis(q.retry_max_ms),
-            ),
-        }
-    }
-
-    pub(super) fn active_count(&self) -> usize {
-        self.active.lock().expect("never poisoned").len()
-    }
-
-    /// True when the caller may run the sensor's task (none runs yet).
-    fn claim(&self, sensor: &str) -> bool {
-        self.active
-            .lock()
-            .expect("never poisoned")
-            .insert(sensor.to_string())
-    }
-
-    fn release(&self, sensor: &str) {
-        self.active.lock().expect("never poisoned").remove(sensor);
-    }
-
-    /// Remembers another route to answer when the onboarding ends. False when too
-    /// many are owed already (the announce is then told to ask again).
-    pub(super) fn add_waiting(&self, sensor: &str, route: Route) -> bool {
-        let mut w = self.waiting.lock().expect("never poisoned");
-        let routes = w.entry(sensor.to_string()).or_default();
-        if routes.contains(&route) {
-            return true;
-        }
-        if routes.len() >= MAX_WAITING_ROUTES {
-            return false;
-        }
-        routes.push(route);
-        true
-    }
-
-    pub(super) fn take_waiting(&self, sensor: &str) -> Vec<Route> {
-        self.waiting
-            .lock()
-            .expect("never poisoned")
-            .remove(sensor)
-            .unwrap_or_default()
-    }
-}
-
-/// What the last cloud requests said, for STATUS= and the pause after a refused key.
-#[derive(Default)]
-pub(super) struct CloudHealth {
-    state: Mutex<HealthState>,
-}
-
-#[derive(Default)]
-struct HealthState {
-    /// After a 401/403 every cloud call waits until then: no retry storm.
-    paused_until: Option<Instant>,
-    /// Since when every request failed (None: the last one was answered).
-    failing_since: Option<Instant>,
-    last_failure: String,
-}
-
-impl CloudHealth {
-    fn answered(&self) {
-        let mut s = self.state.lock().expect("never poisoned");
-        s.failing_since = None;
-    }
-
-    fn failed(&self, now: Instant, reason: &str) {
-        let mut s = self.state.lock().expect("never poisoned");
-        s.failing_since.get_or_insert(now);
-        s.last_failure = reason.to_string();
-    }
-
-    /// Starts a pause; true when none was running (log it once, not per sensor).
-    fn pause(&self, now: Instant, pause: Duration) -> bool {
-        let mut s = self.state.lock().expect("never poisoned");
-        let fresh = s.paused_until.is_none_or(|t| t <= now);
-        if fresh {
-            s.paused_until = Some(now + pause);
-        }
-        fresh
-    }
-
-    /// The rest of a running pause, spread over a short window so that the sensors
-    /// do not all hit the cloud in the same millisecond when it ends.
-    fn pause_remaining(&self, now: Instant) -> Option<Duration> {
-        let s = self.state.lock().expect("never poisoned");
-        match s.paused_until {
-            Some(t) if t > now => Some(t - now + Duration::from_millis(fastrand::u64(0..2000))),
-            _ => None,
-        }
-    }
-
-    pub(super) fn describe(&self, now: Instant) -> String {
-        let s = self.state.lock().expect("never poisoned");
-        match (s.paused_until, s.failing_since) {
-            (Some(t), _) if t > now => "refusing the API key (calls paused)".to_string(),
-            (_, Some(since)) => format!(
-                "unreachable for {}s ({})",
-                now.duration_since(since).as_secs(),
-                s.last_failure
-            ),
-            _ => "ok".to_string(),
-        }
-    }
-}
-
-/// The wait before retrying after a retryable failure: the backoff's jitter, at
-/// least the cloud's Retry-After (but not more than twice it), never more than the
-/// backoff cap, and at least the request timeout after a failure that may have
-/// created the device (a create still being processed must become visible to the
-/// lookup before it runs). Saturating everywhere: the inputs come from the network.
-pub(super) fn retry_wait(
-    jitter: Duration,
-    retry_after: Option<Duration>,
-    maybe_created: bool,
-    cap: Duration,
-    request_timeout: Duration,
-) -> Duration {
-    let wait = match retry_after {
-        Some(ra) => ra.max(jitter.min(ra.saturating_mul(2))),
-        None => jitter,
-    };
-    let wait = wait.min(cap);
-    let wait = if maybe_created {
-        wait.max(request_timeout)
-    } else {
-        wait
-    };
-    wait.max(MIN_RETRY)
 }
 
 impl Engine {
@@ -251,8 +96,9 @@ impl Engine {
             };
             // Not raced with `stop`: a cloud call under way may finish within the
             // shutdown budget; `abort` ends it when the budget runs out.
+            let steps = self.steps();
             let step = tokio::select! {
-                r = self.attempt(sensor) => r,
+                r = steps.attempt(sensor) => r,
                 _ = self.shutdown.abort.cancelled() => return,
             };
             drop(permit);
@@ -267,6 +113,43 @@ impl Engine {
         }
     }
 
+    /// The cloud steps over the engine's state.
+    fn steps(&self) -> Steps<'_> {
+        Steps {
+            cfg: &self.cfg,
+            clock: &self.clock,
+            store: &self.store,
+            cloud: &self.cloud,
+            health: &self.health,
+            rejections: &self.rejections,
+            onboardings: &self.onboardings,
+            outbox: &self.outbox,
+            delivery: self.delivery(),
+            bridge: self.bridge.as_ref(),
+        }
+    }
+}
+
+/// The cloud steps of one sensor's onboarding, and everything they read or write.
+pub(super) struct Steps<'a> {
+    cfg: &'a Config,
+    clock: &'a Clock,
+    store: &'a Store,
+    cloud: &'a Cloud,
+    health: &'a CloudHealth,
+    /// Remembers a spec Qubitro rejected, so the same announce is refused from memory.
+    rejections: &'a Rejections,
+    /// The routes still owed an answer.
+    onboardings: &'a Onboardings,
+    /// Pending and error replies.
+    outbox: &'a Outbox,
+    /// The ok replies.
+    delivery: Delivery<'a>,
+    /// Told the device of a bridged sensor once it exists.
+    bridge: Option<&'a Bridge>,
+}
+
+impl Steps<'_> {
     /// One step of one sensor's onboarding, from whatever state the store holds.
     async fn attempt(&self, sensor: &str) -> Result<Next, StoreError> {
         let Some(rec) = self.store.get(sensor)? else {
@@ -298,8 +181,7 @@ impl Engine {
         let rec = if rec.state == State::Pending {
             // On disk before the request leaves: after a crash from here on, the
             // restart looks the sensor up instead of blindly creating again.
-            let now = self.clock.wall_ms();
-            let Some((rec, seq)) = self.transition(sensor, &rec, |r| r.creating(now))? else {
+            let Some((rec, seq)) = self.transition(sensor, &rec, Transition::Creating)? else {
                 return Ok(Next::Done);
             };
             self.store.durable(seq).await?;
@@ -317,33 +199,16 @@ impl Engine {
         }
     }
 
-    /// Applies one transition to the sensor's record of `rec`'s generation. `None`
-    /// when the sensor was forgotten meanwhile (nothing written). A transition the
-    /// state machine refuses means the record changed under its only writer: it is
-    /// logged and the task ends rather than guess.
+    /// Applies one transition to the record the task works on ([`records::apply`]).
+    /// `None`: nothing written (forgotten meanwhile, or a refused move, logged).
     fn transition(
         &self,
         sensor: &str,
         rec: &Record,
-        apply: impl Fn(&Record) -> Result<Record, Invalid>,
+        t: Transition,
     ) -> Result<Option<(Record, u64)>, StoreError> {
-        let mut refused = None;
-        let written = self.store.update(sensor, |current| {
-            if current.generation != rec.generation {
-                return None;
-            }
-            match apply(current) {
-                Ok(next) => Some(next),
-                Err(e) => {
-                    refused = Some(e);
-                    None
-                }
-            }
-        })?;
-        if let Some(e) = refused {
-            tracing::error!(sensor_id = sensor, error = %e, "onboarding step refused: {e}");
-        }
-        Ok(written)
+        let now = self.clock.wall_ms();
+        Ok(records::apply(self.store, sensor, rec.generation, &t, now)?.written())
     }
 
     /// Stores the credentials durably, then publishes them.
@@ -356,9 +221,11 @@ impl Engine {
     ) -> Result<Next, StoreError> {
         self.health.answered();
         let now = self.clock.wall_ms();
-        let Some((rec, seq)) =
-            self.transition(sensor, rec, |r| r.created(creds.clone(), origin, now))?
-        else {
+        let created = Transition::Created {
+            credentials: creds.clone(),
+            origin,
+        };
+        let Some((rec, seq)) = self.transition(sensor, rec, created)? else {
             tracing::warn!(
                 sensor_id = sensor,
                 device_id = %creds.device_id,
@@ -370,7 +237,7 @@ impl Engine {
         self.store.durable(seq).await?;
         failpoint::hit("after_created_recorded");
         // Readings buffered while the device was being made start flowing.
-        self.bridge_device(sensor, &rec);
+        bridge_device(self.bridge, sensor, &rec);
         metrics::onboarded(origin == Origin::Adopted);
         tracing::info!(
             sensor_id = sensor,
@@ -380,10 +247,10 @@ impl Engine {
             duration_ms = now.saturating_sub(rec.first_seen_ms),
             "onboarded"
         );
-        self.deliver_ok(sensor, &rec, &rec.route).await;
+        self.delivery.deliver_ok(sensor, &rec, &rec.route).await?;
         for route in self.onboardings.take_waiting(sensor) {
             if route != rec.route {
-                self.deliver_ok(sensor, &rec, &route).await;
+                self.delivery.deliver_ok(sensor, &rec, &route).await?;
             }
         }
         failpoint::hit("after_reply_published");
@@ -430,7 +297,8 @@ impl Engine {
                     tracing::error!(
                         status,
                         pause_s = pause.as_secs(),
-                        "OPERATOR ERROR: Qubitro refused the API key or project (HTTP {status}; check qubitro.api_key, its permissions and qubitro.project_id); pausing all cloud calls for {} s",
+                        "OPERATOR ERROR: Qubitro refused the API key or project (HTTP {status}; check qubitro.api_key, its \
+                            permissions and qubitro.project_id); pausing all cloud calls for {} s",
                         pause.as_secs()
                     );
                 }
@@ -442,7 +310,7 @@ impl Engine {
                 self.health.answered();
                 // The create can never succeed as sent: forget the sensor so that a
                 // corrected announce starts afresh, and say why.
-                if self.store.remove(sensor, Some(rec.generation))?.is_none() {
+                if !records::abandon(self.store, sensor, rec.generation)? {
                     return Ok(Next::Done); // forgotten meanwhile
                 }
                 metrics::error();
@@ -473,7 +341,7 @@ impl Engine {
                 for route in routes {
                     let reply = Reply::error(
                         sensor,
-                        "rejected_by_cloud",
+                        ReplyCode::RejectedByCloud,
                         text.clone(),
                         route.request_id.clone(),
                     );
@@ -494,12 +362,13 @@ impl Engine {
         reason: Option<String>,
         failure: bool,
     ) -> Result<Next, StoreError> {
-        let now = self.clock.wall_ms();
         let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
-        let Some((rec, _)) = self.transition(sensor, rec, |r| {
-            r.retry_later(wait_ms, reason.clone(), failure, now)
-        })?
-        else {
+        let retry = Transition::RetryLater {
+            wait_ms,
+            reason,
+            failure,
+        };
+        let Some((rec, _)) = self.transition(sensor, rec, retry)? else {
             return Ok(Next::Done);
         };
         metrics::pending_reply();
@@ -529,90 +398,145 @@ fn lookup_error(e: CloudError) -> CloudError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reply::Route;
+    use tokio::time::Instant;
 
-    const CAP: Duration = Duration::from_secs(30);
-    const TIMEOUT: Duration = Duration::from_secs(10);
-
-    fn ms(n: u64) -> Duration {
-        Duration::from_millis(n)
+    /// The cloud steps against the project's fake Qubitro over real HTTP, a real
+    /// store and a recording publisher: no broker.
+    struct World {
+        fake: fake_qubitro::FakeQubitro,
+        cfg: Config,
+        clock: Clock,
+        store: Store,
+        cloud: Cloud,
+        health: CloudHealth,
+        rejections: Rejections,
+        onboardings: Onboardings,
+        outbox: Outbox,
+        sent: Arc<crate::engine::publisher::Recording>,
+        _dir: tempfile::TempDir,
     }
 
-    #[test]
-    fn the_jitter_is_used_when_the_cloud_says_nothing() {
-        assert_eq!(retry_wait(ms(700), None, false, CAP, TIMEOUT), ms(700));
-        assert_eq!(retry_wait(ms(0), None, false, CAP, TIMEOUT), MIN_RETRY);
-    }
-
-    #[test]
-    fn retry_after_is_a_floor_and_twice_it_a_ceiling() {
-        let ra = Some(Duration::from_secs(2));
-        assert_eq!(retry_wait(ms(100), ra, false, CAP, TIMEOUT), ms(2000));
-        assert_eq!(retry_wait(ms(3000), ra, false, CAP, TIMEOUT), ms(3000));
-        assert_eq!(retry_wait(ms(9000), ra, false, CAP, TIMEOUT), ms(4000));
-    }
-
-    #[test]
-    fn a_huge_retry_after_saturates_and_is_clamped_to_the_cap() {
-        let huge = Some(Duration::from_secs(u64::MAX));
-        assert_eq!(retry_wait(ms(100), huge, false, CAP, TIMEOUT), CAP);
-        assert_eq!(retry_wait(Duration::MAX, huge, false, CAP, TIMEOUT), CAP);
-    }
-
-    #[test]
-    fn after_a_possible_create_the_lookup_waits_for_the_request_timeout() {
-        assert_eq!(retry_wait(ms(100), None, true, CAP, TIMEOUT), TIMEOUT);
-        assert_eq!(retry_wait(ms(20_000), None, true, CAP, TIMEOUT), ms(20_000));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_pause_is_logged_once_and_ends_on_time() {
-        let h = CloudHealth::default();
-        let now = Instant::now();
-        assert!(h.pause(now, Duration::from_secs(60)));
-        assert!(!h.pause(now, Duration::from_secs(60)), "already paused");
-        let left = h.pause_remaining(now).unwrap();
-        assert!(left >= Duration::from_secs(60) && left < Duration::from_secs(62));
-        assert!(h.describe(now).contains("refusing the API key"));
-        tokio::time::advance(Duration::from_secs(61)).await;
-        assert_eq!(h.pause_remaining(Instant::now()), None);
-        assert!(
-            h.pause(Instant::now(), Duration::from_secs(1)),
-            "a new pause"
-        );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn cloud_status_says_since_when_it_fails() {
-        let h = CloudHealth::default();
-        assert_eq!(h.describe(Instant::now()), "ok");
-        h.failed(Instant::now(), "timed out");
-        tokio::time::advance(Duration::from_secs(42)).await;
-        h.failed(Instant::now(), "cannot connect");
-        assert_eq!(
-            h.describe(Instant::now()),
-            "unreachable for 42s (cannot connect)"
-        );
-        h.answered();
-        assert_eq!(h.describe(Instant::now()), "ok");
-    }
-
-    #[test]
-    fn waiting_routes_are_bounded_and_deduplicated() {
-        let cfg = Config::from_toml("[qubitro]\nproject_id = \"p\"\napi_key = \"k\"").unwrap();
-        let o = Onboardings::new(&cfg);
-        let route = |i: usize| Route {
-            request_id: Some(format!("r{i}")),
-            ..Route::default()
-        };
-        for i in 0..MAX_WAITING_ROUTES {
-            assert!(o.add_waiting("s", route(i)));
+    impl World {
+        async fn new() -> World {
+            let fake = fake_qubitro::FakeQubitro::start(fake_qubitro::FakeOptions::default())
+                .await
+                .unwrap();
+            let cfg = Config::from_toml(&format!(
+                "[qubitro]\nbase_url = \"{}\"\nproject_id = \"{}\"\napi_key = \"{}\"\n\
+                 request_timeout_ms = 3000\n[security]\nrequire_claim = false",
+                fake.base_url(),
+                fake.project_id(),
+                fake.api_key()
+            ))
+            .unwrap();
+            let (store, _dir) = crate::engine::records::tests::store();
+            let sent = Arc::new(crate::engine::publisher::Recording::default());
+            World {
+                cloud: Cloud::new(&cfg.qubitro).unwrap(),
+                onboardings: Onboardings::new(&cfg),
+                outbox: Outbox::new(&cfg, sent.clone()),
+                health: CloudHealth::default(),
+                rejections: Rejections::default(),
+                clock: Clock::System,
+                fake,
+                cfg,
+                store,
+                sent,
+                _dir,
+            }
         }
-        assert!(
-            o.add_waiting("s", route(0)),
-            "a known route is not counted twice"
+
+        fn steps(&self) -> Steps<'_> {
+            Steps {
+                cfg: &self.cfg,
+                clock: &self.clock,
+                store: &self.store,
+                cloud: &self.cloud,
+                health: &self.health,
+                rejections: &self.rejections,
+                onboardings: &self.onboardings,
+                outbox: &self.outbox,
+                delivery: Delivery {
+                    store: &self.store,
+                    outbox: &self.outbox,
+                    clock: &self.clock,
+                    discovery_on: false,
+                },
+                bridge: None,
+            }
+        }
+
+        fn pending(&self, sensor: &str) -> Record {
+            let rec = Record::pending(crate::announce::test_spec(), Route::default(), 5, 1);
+            self.store.insert_new(sensor, &rec).unwrap().unwrap();
+            rec
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_new_sensors_device_is_recorded_before_its_token_goes_out() {
+        let w = World::new().await;
+        w.pending("s");
+        assert_eq!(w.steps().attempt("s").await.unwrap(), Next::Done);
+        let rec = w.store.get("s").unwrap().unwrap();
+        let device = &w.fake.devices()[0];
+        assert_eq!(rec.credentials().unwrap().device_id, device.id);
+        assert_eq!(
+            rec.state.name(),
+            "created",
+            "delivered only on the broker's word"
         );
-        assert!(!o.add_waiting("s", route(99)));
-        assert_eq!(o.take_waiting("s").len(), MAX_WAITING_ROUTES);
-        assert!(o.take_waiting("s").is_empty());
+        let sent = w.sent.sent.lock().unwrap().clone();
+        assert_eq!(sent.len(), 1);
+        assert!(sent[0].track.is_some(), "the ok reply is tracked");
+        let reply = &w.sent.replies()[0].1;
+        assert_eq!(
+            (reply["status"].as_str(), reply["device_token"].as_str()),
+            (Some("ok"), Some(device.token.as_str()))
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rejected_create_deletes_the_record_says_why_and_remembers_the_spec() {
+        let w = World::new().await;
+        let rec = w.pending("s");
+        let fault = fake_qubitro::Fault::Status {
+            status: 400,
+            retry_after: None,
+            body: None,
+        };
+        w.fake
+            .push_faults(fake_qubitro::Endpoint::Create, vec![fault]);
+        assert_eq!(w.steps().attempt("s").await.unwrap(), Next::Done);
+        assert_eq!(
+            w.store.get("s").unwrap(),
+            None,
+            "a corrected announce starts afresh"
+        );
+        let reply = &w.sent.replies()[0].1;
+        assert_eq!(reply["code"], "rejected_by_cloud", "{reply}");
+        assert!(w.rejections.check("s", &rec.spec, Instant::now()).is_some());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unavailable_cloud_counts_an_attempt_and_tells_the_sensor_to_wait() {
+        let w = World::new().await;
+        w.pending("s");
+        let fault = fake_qubitro::Fault::Status {
+            status: 503,
+            retry_after: None,
+            body: None,
+        };
+        w.fake
+            .push_faults(fake_qubitro::Endpoint::Create, vec![fault]);
+        assert!(matches!(
+            w.steps().attempt("s").await.unwrap(),
+            Next::RetryIn(_)
+        ));
+        let rec = w.store.get("s").unwrap().unwrap();
+        assert_eq!((rec.state.name(), rec.attempts), ("creating", 1));
+        assert!(rec.last_error.is_some());
+        assert_eq!(w.sent.replies()[0].1["status"], "pending");
     }
 }

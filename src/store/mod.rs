@@ -11,7 +11,8 @@
 //! One concern per file: `layout` (what lives where in the state directory, the
 //! move from the previous layout), `open` (open, recovery, lock retry), `commit`
 //! (group commit), `records` (sensor records and their indexes), `trees` (the side
-//! trees other modules keep in the same database).
+//! trees other modules keep in the same database), `discovery` (discovery's state in
+//! its tree).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,11 +22,13 @@ use tokio_util::sync::DropGuard;
 use crate::onboarding::Record;
 
 mod commit;
+mod discovery;
 mod layout;
 mod open;
 mod records;
 mod trees;
 
+pub use discovery::{DiscoveryState, DiscoveryTree};
 pub use layout::{exists, moved_aside, ASIDE_PREFIX, DB_DIR};
 pub use open::OPEN_PANICKED;
 pub use trees::{ReadingsTree, RETIRED_PREFIX};

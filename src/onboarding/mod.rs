@@ -46,6 +46,36 @@ impl Origin {
     }
 }
 
+/// Where a record came from, fixed at its creation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Provenance {
+    /// Our firmware announced it.
+    #[default]
+    Firmware,
+    /// Discovery found it (Home Assistant or Tasmota): no firmware of ours listens
+    /// for its replies.
+    Discovered,
+}
+
+impl Provenance {
+    /// For records written before provenance was stored: discovery alone sets a
+    /// `discovered_by` entry together with a discovery sensor id (`ha-…`,
+    /// `tasmota-…`; announces may not set `sensor_id` themselves).
+    fn derive(spec: &DeviceSpec) -> Provenance {
+        let by_discovery = spec.metadata.contains_key("discovered_by")
+            && spec
+                .metadata
+                .get("sensor_id")
+                .is_some_and(|id| crate::discovery::is_discovery_id(id));
+        if by_discovery {
+            Provenance::Discovered
+        } else {
+            Provenance::Firmware
+        }
+    }
+}
+
 /// Where a sensor is in its onboarding.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "is", rename_all = "snake_case")]
@@ -112,12 +142,29 @@ pub struct Record {
     /// The gateway forwards this sensor's readings (it asked with `"bridge": true`):
     /// its replies never carry the token. Stays on until `devices forget`.
     pub bridged: bool,
+    pub provenance: Provenance,
+    /// A discovered device with no entity left: kept (with its Qubitro device),
+    /// shown `retired`, its readings no longer forwarded, until an entity returns.
+    pub retired: bool,
 }
 
 impl Record {
     /// A newly announced sensor.
     pub fn pending(spec: DeviceSpec, route: Route, generation: u64, now_ms: u64) -> Record {
+        Record::pending_from(Provenance::Firmware, spec, route, generation, now_ms)
+    }
+
+    /// A new sensor, announced or discovered.
+    pub fn pending_from(
+        provenance: Provenance,
+        spec: DeviceSpec,
+        route: Route,
+        generation: u64,
+        now_ms: u64,
+    ) -> Record {
         Record {
+            provenance,
+            retired: false,
             state: State::Pending,
             spec,
             route,
@@ -140,6 +187,40 @@ impl Record {
             updated_ms: now_ms,
             ..self.clone()
         })
+    }
+
+    /// A discovered device lost its last entity. Only discovery retires, and only
+    /// what it found.
+    pub fn retired(&self, now_ms: u64) -> Result<Record, Invalid> {
+        if self.provenance != Provenance::Discovered {
+            return Err(Invalid {
+                from: "announced",
+                to: "retired",
+            });
+        }
+        Ok(Record {
+            retired: true,
+            updated_ms: now_ms,
+            ..self.clone()
+        })
+    }
+
+    /// A retired discovered device has an entity again.
+    pub fn reactivated(&self, now_ms: u64) -> Record {
+        Record {
+            retired: false,
+            updated_ms: now_ms,
+            ..self.clone()
+        }
+    }
+
+    /// The state shown to the operator (`devices list`): `retired` over the rest.
+    pub fn shown_state(&self) -> &'static str {
+        if self.retired {
+            "retired"
+        } else {
+            self.state.name()
+        }
     }
 
     /// Before a create is sent: from here on the sensor is looked up before any
@@ -244,128 +325,7 @@ impl Record {
     }
 }
 
-/// The on-disk form. Records written by earlier versions (`"phase"` with a
-/// `delivered` flag and a string origin) are read as the same states, so an
-/// upgrade on a gateway loses no sensor.
-mod wire {
-    use super::*;
-
-    #[derive(Serialize, Deserialize)]
-    pub(super) struct Wire {
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        state: Option<State>,
-        /// Before 0.2: the state, as `{"phase": "created", "delivered": bool, …}`.
-        #[serde(default, skip_serializing)]
-        phase: Option<LegacyPhase>,
-        /// Before 0.2: "created" or "adopted".
-        #[serde(default, skip_serializing)]
-        origin: Option<Origin>,
-        spec: DeviceSpec,
-        #[serde(default)]
-        route: Route,
-        #[serde(default)]
-        generation: u64,
-        attempts: u32,
-        next_attempt_ms: u64,
-        first_seen_ms: u64,
-        updated_ms: u64,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        last_error: Option<String>,
-        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-        bridged: bool,
-    }
-
-    #[derive(Deserialize)]
-    #[serde(tag = "phase", rename_all = "snake_case")]
-    enum LegacyPhase {
-        Pending,
-        Creating,
-        Created {
-            device_id: String,
-            device_token: Token,
-            delivered: bool,
-        },
-    }
-
-    impl TryFrom<Wire> for Record {
-        type Error = String;
-
-        fn try_from(w: Wire) -> Result<Record, String> {
-            let state = match (w.state, w.phase) {
-                (Some(s), _) => s,
-                (None, Some(LegacyPhase::Pending)) => State::Pending,
-                (None, Some(LegacyPhase::Creating)) => State::Creating,
-                (
-                    None,
-                    Some(LegacyPhase::Created {
-                        device_id,
-                        device_token,
-                        delivered,
-                    }),
-                ) => {
-                    let credentials = Credentials {
-                        device_id,
-                        device_token,
-                    };
-                    let origin = w.origin.unwrap_or(Origin::Created);
-                    if delivered {
-                        State::Delivered {
-                            credentials,
-                            origin,
-                        }
-                    } else {
-                        State::Created {
-                            credentials,
-                            origin,
-                        }
-                    }
-                }
-                (None, None) => return Err("record without a state".into()),
-            };
-            if let Some(c) = match &state {
-                State::Created { credentials, .. } | State::Delivered { credentials, .. } => {
-                    Some(credentials)
-                }
-                _ => None,
-            } {
-                if c.device_id.is_empty() || c.device_token.0.is_empty() {
-                    return Err("credentials with an empty device id or token".into());
-                }
-            }
-            Ok(Record {
-                state,
-                spec: w.spec,
-                route: w.route,
-                generation: w.generation,
-                attempts: w.attempts,
-                next_attempt_ms: w.next_attempt_ms,
-                first_seen_ms: w.first_seen_ms,
-                updated_ms: w.updated_ms,
-                last_error: w.last_error,
-                bridged: w.bridged,
-            })
-        }
-    }
-
-    impl From<Record> for Wire {
-        fn from(r: Record) -> Wire {
-            Wire {
-                state: Some(r.state),
-                phase: None,
-                origin: None,
-                spec: r.spec,
-                route: r.route,
-                generation: r.generation,
-                attempts: r.attempts,
-                next_attempt_ms: r.next_attempt_ms,
-                first_seen_ms: r.first_seen_ms,
-                updated_ms: r.updated_ms,
-                last_error: r.last_error,
-                bridged: r.bridged,
-            }
-        }
-    }
-}
+mod wire;
 
 #[cfg(test)]
 mod tests {
@@ -545,5 +505,59 @@ mod tests {
             r#"{{"state":{{"is":"created","device_id":"","device_token":"t","origin":"created"}},{base}}}"#
         );
         assert!(serde_json::from_str::<Record>(&empty).is_err());
+    }
+
+    #[test]
+    fn provenance_is_kept_and_older_records_derive_it_once_on_read() {
+        let found = Record::pending_from(Provenance::Discovered, spec(), Route::default(), 1, 1);
+        let back: Record = serde_json::from_slice(&serde_json::to_vec(&found).unwrap()).unwrap();
+        assert_eq!(back.provenance, Provenance::Discovered);
+
+        let old = |metadata: &str| -> Record {
+            serde_json::from_str(&format!(
+                r#"{{"state":{{"is":"pending"}},"spec":{{"name":"n","description":"d","brand":"Custom",
+                "model":"Custom","tags":[],"metadata":{metadata}}},"attempts":0,"next_attempt_ms":0,
+                "first_seen_ms":0,"updated_ms":0}}"#
+            ))
+            .unwrap()
+        };
+        let discovered = old(r#"{"discovered_by":"homeassistant","sensor_id":"ha-abc"}"#);
+        assert_eq!(discovered.provenance, Provenance::Discovered);
+        let firmware = old(r#"{"sensor_id":"ha-abc"}"#);
+        assert_eq!(firmware.provenance, Provenance::Firmware);
+        let claims_it = old(r#"{"discovered_by":"me","sensor_id":"cellar-1"}"#);
+        assert_eq!(
+            claims_it.provenance,
+            Provenance::Firmware,
+            "not a discovery id"
+        );
+        // Once read, it is written as it was derived.
+        let again: Record =
+            serde_json::from_slice(&serde_json::to_vec(&discovered).unwrap()).unwrap();
+        assert_eq!(again.provenance, Provenance::Discovered);
+    }
+
+    #[test]
+    fn only_a_discovered_record_retires_and_it_keeps_its_device() {
+        let created = pending().created(creds(), Origin::Created, 2).unwrap();
+        assert_eq!(
+            created.retired(3),
+            Err(Invalid {
+                from: "announced",
+                to: "retired"
+            })
+        );
+        let found = Record::pending_from(Provenance::Discovered, spec(), Route::default(), 1, 1)
+            .created(creds(), Origin::Created, 2)
+            .unwrap();
+        let retired = found.retired(3).unwrap();
+        assert_eq!(retired.shown_state(), "retired");
+        assert_eq!(retired.credentials(), Some(&creds()));
+        let back: Record = serde_json::from_slice(&serde_json::to_vec(&retired).unwrap()).unwrap();
+        assert_eq!(back, retired);
+        let active = retired.reactivated(4);
+        assert_eq!(active.shown_state(), "created");
+        let text = serde_json::to_string(&active).unwrap();
+        assert!(!text.contains("retired"), "{text}");
     }
 }

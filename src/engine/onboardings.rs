@@ -1,0 +1,110 @@
+//! The running onboarding tasks and what they owe: never two tasks for one sensor,
+//! and the routes of announces that arrived while a sensor was pending, bounded.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
+
+use crate::backoff::Backoff;
+use crate::config::Config;
+use crate::reply::Route;
+
+/// Routes kept per pending sensor for announces that arrive while it is pending.
+pub(super) const MAX_WAITING_ROUTES: usize = 16;
+/// The running onboarding tasks and what they owe.
+pub(super) struct Onboardings {
+    /// Sensors with a live task: never two tasks for one sensor.
+    active: Mutex<HashSet<String>>,
+    /// Extra reply routes of sensors that announced again while pending.
+    waiting: Mutex<HashMap<String, Vec<Route>>>,
+    pub(super) tasks: TaskTracker,
+    /// Attempts in progress (each holds at most one cloud request at a time).
+    pub(super) workers: Arc<Semaphore>,
+    pub(super) backoff: Backoff,
+}
+
+impl Onboardings {
+    pub(super) fn new(cfg: &Config) -> Onboardings {
+        let q = &cfg.qubitro;
+        Onboardings {
+            active: Mutex::new(HashSet::new()),
+            waiting: Mutex::new(HashMap::new()),
+            tasks: TaskTracker::new(),
+            // Twice the request limit: while one attempt waits for its fsync or its
+            // reply, another can already use the freed request slot, so the cloud's
+            // in-flight limit is really used (the cloud client enforces the limit).
+            workers: Arc::new(Semaphore::new(q.max_in_flight * 2)),
+            backoff: Backoff::new(
+                Duration::from_millis(q.retry_initial_ms),
+                Duration::from_millis(q.retry_max_ms),
+            ),
+        }
+    }
+
+    pub(super) fn active_count(&self) -> usize {
+        self.active.lock().expect("never poisoned").len()
+    }
+
+    /// True when the caller may run the sensor's task (none runs yet).
+    pub(super) fn claim(&self, sensor: &str) -> bool {
+        self.active
+            .lock()
+            .expect("never poisoned")
+            .insert(sensor.to_string())
+    }
+
+    pub(super) fn release(&self, sensor: &str) {
+        self.active.lock().expect("never poisoned").remove(sensor);
+    }
+
+    /// Remembers another route to answer when the onboarding ends. False when too
+    /// many are owed already (the announce is then told to ask again).
+    pub(super) fn add_waiting(&self, sensor: &str, route: Route) -> bool {
+        let mut w = self.waiting.lock().expect("never poisoned");
+        let routes = w.entry(sensor.to_string()).or_default();
+        if routes.contains(&route) {
+            return true;
+        }
+        if routes.len() >= MAX_WAITING_ROUTES {
+            return false;
+        }
+        routes.push(route);
+        true
+    }
+
+    pub(super) fn take_waiting(&self, sensor: &str) -> Vec<Route> {
+        self.waiting
+            .lock()
+            .expect("never poisoned")
+            .remove(sensor)
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waiting_routes_are_bounded_and_deduplicated() {
+        let cfg = Config::from_toml("[qubitro]\nproject_id = \"p\"\napi_key = \"k\"").unwrap();
+        let o = Onboardings::new(&cfg);
+        let route = |i: usize| Route {
+            request_id: Some(format!("r{i}")),
+            ..Route::default()
+        };
+        for i in 0..MAX_WAITING_ROUTES {
+            assert!(o.add_waiting("s", route(i)));
+        }
+        assert!(
+            o.add_waiting("s", route(0)),
+            "a known route is not counted twice"
+        );
+        assert!(!o.add_waiting("s", route(99)));
+        assert_eq!(o.take_waiting("s").len(), MAX_WAITING_ROUTES);
+        assert!(o.take_waiting("s").is_empty());
+    }
+}
