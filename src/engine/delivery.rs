@@ -300,7 +300,8 @@ mod tests {
 
     fn outbox(security: &str) -> (Outbox, Arc<Recording>) {
         let cfg = Config::from_toml(&format!(
-            "[qubitro]\nproject_id = \"p\"\napi_key = \"k\"\n[security]\nclaim_key = \"fleet\"\n{security}"
+            "[qubitro]\nproject_id = \"p\"\napi_key = \"k\"\n\
+             [security]\nclaim_key = \"engine-delivery-unit-test-claim-key-0123\"\n{security}"
         ))
         .unwrap();
         let rec = Arc::new(Recording::default());
