@@ -454,9 +454,10 @@ async fn new_credentials_close_the_open_connection_and_the_next_login_uses_them(
     // Seeing the reading at Qubitro does not mean its PUBACK was processed yet;
     // until it is, the reading stays buffered (at least once). Wait for that, so the
     // count below is about the new reading only.
-    eventually("the first reading is acknowledged and leaves the buffer", || {
-        b.bridge.device_status("s").map(|s| s.buffered) == Some(0)
-    })
+    eventually(
+        "the first reading is acknowledged and leaves the buffer",
+        || b.bridge.device_status("s").map(|s| s.buffered) == Some(0),
+    )
     .await;
 
     // The token changes (here to one Qubitro refuses): the open connection, logged
@@ -484,7 +485,8 @@ const KILL9_DIR: &str = "BRIDGE_CORE_KILL9_DIR";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "the child half of readings_that_were_durable_survive_a_kill_9_…; run by it"]
 async fn kill9_child_appends_until_killed() {
-    let dir = std::env::var(KILL9_DIR).expect("started by the kill -9 test, which sets the directory");
+    let dir =
+        std::env::var(KILL9_DIR).expect("started by the kill -9 test, which sets the directory");
     // Port 1: nothing is forwarded, no device is set.
     let b = start(&config(Path::new(&dir), 1, ""));
     for n in 0u64.. {
@@ -501,7 +503,12 @@ async fn readings_that_were_durable_survive_a_kill_9_and_are_forwarded_in_order(
     // The child appends; once 300 are durable it gets SIGKILL, mid-append.
     let last = tokio::task::spawn_blocking(move || {
         let mut child = std::process::Command::new(std::env::current_exe().expect("test binary"))
-            .args(["kill9_child_appends_until_killed", "--exact", "--ignored", "--nocapture"])
+            .args([
+                "kill9_child_appends_until_killed",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+            ])
             .env(KILL9_DIR, &path)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
