@@ -15,7 +15,7 @@ use harness::qubitro_broker::{Observer, QubitroBroker};
 use serde_json::{json, Value};
 
 /// Onboards `id` as a bridged sensor and returns its reply.
-async fn onboard_bridged(s: &mut Sensor) -> Value {
+async fn onboard_bridged(s: &mut Sensor) -> Reply {
     s.announce(r#"{"bridge":true,"name":"Bridged"}"#).await;
     s.reply_with_status("ok").await
 }
@@ -49,9 +49,9 @@ async fn a_bridged_sensor_never_gets_its_token_and_its_readings_reach_qubitro_fl
     let mut obs = qubitro.observer().await;
     let d = Daemon::start(&broker, &cloud, &qubitro.daemon_toml());
     // Anyone on the local broker: sees every topic.
-    let mut snoop = Sensor::connect_as(broker.port, "snoop", "#", None).await;
+    let mut snoop = Sensor::connect_as(broker.port, "snoop", "#", None, None).await;
 
-    let mut s = Sensor::connect(broker.port, "br-1").await;
+    let mut s = d.sensor(broker.port, "br-1").await;
     let ok = onboard_bridged(&mut s).await;
     let device = cloud_devices_of(&cloud, "br-1").remove(0);
     assert_eq!(ok["bridged"], true, "{ok}");
@@ -108,7 +108,7 @@ async fn readings_sent_during_an_uplink_outage_and_across_a_kill_9_all_arrive_in
         vec![],
     );
     d.wait_subscribed();
-    let mut s = Sensor::connect_persistent(broker.port, "br-out").await;
+    let mut s = Sensor::connect_persistent(broker.port, "br-out", &d.flashed()).await;
     onboard_bridged(&mut s).await;
     let device = cloud_devices_of(&cloud, "br-out").remove(0);
     s.publish("onboard/data/br-out", br#"{"n":0}"#, false).await;
@@ -151,18 +151,19 @@ async fn bad_readings_and_readings_of_sensors_that_are_not_bridged_are_dropped_a
     let cloud = fake_cloud().await;
     let qubitro = QubitroBroker::start(&cloud);
     let mut obs = qubitro.observer().await;
-    let mut stats = Sensor::connect_as(broker.port, "stats", "onboard/gateway/+/stats", None).await;
+    let mut stats =
+        Sensor::connect_as(broker.port, "stats", "onboard/gateway/+/stats", None, None).await;
     let d = Daemon::start(
         &broker,
         &cloud,
         &format!("{}\n[log]\nstats_interval_s = 1", qubitro.daemon_toml()),
     );
-    let mut s = Sensor::connect(broker.port, "br-bad").await;
+    let mut s = d.sensor(broker.port, "br-bad").await;
     onboard_bridged(&mut s).await;
     let device = cloud_devices_of(&cloud, "br-bad").remove(0);
-    let mut plain = Sensor::connect(broker.port, "not-bridged").await;
+    let mut plain = d.sensor(broker.port, "not-bridged").await;
     plain.announce("{}").await;
-    plain.reply_with_status("ok").await;
+    assert_opens_to_the_clouds_token(&cloud, &plain.reply_with_status("ok").await);
 
     let topic = "onboard/data/br-bad";
     let bad: Vec<Vec<u8>> = vec![

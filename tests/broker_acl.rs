@@ -110,13 +110,27 @@ impl SecuredBroker {
         self.broker.port
     }
 
-    /// Sensor `id` logged in as itself (with its password), subscribed to its own reply
-    /// namespace.
-    async fn sensor(&self, id: &str) -> Sensor {
+    /// Sensor `id`, flashed for `d`, logged in as itself (with its password), subscribed
+    /// to its own reply namespace.
+    async fn sensor(&self, d: &Daemon, id: &str) -> Sensor {
         let pw = sensor_pw(id);
         let filter = format!("onboard/reply/{id}/#");
-        Sensor::connect_as(self.port(), id, &filter, Some((id, &pw))).await
+        Sensor::connect_as(
+            self.port(),
+            id,
+            &filter,
+            Some((id, &pw)),
+            Some(&d.flashed()),
+        )
+        .await
     }
+}
+
+/// A reply a raw client received (already parsed), read as its sensor's firmware reads it.
+fn opened(flashed: &Flashed, sensor: &str, reply: &Value) -> Reply {
+    flashed
+        .open_reply(sensor, reply.to_string().as_bytes())
+        .unwrap_or_else(|e| panic!("{sensor}: {e}"))
 }
 
 fn mosquitto_passwd(flags: &[&str], file: &Path, user: &str, pw: &str) {
@@ -273,17 +287,17 @@ async fn sensors_logged_in_as_their_own_id_are_onboarded_through_the_shipped_acl
     let cloud = fake_cloud().await;
     // Daemon::start returns at the SUBACK of onboard/announce/+; mosquitto 2.0 grants
     // every SUBACK, so it is the onboardings below that prove `onboardd` may read it.
-    let _d = Daemon::start(&b.broker, &cloud, &daemon_login());
+    let d = Daemon::start(&b.broker, &cloud, &daemon_login());
 
     // MQTT 5, default reply topic.
-    let mut a = b.sensor("acl-a").await;
+    let mut a = b.sensor(&d, "acl-a").await;
     a.announce(r#"{"request_id":"r1"}"#).await;
     let (topic, reply, _) = a.next().await;
     assert_eq!(topic, "onboard/reply/acl-a");
     assert_eq!(reply["status"], "ok", "{reply}");
     assert_eq!(reply["request_id"], "r1");
     let dev = cloud.devices()[0].clone();
-    assert_eq!(reply["device_token"], dev.token.as_str());
+    assert_eq!(reply.token(), dev.token.as_str());
     assert_eq!(
         dev.metadata.get("sensor_id").map(String::as_str),
         Some("acl-a")
@@ -299,7 +313,7 @@ async fn sensors_logged_in_as_their_own_id_are_onboarded_through_the_shipped_acl
     let (topic, reply, corr) = a.next().await;
     assert_eq!(topic, "onboard/reply/acl-a/boot-7");
     assert_eq!(reply["status"], "ok");
-    assert_eq!(reply["device_token"], dev.token.as_str());
+    assert_eq!(reply.token(), dev.token.as_str());
     assert_eq!(corr.as_deref(), Some(&b"c-7"[..]));
 
     // MQTT 3.1.1: no Response Topic, the reply comes on exactly onboard/reply/<id>.
@@ -325,20 +339,20 @@ async fn sensors_logged_in_as_their_own_id_are_onboarded_through_the_shipped_acl
         "onboard/announce/acl-v3",
         rumqttc::QoS::AtLeastOnce,
         false,
-        br#"{"model":"legacy"}"#.to_vec(),
+        d.flashed()
+            .announce("acl-v3", r#"{"model":"legacy"}"#)
+            .into_bytes(),
     )
     .await
     .unwrap();
     let (topic, reply) = v311_until(&mut el3, |p| match p {
-        rumqttc::Packet::Publish(p) => Some((
-            p.topic.clone(),
-            serde_json::from_slice::<Value>(&p.payload).unwrap(),
-        )),
+        rumqttc::Packet::Publish(p) => Some((p.topic.clone(), p.payload.clone())),
         _ => None,
     })
     .await;
     assert_eq!(topic, "onboard/reply/acl-v3");
-    assert_eq!(reply["status"], "ok", "{reply}");
+    let reply = d.flashed().open_reply("acl-v3", &reply).unwrap();
+    assert_opens_to_the_clouds_token(&cloud, &reply);
     assert_eq!(cloud.devices().len(), 2);
 }
 
@@ -346,7 +360,8 @@ async fn sensors_logged_in_as_their_own_id_are_onboarded_through_the_shipped_acl
 async fn a_sensor_cannot_read_another_sensors_reply() {
     let b = SecuredBroker::start(&["victim", "snoop"]);
     let cloud = fake_cloud().await;
-    let _d = Daemon::start(&b.broker, &cloud, &daemon_login());
+    let d = Daemon::start(&b.broker, &cloud, &daemon_login());
+    let flashed = d.flashed();
 
     let pw = sensor_pw("snoop");
     let mut snoop = RawClient::connect(b.port(), Some(("snoop", &pw)))
@@ -362,22 +377,24 @@ async fn a_sensor_cannot_read_another_sensors_reply() {
         );
     }
 
-    let mut victim = b.sensor("victim").await;
+    let mut victim = b.sensor(&d, "victim").await;
     victim.announce("{}").await;
     let reply = victim.reply().await;
-    assert_eq!(reply["status"], "ok", "{reply}");
-    assert!(reply["device_token"].is_string());
+    assert_opens_to_the_clouds_token(&cloud, &reply);
 
     // The victim's reply went out before the snoop's own: if the broker leaked it,
     // it would be the first message the snoop gets.
     assert_eq!(
-        snoop.publish("onboard/announce/snoop", "{}").await,
+        snoop
+            .publish("onboard/announce/snoop", &flashed.announce("snoop", "{}"))
+            .await,
         PubAckReason::Success
     );
     let (topic, own) = snoop.next_publish().await;
     assert_eq!(topic, "onboard/reply/snoop", "got {own}");
-    assert_eq!(own["status"], "ok");
-    assert_ne!(own["device_token"], reply["device_token"]);
+    let own = opened(&flashed, "snoop", &own);
+    assert_opens_to_the_clouds_token(&cloud, &own);
+    assert_ne!(own["device_id"], reply["device_id"]);
     // Its own reply matches two of its filters, so it may come twice. A second announce
     // of its own is a marker: until its reply, nothing but its own replies may arrive.
     snoop
@@ -386,7 +403,9 @@ async fn a_sensor_cannot_read_another_sensors_reply() {
             "onboard/announce/snoop",
             QoS::AtLeastOnce,
             false,
-            br#"{"request_id":"marker"}"#.to_vec(),
+            flashed
+                .announce("snoop", r#"{"request_id":"marker"}"#)
+                .into_bytes(),
         )
         .await
         .unwrap();
@@ -395,7 +414,7 @@ async fn a_sensor_cannot_read_another_sensors_reply() {
             match snoop.next().await {
                 Seen::PubAck(PubAckReason::Success) => {}
                 Seen::Publish(t, v) if t == "onboard/reply/snoop" => {
-                    if v["request_id"] == "marker" {
+                    if opened(&flashed, "snoop", &v)["request_id"] == "marker" {
                         return;
                     }
                 }
@@ -413,7 +432,7 @@ async fn a_sensor_cannot_announce_as_another_sensor() {
     let cloud = fake_cloud().await;
     let d = Daemon::start(&b.broker, &cloud, &daemon_login());
 
-    let mut target = b.sensor("target").await;
+    let mut target = b.sensor(&d, "target").await;
 
     // MQTT 5: the broker says so in the PUBACK.
     let pw = sensor_pw("forger");
@@ -453,12 +472,17 @@ async fn a_sensor_cannot_announce_as_another_sensor() {
     // Both forgeries were acknowledged before this announce was sent, so onboardd
     // would have received them first; it answers this one and created nothing else.
     assert_eq!(
-        forger.publish("onboard/announce/forger", "{}").await,
+        forger
+            .publish(
+                "onboard/announce/forger",
+                &d.flashed().announce("forger", "{}")
+            )
+            .await,
         PubAckReason::Success
     );
     let (topic, own) = forger.next_publish().await;
     assert_eq!(topic, "onboard/reply/forger");
-    assert_eq!(own["status"], "ok", "{own}");
+    assert_opens_to_the_clouds_token(&cloud, &opened(&d.flashed(), "forger", &own));
     let devices = cloud.devices();
     assert_eq!(devices.len(), 1, "{devices:?}");
     assert_eq!(
@@ -480,7 +504,7 @@ async fn a_sensor_cannot_announce_as_another_sensor() {
         "a reply went to the impersonated sensor: {first}"
     );
     assert_eq!(
-        first["device_token"],
+        first.token(),
         cloud_devices_of(&cloud, "target")[0].token.as_str()
     );
 }
@@ -554,6 +578,7 @@ async fn the_shipped_acl_lets_zigbee2mqtt_publish_discovery_and_onboardd_read_it
         "intruder",
         "nothing/here",
         Some(("intruder", &pw)),
+        None,
     )
     .await;
     let pw = sensor_pw("zigbee2mqtt");
@@ -562,6 +587,7 @@ async fn the_shipped_acl_lets_zigbee2mqtt_publish_discovery_and_onboardd_read_it
         "zigbee2mqtt",
         "nothing/here",
         Some(("zigbee2mqtt", &pw)),
+        None,
     )
     .await;
     let config = |ieee: &str| {

@@ -77,12 +77,12 @@ async fn the_daemon_onboards_a_sensor_over_tls_after_verifying_the_broker_certif
         &cloud,
         &format!("[mqtt]\nca_file = {}", toml_path(&pki.path("ca.crt"))),
     );
-    let mut s = Sensor::connect(plain, "tls-s1").await;
+    let mut s = d.sensor(plain, "tls-s1").await;
     s.announce(r#"{"request_id":"t1"}"#).await;
     let r = s.reply().await;
     assert_eq!(r["status"], "ok", "{r}");
     assert_eq!(r["request_id"], "t1");
-    assert_eq!(r["device_token"], cloud.devices()[0].token.as_str());
+    assert_eq!(r.token(), cloud.devices()[0].token.as_str());
     assert_eq!(d.log.count("TLS"), 0, "{}", d.log.text());
 }
 
@@ -121,6 +121,7 @@ async fn with_mutual_tls_the_client_certificate_cn_is_the_acl_user_of_the_daemon
         "mtls-s1",
         "onboard/reply/mtls-s1/#",
         Some(("mtls-s1", "unused")),
+        Some(&d.flashed()),
     )
     .await;
     s.announce("{}").await;

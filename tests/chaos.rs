@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use fake_qubitro::{Endpoint, FakeDevice, Fault};
 use rumqttc::v5::mqttbytes::QoS;
-use serde_json::Value;
+use serde_json::json;
 
 /// The CI schedule: fixed, so CI is repeatable; any other seed replays with `CHAOS_SEED`.
 const DEFAULT_SEED: u64 = 20_261_129;
@@ -233,7 +233,8 @@ fn schedule(seed: u64, sensors: usize, seconds: u64) -> Vec<(u64, Action)> {
 #[derive(Debug, Clone)]
 struct Received {
     at: Duration,
-    reply: Value,
+    /// As the sensor read it with its key; one it could not open is `{"unopened": why}`.
+    reply: Reply,
 }
 
 #[derive(Default)]
@@ -311,6 +312,12 @@ fn judge(
         }
     }
     for (i, id) in ids.iter().enumerate() {
+        for r in received[i]
+            .iter()
+            .filter(|r| r.reply.get("unopened").is_some())
+        {
+            fatal.push(format!("{id}: a reply its key does not open: {}", r.reply));
+        }
         let devices = by_sensor.get(id.as_str()).cloned().unwrap_or_default();
         let oks: Vec<&Received> = received[i]
             .iter()
@@ -322,12 +329,15 @@ fn judge(
             [dev] => {
                 let names_it = |r: &Received| {
                     r.reply["device_id"] == dev.id.as_str()
-                        && r.reply["device_token"] == dev.token.as_str()
+                        && r.reply.opened_token() == Some(dev.token.as_str())
                 };
                 if let Some(wrong) = oks.iter().find(|r| !names_it(r)) {
                     fatal.push(format!(
-                        "{id}: an ok reply names device {} (token {}), the cloud's is {} (token {})",
-                        wrong.reply["device_id"], wrong.reply["device_token"], dev.id, dev.token
+                        "{id}: an ok reply names device {} (opened token {:?}), the cloud's is {} (token {})",
+                        wrong.reply["device_id"],
+                        wrong.reply.opened_token(),
+                        dev.id,
+                        dev.token
                     ));
                 } else if !oks.iter().any(|r| r.at > since) {
                     let after = match forgotten_at[i] {
@@ -446,6 +456,7 @@ max_new_devices_per_hour = 1000000
     let mut daemon = Daemon::with_state(broker.port, &cloud, state.path(), &extra, vec![]);
     let mut logs = vec![daemon.log.clone()];
     daemon.wait_subscribed();
+    let flashed = daemon.flashed();
 
     // The fleet: persistent sessions, each collecting every reply it receives.
     let ids: Vec<String> = (0..n).map(sensor_id).collect();
@@ -454,8 +465,8 @@ max_new_devices_per_hour = 1000000
     let mut collectors = tokio::task::JoinSet::new();
     let mut connecting = tokio::task::JoinSet::new();
     for (i, id) in ids.iter().enumerate() {
-        let (port, id) = (broker.port, id.clone());
-        connecting.spawn(async move { (i, Sensor::connect_persistent(port, &id).await) });
+        let (port, id, flashed) = (broker.port, id.clone(), flashed.clone());
+        connecting.spawn(async move { (i, Sensor::connect_persistent(port, &id, &flashed).await) });
     }
     let mut sensors: Vec<Option<Sensor>> = (0..n).map(|_| None).collect();
     while let Some(joined) = connecting.join_next().await {
@@ -467,18 +478,18 @@ max_new_devices_per_hour = 1000000
         let mut s = s.expect("connected");
         clients.push(s.client.clone());
         let received = received.clone();
+        let flashed = flashed.clone();
         collectors.spawn(async move {
             loop {
                 let Some((topic, payload, _)) = s.next_raw_within(Duration::from_secs(1)).await
                 else {
                     continue;
                 };
-                let reply = serde_json::from_slice(&payload).unwrap_or_else(|_| {
-                    Value::String(format!(
-                        "not JSON on {topic}: {}",
-                        String::from_utf8_lossy(&payload)
-                    ))
-                });
+                let reply = flashed
+                    .open_reply(&sensor_id(i), &payload)
+                    .unwrap_or_else(|e| {
+                        Reply::unkeyed(json!({ "unopened": format!("on {topic}: {e}") }))
+                    });
                 received.lock().unwrap()[i].push(Received {
                     at: epoch.elapsed(),
                     reply,
@@ -498,7 +509,8 @@ max_new_devices_per_hour = 1000000
         let k = announced[i].len();
         announced[i].push(epoch.elapsed());
         counts.announces += 1;
-        let payload = format!(r#"{{"name":"Chaos {i}","request_id":"r{k}"}}"#);
+        let fields = format!(r#"{{"name":"Chaos {i}","request_id":"r{k}"}}"#);
+        let payload = flashed.announce(&sensor_id(i), &fields);
         // try_publish: the client queues it even while the broker is away, and the driver
         // never blocks on one sensor.
         clients[i]

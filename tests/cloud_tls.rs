@@ -37,16 +37,17 @@ async fn the_daemon_onboards_over_https_when_it_trusts_the_certificate() {
     let cloud = https_cloud(&pki).await;
     assert!(cloud.base_url().starts_with("https://"));
     let broker = Mosquitto::start();
-    let _d = Daemon::start(
+    let d = Daemon::start(
         &broker,
         &cloud,
         &format!("[qubitro]\nca_file = \"{}\"", pki.path("ca.crt").display()),
     );
-    let mut s = Sensor::connect(broker.port, "tls-1").await;
+    let mut s = d.sensor(broker.port, "tls-1").await;
     s.announce("{}").await;
     let r = s.reply().await;
     assert_eq!(r["status"], "ok", "{r}");
     assert_eq!(r["device_id"], cloud.devices()[0].id.as_str());
+    assert_opens_to_the_clouds_token(&cloud, &r);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -56,7 +57,7 @@ async fn an_untrusted_api_certificate_is_retried_with_a_log_line_that_names_it()
     let broker = Mosquitto::start();
     // No ca_file: only the public web roots, which do not know this CA.
     let d = Daemon::start(&broker, &cloud, "");
-    let mut s = Sensor::connect(broker.port, "tls-2").await;
+    let mut s = d.sensor(broker.port, "tls-2").await;
     s.announce("{}").await;
     assert_eq!(s.reply().await["status"], "pending");
     assert_eq!(

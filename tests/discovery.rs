@@ -83,7 +83,7 @@ async fn a_zigbee2mqtt_sensor_becomes_one_device_and_its_readings_reach_qubitro_
     let qubitro = QubitroBroker::start(&cloud);
     let mut obs = qubitro.observer().await;
     let d = Daemon::start(&broker, &cloud, &discovery_toml(&qubitro));
-    let z2m = Sensor::connect_as(broker.port, "z2m", "zigbee2mqtt/none", None).await;
+    let z2m = Sensor::connect_as(broker.port, "z2m", "zigbee2mqtt/none", None, None).await;
 
     publish_z2m(&z2m).await;
     let device = device_of(&cloud, &qubitro, Z2M_ID).await;
@@ -124,7 +124,7 @@ async fn esphome_plain_values_a_device_based_config_and_tasmota_telemetry_are_fo
     let qubitro = QubitroBroker::start(&cloud);
     let mut obs = qubitro.observer().await;
     let _d = Daemon::start(&broker, &cloud, &discovery_toml(&qubitro));
-    let p = Sensor::connect_as(broker.port, "pub", "nothing/here", None).await;
+    let p = Sensor::connect_as(broker.port, "pub", "nothing/here", None, None).await;
 
     // ESPHome, abbreviated keys, plain values.
     for (object, unit) in [("temperature", "°C"), ("humidity", "%")] {
@@ -217,7 +217,7 @@ async fn removing_every_entity_stops_forwarding_retires_the_device_and_a_restart
     let toml = discovery_toml(&qubitro);
     let mut d = Daemon::with_state(broker.port, &cloud, state.path(), &toml, vec![]);
     d.wait_subscribed();
-    let z2m = Sensor::connect_as(broker.port, "z2m", "zigbee2mqtt/none", None).await;
+    let z2m = Sensor::connect_as(broker.port, "z2m", "zigbee2mqtt/none", None, None).await;
     publish_z2m(&z2m).await;
     let device = device_of(&cloud, &qubitro, Z2M_ID).await;
 
@@ -318,7 +318,7 @@ async fn malformed_configs_are_skipped_with_a_warning_and_the_daemon_keeps_servi
         discovery_toml(&qubitro)
     );
     let d = Daemon::start(&broker, &cloud, &toml);
-    let p = Sensor::connect_as(broker.port, "pub", "nothing/here", None).await;
+    let p = Sensor::connect_as(broker.port, "pub", "nothing/here", None, None).await;
 
     p.publish("homeassistant/sensor/bad/json/config", b"{not json", false)
         .await;
@@ -356,10 +356,10 @@ async fn malformed_configs_are_skipped_with_a_warning_and_the_daemon_keeps_servi
     assert!(cloud.devices().is_empty(), "{:?}", cloud.devices());
 
     // Still serving announces; discovery ids are not for firmware.
-    let mut s = Sensor::connect(broker.port, "plain-1").await;
+    let mut s = d.sensor(broker.port, "plain-1").await;
     s.announce(r#"{"name":"Plain"}"#).await;
-    s.reply_with_status("ok").await;
-    let mut squatter = Sensor::connect(broker.port, "ha-zigbee2mqtt_x").await;
+    assert_opens_to_the_clouds_token(&cloud, &s.reply_with_status("ok").await);
+    let mut squatter = d.sensor(broker.port, "ha-zigbee2mqtt_x").await;
     squatter.announce(r#"{"name":"Squat"}"#).await;
     let r = squatter.reply_with_status("error").await;
     assert_eq!(r["code"], "invalid_field", "{r}");
@@ -369,16 +369,13 @@ async fn malformed_configs_are_skipped_with_a_warning_and_the_daemon_keeps_servi
 async fn with_discovery_off_discovery_topics_are_ignored_and_ha_ids_are_ordinary_sensors() {
     let broker = Mosquitto::start();
     let cloud = fake_cloud().await;
-    let _d = Daemon::start(&broker, &cloud, "");
-    let z2m = Sensor::connect_as(broker.port, "z2m", "zigbee2mqtt/none", None).await;
+    let d = Daemon::start(&broker, &cloud, "");
+    let z2m = Sensor::connect_as(broker.port, "z2m", "zigbee2mqtt/none", None, None).await;
     publish_z2m(&z2m).await;
-    let mut s = Sensor::connect(broker.port, "ha-firmware").await;
+    let mut s = d.sensor(broker.port, "ha-firmware").await;
     s.announce(r#"{"name":"Firmware"}"#).await;
     let ok = s.reply_with_status("ok").await;
-    assert!(
-        ok.get("device_token").is_some() || ok.get("device_token_sealed").is_some(),
-        "{ok}"
-    );
+    assert_opens_to_the_clouds_token(&cloud, &ok);
     let names: Vec<String> = cloud.devices().into_iter().map(|d| d.name).collect();
     assert_eq!(names, vec!["Firmware".to_string()]);
 }

@@ -63,7 +63,9 @@ async fn replies_beyond_the_receive_maximum_reach_every_sensor_across_a_stalled_
     let n = 150;
     let mut sensors = Vec::new();
     for i in 0..n {
-        sensors.push(Sensor::connect_persistent(broker.port, &format!("burst-{i}")).await);
+        sensors.push(
+            Sensor::connect_persistent(broker.port, &format!("burst-{i}"), &d.flashed()).await,
+        );
     }
     for s in &sensors {
         s.announce("{}").await;
@@ -83,7 +85,7 @@ async fn replies_beyond_the_receive_maximum_reach_every_sensor_across_a_stalled_
         let mine = cloud_devices_of(&cloud, &s.id);
         assert_eq!(mine.len(), 1, "{}: exactly one device", s.id);
         assert_eq!(ok["device_id"], mine[0].id.as_str(), "{}", s.id);
-        assert_eq!(ok["device_token"], mine[0].token.as_str(), "{}", s.id);
+        assert_eq!(ok.token(), mine[0].token.as_str(), "{}", s.id);
     }
     assert_eq!(cloud.devices().len(), n);
 }
@@ -109,12 +111,12 @@ async fn a_reply_the_broker_refuses_is_not_counted_as_delivered_and_goes_out_on_
     let cloud = fake_cloud().await;
     let d = Daemon::start(&broker, &cloud, "");
 
-    let mut fine = Sensor::connect_persistent(broker.port, "fine-1").await;
+    let mut fine = Sensor::connect_persistent(broker.port, "fine-1", &d.flashed()).await;
     fine.announce("{}").await;
-    assert_eq!(fine.reply().await["status"], "ok");
+    assert_opens_to_the_clouds_token(&cloud, &fine.reply().await);
     wait_for_state(&d, "fine-1", "delivered").await;
 
-    let mut refused = Sensor::connect_persistent(broker.port, "refused-1").await;
+    let mut refused = Sensor::connect_persistent(broker.port, "refused-1", &d.flashed()).await;
     refused.announce("{}").await;
     d.log
         .wait_for_async("the broker refused the reply to sensor refused-1")
@@ -138,6 +140,7 @@ async fn a_reply_the_broker_refuses_is_not_counted_as_delivered_and_goes_out_on_
         ok["device_id"],
         cloud_devices_of(&cloud, "refused-1")[0].id.as_str()
     );
+    assert_opens_to_the_clouds_token(&cloud, &ok);
     wait_for_state(&d, "refused-1", "delivered").await;
 }
 
@@ -150,7 +153,7 @@ async fn sigterm_with_the_broker_down_and_the_cloud_hanging_exits_0_within_10_se
     let sensors = {
         let mut v = Vec::new();
         for i in 0..30 {
-            v.push(Sensor::connect(broker.port, &format!("stuck-{i}")).await);
+            v.push(d.sensor(broker.port, &format!("stuck-{i}")).await);
         }
         v
     };
@@ -188,7 +191,7 @@ async fn a_forget_during_an_in_flight_create_wins_and_the_sensor_is_onboarded_an
         &cloud,
         "[security]\nnew_sensor_cooldown_s = 3600\n[qubitro]\nrequest_timeout_ms = 10000",
     );
-    let mut s = Sensor::connect(broker.port, "forget-me").await;
+    let mut s = d.sensor(broker.port, "forget-me").await;
     s.announce("{}").await;
     wait_for_cloud_requests(&cloud, Endpoint::Create, 1).await;
     let (code, msg, err) = d.devices(&["forget", "forget-me"]);
@@ -205,7 +208,7 @@ async fn a_forget_during_an_in_flight_create_wins_and_the_sensor_is_onboarded_an
     let ok = s.reply_with_status("ok").await;
     assert_eq!(ok["request_id"], "again");
     assert_eq!(cloud.devices().len(), 1);
-    assert_eq!(ok["device_id"], cloud.devices()[0].id.as_str());
+    assert_opens_to_the_clouds_token(&cloud, &ok);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -221,7 +224,7 @@ async fn a_retry_after_beyond_any_duration_is_clamped_and_the_daemon_keeps_servi
         }],
     );
     let d = Daemon::start(&broker, &cloud, "[qubitro]\nretry_max_ms = 2000");
-    let mut s = Sensor::connect(broker.port, "huge-ra").await;
+    let mut s = d.sensor(broker.port, "huge-ra").await;
     s.announce("{}").await;
     let pending = s.reply().await;
     assert_eq!(pending["status"], "pending", "{pending}");
@@ -231,6 +234,7 @@ async fn a_retry_after_beyond_any_duration_is_clamped_and_the_daemon_keeps_servi
     );
     let ok = s.reply_with_status("ok").await;
     assert_eq!(ok["device_id"], cloud.devices()[0].id.as_str());
+    assert_opens_to_the_clouds_token(&cloud, &ok);
     assert!(d.log.count("panicked") == 0, "{}", d.log.text());
 }
 
@@ -245,8 +249,8 @@ async fn a_404_on_the_get_after_a_create_keeps_the_sensor_and_its_one_device() {
     })
     .await;
     cloud.push_faults(Endpoint::Get, vec![Fault::NotFound, Fault::NotFound]);
-    let _d = Daemon::start(&broker, &cloud, "");
-    let mut s = Sensor::connect(broker.port, "lagging").await;
+    let d = Daemon::start(&broker, &cloud, "");
+    let mut s = d.sensor(broker.port, "lagging").await;
     s.announce("{}").await;
     let mut seen = Vec::new();
     let ok = loop {
@@ -266,7 +270,7 @@ async fn a_404_on_the_get_after_a_create_keeps_the_sensor_and_its_one_device() {
         "the device was adopted, not made again"
     );
     assert_eq!(ok["device_id"], cloud.devices()[0].id.as_str());
-    assert_eq!(ok["device_token"], cloud.devices()[0].token.as_str());
+    assert_eq!(ok.token(), cloud.devices()[0].token.as_str());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -281,13 +285,15 @@ async fn qos1_announces_beyond_the_internal_queue_are_all_answered() {
     );
     let mut sensors = Vec::new();
     for i in 0..100 {
-        sensors.push(Sensor::connect(broker.port, &format!("flood-{i}")).await);
+        sensors.push(d.sensor(broker.port, &format!("flood-{i}")).await);
     }
     for s in &sensors {
         s.announce("{}").await;
     }
     for s in &mut sensors {
-        assert_eq!(s.reply_with_status("ok").await["sensor_id"], s.id.as_str());
+        let ok = s.reply_with_status("ok").await;
+        assert_eq!(ok["sensor_id"], s.id.as_str());
+        assert_opens_to_the_clouds_token(&cloud, &ok);
     }
     assert_eq!(cloud.devices().len(), 100);
     assert_eq!(d.log.count("announce left unacknowledged"), 0);
@@ -312,7 +318,7 @@ async fn a_lookup_answer_that_cannot_be_read_creates_nothing_until_it_can() {
         let existing = plant(&cloud, "odd-1", "made elsewhere");
         cloud.set_list_shape(shape);
         let d = Daemon::start(&broker, &cloud, "");
-        let mut s = Sensor::connect(broker.port, "odd-1").await;
+        let mut s = d.sensor(broker.port, "odd-1").await;
         s.announce("{}").await;
         // Told to wait, again and again, while the answer stays unreadable.
         for _ in 0..2 {
@@ -330,7 +336,7 @@ async fn a_lookup_answer_that_cannot_be_read_creates_nothing_until_it_can() {
         cloud.set_list_shape(ListShape::Standard);
         let ok = s.reply_with_status("ok").await;
         assert_eq!(ok["device_id"], existing.id.as_str(), "{shape:?}");
-        assert_eq!(ok["device_token"], existing.token.as_str(), "{shape:?}");
+        assert_eq!(ok.token(), existing.token.as_str(), "{shape:?}");
         assert_eq!(cloud.devices().len(), 1, "{shape:?}");
     }
 }
@@ -342,11 +348,12 @@ async fn a_lookup_under_devices_or_items_adopts_the_existing_device() {
         let cloud = fake_cloud().await;
         let existing = plant(&cloud, "keyed-1", "made elsewhere");
         cloud.set_list_shape(shape);
-        let _d = Daemon::start(&broker, &cloud, "");
-        let mut s = Sensor::connect(broker.port, "keyed-1").await;
+        let d = Daemon::start(&broker, &cloud, "");
+        let mut s = d.sensor(broker.port, "keyed-1").await;
         s.announce("{}").await;
         let ok = s.reply_with_status("ok").await;
         assert_eq!(ok["device_id"], existing.id.as_str(), "{shape:?}");
+        assert_opens_to_the_clouds_token(&cloud, &ok);
         assert_eq!(cloud.count(Endpoint::Create), 0, "{shape:?}");
     }
 }
@@ -364,11 +371,12 @@ async fn a_paginated_lookup_is_followed_to_the_page_that_holds_the_device() {
     cloud.set_list_ignores_filter(true);
     cloud.set_list_newest_first(true);
     cloud.set_list_page_size(Some(2));
-    let _d = Daemon::start(&broker, &cloud, "");
-    let mut s = Sensor::connect(broker.port, "paged-1").await;
+    let d = Daemon::start(&broker, &cloud, "");
+    let mut s = d.sensor(broker.port, "paged-1").await;
     s.announce("{}").await;
     let ok = s.reply_with_status("ok").await;
     assert_eq!(ok["device_id"], existing.id.as_str());
+    assert_opens_to_the_clouds_token(&cloud, &ok);
     assert_eq!(cloud.count(Endpoint::Create), 0);
     assert!(
         cloud.count(Endpoint::List) >= 4,
@@ -387,8 +395,8 @@ async fn several_matching_devices_adopt_the_oldest_whatever_the_list_order() {
             .collect();
         cloud.set_created_at_field(created_at);
         cloud.set_list_newest_first(true);
-        let _d = Daemon::start(&broker, &cloud, "");
-        let mut s = Sensor::connect(broker.port, "twice-1").await;
+        let d = Daemon::start(&broker, &cloud, "");
+        let mut s = d.sensor(broker.port, "twice-1").await;
         s.announce("{}").await;
         let ok = s.reply_with_status("ok").await;
         // With creation times: the first one made. Without: the smallest id, the
@@ -403,6 +411,7 @@ async fn several_matching_devices_adopt_the_oldest_whatever_the_list_order() {
             expected.as_str(),
             "created_at: {created_at}"
         );
+        assert_opens_to_the_clouds_token(&cloud, &ok);
         assert_eq!(cloud.count(Endpoint::Create), 0);
     }
 }

@@ -12,7 +12,6 @@ use std::path::Path;
 
 use common::*;
 use harness::firmware;
-use serde_json::Value;
 
 /// onboardd with the shipped security defaults on `state` (kept across restarts).
 fn daemon_with_default_security(
@@ -22,19 +21,19 @@ fn daemon_with_default_security(
     env: Vec<(String, String)>,
 ) -> Daemon {
     bin();
-    let toml = config_toml_default_security(broker.port, cloud, state, "");
+    let toml = config_toml(broker.port, cloud, state, "");
     assert!(!toml.contains("require_claim") && !toml.contains("claim_key"));
     Daemon::from_toml(state, &toml, env)
 }
 
 /// The key the daemon generated, as the sensor would have it flashed.
 fn sensor_key_from_store(state: &Path, sensor: &str) -> [u8; 32] {
-    firmware::sensor_key(&firmware::generated_claim_key(&state.join("db")), sensor)
+    firmware::sensor_key(&firmware::generated_claim_key(&store_path(state)), sensor)
 }
 
 /// The token an ok reply seals, opened as a sensor would, after checking the reply
 /// has no token in clear.
-fn unseal_ok(key: &[u8; 32], sensor: &str, ok: &Value) -> String {
+fn unseal_ok(key: &[u8; 32], sensor: &str, ok: &Reply) -> String {
     assert_eq!(ok["status"], "ok", "{ok}");
     assert!(ok.get("device_token").is_none(), "a token in clear: {ok}");
     let sealed = ok["device_token_sealed"]
@@ -52,7 +51,7 @@ async fn by_default_an_announce_without_a_valid_proof_is_unauthorized_and_create
     let d = daemon_with_default_security(&broker, &cloud, state.path(), vec![]);
     d.wait_subscribed();
     let key = sensor_key_from_store(state.path(), "plain-1");
-    let mut s = Sensor::connect(broker.port, "plain-1").await;
+    let mut s = Sensor::connect_unkeyed(broker.port, "plain-1").await;
 
     let other = sensor_key_from_store(state.path(), "plain-2");
     for (what, payload) in [
@@ -94,7 +93,7 @@ async fn with_a_proof_the_reply_has_no_clear_token_and_unseals_to_the_clouds_tok
     let d = daemon_with_default_security(&broker, &cloud, state.path(), vec![]);
     d.wait_subscribed();
     let key = sensor_key_from_store(state.path(), "sealed-1");
-    let mut s = Sensor::connect(broker.port, "sealed-1").await;
+    let mut s = Sensor::connect_unkeyed(broker.port, "sealed-1").await;
 
     s.announce(&firmware::announce_with_proof(
         &key,
@@ -130,8 +129,8 @@ async fn the_generated_claim_key_is_private_64_hex_and_a_newline_and_kept_across
     let mut d = daemon_with_default_security(&broker, &cloud, state.path(), vec![]);
     d.wait_subscribed();
     d.log.wait_for("generated this gateway's claim key");
-    let path = state.path().join("db").join("claim-key");
-    let key = firmware::generated_claim_key(&state.path().join("db"));
+    let path = store_path(state.path()).join("claim-key");
+    let key = firmware::generated_claim_key(&store_path(state.path()));
     let mode = std::fs::metadata(&path).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "claim-key mode {mode:o}");
     assert!(!d.log.text().contains(&key), "the key is never logged");
@@ -139,7 +138,10 @@ async fn the_generated_claim_key_is_private_64_hex_and_a_newline_and_kept_across
     assert_eq!(d.signal_and_wait(libc::SIGTERM).code(), Some(0));
     d.spawn();
     d.wait_subscribed();
-    assert_eq!(firmware::generated_claim_key(&state.path().join("db")), key);
+    assert_eq!(
+        firmware::generated_claim_key(&store_path(state.path())),
+        key
+    );
     assert!(!d.log.text().contains("generated this gateway's claim key"));
 }
 
@@ -150,7 +152,7 @@ async fn onboardd_claim_prints_the_sensor_key_and_without_a_key_says_how_to_get_
     let cloud = fake_cloud().await;
     let state = tempfile::tempdir().unwrap();
     // As an operator's shell or a factory station would have it: no API key.
-    let toml = config_toml_default_security(broker.port, &cloud, state.path(), "").replace(
+    let toml = config_toml(broker.port, &cloud, state.path(), "").replace(
         &format!("api_key = \"{}\"", cloud.api_key()),
         "api_key = \"\"",
     );
@@ -179,18 +181,22 @@ async fn onboardd_claim_prints_the_sensor_key_and_without_a_key_says_how_to_get_
         "{err}"
     );
     assert!(err.contains("claim_key_file"), "{err}");
-    assert!(!state.path().join("db").exists(), "created nothing");
+    let store = store_path(state.path());
+    assert!(
+        std::fs::read_dir(&store).unwrap().next().is_none(),
+        "created nothing"
+    );
 
     let d = daemon_with_default_security(&broker, &cloud, state.path(), vec![]);
     d.wait_subscribed();
-    let generated = firmware::generated_claim_key(&state.path().join("db"));
+    let generated = firmware::generated_claim_key(&store);
     let expected = format!(
         "{}\n",
         hex::encode(firmware::sensor_key(&generated, "temp-01"))
     );
     let (code, out, err) = claim(&["--config", config_arg, "temp-01"]);
     assert_eq!((code, out.as_str()), (Some(0), expected.as_str()), "{err}");
-    let key_file = state.path().join("db").join("claim-key");
+    let key_file = store.join("claim-key");
     let (code, out, _) = claim(&["--key-file", key_file.to_str().unwrap(), "temp-01"]);
     assert_eq!((code, out.as_str()), (Some(0), expected.as_str()));
 }
@@ -202,12 +208,18 @@ async fn without_require_claim_a_warning_names_it_and_tokens_go_in_clear_but_a_p
     let cloud = fake_cloud().await;
     let state = tempfile::tempdir().unwrap();
     let warning = "security.require_claim = false";
-    // The harness default: proofs optional.
-    let mut d = Daemon::with_state(broker.port, &cloud, state.path(), "", vec![]);
+    // What this test is about: proofs optional.
+    let mut d = Daemon::with_state(
+        broker.port,
+        &cloud,
+        state.path(),
+        "[security]\nrequire_claim = false",
+        vec![],
+    );
     d.wait_subscribed();
     d.log.wait_for(warning);
 
-    let mut plain = Sensor::connect(broker.port, "open-1").await;
+    let mut plain = Sensor::connect_unkeyed(broker.port, "open-1").await;
     plain.announce("{}").await;
     let ok = plain.reply_with_status("ok").await;
     let token = &cloud.devices()[0].token;
@@ -215,7 +227,7 @@ async fn without_require_claim_a_warning_names_it_and_tokens_go_in_clear_but_a_p
     assert!(ok.get("device_token_sealed").is_none());
 
     let key = sensor_key_from_store(state.path(), "proven-1");
-    let mut proven = Sensor::connect(broker.port, "proven-1").await;
+    let mut proven = Sensor::connect_unkeyed(broker.port, "proven-1").await;
     proven
         .announce(&firmware::announce_with_proof(&key, ""))
         .await;
@@ -223,7 +235,7 @@ async fn without_require_claim_a_warning_names_it_and_tokens_go_in_clear_but_a_p
     let device = cloud_devices_of(&cloud, "proven-1").remove(0);
     assert_eq!(unseal_ok(&key, "proven-1", &ok), device.token);
 
-    let mut wrong = Sensor::connect(broker.port, "wrong-1").await;
+    let mut wrong = Sensor::connect_unkeyed(broker.port, "wrong-1").await;
     wrong
         .announce(&firmware::announce_with_proof(&key, ""))
         .await;
@@ -264,11 +276,11 @@ async fn a_client_subscribed_to_everything_never_sees_a_token_or_a_sensor_key() 
     let state = tempfile::tempdir().unwrap();
     let mut d = daemon_with_default_security(&broker, &cloud, state.path(), vec![]);
     d.wait_subscribed();
-    let mut spy = Sensor::connect_as(broker.port, "spy", "#", None).await;
+    let mut spy = Sensor::connect_as(broker.port, "spy", "#", None, None).await;
 
     // A new sensor: pending, a second announce waiting with it, then ok to both.
     let key = sensor_key_from_store(state.path(), "watched-1");
-    let mut s = Sensor::connect(broker.port, "watched-1").await;
+    let mut s = Sensor::connect_unkeyed(broker.port, "watched-1").await;
     s.announce(&firmware::announce_with_proof(&key, r#""request_id":"r1""#))
         .await;
     assert_eq!(s.reply().await["status"], "pending");
@@ -296,7 +308,7 @@ async fn a_client_subscribed_to_everything_never_sees_a_token_or_a_sensor_key() 
     d.spawn();
     d.wait_subscribed();
     let key2 = sensor_key_from_store(state.path(), "watched-2");
-    let mut s2 = Sensor::connect(broker.port, "watched-2").await;
+    let mut s2 = Sensor::connect_unkeyed(broker.port, "watched-2").await;
     s2.announce_acked(&firmware::announce_with_proof(&key2, ""))
         .await;
     d.wait_exit_async().await;
@@ -314,7 +326,7 @@ async fn a_client_subscribed_to_everything_never_sees_a_token_or_a_sensor_key() 
     );
 
     let seen = everything_published(&mut spy).await;
-    let claim_key = firmware::generated_claim_key(&state.path().join("db"));
+    let claim_key = firmware::generated_claim_key(&store_path(state.path()));
     let mut secrets = vec![claim_key, hex::encode(key), hex::encode(key2)];
     secrets.extend(cloud.devices().into_iter().map(|d| d.token));
     for (topic, payload) in &seen {
@@ -338,8 +350,7 @@ async fn a_corrupt_database_moved_aside_keeps_the_claim_key_the_sensors_hold() {
     let broker = Mosquitto::start();
     let cloud = fake_cloud().await;
     let state = tempfile::tempdir().unwrap();
-    let db = state.path().join("db");
-    std::fs::create_dir_all(&db).unwrap();
+    let db = store_path(state.path());
     // A key made earlier (sensors were flashed with keys from it), then sled's files
     // turned unreadable.
     let key_text = "7f".repeat(32);
@@ -353,7 +364,7 @@ async fn a_corrupt_database_moved_aside_keeps_the_claim_key_the_sensors_hold() {
     d.wait_subscribed();
     assert_eq!(firmware::generated_claim_key(&db), key_text);
     let key = firmware::sensor_key(&key_text, "kept-1");
-    let mut s = Sensor::connect(broker.port, "kept-1").await;
+    let mut s = Sensor::connect_unkeyed(broker.port, "kept-1").await;
     s.announce(&firmware::announce_with_proof(&key, "")).await;
     let ok = s.reply_with_status("ok").await;
     assert_eq!(
@@ -371,19 +382,20 @@ async fn a_reply_owed_from_before_proofs_were_required_goes_out_sealed_once_they
     let broker = Mosquitto::start();
     let cloud = fake_cloud().await;
     let state = tempfile::tempdir().unwrap();
-    // Proofs off: an announce without one, and the daemon dies before its reply left.
+    // Proofs off (what this test starts from): an announce without one, and the daemon
+    // dies before its reply left.
     let mut d = Daemon::with_state(
         broker.port,
         &cloud,
         state.path(),
-        "",
+        "[security]\nrequire_claim = false",
         vec![(
             onboardd::failpoint::ENV.into(),
             "after_created_recorded".into(),
         )],
     );
     d.wait_subscribed();
-    let mut s = Sensor::connect(broker.port, "legacy-1").await;
+    let mut s = Sensor::connect_unkeyed(broker.port, "legacy-1").await;
     s.announce_acked("{}").await;
     d.wait_exit_async().await;
 
@@ -396,4 +408,46 @@ async fn a_reply_owed_from_before_proofs_were_required_goes_out_sealed_once_they
         cloud_devices_of(&cloud, "legacy-1")[0].token
     );
     assert_eq!(d.signal_and_wait_async(libc::SIGTERM).await.code(), Some(0));
+}
+
+/// What every test's daemon runs with (the harness's default config): the shipped
+/// `[security]` and a state directory laid out as systemd's `StateDirectory=` with
+/// `DynamicUser=` lays out `/var/lib/onboardd`, a symlink to a private directory. The
+/// daemon works through the symlink, running and stopped, and never replaces it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_a_symlinked_state_directory_a_flashed_sensor_is_onboarded_and_an_unsigned_one_is_not(
+) {
+    let broker = Mosquitto::start();
+    let cloud = fake_cloud().await;
+    let mut d = Daemon::start(&broker, &cloud, "");
+    let store = d.store_path();
+    let is_link = |p: &Path| {
+        std::fs::symlink_metadata(p)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    };
+    assert!(is_link(&store), "{} is a symlink", store.display());
+    let private = std::fs::canonicalize(&store).unwrap();
+    assert!(
+        private.join(firmware::CLAIM_KEY_FILE).is_file(),
+        "the key is generated behind the symlink"
+    );
+
+    let mut unsigned = Sensor::connect_unkeyed(broker.port, "unsigned-1").await;
+    unsigned.announce("{}").await;
+    assert_eq!(unsigned.reply().await["code"], "unauthorized");
+    let mut flashed = d.sensor(broker.port, "flashed-1").await;
+    flashed.announce("{}").await;
+    assert_opens_to_the_clouds_token(&cloud, &flashed.reply().await);
+    assert_eq!(cloud.devices().len(), 1, "nothing for the unsigned one");
+
+    assert_eq!(d.signal_and_wait_async(libc::SIGTERM).await.code(), Some(0));
+    let (code, table, err) = d.devices(&["list"]);
+    assert_eq!(
+        code, 0,
+        "the CLI opens the store through the symlink: {err}"
+    );
+    assert!(table.contains("flashed-1"), "{table}");
+    assert!(is_link(&store), "still the symlink systemd made");
 }

@@ -14,14 +14,13 @@ use std::time::Duration;
 use common::proxy::Proxy;
 use common::*;
 use fake_qubitro::{Endpoint, FakeQubitro, Fault, NewDevice};
-use serde_json::Value;
 
 /// Bound for the bursts of hundreds of onboardings (a failure bound, not a speed claim).
 const BURST_WAIT: Duration = Duration::from_secs(120);
 
 /// Asserts `ok` is an ok reply carrying the credentials of the one cloud device of its
-/// sensor.
-fn assert_ok_carries_the_one_device(cloud: &FakeQubitro, ok: &Value, context: &str) {
+/// sensor: its device id, and the token the sensor opened from the seal with its key.
+fn assert_ok_carries_the_one_device(cloud: &FakeQubitro, ok: &Reply, context: &str) {
     assert_eq!(ok["status"], "ok", "{context}: {ok}");
     let sensor = ok["sensor_id"].as_str().expect("sensor_id");
     let devices = cloud_devices_of(cloud, sensor);
@@ -31,7 +30,7 @@ fn assert_ok_carries_the_one_device(cloud: &FakeQubitro, ok: &Value, context: &s
         "{context}: exactly one device for {sensor}"
     );
     assert_eq!(ok["device_id"], devices[0].id.as_str(), "{context}");
-    assert_eq!(ok["device_token"], devices[0].token.as_str(), "{context}");
+    assert_eq!(ok.token(), devices[0].token.as_str(), "{context}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -42,8 +41,8 @@ async fn cloud_500_three_times_then_201_gives_one_device_and_pending_then_ok() {
         Endpoint::Create,
         vec![status_fault(500), status_fault(500), status_fault(500)],
     );
-    let _d = Daemon::start(&broker, &cloud, "");
-    let mut s = Sensor::connect(broker.port, "flaky").await;
+    let d = Daemon::start(&broker, &cloud, "");
+    let mut s = d.sensor(broker.port, "flaky").await;
     s.announce(r#"{"request_id":"x"}"#).await;
     let first = s.reply().await;
     assert_eq!(first["status"], "pending", "{first}");
@@ -69,8 +68,8 @@ async fn retry_after_of_a_429_is_honoured() {
         }],
     );
     // Retry-After is honoured up to retry_max_ms (1 s in tests): raise the cap.
-    let _d = Daemon::start(&broker, &cloud, "[qubitro]\nretry_max_ms = 5000");
-    let mut s = Sensor::connect(broker.port, "busy").await;
+    let d = Daemon::start(&broker, &cloud, "[qubitro]\nretry_max_ms = 5000");
+    let mut s = d.sensor(broker.port, "busy").await;
     s.announce("{}").await;
     let pending = s.reply().await;
     assert_eq!(pending["status"], "pending");
@@ -100,9 +99,9 @@ async fn retry_after_of_a_429_is_honoured() {
 async fn an_unreachable_cloud_gets_pending_and_the_ok_follows_without_a_new_announce() {
     let broker = Mosquitto::start();
     let cloud = fake_cloud().await;
-    let _d = Daemon::start(&broker, &cloud, "");
+    let d = Daemon::start(&broker, &cloud, "");
     cloud.stop().await;
-    let mut s = Sensor::connect(broker.port, "offline-1").await;
+    let mut s = d.sensor(broker.port, "offline-1").await;
     s.announce("{}").await;
     assert_eq!(s.reply().await["status"], "pending");
     assert_eq!(s.reply().await["status"], "pending", "still retrying");
@@ -117,14 +116,14 @@ async fn a_refused_api_key_pauses_all_cloud_calls_instead_of_retrying() {
     let cloud = fake_cloud().await;
     cloud.push_faults(Endpoint::List, vec![status_fault(401)]);
     let d = Daemon::start(&broker, &cloud, "[qubitro]\nauth_failure_backoff_s = 3600");
-    let mut a = Sensor::connect(broker.port, "a1").await;
+    let mut a = d.sensor(broker.port, "a1").await;
     a.announce("{}").await;
     let r = a.reply().await;
     assert_eq!(r["status"], "pending");
     assert!(r["retry_after_s"].as_u64().unwrap() >= 3000, "{r}");
     d.log.wait_for_async("OPERATOR ERROR").await;
     // A second sensor during the pause is told to wait and costs no request.
-    let mut b = Sensor::connect(broker.port, "b1").await;
+    let mut b = d.sensor(broker.port, "b1").await;
     b.announce("{}").await;
     assert_eq!(b.reply().await["status"], "pending");
     assert_eq!(cloud.requests().len(), 1, "one request, then silence");
@@ -143,7 +142,7 @@ async fn a_broker_restart_that_loses_the_session_is_survived_by_subscribing_agai
     let mut broker = Mosquitto::start();
     let cloud = fake_cloud().await;
     let d = Daemon::start(&broker, &cloud, "");
-    let mut s = Sensor::connect(broker.port, "before").await;
+    let mut s = d.sensor(broker.port, "before").await;
     s.announce("{}").await;
     let ok = s.reply().await;
     assert_ok_carries_the_one_device(&cloud, &ok, "before the restart");
@@ -153,7 +152,7 @@ async fn a_broker_restart_that_loses_the_session_is_survived_by_subscribing_agai
                       // With the session lost, an announce sent before the new subscription has nobody to
                       // go to: the resubscription is what this test is about.
     d.log.wait_for_n_async("subscribed to announces", 2).await;
-    let mut s = Sensor::connect(broker.port, "after").await;
+    let mut s = d.sensor(broker.port, "after").await;
     s.announce("{}").await;
     let ok = s.reply().await;
     assert_ok_carries_the_one_device(&cloud, &ok, "after the restart");
@@ -172,7 +171,7 @@ async fn a_broker_restart_that_keeps_the_session_serves_announces_sent_before_on
     let proxy = Proxy::start(broker.port);
     let d = Daemon::spawn_new(proxy.port, &cloud, "", vec![]);
     d.wait_subscribed();
-    let mut s = Sensor::connect_persistent(broker.port, "before").await;
+    let mut s = Sensor::connect_persistent(broker.port, "before", &d.flashed()).await;
     s.announce_acked("{}").await;
     let ok = s.reply().await;
     assert_ok_carries_the_one_device(&cloud, &ok, "before the restart");
@@ -181,7 +180,7 @@ async fn a_broker_restart_that_keeps_the_session_serves_announces_sent_before_on
     broker.restart_clean();
     // onboardd's old connection is gone; its new ones are accepted and held.
     proxy.sever();
-    let mut late = Sensor::connect_persistent(broker.port, "after").await;
+    let mut late = Sensor::connect_persistent(broker.port, "after", &d.flashed()).await;
     late.announce_acked(r#"{"request_id":"sent-while-away"}"#)
         .await;
     proxy.resume();
@@ -200,7 +199,7 @@ async fn announces_published_while_onboardd_was_stopped_are_served_when_it_start
     let mut d = Daemon::start(&broker, &cloud, "");
     assert_eq!(d.signal_and_wait_async(libc::SIGTERM).await.code(), Some(0));
 
-    let mut s = Sensor::connect_persistent(broker.port, "early-bird").await;
+    let mut s = Sensor::connect_persistent(broker.port, "early-bird", &d.flashed()).await;
     s.announce_acked(r#"{"request_id":"while-down"}"#).await;
     broker.restart_clean();
     d.spawn();
@@ -227,7 +226,7 @@ async fn sigkill_at_every_step(policy: &str) {
         );
         d.wait_subscribed();
         let sensor = format!("crash-{}", step.replace('_', "-"));
-        let mut s = Sensor::connect_persistent(broker.port, &sensor).await;
+        let mut s = Sensor::connect_persistent(broker.port, &sensor, &d.flashed()).await;
         s.announce_acked("{}").await;
         let st = d.wait_exit_async().await;
         use std::os::unix::process::ExitStatusExt;
@@ -254,7 +253,7 @@ async fn sigkill_at_every_step(policy: &str) {
         // And a later announce still gets the same device.
         s.announce("{}").await;
         let again = s.reply_with_status("ok").await;
-        assert_eq!(again["device_token"], ok["device_token"], "{context}");
+        assert_eq!(again.token(), ok.token(), "{context}");
         assert_eq!(cloud.devices().len(), 1, "{context}; {}", log());
     }
 }
@@ -292,8 +291,8 @@ async fn sigkill_at_every_step_with_lookup_never_still_gives_exactly_one_device(
 async fn five_hundred_sensors_and_fifty_simultaneous_announces_of_one_more_give_501_devices() {
     let broker = Mosquitto::start_persistent();
     let cloud = fake_cloud().await;
-    let _d = Daemon::start(&broker, &cloud, "");
-    let mut all = Sensor::connect_as(broker.port, "all", "onboard/reply/#", None).await;
+    let d = Daemon::start(&broker, &cloud, "");
+    let mut all = d.fleet(broker.port).await;
     for i in 0..500 {
         all.announce_on(&format!("onboard/announce/many-{i}"), "{}")
             .await;
@@ -318,19 +317,20 @@ async fn a_deleted_database_is_rebuilt_by_adopting_the_existing_device() {
     let broker = Mosquitto::start();
     let cloud = fake_cloud().await;
     let mut d = Daemon::start(&broker, &cloud, "");
-    let mut s = Sensor::connect(broker.port, "amnesia").await;
+    let mut s = d.sensor(broker.port, "amnesia").await;
     s.announce("{}").await;
     let first = s.reply().await;
     assert_ok_carries_the_one_device(&cloud, &first, "first onboarding");
     assert_eq!(d.signal_and_wait_async(libc::SIGTERM).await.code(), Some(0));
 
-    std::fs::remove_dir_all(d.state_dir.join("db")).unwrap();
+    d.delete_database();
     d.spawn();
     d.wait_subscribed();
     s.announce("{}").await;
     let second = s.reply_with_status("ok").await;
     assert_eq!(first["device_id"], second["device_id"]);
-    assert_eq!(first["device_token"], second["device_token"]);
+    assert_eq!(first.token(), second.token());
+    assert_ok_carries_the_one_device(&cloud, &second, "after the database was deleted");
     assert_eq!(
         cloud.count(Endpoint::Create),
         1,
@@ -349,8 +349,8 @@ async fn a_corrupt_database_is_moved_aside_loudly_and_devices_are_adopted() {
         ..NewDevice::named("old-timer")
     });
     let state = tempfile::tempdir().unwrap();
-    let db = state.path().join("db");
-    std::fs::create_dir_all(&db).unwrap();
+    // sled's files, unreadable, where the daemon opens its database.
+    let db = store_path(state.path());
     std::fs::write(db.join("conf"), b"\xff\xfe not a sled config").unwrap();
     std::fs::write(db.join("db"), vec![0xA5; 8192]).unwrap();
     // The gateway's key, beside the database: without it a corrupt database is
@@ -359,23 +359,17 @@ async fn a_corrupt_database_is_moved_aside_loudly_and_devices_are_adopted() {
     let d = Daemon::with_state(broker.port, &cloud, state.path(), "", vec![]);
     d.log.wait_for_async("DATABASE UNREADABLE").await;
     d.wait_subscribed();
-    // Inside store.path, which keeps its name (a state directory or volume).
-    let moved: Vec<_> = std::fs::read_dir(&db)
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with("db.corrupt-"))
-        .collect();
     assert_eq!(
-        moved.len(),
+        d.corrupt_copies().len(),
         1,
         "the unreadable database is kept aside for inspection"
     );
-    let mut s = Sensor::connect(broker.port, "old-timer").await;
+    let mut s = d.sensor(broker.port, "old-timer").await;
     s.announce("{}").await;
     let r = s.reply().await;
     assert_eq!(r["status"], "ok", "{r}");
     assert_eq!(r["device_id"], existing.id.as_str());
-    assert_eq!(r["device_token"], existing.token.as_str());
+    assert_eq!(r.token(), existing.token.as_str());
     assert_eq!(cloud.count(Endpoint::Create), 0);
 }
 
@@ -395,7 +389,7 @@ async fn a_second_daemon_on_the_same_database_fails_with_a_clear_error() {
         d2.log.text()
     );
     // The first one is untouched and still serves.
-    let mut s = Sensor::connect(broker.port, "still-served").await;
+    let mut s = d1.sensor(broker.port, "still-served").await;
     s.announce("{}").await;
     let ok = s.reply().await;
     assert_ok_carries_the_one_device(&cloud, &ok, "the first daemon after the second failed");
@@ -407,12 +401,13 @@ async fn a_second_gateway_adopts_the_device_the_first_one_made() {
     let broker_a = Mosquitto::start();
     let broker_b = Mosquitto::start();
     let cloud = fake_cloud().await;
-    let _a = Daemon::start(&broker_a, &cloud, "gateway_id = \"gw-a\"");
-    let _b = Daemon::start(&broker_b, &cloud, "gateway_id = \"gw-b\"");
-    let mut sa = Sensor::connect(broker_a.port, "roamer").await;
+    let a = Daemon::start(&broker_a, &cloud, "gateway_id = \"gw-a\"");
+    let b = Daemon::start(&broker_b, &cloud, "gateway_id = \"gw-b\"");
+    // Each gateway has its own claim key: the sensor is flashed for the one it talks to.
+    let mut sa = a.sensor(broker_a.port, "roamer").await;
     sa.announce("{}").await;
     let ra = sa.reply().await;
-    let mut sb = Sensor::connect(broker_b.port, "roamer").await;
+    let mut sb = b.sensor(broker_b.port, "roamer").await;
     sb.announce("{}").await;
     let rb = sb.reply().await;
     assert_ok_carries_the_one_device(&cloud, &ra, "gateway a");
@@ -433,13 +428,13 @@ async fn an_oversized_packet_is_dropped_by_the_broker_and_the_daemon_keeps_servi
     let broker = Mosquitto::start();
     let cloud = fake_cloud().await;
     let d = Daemon::start(&broker, &cloud, "");
-    let mut s = Sensor::connect(broker.port, "huge").await;
+    let mut s = d.sensor(broker.port, "huge").await;
     // Over mqtt.max_packet_bytes (64 KiB): the broker must not send it to us (MQTT 5
     // Maximum Packet Size), so it can never become a poison message.
-    s.announce(&"x".repeat(200_000)).await;
+    s.announce_raw(&"x".repeat(200_000)).await;
     s.announce(r#"{"request_id":"after"}"#).await;
     let r = s.reply().await;
-    assert_eq!(r["status"], "ok");
+    assert_ok_carries_the_one_device(&cloud, &r, "after the oversized packet");
     assert_eq!(r["request_id"], "after");
     assert!(
         !d.log.text().contains("broker connection lost"),
@@ -458,7 +453,7 @@ async fn sigterm_under_load_exits_0_and_loses_nothing() {
     let cloud = fake_cloud().await;
     cloud.set_delay(Duration::from_millis(50));
     let mut d = Daemon::start(&broker, &cloud, "");
-    let mut all = Sensor::connect_as(broker.port, "all", "onboard/reply/#", None).await;
+    let mut all = d.fleet(broker.port).await;
     for i in 0..200 {
         all.announce_on(&format!("onboard/announce/load-{i}"), "{}")
             .await;
@@ -533,8 +528,8 @@ async fn a_reannounce_of_a_known_sensor_writes_nothing_to_disk() {
     let broker = Mosquitto::start();
     let cloud = fake_cloud().await;
     let mut d = Daemon::start(&broker, &cloud, "");
-    let db = d.state_dir.join("db");
-    let mut s = Sensor::connect(broker.port, "quiet").await;
+    let db = d.store_path();
+    let mut s = d.sensor(broker.port, "quiet").await;
     s.announce("{}").await;
     let ok = s.reply().await;
     assert_ok_carries_the_one_device(&cloud, &ok, "first onboarding");
@@ -565,7 +560,7 @@ async fn a_reannounce_of_a_known_sensor_writes_nothing_to_disk() {
     for _ in 0..100 {
         s.announce("{}").await;
         let again = s.reply().await;
-        assert_eq!(again["device_token"], ok["device_token"], "{again}");
+        assert_eq!(again.token(), ok.token(), "{again}");
     }
     assert_eq!(d.signal_and_wait_async(libc::SIGTERM).await.code(), Some(0));
     let after = db_snapshot(&db);

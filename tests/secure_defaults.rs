@@ -37,16 +37,19 @@ fn publish_retained(port: u16, sensor: &str, payload: &str) {
 async fn retained_announces_create_nothing_before_during_or_after_a_restart() {
     let broker = Mosquitto::start();
     let cloud = fake_cloud().await;
-    // Retained before onboardd ever subscribed.
+    // Retained before onboardd ever subscribed (so before it had a key to sign with:
+    // the broker never delivers it, which the log shows below).
     publish_retained(broker.port, "ret-before", r#"{"name":"old"}"#);
     let mut d = Daemon::start(&broker, &cloud, "");
-    // Retained while it runs: delivered to it live, with the retain flag kept.
-    publish_retained(broker.port, "ret-live", r#"{"name":"live"}"#);
+    // Retained while it runs, signed as its sensor would: delivered to it live, with
+    // the retain flag kept.
+    let live = d.flashed().announce("ret-live", r#"{"name":"live"}"#);
+    publish_retained(broker.port, "ret-live", &live);
     // An ordinary announce after both: once it is answered, the retained one before
     // it (same subscription, in order) has been seen and dropped.
-    let mut s = Sensor::connect(broker.port, "plain-1").await;
+    let mut s = d.sensor(broker.port, "plain-1").await;
     s.announce("{}").await;
-    assert_eq!(s.reply().await["status"], "ok");
+    assert_opens_to_the_clouds_token(&cloud, &s.reply().await);
     d.log
         .wait_for("retained announce of sensor ret-live dropped");
 
@@ -54,9 +57,9 @@ async fn retained_announces_create_nothing_before_during_or_after_a_restart() {
     assert_eq!(d.signal_and_wait(libc::SIGTERM).code(), Some(0));
     d.spawn();
     d.wait_subscribed();
-    let mut s2 = Sensor::connect(broker.port, "plain-2").await;
+    let mut s2 = d.sensor(broker.port, "plain-2").await;
     s2.announce("{}").await;
-    assert_eq!(s2.reply().await["status"], "ok");
+    assert_opens_to_the_clouds_token(&cloud, &s2.reply().await);
 
     assert_eq!(
         cloud.count(Endpoint::Create),
@@ -79,7 +82,7 @@ async fn oversized_mqtt5_properties_get_invalid_field_on_the_default_reply_topic
     let broker = Mosquitto::start();
     let cloud = fake_cloud().await;
     let d = Daemon::start(&broker, &cloud, "");
-    let mut s = Sensor::connect(broker.port, "props-1").await;
+    let mut s = d.sensor(broker.port, "props-1").await;
     let within = |suffix: &str| format!("onboard/reply/props-1/{suffix}");
 
     let long_topic = within(&"t".repeat(256));
@@ -125,7 +128,7 @@ async fn a_rejected_create_is_not_retried_for_the_same_announce_but_a_changed_on
 {
     let broker = Mosquitto::start();
     let cloud = fake_cloud().await;
-    let _d = Daemon::start(&broker, &cloud, "");
+    let d = Daemon::start(&broker, &cloud, "");
     cloud.push_faults(
         Endpoint::Create,
         vec![Fault::Status {
@@ -134,7 +137,7 @@ async fn a_rejected_create_is_not_retried_for_the_same_announce_but_a_changed_on
             body: Some(r#"{"success":false,"status":400,"message":"brand unknown"}"#.into()),
         }],
     );
-    let mut s = Sensor::connect(broker.port, "rej-2").await;
+    let mut s = d.sensor(broker.port, "rej-2").await;
     s.announce(r#"{"brand":"Nope","request_id":"a"}"#).await;
     let r = s.reply().await;
     assert_eq!(r["code"], "rejected_by_cloud", "{r}");
@@ -163,7 +166,7 @@ async fn a_rejected_create_is_not_retried_for_the_same_announce_but_a_changed_on
     // Corrected: tried at once.
     s.announce(r#"{"brand":"Acme"}"#).await;
     let r = s.reply().await;
-    assert_eq!(r["status"], "ok", "{r}");
+    assert_opens_to_the_clouds_token(&cloud, &r);
     assert_eq!(cloud.count(Endpoint::Create), 2);
 }
 
@@ -192,16 +195,28 @@ async fn run_by_hand_under_umask_022_the_store_is_owner_only_and_loose_secret_fi
     let key_file = keys.path().join("api-key");
     std::fs::write(&key_file, format!("{}\n", cloud.api_key())).unwrap();
     std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let d = Daemon::start(
-        &broker,
+    // Run by hand, no systemd to make the state directory: the daemon makes its store
+    // itself, so store.path names one that does not exist yet.
+    let state = tempfile::tempdir().unwrap();
+    let by_hand = state.path().join("by-hand");
+    let d = Daemon::with_state(
+        broker.port,
         &cloud,
-        &format!("[qubitro]\napi_key_file = \"{}\"", key_file.display()),
+        state.path(),
+        &format!(
+            "[qubitro]\napi_key_file = \"{}\"\n[store]\npath = \"{}\"",
+            key_file.display(),
+            by_hand.display()
+        ),
+        vec![],
     );
-    let mut s = Sensor::connect(broker.port, "umask-1").await;
+    d.wait_subscribed();
+    let mut s = d.sensor(broker.port, "umask-1").await;
     s.announce("{}").await;
-    assert_eq!(s.reply().await["status"], "ok");
+    assert_opens_to_the_clouds_token(&cloud, &s.reply().await);
 
-    let store = d.state_dir.join("db");
+    let store = d.store_path();
+    assert_eq!(store, by_hand);
     let mode = std::fs::metadata(&store).unwrap().mode() & 0o777;
     assert_eq!(mode, 0o700, "the store directory");
     let below = modes_below(&store);
@@ -222,8 +237,7 @@ async fn a_store_open_to_others_is_warned_about_with_the_fix() {
     let broker = Mosquitto::start();
     let cloud = fake_cloud().await;
     let state = tempfile::tempdir().unwrap();
-    let store = state.path().join("db");
-    std::fs::create_dir(&store).unwrap();
+    let store = store_path(state.path());
     std::fs::set_permissions(&store, std::fs::Permissions::from_mode(0o755)).unwrap();
     let d = Daemon::with_state(broker.port, &cloud, state.path(), "", vec![]);
     d.wait_subscribed();
@@ -255,12 +269,11 @@ async fn the_control_socket_sends_tokens_only_when_asked_and_refuses_other_users
     let broker = Mosquitto::start();
     let cloud = fake_cloud().await;
     let d = Daemon::start(&broker, &cloud, "");
-    let mut s = Sensor::connect(broker.port, "sock-1").await;
+    let mut s = d.sensor(broker.port, "sock-1").await;
     s.announce("{}").await;
-    let token = s.reply().await["device_token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let ok = s.reply().await;
+    assert_opens_to_the_clouds_token(&cloud, &ok);
+    let token = ok.token().to_string();
     let socket = d.state_dir.join("onboardd.sock");
 
     let plain = control(&socket, r#"{"cmd":"list"}"#).await;

@@ -13,38 +13,39 @@ const CLAIM_KEY: &str = "fleet-claim-key-0123456789abcdefghij";
 async fn deny_rules_win_over_allow_rules_and_cost_no_cloud_call() {
     let broker = Mosquitto::start();
     let cloud = fake_cloud().await;
-    let _d = Daemon::start(
+    let d = Daemon::start(
         &broker,
         &cloud,
         "[security]\nallow_sensor_ids = [\"farm-*\"]\ndeny_sensor_ids = [\"farm-x*\"]\nallow_brands = [\"Acme\", \"Custom\"]",
     );
-    let mut denied = Sensor::connect(broker.port, "farm-x1").await;
+    let mut denied = d.sensor(broker.port, "farm-x1").await;
     denied.announce("{}").await;
     assert_eq!(denied.reply().await["code"], "denied");
-    let mut stranger = Sensor::connect(broker.port, "city-1").await;
+    let mut stranger = d.sensor(broker.port, "city-1").await;
     stranger.announce("{}").await;
     assert_eq!(stranger.reply().await["code"], "denied");
-    let mut wrong_brand = Sensor::connect(broker.port, "farm-2").await;
+    let mut wrong_brand = d.sensor(broker.port, "farm-2").await;
     wrong_brand.announce(r#"{"brand":"Evil"}"#).await;
     assert_eq!(wrong_brand.reply().await["code"], "denied");
     assert_eq!(cloud.requests().len(), 0);
     wrong_brand.announce(r#"{"brand":"Acme"}"#).await;
-    assert_eq!(wrong_brand.reply().await["status"], "ok");
+    assert_opens_to_the_clouds_token(&cloud, &wrong_brand.reply().await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_hourly_cap_answers_rate_limited_and_known_sensors_still_get_their_token() {
     let broker = Mosquitto::start();
     let cloud = fake_cloud().await;
-    let _d = Daemon::start(&broker, &cloud, "[security]\nmax_new_devices_per_hour = 3");
-    let mut all = Sensor::connect_as(broker.port, "all", "onboard/reply/#", None).await;
+    let d = Daemon::start(&broker, &cloud, "[security]\nmax_new_devices_per_hour = 3");
+    let mut all = d.fleet(broker.port).await;
     let mut tokens = Vec::new();
     for i in 0..3 {
         all.announce_on(&format!("onboard/announce/ok-{i}"), "{}")
             .await;
         let r = all.next().await.1;
         assert_eq!(r["status"], "ok", "{r}");
-        tokens.push(r["device_token"].clone());
+        assert_opens_to_the_clouds_token(&cloud, &r);
+        tokens.push(r.token().to_string());
     }
     for i in 0..20 {
         all.announce_on(&format!("onboard/announce/flood-{i}"), "{}")
@@ -56,7 +57,7 @@ async fn the_hourly_cap_answers_rate_limited_and_known_sensors_still_get_their_t
     all.announce_on("onboard/announce/ok-1", "{}").await;
     let r = all.next().await.1;
     assert_eq!(r["status"], "ok", "{r}");
-    assert_eq!(r["device_token"], tokens[1], "its token, from the store");
+    assert_eq!(r.token(), tokens[1], "its token, from the store");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -64,8 +65,8 @@ async fn a_new_sensor_announcing_again_within_its_cooldown_is_rate_limited() {
     let broker = Mosquitto::start();
     let cloud = fake_cloud().await;
     cloud.push_faults(Endpoint::Create, vec![status_fault(400)]);
-    let _d = Daemon::start(&broker, &cloud, "[security]\nnew_sensor_cooldown_s = 3600");
-    let mut s = Sensor::connect(broker.port, "eager").await;
+    let d = Daemon::start(&broker, &cloud, "[security]\nnew_sensor_cooldown_s = 3600");
+    let mut s = d.sensor(broker.port, "eager").await;
     s.announce("{}").await;
     assert_eq!(s.reply().await["code"], "rejected_by_cloud");
     s.announce("{}").await;
@@ -88,18 +89,19 @@ async fn no_secret_or_token_appears_in_the_output_even_at_trace_level() {
         let id = format!("secret-{i}");
         let key = firmware::sensor_key(CLAIM_KEY, &id);
         secrets.extend([hex::encode(key), firmware::proof(&key)]);
-        let mut s = Sensor::connect(broker.port, &id).await;
-        s.announce(&firmware::announce_with_proof(&key, "")).await;
+        // Flashed from the configured key (the daemon generates none).
+        let mut s = Sensor::connect(broker.port, &id, &Flashed::new(CLAIM_KEY)).await;
+        s.announce("{}").await;
         let ok = s.reply_with_status("ok").await;
-        assert!(ok.get("device_token").is_none(), "{ok}");
+        assert_opens_to_the_clouds_token(&cloud, &ok);
         // Re-announce: the cached path too.
-        s.announce(&firmware::announce_with_proof(&key, "")).await;
+        s.announce("{}").await;
         s.reply_with_status("ok").await;
     }
     secrets.extend(cloud.devices().into_iter().map(|d| d.token));
     // A bad proof: the refusal path.
-    let mut s = Sensor::connect(broker.port, "secret-bad").await;
-    s.announce(r#"{"proof":"00"}"#).await;
+    let mut s = Sensor::connect_unkeyed(broker.port, "secret-bad").await;
+    s.announce_raw(r#"{"proof":"00"}"#).await;
     s.reply().await;
     assert_eq!(d.signal_and_wait(libc::SIGTERM).code(), Some(0));
     let out = d.log.text();
@@ -140,13 +142,10 @@ async fn the_api_key_can_come_from_a_systemd_credential_file() {
         )],
     );
     d.wait_subscribed();
-    let mut s = Sensor::connect(broker.port, "cred-1").await;
+    let mut s = d.sensor(broker.port, "cred-1").await;
     s.announce("{}").await;
-    assert_eq!(
-        s.reply().await["status"],
-        "ok",
-        "the key from the file was accepted"
-    );
+    // Accepted with the key from the file.
+    assert_opens_to_the_clouds_token(&cloud, &s.reply().await);
 }
 
 #[test]

@@ -35,6 +35,12 @@ const SENSOR: &str = "pending-sensor";
 /// ever opens the database these tests are about.
 const CLAIM_KEY_SET: &str = "[security]\nclaim_key = \"store-open-test-key-0123456789abcd\"";
 
+/// `store.path` set to `db`: these tests put a file, or a database made beforehand,
+/// exactly there instead of the harness's unit-like state directory.
+fn at(db: &Path) -> String {
+    format!("[store]\npath = \"{}\"", db.display())
+}
+
 fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
@@ -166,7 +172,10 @@ async fn a_store_path_that_is_a_regular_file_exits_non_zero_naming_it_and_leaves
     let state = tempfile::tempdir().expect("tempdir");
     let db = state.path().join("db");
     std::fs::write(&db, b"my notes, not a database\n").expect("write the file");
-    let toml = config_toml(free_port(), &cloud, state.path(), CLAIM_KEY_SET);
+    let toml = merge_toml(
+        &config_toml(free_port(), &cloud, state.path(), CLAIM_KEY_SET),
+        &at(&db),
+    );
     let mut d = Daemon::from_toml(state.path(), &toml, vec![]);
     // The line main prints just before it exits (a started daemon never prints it).
     d.log.wait_for("onboardd: cannot open the database");
@@ -198,7 +207,10 @@ async fn a_store_dir_without_permission_exits_non_zero_naming_eacces_and_is_unto
     let config = state.path().join("onboardd.toml");
     std::fs::write(
         &config,
-        config_toml(free_port(), &cloud, state.path(), CLAIM_KEY_SET),
+        merge_toml(
+            &config_toml(free_port(), &cloud, state.path(), CLAIM_KEY_SET),
+            &at(&db),
+        ),
     )
     .expect("write config");
     let (code, stderr) = if is_root() {

@@ -13,8 +13,10 @@ use std::sync::OnceLock;
 
 use fake_qubitro::FakeQubitro;
 
+use crate::firmware::Flashed;
 use crate::mosquitto::Mosquitto;
 use crate::process::{LogLines, Proc};
+use crate::sensor::Sensor;
 use crate::WAIT;
 
 static DAEMON_BIN: OnceLock<PathBuf> = OnceLock::new();
@@ -57,27 +59,33 @@ pub fn daemon_bin() -> &'static Path {
     bin
 }
 
-/// A config for one test: the broker and fake cloud given, fast retries, and
-/// `security.require_claim = false`. Most tests are about onboarding and reliability,
-/// not proofs: their sensors announce without one and read the token in clear (which
-/// `require_claim = false` is documented to do), so each test states only what it is
-/// about. The protocol's tests (tests/proof.rs) run with the shipped default through
-/// [`config_toml_default_security`].
-pub fn config_toml(broker_port: u16, cloud: &FakeQubitro, state_dir: &Path, extra: &str) -> String {
-    merge_toml(
-        &config_toml_default_security(broker_port, cloud, state_dir, ""),
-        &merge_toml("[security]\nrequire_claim = false", extra),
-    )
+/// The store directory of a test's state dir, laid out as systemd makes the unit's
+/// `StateDirectory=onboardd` under `DynamicUser=yes`: `<state>/onboardd` is a symlink to
+/// `private/onboardd` (a 0700 directory), so the daemon works through the symlink as it
+/// does at `/var/lib/onboardd`. Made on first use, kept across restarts.
+pub fn store_path(state_dir: &Path) -> PathBuf {
+    use std::os::unix::fs::DirBuilderExt;
+    let private = state_dir.join("private");
+    let target = private.join("onboardd");
+    let link = state_dir.join("onboardd");
+    if std::fs::symlink_metadata(&link).is_err() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&target)
+            .unwrap_or_else(|e| panic!("make {}: {e}", target.display()));
+        std::os::unix::fs::symlink("private/onboardd", &link)
+            .unwrap_or_else(|e| panic!("symlink {}: {e}", link.display()));
+    }
+    link
 }
 
-/// As [`config_toml`], with `[security]` as shipped: proofs required, and no claim key
-/// configured, so the daemon generates one in its store on first start.
-pub fn config_toml_default_security(
-    broker_port: u16,
-    cloud: &FakeQubitro,
-    state_dir: &Path,
-    extra: &str,
-) -> String {
+/// A config for one test: the broker and fake cloud given, fast retries, and everything
+/// else as shipped: proofs required with no claim key configured (the daemon generates
+/// one at `{store.path}/claim-key` on first start), the store in a unit-like state
+/// directory ([`store_path`]). A test that needs another setting states it in `extra`,
+/// with the reason.
+pub fn config_toml(broker_port: u16, cloud: &FakeQubitro, state_dir: &Path, extra: &str) -> String {
     let base = format!(
         r#"gateway_id = "gw-test"
 [log]
@@ -108,7 +116,7 @@ socket = "{sock}"
         base = cloud.base_url(),
         project = cloud.project_id(),
         key = cloud.api_key(),
-        state = state_dir.join("db").display(),
+        state = store_path(state_dir).display(),
         sock = state_dir.join("onboardd.sock").display(),
         // Stable per state dir (a restart resumes its session), unique across tests.
         client = state_dir
@@ -258,6 +266,74 @@ impl Daemon {
         let v: serde_json::Value = serde_json::from_str(&out)
             .unwrap_or_else(|e| panic!("devices show {sensor}: {e}: {out}"));
         v["state"].as_str().map(str::to_string)
+    }
+
+    /// `store.path` as its config says (the harness's default: the symlink of the
+    /// unit-like state directory, [`store_path`]).
+    pub fn store_path(&self) -> PathBuf {
+        let text = std::fs::read_to_string(&self.config_path).expect("read the config");
+        let cfg: toml::Table = text.parse().expect("the config is TOML");
+        cfg.get("store")
+            .and_then(|s| s.get("path"))
+            .and_then(toml::Value::as_str)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| panic!("no store.path in {}", self.config_path.display()))
+    }
+
+    /// The claim key this daemon generated (`{store.path}/claim-key`), once it has started.
+    pub fn claim_key(&self) -> String {
+        crate::firmware::generated_claim_key(&self.store_path())
+    }
+
+    /// What this gateway's sensors are flashed with.
+    pub fn flashed(&self) -> Flashed {
+        Flashed::new(&self.claim_key())
+    }
+
+    /// A sensor flashed for this gateway (its key derived from this daemon's claim key),
+    /// connected to the broker on `port` and subscribed to its reply topic.
+    pub async fn sensor(&self, port: u16, id: &str) -> Sensor {
+        Sensor::connect(port, id, &self.flashed()).await
+    }
+
+    /// One client acting for every sensor of this gateway (each announce on
+    /// `onboard/announce/<sensor>` signed with that sensor's key), subscribed to every
+    /// reply topic: for tests of hundreds of sensors.
+    pub async fn fleet(&self, port: u16) -> Sensor {
+        let flashed = self.flashed();
+        Sensor::connect_as(port, "all", "onboard/reply/#", None, Some(&flashed)).await
+    }
+
+    /// Deletes the database as an operator's "reset" does: everything in the store
+    /// directory but the claim key, which the sensors were flashed from.
+    pub fn delete_database(&self) {
+        let store = self.store_path();
+        for e in std::fs::read_dir(&store).expect("read the store directory") {
+            let path = e.expect("a directory entry").path();
+            if path.file_name() == Some(std::ffi::OsStr::new(crate::firmware::CLAIM_KEY_FILE)) {
+                continue;
+            }
+            let removed = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            removed.unwrap_or_else(|e| panic!("delete {}: {e}", path.display()));
+        }
+    }
+
+    /// The copies of unreadable databases the daemon moved aside (`*.corrupt-<secs>`),
+    /// inside the store directory.
+    pub fn corrupt_copies(&self) -> Vec<PathBuf> {
+        // Only inside store.path: the unit's state directory (and a Docker volume)
+        // cannot be renamed, so a copy beside it would mean the move-aside is broken.
+        std::fs::read_dir(self.store_path())
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().contains(".corrupt-"))
+            .map(|e| e.path())
+            .collect()
     }
 
     pub fn wait_subscribed(&self) {

@@ -6,6 +6,7 @@
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use hmac::{Hmac, Mac};
+use serde_json::Value;
 use sha2::Sha256;
 
 fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
@@ -59,10 +60,133 @@ pub fn unseal(
     String::from_utf8(plain).map_err(|e| format!("not UTF-8: {e}"))
 }
 
+/// What a gateway's sensors were flashed with: each one's sensor key, derived from the
+/// gateway's claim key (a factory station holds the claim key; one sensor holds only its
+/// own key, and [`Flashed::key_of`] gives exactly that). Every announce a test sensor sends
+/// is built by [`Flashed::announce`] and every reply it reads is checked by
+/// [`Flashed::open_reply`]: when the protocol changes, these two functions (and the state
+/// they keep here) are what changes, not the tests.
+#[derive(Clone)]
+pub struct Flashed {
+    claim_key: String,
+}
+
+impl Flashed {
+    pub fn new(claim_key: &str) -> Flashed {
+        Flashed {
+            claim_key: claim_key.to_owned(),
+        }
+    }
+
+    /// The key flashed into `sensor_id`.
+    pub fn key_of(&self, sensor_id: &str) -> [u8; 32] {
+        sensor_key(&self.claim_key, sensor_id)
+    }
+
+    /// The announce payload `sensor_id` sends: `fields` (the announce as a JSON object,
+    /// without any proof: `{}`, `{"request_id":"x"}`) signed with its key. Panics on
+    /// anything but an object: a test that sends a malformed payload on purpose sends it raw.
+    pub fn announce(&self, sensor_id: &str, fields: &str) -> String {
+        let mut obj: serde_json::Map<String, Value> =
+            serde_json::from_str(fields).unwrap_or_else(|e| {
+                panic!(
+                    "announce of {sensor_id}: {fields:?} is not a JSON object ({e}); send it raw"
+                )
+            });
+        obj.insert(
+            "proof".into(),
+            Value::String(proof(&self.key_of(sensor_id))),
+        );
+        Value::Object(obj).to_string()
+    }
+
+    /// A reply `sensor_id` received, checked as its firmware checks it: JSON, and an `ok`
+    /// that carries a token carries it sealed for this sensor (never in clear), opened
+    /// here with its key. `Err` says why the sensor would not act on it.
+    pub fn open_reply(&self, sensor_id: &str, payload: &[u8]) -> Result<Reply, String> {
+        let json: Value = serde_json::from_slice(payload)
+            .map_err(|e| format!("not JSON ({e}): {}", String::from_utf8_lossy(payload)))?;
+        if json["status"] != "ok" || json["bridged"] == true {
+            return Ok(Reply { json, token: None });
+        }
+        if json.get("device_token").is_some() {
+            return Err(format!(
+                "a token in clear to a sensor holding a key: {json}"
+            ));
+        }
+        let device = json["device_id"]
+            .as_str()
+            .ok_or_else(|| format!("an ok without device_id: {json}"))?;
+        let sealed = json["device_token_sealed"]
+            .as_str()
+            .ok_or_else(|| format!("an ok without device_token_sealed: {json}"))?;
+        let token = unseal(&self.key_of(sensor_id), sensor_id, device, sealed)
+            .map_err(|e| format!("the sealed token of {sensor_id} does not open: {e}: {json}"))?;
+        Ok(Reply {
+            json,
+            token: Some(token),
+        })
+    }
+}
+
+/// A reply as a sensor reads it: its JSON (index it as the JSON: `r["status"]`) and, for
+/// an `ok` read with the sensor's key, the device token opened from its seal.
+#[derive(Clone)]
+pub struct Reply {
+    pub json: Value,
+    token: Option<String>,
+}
+
+impl Reply {
+    /// A reply read without a key (an attacker, or a gateway with proofs off).
+    pub fn unkeyed(json: Value) -> Reply {
+        Reply { json, token: None }
+    }
+
+    /// The token opened from `device_token_sealed` (panics, with the reply, when this is
+    /// not an `ok` read with the sensor's key).
+    pub fn token(&self) -> &str {
+        self.token
+            .as_deref()
+            .unwrap_or_else(|| panic!("no opened token in {}", self.json))
+    }
+
+    pub fn opened_token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.json.get(key)
+    }
+}
+
+impl std::ops::Index<&str> for Reply {
+    type Output = Value;
+    fn index(&self, key: &str) -> &Value {
+        &self.json[key]
+    }
+}
+
+impl std::fmt::Display for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The opened token is a secret of the sensor: only the reply as sent is shown.
+        self.json.fmt(f)
+    }
+}
+
+impl std::fmt::Debug for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Reply({})", self.json)
+    }
+}
+
+/// Where a daemon keeps the claim key it generated, in `store.path`.
+pub const CLAIM_KEY_FILE: &str = "claim-key";
+
 /// The claim key a daemon generated in its store (`{store.path}/claim-key`), checked
 /// to be 64 lowercase hex characters and a newline.
 pub fn generated_claim_key(store_path: &std::path::Path) -> String {
-    let path = store_path.join("claim-key");
+    let path = store_path.join(CLAIM_KEY_FILE);
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("the generated claim key {}: {e}", path.display()));
     let key = text
@@ -99,5 +223,47 @@ mod tests {
             "qt_3Xv9Lq2ZpR7mKc1Y"
         );
         assert!(unseal(&k, "temp-02", device, sealed).is_err());
+    }
+
+    /// The one announce builder signs, and the one reply check opens only a sealed `ok`
+    /// for this sensor (README's vectors again).
+    #[test]
+    fn a_flashed_sensor_signs_its_announce_and_acts_only_on_a_sealed_ok_of_its_own() {
+        let f = Flashed::new("onboardd-test-claim-key");
+        let a: Value =
+            serde_json::from_str(&f.announce("temp-01", r#"{"request_id":"r"}"#)).unwrap();
+        assert_eq!(
+            a,
+            serde_json::json!({"request_id":"r",
+                "proof":"222303d0266fce6cae96e834c84ee22f9ef450d7bbf39bfce21216b67dccff44"})
+        );
+        let device = "6b1f3a9e-2c44-4d7a-9e0b-5f2d8c7a1e90";
+        let sealed = "000102030405060708090a0bfe7fec654af977876beeb3527de104272610558b73c981ad24263fafc27a34d83246d4";
+        let ok = serde_json::json!({"status":"ok","sensor_id":"temp-01","device_id":device,
+            "device_token_sealed":sealed})
+        .to_string();
+        let r = f.open_reply("temp-01", ok.as_bytes()).unwrap();
+        assert_eq!(r.token(), "qt_3Xv9Lq2ZpR7mKc1Y");
+        assert!(
+            !format!("{r} {r:?}").contains("qt_3Xv9Lq2ZpR7mKc1Y"),
+            "never shown"
+        );
+        assert!(
+            f.open_reply("temp-02", ok.as_bytes()).is_err(),
+            "another sensor's"
+        );
+        let clear = serde_json::json!({"status":"ok","sensor_id":"temp-01","device_id":device,
+            "device_token":"qt_x"})
+        .to_string();
+        assert!(
+            f.open_reply("temp-01", clear.as_bytes()).is_err(),
+            "a clear token"
+        );
+        let refused = br#"{"status":"error","code":"unauthorized"}"#;
+        assert_eq!(
+            f.open_reply("temp-01", refused).unwrap().opened_token(),
+            None
+        );
+        assert!(f.open_reply("temp-01", b"not json").is_err());
     }
 }

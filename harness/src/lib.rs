@@ -7,11 +7,13 @@
 //! - [`process`]: child processes with their output captured ([`Proc`], [`LogLines`]).
 //! - [`mosquitto`]: the broker ([`Mosquitto`], [`MosquittoBuilder`]): persistence, files
 //!   handed to it copied where its own user can read them.
-//! - [`daemon`]: onboardd under test ([`Daemon`]), its config ([`config_toml`]) and where its
-//!   binary is ([`daemon_bin`]).
-//! - [`sensor`]: simulated sensors ([`Sensor`], [`SensorV3`]).
+//! - [`daemon`]: onboardd under test ([`Daemon`]), its config ([`config_toml`]: the shipped
+//!   defaults, proofs required, the store in a unit-like state directory, [`store_path`])
+//!   and where its binary is ([`daemon_bin`]).
+//! - [`sensor`]: simulated sensors ([`Sensor`], [`SensorV3`]), flashed with their key.
 //! - [`firmware`]: the sensor side of the protocol (sensor key, proof, unsealing),
-//!   written from the README, independent of onboardd's code.
+//!   written from the README, independent of onboardd's code; [`Flashed`] is the one
+//!   place that builds an announce and the one place that checks a reply.
 //! - [`proxy`]: a loopback TCP proxy with latency, stalls and severed connections.
 //! - [`pki`]: a throw-away PKI made with the openssl CLI.
 //! - [`qubitro_broker`]: a second mosquitto standing in for Qubitro's broker, with a
@@ -34,9 +36,8 @@ use std::time::Duration;
 
 use fake_qubitro::{Endpoint, FakeDevice, FakeOptions, FakeQubitro, Fault};
 
-pub use daemon::{
-    config_toml, config_toml_default_security, daemon_bin, merge_toml, set_daemon_bin, Daemon,
-};
+pub use daemon::{config_toml, daemon_bin, merge_toml, set_daemon_bin, store_path, Daemon};
+pub use firmware::{Flashed, Reply};
 pub use mosquitto::{Mosquitto, MosquittoBuilder};
 pub use process::{LogLines, Proc};
 pub use sensor::{Sensor, SensorV3};
@@ -79,6 +80,21 @@ pub fn cloud_devices_of(cloud: &FakeQubitro, sensor_id: &str) -> Vec<FakeDevice>
         .into_iter()
         .filter(|d| d.metadata.get("sensor_id").map(String::as_str) == Some(sensor_id))
         .collect()
+}
+
+/// Asserts `ok` is an `ok` reply, read by a flashed sensor, for a device the fake cloud
+/// holds, and that the token the sensor opened from its seal is that device's token.
+pub fn assert_opens_to_the_clouds_token(cloud: &FakeQubitro, ok: &Reply) {
+    assert_eq!(ok["status"], "ok", "{ok}");
+    let id = ok["device_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no device_id: {ok}"));
+    let device = cloud
+        .devices()
+        .into_iter()
+        .find(|d| d.id == id)
+        .unwrap_or_else(|| panic!("the fake cloud holds no device {id}: {ok}"));
+    assert_eq!(ok.token(), device.token, "the opened token of {ok}");
 }
 
 /// The fake Qubitro with its default options, on a free port.

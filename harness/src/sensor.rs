@@ -7,31 +7,46 @@ use std::time::{Duration, Instant};
 use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
-use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 
+use crate::firmware::{Flashed, Reply};
 use crate::WAIT;
 
-/// A simulated sensor: an MQTT 5 client subscribed to its reply topic.
+/// A simulated sensor: an MQTT 5 client subscribed to its reply topic. A flashed sensor
+/// (the usual one) signs every announce and checks every reply with its key
+/// ([`Flashed`]); an unkeyed one sends and reads payloads as they are (an attacker, or
+/// a sensor of a gateway with proofs off).
 pub struct Sensor {
     pub id: String,
     pub client: AsyncClient,
+    flashed: Option<Flashed>,
     replies: mpsc::UnboundedReceiver<(String, Vec<u8>, Option<Vec<u8>>)>,
     /// PUBACKs received so far: an announce is in the broker's hands once acknowledged.
     pubacks: watch::Receiver<usize>,
 }
 
 impl Sensor {
-    pub async fn connect(port: u16, id: &str) -> Sensor {
-        Self::connect_as(port, id, &format!("onboard/reply/{id}/#"), None).await
+    /// A sensor flashed with its key, subscribed to its reply topic.
+    pub async fn connect(port: u16, id: &str, flashed: &Flashed) -> Sensor {
+        let filter = format!("onboard/reply/{id}/#");
+        Self::connect_as(port, id, &filter, None, Some(flashed)).await
     }
 
-    /// Connects (optionally with username/password) and subscribes to `filter`.
+    /// A client without a key, subscribed to `id`'s reply topic.
+    pub async fn connect_unkeyed(port: u16, id: &str) -> Sensor {
+        Self::connect_as(port, id, &format!("onboard/reply/{id}/#"), None, None).await
+    }
+
+    /// Connects (optionally with username/password) and subscribes to `filter`. With
+    /// `flashed`, it can act for any sensor of that gateway: an announce on
+    /// `onboard/announce/<sensor>` is signed with that sensor's key, and a reply on
+    /// `onboard/reply/<sensor>` is opened with it.
     pub async fn connect_as(
         port: u16,
         id: &str,
         filter: &str,
         login: Option<(&str, &str)>,
+        flashed: Option<&Flashed>,
     ) -> Sensor {
         let mut opts = MqttOptions::new(
             format!("sensor-{id}-{}", fastrand::u32(..)),
@@ -43,22 +58,28 @@ impl Sensor {
             opts.set_credentials(u, p);
             opts.set_client_id(u.to_string());
         }
-        Self::connect_with(opts, id, filter).await
+        Self::connect_with(opts, id, filter, flashed).await
     }
 
-    /// A sensor with a persistent session (clean start off, a stable client id, one
+    /// A flashed sensor with a persistent session (clean start off, a stable client id, one
     /// hour of session expiry) subscribed to its reply topic: what the broker queued
     /// for it while it or the broker was away reaches it when it is back, as for a
     /// real sensor that keeps its session.
-    pub async fn connect_persistent(port: u16, id: &str) -> Sensor {
+    pub async fn connect_persistent(port: u16, id: &str, flashed: &Flashed) -> Sensor {
         let mut opts = MqttOptions::new(format!("persistent-sensor-{id}"), "127.0.0.1", port);
         opts.set_keep_alive(Duration::from_secs(10));
         opts.set_clean_start(false);
         opts.set_session_expiry_interval(Some(3600));
-        Self::connect_with(opts, id, &format!("onboard/reply/{id}/#")).await
+        let filter = format!("onboard/reply/{id}/#");
+        Self::connect_with(opts, id, &filter, Some(flashed)).await
     }
 
-    async fn connect_with(opts: MqttOptions, id: &str, filter: &str) -> Sensor {
+    async fn connect_with(
+        opts: MqttOptions,
+        id: &str,
+        filter: &str,
+        flashed: Option<&Flashed>,
+    ) -> Sensor {
         let (client, mut el) = AsyncClient::new(opts, 64);
         let (tx, rx) = mpsc::unbounded_channel();
         let (sub_tx, mut sub_rx) = mpsc::unbounded_channel();
@@ -100,14 +121,49 @@ impl Sensor {
         Sensor {
             id: id.to_string(),
             client,
+            flashed: flashed.cloned(),
             replies: rx,
             pubacks,
         }
     }
 
-    pub async fn announce(&self, payload: &str) {
-        self.announce_on(&format!("onboard/announce/{}", self.id), payload)
+    /// Announces `fields` (the announce as a JSON object, `{}` for none) on its own
+    /// announce topic: signed when flashed, as it is otherwise.
+    pub async fn announce(&self, fields: &str) {
+        self.announce_on(&format!("onboard/announce/{}", self.id), fields)
             .await;
+    }
+
+    /// Publishes `payload` exactly as given on its own announce topic: for malformed or
+    /// forged announces sent on purpose.
+    pub async fn announce_raw(&self, payload: &str) {
+        self.announce_raw_on(&format!("onboard/announce/{}", self.id), payload)
+            .await;
+    }
+
+    /// The payload announcing `fields` on `topic`: signed for the sensor the topic names
+    /// (this sensor's own id on any other topic) when flashed.
+    fn announce_payload(&self, topic: &str, fields: &str) -> String {
+        match &self.flashed {
+            Some(f) => f.announce(sensor_of(topic, "onboard/announce/", &self.id), fields),
+            None => fields.to_string(),
+        }
+    }
+
+    /// The reply `payload` received on `topic` as this sensor reads it: checked and
+    /// opened with its key when flashed (panics, saying why, when it would not act on it).
+    fn open(&self, topic: &str, payload: &[u8]) -> Reply {
+        match &self.flashed {
+            Some(f) => f
+                .open_reply(sensor_of(topic, "onboard/reply/", &self.id), payload)
+                .unwrap_or_else(|e| panic!("sensor {}: the reply on {topic}: {e}", self.id)),
+            None => Reply::unkeyed(serde_json::from_slice(payload).unwrap_or_else(|_| {
+                panic!(
+                    "reply on {topic} is not JSON: {}",
+                    String::from_utf8_lossy(payload)
+                )
+            })),
+        }
     }
 
     /// Publishes raw bytes on any topic at QoS 1 (readings, discovery configs),
@@ -125,7 +181,14 @@ impl Sensor {
         }
     }
 
-    pub async fn announce_on(&self, topic: &str, payload: &str) {
+    /// Announces `fields` on `topic` (signed when flashed, see [`Sensor::announce`]).
+    pub async fn announce_on(&self, topic: &str, fields: &str) {
+        let payload = self.announce_payload(topic, fields);
+        self.announce_raw_on(topic, &payload).await;
+    }
+
+    /// Publishes `payload` exactly as given on `topic`.
+    pub async fn announce_raw_on(&self, topic: &str, payload: &str) {
         let publish =
             self.client
                 .publish(topic, QoS::AtLeastOnce, false, payload.as_bytes().to_vec());
@@ -141,9 +204,9 @@ impl Sensor {
     /// Announces and waits for the broker's PUBACK: from then on the announce is the
     /// broker's (queued for onboardd's session, saved with a persistent broker), whatever
     /// happens to this client. For one announce at a time.
-    pub async fn announce_acked(&mut self, payload: &str) {
+    pub async fn announce_acked(&mut self, fields: &str) {
         let before = *self.pubacks.borrow_and_update();
-        self.announce(payload).await;
+        self.announce(fields).await;
         let acked = tokio::time::timeout(WAIT, self.pubacks.wait_for(|n| *n > before)).await;
         match acked {
             Ok(Ok(_)) => {}
@@ -155,9 +218,12 @@ impl Sensor {
         }
     }
 
-    pub async fn announce_with_props(&self, payload: &str, props: PublishProperties) {
+    /// Announces `fields` (signed when flashed) with these publish properties.
+    pub async fn announce_with_props(&self, fields: &str, props: PublishProperties) {
+        let topic = format!("onboard/announce/{}", self.id);
+        let payload = self.announce_payload(&topic, fields);
         let publish = self.client.publish_with_properties(
-            format!("onboard/announce/{}", self.id),
+            topic,
             QoS::AtLeastOnce,
             false,
             payload.as_bytes().to_vec(),
@@ -177,22 +243,20 @@ impl Sensor {
             .expect("reply channel open")
     }
 
-    /// The next reply (topic, JSON, correlation data).
-    pub async fn next(&mut self) -> (String, Value, Option<Vec<u8>>) {
+    /// The next reply (topic, reply as the sensor reads it, correlation data).
+    pub async fn next(&mut self) -> (String, Reply, Option<Vec<u8>>) {
         let (t, p, c) = self.next_raw().await;
-        let v = serde_json::from_slice(&p).unwrap_or_else(|_| {
-            panic!("reply on {t} is not JSON: {}", String::from_utf8_lossy(&p))
-        });
-        (t, v, c)
+        let r = self.open(&t, &p);
+        (t, r, c)
     }
 
-    pub async fn reply(&mut self) -> Value {
+    pub async fn reply(&mut self) -> Reply {
         self.next().await.1
     }
 
     /// The next reply whose status is `status`, skipping others (e.g. pending), all within
     /// [`WAIT`].
-    pub async fn reply_with_status(&mut self, status: &str) -> Value {
+    pub async fn reply_with_status(&mut self, status: &str) -> Reply {
         let deadline = Instant::now() + WAIT;
         let mut skipped = Vec::new();
         loop {
@@ -204,22 +268,21 @@ impl Sensor {
                 );
             };
             let (t, p, _) = next.expect("reply channel open");
-            let v: Value = serde_json::from_slice(&p).unwrap_or_else(|_| {
-                panic!("reply on {t} is not JSON: {}", String::from_utf8_lossy(&p))
-            });
-            if v["status"] == status {
-                return v;
+            let r = self.open(&t, &p);
+            if r["status"] == status {
+                return r;
             }
-            skipped.push(v);
+            skipped.push(r);
         }
     }
 
     /// The `ok` replies of `n` distinct sensors (by `sensor_id`), for a client subscribed to
     /// many reply topics; all within `within`. Every other reply must be `pending`, and a
-    /// sensor answered `ok` twice must get the same token both times.
-    pub async fn ok_replies_of(&mut self, n: usize, within: Duration) -> HashMap<String, Value> {
+    /// sensor answered `ok` twice must get the same token both times (the opened token
+    /// when flashed).
+    pub async fn ok_replies_of(&mut self, n: usize, within: Duration) -> HashMap<String, Reply> {
         let deadline = Instant::now() + within;
-        let mut ok: HashMap<String, Value> = HashMap::new();
+        let mut ok: HashMap<String, Reply> = HashMap::new();
         while ok.len() < n {
             let left = deadline.saturating_duration_since(Instant::now());
             let Ok(next) = tokio::time::timeout(left, self.replies.recv()).await else {
@@ -230,9 +293,7 @@ impl Sensor {
                 );
             };
             let (t, p, _) = next.expect("reply channel open");
-            let r: Value = serde_json::from_slice(&p).unwrap_or_else(|_| {
-                panic!("reply on {t} is not JSON: {}", String::from_utf8_lossy(&p))
-            });
+            let r = self.open(&t, &p);
             if r["status"] != "ok" {
                 assert_eq!(r["status"], "pending", "on {t}: {r}");
                 continue;
@@ -240,7 +301,8 @@ impl Sensor {
             let sensor = r["sensor_id"].as_str().expect("sensor_id").to_owned();
             if let Some(prev) = ok.get(&sensor) {
                 assert_eq!(
-                    prev["device_token"], r["device_token"],
+                    (prev.opened_token(), &prev["device_token"]),
+                    (r.opened_token(), &r["device_token"]),
                     "{sensor} got two different tokens"
                 );
             }
@@ -269,15 +331,27 @@ impl Sensor {
     }
 }
 
-/// An MQTT 3.1.1 sensor (rumqttc's v4 client): announces and reads its reply.
+/// The sensor a topic under `prefix` names (`onboard/reply/temp-01/x` → `temp-01`), or
+/// `own` for a topic elsewhere.
+fn sensor_of<'a>(topic: &'a str, prefix: &str, own: &'a str) -> &'a str {
+    topic
+        .strip_prefix(prefix)
+        .and_then(|rest| rest.split('/').next())
+        .filter(|s| !s.is_empty())
+        .unwrap_or(own)
+}
+
+/// A flashed MQTT 3.1.1 sensor (rumqttc's v4 client): announces signed and reads its
+/// reply with its key.
 pub struct SensorV3 {
     pub id: String,
     client: rumqttc::AsyncClient,
-    replies: mpsc::UnboundedReceiver<Value>,
+    flashed: Flashed,
+    replies: mpsc::UnboundedReceiver<Vec<u8>>,
 }
 
 impl SensorV3 {
-    pub async fn connect(port: u16, id: &str) -> SensorV3 {
+    pub async fn connect(port: u16, id: &str, flashed: &Flashed) -> SensorV3 {
         let mut opts = rumqttc::MqttOptions::new(format!("v3-{id}"), "127.0.0.1", port);
         opts.set_keep_alive(Duration::from_secs(10));
         let (client, mut el) = rumqttc::AsyncClient::new(opts, 64);
@@ -295,8 +369,7 @@ impl SensorV3 {
                         let _ = sub_tx.send(());
                     }
                     Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
-                        let v: Value = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
-                        if tx.send(v).is_err() {
+                        if tx.send(p.payload.to_vec()).is_err() {
                             break;
                         }
                     }
@@ -311,11 +384,14 @@ impl SensorV3 {
         SensorV3 {
             id: id.to_string(),
             client,
+            flashed: flashed.clone(),
             replies: rx,
         }
     }
 
-    pub async fn announce(&self, payload: &str) {
+    /// Announces `fields` signed with its key (see [`Sensor::announce`]).
+    pub async fn announce(&self, fields: &str) {
+        let payload = self.flashed.announce(&self.id, fields);
         let publish = self.client.publish(
             format!("onboard/announce/{}", self.id),
             rumqttc::QoS::AtLeastOnce,
@@ -328,10 +404,13 @@ impl SensorV3 {
         }
     }
 
-    pub async fn reply(&mut self) -> Value {
-        tokio::time::timeout(WAIT, self.replies.recv())
+    pub async fn reply(&mut self) -> Reply {
+        let payload = tokio::time::timeout(WAIT, self.replies.recv())
             .await
             .unwrap_or_else(|_| panic!("v3 sensor {}: no reply within {WAIT:?}", self.id))
-            .expect("reply channel open")
+            .expect("reply channel open");
+        self.flashed
+            .open_reply(&self.id, &payload)
+            .unwrap_or_else(|e| panic!("v3 sensor {}: {e}", self.id))
     }
 }
