@@ -42,7 +42,7 @@ async fn devices_resume_retries_a_paused_device_at_once_and_its_readings_go_out(
             qubitro.port()
         ),
     );
-    let mut s = Sensor::connect(broker.port, "br-p").await;
+    let mut s = d.sensor(broker.port, "br-p").await;
     s.announce(r#"{"bridge":true,"name":"Paused"}"#).await;
     s.reply_with_status("ok").await;
     let device = cloud_devices_of(&cloud, "br-p").remove(0);
@@ -169,8 +169,9 @@ async fn a_reading_qubitro_refuses_again_and_again_is_dropped_and_counted_and_th
     let qubitro = QubitroBroker::start(&cloud);
     let mut obs = qubitro.observer().await;
     let proxy = RefusingProxy::start(qubitro.port()).await;
-    let mut stats = Sensor::connect_as(broker.port, "stats", "onboard/gateway/+/stats", None).await;
-    let _d = Daemon::start(
+    let mut stats =
+        Sensor::connect_as(broker.port, "stats", "onboard/gateway/+/stats", None, None).await;
+    let d = Daemon::start(
         &broker,
         &cloud,
         &format!(
@@ -179,7 +180,7 @@ async fn a_reading_qubitro_refuses_again_and_again_is_dropped_and_counted_and_th
             proxy.port
         ),
     );
-    let mut s = Sensor::connect(broker.port, "br-r").await;
+    let mut s = d.sensor(broker.port, "br-r").await;
     s.announce(r#"{"bridge":true,"name":"Refused"}"#).await;
     s.reply_with_status("ok").await;
     let device = cloud_devices_of(&cloud, "br-r").remove(0);

@@ -6,7 +6,6 @@
 mod common;
 
 use common::*;
-use harness::firmware;
 
 const KEY_31: &str = "fleet-key-of-31-characters-xyz!";
 const KEY_32: &str = "fleet-key-of-32-characters-xyz!!";
@@ -18,11 +17,13 @@ async fn refused(security: &str) -> (Option<i32>, String) {
     let broker = Mosquitto::start();
     let cloud = fake_cloud().await;
     let state = tempfile::tempdir().unwrap();
-    let toml = config_toml_default_security(broker.port, &cloud, state.path(), security);
+    let toml = config_toml(broker.port, &cloud, state.path(), security);
     let mut d = Daemon::from_toml(state.path(), &toml, vec![]);
     let code = d.wait_exit_async().await.code();
     assert!(
-        !state.path().join("db").exists(),
+        !harness::daemon::store_path(state.path())
+            .join("db")
+            .exists(),
         "refused before the store is opened"
     );
     (code, d.log.text())
@@ -72,17 +73,11 @@ async fn a_32_character_claim_key_starts_and_its_sensors_onboard() {
     let cloud = fake_cloud().await;
     let state = tempfile::tempdir().unwrap();
     let security = format!("[security]\nclaim_key = \"{KEY_32}\"");
-    let toml = config_toml_default_security(broker.port, &cloud, state.path(), &security);
+    let toml = config_toml(broker.port, &cloud, state.path(), &security);
     let d = Daemon::from_toml(state.path(), &toml, vec![]);
     d.wait_subscribed();
-    let key = firmware::sensor_key(KEY_32, "strong-1");
-    let mut s = Sensor::connect(broker.port, "strong-1").await;
-    s.announce(&firmware::announce_with_proof(&key, "")).await;
+    let mut s = Sensor::connect(broker.port, "strong-1", &harness::Flashed::new(KEY_32)).await;
+    s.announce("{}").await;
     let ok = s.reply_with_status("ok").await;
-    let sealed = ok["device_token_sealed"].as_str().expect("a sealed token");
-    let device = ok["device_id"].as_str().expect("a device id");
-    assert_eq!(
-        firmware::unseal(&key, "strong-1", device, sealed).unwrap(),
-        cloud.devices()[0].token
-    );
+    assert_opens_to_the_clouds_token(&cloud, &ok);
 }

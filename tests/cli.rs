@@ -444,11 +444,6 @@ fn owners_below(dir: &std::path::Path) -> Vec<(String, u32)> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails in the unit's layout (store.path a symlink into a root-only 0700 directory): after \
-            the CLI becomes the store's owner and changes into the store, sled 0.34 turns the path `.` \
-            into an absolute one with getcwd() and create_dir_all() fails on the root-only parent, so \
-            `devices list` with the daemon stopped exits 1 with \"cannot open the database at .: \
-            Permission denied\"; run it with --ignored once that is fixed"]
 async fn devices_run_as_root_leave_no_root_owned_file_in_the_services_store() {
     let broker = Mosquitto::start();
     let cloud = fake_cloud().await;

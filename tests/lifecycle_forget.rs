@@ -35,7 +35,7 @@ async fn a_reading_buffered_before_the_forget_never_reaches_qubitro(sensor: &str
     );
     d.wait_subscribed();
     let data = format!("onboard/data/{sensor}");
-    let mut s = Sensor::connect(broker.port, sensor).await;
+    let mut s = d.sensor(broker.port, sensor).await;
     s.announce(r#"{"bridge":true}"#).await;
     s.reply_with_status("ok").await;
 

@@ -94,7 +94,7 @@ async fn a_broker_back_without_our_session_while_replies_fill_the_request_channe
     // A sensor announces; its cloud call is held, and onboardd's ack of the announce
     // has reached the broker, so the channel is empty when the connection dies.
     cloud_proxy.stall();
-    let early = Sensor::connect(broker.port, "early").await;
+    let early = d.sensor(broker.port, "early").await;
     early.announce("{}").await;
     d.log.wait_for_async("new sensor; onboarding early").await;
     until("the broker received onboardd's ack of the announce", || {
@@ -116,7 +116,7 @@ async fn a_broker_back_without_our_session_while_replies_fill_the_request_channe
 
     broker_proxy.resume();
     d.log.wait_for_n_async("subscribed to announces", 2).await;
-    let mut late = Sensor::connect(broker.port, "late").await;
+    let mut late = d.sensor(broker.port, "late").await;
     late.announce("{}").await;
     let ok = late.reply().await;
     assert_eq!(ok["status"], "ok", "{ok}");
@@ -146,10 +146,18 @@ async fn after_a_publish_whose_write_failed_a_refused_reply_is_still_not_marked_
         .start();
     let cloud = fake_cloud().await;
     let proxy = Proxy::start(broker.port);
-    let d = Daemon::spawn_new(proxy.port, &cloud, "", vec![]);
+    // Proofs off, and sensors without a key, on purpose: the packet-size trick needs
+    // an ok reply (clear token, ~225 bytes) smaller than the oversized error reply
+    // (~285); a sealed token alone makes an ok reply larger than that.
+    let d = Daemon::spawn_new(
+        proxy.port,
+        &cloud,
+        "[security]\nrequire_claim = false",
+        vec![],
+    );
     d.wait_subscribed();
 
-    let denied = Sensor::connect(broker.port, "denied").await;
+    let denied = Sensor::connect_unkeyed(broker.port, "denied").await;
     denied.announce("{}").await;
     d.log
         .wait_for_async("the broker refused the reply to sensor denied")
@@ -157,7 +165,7 @@ async fn after_a_publish_whose_write_failed_a_refused_reply_is_still_not_marked_
     assert_eq!(d.state_of("denied").as_deref(), Some("created"));
 
     // An announce whose error reply cannot be written: the connection is dropped.
-    let big = Sensor::connect(broker.port, "big").await;
+    let big = Sensor::connect_unkeyed(broker.port, "big").await;
     big.announce(&format!(
         r#"{{"request_id":"{}","name":5}}"#,
         "r".repeat(128)
@@ -172,7 +180,7 @@ async fn after_a_publish_whose_write_failed_a_refused_reply_is_still_not_marked_
 
     // On the new session the refused reply goes out again and is refused again; a
     // new sensor's reply is delivered, and "denied" still is not.
-    let mut late = Sensor::connect(broker.port, "late").await;
+    let mut late = Sensor::connect_unkeyed(broker.port, "late").await;
     until("subscribed on the broker's new session", || {
         d.log
             .all()

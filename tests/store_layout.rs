@@ -23,16 +23,16 @@ async fn onboard_then_stop(
     extra: &str,
 ) -> (Daemon, serde_json::Value) {
     let mut d = Daemon::start(broker, cloud, extra);
-    let mut s = Sensor::connect(broker.port, sensor).await;
+    let mut s = d.sensor(broker.port, sensor).await;
     s.announce("{}").await;
     let ok = s.reply().await;
-    assert_eq!(ok["status"], "ok", "{ok}");
+    assert_opens_to_the_clouds_token(cloud, &ok);
     assert_eq!(d.signal_and_wait_async(libc::SIGTERM).await.code(), Some(0));
-    (d, ok)
+    (d, ok.json)
 }
 
 fn store_path(d: &Daemon) -> PathBuf {
-    d.state_dir.join("db")
+    d.store_path()
 }
 
 /// The last line the daemon printed before it exited with 78.
