@@ -168,7 +168,8 @@ async fn main() -> ExitCode {
                                 }
                             },
                             (None, Some(clear)) => {
-                                eprintln!("sensor {id}: warning: the token came in clear (the gateway runs with security.require_claim = false)");
+                                eprintln!("sensor {id}: warning: the token came in clear (the gateway runs with \
+                                     security.require_claim = false)");
                                 clear.to_string()
                             }
                             (None, None) => {

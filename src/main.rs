@@ -129,7 +129,8 @@ fn execute(command: Command) -> Result<ExitCode, Failure> {
             // What `run` would also need here: said, not failed on.
             if let Err(e) = Config::load(&c.config) {
                 eprintln!(
-                    "onboardd: note: `run` in this environment would stop: {:#}. Expected when the packaged unit hands the API key to the service alone (LoadCredential= and ONBOARDD__QUBITRO__API_KEY_FILE)",
+                    "onboardd: note: `run` in this environment would stop: {:#}. Expected when the packaged unit hands \
+                         the API key to the service alone (LoadCredential= and ONBOARDD__QUBITRO__API_KEY_FILE)",
                     anyhow::Error::from(e)
                 );
             }

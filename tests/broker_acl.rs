@@ -592,7 +592,12 @@ async fn the_shipped_acl_lets_zigbee2mqtt_publish_discovery_and_onboardd_read_it
     .await;
     let config = |ieee: &str| {
         format!(
-            r#"{{"device":{{"identifiers":["zigbee2mqtt_{ieee}"],"name":"n","manufacturer":"Aqara","model":"m"}},"state_topic":"zigbee2mqtt/{ieee}","value_template":"{{{{ value_json.temperature }}}}"}}"#
+            concat!(
+                r#"{{"device":{{"identifiers":["zigbee2mqtt_{ieee}"],"name":"n","manufacturer":"Aqara","#,
+                r#""model":"m"}},"state_topic":"zigbee2mqtt/{ieee}","#,
+                r#""value_template":"{{{{ value_json.temperature }}}}"}}"#,
+            ),
+            ieee = ieee,
         )
     };
     // Anyone else's discovery config never reaches onboardd.

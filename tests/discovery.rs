@@ -54,7 +54,10 @@ async fn publish_z2m(s: &Sensor) {
     }
     // Its bridge device: skipped by discovery.skip_identifiers.
     s.publish("homeassistant/binary_sensor/1221051039810110150109113116116_0x00124b0022334455/connection_state/config",
-        br#"{"device":{"identifiers":["zigbee2mqtt_bridge_0x00124b0022334455"],"name":"Zigbee2MQTT Bridge"},"state_topic":"zigbee2mqtt/bridge/state","value_template":"{{ value_json.state }}"}"#,
+        concat!(
+            r#"{"device":{"identifiers":["zigbee2mqtt_bridge_0x00124b0022334455"],"name":"Zigbee2MQTT Bridge"},"#,
+            r#""state_topic":"zigbee2mqtt/bridge/state","value_template":"{{ value_json.state }}"}"#,
+        ).as_bytes(),
         true,
     )
     .await;
@@ -143,7 +146,13 @@ async fn esphome_plain_values_a_device_based_config_and_tasmota_telemetry_are_fo
         .await;
     }
     // A device-based config with a shared state topic under `~`.
-    let kitchen = r#"{"dev":{"ids":["ea334450945afc"],"name":"Kitchen","mf":"Bla electronics","mdl":"xya"},"o":{"name":"bla2mqtt"},"~":"kitchen/sensors","stat_t":"~/state","cmps":{"t1":{"p":"sensor","val_tpl":"{{ value_json.temperature | round(1) }}","uniq_id":"k_t"},"h1":{"p":"sensor","val_tpl":"{{ value_json['humidity'] }}","uniq_id":"k_h"},"lamp":{"p":"light","cmd_t":"~/lamp/set"}}}"#;
+    let kitchen = concat!(
+        r#"{"dev":{"ids":["ea334450945afc"],"name":"Kitchen","mf":"Bla electronics","mdl":"xya"},"#,
+        r#""o":{"name":"bla2mqtt"},"~":"kitchen/sensors","stat_t":"~/state","cmps":{"t1":{"p":"sensor","#,
+        r#""val_tpl":"{{ value_json.temperature | round(1) }}","uniq_id":"k_t"},"h1":{"p":"sensor","#,
+        r#""val_tpl":"{{ value_json['humidity'] }}","uniq_id":"k_h"},"lamp":{"p":"light","#,
+        r#""cmd_t":"~/lamp/set"}}}"#,
+    );
     p.publish(
         "homeassistant/device/kitchen01/config",
         kitchen.as_bytes(),
@@ -151,7 +160,11 @@ async fn esphome_plain_values_a_device_based_config_and_tasmota_telemetry_are_fo
     )
     .await;
     // Tasmota's own discovery.
-    let tasmota = r#"{"ip":"192.168.1.50","dn":"Greenhouse","hn":"tasmota-A1B2C3-0707","mac":"DC4F22A1B2C3","md":"Sonoff TH","sw":"13.2.0","t":"tasmota_A1B2C3","ft":"%prefix%/%topic%/","tp":["cmnd","stat","tele"],"ver":1}"#;
+    let tasmota = concat!(
+        r#"{"ip":"192.168.1.50","dn":"Greenhouse","hn":"tasmota-A1B2C3-0707","mac":"DC4F22A1B2C3","#,
+        r#""md":"Sonoff TH","sw":"13.2.0","t":"tasmota_A1B2C3","ft":"%prefix%/%topic%/","tp":["cmnd","#,
+        r#""stat","tele"],"ver":1}"#,
+    );
     p.publish(
         "tasmota/discovery/DC4F22A1B2C3/config",
         tasmota.as_bytes(),

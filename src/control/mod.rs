@@ -75,7 +75,8 @@ pub enum ControlError {
     #[error("the daemon refused this user: {message}")]
     Refused { message: String },
     /// No daemon answers and there is no store to open (nothing is created).
-    #[error("no daemon answers on {socket} and there is no store at {}: onboardd has not run here yet, or store.path is wrong", path.display())]
+    #[error("no daemon answers on {socket} and there is no store at {}: onboardd has not run here yet, or store.path is \
+         wrong", path.display())]
     NoStore { socket: String, path: PathBuf },
     /// Running as root, the CLI cannot become the store's owner before opening it.
     #[error("cannot switch to the owner (uid {uid}) of the store {} before opening it", path.display())]

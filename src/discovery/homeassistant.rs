@@ -211,7 +211,8 @@ pub fn parse(rules: &Rules, prefix: &str, topic: &str, payload: &[u8]) -> Result
                 }
                 _ => {
                     warnings.push(format!(
-                        "entity {object_id}: value_template {tpl:?} is not of the form {{{{ value_json.KEY }}}} (optionally | float, | int or | round(N)); skipped"
+                        "entity {object_id}: value_template {tpl:?} is not of the form {{{{ value_json.KEY }}}} \
+                             (optionally | float, | int or | round(N)); skipped"
                     ));
                     continue;
                 }
@@ -273,7 +274,19 @@ mod tests {
     }
 
     /// What Zigbee2MQTT 1.x/2.x publishes for an Aqara temperature sensor.
-    pub(crate) const Z2M_TEMPERATURE: &str = r#"{"availability":[{"topic":"zigbee2mqtt/bridge/state","value_template":"{{ value_json.state }}"},{"topic":"zigbee2mqtt/living_room/availability","value_template":"{{ value_json.state }}"}],"availability_mode":"all","device":{"identifiers":["zigbee2mqtt_0x00158d0001a2b3c4"],"manufacturer":"Aqara","model":"Temperature and humidity sensor (WSDCGQ11LM)","model_id":"WSDCGQ11LM","name":"living_room","sw_version":"3000-0001","via_device":"zigbee2mqtt_bridge_0x00124b0022334455"},"device_class":"temperature","enabled_by_default":true,"object_id":"living_room_temperature","origin":{"name":"Zigbee2MQTT","sw":"1.40.2","url":"https://www.zigbee2mqtt.io"},"state_class":"measurement","state_topic":"zigbee2mqtt/living_room","unique_id":"0x00158d0001a2b3c4_temperature_zigbee2mqtt","unit_of_measurement":"°C","value_template":"{{ value_json.temperature }}"}"#;
+    pub(crate) const Z2M_TEMPERATURE: &str = concat!(
+        r#"{"availability":[{"topic":"zigbee2mqtt/bridge/state","value_template":"{{ value_json.state }}"},"#,
+        r#"{"topic":"zigbee2mqtt/living_room/availability","value_template":"{{ value_json.state }}"}],"#,
+        r#""availability_mode":"all","device":{"identifiers":["zigbee2mqtt_0x00158d0001a2b3c4"],"#,
+        r#""manufacturer":"Aqara","model":"Temperature and humidity sensor (WSDCGQ11LM)","#,
+        r#""model_id":"WSDCGQ11LM","name":"living_room","sw_version":"3000-0001","#,
+        r#""via_device":"zigbee2mqtt_bridge_0x00124b0022334455"},"device_class":"temperature","#,
+        r#""enabled_by_default":true,"object_id":"living_room_temperature","origin":{"name":"Zigbee2MQTT","#,
+        r#""sw":"1.40.2","url":"https://www.zigbee2mqtt.io"},"state_class":"measurement","#,
+        r#""state_topic":"zigbee2mqtt/living_room","#,
+        r#""unique_id":"0x00158d0001a2b3c4_temperature_zigbee2mqtt","unit_of_measurement":"°C","#,
+        r#""value_template":"{{ value_json.temperature }}"}"#,
+    );
 
     #[test]
     fn every_truncation_of_a_real_config_is_parsed_or_skipped_without_panicking() {
@@ -358,7 +371,13 @@ mod tests {
 
     #[test]
     fn an_esphome_node_with_abbreviated_keys_reads_plain_values() {
-        let cfg = r#"{"dev_cla":"temperature","unit_of_meas":"°C","stat_cla":"measurement","name":"Temperature","stat_t":"garden-node/sensor/temperature/state","avty_t":"garden-node/status","uniq_id":"ESPsensortemperature","dev":{"ids":"240ac4aabbcc","name":"garden-node","sw":"esphome v2024.10.0 Oct 16 2024","mdl":"esp32dev","mf":"Espressif","cns":[["mac","24:0a:c4:aa:bb:cc"]]}}"#;
+        let cfg = concat!(
+            r#"{"dev_cla":"temperature","unit_of_meas":"°C","stat_cla":"measurement","name":"Temperature","#,
+            r#""stat_t":"garden-node/sensor/temperature/state","avty_t":"garden-node/status","#,
+            r#""uniq_id":"ESPsensortemperature","dev":{"ids":"240ac4aabbcc","name":"garden-node","#,
+            r#""sw":"esphome v2024.10.0 Oct 16 2024","mdl":"esp32dev","mf":"Espressif","cns":[["mac","#,
+            r#""24:0a:c4:aa:bb:cc"]]}}"#,
+        );
         let (d, e, _) = ok("homeassistant/sensor/garden-node/temperature/config", cfg);
         assert_eq!(d.identifier, "240ac4aabbcc");
         assert_eq!(d.manufacturer.as_deref(), Some("Espressif"));
@@ -370,7 +389,17 @@ mod tests {
 
     #[test]
     fn a_device_based_config_shares_root_keys_and_keys_entities_by_component_id() {
-        let cfg = r#"{"dev":{"ids":["ea334450945afc"],"name":"Kitchen","mf":"Bla electronics","mdl":"xya","sw":"1.0","sn":"ea334450945afc","hw":"1.0rev2"},"o":{"name":"bla2mqtt","sw":"2.1","url":"https://bla2mqtt.example.com/support"},"~":"kitchen/sensors","cmps":{"some_unique_component_id1":{"p":"sensor","device_class":"temperature","unit_of_measurement":"°C","value_template":"{{ value_json.temperature}}","unique_id":"temp01ae_t"},"some_unique_id2":{"p":"sensor","device_class":"humidity","unit_of_measurement":"%","value_template":"{{ value_json['humidity'] | round(1) }}","unique_id":"temp01ae_h"},"lamp":{"p":"light","cmd_t":"~/lamp/set"},"gone":{"p":"sensor"},"door":{"p":"binary_sensor","stat_t":"kitchen/door"}},"stat_t":"~/state","qos":2}"#;
+        let cfg = concat!(
+            r#"{"dev":{"ids":["ea334450945afc"],"name":"Kitchen","mf":"Bla electronics","mdl":"xya","sw":"1.0","#,
+            r#""sn":"ea334450945afc","hw":"1.0rev2"},"o":{"name":"bla2mqtt","sw":"2.1","#,
+            r#""url":"https://bla2mqtt.example.com/support"},"~":"kitchen/sensors","#,
+            r#""cmps":{"some_unique_component_id1":{"p":"sensor","device_class":"temperature","#,
+            r#""unit_of_measurement":"°C","value_template":"{{ value_json.temperature}}","#,
+            r#""unique_id":"temp01ae_t"},"some_unique_id2":{"p":"sensor","device_class":"humidity","#,
+            r#""unit_of_measurement":"%","value_template":"{{ value_json['humidity'] | round(1) }}","#,
+            r#""unique_id":"temp01ae_h"},"lamp":{"p":"light","cmd_t":"~/lamp/set"},"gone":{"p":"sensor"},"#,
+            r#""door":{"p":"binary_sensor","stat_t":"kitchen/door"}},"stat_t":"~/state","qos":2}"#,
+        );
         let (d, e, w) = ok("homeassistant/device/kitchen01/config", cfg);
         assert_eq!(d.identifier, "ea334450945afc");
         let got: Vec<(&str, &str)> = e
@@ -478,7 +507,11 @@ mod tests {
             ),
             Err(Skip::Component("switch".into()))
         );
-        let bridge = br#"{"stat_t":"zigbee2mqtt/bridge/state","dev":{"ids":["zigbee2mqtt_bridge_0x00124b0022334455"],"name":"Zigbee2MQTT Bridge"}}"#;
+        let bridge = concat!(
+            r#"{"stat_t":"zigbee2mqtt/bridge/state","dev":{"ids":["zigbee2mqtt_bridge_0x00124b0022334455"],"#,
+            r#""name":"Zigbee2MQTT Bridge"}}"#,
+        )
+        .as_bytes();
         assert_eq!(
             p("homeassistant/binary_sensor/1221051039810110150109113116116_0x00124b0022334455/connection_state/config", bridge),
             Err(Skip::SkippedIdentifier("zigbee2mqtt_bridge_0x00124b0022334455".into()))

@@ -263,7 +263,14 @@ mod tests {
     fn z2m(object: &str, key: &str) -> (String, Parsed) {
         let topic = format!("homeassistant/sensor/0x00158d0001a2b3c4/{object}/config");
         let body = format!(
-            r#"{{"device":{{"identifiers":["zigbee2mqtt_0x00158d0001a2b3c4"],"manufacturer":"Aqara","model":"WSDCGQ11LM","name":"living_room"}},"state_topic":"zigbee2mqtt/living_room","unique_id":"0x00158d0001a2b3c4_{object}_zigbee2mqtt","value_template":"{{{{ value_json.{key} }}}}"}}"#
+            concat!(
+                r#"{{"device":{{"identifiers":["zigbee2mqtt_0x00158d0001a2b3c4"],"manufacturer":"Aqara","#,
+                r#""model":"WSDCGQ11LM","name":"living_room"}},"state_topic":"zigbee2mqtt/living_room","#,
+                r#""unique_id":"0x00158d0001a2b3c4_{object}_zigbee2mqtt","#,
+                r#""value_template":"{{{{ value_json.{key} }}}}"}}"#,
+            ),
+            object = object,
+            key = key,
         );
         let p = homeassistant::parse(&rules(), "homeassistant", &topic, body.as_bytes()).unwrap();
         (topic, p)

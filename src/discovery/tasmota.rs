@@ -143,7 +143,15 @@ mod tests {
 
     /// What Tasmota 13 publishes for a Sonoff TH with a DHT22 (trimmed of nothing
     /// that matters here).
-    pub(crate) const TASMOTA_TH: &str = r#"{"ip":"192.168.1.50","dn":"Greenhouse","fn":["Greenhouse",null,null,null,null,null,null,null],"hn":"tasmota-A1B2C3-0707","mac":"DC4F22A1B2C3","md":"Sonoff TH","ty":0,"if":0,"ofln":"Offline","onln":"Online","state":["OFF","ON","TOGGLE","HOLD"],"sw":"13.2.0","t":"tasmota_A1B2C3","ft":"%prefix%/%topic%/","tp":["cmnd","stat","tele"],"rl":[1,0,0,0,0,0,0,0],"swc":[-1,-1,-1,-1,-1,-1,-1,-1],"swn":[null,null,null,null,null,null,null,null],"btn":[0,0,0,0,0,0,0,0],"so":{"4":0,"11":0,"13":0,"17":0,"20":0,"30":0,"68":0,"73":0,"82":0,"114":0,"117":0},"lk":0,"lt_st":0,"bat":0,"dslp":0,"sho":[],"sht":[],"ver":1}"#;
+    pub(crate) const TASMOTA_TH: &str = concat!(
+        r#"{"ip":"192.168.1.50","dn":"Greenhouse","fn":["Greenhouse",null,null,null,null,null,null,null],"#,
+        r#""hn":"tasmota-A1B2C3-0707","mac":"DC4F22A1B2C3","md":"Sonoff TH","ty":0,"if":0,"ofln":"Offline","#,
+        r#""onln":"Online","state":["OFF","ON","TOGGLE","HOLD"],"sw":"13.2.0","t":"tasmota_A1B2C3","#,
+        r#""ft":"%prefix%/%topic%/","tp":["cmnd","stat","tele"],"rl":[1,0,0,0,0,0,0,0],"swc":[-1,-1,-1,-1,"#,
+        r#"-1,-1,-1,-1],"swn":[null,null,null,null,null,null,null,null],"btn":[0,0,0,0,0,0,0,0],"#,
+        r#""so":{"4":0,"11":0,"13":0,"17":0,"20":0,"30":0,"68":0,"73":0,"82":0,"114":0,"117":0},"lk":0,"#,
+        r#""lt_st":0,"bat":0,"dslp":0,"sho":[],"sht":[],"ver":1}"#,
+    );
 
     #[test]
     fn a_tasmota_config_names_the_device_and_its_telemetry_topic() {
