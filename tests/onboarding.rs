@@ -318,7 +318,7 @@ async fn a_400_from_the_cloud_becomes_rejected_by_cloud_and_a_corrected_announce
         "{r}"
     );
     // Corrected (the same announce again is refused without a cloud call for a
-    // while: secure_defaults::a_rejected_create_is_not_retried_…).
+    // while: hardening::a_rejected_create_is_not_retried_…).
     s.announce(r#"{"brand":"Acme"}"#).await;
     assert_opens_to_the_clouds_token(&cloud, &s.reply().await);
     assert_eq!(cloud.devices().len(), 1);

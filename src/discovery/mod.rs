@@ -1,4 +1,4 @@
-//! Zero-firmware onboarding (issue 13): devices that already describe themselves
+//! Zero-firmware onboarding: devices that already describe themselves
 //! on MQTT — Home Assistant discovery (Zigbee2MQTT, ESPHome, Shelly generators,
 //! OpenMQTTGateway…) or Tasmota's own discovery — become one bridged Qubitro device
 //! per physical device, their readings forwarded through the telemetry bridge.

@@ -1,7 +1,6 @@
-//! Secure by default, the points that do not depend on the claim protocol
-//! (issue 11, "Also fix"): retained announces are ignored, MQTT 5 properties are
-//! bounded, a create Qubitro rejected is not retried at every re-announce, the
-//! store is private without systemd, and the control socket serves only root and
+//! Hardening against bad input and local access, apart from the claim protocol:
+//! retained announces are ignored, MQTT 5 properties are bounded, a create Qubitro
+//! rejected is not retried at every re-announce, the store is private without systemd, and the control socket serves only root and
 //! the daemon's own user, tokens only when asked for. Against a real mosquitto and
 //! the fake Qubitro.
 
