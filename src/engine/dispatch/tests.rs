@@ -105,9 +105,14 @@ impl World {
     }
 
     fn announce(&self, sensor: &str, payload: &str) -> Decision {
+        self.dispatch()
+            .dispatch(&self.publish(sensor, payload))
+            .unwrap()
+    }
+
+    fn publish(&self, sensor: &str, payload: &str) -> Publish {
         let topic = self.cfg.mqtt.announce_topic.replace('+', sensor);
-        let p = Publish::new(topic, QoS::AtLeastOnce, payload.to_string(), None);
-        self.dispatch().dispatch(&p).unwrap()
+        Publish::new(topic, QoS::AtLeastOnce, payload.to_string(), None)
     }
 
     /// A sensor onboarded before whose ok reply the broker acknowledged.
@@ -186,6 +191,41 @@ async fn a_refused_sensor_gets_a_refusal_and_nothing_is_written() {
     assert_eq!(reply["request_id"], "r1", "the refusal answers its request");
     assert_eq!(w.store.get("bad-1").unwrap(), None);
     assert_eq!(w.store.last_write(), written, "nothing written");
+    assert!(w.launched.sensors().is_empty());
+}
+
+#[tokio::test]
+async fn a_pending_sensor_announced_again_joins_its_onboarding_without_a_new_record() {
+    let w = World::new("", false);
+    let rec = Record::pending(crate::announce::test_spec(), Route::default(), 7, 1);
+    w.store.insert_new("s", &rec).unwrap().unwrap();
+    let d = w.announce("s", r#"{"request_id":"again"}"#);
+    assert!(d.answer.is_none(), "its task answers this route too");
+    assert_eq!(w.launched.sensors(), vec!["s"], "its task is (re)started");
+    assert_eq!(w.store.get("s").unwrap(), Some(rec), "no new record");
+    let owed = w.onboardings.take_waiting("s");
+    assert_eq!(owed.len(), 1);
+    assert_eq!(owed[0].request_id.as_deref(), Some("again"));
+}
+
+#[tokio::test]
+async fn a_retained_announce_is_neither_answered_nor_admitted() {
+    let w = World::new("", false);
+    let mut p = w.publish("s", "{}");
+    p.retain = true;
+    let d = w.dispatch().dispatch(&p).unwrap();
+    assert!(d.answer.is_none());
+    assert_eq!(w.store.get("s").unwrap(), None);
+    assert!(w.launched.sensors().is_empty());
+}
+
+#[tokio::test]
+async fn an_announce_of_a_discovery_id_is_refused_while_discovery_is_on() {
+    let w = World::new("", true);
+    let d = w.announce("ha-t1", "{}");
+    let reply = reply_of(&d);
+    assert_eq!(reply["code"], "invalid_field", "{reply}");
+    assert_eq!(w.store.get("ha-t1").unwrap(), None);
     assert!(w.launched.sensors().is_empty());
 }
 
