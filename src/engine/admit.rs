@@ -20,6 +20,7 @@ use crate::security::{Denial, Gatekeeper};
 use crate::store::{Store, StoreError};
 
 /// What admission needs, and nothing more.
+#[derive(Clone, Copy)]
 pub(super) struct Admission<'a> {
     pub(super) store: &'a Store,
     pub(super) gate: &'a Gatekeeper,

@@ -11,18 +11,21 @@
 //! what it made before and makes nothing new.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::v5::Publish;
 use serde_json::Value;
 
-use super::admit::{Admitted, Refusal};
+use super::admit::{Admission, Admitted, Refusal};
+use super::bridge_device;
 use super::dispatch::Decision;
+use super::onboardings::Launch;
+use super::publisher::Publisher;
 use super::records::{self, Applied, Transition};
-use super::Engine;
 use crate::announce::Announce;
 use crate::bridge::{AcceptError, Bridge};
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::discovery::registry::{ConfigEntry, Known};
 use crate::discovery::spec::spec_for;
@@ -71,6 +74,15 @@ impl Discovery {
             .expect("the registry lock is never poisoned")
     }
 
+    /// Follows every state topic the registry knows (at start: a restart).
+    pub(super) fn follow_all(&self, publisher: &dyn Publisher) -> usize {
+        let topics = self.registry().topics();
+        for t in &topics {
+            publisher.follow(t);
+        }
+        topics.len()
+    }
+
     fn warn_once(&self, topic: &str, warning: &str) {
         let mut w = self.warned.lock().expect("never poisoned");
         if w.len() >= MAX_WARNED {
@@ -93,22 +105,47 @@ fn retire_marked(store: &Store, tree: &DiscoveryTree, now_ms: u64) -> Result<(),
     Ok(())
 }
 
-impl Engine {
+/// Discovery's handling of configs and state messages, and everything it reads or
+/// changes.
+pub(super) struct Discovered<'a> {
+    /// The registry and its tree.
+    pub(super) state: &'a Discovery,
+    /// Names the spec of a discovered device.
+    pub(super) gateway_id: &'a str,
+    pub(super) clock: &'a Clock,
+    /// Records of discovered devices (retired, reactivated, bridged).
+    pub(super) store: &'a Store,
+    /// The same rules and limits as an announced newcomer.
+    pub(super) admission: Admission<'a>,
+    /// Starts the onboarding of an admitted device.
+    pub(super) launch: &'a dyn Launch,
+    /// Follows new state topics.
+    pub(super) publisher: &'a dyn Publisher,
+    /// Told the device of a bridged record.
+    pub(super) bridge: Option<&'a Bridge>,
+}
+
+impl Discovered<'_> {
     /// Whether discovery follows `topic` as a state topic.
-    pub(super) fn follows(d: &Discovery, topic: &str) -> bool {
-        d.registry().follows(topic)
+    pub(super) fn follows(&self, topic: &str) -> bool {
+        self.state.registry().follows(topic)
+    }
+
+    /// Applies a change that belongs to the device, not to one onboarding of it.
+    fn change(&self, sensor: &str, t: Transition) -> Result<Applied, StoreError> {
+        records::apply_to_current(self.store, sensor, &t, self.clock.wall_ms())
     }
 
     /// A discovery config: the registry learns it, and a device with entities is
     /// admitted like a bridged announce.
-    pub(super) fn discovery_config(
-        self: &Arc<Self>,
-        d: &Discovery,
+    pub(super) fn config(
+        &self,
         source: Source,
         prefix: &str,
         topic: &str,
         p: &Publish,
     ) -> Result<Decision, StoreError> {
+        let d = self.state;
         let parsed = match source {
             Source::HomeAssistant => homeassistant::parse(&d.rules, prefix, topic, &p.payload),
             Source::Tasmota => tasmota::parse(&d.rules, prefix, topic, &p.payload),
@@ -158,7 +195,7 @@ impl Engine {
         }
         let mut seq = d.tree.wrote();
         for t in &change.new_topics {
-            self.outbox.publisher().follow(t);
+            self.publisher.follow(t);
         }
         if change.active {
             seq = seq.max(self.onboard_discovered(&change.known)?);
@@ -186,7 +223,7 @@ impl Engine {
 
     /// Onboards a discovered device like a bridged announce; returns the write to
     /// wait for (0: none).
-    fn onboard_discovered(self: &Arc<Self>, known: &Known) -> Result<u64, StoreError> {
+    fn onboard_discovered(&self, known: &Known) -> Result<u64, StoreError> {
         let sensor = known.sensor_id.as_str();
         if self.store.get(sensor)?.is_some() {
             // Made before (a re-published or re-read config, a restart): nothing
@@ -195,13 +232,13 @@ impl Engine {
             let bridged = self.change(sensor, Transition::Bridged)?;
             return Ok(match bridged.written() {
                 Some((rec, seq)) => {
-                    self.bridge_device(sensor, &rec);
+                    bridge_device(self.bridge, sensor, &rec);
                     seq
                 }
                 None => 0,
             });
         }
-        let spec = spec_for(known, &self.cfg.gateway_id);
+        let spec = spec_for(known, self.gateway_id);
         let ann = Announce {
             sensor_id: sensor.to_string(),
             spec,
@@ -211,13 +248,13 @@ impl Engine {
         };
         let now = (self.clock.now(), self.clock.wall_ms());
         let admitted =
-            self.admission()
+            self.admission
                 .admit(ann, Route::default(), Provenance::Discovered, now.0, now.1)?;
         Ok(match admitted {
             Ok(Admitted::New { seq }) => {
                 let id = &known.device.identifier;
                 tracing::info!(sensor_id = sensor, discovery_id = %id, "discovered device {sensor} ({id}); onboarding it");
-                self.spawn_onboarding(sensor.to_string(), Duration::ZERO);
+                self.launch.launch(sensor.to_string(), Duration::ZERO);
                 seq
             }
             Ok(Admitted::Raced { seq }) => seq,
@@ -245,14 +282,13 @@ impl Engine {
 
     /// A state message of followed topics: one flat reading per device reading it,
     /// buffered through the bridge like a bridged sensor's own.
-    pub(super) fn discovered_reading(
+    pub(super) fn reading(
         &self,
-        d: &Discovery,
         bridge: &Bridge,
         topic: &str,
         p: &Publish,
     ) -> Result<Decision, StoreError> {
-        let readings = d.registry().readings(topic, &p.payload);
+        let readings = self.state.registry().readings(topic, &p.payload);
         let mut seq = 0;
         for (sensor, reading) in readings {
             // Not onboarded (refused by a rule, or the record was forgotten).
@@ -268,18 +304,6 @@ impl Engine {
             }
         }
         Ok(Decision { seq, answer: None })
-    }
-
-    /// Discovery's followed state topics, subscribed from the start (restart).
-    pub fn follow_discovered(&self) -> usize {
-        let Some(d) = &self.discovery else {
-            return 0;
-        };
-        let topics = d.registry().topics();
-        for t in &topics {
-            self.outbox.publisher().follow(t);
-        }
-        topics.len()
     }
 }
 

@@ -8,28 +8,33 @@
 //! none is lost. Acknowledging before the cloud call (not after) keeps the broker's
 //! in-flight window free, so the cloud in-flight limit is what bounds throughput.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::v5::Publish;
 use rumqttc::v5::mqttbytes::QoS;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
-use super::admit::{Admitted, Refusal};
-use super::delivery::{delivery_tag, pending_wait};
-use super::inbound::Inbound;
-use super::records::Transition;
-use super::Engine;
+use super::admit::{Admission, Admitted, Refusal};
+use super::delivery::{delivery_tag, pending_wait, Outbox};
+use super::discovered::Discovered;
+use super::inbound::{Inbound, Routes};
+use super::onboardings::{Launch, Onboardings};
+use super::publisher::Publisher;
+use super::records::{self, Transition};
+use super::{bridge_device, Fatal};
 use crate::announce::{self, Announce, AnnounceError};
 use crate::bridge::{AcceptError, Bridge};
+use crate::clock::Clock;
+use crate::config::Config;
 use crate::failpoint;
 use crate::heartbeat::Heartbeat;
 use crate::metrics;
 use crate::mqtt::{DeliveryTag, Inbox};
 use crate::onboarding::{Provenance, Record};
 use crate::reply::{allowed_response_topic, Reply, ReplyCode, Route};
-use crate::security::{Denial, Proof};
-use crate::store::StoreError;
+use crate::security::{Denial, Gatekeeper, Proof};
+use crate::store::{Store, StoreError};
 
 /// The longest MQTT 5 Response Topic honoured: a longer one gets `invalid_field`
 /// on the default reply topic, and is never stored nor kept per waiting route.
@@ -45,15 +50,16 @@ pub struct AckItem {
 }
 
 /// A reply decided by the dispatcher.
+#[derive(Debug)]
 pub(super) struct Answer {
-    sensor: String,
-    route: Route,
-    reply: Reply,
-    track: Option<DeliveryTag>,
+    pub(super) sensor: String,
+    pub(super) route: Route,
+    pub(super) reply: Reply,
+    pub(super) track: Option<DeliveryTag>,
 }
 
 /// What the dispatcher decided for one announce.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub(super) struct Decision {
     /// Write that must be on disk before the ack (0: none).
     pub(super) seq: u64,
@@ -61,15 +67,41 @@ pub(super) struct Decision {
     pub(super) answer: Option<Answer>,
 }
 
-impl Engine {
-    /// Handles announces in arrival order until shutdown.
-    pub async fn run_dispatcher(
-        self: Arc<Self>,
+/// The dispatcher, and everything it reads or changes.
+pub(super) struct Dispatch<'a> {
+    /// Announce limits, the reply topic pattern, the gateway id.
+    pub(super) cfg: &'a Config,
+    pub(super) clock: &'a Clock,
+    /// Known sensors are answered from it; bridging is written to it.
+    pub(super) store: &'a Store,
+    /// What each inbound topic is.
+    pub(super) routes: &'a Routes,
+    /// Claims and rules, checked for known sensors too.
+    pub(super) gate: &'a Gatekeeper,
+    /// What a newcomer meets before it is recorded.
+    pub(super) admission: Admission<'a>,
+    /// The routes a pending sensor's task owes an answer.
+    pub(super) onboardings: &'a Onboardings,
+    /// Starts the onboarding of an admitted, or still pending, sensor.
+    pub(super) launch: &'a dyn Launch,
+    /// Replies.
+    pub(super) outbox: &'a Outbox,
+    /// Buffers readings of bridged sensors (`None`: `[bridge] enabled = false`).
+    pub(super) bridge: Option<&'a Bridge>,
+    /// Discovery configs and followed state (`None`: discovery off).
+    pub(super) discovery: Option<Discovered<'a>>,
+}
+
+impl Dispatch<'_> {
+    /// Handles announces in arrival order until `stop` (or a fatal error).
+    pub(super) async fn run(
+        &self,
         mut inbox: Inbox,
         acks: mpsc::Sender<AckItem>,
-        heartbeat: Arc<Heartbeat>,
+        heartbeat: &Heartbeat,
+        stop: &CancellationToken,
+        fatal: &Fatal,
     ) {
-        let stop = self.shutdown.stop.clone();
         let mut beat = tokio::time::interval(Duration::from_secs(1));
         loop {
             heartbeat.beat_dispatcher();
@@ -82,7 +114,7 @@ impl Engine {
             let Decision { seq, answer } = match self.dispatch(&publish) {
                 Ok(d) => d,
                 Err(e) => {
-                    self.fatal.trigger(e);
+                    fatal.trigger(e);
                     break;
                 }
             };
@@ -106,27 +138,23 @@ impl Engine {
 
     /// Decides what one announce gets: the write to wait for before the ack, and
     /// the reply to send now, if any.
-    fn dispatch(self: &Arc<Self>, p: &Publish) -> Result<Decision, StoreError> {
+    pub(super) fn dispatch(&self, p: &Publish) -> Result<Decision, StoreError> {
         let topic = String::from_utf8_lossy(&p.topic);
-        let followed = |t: &str| {
-            self.discovery
-                .as_ref()
-                .is_some_and(|d| Engine::follows(d, t))
-        };
+        let followed = |t: &str| self.discovery.as_ref().is_some_and(|d| d.follows(t));
         let sensor = match self.routes.classify(&topic, followed) {
-            Inbound::Reading { sensor } => match &self.bridge {
+            Inbound::Reading { sensor } => match self.bridge {
                 Some(bridge) => return self.reading(bridge, sensor, p),
                 None => return Ok(Decision::default()),
             },
             Inbound::DiscoveryConfig { source, prefix } => {
                 return match &self.discovery {
-                    Some(d) => self.discovery_config(d, source, prefix, &topic, p),
+                    Some(d) => d.config(source, prefix, &topic, p),
                     None => Ok(Decision::default()),
                 };
             }
             Inbound::FollowedState => {
-                return match (&self.discovery, &self.bridge) {
-                    (Some(d), Some(bridge)) => self.discovered_reading(d, bridge, &topic, p),
+                return match (&self.discovery, self.bridge) {
+                    (Some(d), Some(bridge)) => d.reading(bridge, &topic, p),
                     _ => Ok(Decision::default()),
                 };
             }
@@ -148,13 +176,8 @@ impl Engine {
     }
 
     /// An announce of `sensor`: refused, answered from the store, or admitted.
-    fn announce(
-        self: &Arc<Self>,
-        sensor: &str,
-        topic: &str,
-        p: &Publish,
-    ) -> Result<Decision, StoreError> {
-        let cfg = &self.cfg;
+    fn announce(&self, sensor: &str, topic: &str, p: &Publish) -> Result<Decision, StoreError> {
+        let cfg = self.cfg;
         // A retained announce is a stale copy the broker replays to every new
         // subscriber: acting on it would bring back a forgotten sensor (and create a
         // new cloud device) at each subscribe. Never parsed, never answered.
@@ -293,7 +316,7 @@ impl Engine {
 
     /// A sensor the store does not know: its proof, then [`Admission`].
     fn admit_announced(
-        self: &Arc<Self>,
+        &self,
         sensor: &str,
         ann: Announce,
         mut route: Route,
@@ -304,12 +327,12 @@ impl Engine {
         }
         let now = (self.clock.now(), self.clock.wall_ms());
         let admitted =
-            self.admission()
+            self.admission
                 .admit(ann, route.clone(), Provenance::Firmware, now.0, now.1)?;
         Ok(match admitted {
             Ok(Admitted::New { seq }) => {
                 tracing::info!(sensor_id = sensor, "new sensor; onboarding {sensor}");
-                self.spawn_onboarding(sensor.to_string(), Duration::ZERO);
+                self.launch.launch(sensor.to_string(), Duration::ZERO);
                 Decision { seq, answer: None }
             }
             Ok(Admitted::Raced { seq }) => Decision { seq, answer: None },
@@ -339,11 +362,12 @@ impl Engine {
         if !wants {
             return Ok((false, 0));
         }
-        let applied = self.change(sensor, Transition::Bridged)?;
+        let now_ms = self.clock.wall_ms();
+        let applied = records::apply_to_current(self.store, sensor, &Transition::Bridged, now_ms)?;
         match applied.written() {
             Some((rec, seq)) => {
                 tracing::info!(sensor_id = sensor, "sensor {sensor} is bridged from now on");
-                self.bridge_device(sensor, &rec);
+                bridge_device(self.bridge, sensor, &rec);
                 Ok((true, seq))
             }
             None => Ok((false, 0)),
@@ -372,10 +396,10 @@ impl Engine {
 
     /// A pending sensor announced again: its task answers this route too, unless the
     /// cloud has failed already or too many answers are owed (then: ask again later).
-    fn join_pending(self: &Arc<Self>, sensor: &str, rec: &Record, route: Route) -> Decision {
+    fn join_pending(&self, sensor: &str, rec: &Record, route: Route) -> Decision {
         // Should no task be running for it, this starts one; otherwise a no-op.
-        let due = self.until_due(rec);
-        self.spawn_onboarding(sensor.to_string(), due);
+        let due = self.onboardings.until_due(rec, self.clock.wall_ms());
+        self.launch.launch(sensor.to_string(), due);
         let route_kept = route == rec.route || self.onboardings.add_waiting(sensor, route.clone());
         let retry_after_s = pending_wait(rec, due, route_kept);
         Decision {
@@ -426,32 +450,40 @@ impl Engine {
             }),
         }
     }
+}
 
-    /// Acknowledges announces in arrival order, each once its write is durable.
-    /// Runs until the dispatcher is gone and every queued ack is sent, or `abort`.
-    pub async fn run_acker(self: Arc<Self>, mut acks: mpsc::Receiver<AckItem>) {
-        let abort = self.shutdown.abort.clone();
-        loop {
-            let item = tokio::select! {
-                i = acks.recv() => match i { Some(i) => i, None => return },
-                _ = abort.cancelled() => return,
-            };
-            if item.seq > 0 {
-                if let Err(e) = self.store.durable(item.seq).await {
-                    // Not acknowledged: the broker will deliver it again.
-                    self.fatal.trigger(e);
-                    return;
-                }
+/// Acknowledges announces in arrival order, each once its write is durable.
+/// Runs until the dispatcher is gone and every queued ack is sent, or `abort`.
+pub(super) async fn acknowledge(
+    store: &Store,
+    publisher: &dyn Publisher,
+    mut acks: mpsc::Receiver<AckItem>,
+    abort: &CancellationToken,
+    fatal: &Fatal,
+) {
+    loop {
+        let item = tokio::select! {
+            i = acks.recv() => match i { Some(i) => i, None => return },
+            _ = abort.cancelled() => return,
+        };
+        if item.seq > 0 {
+            if let Err(e) = store.durable(item.seq).await {
+                // Not acknowledged: the broker will deliver it again.
+                fatal.trigger(e);
+                return;
             }
-            tokio::select! {
-                r = self.outbox.publisher().ack(&item.publish) => {
-                    if let Err(e) = r {
-                        tracing::debug!(error = %e, "cannot queue an ack: {e}");
-                    }
-                }
-                _ = abort.cancelled() => return,
-            }
-            failpoint::hit("after_announce_acked");
         }
+        tokio::select! {
+            r = publisher.ack(&item.publish) => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "cannot queue an ack: {e}");
+                }
+            }
+            _ = abort.cancelled() => return,
+        }
+        failpoint::hit("after_announce_acked");
     }
 }
+
+#[cfg(test)]
+mod tests;

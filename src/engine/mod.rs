@@ -22,7 +22,8 @@
 //!   refused without a cloud call (per-sensor exponential backoff, bounded).
 //! - [`forget`]: `devices forget`, the same with or without a running daemon.
 //!
-//! This file holds what they share.
+//! This file holds what they share, and [`Engine`]: the wiring that owns the state,
+//! lends each stage exactly its part, and spawns the tasks.
 
 mod admit;
 mod delivery;
@@ -41,18 +42,22 @@ mod worker;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::bridge::Bridge;
 use crate::clock::Clock;
 use crate::cloud::Cloud;
 use crate::config::Config;
+use crate::heartbeat::Heartbeat;
+use crate::mqtt::Inbox;
 use crate::onboarding::Record;
 use crate::security::Gatekeeper;
 use crate::store::{Store, StoreError};
 
 pub use delivery::Outbox;
-use discovered::Discovery;
+use discovered::{Discovered, Discovery};
+use dispatch::Dispatch;
 pub use dispatch::{AckItem, MAX_CORRELATION_DATA_BYTES, MAX_RESPONSE_TOPIC_BYTES};
 pub use forget::forget_stored;
 use health::CloudHealth;
@@ -121,6 +126,7 @@ pub struct Shutdown {
     pub fatal: Fatal,
 }
 
+/// The engine's state, and the tasks that run its stages over it.
 pub struct Engine {
     cfg: Arc<Config>,
     clock: Clock,
@@ -187,12 +193,6 @@ impl Engine {
         self.bridge.as_ref()
     }
 
-    /// Applies a change that belongs to the sensor, not to one onboarding of it
-    /// ([`records::apply_to_current`]).
-    fn change(&self, sensor: &str, t: records::Transition) -> Result<records::Applied, StoreError> {
-        records::apply_to_current(&self.store, sensor, &t, self.clock.wall_ms())
-    }
-
     /// The state admission reads and changes.
     fn admission(&self) -> admit::Admission<'_> {
         admit::Admission {
@@ -202,9 +202,64 @@ impl Engine {
         }
     }
 
-    /// Tells the bridge the device of a bridged sensor, so its readings flow.
-    fn bridge_device(&self, sensor: &str, rec: &Record) {
-        bridge_device(self.bridge.as_ref(), sensor, rec);
+    /// The dispatcher over the engine's state; it starts onboardings through us.
+    fn dispatch_stage(self: &Arc<Self>) -> Dispatch<'_> {
+        Dispatch {
+            cfg: &self.cfg,
+            clock: &self.clock,
+            store: &self.store,
+            routes: &self.routes,
+            gate: &self.gate,
+            admission: self.admission(),
+            onboardings: &self.onboardings,
+            launch: self,
+            outbox: &self.outbox,
+            bridge: self.bridge.as_ref(),
+            discovery: self.discovery.as_ref().map(|state| Discovered {
+                state,
+                gateway_id: &self.cfg.gateway_id,
+                clock: &self.clock,
+                store: &self.store,
+                admission: self.admission(),
+                launch: self,
+                publisher: self.outbox.publisher(),
+                bridge: self.bridge.as_ref(),
+            }),
+        }
+    }
+
+    /// Handles announces (and readings, discovery) in arrival order until shutdown.
+    pub async fn run_dispatcher(
+        self: Arc<Self>,
+        inbox: Inbox,
+        acks: mpsc::Sender<AckItem>,
+        heartbeat: Arc<Heartbeat>,
+    ) {
+        let (stop, fatal) = (&self.shutdown.stop, &self.fatal);
+        self.dispatch_stage()
+            .run(inbox, acks, &heartbeat, stop, fatal)
+            .await;
+    }
+
+    /// Acknowledges what the dispatcher handled, in order, once durable.
+    pub async fn run_acker(self: Arc<Self>, acks: mpsc::Receiver<AckItem>) {
+        let publisher = self.outbox.publisher();
+        dispatch::acknowledge(
+            &self.store,
+            publisher,
+            acks,
+            &self.shutdown.abort,
+            &self.fatal,
+        )
+        .await;
+    }
+
+    /// Discovery's followed state topics, subscribed from the start (restart).
+    pub fn follow_discovered(&self) -> usize {
+        let publisher = self.outbox.publisher();
+        self.discovery
+            .as_ref()
+            .map_or(0, |d| d.follow_all(publisher))
     }
 
     /// Sensors whose onboarding runs right now.
@@ -223,17 +278,10 @@ impl Engine {
         let unfinished = self.store.unfinished()?;
         let n = unfinished.len();
         for (sensor, rec) in unfinished {
-            let wait = self.until_due(&rec);
+            let wait = self.onboardings.until_due(&rec, self.clock.wall_ms());
             self.spawn_onboarding(sensor, wait);
         }
         Ok(n)
-    }
-
-    /// How long until a record's next attempt is due. Never trusted further ahead
-    /// than one backoff cap: the clock of a Pi without RTC can jump.
-    fn until_due(&self, rec: &Record) -> Duration {
-        let ms = rec.next_attempt_ms.saturating_sub(self.clock.wall_ms());
-        Duration::from_millis(ms).min(self.onboardings.backoff.max)
     }
 
     /// `devices forget`: what is stored goes ([`forget_stored`]), with the

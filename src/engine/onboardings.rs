@@ -10,7 +10,15 @@ use tokio_util::task::TaskTracker;
 
 use crate::backoff::Backoff;
 use crate::config::Config;
+use crate::onboarding::Record;
 use crate::reply::Route;
+
+/// Starts a sensor's onboarding task after a delay, unless one runs already: how
+/// the stages that decide (dispatch, discovery) start work they do not run, so
+/// they are tested with a recording launcher and no task at all.
+pub(super) trait Launch: Send + Sync {
+    fn launch(&self, sensor: String, delay: Duration);
+}
 
 /// Routes kept per pending sensor for announces that arrive while it is pending.
 pub(super) const MAX_WAITING_ROUTES: usize = 16;
@@ -75,12 +83,39 @@ impl Onboardings {
         true
     }
 
+    /// How long until a record's next attempt is due. Never trusted further ahead
+    /// than one backoff cap: the clock of a Pi without RTC can jump.
+    pub(super) fn until_due(&self, rec: &Record, now_ms: u64) -> Duration {
+        let ms = rec.next_attempt_ms.saturating_sub(now_ms);
+        Duration::from_millis(ms).min(self.backoff.max)
+    }
+
     pub(super) fn take_waiting(&self, sensor: &str) -> Vec<Route> {
         self.waiting
             .lock()
             .expect("never poisoned")
             .remove(sensor)
             .unwrap_or_default()
+    }
+}
+
+/// The onboardings a stage started, for unit tests.
+#[cfg(test)]
+#[derive(Default)]
+pub(super) struct Launched(pub(super) Mutex<Vec<(String, Duration)>>);
+
+#[cfg(test)]
+impl Launched {
+    pub(super) fn sensors(&self) -> Vec<String> {
+        let l = self.0.lock().unwrap();
+        l.iter().map(|(s, _)| s.clone()).collect()
+    }
+}
+
+#[cfg(test)]
+impl Launch for Launched {
+    fn launch(&self, sensor: String, delay: Duration) {
+        self.0.lock().unwrap().push((sensor, delay));
     }
 }
 

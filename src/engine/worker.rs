@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use super::delivery::{Delivery, Outbox};
 use super::health::CloudHealth;
-use super::onboardings::Onboardings;
+use super::onboardings::{Launch, Onboardings};
 use super::records::{self, Transition};
 use super::rejections::Rejections;
 use super::retry::retry_wait;
@@ -41,6 +41,12 @@ use crate::store::{Store, StoreError};
 pub(super) enum Next {
     Done,
     RetryIn(Duration),
+}
+
+impl Launch for Arc<Engine> {
+    fn launch(&self, sensor: String, delay: Duration) {
+        self.spawn_onboarding(sensor, delay);
+    }
 }
 
 impl Engine {
@@ -67,7 +73,7 @@ impl Engine {
             // none, so its new record is ours to drive.
             match self.store.get(&sensor) {
                 Ok(Some(rec)) if rec.state.is_unfinished() && self.onboardings.claim(&sensor) => {
-                    delay = self.until_due(&rec);
+                    delay = self.onboardings.until_due(&rec, self.clock.wall_ms());
                 }
                 Ok(_) => return,
                 Err(e) => {
