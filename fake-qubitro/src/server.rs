@@ -125,6 +125,11 @@ impl FakeQubitro {
         device
     }
 
+    /// Removes a device as if someone deleted it in Qubitro's portal; returns it, if it existed.
+    pub fn remove_device(&self, id: &str) -> Option<FakeDevice> {
+        self.inner.shared.lock().remove(id).map(|s| s.device)
+    }
+
     /// Calls `hook` with every device created from now on (through the API or
     /// [`insert_device`](Self::insert_device)), before the create is answered: a test
     /// hands each device a login on a stand-in for Qubitro's MQTT broker this way
