@@ -140,7 +140,7 @@ mod tests {
     use crate::engine::records::tests::store;
     use crate::onboarding::{Origin, State};
     use crate::reply::{Credentials, Route, Token};
-    use fake_qubitro::{FakeOptions, FakeQubitro, NewDevice};
+    use fake_qubitro::{Endpoint, FakeOptions, FakeQubitro, Fault, NewDevice};
 
     async fn cloud_of(fake: &FakeQubitro) -> Cloud {
         crate::tls::install_ring_provider();
@@ -210,6 +210,35 @@ mod tests {
         assert!(!text.contains(&fake.api_key()), "{text}");
         assert_eq!(store.get("s1").unwrap(), before);
         assert_eq!(fake.devices().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn qubitros_answer_is_passed_on_without_the_api_key_in_it() {
+        let fake = FakeQubitro::start(FakeOptions::default()).await.unwrap();
+        let cloud = cloud_of(&fake).await;
+        let (store, _dir) = store();
+        delivered(&store, &fake, "s1");
+        let quoting = format!(
+            r#"{{"message":"key {} is not valid here"}}"#,
+            fake.api_key()
+        );
+        fake.push_faults(
+            Endpoint::Delete,
+            vec![Fault::Status {
+                status: 401,
+                retry_after: None,
+                body: Some(quoting),
+            }],
+        );
+        let err = forget(&store, None, Some(&cloud), "s1").await.unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("HTTP 401: key <redacted> is not valid here"),
+            "{text}"
+        );
+        assert!(text.contains("check qubitro.api_key"), "{text}");
+        assert!(!text.contains(&fake.api_key()), "{text}");
+        assert!(store.get("s1").unwrap().is_some(), "nothing was forgotten");
     }
 
     #[tokio::test]
