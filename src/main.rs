@@ -141,10 +141,10 @@ fn execute(command: Command) -> Result<ExitCode, Failure> {
             cfg,
             sensor_id,
         } => claim(key_file.as_deref(), &cfg.config, &sensor_id)?,
-        Command::Devices { cfg, action } => {
-            let cfg = Config::load_for(&cfg.config, Needs::Local)?;
+        Command::Devices { cfg: path, action } => {
+            let cfg = Config::load_for(&path.config, Needs::Local)?;
             let outcome = runtime()?
-                .block_on(control::client::devices(&cfg, action))
+                .block_on(control::client::devices(&cfg, &path.config, action))
                 .map_err(anyhow::Error::from)?;
             if outcome == Outcome::NotFound {
                 return Ok(ExitCode::FAILURE);

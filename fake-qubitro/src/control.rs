@@ -96,13 +96,14 @@ impl Shared {
         )
     }
 
-    /// `POST /_fake/options`: the list switches, each optional; answers the ones now in force.
+    /// `POST /_fake/options`: the list switches, the Delete permission and the hold on creates,
+    /// each optional; answers the ones now in force.
     async fn control_options(&self, req: Request) -> Response<Body> {
         let req: OptionsRequest = match control_body(req).await {
             Ok(req) => req,
             Err(response) => return response,
         };
-        let now = {
+        let (now, delete_permission) = {
             let mut state = self.lock();
             let list = &mut state.list;
             if let Some(shape) = req.list_shape {
@@ -121,14 +122,23 @@ impl Shared {
             if let Some(on) = req.created_at_field {
                 list.created_at_field = on;
             }
-            *list
+            let list = *list;
+            if let Some(allowed) = req.delete_permission {
+                state.delete_permission = allowed;
+            }
+            (list, state.delete_permission)
         };
+        if let Some(held) = req.hold_creates {
+            self.set_creates_held(held);
+        }
+        let hold_creates = *self.creates_held.borrow();
         json_response(
             StatusCode::OK,
             &json!({"list_shape": now.shape, "list_page_size": now.page_size.unwrap_or(0),
                     "list_ignores_filter": now.ignores_filter,
                     "list_newest_first": now.newest_first,
-                    "created_at_field": now.created_at_field}),
+                    "created_at_field": now.created_at_field,
+                    "delete_permission": delete_permission, "hold_creates": hold_creates}),
         )
     }
 }
@@ -162,6 +172,8 @@ struct OptionsRequest {
     list_ignores_filter: Option<bool>,
     list_newest_first: Option<bool>,
     created_at_field: Option<bool>,
+    delete_permission: Option<bool>,
+    hold_creates: Option<bool>,
 }
 
 #[cfg(test)]
@@ -252,6 +264,29 @@ mod tests {
             .await
             .expect("faults");
         assert_eq!(json_of(faults).await["queued"], 2);
+        let switches = client()
+            .post(format!("{}/_fake/options", fake.base_url()))
+            .json(&json!({"delete_permission": false, "hold_creates": true}))
+            .send()
+            .await
+            .expect("switches");
+        let now = json_of(switches).await;
+        assert_eq!(now["delete_permission"], false);
+        assert_eq!(now["hold_creates"], true);
+        let released = client()
+            .post(format!("{}/_fake/options", fake.base_url()))
+            .json(&json!({"hold_creates": false}))
+            .send()
+            .await
+            .expect("release");
+        let now = json_of(released).await;
+        assert_eq!(
+            (
+                now["delete_permission"].clone(),
+                now["hold_creates"].clone()
+            ),
+            (json!(false), json!(false))
+        );
         let unknown = client()
             .get(format!("{}/_fake/nothing", fake.base_url()))
             .send()

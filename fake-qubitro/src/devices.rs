@@ -31,6 +31,9 @@ pub struct FakeDevice {
     pub model: String,
     pub tags: Vec<String>,
     pub metadata: BTreeMap<String, String>,
+    /// When the fake created it (RFC 3339, UTC): what decides which of several devices of one
+    /// sensor is the oldest. Answers carry it only with `created_at_field` on.
+    pub created_at: String,
 }
 
 /// A device to plant before a test, as if another gateway (or a human) had made it.

@@ -38,7 +38,7 @@ impl Shared {
             let matching: Vec<(FakeDevice, String)> = state
                 .matching(&filter, opts.newest_first)
                 .into_iter()
-                .map(|s| (s.device.clone(), s.created_at.clone()))
+                .map(|s| (s.device.clone(), s.device.created_at.clone()))
                 .collect();
             (opts, matching)
         };

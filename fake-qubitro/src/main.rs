@@ -18,8 +18,9 @@ use fake_qubitro::{CredentialsAt, Envelope, FakeOptions, FakeQubitro, ListShape}
 /// POST /_fake/faults {"endpoint":"create","faults":[{"status":500},{"status":429,"retry_after":2},
 /// {"delay_ms":3000},{"created_then_status":500},{"created_then_hang":true},{"not_found":true},
 /// {"hang":true}]}, POST /_fake/options {"list_shape":"devices_key","list_page_size":2,
-/// "list_ignores_filter":true,"list_newest_first":false,"created_at_field":true} (each optional;
-/// page size 0 turns pagination off), POST /_fake/reset.
+/// "list_ignores_filter":true,"list_newest_first":false,"created_at_field":true,
+/// "delete_permission":false,"hold_creates":true} (each optional; page size 0 turns pagination
+/// off; held creates wait for "hold_creates":false), POST /_fake/reset.
 #[derive(Parser, Debug)]
 #[command(name = "fake-qubitro", version)]
 struct Args {
@@ -99,6 +100,10 @@ struct Args {
     /// Add a `created_at` field to device objects (the real docs show none).
     #[arg(long, env = "FAKE_QUBITRO_CREATED_AT_FIELD")]
     created_at_field: bool,
+
+    /// The API key lacks the Delete permission: every delete answers 403.
+    #[arg(long, env = "FAKE_QUBITRO_NO_DELETE_PERMISSION")]
+    no_delete_permission: bool,
 
     /// Do not log each request (benchmarks: stderr would become the bottleneck).
     #[arg(long, env = "FAKE_QUBITRO_QUIET")]
@@ -182,6 +187,7 @@ async fn main() -> ExitCode {
         list_ignores_filter: args.list_ignores_filter,
         list_newest_first: !args.list_oldest_first,
         created_at_field: args.created_at_field,
+        delete_permission: !args.no_delete_permission,
     };
     let fake = match FakeQubitro::start(opts).await {
         Ok(fake) => fake,

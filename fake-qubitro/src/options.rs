@@ -68,6 +68,10 @@ pub struct FakeOptions {
     /// Add a `"created_at"` RFC 3339 field to list items and GET answers (the real docs show
     /// none, so off by default).
     pub created_at_field: bool,
+    /// The API key holds Qubitro's Delete permission (initial value; see
+    /// [`FakeQubitro::set_delete_permission`](crate::FakeQubitro::set_delete_permission)).
+    /// Without it every delete answers 403, as Qubitro does for such a key.
+    pub delete_permission: bool,
 }
 
 impl Default for FakeOptions {
@@ -87,6 +91,7 @@ impl Default for FakeOptions {
             list_ignores_filter: false,
             list_newest_first: true,
             created_at_field: false,
+            delete_permission: true,
         }
     }
 }

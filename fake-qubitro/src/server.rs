@@ -56,6 +56,7 @@ impl FakeQubitro {
             state: Mutex::new(Registry::new(&opts)),
             counts,
             hooks: Mutex::new(Vec::new()),
+            creates_held: watch::channel(false).0,
             opts,
         });
         let running = spawn_server(listener, shared.clone());
@@ -124,6 +125,11 @@ impl FakeQubitro {
         device
     }
 
+    /// Removes a device as if someone deleted it in Qubitro's portal; returns it, if it existed.
+    pub fn remove_device(&self, id: &str) -> Option<FakeDevice> {
+        self.inner.shared.lock().remove(id).map(|s| s.device)
+    }
+
     /// Calls `hook` with every device created from now on (through the API or
     /// [`insert_device`](Self::insert_device)), before the create is answered: a test
     /// hands each device a login on a stand-in for Qubitro's MQTT broker this way
@@ -178,6 +184,25 @@ impl FakeQubitro {
         self.inner.shared.lock().list.created_at_field = on;
     }
 
+    /// Gives the API key the Delete permission (`true`) or takes it away: without it every
+    /// delete answers 403 and removes nothing.
+    pub fn set_delete_permission(&self, allowed: bool) {
+        self.inner.shared.lock().delete_permission = allowed;
+    }
+
+    /// Holds every create from now on: each is recorded and counted (so
+    /// [`wait_for_requests`](Self::wait_for_requests) sees it) but neither carried out nor
+    /// answered until [`release_creates`](Self::release_creates). Two gateways can so be made
+    /// to create one sensor's device at the same instant.
+    pub fn hold_creates(&self) {
+        self.inner.shared.set_creates_held(true);
+    }
+
+    /// Lets the held creates (and every later one) through.
+    pub fn release_creates(&self) {
+        self.inner.shared.set_creates_held(false);
+    }
+
     /// Resolves once `count(ep) >= n`.
     pub async fn wait_for_requests(&self, ep: Endpoint, n: usize) {
         let mut counts = self.inner.shared.counts.subscribe();
@@ -185,8 +210,8 @@ impl FakeQubitro {
         let _ = counts.wait_for(|c| c[ep.index()] >= n).await;
     }
 
-    /// Forgets devices, records, counters and queued faults, and restores the configured delay
-    /// and list switches.
+    /// Forgets devices, records, counters and queued faults, restores the configured delay,
+    /// list switches and Delete permission, and releases held creates.
     pub fn reset(&self) {
         self.inner.shared.reset();
     }
@@ -354,5 +379,112 @@ mod tests {
         assert!(fake.devices().is_empty());
         assert!(fake.requests().is_empty());
         assert_eq!(fake.count(Endpoint::List), 0);
+    }
+
+    async fn delete(fake: &FakeQubitro, id: &str) -> reqwest::Response {
+        client()
+            .delete(format!("{}/{id}", devices_url(fake)))
+            .bearer_auth(fake.api_key())
+            .send()
+            .await
+            .expect("delete request reaches the fake")
+    }
+
+    #[tokio::test]
+    async fn a_key_without_the_delete_permission_gets_403_and_the_device_stays() {
+        let fake = start(FakeOptions {
+            delete_permission: false,
+            ..FakeOptions::default()
+        })
+        .await;
+        let d = plant(&fake, "kept", "s-kept");
+        let refused = delete(&fake, &d.id).await;
+        assert_eq!(refused.status(), 403);
+        let body = json_of(refused).await;
+        assert_eq!(body["success"], false);
+        assert!(
+            body["message"]
+                .as_str()
+                .expect("a message")
+                .contains("Delete permission"),
+            "{body}"
+        );
+        assert_eq!(fake.devices(), vec![d.clone()], "nothing was deleted");
+
+        fake.set_delete_permission(true);
+        assert_eq!(delete(&fake, &d.id).await.status(), 200);
+        assert!(fake.devices().is_empty());
+        assert_eq!(delete(&fake, &d.id).await.status(), 404, "gone now");
+        fake.set_delete_permission(false);
+        fake.reset();
+        let again = plant(&fake, "again", "s-again");
+        assert_eq!(
+            delete(&fake, &again.id).await.status(),
+            403,
+            "reset restores the configured permission"
+        );
+    }
+
+    #[tokio::test]
+    async fn every_device_has_a_creation_time_and_answers_show_it_when_asked() {
+        let fake = start(FakeOptions::default()).await;
+        let created = json_of(create(&fake, sensor("s", json!({}))).await).await;
+        assert!(
+            created["data"].get("created_at").is_none(),
+            "off by default"
+        );
+        let planted = plant(&fake, "p", "s-p");
+        for d in fake.devices() {
+            assert!(
+                d.created_at.ends_with('Z') && d.created_at.len() == 27,
+                "{}",
+                d.created_at
+            );
+        }
+        fake.set_created_at_field(true);
+        let got = json_of(
+            client()
+                .get(format!("{}/{}", devices_url(&fake), planted.id))
+                .bearer_auth(fake.api_key())
+                .send()
+                .await
+                .expect("get"),
+        )
+        .await;
+        assert_eq!(got["data"]["created_at"], planted.created_at.as_str());
+    }
+
+    #[tokio::test]
+    async fn held_creates_are_counted_but_neither_done_nor_answered_until_released() {
+        let fake = start(FakeOptions::default()).await;
+        fake.hold_creates();
+        let creates: Vec<_> = ["a", "b"]
+            .into_iter()
+            .map(|name| {
+                let fake = fake.clone();
+                tokio::spawn(async move { create(&fake, sensor(name, json!({}))).await.status() })
+            })
+            .collect();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            fake.wait_for_requests(Endpoint::Create, 2),
+        )
+        .await
+        .expect("both creates arrive while held");
+        assert!(fake.devices().is_empty(), "a held create does nothing yet");
+        assert!(
+            fake.requests().iter().all(|r| r.status == 0),
+            "a held create is not answered yet"
+        );
+        fake.release_creates();
+        for c in creates {
+            assert_eq!(c.await.expect("create task"), 201);
+        }
+        assert_eq!(fake.devices().len(), 2);
+        assert_eq!(
+            create(&fake, sensor("c", json!({}))).await.status(),
+            201,
+            "later creates go straight through"
+        );
     }
 }

@@ -23,6 +23,9 @@ pub(crate) struct Shared {
     pub(crate) counts: watch::Sender<[usize; 4]>,
     /// See [`crate::FakeQubitro::on_device_created`].
     pub(crate) hooks: Mutex<Vec<DeviceHook>>,
+    /// `true` while creates are held (see [`crate::FakeQubitro::hold_creates`]); a watch so
+    /// held requests wake on release without polling.
+    pub(crate) creates_held: watch::Sender<bool>,
 }
 
 impl Shared {
@@ -38,6 +41,18 @@ impl Shared {
         }
     }
 
+    /// Resolves at once unless creates are held, else once they are released.
+    pub(crate) async fn creates_released(&self) {
+        let mut held = self.creates_held.subscribe();
+        // The sender lives in `self`, so the channel cannot close while we wait.
+        let _ = held.wait_for(|held| !held).await;
+    }
+
+    /// Holds every create from now on (`true`), or lets the held ones and later ones through.
+    pub(crate) fn set_creates_held(&self, held: bool) {
+        self.creates_held.send_replace(held);
+    }
+
     pub(crate) fn reset(&self) {
         let mut state = self.lock();
         let epoch = state.epoch + 1;
@@ -45,12 +60,12 @@ impl Shared {
         state.epoch = epoch;
         drop(state);
         self.counts.send_replace([0; 4]);
+        self.set_creates_held(false);
     }
 }
 
 pub(crate) struct StoredDevice {
     pub(crate) device: FakeDevice,
-    pub(crate) created_at: String,
 }
 
 pub(crate) struct Registry {
@@ -68,6 +83,8 @@ pub(crate) struct Registry {
     pub(crate) epoch: u64,
     pub(crate) faults: [VecDeque<Fault>; 4],
     pub(crate) delay: Duration,
+    /// Whether the API key may delete devices (a 403 on every delete otherwise).
+    pub(crate) delete_permission: bool,
 }
 
 impl Registry {
@@ -82,6 +99,7 @@ impl Registry {
             epoch: 0,
             faults: Default::default(),
             delay: opts.delay,
+            delete_permission: opts.delete_permission,
         }
     }
 
@@ -96,6 +114,7 @@ impl Registry {
             model: d.model,
             tags: d.tags,
             metadata: d.metadata,
+            created_at: rfc3339_now(),
         };
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -110,7 +129,6 @@ impl Registry {
             seq,
             StoredDevice {
                 device: device.clone(),
-                created_at: rfc3339_now(),
             },
         );
         device

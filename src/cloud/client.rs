@@ -13,7 +13,7 @@ use tokio::sync::Semaphore;
 
 use super::answer::{credentials_in, message_of, success_data};
 use super::dates::parse_retry_after;
-use super::error::CloudError;
+use super::error::{CloudError, DeleteError, Deleted};
 use super::list::ListReader;
 use crate::announce::DeviceSpec;
 use crate::config::{QubitroConfig, Secret};
@@ -182,13 +182,51 @@ impl Cloud {
         Ok(creds)
     }
 
-    /// DELETE …/devices/{id}.
-    pub async fn delete(&self, device_id: &str) -> Result<(), CloudError> {
+    /// DELETE …/devices/{id}. A 404 is [`Deleted::AlreadyGone`]: the device the
+    /// caller wants gone is gone.
+    pub async fn delete(&self, device_id: &str) -> Result<Deleted, DeleteError> {
         let req = self
             .http
             .delete(format!("{}/{}", self.devices_url, device_id));
-        let (status, headers, body) = self.send(req, false).await?;
-        classify(status, &headers, &body, false, self.retry_max)
+        let device_id = device_id.to_string();
+        let (status, _, body) = match self.send(req, false).await {
+            Ok(answer) => answer,
+            Err(e) => {
+                return Err(DeleteError::Unavailable {
+                    device_id,
+                    reason: e.to_string(),
+                })
+            }
+        };
+        // Shown to the operator: never echo the key, should an answer quote it.
+        let message = || {
+            let m = message_of(&body);
+            match self.api_key.expose() {
+                "" => m,
+                key => m.replace(key, "<redacted>"),
+            }
+        };
+        match status.as_u16() {
+            _ if status.is_success() => Ok(Deleted::Now),
+            404 => Ok(Deleted::AlreadyGone),
+            401 => Err(DeleteError::Unauthorized {
+                device_id,
+                message: message(),
+            }),
+            403 => Err(DeleteError::Forbidden {
+                device_id,
+                message: message(),
+            }),
+            status @ (400..=499) if status != 408 && status != 429 => Err(DeleteError::Refused {
+                device_id,
+                status,
+                message: message(),
+            }),
+            status => Err(DeleteError::Unavailable {
+                device_id,
+                reason: format!("HTTP {status}: {}", message()),
+            }),
+        }
     }
 
     /// Sends one request under the in-flight limit and reads the whole body.

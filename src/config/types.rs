@@ -173,7 +173,8 @@ pub enum Needs {
     /// not read: under the packaged unit only the service gets them
     /// (`LoadCredential=`), so `sudo onboardd devices list` must work without them.
     /// A remote delete (`devices forget --delete-remote`) is done by the running
-    /// daemon with its own key.
+    /// daemon with its own key; without the daemon the command reads the config
+    /// again for the key (`control::client`).
     Local,
 }
 

@@ -7,6 +7,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
 use super::{server, ControlError, DeviceRow, Request, Response};
+use crate::cloud::Cloud;
 use crate::config::{Config, StoreConfig};
 use crate::store::Store;
 
@@ -29,7 +30,8 @@ pub enum DevicesCommand {
     /// device is KEPT unless --delete-remote is given.
     Forget {
         sensor_id: String,
-        /// Also delete the device in Qubitro (needs the daemon running)
+        /// Delete its Qubitro device first, and forget nothing if Qubitro refuses
+        /// (without the daemon, this command needs the API key itself)
         #[arg(long)]
         delete_remote: bool,
     },
@@ -51,12 +53,19 @@ pub enum Outcome {
     NotFound,
 }
 
-/// Runs one `devices` command and prints its answer on stdout.
-pub async fn devices(cfg: &Config, cmd: DevicesCommand) -> Result<Outcome, ControlError> {
+/// Runs one `devices` command and prints its answer on stdout. `config_path`: the
+/// file `cfg` came from, read again for the API key only when a remote delete must
+/// be done without the daemon.
+pub async fn devices(
+    cfg: &Config,
+    config_path: &Path,
+    cmd: DevicesCommand,
+) -> Result<Outcome, ControlError> {
+    let ask = |req| ask(cfg, config_path, req);
     match cmd {
         DevicesCommand::List { json } => {
             let req = Request::List { with_tokens: false };
-            let Response::Devices { mut devices } = ask(cfg, req).await? else {
+            let Response::Devices { mut devices } = ask(req).await? else {
                 return Err(ControlError::Unexpected);
             };
             devices.iter_mut().for_each(|d| d.device_token = None);
@@ -74,7 +83,7 @@ pub async fn devices(cfg: &Config, cmd: DevicesCommand) -> Result<Outcome, Contr
                 sensor_id: sensor_id.clone(),
                 with_token: show_token,
             };
-            let Response::Device { device } = ask(cfg, req).await? else {
+            let Response::Device { device } = ask(req).await? else {
                 return Err(ControlError::Unexpected);
             };
             let Some(mut d) = device else {
@@ -94,7 +103,7 @@ pub async fn devices(cfg: &Config, cmd: DevicesCommand) -> Result<Outcome, Contr
                 sensor_id,
                 delete_remote,
             };
-            if let Response::Forgot { found, message, .. } = ask(cfg, req).await? {
+            if let Response::Forgot { found, message, .. } = ask(req).await? {
                 println!("{message}");
                 if !found {
                     return Ok(Outcome::NotFound);
@@ -102,8 +111,7 @@ pub async fn devices(cfg: &Config, cmd: DevicesCommand) -> Result<Outcome, Contr
             }
         }
         DevicesCommand::Resume { sensor_id } => {
-            let Response::Resumed { found, message } =
-                ask(cfg, Request::Resume { sensor_id }).await?
+            let Response::Resumed { found, message } = ask(Request::Resume { sensor_id }).await?
             else {
                 return Err(ControlError::Unexpected);
             };
@@ -116,7 +124,7 @@ pub async fn devices(cfg: &Config, cmd: DevicesCommand) -> Result<Outcome, Contr
             let req = Request::List {
                 with_tokens: include_tokens,
             };
-            let Response::Devices { devices } = ask(cfg, req).await? else {
+            let Response::Devices { devices } = ask(req).await? else {
                 return Err(ControlError::Unexpected);
             };
             for mut d in devices {
@@ -132,7 +140,7 @@ pub async fn devices(cfg: &Config, cmd: DevicesCommand) -> Result<Outcome, Contr
 
 /// Asks the running daemon, or opens the store directly when none runs. An
 /// error answer becomes [`ControlError::Daemon`].
-async fn ask(cfg: &Config, req: Request) -> Result<Response, ControlError> {
+async fn ask(cfg: &Config, config_path: &Path, req: Request) -> Result<Response, ControlError> {
     let resp = match request(&cfg.control.socket, &req).await? {
         Some(resp) => resp,
         None => {
@@ -144,13 +152,21 @@ async fn ask(cfg: &Config, req: Request) -> Result<Response, ControlError> {
                     path: PathBuf::from(&cfg.store.path),
                 });
             }
+            // Before become_store_owner: the key file may be readable by root alone.
+            let cloud = match &req {
+                Request::Forget {
+                    delete_remote: true,
+                    ..
+                } => Some(offline_cloud(cfg, config_path)?),
+                _ => None,
+            };
             let dir = become_store_owner(&cfg.store)?;
             let (store, _) =
                 Store::open_via(&dir, &cfg.store).map_err(|source| ControlError::NoDaemon {
                     socket: cfg.control.socket.clone(),
                     source,
                 })?;
-            server::answer(req, &store, None).await
+            server::answer(req, &store, None, cloud.as_ref()).await
         }
     };
     match resp {
@@ -162,6 +178,18 @@ async fn ask(cfg: &Config, req: Request) -> Result<Response, ControlError> {
         Response::Error { message } => Err(ControlError::Daemon { message }),
         other => Ok(other),
     }
+}
+
+/// The Qubitro client of a remote delete done without the daemon: the config read
+/// again as `run` reads it, for the API key (`devices` commands otherwise skip it).
+fn offline_cloud(cfg: &Config, config_path: &Path) -> Result<Cloud, ControlError> {
+    let fail = |reason: String| ControlError::NoCloud {
+        socket: cfg.control.socket.clone(),
+        reason,
+    };
+    let full =
+        Config::load(config_path).map_err(|e| fail(crate::logging::chain(&e).to_string()))?;
+    Cloud::new(&full.qubitro).map_err(|e| fail(format!("{e:#}")))
 }
 
 /// Run as root with no daemon answering, the `devices` commands become the owner

@@ -9,8 +9,11 @@
 //! - this module: the protocol (`Request`, `Response`, `DeviceRow`) and [`ControlError`].
 //! - [`server`]: the daemon's side, and [`answer`], which both sides use.
 //! - [`client`]: the `devices` commands: ask the daemon (or the store), print.
+//! - [`forget`]: `devices forget`, all or nothing: the Qubitro device deleted first
+//!   when asked, the sensor forgotten only then.
 
 pub mod client;
+pub mod forget;
 pub mod server;
 
 use std::path::PathBuf;
@@ -86,6 +89,14 @@ pub enum ControlError {
         #[source]
         source: std::io::Error,
     },
+    /// No daemon answers, and a remote delete needs a Qubitro client this command
+    /// cannot make (the API key is not readable here, or the client fails to build).
+    #[error(
+        "no daemon answers on {socket}, and deleting the Qubitro device without it needs the API key here: {reason}. \
+         Give it with qubitro.api_key_file or ONBOARDD__QUBITRO__API_KEY_FILE (the service gets it from LoadCredential=), \
+         or start the daemon. Nothing was forgotten"
+    )]
+    NoCloud { socket: String, reason: String },
     /// No daemon answers and the store cannot be opened either.
     #[error("no daemon answers on {socket} and the store cannot be opened")]
     NoDaemon {

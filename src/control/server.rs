@@ -1,5 +1,6 @@
 //! The daemon's side of the control socket: accept connections, answer each
-//! request line against the store (and the engine, for `forget --delete-remote`).
+//! request line against the store (and the engine and its Qubitro client, for
+//! `forget --delete-remote`).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -9,7 +10,9 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::forget::Remote;
 use super::{ControlError, DeviceRow, Request, Response};
+use crate::cloud::Cloud;
 use crate::config::ControlConfig;
 use crate::engine::Engine;
 use crate::store::Store;
@@ -121,7 +124,7 @@ async fn handle(stream: UnixStream, engine: Arc<Engine>) -> Result<(), ControlEr
     let mut lines = BufReader::new(r).lines();
     while let Some(line) = lines.next_line().await? {
         let resp = match serde_json::from_str::<Request>(&line) {
-            Ok(req) => answer(req, engine.store(), Some(&engine)).await,
+            Ok(req) => answer(req, engine.store(), Some(&engine), Some(engine.cloud())).await,
             Err(e) => Response::Error {
                 message: format!("bad request: {e}"),
             },
@@ -134,7 +137,14 @@ async fn handle(stream: UnixStream, engine: Arc<Engine>) -> Result<(), ControlEr
 }
 
 /// Answers one request against a store (the daemon's, or one the CLI opened).
-pub async fn answer(req: Request, store: &Store, engine: Option<&Engine>) -> Response {
+/// `cloud`: the Qubitro client a remote delete goes through (the daemon's own, or
+/// one the CLI made when asked to delete without the daemon).
+pub async fn answer(
+    req: Request,
+    store: &Store,
+    engine: Option<&Engine>,
+    cloud: Option<&Cloud>,
+) -> Response {
     match req {
         Request::List { with_tokens } => {
             let mut devices = Vec::new();
@@ -187,7 +197,7 @@ pub async fn answer(req: Request, store: &Store, engine: Option<&Engine>) -> Res
         Request::Forget {
             sensor_id,
             delete_remote,
-        } => forget(store, engine, &sensor_id, delete_remote).await,
+        } => forget(store, engine, cloud, &sensor_id, delete_remote).await,
         Request::Resume { sensor_id } => resume(engine, &sensor_id),
     }
 }
@@ -220,57 +230,45 @@ fn resume(engine: Option<&Engine>, sensor: &str) -> Response {
     Response::Resumed { found, message }
 }
 
-/// Forgets one sensor, and deletes its Qubitro device when asked and possible.
+/// Forgets one sensor; with `delete_remote`, deletes its Qubitro device first and
+/// forgets nothing when that fails (see [`super::forget`]).
 async fn forget(
     store: &Store,
     engine: Option<&Engine>,
+    cloud: Option<&Cloud>,
     sensor: &str,
     delete_remote: bool,
 ) -> Response {
-    // With the daemon running, the engine forgets (it owns every record and the
-    // cool-downs); without it, nothing else holds the store. Both remove the same.
-    let removed = match engine {
-        Some(engine) => engine.forget(sensor).await,
-        None => crate::engine::forget_stored(store, None, sensor).await,
-    };
-    let rec = match removed {
-        Ok(r) => r,
-        Err(e) => {
+    let delete_with = match (delete_remote, cloud) {
+        (false, _) => None,
+        (true, Some(cloud)) => Some(cloud),
+        (true, None) => {
             return Response::Error {
-                message: e.to_string(),
+                message: format!(
+                    "no Qubitro client here to delete the device of {sensor} with; nothing was forgotten"
+                ),
             }
         }
     };
-    let Some(rec) = rec else {
-        return Response::Forgot {
+    match super::forget::forget(store, engine, delete_with, sensor).await {
+        Ok(None) => Response::Forgot {
             found: false,
             remote_deleted: false,
             message: format!("{sensor} is not known to this gateway"),
-        };
-    };
-    let device_id = rec.credentials().map(|c| c.device_id.clone());
-    let mut remote_deleted = false;
-    let mut message = format!("{sensor} forgotten: it is onboarded anew on its next announce");
-    match (&device_id, delete_remote, engine) {
-        (Some(id), true, Some(engine)) => match engine.cloud().delete(id).await {
-            Ok(()) => {
-                remote_deleted = true;
-                message.push_str(&format!("; Qubitro device {id} deleted"));
-            }
-            Err(e) => message.push_str(&format!("; deleting Qubitro device {id} FAILED: {e}")),
         },
-        (Some(id), true, None) => {
-            message.push_str(&format!("; Qubitro device {id} NOT deleted (the daemon is not running to do it)"))
+        Ok(Some(done)) => {
+            let message = super::forget::describe(sensor, &done.remote);
+            match done.remote {
+                Remote::Left { .. } => Response::Error { message },
+                remote => Response::Forgot {
+                    found: true,
+                    remote_deleted: matches!(remote, Remote::Deleted(_) | Remote::AlreadyGone(_)),
+                    message,
+                },
+            }
         }
-        (Some(id), false, _) => message.push_str(&format!(
-            "; the Qubitro device {id} is KEPT (use --delete-remote to delete it). With lookup_before_create on, the next announce \
-                adopts it again"
-        )),
-        (None, _, _) => {}
-    }
-    Response::Forgot {
-        found: true,
-        remote_deleted,
-        message,
+        Err(e) => Response::Error {
+            message: e.to_string(),
+        },
     }
 }
