@@ -150,7 +150,15 @@ async fn ask(cfg: &Config, req: Request) -> Result<Response, ControlError> {
                     socket: cfg.control.socket.clone(),
                     source,
                 })?;
-            server::answer(req, &store, None).await
+            let resp = server::answer(req, &store, None).await;
+            // Nothing else writes to the store now: the next open need not reconcile.
+            if let Err(e) = store.close_cleanly().await {
+                return Err(ControlError::NoDaemon {
+                    socket: cfg.control.socket.clone(),
+                    source: e,
+                });
+            }
+            resp
         }
     };
     match resp {
