@@ -217,7 +217,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         // Readings not acknowledged by Qubitro stay buffered for the next start.
         let _ = tokio::time::timeout_at(by(Duration::from_millis(2500)), u).await;
     }
-    match tokio::time::timeout_at(by(Duration::from_secs(2)), store.flush_all()).await {
+    match tokio::time::timeout_at(by(Duration::from_secs(2)), store.close_cleanly()).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => fatal.trigger(e),
         Err(_) => tracing::error!(

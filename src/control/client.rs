@@ -166,7 +166,15 @@ async fn ask(cfg: &Config, config_path: &Path, req: Request) -> Result<Response,
                     socket: cfg.control.socket.clone(),
                     source,
                 })?;
-            server::answer(req, &store, None, cloud.as_ref()).await
+            let resp = server::answer(req, &store, None, cloud.as_ref()).await;
+            // Nothing else writes to the store now: the next open need not reconcile.
+            if let Err(e) = store.close_cleanly().await {
+                return Err(ControlError::NoDaemon {
+                    socket: cfg.control.socket.clone(),
+                    source: e,
+                });
+            }
+            resp
         }
     };
     match resp {

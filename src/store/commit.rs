@@ -91,6 +91,20 @@ impl Store {
     pub async fn flush_all(&self) -> Result<(), StoreError> {
         self.durable(self.last_write()).await
     }
+
+    /// The end of an orderly stop: flushes, then leaves [`super::CLEAN_STOP_FILE`]
+    /// beside sled's files. Every record write and its index entries happen with no
+    /// await between them, so once every task has stopped no change is half-written,
+    /// and the next open can skip [`Store::reconcile_indexes`]. That open removes the
+    /// file again, so a crash after it is followed by a reconcile.
+    pub async fn close_cleanly(&self) -> Result<(), StoreError> {
+        self.flush_all().await?;
+        let mark = self.dir.join(super::CLEAN_STOP_FILE);
+        let written = std::fs::File::create(&mark)
+            .and_then(|f| f.sync_all())
+            .and_then(|()| std::fs::File::open(&self.dir)?.sync_all());
+        written.map_err(|e| StoreError::Flush(format!("cannot write {}: {e}", mark.display())))
+    }
 }
 
 async fn run_flusher(db: sled::Db, f: Arc<Flusher>, closer: CancellationToken) {

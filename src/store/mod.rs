@@ -35,6 +35,11 @@ pub use trees::{ReadingsTree, RETIRED_PREFIX};
 
 use commit::Flusher;
 
+/// A file in sled's directory that exists only while the database is closed after an
+/// orderly stop ([`Store::close_cleanly`]). A file, not a sled key, so that starting
+/// and stopping leave sled's own files as they were (an SD card counts every write).
+pub const CLEAN_STOP_FILE: &str = "clean-stop";
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database error: {0}")]
@@ -69,6 +74,8 @@ pub struct Store {
     /// every record.
     bridged: sled::Tree,
     flusher: Arc<Flusher>,
+    /// sled's directory (`{store.path}/db`), where [`CLEAN_STOP_FILE`] goes.
+    dir: PathBuf,
     /// Stops the flusher (and so releases the database) when the last clone goes.
     _closer: Arc<DropGuard>,
 }

@@ -116,20 +116,41 @@ impl Store {
         let creds = db.open_tree("creds")?;
         let bridged = db.open_tree("bridged")?;
         let (flusher, closer) = Flusher::start(&db);
-        Ok((
-            Store {
-                db: db.clone(),
-                sensors,
-                pending,
-                undelivered,
-                quarantine,
-                creds,
-                bridged,
-                flusher,
-                _closer: Arc::new(closer.drop_guard()),
-            },
-            outcome,
-        ))
+        let store = Store {
+            db: db.clone(),
+            sensors,
+            pending,
+            undelivered,
+            quarantine,
+            creds,
+            bridged,
+            flusher,
+            dir: layout.db(),
+            _closer: Arc::new(closer.drop_guard()),
+        };
+        // The mark goes before this run writes anything: from here on a crash means
+        // the next open reconciles.
+        let mark = layout.db().join(super::CLEAN_STOP_FILE);
+        let open_error = |io: std::io::Error| StoreError::Open {
+            path: layout.shown(&mark),
+            message: io.to_string(),
+        };
+        match std::fs::remove_file(&mark) {
+            Ok(()) => std::fs::File::open(layout.db())
+                .and_then(|d| d.sync_all())
+                .map_err(open_error)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let added = store.reconcile_indexes()?;
+                if added > 0 {
+                    tracing::warn!(
+                        added,
+                        "restored {added} index entries of records written just before an unclean stop"
+                    );
+                }
+            }
+            Err(e) => return Err(open_error(e)),
+        }
+        Ok((store, outcome))
     }
 }
 
