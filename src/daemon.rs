@@ -84,7 +84,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     }
     if !cfg.security.require_claim {
         tracing::warn!(
-            "security.require_claim = false: announces without a proof are served and their device tokens are published in clear, readable by any client of the broker; set security.require_claim = true once the sensors carry proofs"
+            "security.require_claim = false: announces without a proof are served and their device tokens are \
+                 published in clear, readable by any client of the broker; set security.require_claim = true \
+                 once the sensors carry proofs"
         );
     }
     let cfg = Arc::new(cfg);
@@ -94,7 +96,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     if crate::config::generic_gateway_id(&cfg.gateway_id) {
         tracing::warn!(
             gateway_id = %cfg.gateway_id,
-            "gateway_id {:?} is a host name many machines share: gateways left at it look like one gateway in Qubitro's metadata and on the status topic; set gateway_id in the config",
+            "gateway_id {:?} is a host name many machines share: gateways left at it look like one gateway in \
+                 Qubitro's metadata and on the status topic; set gateway_id in the config",
             cfg.gateway_id
         );
     }
@@ -421,7 +424,8 @@ fn prepare_store_dir(path: &std::path::Path) -> anyhow::Result<()> {
         tracing::warn!(
             path = %path.display(),
             mode = %format!("{mode:o}"),
-            "the store {} is open to group or others (mode {mode:o}) and holds every device token: chmod 700 {} (and chmod 600 the files in it)",
+            "the store {} is open to group or others (mode {mode:o}) and holds every device token: chmod 700 \
+                 {} (and chmod 600 the files in it)",
             path.display(),
             path.display()
         );

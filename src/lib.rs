@@ -47,7 +47,8 @@
 //!
 //! **On top**: [`daemon`] wires everything for `onboardd run` and stops it within one
 //! deadline; [`control`] is the Unix socket behind `onboardd devices …` (server and
-//! client).
+//! client, and `forget`: the Qubitro delete first, then the local forget, all or
+//! nothing, with the daemon running or not).
 //!
 //! Shared leaves: [`config`] (TOML/env, validated once), [`claim_key`] (configured
 //! or generated at first start), [`proof`] (the sensor protocol's crypto),
