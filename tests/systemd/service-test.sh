@@ -447,7 +447,9 @@ if [[ "$reply2" == *'"status":"ok"'* ]]; then pass onboarding-after-restart; els
 # ------------------------------------------------------------- claim key ---
 # A claim key of the operator's own comes through the shipped drop-in (systemd 252
 # fails a unit whose LoadCredential= file is missing, so it is not in the main unit).
-printf 'claim-key-%s' "$RANDOM$RANDOM" | guest_write /etc/onboardd/claim-key 0600
+# 64 hex characters, as the refusal of a weak key advises (`openssl rand -hex 32`; under 32
+# characters is refused at start).
+openssl rand -hex 32 | tr -d '\n' | guest_write /etc/onboardd/claim-key 0600
 guest_copy "$repo/systemd/claim-key.conf" /etc/systemd/system/onboardd.service.d/claim-key.conf 0644
 if guest_exec 'systemctl daemon-reload && systemctl restart onboardd.service' && [[ "$(show ActiveState)" == active ]]; then
     pass claim-key-drop-in-starts
