@@ -155,6 +155,25 @@ impl LogLines {
         c.notify_all();
     }
 
+    /// Waits (until `deadline` at the latest) for the reading threads to reach the end
+    /// of every stream: a process that has exited may still have lines in its pipes
+    /// that no thread has read yet, and a test that reads the log right after the
+    /// exit must see them all.
+    fn wait_drained(&self, deadline: Instant) {
+        let (m, c) = &*self.inner;
+        let mut s = lock(m);
+        while s.open > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            s = c
+                .wait_timeout(s, left)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+    }
+
     /// Every kept line, in order.
     pub fn all(&self) -> Vec<String> {
         lock(&self.inner.0)
@@ -374,7 +393,12 @@ impl Proc {
         let deadline = Instant::now() + within;
         loop {
             match c.try_wait() {
-                Ok(Some(status)) => return Ok(status),
+                Ok(Some(status)) => {
+                    // Its last lines (the reason it exited) may still be in the pipes.
+                    self.log
+                        .wait_drained(Instant::now() + Duration::from_secs(5));
+                    return Ok(status);
+                }
                 Ok(None) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(5))
                 }
