@@ -1,7 +1,7 @@
-//! The reference sensor: what firmware does to onboard itself through onboardd, in one
-//! file (README "Security" → "The sensor side"). It uses only rumqttc, hmac, sha2 and
-//! RustCrypto's aes-gcm — none of onboardd's code — so it is also a second
-//! implementation of the protocol.
+//! The reference sensor: what firmware does to onboard itself through onboardd with
+//! protocol v2, in one file (README "Security" → "The sensor side, for firmware authors").
+//! Its crypto is onboardd's own v2 primitives (`onboardd::proof::v2`), used exactly as
+//! firmware would use mbedTLS.
 //!
 //! ```sh
 //! cargo run --example sensor -- --host 127.0.0.1 --port 1883 --sensor-id temp-01 \
@@ -12,31 +12,47 @@
 //!    64 hex characters `onboardd claim SENSOR_ID` prints). `--claim-key` derives it
 //!    here instead, for demos only: a real sensor never holds the fleet's claim key.
 //! 2. Subscribes to `onboard/reply/{sensor_id}` (QoS 1), then announces on
-//!    `onboard/announce/{sensor_id}` (QoS 1, not retained) with
-//!    `proof = hex(HMAC-SHA256(sensor_key, "onboardd-announce-v1"))`, and again every
-//!    5 s until an answer comes (the gateway may not be up yet).
-//! 3. `pending`: waits, the `ok` follows by itself. `error`: prints it, exits 1.
-//! 4. `ok`: opens `device_token_sealed` = hex(nonce ‖ ciphertext ‖ tag) with AES-256-GCM,
-//!    key `HMAC-SHA256(sensor_key, "onboardd-reply-v1")`, additional data
-//!    `sensor_id/device_id`, and prints the device id and token it would use to log in
-//!    to Qubitro's broker. A reply whose seal does not open is not trusted.
+//!    `onboard/announce/{sensor_id}` (QoS 1, not retained): `{"body": B, "proof": P}`,
+//!    `B` the announce fields plus a fresh random `nonce`. It announces again, with a new
+//!    nonce each time, after `--interval` seconds doubling up to `--max-interval`, until
+//!    an authenticated `ok` arrives (the gateway may not be up yet, or busy).
+//! 3. Acts only on a reply whose `mac` verifies under its key and whose body carries the
+//!    nonce of its latest announce. Anything else is noise, logged and ignored: anyone
+//!    on an open broker may publish on the reply topic, so a forged `error` must not
+//!    stop it, a forged `pending` must not silence it, a replayed old `ok` or one with
+//!    another broker must not redirect it, and a clear `device_token` is never taken
+//!    (it holds a key, so a genuine gateway always seals).
+//! 4. Authenticated `pending`: the next announce waits `retry_after_s`. Authenticated
+//!    `error`: with `retry_after_s` (rate limited) it announces again after that,
+//!    without it the announce can never succeed as sent: prints it, exits 1.
+//! 5. Authenticated `ok`: opens `device_token_sealed` (AES-256-GCM under the seal key,
+//!    additional data `sensor_id/device_id/nonce`) and prints the device id, the token
+//!    and the broker named in that same authenticated body: the only broker it would
+//!    log in to. A bridged `ok` prints the data topic instead (no token exists).
 //!
 //! Every option can come from the environment (BROKER_HOST, BROKER_PORT, SENSOR_ID,
-//! SENSOR_KEY, CLAIM_KEY, REPLY_TIMEOUT), as in docker-compose.yml.
+//! SENSOR_KEY, CLAIM_KEY, REPLY_TIMEOUT, ANNOUNCE_INTERVAL, ANNOUNCE_MAX_INTERVAL), as in
+//! docker-compose.yml. Exit codes: 0 onboarded, 1 refused or no `ok` in time, 2 usage.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
-use aes_gcm::aead::{Aead, KeyInit, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
 use clap::Parser;
-use hmac::{Hmac, Mac};
+use onboardd::config::Secret;
+use onboardd::proof::v2::{AnnounceNonce, ExchangeKeys};
+use onboardd::proof::SensorKey;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use serde_json::{json, Value};
-use sha2::Sha256;
+use serde_json::{Map, Value};
+use tokio::time::Instant;
+
+/// The longest wait a reply may ask for: a gateway's `retry_after_s` is not trusted to
+/// park the sensor for days.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 #[derive(Parser)]
-#[command(about = "onboardd's reference sensor: announce with a proof, unseal the token")]
+#[command(
+    about = "onboardd's reference sensor (protocol v2): announce with a proof, trust only authenticated replies"
+)]
 struct Args {
     #[arg(long, env = "BROKER_HOST", default_value = "127.0.0.1")]
     host: String,
@@ -53,153 +69,278 @@ struct Args {
     /// Extra announce fields, as a JSON object (name, brand, model, tags, metadata…)
     #[arg(long, default_value = "{}")]
     fields: String,
-    /// Seconds to wait for the ok reply
+    /// Seconds to wait for an authenticated ok reply
     #[arg(long, env = "REPLY_TIMEOUT", default_value_t = 60)]
     timeout: u64,
+    /// Seconds before the first re-announce (each later one waits twice as long)
+    #[arg(long, env = "ANNOUNCE_INTERVAL", default_value_t = 5.0)]
+    interval: f64,
+    /// The longest wait between two announces, in seconds
+    #[arg(long, env = "ANNOUNCE_MAX_INTERVAL", default_value_t = 60.0)]
+    max_interval: f64,
 }
 
-fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key");
-    mac.update(msg);
-    mac.finalize().into_bytes().into()
+/// How the sensor reaches Qubitro once onboarded.
+#[derive(Debug, PartialEq)]
+enum Onboarded {
+    /// It logs in to `host:port` itself, with the device id and the opened token.
+    Direct {
+        device_id: String,
+        token: String,
+        host: String,
+        port: u16,
+    },
+    /// The gateway forwards its readings, published on `data_topic`.
+    Bridged {
+        device_id: String,
+        data_topic: String,
+    },
 }
 
-/// Opens `device_token_sealed`; `None` when it does not open (then trust nothing).
-fn unseal(sensor_key: &[u8; 32], sensor_id: &str, device_id: &str, sealed: &str) -> Option<String> {
-    let bytes = hex::decode(sealed).ok()?;
-    if bytes.len() < 12 + 16 {
-        return None;
+/// What one message on the reply topic means to the sensor.
+#[derive(Debug, PartialEq)]
+enum Verdict {
+    /// Not an authenticated answer to the latest announce, or unusable: ignored.
+    Noise(String),
+    Onboarded(Onboarded),
+    /// Announce again after the wait the gateway names, if any (authenticated `pending`,
+    /// or a rate limit).
+    AskAgainIn(Option<Duration>, String),
+    /// An authenticated error without a retry time: the announce can never succeed as sent.
+    Refused(String),
+}
+
+/// The gateway's judgement of `payload`, trusted only when it is authenticated (MAC under
+/// this sensor's key) and answers the announce with `current`.
+fn judge(keys: &ExchangeKeys, sensor_id: &str, current: &AnnounceNonce, payload: &[u8]) -> Verdict {
+    let body = match keys.verify_reply(payload, current) {
+        Ok(body) => body,
+        Err(why) => return Verdict::Noise(why.to_string()),
+    };
+    let text = |name: &str| body.get(name).and_then(Value::as_str).map(str::to_owned);
+    let retry_after = body
+        .get("retry_after_s")
+        .and_then(Value::as_u64)
+        .map(|s| Duration::from_secs(s).min(MAX_RETRY_AFTER));
+    match text("status").as_deref() {
+        Some("ok") => judge_ok(keys, sensor_id, current, &body),
+        Some("pending") => Verdict::AskAgainIn(retry_after, "pending".into()),
+        Some("error") => {
+            let code = text("code").unwrap_or_default();
+            let message = text("message").unwrap_or_default();
+            match retry_after {
+                Some(wait) => Verdict::AskAgainIn(Some(wait), format!("error {code}: {message}")),
+                None => Verdict::Refused(format!("error {code}: {message}")),
+            }
+        }
+        other => Verdict::Noise(format!(
+            "an authenticated reply with an unknown status {other:?}"
+        )),
     }
-    let (nonce, ciphertext_and_tag) = bytes.split_at(12);
-    let reply_key = hmac_sha256(sensor_key, b"onboardd-reply-v1");
-    let aad = format!("{sensor_id}/{device_id}");
-    let plain = Aes256Gcm::new_from_slice(&reply_key)
-        .expect("a 32-byte key")
-        .decrypt(
-            Nonce::from_slice(nonce),
-            Payload {
-                msg: ciphertext_and_tag,
-                aad: aad.as_bytes(),
-            },
-        )
-        .ok()?;
-    String::from_utf8(plain).ok()
+}
+
+fn judge_ok(
+    keys: &ExchangeKeys,
+    sensor_id: &str,
+    current: &AnnounceNonce,
+    body: &Map<String, Value>,
+) -> Verdict {
+    let Some(device_id) = body.get("device_id").and_then(Value::as_str) else {
+        return Verdict::Noise("an ok without a device_id".into());
+    };
+    if body.get("bridged").and_then(Value::as_bool) == Some(true) {
+        return match body.get("data_topic").and_then(Value::as_str) {
+            Some(topic) => Verdict::Onboarded(Onboarded::Bridged {
+                device_id: device_id.to_owned(),
+                data_topic: topic.to_owned(),
+            }),
+            None => Verdict::Noise("a bridged ok without a data_topic".into()),
+        };
+    }
+    let Some(sealed) = body.get("device_token_sealed").and_then(Value::as_str) else {
+        // A clear token is for sensors without a key; one that holds a key takes none.
+        return Verdict::Noise(
+            "an ok without device_token_sealed (a clear token is never taken)".into(),
+        );
+    };
+    let Ok(token) = keys.open_token(sensor_id, device_id, current, sealed) else {
+        return Verdict::Noise(
+            "the sealed token does not open for this sensor, device id and nonce".into(),
+        );
+    };
+    let broker = body.get("broker");
+    let host = broker.and_then(|b| b.get("host")).and_then(Value::as_str);
+    let port = broker
+        .and_then(|b| b.get("port"))
+        .and_then(Value::as_u64)
+        .and_then(|p| u16::try_from(p).ok());
+    match (host, port) {
+        (Some(host), Some(port)) if !host.is_empty() => Verdict::Onboarded(Onboarded::Direct {
+            device_id: device_id.to_owned(),
+            token,
+            host: host.to_owned(),
+            port,
+        }),
+        _ => Verdict::Noise("an ok without a usable broker host and port".into()),
+    }
+}
+
+/// One announce: a fresh nonce in the body, and the payload proving it.
+fn announce(keys: &ExchangeKeys, fields: &Map<String, Value>) -> (AnnounceNonce, Vec<u8>) {
+    let nonce = AnnounceNonce::generate();
+    let mut body = fields.clone();
+    body.insert("nonce".into(), Value::String(nonce.as_str().to_owned()));
+    let payload = keys.announce(&Value::Object(body).to_string());
+    (nonce, payload)
+}
+
+/// The status word of a payload that is not trusted, for the log: never its content,
+/// which may carry a token somebody wants the sensor to use.
+fn status_word(payload: &[u8]) -> String {
+    let status =
+        serde_json::from_slice::<Value>(payload)
+            .ok()
+            .and_then(|v| match v.get("status") {
+                Some(Value::String(s)) if s.len() <= 16 => Some(s.clone()),
+                _ => None,
+            });
+    status.unwrap_or_else(|| "-".into())
+}
+
+/// `base` give or take a fifth, so a fleet rebooting together does not announce in step.
+fn jittered(base: Duration) -> Duration {
+    base.mul_f64(0.8 + 0.4 * fastrand::f64())
+}
+
+fn seconds(s: f64, what: &str) -> Result<Duration, String> {
+    Duration::try_from_secs_f64(s).map_err(|_| format!("{what} must be a number of seconds ≥ 0"))
+}
+
+fn sensor_key(args: &Args) -> Option<SensorKey> {
+    match (&args.sensor_key, &args.claim_key) {
+        (Some(hex_key), _) => SensorKey::from_hex(hex_key),
+        (None, Some(claim_key)) => Some(SensorKey::derive(
+            &Secret::new(claim_key.as_str()),
+            &args.sensor_id,
+        )),
+        (None, None) => None,
+    }
+}
+
+fn print_onboarded(id: &str, how: &Onboarded) {
+    match how {
+        Onboarded::Direct {
+            device_id,
+            token,
+            host,
+            port,
+        } => {
+            println!("sensor {id}: onboarded");
+            println!("device_id: {device_id}");
+            println!("device_token: {token}");
+            println!("broker: {host}:{port}");
+        }
+        Onboarded::Bridged {
+            device_id,
+            data_topic,
+        } => {
+            println!("sensor {id}: onboarded, bridged (the gateway forwards its readings)");
+            println!("device_id: {device_id}");
+            println!("data_topic: {data_topic}");
+        }
+    }
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let args = Args::parse();
     let id = args.sensor_id.as_str();
-    let key: [u8; 32] = match (&args.sensor_key, &args.claim_key) {
-        (Some(hex_key), _) => match hex::decode(hex_key.trim())
-            .ok()
-            .and_then(|k| k.try_into().ok())
-        {
-            Some(k) => k,
-            None => {
-                eprintln!("sensor {id}: --sensor-key must be 64 hex characters");
-                return ExitCode::from(2);
-            }
-        },
-        (None, Some(claim_key)) => hmac_sha256(claim_key.as_bytes(), id.as_bytes()),
-        (None, None) => unreachable!("clap requires one of them"),
+    let Some(key) = sensor_key(&args) else {
+        eprintln!("sensor {id}: --sensor-key must be 64 hex characters");
+        return ExitCode::from(2);
     };
-    let Ok(Value::Object(mut announce)) = serde_json::from_str::<Value>(&args.fields) else {
+    let keys = ExchangeKeys::derive(&key);
+    let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(&args.fields) else {
         eprintln!("sensor {id}: --fields must be a JSON object");
         return ExitCode::from(2);
     };
-    announce.insert(
-        "proof".into(),
-        json!(hex::encode(hmac_sha256(&key, b"onboardd-announce-v1"))),
-    );
-    let announce = Value::Object(announce).to_string();
+    let (first_wait, max_wait) = match (
+        seconds(args.interval, "--interval"),
+        seconds(args.max_interval, "--max-interval"),
+    ) {
+        (Ok(a), Ok(b)) => (a, b.max(a)),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("sensor {id}: {e}");
+            return ExitCode::from(2);
+        }
+    };
 
     let mut opts = MqttOptions::new(format!("sensor-{id}"), &args.host, args.port);
     opts.set_keep_alive(Duration::from_secs(30));
     let (client, mut events) = AsyncClient::new(opts, 16);
     let reply_topic = format!("onboard/reply/{id}");
     let announce_topic = format!("onboard/announce/{id}");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout);
-    let mut subscribed = false;
-    let mut again = tokio::time::interval(Duration::from_secs(5));
+    let deadline = Instant::now() + Duration::from_secs(args.timeout);
+    // Never announced: until the first announce, no reply can match it.
+    let mut current = AnnounceNonce::generate();
+    let mut wait = first_wait;
+    // When to announce next; None until the reply subscription stands.
+    let mut next_announce: Option<Instant> = None;
     loop {
         let event = tokio::select! {
             e = events.poll() => e,
-            _ = again.tick(), if subscribed => {
-                eprintln!("sensor {id}: announce on {announce_topic}");
-                let _ = client.try_publish(&announce_topic, QoS::AtLeastOnce, false, announce.clone());
+            _ = tokio::time::sleep_until(next_announce.unwrap_or(deadline)), if next_announce.is_some() => {
+                let (nonce, payload) = announce(&keys, &fields);
+                current = nonce;
+                eprintln!("sensor {id}: announce on {announce_topic} (nonce {})", current.as_str());
+                let _ = client.try_publish(&announce_topic, QoS::AtLeastOnce, false, payload);
+                next_announce = Some(Instant::now() + jittered(wait));
+                wait = (wait * 2).min(max_wait);
                 continue;
             }
             _ = tokio::time::sleep_until(deadline) => {
-                eprintln!("sensor {id}: no ok reply within {} s", args.timeout);
+                eprintln!("sensor {id}: no authenticated ok reply within {} s", args.timeout);
                 return ExitCode::FAILURE;
             }
         };
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                // A clean session forgets the subscription: subscribe on every connect.
                 let _ = client.try_subscribe(&reply_topic, QoS::AtLeastOnce);
             }
-            Ok(Event::Incoming(Packet::SubAck(_))) => {
-                // The first tick fires at once: announce now, then every 5 s.
-                subscribed = true;
-                again.reset_immediately();
-            }
+            Ok(Event::Incoming(Packet::SubAck(_))) => next_announce = Some(Instant::now()),
             Ok(Event::Incoming(Packet::Publish(p))) if p.topic == reply_topic => {
-                let Ok(reply) = serde_json::from_slice::<Value>(&p.payload) else {
-                    continue;
-                };
-                match reply["status"].as_str() {
-                    Some("pending") => {
-                        eprintln!("sensor {id}: pending; the ok follows by itself");
-                        // No need to announce again: onboardd answers when it can.
-                        subscribed = false;
+                match judge(&keys, id, &current, &p.payload) {
+                    Verdict::Noise(why) => {
+                        eprintln!(
+                            "sensor {id}: ignored a reply (status {}): {why}",
+                            status_word(&p.payload)
+                        );
                     }
-                    Some("ok") => {
-                        let device_id = reply["device_id"].as_str().unwrap_or_default();
-                        let token = match (
-                            reply["device_token_sealed"].as_str(),
-                            reply["device_token"].as_str(),
-                        ) {
-                            (Some(sealed), _) => match unseal(&key, id, device_id, sealed) {
-                                Some(t) => t,
-                                None => {
-                                    eprintln!("sensor {id}: the sealed token does not open with this sensor key; not trusted");
-                                    return ExitCode::FAILURE;
-                                }
-                            },
-                            (None, Some(clear)) => {
-                                eprintln!("sensor {id}: warning: the token came in clear (the gateway runs with \
-                                     security.require_claim = false)");
-                                clear.to_string()
-                            }
-                            (None, None) => {
-                                eprintln!("sensor {id}: an ok reply without a token: {reply}");
-                                return ExitCode::FAILURE;
-                            }
-                        };
-                        println!("sensor {id}: onboarded");
-                        println!("device_id: {device_id}");
-                        println!("device_token: {token}");
-                        if let Some(b) = reply.get("broker") {
-                            println!(
-                                "broker: {}:{}",
-                                b["host"].as_str().unwrap_or("?"),
-                                b["port"]
-                            );
-                        }
+                    Verdict::AskAgainIn(after, what) => {
+                        // At least a second: a gateway saying 0 must not make it spin.
+                        let after = after.unwrap_or(wait).max(Duration::from_secs(1));
+                        eprintln!(
+                            "sensor {id}: {what}; announcing again in {} s",
+                            after.as_secs()
+                        );
+                        next_announce = Some(Instant::now() + after);
+                    }
+                    Verdict::Refused(what) => {
+                        eprintln!("sensor {id}: refused: {what}");
+                        return ExitCode::FAILURE;
+                    }
+                    Verdict::Onboarded(how) => {
+                        print_onboarded(id, &how);
                         let _ = client.disconnect().await;
                         return ExitCode::SUCCESS;
-                    }
-                    _ => {
-                        eprintln!("sensor {id}: refused: {reply}");
-                        return ExitCode::FAILURE;
                     }
                 }
             }
             Ok(_) => {}
             Err(e) => {
                 eprintln!("sensor {id}: broker not reachable yet ({e})");
-                subscribed = false;
+                next_announce = None;
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
