@@ -3,8 +3,10 @@
 # a local mosquitto on a free port, the fake Qubitro API, onboardd with a
 # temporary config and state dir (proofs required, as shipped: onboardd generates
 # its claim key on first start), and the reference sensor (examples/sensor.rs):
-# `onboardd claim` gives it its sensor key, it announces with its proof and
-# prints the device id and the token it unsealed from the reply.
+# `onboardd claim` gives it its sensor key, it announces with protocol v2 (a proof
+# over each announce, a new nonce each time), trusts only the reply whose mac
+# verifies for its latest announce, and prints the device id, the token it
+# unsealed from that reply and the broker the reply names.
 # Everything started here is stopped (by PID) on exit.
 #
 #   scripts/demo.sh                # builds the debug binaries if needed
@@ -121,14 +123,14 @@ sensor_id="demo-sensor-$RANDOM"
 sensor_key="$("$onboardd" claim --config "$tmp/onboardd.toml" "$sensor_id")"
 echo "demo: sensor key of $sensor_id from \`onboardd claim\` (flashed into the sensor, never sent)" >&2
 
-# 5. The sensor: it announces with its proof until it gets a reply, and unseals its token.
+# 5. The sensor: it announces (v2) until an authenticated ok comes, and unseals its token.
 if BROKER_HOST=127.0.0.1 BROKER_PORT="$mqtt_port" SENSOR_ID="$sensor_id" SENSOR_KEY="$sensor_key" \
     REPLY_TIMEOUT=30 SENSOR_BIN="$sensor_bin" "$repo/scripts/demo-sensor.sh"; then
     echo
     echo "demo: done; onboardd log:" >&2
     sed 's/^/  | /' "$tmp/onboardd.log" >&2
 else
-    echo "demo: the sensor got no reply; logs:" >&2
+    echo "demo: the sensor got no authenticated ok; logs:" >&2
     for f in onboardd fake-qubitro mosquitto; do
         echo "--- $f" >&2
         tail -n 30 "$tmp/$f.log" >&2
