@@ -88,6 +88,11 @@ fn sensor_bin() -> &'static Path {
 
 /// The reference sensor as a child process, announcing every 0.5 to 1 s.
 fn start_sensor(port: u16, key: &SensorKey) -> Proc {
+    start_sensor_announcing_every(port, key, "0.5", "1")
+}
+
+/// The reference sensor, its re-announces `interval` to `max` seconds apart.
+fn start_sensor_announcing_every(port: u16, key: &SensorKey, interval: &str, max: &str) -> Proc {
     let mut cmd = Command::new(sensor_bin());
     cmd.args([
         "--host",
@@ -98,7 +103,7 @@ fn start_sensor(port: u16, key: &SensorKey) -> Proc {
         SENSOR,
     ])
     .args(["--sensor-key", &key.to_hex(), "--timeout", "60"])
-    .args(["--interval", "0.5", "--max-interval", "1"])
+    .args(["--interval", interval, "--max-interval", max])
     .args(["--fields", r#"{"name":"Greenhouse","brand":"acme"}"#]);
     Proc::spawn("sensor", &mut cmd, LogLines::default()).expect("start the example sensor")
 }
@@ -393,4 +398,31 @@ async fn an_authenticated_bridged_ok_onboards_the_reference_sensor_with_its_data
     assert!(status.success(), "{text}");
     assert!(text.contains("data_topic: onboard/data/temp-01"), "{text}");
     assert!(!text.contains("device_token"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_authenticated_pending_keeps_its_announce_current_until_the_ok_for_it() {
+    let broker = Mosquitto::start();
+    let (key, keys) = keys();
+    let mut gw = Gateway::connect(broker.port, keys.clone()).await;
+    // Re-announces 16 s apart at the soonest: the pending surely answers the announce in
+    // progress.
+    let sensor = start_sensor_announcing_every(broker.port, &key, "20", "20");
+    let nonce = gw.next_announce().await;
+    let pending = json!({"status": "pending", "sensor_id": SENSOR, "retry_after_s": 3600});
+    gw.reply(keys.authenticated_reply(&pending, &nonce).unwrap(), false)
+        .await;
+    sensor
+        .log
+        .wait_for_async("pending; announcing again in 3600 s")
+        .await;
+    gw.reply(genuine_ok(&keys, &nonce), false).await;
+    let (status, log) = exit_of(sensor).await;
+    let text = log.text();
+    assert!(status.success(), "{text}");
+    assert!(text.contains(&format!("device_token: {TOKEN}")), "{text}");
+    assert!(
+        gw.announces.try_recv().is_err(),
+        "no announce while the pending holds: {text}"
+    );
 }
