@@ -194,17 +194,17 @@ fn announce(keys: &ExchangeKeys, fields: &Map<String, Value>) -> (AnnounceNonce,
     (nonce, payload)
 }
 
-/// The status word of a payload that is not trusted, for the log: never its content,
-/// which may carry a token somebody wants the sensor to use.
-fn status_word(payload: &[u8]) -> String {
-    let status =
-        serde_json::from_slice::<Value>(payload)
-            .ok()
-            .and_then(|v| match v.get("status") {
-                Some(Value::String(s)) if s.len() <= 16 => Some(s.clone()),
-                _ => None,
-            });
-    status.unwrap_or_else(|| "-".into())
+/// The status and code words of a payload that is not trusted, for the log: never its
+/// content, which may carry a token somebody wants the sensor to use.
+fn untrusted_words(payload: &[u8]) -> String {
+    let reply = serde_json::from_slice::<Value>(payload).unwrap_or_default();
+    let word = |name: &str| match reply.get(name) {
+        Some(Value::String(s)) if s.len() <= 24 && s.bytes().all(|b| b.is_ascii_graphic()) => {
+            s.clone()
+        }
+        _ => "-".into(),
+    };
+    format!("status {}, code {}", word("status"), word("code"))
 }
 
 /// `base` give or take a fifth, so a fleet rebooting together does not announce in step.
@@ -286,6 +286,7 @@ async fn main() -> ExitCode {
     let mut wait = first_wait;
     // When to announce next; None until the reply subscription stands.
     let mut next_announce: Option<Instant> = None;
+    let mut unauthorized_seen = false;
     loop {
         let event = tokio::select! {
             e = events.poll() => e,
@@ -300,6 +301,10 @@ async fn main() -> ExitCode {
             }
             _ = tokio::time::sleep_until(deadline) => {
                 eprintln!("sensor {id}: no authenticated ok reply within {} s", args.timeout);
+                if unauthorized_seen {
+                    eprintln!("sensor {id}: replies without a mac said unauthorized: if the gateway sent them, it could \
+                        not authenticate the announces (a wrong sensor key or sensor id, or a gateway without protocol v2)");
+                }
                 return ExitCode::FAILURE;
             }
         };
@@ -312,10 +317,10 @@ async fn main() -> ExitCode {
             Ok(Event::Incoming(Packet::Publish(p))) if p.topic == reply_topic => {
                 match judge(&keys, id, &current, &p.payload) {
                     Verdict::Noise(why) => {
-                        eprintln!(
-                            "sensor {id}: ignored a reply (status {}): {why}",
-                            status_word(&p.payload)
-                        );
+                        let words = untrusted_words(&p.payload);
+                        // Not trusted either, but worth a hint if no ok ever comes.
+                        unauthorized_seen |= words.ends_with("code unauthorized");
+                        eprintln!("sensor {id}: ignored a reply ({words}): {why}");
                     }
                     Verdict::AskAgainIn(after, what) => {
                         // At least a second: a gateway saying 0 must not make it spin.
