@@ -80,8 +80,7 @@ struct Args {
     max_interval: f64,
 }
 
-/// How the sensor reaches Qubitro once onboarded.
-#[derive(Debug, PartialEq)]
+/// How the sensor reaches Qubitro once onboarded. No `Debug`: it holds the token.
 enum Onboarded {
     /// It logs in to `host:port` itself, with the device id and the opened token.
     Direct {
@@ -98,7 +97,6 @@ enum Onboarded {
 }
 
 /// What one message on the reply topic means to the sensor.
-#[derive(Debug, PartialEq)]
 enum Verdict {
     /// Not an authenticated answer to the latest announce, or unusable: ignored.
     Noise(String),
