@@ -46,15 +46,25 @@ while :; do
     # Proofs are required, as by default, under the credential's key when loaded.
     which=generated
     [ -r "${CREDENTIALS_DIRECTORY:-/nonexistent}/claim-key" ] && which=given
-    proof=$(printf %s onboardd-announce-v1 | openssl dgst -sha256 -mac HMAC -macopt "hexkey:$(fake_key "$which" "$sensor")" | awk '{print $NF}')
-    if ! printf '%s' "$msg" | grep -q "\"proof\":\"$proof\""; then
+    key=$(fake_key "$which" "$sensor")
+    # Protocol v2: the proof covers the body's exact text, unescaped from the outer
+    # JSON (the stand-in's bodies hold no escapes but quotes).
+    body=$(printf '%s' "${msg#* }" | sed -n 's/^{"body":"\(.*\)","proof":"[0-9a-f]*"}$/\1/p' | sed 's/\\"/"/g')
+    nonce=$(printf '%s' "$body" | sed -n 's/.*"nonce":"\([0-9a-f]*\)".*/\1/p')
+    proof=$(printf 'onboardd-announce-v2\n%s' "$body" | openssl dgst -sha256 -mac HMAC -macopt "hexkey:$key" | awk '{print $NF}')
+    if [ -z "$body" ] || ! printf '%s' "$msg" | grep -q "\"proof\":\"$proof\""; then
         mosquitto_pub -h localhost -q 1 -t "onboard/reply/$sensor" \
-            -m '{"status":"error","code":"unauthorized","message":"announce carries no proof"}'
+            -m '{"status":"error","code":"unauthorized","message":"announce carries no protocol v2 proof"}'
         continue
     fi
     n=$((n + 1))
+    mac_key=$(printf %s onboardd-mac-v2 | openssl dgst -sha256 -mac HMAC -macopt "hexkey:$key" | awk '{print $NF}')
+    # The stand-in's seal is not AES-GCM: the service test's check that it opens fails
+    # against the stand-in, as it should.
+    reply="{\"status\":\"ok\",\"device_id\":\"fake-$n\",\"device_token_sealed\":\"00$n\",\"nonce\":\"$nonce\"}"
+    mac=$(printf 'onboardd-reply-v2\n%s' "$reply" | openssl dgst -sha256 -mac HMAC -macopt "hexkey:$mac_key" | awk '{print $NF}')
     mosquitto_pub -h localhost -q 1 -t "onboard/reply/$sensor" \
-        -m "{\"status\":\"ok\",\"device_id\":\"fake-$n\",\"device_token_sealed\":\"00$n\"}"
+        -m "{\"body\":\"$(printf '%s' "$reply" | sed 's/"/\\"/g')\",\"mac\":\"$mac\"}"
     printf 'MESSAGE=sensor onboarded\nPRIORITY=6\nSYSLOG_IDENTIFIER=onboardd\nSENSOR_ID=%s\n' "$sensor" | logger --journald
     systemd-notify --status="fake-onboardd: $n onboarded"
 done

@@ -7,7 +7,8 @@
 # again with its sealed token readable), `devices list` with the service stopped,
 # no restart on a config error (exit 78), a missing API key named by
 # `systemctl status`, and the watchdog killing and restarting a hung daemon.
-# Needs python3-cryptography on the host (tests/systemd/unseal.py).
+# Needs python3-cryptography on the host (tests/systemd/protocol.py, the sensor's side of
+# protocol v2).
 #
 # Usage (root; needs debootstrap and systemd-container, see scripts/install-deps.sh):
 #   tests/systemd/service-test.sh [ONBOARDD_BIN [FAKE_QUBITRO_BIN]]
@@ -197,14 +198,21 @@ sensor_key_of() {
         guest_exec "onboardd claim --config /etc/onboardd/onboardd.toml '$1'" 2>&1 | tail -n 1
     fi
 }
-# proof_of SENSOR_KEY_HEX: the announce's proof, computed as firmware does.
-proof_of() {
-    printf %s onboardd-announce-v1 | openssl dgst -sha256 -mac HMAC -macopt "hexkey:$1" | awk '{print $NF}'
-}
-onboard() { # onboard SENSOR_ID [PROOF] -> prints the reply payload
+# json_field JSON NAME: a top-level field of a JSON object, or nothing.
+json_field() { /usr/bin/python3 -c 'import json, sys; print(json.loads(sys.argv[1]).get(sys.argv[2], ""))' "$1" "$2" 2>/dev/null; }
+# onboard SENSOR_ID [SENSOR_KEY_HEX] -> prints the reply as the sensor reads it.
+# With a key, the announce is protocol v2's, built as firmware builds it
+# (tests/systemd/protocol.py, from README's spec), and the reply is printed only
+# when it is authenticated for that announce (its body, with "opened_token" when its
+# sealed token opens); without a key, a bare announce and the reply as it came.
+onboard() {
+    local fields="{\"name\":\"service test $1\",\"brand\":\"acme\",\"model\":\"t1\",\"request_id\":\"r-$1\"}"
+    local nonce="" payload="$fields" raw
+    if [[ -n "${2:-}" ]]; then
+        read -r nonce payload < <("$here/protocol.py" announce "$2" "$fields")
+    fi
     # Built here and passed in single quotes: it holds no single quote.
-    local payload="{\"name\":\"service test $1\",\"brand\":\"acme\",\"model\":\"t1\",\"request_id\":\"r-$1\"${2:+,\"proof\":\"$2\"}}"
-    guest_exec "
+    raw="$(guest_exec "
         out=\$(mktemp)
         # Line-buffered, or the SUBACK line sits in stdio's buffer until exit.
         stdbuf -oL mosquitto_sub -h localhost -d -q 1 -t 'onboard/reply/$1' -C 1 -W 10 >\"\$out\" 2>&1 &
@@ -213,7 +221,12 @@ onboard() { # onboard SENSOR_ID [PROOF] -> prints the reply payload
         i=0; until grep -q SUBACK \"\$out\" || [ \$i -ge 50 ]; do sleep 0.1; i=\$((i+1)); done
         mosquitto_pub -h localhost -q 1 -t 'onboard/announce/$1' -m '$payload'
         wait \$sub
-        grep '^{' \"\$out\""
+        grep '^{' \"\$out\"")"
+    if [[ -z "$nonce" || -z "$raw" ]]; then
+        printf '%s\n' "$raw"
+    else
+        "$here/protocol.py" read "$2" "$1" "$nonce" "$raw" 2>&1
+    fi
 }
 sensor="svc-$RANDOM$RANDOM"
 # Proofs are required by default, with the key onboardd generated on first start.
@@ -223,11 +236,11 @@ if [[ "$unproven" == *unauthorized* && "$unproven" != *'"status":"ok"'* ]]; then
 else
     fail announce-without-proof-refused-by-default "reply: ${unproven:-none within 10 s}"
 fi
-sensor_proof="$(proof_of "$(sensor_key_of "$sensor")")"
+sensor_key="$(sensor_key_of "$sensor")"
 t_announce=$(ms_now)
-reply="$(onboard "$sensor" "$sensor_proof" 2>&1)"
+reply="$(onboard "$sensor" "$sensor_key" 2>&1)"
 t_reply=$(ms_now)
-if [[ "$reply" == *'"status":"ok"'* && "$reply" == *'"device_id"'* && "$reply" == *'"device_token_sealed"'* && "$reply" != *'"device_token":'* ]]; then
+if [[ "$reply" == *'"status":"ok"'* && "$reply" == *'"device_id"'* && -n "$(json_field "$reply" opened_token)" && "$reply" != *'"device_token":'* ]]; then
     pass "onboarding-through-unit ($((t_reply - t_announce)) ms)"
 else
     fail onboarding-through-unit "reply: ${reply:-none within 10 s}"
@@ -288,10 +301,8 @@ fi
 # its token sealed with the key the sensor was flashed with (the claim key beside
 # the database is untouched), and no second device at Qubitro.
 state_dir=/var/lib/private/onboardd
-json_field() { /usr/bin/python3 -c 'import json, sys; print(json.loads(sys.argv[1]).get(sys.argv[2], ""))' "$1" "$2" 2>/dev/null; }
-sensor_key="$(sensor_key_of "$sensor")"
 first_device="$(json_field "$reply" device_id)"
-first_token="$("$here/unseal.py" "$sensor_key" "$sensor" "$reply" 2>&1)"
+first_token="$(json_field "$reply" opened_token)"
 # fake_devices: the number of devices the fake Qubitro holds (its list endpoint,
 # over the guest's own loopback: the guest has no curl, and bash's /dev/tcp does).
 guest_write /usr/local/bin/fake-qubitro-devices 0755 <<EOF
@@ -333,8 +344,8 @@ else
     fail corrupt-db-service-up-with-broker "state=$(show ActiveState)/$(show SubState) NRestarts=$(show NRestarts) status='$(show StatusText)': $(guest_exec 'journalctl -u onboardd -n 8 -o cat --no-pager' | tr '\n' ' ')"
 fi
 check corrupt-db-moved-aside-inside-state-dir guest_exec "ls -d $state_dir/db.corrupt-* && [ -f $state_dir/claim-key ] && [ -d $state_dir/db ]"
-reply5="$(onboard "$sensor" "$sensor_proof" 2>&1)"
-token5="$("$here/unseal.py" "$sensor_key" "$sensor" "$reply5" 2>&1)"
+reply5="$(onboard "$sensor" "$sensor_key" 2>&1)"
+token5="$(json_field "$reply5" opened_token)"
 if [[ "$reply5" == *'"status":"ok"'* && -n "$first_device" && "$(json_field "$reply5" device_id)" == "$first_device" ]] &&
     [[ -n "$first_token" && "$token5" == "$first_token" ]]; then
     pass corrupt-db-same-device-token-opens-with-flashed-key
@@ -441,7 +452,7 @@ else
     fail watchdog-kills-and-restarts-hung-daemon "MainPID=$(show MainPID) NRestarts=$(show NRestarts) state=$(show ActiveState)/$(show SubState)"
 fi
 # Service still works after the restart (state reloaded from the store).
-reply2="$(onboard "$sensor" "$sensor_proof" 2>&1)"
+reply2="$(onboard "$sensor" "$sensor_key" 2>&1)"
 if [[ "$reply2" == *'"status":"ok"'* ]]; then pass onboarding-after-restart; else fail onboarding-after-restart "reply: ${reply2:-none within 10 s}"; fi
 
 # ------------------------------------------------------------- claim key ---
@@ -458,7 +469,7 @@ else
 fi
 claimed="claim-$RANDOM$RANDOM"
 # A proof made with the generated key no longer proves anything.
-reply3="$(onboard "$claimed" "$(proof_of "$(sensor_key_of "$claimed")")" 2>&1)"
+reply3="$(onboard "$claimed" "$(sensor_key_of "$claimed")" 2>&1)"
 if [[ "$reply3" == *unauthorized* && "$reply3" != *'"status":"ok"'* ]]; then
     pass announce-with-another-keys-proof-refused
 else
@@ -467,8 +478,8 @@ fi
 # Derive the sensor key as the operator would (outside the unit, the key files are
 # given by absolute path: there is no $CREDENTIALS_DIRECTORY).
 claimed_key="$(sensor_key_of "$claimed" /etc/onboardd/claim-key)"
-reply4="$(onboard "$claimed" "$(proof_of "$claimed_key")" 2>&1)"
-if [[ "$reply4" == *'"status":"ok"'* && "$reply4" == *'"device_token_sealed"'* ]]; then
+reply4="$(onboard "$claimed" "$claimed_key" 2>&1)"
+if [[ "$reply4" == *'"status":"ok"'* && -n "$(json_field "$reply4" opened_token)" ]]; then
     pass announce-with-proof-onboarded
 else
     fail announce-with-proof-onboarded "sensor key '$claimed_key', reply: ${reply4:-none within 10 s}"
