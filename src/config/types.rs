@@ -128,6 +128,14 @@ pub struct StoreConfig {
     pub path: String,
     /// sled's page cache; its 1 GiB default is far too much for a Pi.
     pub cache_capacity_bytes: u64,
+    /// Seconds between writes of the sensors' last-seen times (one batch each time,
+    /// never one write per reading).
+    #[serde(default = "default_last_seen_flush_s")]
+    pub last_seen_flush_s: u64,
+}
+
+fn default_last_seen_flush_s() -> u64 {
+    600
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
