@@ -299,6 +299,22 @@ impl Engine {
         Ok(old)
     }
 
+    /// `devices unignore`: lifts `sensor` from the ignore list and, when discovery
+    /// knows its device with an entity, onboards it now rather than at the next
+    /// subscribe. `None`: it was not on the list.
+    pub async fn unignore(self: &Arc<Self>, sensor: &str) -> Result<Option<bool>, StoreError> {
+        let Some(seq) = self.store.unignore(sensor)? else {
+            return Ok(None);
+        };
+        let stage = self.dispatch_stage();
+        let now = match &stage.discovery {
+            Some(d) => d.onboard_known(sensor)?,
+            None => None,
+        };
+        self.store.durable(seq.max(now.unwrap_or(0))).await?;
+        Ok(Some(now.is_some()))
+    }
+
     /// Waits (bounded) for onboarding tasks to reach a safe point after `stop`,
     /// then cancels the cloud calls still running.
     pub async fn wind_down(&self, within: Duration) -> bool {
