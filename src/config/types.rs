@@ -226,6 +226,10 @@ pub struct DiscoveryConfig {
     pub skip_identifiers: Vec<String>,
     /// Larger configs are skipped with a warning.
     pub max_config_bytes: usize,
+    /// A discovered device retired this many seconds is deleted from Qubitro and
+    /// forgotten (0: never, kept and billed until the operator forgets it).
+    #[serde(default)]
+    pub delete_retired_after_s: u64,
 }
 
 impl DiscoveryConfig {

@@ -3,6 +3,8 @@
 //! and without the list each of those would onboard it (and bill it) again.
 //! `devices unignore` lifts it, and discovery onboards it at once. A firmware
 //! sensor that is forgotten is not ignored: it is onboarded again when it announces.
+//! With `discovery.delete_retired_after_s`, a device retired that long is deleted
+//! from Qubitro and forgotten without the operator, and not ignored.
 
 mod common;
 
@@ -13,10 +15,14 @@ use fake_qubitro::{FakeDevice, FakeQubitro};
 use harness::qubitro_broker::QubitroBroker;
 use serde_json::{json, Value};
 
+fn config_topic(ident: &str) -> String {
+    format!("homeassistant/sensor/{ident}/t/config")
+}
+
 /// A retained Home Assistant config of one entity of device `ident`.
 async fn publish_config(port: u16, ident: &str) {
     let c = Sensor::connect_as(port, &format!("pub-{ident}"), "lx/none", None, None).await;
-    let topic = format!("homeassistant/sensor/{ident}/t/config");
+    let topic = config_topic(ident);
     let body = json!({
         "device": {"identifiers": [ident], "name": format!("Room {ident}")},
         "state_topic": format!("lx/{ident}"),
@@ -152,4 +158,47 @@ async fn a_forgotten_firmware_sensor_is_not_ignored_and_is_onboarded_again_when_
     let again = s.reply_with_status("ok").await;
     assert_opens_to_the_clouds_token(&cloud, &again);
     assert_eq!(d.state_of("fw-1").as_deref(), Some("delivered"), "{first}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_retired_longer_than_delete_retired_after_s_is_deleted_and_forgotten_but_not_ignored(
+) {
+    let broker = Mosquitto::start();
+    let cloud = fake_cloud().await;
+    let qubitro = QubitroBroker::start(&cloud);
+    let toml = format!(
+        "{}[discovery]\nhomeassistant = true\ndelete_retired_after_s = 1",
+        qubitro.daemon_toml()
+    );
+    let d = Daemon::start(&broker, &cloud, &toml);
+    publish_config(broker.port, "rt1").await;
+    publish_config(broker.port, "rt2").await;
+    let retiring = discovered(&cloud, &d, "rt1").await;
+    let kept = discovered(&cloud, &d, "rt2").await;
+    let sensor = retiring.metadata["sensor_id"].clone();
+
+    // Its only entity's config is removed: retired, then deleted a second later.
+    let c = Sensor::connect_as(broker.port, "pub-rm", "lx/none", None, None).await;
+    c.publish(&config_topic("rt1"), b"", true).await;
+    until("the retired device deleted from Qubitro", || {
+        cloud_devices_of(&cloud, &sensor).is_empty()
+    })
+    .await;
+    until("the retired device forgotten", || {
+        d.state_of(&sensor).is_none()
+    })
+    .await;
+    let left: Vec<String> = cloud.devices().into_iter().map(|dev| dev.id).collect();
+    assert_eq!(left, vec![kept.id], "the active device is kept");
+    assert!(
+        ignored(&d).is_empty(),
+        "not ignored: its config may come back"
+    );
+
+    publish_config(broker.port, "rt1").await;
+    let back = discovered(&cloud, &d, "rt1").await;
+    assert_ne!(
+        back.id, retiring.id,
+        "onboarded anew when its config came back"
+    );
 }
