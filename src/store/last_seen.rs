@@ -105,10 +105,26 @@ impl Store {
         Ok(())
     }
 
-    /// Writes the times kept in memory now (a clean stop).
+    /// At a clean stop: writes each time kept in memory that the store does not
+    /// hold to within the interval. The store's value is never staler than the
+    /// interval while the daemon runs; keeping that promise across the stop needs
+    /// no write for a sensor written recently, so that restarts (and the re-announces
+    /// they bring) cost the SD card nothing.
     pub fn write_last_seen(&self) -> Result<(), StoreError> {
-        let times = std::mem::take(&mut self.last_seen.lock().unwritten);
-        self.write_seen(times)
+        let (times, every) = {
+            let mut seen = self.last_seen.lock();
+            (std::mem::take(&mut seen.unwritten), seen.every)
+        };
+        let every_ms = u64::try_from(every.as_millis()).unwrap_or(u64::MAX);
+        let tree = self.last_seen_tree()?;
+        let mut stale = HashMap::new();
+        for (sensor, ms) in times {
+            let stored = tree.get(sensor.as_bytes())?.and_then(|v| decode(&v));
+            if stored.is_none_or(|at| ms.saturating_sub(at) >= every_ms) {
+                stale.insert(sensor, ms);
+            }
+        }
+        self.write_seen(stale)
     }
 
     /// When `sensor` was last heard from: memory first, then the store.
@@ -172,6 +188,38 @@ mod tests {
             tree.get("s2").unwrap().and_then(|v| decode(&v)),
             Some(5_000)
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_clean_stop_writes_only_times_the_store_does_not_hold_to_within_the_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(&cfg(dir.path())).unwrap();
+        store.set_last_seen_every(Duration::from_secs(600));
+        let t0 = Instant::now();
+        store.saw("a", 1_000, t0).unwrap();
+        store.saw("b", 1_000, t0).unwrap();
+        store.write_last_seen().unwrap();
+        assert_eq!(
+            store.last_seen_batches(),
+            1,
+            "never written before: written"
+        );
+        store.saw("a", 1_000 + 599_999, t0).unwrap();
+        store.write_last_seen().unwrap();
+        assert_eq!(
+            store.last_seen_batches(),
+            1,
+            "the store holds it to within the interval"
+        );
+        assert_eq!(
+            store.last_seen("a").unwrap(),
+            Some(1_000),
+            "off by less than the interval"
+        );
+        store.saw("b", 1_000 + 600_000, t0).unwrap();
+        store.write_last_seen().unwrap();
+        assert_eq!(store.last_seen_batches(), 2);
+        assert_eq!(store.last_seen("b").unwrap(), Some(601_000));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
