@@ -12,6 +12,7 @@
 //!   effect; [`health`]: what the cloud's last answers said.
 //!   [`onboardings`]: the running tasks and the routes they owe; [`retry`]: how long
 //!   a sensor waits before its next attempt.
+//!   [`converge`]: after a create, the device every gateway in a race ends on.
 //! - [`records`]: the only door through which a record changes.
 //! - [`delivery`]: the replies, and the broker's acknowledgements that move a record
 //!   from `Created` to `Delivered`; [`publisher`]: the trait replies and acks go
@@ -26,6 +27,7 @@
 //! lends each stage exactly its part, and spawns the tasks.
 
 mod admit;
+mod converge;
 mod delivery;
 mod discovered;
 mod dispatch;
