@@ -202,3 +202,40 @@ async fn a_device_retired_longer_than_delete_retired_after_s_is_deleted_and_forg
         "onboarded anew when its config came back"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forgotten_and_unignored_with_the_daemon_stopped_a_device_stays_away_until_unignored_and_returns_at_the_next_start(
+) {
+    let broker = Mosquitto::start_persistent();
+    let cloud = fake_cloud().await;
+    let qubitro = QubitroBroker::start(&cloud);
+    let state = tempfile::tempdir().unwrap();
+    let toml = format!("{}[discovery]\nhomeassistant = true", qubitro.daemon_toml());
+    let mut d = Daemon::with_state(broker.port, &cloud, state.path(), &toml, vec![]);
+    d.wait_subscribed();
+    publish_config(broker.port, "off1").await;
+    let first = discovered(&cloud, &d, "off1").await;
+    let sensor = first.metadata["sensor_id"].clone();
+
+    assert_eq!(d.signal_and_wait(libc::SIGTERM).code(), Some(0));
+    let (code, out, err) = d.devices(&["forget", &sensor]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(ignored(&d), vec![sensor.clone()], "read from the store");
+    d.spawn();
+    d.log
+        .wait_for(&format!("discovered device {sensor} is on the ignore list"));
+    assert_eq!(d.state_of(&sensor), None);
+
+    assert_eq!(d.signal_and_wait(libc::SIGTERM).code(), Some(0));
+    let (code, out, err) = d.devices(&["unignore", &sensor]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("next start"), "says when: {out}");
+    d.spawn();
+    d.wait_subscribed();
+    until(&format!("{sensor} onboarded again"), || {
+        d.state_of(&sensor).as_deref() == Some("delivered")
+    })
+    .await;
+    // Forgotten without --delete-remote: the lookup adopts the device it kept.
+    assert_eq!(cloud_devices_of(&cloud, &sensor).len(), 1);
+}
