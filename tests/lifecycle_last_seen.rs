@@ -71,4 +71,16 @@ async fn a_reading_updates_last_seen_and_the_time_survives_a_clean_restart() {
     d.spawn();
     d.wait_subscribed();
     assert_eq!(last_seen(&d, "seen-1"), read, "and by the restarted daemon");
+
+    // Anyone on the broker can announce the id without its proof: that is no sign of
+    // the sensor.
+    let mut impostor = Sensor::connect_unkeyed(broker.port, "seen-1").await;
+    impostor.announce("{}").await;
+    let refused = impostor.reply().await;
+    assert_eq!(refused["status"], "error", "{refused}");
+    assert_eq!(
+        last_seen(&d, "seen-1"),
+        read,
+        "a refused announce does not count"
+    );
 }
