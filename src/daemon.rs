@@ -172,6 +172,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let acker = tokio::spawn(engine.clone().run_acker(ack_rx));
     let session_events = tokio::spawn(engine.clone().run_session_events(event_rx));
     let control = control::serve(&cfg.control, engine.clone(), stops.stop.clone())?;
+    let reaper = crate::lifecycle::spawn_reaper(
+        cfg.discovery.delete_retired_after_s,
+        engine.clone(),
+        stops.stop.clone(),
+    );
 
     systemd::ready();
     tracing::info!(
@@ -203,6 +208,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let by = |left: Duration| deadline.checked_sub(left).unwrap_or(deadline);
     stops.stop.cancel();
     reporter.abort();
+    if let Some(r) = reaper {
+        r.abort();
+    }
     if let Some(c) = control {
         c.abort();
     }

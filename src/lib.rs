@@ -48,7 +48,9 @@
 //! **On top**: [`daemon`] wires everything for `onboardd run` and stops it within one
 //! deadline; [`control`] is the Unix socket behind `onboardd devices …` (server and
 //! client, and `forget`: the Qubitro delete first, then the local forget, all or
-//! nothing, with the daemon running or not).
+//! nothing, with the daemon running or not; `prune`, the same for every sensor silent
+//! too long); [`lifecycle`] deletes discovered devices retired for too long (with
+//! `control`'s forget).
 //!
 //! Shared leaves: [`config`] (TOML/env, validated once), [`claim_key`] (configured
 //! or generated at first start), [`proof`] (the sensor protocol's crypto),
@@ -72,6 +74,7 @@ pub mod discovery;
 pub mod engine;
 pub mod failpoint;
 pub mod heartbeat;
+pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
 pub mod mqtt;

@@ -550,3 +550,25 @@ fn the_warning_about_a_readable_config_with_a_secret_gives_advice_that_works_und
         "chmod breaks the packaged service: {err}"
     );
 }
+
+#[test]
+fn prune_refuses_a_duration_without_a_unit_before_touching_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, "[qubitro]\nproject_id = \"p\"\napi_key = \"k\"").unwrap();
+    for bad in ["30", "3w", "x"] {
+        let (code, _, err) = run(&[
+            "devices",
+            "prune",
+            "--not-seen-for",
+            bad,
+            "--config",
+            path.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 2, "a usage error: {err}");
+        assert!(
+            err.contains("30d, 12h, 15m, 90s"),
+            "says what it takes: {err}"
+        );
+    }
+}

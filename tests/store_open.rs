@@ -49,6 +49,7 @@ fn store_cfg(path: &Path) -> StoreConfig {
     StoreConfig {
         path: path.display().to_string(),
         cache_capacity_bytes: 1 << 20,
+        last_seen_flush_s: 600,
     }
 }
 

@@ -128,6 +128,14 @@ pub struct StoreConfig {
     pub path: String,
     /// sled's page cache; its 1 GiB default is far too much for a Pi.
     pub cache_capacity_bytes: u64,
+    /// Seconds between writes of the sensors' last-seen times (one batch each time,
+    /// never one write per reading).
+    #[serde(default = "default_last_seen_flush_s")]
+    pub last_seen_flush_s: u64,
+}
+
+fn default_last_seen_flush_s() -> u64 {
+    600
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -218,6 +226,10 @@ pub struct DiscoveryConfig {
     pub skip_identifiers: Vec<String>,
     /// Larger configs are skipped with a warning.
     pub max_config_bytes: usize,
+    /// A discovered device retired this many seconds is deleted from Qubitro and
+    /// forgotten (0: never, kept and billed until the operator forgets it).
+    #[serde(default)]
+    pub delete_retired_after_s: u64,
 }
 
 impl DiscoveryConfig {

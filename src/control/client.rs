@@ -19,6 +19,10 @@ pub enum DevicesCommand {
         /// One JSON array instead of a table
         #[arg(long)]
         json: bool,
+        /// The ignore list instead: discovered devices that were forgotten, which
+        /// discovery leaves alone although their configs are still retained
+        #[arg(long)]
+        ignored: bool,
     },
     /// Everything known of one sensor (the token only with --show-token)
     Show {
@@ -38,6 +42,23 @@ pub enum DevicesCommand {
     /// Retry a bridged sensor's uplink now, after Qubitro refused its device (needs
     /// the daemon running; paused devices are also retried on their own)
     Resume { sensor_id: String },
+    /// Lift a forgotten discovered device from the ignore list: discovery onboards
+    /// it again (at once while the daemon runs, else at its next start)
+    Unignore { sensor_id: String },
+    /// Forget every sensor not heard from (no announce, no reading) for longer than
+    /// DURATION, one line per sensor; each as `forget` would
+    Prune {
+        /// 30d, 12h, 15m, 90s
+        #[arg(long, value_parser = super::prune::parse_duration)]
+        not_seen_for: std::time::Duration,
+        /// Delete each one's Qubitro device first; a sensor whose delete Qubitro
+        /// refuses is kept (and the command exits non-zero)
+        #[arg(long)]
+        delete_remote: bool,
+        /// Print what would be forgotten, change nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Every sensor as JSON lines (tokens only with --include-tokens)
     Export {
         #[arg(long)]
@@ -63,7 +84,28 @@ pub async fn devices(
 ) -> Result<Outcome, ControlError> {
     let ask = |req| ask(cfg, config_path, req);
     match cmd {
-        DevicesCommand::List { json } => {
+        DevicesCommand::List {
+            json,
+            ignored: true,
+        } => {
+            let Response::Ignored { ignored } = ask(Request::Ignored).await? else {
+                return Err(ControlError::Unexpected);
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&ignored)?);
+            } else {
+                for i in &ignored {
+                    println!(
+                        "{}  ignored since {}  {}",
+                        i.sensor_id,
+                        utc(i.since_ms),
+                        i.name
+                    );
+                }
+                println!("{} ignored", ignored.len());
+            }
+        }
+        DevicesCommand::List { json, .. } => {
             let req = Request::List { with_tokens: false };
             let Response::Devices { mut devices } = ask(req).await? else {
                 return Err(ControlError::Unexpected);
@@ -120,6 +162,39 @@ pub async fn devices(
                 return Ok(Outcome::NotFound);
             }
         }
+        DevicesCommand::Unignore { sensor_id } => {
+            let Response::Unignored { found, message } =
+                ask(Request::Unignore { sensor_id }).await?
+            else {
+                return Err(ControlError::Unexpected);
+            };
+            println!("{message}");
+            if !found {
+                return Ok(Outcome::NotFound);
+            }
+        }
+        DevicesCommand::Prune {
+            not_seen_for,
+            delete_remote,
+            dry_run,
+        } => {
+            let req = Request::Prune {
+                not_seen_for_s: not_seen_for.as_secs(),
+                delete_remote,
+                dry_run,
+            };
+            let Response::Pruned { lines, failed } = ask(req).await? else {
+                return Err(ControlError::Unexpected);
+            };
+            for l in &lines {
+                println!("{l}");
+            }
+            if failed > 0 {
+                return Err(ControlError::Daemon {
+                    message: format!("{failed} sensor(s) could not be pruned (see above); they are kept as they were"),
+                });
+            }
+        }
         DevicesCommand::Export { include_tokens } => {
             let req = Request::List {
                 with_tokens: include_tokens,
@@ -156,6 +231,11 @@ async fn ask(cfg: &Config, config_path: &Path, req: Request) -> Result<Response,
             let cloud = match &req {
                 Request::Forget {
                     delete_remote: true,
+                    ..
+                }
+                | Request::Prune {
+                    delete_remote: true,
+                    dry_run: false,
                     ..
                 } => Some(offline_cloud(cfg, config_path)?),
                 _ => None,
@@ -299,22 +379,45 @@ fn table(devices: &[DeviceRow]) -> String {
     // Writing to a String cannot fail.
     let _ = writeln!(
         out,
-        "{:<w_id$}  {:<9}  {:<w_dev$}  {:<7}  NAME",
-        "SENSOR_ID", "STATE", "DEVICE_ID", "BRIDGED"
+        "{:<w_id$}  {:<9}  {:<w_dev$}  {:<20}  {:<7}  NAME",
+        "SENSOR_ID", "STATE", "DEVICE_ID", "LAST_SEEN", "BRIDGED"
     );
     for d in devices {
         let _ = writeln!(
             out,
-            "{:<w_id$}  {:<9}  {:<w_dev$}  {:<7}  {}",
+            "{:<w_id$}  {:<9}  {:<w_dev$}  {:<20}  {:<7}  {}",
             d.sensor_id,
             d.state,
             d.device_id.as_deref().unwrap_or("-"),
+            d.last_seen_ms.map_or("-".to_string(), utc),
             if d.bridged { "yes" } else { "-" },
             d.name
         );
     }
     let _ = writeln!(out, "{} sensors", devices.len());
     out
+}
+
+/// `2026-12-06T22:51:40Z` from wall-clock ms (UTC, to the second).
+fn utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Days since 1970-01-01 to a civil date (H. Hinnant's days_from_civil, inverted).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3_600,
+        rem % 3_600 / 60,
+        rem % 60
+    )
 }
 
 #[cfg(test)]
@@ -335,6 +438,7 @@ mod tests {
             updated_ms: 0,
             last_error: None,
             origin: None,
+            last_seen_ms: (id == "s2").then_some(1_765_061_500_000),
             bridged: id == "s2",
             bridge: None,
         }
@@ -353,7 +457,22 @@ mod tests {
         assert_eq!(lines[3], "2 sensors");
         assert!(lines[1].contains(" -        Cellar"), "not bridged: {t}");
         assert!(lines[2].contains(" yes      Cellar"), "bridged: {t}");
+        assert!(
+            lines[2].contains("  2025-12-06T22:51:40Z  yes"),
+            "last seen: {t}"
+        );
+        assert!(
+            lines[1].contains("dev-1      -                     -"),
+            "never seen: {t}"
+        );
         assert!(!t.contains("secret-token"));
+    }
+
+    #[test]
+    fn wall_clock_times_are_shown_in_utc() {
+        assert_eq!(utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc(951_782_400_000), "2000-02-29T00:00:00Z");
+        assert_eq!(utc(1_796_597_500_999), "2026-12-06T22:51:40Z");
     }
 
     #[tokio::test]

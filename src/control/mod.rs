@@ -10,10 +10,13 @@
 //! - [`server`]: the daemon's side, and [`answer`], which both sides use.
 //! - [`client`]: the `devices` commands: ask the daemon (or the store), print.
 //! - [`forget`]: `devices forget`, all or nothing: the Qubitro device deleted first
-//!   when asked, the sensor forgotten only then.
+//!   when asked, the sensor forgotten only then (a discovered one put on the ignore
+//!   list).
+//! - [`prune`]: `devices prune`, a forget of every sensor silent for too long.
 
 pub mod client;
 pub mod forget;
+pub mod prune;
 pub mod server;
 
 use std::path::PathBuf;
@@ -21,7 +24,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::onboarding::Record;
-use crate::store::StoreError;
+use crate::store::{Ignored, StoreError};
 
 pub use client::{request, DevicesCommand, Outcome};
 pub use server::{answer, serve};
@@ -126,6 +129,16 @@ pub enum Request {
     },
     /// Retry a bridged device Qubitro refused, now rather than at its next retry.
     Resume { sensor_id: String },
+    /// The ignore list (forgotten discovered devices).
+    Ignored,
+    /// Lift a device from the ignore list.
+    Unignore { sensor_id: String },
+    /// Forget every sensor silent for longer than `not_seen_for_s`.
+    Prune {
+        not_seen_for_s: u64,
+        delete_remote: bool,
+        dry_run: bool,
+    },
 }
 
 /// One device as the CLI shows it. The token only when asked for.
@@ -147,6 +160,9 @@ pub struct DeviceRow {
     pub last_error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub origin: Option<String>,
+    /// When it was last heard from (an announce or a reading), wall-clock ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen_ms: Option<u64>,
     /// The gateway forwards this sensor's readings.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub bridged: bool,
@@ -178,6 +194,7 @@ impl DeviceRow {
             updated_ms: rec.updated_ms,
             last_error: rec.last_error.clone(),
             origin: rec.origin().map(|o| o.as_str().to_string()),
+            last_seen_ms: None,
             bridged: rec.bridged,
             bridge: None,
         }
@@ -201,6 +218,18 @@ pub enum Response {
     Resumed {
         found: bool,
         message: String,
+    },
+    Ignored {
+        ignored: Vec<Ignored>,
+    },
+    Unignored {
+        found: bool,
+        message: String,
+    },
+    /// One line per sensor pruned (or that would be, or that failed).
+    Pruned {
+        lines: Vec<String>,
+        failed: usize,
     },
     Error {
         message: String,

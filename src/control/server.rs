@@ -142,9 +142,10 @@ async fn handle(stream: UnixStream, engine: Arc<Engine>) -> Result<(), ControlEr
 pub async fn answer(
     req: Request,
     store: &Store,
-    engine: Option<&Engine>,
+    engine: Option<&Arc<Engine>>,
     cloud: Option<&Cloud>,
 ) -> Response {
+    let daemon = engine.map(|e| &**e);
     match req {
         Request::List { with_tokens } => {
             let mut devices = Vec::new();
@@ -162,6 +163,7 @@ pub async fn answer(
                 match item {
                     Ok((id, rec)) => {
                         let mut row = DeviceRow::from_record(&id, &rec, with_tokens);
+                        row.last_seen_ms = store.last_seen(&id).ok().flatten();
                         if retired.contains(&id) {
                             row.state = "retired".into();
                         }
@@ -183,7 +185,8 @@ pub async fn answer(
             Ok(rec) => Response::Device {
                 device: rec.map(|r| {
                     let mut row = DeviceRow::from_record(&sensor_id, &r, with_token);
-                    row.bridge = engine
+                    row.last_seen_ms = store.last_seen(&sensor_id).ok().flatten();
+                    row.bridge = daemon
                         .and_then(Engine::bridge)
                         .and_then(|b| b.device_status(&sensor_id))
                         .and_then(|st| serde_json::to_value(st).ok());
@@ -197,8 +200,78 @@ pub async fn answer(
         Request::Forget {
             sensor_id,
             delete_remote,
-        } => forget(store, engine, cloud, &sensor_id, delete_remote).await,
-        Request::Resume { sensor_id } => resume(engine, &sensor_id),
+        } => forget(store, daemon, cloud, &sensor_id, delete_remote).await,
+        Request::Resume { sensor_id } => resume(daemon, &sensor_id),
+        Request::Ignored => match store.ignored() {
+            Ok(ignored) => Response::Ignored { ignored },
+            Err(e) => Response::Error {
+                message: e.to_string(),
+            },
+        },
+        Request::Unignore { sensor_id } => unignore(store, engine, &sensor_id).await,
+        Request::Prune {
+            not_seen_for_s,
+            delete_remote,
+            dry_run,
+        } => {
+            let delete_with = match delete_with(delete_remote, cloud, "prune") {
+                Ok(d) => d,
+                Err(r) => return r,
+            };
+            let not_seen_for = std::time::Duration::from_secs(not_seen_for_s);
+            super::prune::prune(store, daemon, delete_with, not_seen_for, dry_run).await
+        }
+    }
+}
+
+/// The client a remote delete goes through: `Err` answers that there is none.
+fn delete_with<'a>(
+    delete_remote: bool,
+    cloud: Option<&'a Cloud>,
+    what: &str,
+) -> Result<Option<&'a Cloud>, Response> {
+    match (delete_remote, cloud) {
+        (false, _) => Ok(None),
+        (true, Some(cloud)) => Ok(Some(cloud)),
+        (true, None) => Err(Response::Error {
+            message: format!(
+                "no Qubitro client here to delete devices with ({what}); nothing was forgotten"
+            ),
+        }),
+    }
+}
+
+/// Lifts a device from the ignore list; with the daemon running, discovery
+/// onboards it at once when it knows it (otherwise at its next subscribe: every
+/// reconnect and every start reads the retained configs again).
+async fn unignore(store: &Store, engine: Option<&Arc<Engine>>, sensor: &str) -> Response {
+    let lifted = match engine {
+        Some(engine) => engine.unignore(sensor).await,
+        None => match store.unignore(sensor) {
+            Ok(None) => Ok(None),
+            Ok(Some(_)) => store.flush_all().await.map(|()| Some(false)),
+            Err(e) => Err(e),
+        },
+    };
+    match lifted {
+        Ok(None) => Response::Unignored {
+            found: false,
+            message: format!("{sensor} is not on the ignore list"),
+        },
+        Ok(Some(true)) => Response::Unignored {
+            found: true,
+            message: format!("{sensor} is no longer ignored: discovery onboards it now"),
+        },
+        Ok(Some(false)) => Response::Unignored {
+            found: true,
+            message: format!(
+                "{sensor} is no longer ignored: discovery onboards it when it next reads its retained config \
+                 (the daemon's next start or reconnect to the broker)"
+            ),
+        },
+        Err(e) => Response::Error {
+            message: e.to_string(),
+        },
     }
 }
 
@@ -239,16 +312,9 @@ async fn forget(
     sensor: &str,
     delete_remote: bool,
 ) -> Response {
-    let delete_with = match (delete_remote, cloud) {
-        (false, _) => None,
-        (true, Some(cloud)) => Some(cloud),
-        (true, None) => {
-            return Response::Error {
-                message: format!(
-                    "no Qubitro client here to delete the device of {sensor} with; nothing was forgotten"
-                ),
-            }
-        }
+    let delete_with = match delete_with(delete_remote, cloud, sensor) {
+        Ok(d) => d,
+        Err(r) => return r,
     };
     match super::forget::forget(store, engine, delete_with, sensor).await {
         Ok(None) => Response::Forgot {

@@ -83,6 +83,19 @@ impl Discovery {
         topics.len()
     }
 
+    /// A device the operator forgot: its config comes back at every subscribe, so
+    /// this is said once per run, not at each.
+    fn note_ignored(&self, sensor: &str) {
+        let mut w = self.warned.lock().expect("never poisoned");
+        if w.insert((sensor.to_string(), "ignored".to_string())) {
+            tracing::info!(
+                sensor_id = sensor,
+                "discovered device {sensor} is on the ignore list (it was forgotten): not \
+                onboarded; `onboardd devices unignore {sensor}` lifts it"
+            );
+        }
+    }
+
     fn warn_once(&self, topic: &str, warning: &str) {
         let mut w = self.warned.lock().expect("never poisoned");
         if w.len() >= MAX_WARNED {
@@ -221,6 +234,24 @@ impl Discovered<'_> {
         Ok(())
     }
 
+    /// Onboards the device discovery knows as `sensor`, when it has an entity now
+    /// (an operator lifted it from the ignore list). `None`: discovery does not know
+    /// it, or it has no entity; else the write to wait for.
+    pub(super) fn onboard_known(&self, sensor: &str) -> Result<Option<u64>, StoreError> {
+        let known = {
+            let reg = self.state.registry();
+            let found = reg
+                .devices()
+                .find(|(key, k)| k.sensor_id == sensor && reg.is_active(key))
+                .map(|(_, k)| k.clone());
+            found
+        };
+        match known {
+            Some(k) => self.onboard_discovered(&k).map(Some),
+            None => Ok(None),
+        }
+    }
+
     /// Onboards a discovered device like a bridged announce; returns the write to
     /// wait for (0: none).
     fn onboard_discovered(&self, known: &Known) -> Result<u64, StoreError> {
@@ -237,6 +268,10 @@ impl Discovered<'_> {
                 }
                 None => 0,
             });
+        }
+        if self.store.is_ignored(sensor)? {
+            self.state.note_ignored(sensor);
+            return Ok(0);
         }
         let spec = spec_for(known, self.gateway_id);
         let ann = Announce {
@@ -295,6 +330,8 @@ impl Discovered<'_> {
             if !self.store.is_bridged(&sensor)? {
                 continue;
             }
+            self.store
+                .saw(&sensor, self.clock.wall_ms(), self.clock.now())?;
             let body = json(&Value::Object(reading));
             match bridge.accept(&sensor, &body, p.retain) {
                 Ok(a) => seq = seq.max(a.seq),

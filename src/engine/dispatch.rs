@@ -172,7 +172,21 @@ impl Dispatch<'_> {
             Inbound::Announce { sensor } => sensor,
         };
         metrics::announce();
-        self.announce(sensor, &topic, p)
+        let decision = self.announce(sensor, &topic, p)?;
+        self.saw(sensor, &decision)?;
+        Ok(decision)
+    }
+
+    /// Keeps the time a known sensor was heard from (`devices list`, `prune`).
+    /// A refused announce (no valid proof) is anyone's, and unknown ids are not
+    /// kept, so a flood of made-up ids costs no memory.
+    fn saw(&self, sensor: &str, decision: &Decision) -> Result<(), StoreError> {
+        let refused = matches!(&decision.answer, Some(a) if matches!(a.reply, crate::reply::Reply::Error { .. }));
+        if !refused && self.store.knows(sensor)? {
+            self.store
+                .saw(sensor, self.clock.wall_ms(), self.clock.now())?;
+        }
+        Ok(())
     }
 
     /// An announce of `sensor`: refused, answered from the store, or admitted.
@@ -383,6 +397,8 @@ impl Dispatch<'_> {
             bridge.refuse_not_bridged(sensor);
             return Ok(Decision::default());
         }
+        self.store
+            .saw(sensor, self.clock.wall_ms(), self.clock.now())?;
         match bridge.accept(sensor, &p.payload, p.retain) {
             Ok(accepted) => Ok(Decision {
                 seq: accepted.seq,

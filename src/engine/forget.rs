@@ -5,12 +5,13 @@
 //! Everything stored for the onboarding goes together: its record, the readings
 //! the bridge still buffers for it and discovery's mark that it was retired. A
 //! reading left behind would otherwise be forwarded to whatever device a later
-//! onboarding of the same id gets.
+//! onboarding of the same id gets. A discovered device also goes on the ignore
+//! list, since its retained config would bring it back at the next subscribe.
 
 use crate::bridge::buffer::{Buffer, Limits};
 use crate::bridge::Bridge;
-use crate::onboarding::Record;
-use crate::store::{Store, StoreError};
+use crate::onboarding::{Provenance, Record};
+use crate::store::{Ignored, Store, StoreError};
 
 /// Removes the sensor's record, buffered readings and discovery mark, and waits
 /// until that is on disk. `bridge`: the running daemon's bridge, which also closes
@@ -35,6 +36,19 @@ pub async fn forget_stored(
             Buffer::open(store, unbounded)?.remove_through(sensor, u64::MAX)?;
         }
     }
+    // A discovered device's config stays retained on the broker and would onboard
+    // it again at the next subscribe: it goes on the ignore list instead.
+    if let Some(rec) = old
+        .as_ref()
+        .filter(|r| r.provenance == Provenance::Discovered)
+    {
+        store.ignore(&Ignored {
+            sensor_id: sensor.to_string(),
+            since_ms: crate::clock::system_ms(),
+            name: rec.spec.name.clone(),
+        })?;
+    }
+    store.forget_last_seen(sensor)?;
     let discovery = store.discovery_tree()?;
     if discovery.remove_retired_mark(sensor)? {
         discovery.wrote();

@@ -12,6 +12,7 @@
 //!   effect; [`health`]: what the cloud's last answers said.
 //!   [`onboardings`]: the running tasks and the routes they owe; [`retry`]: how long
 //!   a sensor waits before its next attempt.
+//!   [`converge`]: after a create, the device every gateway in a race ends on.
 //! - [`records`]: the only door through which a record changes.
 //! - [`delivery`]: the replies, and the broker's acknowledgements that move a record
 //!   from `Created` to `Delivered`; [`publisher`]: the trait replies and acks go
@@ -26,6 +27,7 @@
 //! lends each stage exactly its part, and spawns the tasks.
 
 mod admit;
+mod converge;
 mod delivery;
 mod discovered;
 mod dispatch;
@@ -297,6 +299,22 @@ impl Engine {
             tracing::info!(sensor_id = sensor, "sensor forgotten by the operator");
         }
         Ok(old)
+    }
+
+    /// `devices unignore`: lifts `sensor` from the ignore list and, when discovery
+    /// knows its device with an entity, onboards it now rather than at the next
+    /// subscribe. `None`: it was not on the list.
+    pub async fn unignore(self: &Arc<Self>, sensor: &str) -> Result<Option<bool>, StoreError> {
+        let Some(seq) = self.store.unignore(sensor)? else {
+            return Ok(None);
+        };
+        let stage = self.dispatch_stage();
+        let now = match &stage.discovery {
+            Some(d) => d.onboard_known(sensor)?,
+            None => None,
+        };
+        self.store.durable(seq.max(now.unwrap_or(0))).await?;
+        Ok(Some(now.is_some()))
     }
 
     /// Waits (bounded) for onboarding tasks to reach a safe point after `stop`,

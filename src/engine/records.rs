@@ -184,6 +184,7 @@ pub(crate) mod tests {
         let cfg = StoreConfig {
             path: dir.path().join("db").to_string_lossy().into_owned(),
             cache_capacity_bytes: 1 << 20,
+            last_seen_flush_s: 600,
         };
         (Store::open(&cfg).unwrap().0, dir)
     }

@@ -17,6 +17,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::converge::converge;
 use super::delivery::{Delivery, Outbox};
 use super::health::CloudHealth;
 use super::onboardings::{Launch, Onboardings};
@@ -199,7 +200,9 @@ impl Steps<'_> {
         match self.cloud.create(&rec.spec).await {
             Ok(creds) => {
                 failpoint::hit("after_create_response");
-                self.finish(sensor, &rec, creds, Origin::Created).await
+                let gateway = &self.cfg.gateway_id;
+                let (creds, origin) = converge(self.cloud, gateway, sensor, &rec.spec, creds).await;
+                self.finish(sensor, &rec, creds, origin).await
             }
             Err(e) => self.failed(sensor, &rec, e).await,
         }

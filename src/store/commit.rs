@@ -98,6 +98,7 @@ impl Store {
     /// and the next open can skip [`Store::reconcile_indexes`]. That open removes the
     /// file again, so a crash after it is followed by a reconcile.
     pub async fn close_cleanly(&self) -> Result<(), StoreError> {
+        self.write_last_seen()?;
         self.flush_all().await?;
         let mark = self.dir.join(super::CLEAN_STOP_FILE);
         let written = std::fs::File::create(&mark)

@@ -12,7 +12,8 @@
 //! move from the previous layout), `open` (open, recovery, lock retry), `commit`
 //! (group commit), `records` (sensor records and their indexes), `trees` (the side
 //! trees other modules keep in the same database), `discovery` (discovery's state in
-//! its tree).
+//! its tree), `ignored` (forgotten discovered devices), `last_seen` (when each sensor
+//! was last heard from, written in batches).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -23,12 +24,15 @@ use crate::onboarding::Record;
 
 mod commit;
 mod discovery;
+mod ignored;
+mod last_seen;
 mod layout;
 mod open;
 mod records;
 mod trees;
 
 pub use discovery::{DiscoveryState, DiscoveryTree};
+pub use ignored::Ignored;
 pub use layout::{exists, moved_aside, ASIDE_PREFIX, DB_DIR};
 pub use open::OPEN_PANICKED;
 pub use trees::{ReadingsTree, RETIRED_PREFIX};
@@ -74,6 +78,9 @@ pub struct Store {
     /// every record.
     bridged: sled::Tree,
     flusher: Arc<Flusher>,
+    /// Last-seen times not yet written: kept here so every clone (the engine's
+    /// stages, the control socket) shares them.
+    last_seen: Arc<last_seen::LastSeen>,
     /// sled's directory (`{store.path}/db`), where [`CLEAN_STOP_FILE`] goes.
     dir: PathBuf,
     /// Stops the flusher (and so releases the database) when the last clone goes.
@@ -137,6 +144,7 @@ mod test_support {
         StoreConfig {
             path: dir.join("db").display().to_string(),
             cache_capacity_bytes: 1 << 20,
+            last_seen_flush_s: 600,
         }
     }
 }

@@ -31,14 +31,22 @@ impl Store {
     /// the old lock can linger briefly), then reported clearly.
     pub fn open(cfg: &StoreConfig) -> Result<(Store, OpenOutcome), StoreError> {
         let path = Path::new(&cfg.path);
-        Store::open_layout(&Layout::new(path, path), cfg.cache_capacity_bytes)
+        let opened = Store::open_layout(&Layout::new(path, path), cfg.cache_capacity_bytes)?;
+        opened
+            .0
+            .set_last_seen_every(Duration::from_secs(cfg.last_seen_flush_s.max(1)));
+        Ok(opened)
     }
 
     /// As [`Store::open`], for the state directory `cfg.path` reached through
     /// another path `dir` (the CLI's `/proc/self/cwd`); messages name `cfg.path`.
     pub fn open_via(dir: &Path, cfg: &StoreConfig) -> Result<(Store, OpenOutcome), StoreError> {
         let layout = Layout::new(dir, Path::new(&cfg.path));
-        Store::open_layout(&layout, cfg.cache_capacity_bytes)
+        let opened = Store::open_layout(&layout, cfg.cache_capacity_bytes)?;
+        opened
+            .0
+            .set_last_seen_every(Duration::from_secs(cfg.last_seen_flush_s.max(1)));
+        Ok(opened)
     }
 
     fn open_layout(layout: &Layout, cache: u64) -> Result<(Store, OpenOutcome), StoreError> {
@@ -125,6 +133,7 @@ impl Store {
             creds,
             bridged,
             flusher,
+            last_seen: Arc::new(super::last_seen::LastSeen::new()),
             dir: layout.db(),
             _closer: Arc::new(closer.drop_guard()),
         };

@@ -147,6 +147,11 @@ impl Store {
 
     /// Whether the sensor's ok reply still waits for the broker's acknowledgement
     /// (an index read, not a record read).
+    /// Whether a record of `sensor` exists (no decoding).
+    pub fn knows(&self, sensor: &str) -> Result<bool, StoreError> {
+        Ok(self.sensors.contains_key(sensor.as_bytes())?)
+    }
+
     pub fn is_undelivered(&self, sensor: &str) -> Result<bool, StoreError> {
         Ok(self.undelivered.contains_key(sensor.as_bytes())?)
     }
