@@ -24,7 +24,7 @@ use super::publisher::Publisher;
 use super::records::{self, Transition};
 use super::{bridge_device, Fatal};
 use crate::announce::{self, Announce, AnnounceError};
-use crate::bridge::{AcceptError, Bridge};
+use crate::bridge::{AcceptError, Bridge, Settled, Ticket};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::failpoint;
@@ -42,11 +42,13 @@ pub const MAX_RESPONSE_TOPIC_BYTES: usize = 256;
 /// The longest MQTT 5 Correlation Data honoured (same rule).
 pub const MAX_CORRELATION_DATA_BYTES: usize = 64;
 
-/// An announce waiting for its acknowledgement.
+/// A message waiting for its acknowledgement.
 pub struct AckItem {
     publish: Publish,
     /// Write that must be on disk first (0: none).
     seq: u64,
+    /// Its bridged readings: each forwarded to Qubitro, or spilled and durable, first.
+    tickets: Vec<Ticket>,
 }
 
 /// A reply decided by the dispatcher.
@@ -65,6 +67,18 @@ pub(super) struct Decision {
     pub(super) seq: u64,
     /// Reply to publish right away.
     pub(super) answer: Option<Answer>,
+    /// Bridged readings to settle before the ack.
+    pub(super) tickets: Vec<Ticket>,
+}
+
+impl Decision {
+    /// Nothing to answer; the ack waits for write `seq`.
+    pub(super) fn wait_for(seq: u64) -> Decision {
+        Decision {
+            seq,
+            ..Decision::default()
+        }
+    }
 }
 
 /// The dispatcher, and everything it reads or changes.
@@ -111,17 +125,27 @@ impl Dispatch<'_> {
                 p = inbox.recv() => match p { Some(p) => p, None => break },
                 _ = beat.tick() => continue,
             };
-            let Decision { seq, answer } = match self.dispatch(&publish) {
+            let Decision {
+                seq,
+                answer,
+                tickets,
+            } = match self.dispatch(&publish) {
                 Ok(d) => d,
                 Err(e) => {
                     fatal.trigger(e);
                     break;
                 }
             };
-            // QoS 0 has nothing to acknowledge.
-            if publish.qos != QoS::AtMostOnce {
+            // QoS 0 has nothing to acknowledge, but a held reading still goes to the
+            // acker, which spills it at its deadline.
+            if publish.qos != QoS::AtMostOnce || tickets.iter().any(Ticket::is_held) {
+                let item = AckItem {
+                    publish,
+                    seq,
+                    tickets,
+                };
                 tokio::select! {
-                    r = acks.send(AckItem { publish, seq }) => if r.is_err() { break },
+                    r = acks.send(item) => if r.is_err() { break },
                     _ = stop.cancelled() => break,
                 }
             }
@@ -277,6 +301,7 @@ impl Dispatch<'_> {
             let reply = self.outbox.ok_reply(sensor, &route, &creds, bridged);
             return Ok(Decision {
                 seq,
+                tickets: Vec::new(),
                 answer: Some(Answer {
                     sensor: sensor.to_string(),
                     route,
@@ -299,6 +324,7 @@ impl Dispatch<'_> {
                 let reply = self.outbox.ok_reply(sensor, &route, creds, bridged);
                 Ok(Decision {
                     seq,
+                    tickets: Vec::new(),
                     answer: Some(Answer {
                         sensor: sensor.to_string(),
                         track: delivery_tag(sensor, &rec),
@@ -333,9 +359,9 @@ impl Dispatch<'_> {
             Ok(Admitted::New { seq }) => {
                 tracing::info!(sensor_id = sensor, "new sensor; onboarding {sensor}");
                 self.launch.launch(sensor.to_string(), Duration::ZERO);
-                Decision { seq, answer: None }
+                Decision::wait_for(seq)
             }
-            Ok(Admitted::Raced { seq }) => Decision { seq, answer: None },
+            Ok(Admitted::Raced { seq }) => Decision::wait_for(seq),
             Err(Refusal::Rules(denied)) => self.refuse(sensor, route, denied),
             Err(Refusal::RejectedRecently { left, why }) => {
                 let message = format!(
@@ -374,8 +400,8 @@ impl Dispatch<'_> {
         }
     }
 
-    /// A reading on a sensor's data topic: buffered durably for the bridge when the
-    /// sensor is bridged (the ack waits for that write), else dropped and counted.
+    /// A reading on a sensor's data topic: taken by the bridge when the sensor is
+    /// bridged (the ack waits for its ticket), else dropped and counted.
     /// Every reading is acknowledged, refused ones too: a poison reading must not
     /// come back at every reconnect.
     fn reading(&self, bridge: &Bridge, sensor: &str, p: &Publish) -> Result<Decision, StoreError> {
@@ -385,8 +411,8 @@ impl Dispatch<'_> {
         }
         match bridge.accept(sensor, &p.payload, p.retain) {
             Ok(accepted) => Ok(Decision {
-                seq: accepted.seq,
-                answer: None,
+                tickets: vec![accepted.ticket],
+                ..Decision::default()
             }),
             Err(AcceptError::Store(e)) => Err(e),
             // Counted and logged by the bridge.
@@ -405,6 +431,7 @@ impl Dispatch<'_> {
         Decision {
             // Its record may not be flushed yet: this ack waits for the same flush.
             seq: self.store.last_write(),
+            tickets: Vec::new(),
             answer: retry_after_s.map(|secs| Answer {
                 sensor: sensor.to_string(),
                 reply: Reply::pending(sensor, secs, route.request_id.clone()),
@@ -442,6 +469,7 @@ impl Dispatch<'_> {
         }
         Decision {
             seq: 0,
+            tickets: Vec::new(),
             answer: Some(Answer {
                 sensor: sensor.to_string(),
                 route,
@@ -452,26 +480,62 @@ impl Dispatch<'_> {
     }
 }
 
-/// Acknowledges announces in arrival order, each once its write is durable.
-/// Runs until the dispatcher is gone and every queued ack is sent, or `abort`.
+/// Acknowledges messages in arrival order, each once its write is durable and its
+/// bridged readings are forwarded or spilled durably. A held reading keeps the acks
+/// after it waiting until Qubitro acknowledges it or its deadline spills it (MQTT 5
+/// §4.6 wants PUBACKs in arrival order). Runs until the dispatcher is gone and every
+/// queued ack is sent, or `abort`.
 pub(super) async fn acknowledge(
     store: &Store,
     publisher: &dyn Publisher,
     mut acks: mpsc::Receiver<AckItem>,
+    spill_flush: Duration,
     abort: &CancellationToken,
     fatal: &Fatal,
 ) {
+    let mut pacer = SpillPacer::new(spill_flush);
     loop {
         let item = tokio::select! {
             i = acks.recv() => match i { Some(i) => i, None => return },
             _ = abort.cancelled() => return,
         };
-        if item.seq > 0 {
-            if let Err(e) = store.durable(item.seq).await {
-                // Not acknowledged: the broker will deliver it again.
-                fatal.trigger(e);
-                return;
+        let mut spilled = 0;
+        for ticket in item.tickets {
+            let settled = tokio::select! {
+                s = ticket.settle() => s,
+                _ = abort.cancelled() => return,
+            };
+            match settled {
+                Ok(Settled::Forwarded) => {}
+                Ok(Settled::Spilled(seq)) => spilled = spilled.max(seq),
+                Err(e) => {
+                    fatal.trigger(e);
+                    return;
+                }
             }
+        }
+        if item.publish.qos == QoS::AtMostOnce {
+            // Nothing to acknowledge: a spilled QoS 0 reading is made durable by
+            // the next flush.
+            continue;
+        }
+        let durable = async {
+            if spilled > 0 {
+                pacer.durable(store, spilled).await?;
+            }
+            if item.seq > 0 {
+                store.durable(item.seq).await?;
+            }
+            Ok::<(), StoreError>(())
+        };
+        let durable = tokio::select! {
+            d = durable => d,
+            _ = abort.cancelled() => return,
+        };
+        if let Err(e) = durable {
+            // Not acknowledged: the broker will deliver it again.
+            fatal.trigger(e);
+            return;
         }
         tokio::select! {
             r = publisher.ack(&item.publish) => {
@@ -482,6 +546,45 @@ pub(super) async fn acknowledge(
             _ = abort.cancelled() => return,
         }
         failpoint::hit("after_announce_acked");
+    }
+}
+
+/// Spilled readings waiting for a flush before this many were written: flushed at
+/// once rather than at the pace.
+const SPILL_BATCH: u64 = 256;
+
+/// Group commit of spilled readings: at most one flush per `every`, so an outage
+/// costs pages shared by many readings, unless a batch fills first.
+struct SpillPacer {
+    every: Duration,
+    last: Option<tokio::time::Instant>,
+}
+
+impl SpillPacer {
+    fn new(every: Duration) -> SpillPacer {
+        SpillPacer { every, last: None }
+    }
+
+    async fn durable(&mut self, store: &Store, seq: u64) -> Result<(), StoreError> {
+        if store.is_durable(seq) {
+            return Ok(());
+        }
+        if let Some(last) = self.last {
+            let due = last + self.every;
+            loop {
+                let waiting = store.last_write().saturating_sub(store.flushed());
+                if waiting >= SPILL_BATCH || tokio::time::Instant::now() >= due {
+                    break;
+                }
+                // Looked at again within the pace, in case the batch fills.
+                let step = (self.every / 8).max(Duration::from_millis(5));
+                tokio::time::sleep_until(due.min(tokio::time::Instant::now() + step)).await;
+            }
+        }
+        // Everything written so far rides along.
+        store.durable(store.last_write().max(seq)).await?;
+        self.last = Some(tokio::time::Instant::now());
+        Ok(())
     }
 }
 

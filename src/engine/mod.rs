@@ -248,6 +248,7 @@ impl Engine {
             &self.store,
             publisher,
             acks,
+            Duration::from_millis(self.cfg.bridge.spill_flush_ms),
             &self.shutdown.abort,
             &self.fatal,
         )
