@@ -16,7 +16,6 @@ use harness::qubitro_broker::{Observer, QubitroBroker};
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
-use rumqttc::Outgoing;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -27,12 +26,11 @@ async fn onboard_bridged(s: &mut Sensor) {
     s.reply_with_status("ok").await;
 }
 
-/// A plain MQTT 5 client on the local broker that publishes readings and reports
-/// the packet id of each of its publishes as it goes out, and of each PUBACK it gets.
+/// A plain MQTT 5 client on the local broker that publishes readings. Its own
+/// PUBACKs come from the broker whatever onboardd does: onboardd's are read in the
+/// broker's debug log instead.
 struct Publisher {
     client: AsyncClient,
-    sent: mpsc::UnboundedReceiver<u16>,
-    acks: mpsc::UnboundedReceiver<u16>,
 }
 
 impl Publisher {
@@ -46,20 +44,12 @@ impl Publisher {
         let mut opts = MqttOptions::new(id, "127.0.0.1", port);
         opts.set_keep_alive(Duration::from_secs(10));
         let (client, mut el) = AsyncClient::new(opts, 1024);
-        let (sent_tx, sent) = mpsc::unbounded_channel();
-        let (acks_tx, acks) = mpsc::unbounded_channel();
         let (up_tx, mut up) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             loop {
                 match el.poll().await {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         let _ = up_tx.send(());
-                    }
-                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                        let _ = sent_tx.send(pkid);
-                    }
-                    Ok(Event::Incoming(Packet::PubAck(a))) => {
-                        let _ = acks_tx.send(a.pkid);
                     }
                     Ok(_) => {}
                     Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
@@ -69,7 +59,7 @@ impl Publisher {
         tokio::time::timeout(WAIT, up.recv())
             .await
             .expect("the publisher connected in time");
-        Publisher { client, sent, acks }
+        Publisher { client }
     }
 
     async fn publish(&self, sensor: &str, qos: QoS, n: u64) {
@@ -79,20 +69,6 @@ impl Publisher {
             .await
             .expect("publish queued in time")
             .expect("publish");
-    }
-
-    async fn next_sent(&mut self) -> u16 {
-        tokio::time::timeout(WAIT, self.sent.recv())
-            .await
-            .expect("a publish went out in time")
-            .expect("the publisher task runs")
-    }
-
-    async fn next_ack(&mut self) -> u16 {
-        tokio::time::timeout(WAIT, self.acks.recv())
-            .await
-            .unwrap_or_else(|_| panic!("no PUBACK from the local broker within {WAIT:?}"))
-            .expect("the publisher task runs")
     }
 }
 
@@ -192,11 +168,10 @@ async fn with_a_healthy_uplink_200_readings_at_a_sensors_pace_write_nothing_to_t
     let mut s = d.sensor(broker.port, "br-quiet").await;
     onboard_bridged(&mut s).await;
     let device = cloud_devices_of(&cloud, "br-quiet").remove(0);
-    let mut p = Publisher::connect(broker.port).await;
+    let p = Publisher::connect(broker.port).await;
     // The uplink is up once a first reading went through.
     p.publish("br-quiet", QoS::AtLeastOnce, 0).await;
     assert_eq!(obs.on_topic(&device.id, 1).await[0], json!({"n":0}));
-    p.next_ack().await;
 
     let before = quiet_write_bytes(d.pid()).await;
     let mut pace = tokio::time::interval(Duration::from_millis(20));
@@ -207,9 +182,6 @@ async fn with_a_healthy_uplink_200_readings_at_a_sensors_pace_write_nothing_to_t
     let got = obs.on_topic(&device.id, 200).await;
     let ns: Vec<u64> = got.iter().map(|v| v["n"].as_u64().expect("n")).collect();
     assert_eq!(ns, (1..=200).collect::<Vec<_>>());
-    for _ in 0..200 {
-        p.next_ack().await;
-    }
     let after = quiet_write_bytes(d.pid()).await;
     assert_eq!(
         after - before,
@@ -389,14 +361,33 @@ async fn readings_acknowledged_through_arrive_in_order_across_a_kill_9_of_onboar
     assert_eq!(first[&device.id], expected);
 }
 
+/// In the local broker's debug log, the message ids of the PUBLISHes it sent onboardd
+/// on `topics`, and of onboardd's PUBACKs of those, each in log order.
+fn onboardd_mids(log: &str, topics: &[&str]) -> (Vec<u16>, Vec<u16>) {
+    let sent: Vec<u16> = log
+        .lines()
+        .filter_map(|l| topics.iter().find_map(|t| publish_to_onboardd(l, t)))
+        .collect();
+    let acked = log
+        .lines()
+        .filter_map(|l| {
+            let rest = l.split("Received PUBACK from onboardd-").nth(1)?;
+            rest.split("(Mid: ").nth(1)?.split(',').next()?.parse().ok()
+        })
+        .filter(|m| sent.contains(m))
+        .collect();
+    (sent, acked)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_pubacks_leave_in_the_order_the_readings_arrived_across_devices() {
-    let broker = Mosquitto::start();
+    // onboardd's PUBACKs are seen in the local broker's debug log.
+    let broker = Mosquitto::start_with("log_type debug\n");
     let cloud = fake_cloud().await;
     let qubitro = QubitroBroker::start(&cloud);
     let mut obs = qubitro.observer().await;
-    // One uplink at a time: while `fast` holds it and is acknowledged through, `slow`
-    // has none, so its readings are spilled and wait for a paced flush.
+    // One uplink at a time: while one device holds it and is acknowledged through,
+    // the other has none, so its readings are spilled and wait for a paced flush.
     let toml = format!(
         "{}max_connections = 1\nspill_flush_ms = 300\n",
         qubitro.daemon_toml()
@@ -407,24 +398,87 @@ async fn local_pubacks_leave_in_the_order_the_readings_arrived_across_devices() 
     let mut slow = d.sensor(broker.port, "br-slow").await;
     onboard_bridged(&mut slow).await;
     let dev_fast = cloud_devices_of(&cloud, "br-fast").remove(0);
-    let mut p = Publisher::connect(broker.port).await;
+    let p = Publisher::connect(broker.port).await;
     p.publish("br-fast", QoS::AtLeastOnce, 0).await;
     assert_eq!(obs.on_topic(&dev_fast.id, 1).await[0], json!({"n":0}));
-    p.next_ack().await;
-    p.next_sent().await;
+    until_buffered(&d, "br-fast", 0).await;
 
     let n = 20;
     for i in 1..=n {
         p.publish("br-slow", QoS::AtLeastOnce, i).await;
         p.publish("br-fast", QoS::AtLeastOnce, i).await;
     }
-    let mut sent = Vec::new();
-    let mut acked = Vec::new();
-    for _ in 0..2 * n {
-        sent.push(p.next_sent().await);
+    let topics = ["onboard/data/br-slow", "onboard/data/br-fast"];
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let log = broker.log();
+        let (sent, acked) = onboardd_mids(&log, &topics);
+        // The warm-up reading and the stream, each acknowledged.
+        if acked.len() == 2 * n as usize + 1 {
+            assert_eq!(
+                acked, sent,
+                "onboardd's PUBACK order = the order it received them"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} readings acknowledged by onboardd within {WAIT:?}",
+            acked.len(),
+            sent.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    for _ in 0..2 * n {
-        acked.push(p.next_ack().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_broker_lets_onboardd_hold_more_readings_than_its_default_in_flight_limit_of_20()
+{
+    // onboardd's PUBACKs are seen in the local broker's debug log.
+    let broker = Mosquitto::start_with("log_type debug\n");
+    let cloud = fake_cloud().await;
+    let qubitro = QubitroBroker::start(&cloud);
+    let mut obs = qubitro.observer().await;
+    let proxy = Proxy::start(qubitro.port());
+    let toml = format!(
+        "[qubitro]\nbroker_host = \"127.0.0.1\"\nbroker_port = {}\nbroker_tls = false\n\
+         [bridge]\nreconnect_max_ms = 500\nspill_after_ms = 5000\n",
+        proxy.port
+    );
+    let d = Daemon::start(&broker, &cloud, &toml);
+    let mut s = d.sensor(broker.port, "br-win").await;
+    onboard_bridged(&mut s).await;
+    let device = cloud_devices_of(&cloud, "br-win").remove(0);
+    let topic = "onboard/data/br-win";
+    let p = Publisher::connect(broker.port).await;
+    p.publish("br-win", QoS::AtLeastOnce, 0).await;
+    assert_eq!(obs.on_topic(&device.id, 1).await[0], json!({"n":0}));
+    until_buffered(&d, "br-win", 0).await;
+
+    // Qubitro withholds its PUBACKs: onboardd acknowledges none of these before
+    // spill_after_ms, yet the broker hands it all 60 at once.
+    proxy.stall_downstream();
+    let n = 60;
+    for i in 1..=n {
+        p.publish("br-win", QoS::AtLeastOnce, i).await;
     }
-    assert_eq!(acked, sent, "PUBACK order = publish order");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (sent, acked) = onboardd_mids(&broker.log(), &[topic]);
+        // The warm-up reading was acknowledged; none of the 60 may be.
+        assert!(
+            acked.len() <= 1,
+            "onboardd acknowledged {acked:?} while Qubitro withheld its PUBACKs"
+        );
+        if sent.len() == n as usize + 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the broker sent onboardd {} of {n} readings before any acknowledgement",
+            sent.len().saturating_sub(1)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    proxy.resume();
 }
