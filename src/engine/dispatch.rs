@@ -7,6 +7,8 @@
 //! announce is either durably recorded or still the broker's to deliver again, so
 //! none is lost. Acknowledging before the cloud call (not after) keeps the broker's
 //! in-flight window free, so the cloud in-flight limit is what bounds throughput.
+//! A bridged reading's ack waits for its ticket instead: Qubitro's PUBACK, or its
+//! spill to the buffer made durable (see `crate::bridge::held`).
 
 use std::time::Duration;
 
