@@ -22,6 +22,7 @@ use super::delivery::{delivery_tag, pending_wait, Outbox};
 use super::discovered::Discovered;
 use super::inbound::{Inbound, Routes};
 use super::onboardings::{Launch, Onboardings};
+use super::pacer::SpillPacer;
 use super::publisher::Publisher;
 use super::records::{self, Transition};
 use super::{bridge_device, Fatal};
@@ -548,45 +549,6 @@ pub(super) async fn acknowledge(
             _ = abort.cancelled() => return,
         }
         failpoint::hit("after_announce_acked");
-    }
-}
-
-/// Spilled readings waiting for a flush before this many were written: flushed at
-/// once rather than at the pace.
-const SPILL_BATCH: u64 = 256;
-
-/// Group commit of spilled readings: at most one flush per `every`, so an outage
-/// costs pages shared by many readings, unless a batch fills first.
-struct SpillPacer {
-    every: Duration,
-    last: Option<tokio::time::Instant>,
-}
-
-impl SpillPacer {
-    fn new(every: Duration) -> SpillPacer {
-        SpillPacer { every, last: None }
-    }
-
-    async fn durable(&mut self, store: &Store, seq: u64) -> Result<(), StoreError> {
-        if store.is_durable(seq) {
-            return Ok(());
-        }
-        if let Some(last) = self.last {
-            let due = last + self.every;
-            loop {
-                let waiting = store.last_write().saturating_sub(store.flushed());
-                if waiting >= SPILL_BATCH || tokio::time::Instant::now() >= due {
-                    break;
-                }
-                // Looked at again within the pace, in case the batch fills.
-                let step = (self.every / 8).max(Duration::from_millis(5));
-                tokio::time::sleep_until(due.min(tokio::time::Instant::now() + step)).await;
-            }
-        }
-        // Everything written so far rides along.
-        store.durable(store.last_write().max(seq)).await?;
-        self.last = Some(tokio::time::Instant::now());
-        Ok(())
     }
 }
 

@@ -33,6 +33,7 @@ mod forget;
 mod health;
 mod inbound;
 mod onboardings;
+mod pacer;
 mod publisher;
 pub mod records;
 mod rejections;
