@@ -394,6 +394,7 @@ async fn report(
                     ("bridged_devices", b.bridged_devices),
                     ("bridge_forwarded", b.forwarded),
                     ("bridge_buffered", b.buffered),
+                    ("bridge_held", b.held),
                     ("bridge_dropped", b.dropped),
                     ("bridge_refused", b.rejected),
                 ] {

@@ -19,7 +19,8 @@
 //! **Engine** — [`engine`], one stage per file, each given only the state it touches:
 //! - `inbound`: the pure routing of a topic (reading, discovery config, followed
 //!   state, announce); `dispatch`: one task takes messages in arrival order and
-//!   decides what each gets; the acker acknowledges each once its write is durable.
+//!   decides what each gets; the acker acknowledges each, in arrival order, once its
+//!   write is durable and its bridged readings are forwarded or spilled.
 //! - `admit`: the one place a new sensor becomes a record (rules and flood limits of
 //!   [`security`], recent rejections in `rejections`), announced or discovered.
 //! - `worker`: one task per unfinished sensor runs its cloud steps (`Steps`);
@@ -40,8 +41,9 @@
 //!
 //! **Sinks** — what leaves:
 //! - replies through [`mqtt`] (tokens sealed with [`proof`]); readings through the
-//!   [`bridge`]: flattened ([`bridge::flatten`]), buffered durably in the store's
-//!   database ([`bridge::buffer`]) and forwarded to Qubitro's broker under each
+//!   [`bridge`]: flattened ([`bridge::flatten`]), held in memory while forwarded
+//!   ([`bridge::held`]), spilled to the store's database only when the uplink cannot
+//!   take them ([`bridge::buffer`]), and forwarded to Qubitro's broker under each
 //!   device's own login (`bridge::scheduler` decides which device may hold a
 //!   connection, [`bridge::uplink`] is one device's session).
 //!

@@ -15,7 +15,7 @@ use std::time::Duration;
 use common::*;
 use fake_qubitro::{FakeDevice, NewDevice};
 use harness::qubitro_broker::QubitroBroker;
-use onboardd::bridge::{AcceptError, Bridge, DeviceState};
+use onboardd::bridge::{AcceptError, Accepted, Bridge, DeviceState, Settled};
 use onboardd::config::Config;
 use onboardd::store::Store;
 use serde_json::json;
@@ -70,14 +70,14 @@ fn start(cfg: &Config) -> Running {
 }
 
 impl Running {
-    /// Accepts a reading and waits until it is on disk, as the daemon does before
-    /// acknowledging it to the local broker.
+    /// Accepts a reading and waits until Qubitro took it or it is on disk, as the
+    /// daemon does before acknowledging it to the local broker.
     async fn send(&self, sensor: &str, payload: &[u8]) {
         let a = self
             .bridge
             .accept(sensor, payload, false)
             .expect("accepted");
-        self.store.durable(a.seq).await.expect("durable");
+        settle(&self.store, a).await;
     }
 
     async fn shut_down(self) {
@@ -87,6 +87,15 @@ impl Running {
             .expect("the bridge stopped in time")
             .expect("the bridge task did not panic");
     }
+}
+
+/// Waits for an accepted reading as the acker does: forwarded, or spilled and durable.
+async fn settle(store: &Store, a: Accepted) -> u64 {
+    let dropped = a.dropped_oldest;
+    if let Settled::Spilled(seq) = a.ticket.settle().await.expect("settled") {
+        store.durable(seq).await.expect("durable");
+    }
+    dropped
 }
 
 /// A device made by the fake cloud, with a working login on the stand-in.
@@ -314,8 +323,7 @@ async fn past_the_per_device_bound_the_oldest_readings_are_dropped_and_counted()
             .bridge
             .accept("s", format!(r#"{{"n":{n}}}"#).as_bytes(), false)
             .expect("accepted");
-        b.store.durable(a.seq).await.expect("durable");
-        dropped += a.dropped_oldest;
+        dropped += settle(&b.store, a).await;
     }
     assert_eq!(dropped, 3);
     assert_eq!(b.bridge.stats().dropped, 3);

@@ -34,11 +34,15 @@ struct Switches {
     stalled: bool,
     /// Only the client-to-upstream direction is stalled.
     upstream_stalled: bool,
+    /// Only the upstream-to-client direction is stalled.
+    downstream_stalled: bool,
 }
 
 impl Switches {
     fn holds(&self, upstream: bool) -> bool {
-        self.stalled || (upstream && self.upstream_stalled)
+        self.stalled
+            || (upstream && self.upstream_stalled)
+            || (!upstream && self.downstream_stalled)
     }
 }
 
@@ -132,11 +136,20 @@ impl Proxy {
         self.ctl.switches.send_modify(|s| s.upstream_stalled = true);
     }
 
+    /// Stops forwarding what upstream sends; what clients send still reaches it (a
+    /// broker that takes publishes but withholds its PUBACKs). [`Proxy::resume`] ends it.
+    pub fn stall_downstream(&self) {
+        self.ctl
+            .switches
+            .send_modify(|s| s.downstream_stalled = true);
+    }
+
     /// Forwards again, both ways, starting with what was held back.
     pub fn resume(&self) {
         self.ctl.switches.send_modify(|s| {
             s.stalled = false;
             s.upstream_stalled = false;
+            s.downstream_stalled = false;
         });
     }
 

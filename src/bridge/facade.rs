@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::buffer::{Buffer, Limits};
 use super::flatten::flatten;
+use super::held::{Held, Kind, Lanes, Settled, Taken, Ticket};
 use super::scheduler::Scheduler;
 use super::shared::{lock, prune, DeviceEntry, Inner, Settings, PAUSE_MAX};
 use super::status::{AcceptError, Accepted, BridgeError, BridgeStats, DeviceState, DeviceStatus};
@@ -59,6 +60,7 @@ impl Bridge {
                 PAUSE_MAX,
             ),
             max_payload: cfg.announce.max_payload_bytes,
+            spill_after: Duration::from_millis(b.spill_after_ms),
         };
         let buffer = Buffer::open(
             store,
@@ -71,6 +73,7 @@ impl Bridge {
             inner: Arc::new(Inner {
                 settings,
                 buffer,
+                lanes: Mutex::new(Lanes::default()),
                 devices: Mutex::new(HashMap::new()),
                 dirty: Mutex::new(HashSet::new()),
                 wake: Notify::new(),
@@ -83,10 +86,11 @@ impl Bridge {
         })
     }
 
-    /// Takes one reading of a bridged sensor: flattens it and appends it durably to
-    /// the sensor's buffer. The sensor's device need not exist yet ([`set_device`]
-    /// starts the forwarding). On `Ok`, acknowledge the local publish after
-    /// `store.durable(accepted.seq)`.
+    /// Takes one reading of a bridged sensor: flattens it, then holds it in memory
+    /// for its device's connected uplink, or appends it to the sensor's buffer when
+    /// the device has no working uplink or older readings buffered (its device need
+    /// not exist yet: [`set_device`] starts the forwarding). On `Ok`, acknowledge the
+    /// local publish once [`Ticket::settle`] says so (and its spill is durable).
     ///
     /// [`set_device`]: Self::set_device
     pub fn accept(
@@ -114,26 +118,40 @@ impl Bridge {
         for key in &flat.arrays_left_out {
             inner.note_array(sensor, key);
         }
-        let appended = inner.buffer.append(sensor, &flat.json)?;
-        if appended.dropped > 0 {
-            let total =
-                inner.dropped.fetch_add(appended.dropped, Ordering::Relaxed) + appended.dropped;
-            // Powers of two: a long outage is visible without one line per reading.
-            if total.is_power_of_two() || appended.dropped > 1 {
-                tracing::warn!(
-                    sensor_id = sensor,
-                    dropped = appended.dropped,
-                    total_dropped = total,
-                    "bridge buffer full: oldest readings dropped ({total} since start)"
-                );
-            }
-        }
+        let taken = lock(&inner.lanes).take(&inner.buffer, sensor, flat.json)?;
+        let (kind, dropped) = match taken {
+            Taken::Held(held, rx) => (Kind::Held(held, rx), 0),
+            Taken::Spilled { seq, dropped } => (Kind::Spilled(seq), dropped),
+        };
+        inner.count_dropped(sensor, dropped);
         lock(&inner.dirty).insert(sensor.to_string());
         inner.wake.notify_one();
         Ok(Accepted {
-            seq: appended.seq,
-            dropped_oldest: appended.dropped,
+            ticket: Ticket {
+                bridge: self.clone(),
+                sensor: sensor.to_string(),
+                kind,
+                deadline: Instant::now() + inner.settings.spill_after,
+            },
+            dropped_oldest: dropped,
         })
+    }
+
+    /// A held reading's deadline passed: spilled (with the rest of its device's
+    /// held readings) unless Qubitro acknowledged it meanwhile.
+    pub(super) fn settle_now(&self, sensor: &str, held: &Held) -> Result<Settled, StoreError> {
+        let inner = &self.inner;
+        let (how, dropped) = lock(&inner.lanes).settle_now(&inner.buffer, sensor, held)?;
+        inner.count_dropped(sensor, dropped);
+        if matches!(how, Settled::Spilled(_)) {
+            tracing::debug!(
+                sensor_id = sensor,
+                "bridge: Qubitro has not acknowledged a reading in time; spilled to the buffer"
+            );
+            lock(&inner.dirty).insert(sensor.to_string());
+            inner.wake.notify_one();
+        }
+        Ok(how)
     }
 
     /// A reading from a sensor that is not bridged: dropped (the caller acknowledges
@@ -188,9 +206,10 @@ impl Bridge {
     /// removed. Returns how many readings were removed.
     pub fn forget(&self, sensor: &str) -> Result<u64, StoreError> {
         lock(&self.inner.devices).remove(sensor);
+        let held = lock(&self.inner.lanes).forget(sensor);
         lock(&self.inner.dirty).insert(sensor.to_string());
         self.inner.wake.notify_one();
-        self.inner.buffer.remove_through(sensor, u64::MAX)
+        Ok(held + self.inner.buffer.remove_through(sensor, u64::MAX)?)
     }
 
     /// The uplink of one sensor, for `devices show`; `None` when the bridge knows
@@ -238,6 +257,7 @@ impl Bridge {
             dropped: i.dropped.load(Ordering::Relaxed),
             rejected: i.rejected.load(Ordering::Relaxed),
             connections: i.connections.load(Ordering::Relaxed),
+            held: lock(&i.lanes).count() as u64,
         }
     }
 

@@ -1,27 +1,34 @@
 //! The telemetry bridge: readings that bridged sensors publish on the
 //! local broker are forwarded to Qubitro's broker under each device's own login, so
-//! the token never leaves the gateway, with durable store-and-forward across
-//! outages and restarts.
+//! the token never leaves the gateway. While the uplink takes them, readings are
+//! acknowledged through (the local PUBACK waits for Qubitro's, nothing is written);
+//! while it cannot, they are spilled to a durable buffer and forwarded after.
 //!
 //! - [`flatten`]: a reading → the flat JSON object Qubitro takes, or why it is dropped.
-//! - [`buffer`]: readings waiting for Qubitro's PUBACK, in the store's sled database
-//!   under its one flusher (group commit).
+//! - [`held`]: readings held in memory while their uplink forwards them, and the
+//!   spill to the buffer when it cannot in time.
+//! - [`buffer`]: spilled readings waiting for Qubitro's PUBACK, in the store's sled
+//!   database under its one flusher (group commit).
 //! - [`facade`]: [`Bridge`], what the rest of onboardd calls; [`status`]: what it answers.
 //! - `scheduler`: which devices get one of the `bridge.max_connections` uplinks.
-//! - [`uplink`]: one device's MQTT session to Qubitro's broker, under its own login.
+//! - [`uplink`]: one device's MQTT session to Qubitro's broker, under its own login;
+//!   `connection`: the rumqttc client and event-loop task under it.
 //! - `shared`: the device table and counters the three above share.
 //!
 //! [`DataTopic`] maps the data topic pattern to the local subscription and back.
 
 pub mod buffer;
+mod connection;
 pub mod facade;
 pub mod flatten;
+pub mod held;
 mod scheduler;
 mod shared;
 pub mod status;
 pub mod uplink;
 
 pub use facade::Bridge;
+pub use held::{Settled, Ticket};
 pub use status::{AcceptError, Accepted, BridgeError, BridgeStats, DeviceState, DeviceStatus};
 
 use crate::announce::valid_id;

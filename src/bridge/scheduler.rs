@@ -142,7 +142,8 @@ impl Scheduler {
             let open = self.conns.iter().filter(|(_, c)| !c.cancel.is_cancelled());
             let lru = open
                 .filter(|(s, c)| {
-                    self.inner.buffer.count(s) == 0 || now.duration_since(c.started) >= TURN
+                    let idle = self.inner.buffer.count(s) == 0 && !lock(&self.inner.lanes).holds(s);
+                    idle || now.duration_since(c.started) >= TURN
                 })
                 .min_by_key(|(_, c)| c.last_used)
                 .map(|(s, _)| s.clone());

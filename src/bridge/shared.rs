@@ -11,6 +11,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::buffer::Buffer;
+use super::held::Lanes;
 use super::status::DeviceState;
 use crate::backoff::Backoff;
 use crate::config::Secret;
@@ -44,6 +45,8 @@ pub(super) struct Settings {
     /// [`PAUSE_MAX`].
     pub(super) pause_backoff: Backoff,
     pub(super) max_payload: usize,
+    /// How long a held reading may wait for Qubitro's PUBACK before it is spilled.
+    pub(super) spill_after: Duration,
 }
 
 pub(super) struct DeviceEntry {
@@ -96,6 +99,9 @@ pub(super) struct Pause {
 pub(super) struct Inner {
     pub(super) settings: Settings,
     pub(super) buffer: Buffer,
+    /// Readings held in memory while their uplink forwards them. Lock order: this
+    /// one, then the buffer's.
+    pub(super) lanes: Mutex<Lanes>,
     pub(super) devices: Mutex<HashMap<String, DeviceEntry>>,
     /// Sensors that got data (or a device) since the scheduler last looked.
     pub(super) dirty: Mutex<HashSet<String>>,
@@ -112,6 +118,32 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Inner {
+    /// Counts and says readings the buffer's bounds dropped.
+    pub(super) fn count_dropped(&self, sensor: &str, dropped: u64) {
+        if dropped == 0 {
+            return;
+        }
+        let total = self.dropped.fetch_add(dropped, Ordering::Relaxed) + dropped;
+        // Powers of two: a long outage is visible without one line per reading.
+        if total.is_power_of_two() || dropped > 1 {
+            tracing::warn!(
+                sensor_id = sensor,
+                dropped,
+                total_dropped = total,
+                "bridge buffer full: oldest readings dropped ({total} since start)"
+            );
+        }
+    }
+
+    /// `sensor`'s uplink is connected, or gone (its held readings are spilled).
+    pub(super) fn set_live(&self, sensor: &str, live: bool) {
+        let spilled = lock(&self.lanes).set_live(&self.buffer, sensor, live);
+        match spilled {
+            Ok(dropped) => self.count_dropped(sensor, dropped),
+            Err(e) => tracing::error!(sensor_id = sensor, error = %e, "bridge buffer: {e}"),
+        }
+    }
+
     pub(super) fn count_rejected(&self, sensor: &str, code: &str) {
         let n = self.rejected.fetch_add(1, Ordering::Relaxed) + 1;
         if n.is_power_of_two() {

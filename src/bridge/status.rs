@@ -35,11 +35,11 @@ pub enum AcceptError {
 }
 
 /// An accepted reading.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Accepted {
-    /// Acknowledge the local publish after `store.durable(seq)`.
-    pub seq: u64,
-    /// Older readings dropped to stay within the buffer's bounds.
+    /// What to wait for before acknowledging the reading.
+    pub ticket: super::held::Ticket,
+    /// Older readings the buffer's bounds dropped.
     pub dropped_oldest: u64,
 }
 
@@ -60,6 +60,8 @@ pub struct BridgeStats {
     pub rejected: u64,
     /// Uplink connections open now.
     pub connections: u64,
+    /// Readings held in memory while Qubitro's PUBACK is awaited (acknowledge-through).
+    pub held: u64,
 }
 
 /// Where a device's uplink stands.

@@ -47,20 +47,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, DisconnectReasonCode, Packet, PubAckReason};
-use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, ConnectionError, Event, MqttOptions, StateError};
+use rumqttc::v5::{ConnectionError, Event, MqttOptions, StateError};
 use rumqttc::Outgoing;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::connection::{close, Events};
+pub(super) use super::connection::{rumqttc_connect, Connect, UplinkClient, CLOSE_GRACE};
+use super::held::Held;
 use super::shared::{lock, Inner};
 use super::status::DeviceState;
 use crate::config::Secret;
+use crate::store::StoreError;
 
-/// Readings outstanding (sent, not yet acknowledged) per connection. Below
-/// mosquitto's default in-flight limit of 20, so no packet-id collision can occur.
-pub const WINDOW: usize = 16;
+pub use super::connection::WINDOW;
 
 /// A connection the broker closes without a word this soon after accepting the
 /// login counts as a takeover too: mosquitto 2.0 closes a taken-over connection
@@ -72,9 +73,6 @@ const TAKEOVER_SUSPECT: Duration = Duration::from_secs(10);
 /// after which it is dropped and counted: a reading Qubitro never takes must not
 /// block every later one of its device.
 pub const READING_REFUSALS_MAX: u32 = 5;
-
-/// How long a closing connection waits for its DISCONNECT to go out.
-pub(super) const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// How a connection task ended.
 #[derive(Debug)]
@@ -286,7 +284,35 @@ impl DeviceTask {
 
     async fn session(&self) -> SessionEnd {
         let (client, mut rx) = (self.connect)(self.options());
-        self.drive(client.as_ref(), &mut rx).await
+        let end = self.drive(client.as_ref(), &mut rx).await;
+        // Nothing forwards its held readings now: they go to the buffer.
+        self.inner.set_live(&self.sensor, false);
+        end
+    }
+
+    /// The readings to send next, oldest first: the buffer's (after `last_sent`),
+    /// then the held ones. Never the buffer's while held readings are out: those
+    /// may have been spilled into the buffer meanwhile, and would go out twice.
+    fn next_batch(
+        &self,
+        last_sent: Option<u64>,
+        held_out: bool,
+        room: usize,
+    ) -> Result<Vec<(Src, Vec<u8>)>, StoreError> {
+        if !held_out {
+            let batch = self.inner.buffer.oldest(&self.sensor, last_sent, room)?;
+            if !batch.is_empty() {
+                return Ok(batch
+                    .into_iter()
+                    .map(|(id, json)| (Src::Buffered(id), json))
+                    .collect());
+            }
+        }
+        let mut lanes = lock(&self.inner.lanes);
+        Ok(std::iter::from_fn(|| lanes.next_to_send(&self.sensor))
+            .take(room)
+            .map(|h| (Src::Held(h.clone()), h.json.clone()))
+            .collect())
     }
 
     /// One session on `client`, whose event loop's events arrive on `rx`: the
@@ -298,9 +324,9 @@ impl DeviceTask {
         let mut connected = false;
         let mut connected_at: Option<Instant> = None;
         // Requested from rumqttc, no packet id seen yet (request order).
-        let mut requested: VecDeque<u64> = VecDeque::new();
+        let mut requested: VecDeque<Src> = VecDeque::new();
         // Sent, waiting for their PUBACK (send order = ack order).
-        let mut inflight: VecDeque<(u16, u64)> = VecDeque::new();
+        let mut inflight: VecDeque<(u16, Src)> = VecDeque::new();
         let mut last_sent: Option<u64> = None;
         // Whether Qubitro took a reading on this connection (once is enough to say so).
         let mut delivered = false;
@@ -313,7 +339,11 @@ impl DeviceTask {
         loop {
             let outstanding = requested.len() + inflight.len();
             if connected && outstanding < WINDOW {
-                let batch = match buffer.oldest(&self.sensor, last_sent, WINDOW - outstanding) {
+                let held_out = requested
+                    .iter()
+                    .chain(inflight.iter().map(|(_, s)| s))
+                    .any(Src::is_held);
+                let batch = match self.next_batch(last_sent, held_out, WINDOW - outstanding) {
                     Ok(b) => b,
                     Err(e) => {
                         tracing::error!(error = %e, "bridge buffer unreadable: {e}");
@@ -326,14 +356,16 @@ impl DeviceTask {
                     close(client, rx).await;
                     return SessionEnd::Closed;
                 }
-                for (id, json) in batch {
+                for (src, json) in batch {
                     idle_deadline = Instant::now() + idle;
                     // The channel holds twice the window: this never finds it full.
                     if let Err(e) = client.publish(&topic, json) {
                         return lost(format!("queueing a publish: {e}"), true);
                     }
-                    requested.push_back(id);
-                    last_sent = Some(id);
+                    if let Src::Buffered(id) = src {
+                        last_sent = Some(id);
+                    }
+                    requested.push_back(src);
                 }
             }
             let quiet = connected && requested.is_empty() && inflight.is_empty();
@@ -346,7 +378,7 @@ impl DeviceTask {
                 ev = rx.recv() => ev,
                 _ = self.notify.notified(), if quiet => continue,
                 _ = tokio::time::sleep_until(idle_deadline), if quiet => {
-                    if buffer.count(&self.sensor) > 0 {
+                    if buffer.count(&self.sensor) > 0 || lock(&self.inner.lanes).holds(&self.sensor) {
                         idle_deadline = Instant::now() + idle;
                         continue;
                     }
@@ -363,11 +395,12 @@ impl DeviceTask {
                     connected_at = Some(Instant::now());
                     idle_deadline = Instant::now() + idle;
                     self.inner.set_state(&self.sensor, DeviceState::Connected);
+                    self.inner.set_live(&self.sensor, true);
                     tracing::debug!(sensor_id = %self.sensor, device_id = %self.device_id, "bridge: uplink connected");
                 }
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                    if let Some(id) = requested.pop_front() {
-                        inflight.push_back((pkid, id));
+                    if let Some(src) = requested.pop_front() {
+                        inflight.push_back((pkid, src));
                     }
                 }
                 Ok(Event::Outgoing(Outgoing::AwaitAck(pkid))) => {
@@ -377,19 +410,21 @@ impl DeviceTask {
                     );
                 }
                 Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                    let Some(&(pkid, id)) = inflight.front() else {
+                    let Some((pkid, _)) = inflight.front() else {
                         return lost(format!("PUBACK {} for nothing sent", ack.pkid), true);
                     };
-                    if pkid != ack.pkid {
+                    if *pkid != ack.pkid {
                         return lost(
                             format!("PUBACK {} out of order (expected {pkid})", ack.pkid),
                             true,
                         );
                     }
-                    inflight.pop_front();
+                    let Some((_, src)) = inflight.pop_front() else {
+                        continue;
+                    };
                     match ack.reason {
                         PubAckReason::Success | PubAckReason::NoMatchingSubscribers => {
-                            if let Err(e) = buffer.remove_through(&self.sensor, id) {
+                            if let Err(e) = self.taken(&src) {
                                 tracing::error!(error = %e, "bridge buffer: {e}");
                                 return lost(format!("buffer: {e}"), true);
                             }
@@ -407,7 +442,10 @@ impl DeviceTask {
                         PubAckReason::TopicNameInvalid | PubAckReason::PayloadFormatInvalid => {
                             // This reading can never be taken: keeping it would block
                             // every later one.
-                            let removed = buffer.remove_through(&self.sensor, id).unwrap_or(0);
+                            let removed = match self.taken(&src) {
+                                Ok(n) => n,
+                                Err(e) => return lost(format!("buffer: {e}"), true),
+                            };
                             let n =
                                 self.inner.dropped.fetch_add(removed, Ordering::Relaxed) + removed;
                             tracing::warn!(
@@ -418,6 +456,11 @@ impl DeviceTask {
                         // Unspecified (0x80), implementation specific (0x83), quota
                         // exceeded (0x97), …: like a failed session, the backoff grows.
                         other => {
+                            // A held reading goes to the buffer, where its refusals count.
+                            self.inner.set_live(&self.sensor, false);
+                            let Some(id) = src.buffered_id() else {
+                                return lost(format!("PUBACK {other:?}"), true);
+                            };
                             return SessionEnd::ReadingRefused {
                                 id,
                                 reason: format!("PUBACK {other:?}"),
@@ -442,63 +485,41 @@ impl DeviceTask {
     }
 }
 
-/// The events of one connection's event loop, in the order rumqttc returned them.
-type Events = mpsc::UnboundedReceiver<Result<Event, ConnectionError>>;
-
-/// What a session asks of its MQTT client; rumqttc's [`AsyncClient`] in the daemon,
-/// a recording fake in the unit tests. Neither call may wait: the session task
-/// also reads the event loop's events (rumqtt#263).
-pub(super) trait UplinkClient {
-    /// Queues a QoS 1 publish of `payload` to `topic`.
-    fn publish(&self, topic: &str, payload: Vec<u8>) -> Result<(), String>;
-    /// Queues a DISCONNECT; false when it cannot be queued.
-    fn disconnect(&self) -> bool;
-}
-
-impl UplinkClient for Rumqttc {
-    fn publish(&self, topic: &str, payload: Vec<u8>) -> Result<(), String> {
-        self.client
-            .try_publish(topic, QoS::AtLeastOnce, false, payload)
-            .map_err(|e| e.to_string())
-    }
-
-    fn disconnect(&self) -> bool {
-        self.client.try_disconnect().is_ok()
+impl DeviceTask {
+    /// Qubitro took (or refused for good) the reading `src`: out of the buffer, or
+    /// settled as forwarded. Returns how many readings left the buffer or memory.
+    fn taken(&self, src: &Src) -> Result<u64, StoreError> {
+        let buffered = match src {
+            Src::Buffered(id) => *id,
+            Src::Held(h) => match lock(&self.inner.lanes).forwarded(&self.sensor, h) {
+                // Spilled while Qubitro had it: its copy is not needed any more.
+                Some(id) => id,
+                None => return Ok(1),
+            },
+        };
+        self.inner.buffer.remove_through(&self.sensor, buffered)
     }
 }
 
-/// Opens one connection with these options: a client for the session's requests,
-/// and the event loop's events.
-pub(super) type Connect =
-    dyn Fn(MqttOptions) -> (Box<dyn UplinkClient + Send + Sync>, Events) + Send + Sync;
+/// Where a sent reading came from.
+enum Src {
+    /// The buffer, by id.
+    Buffered(u64),
+    /// Memory (acknowledged through).
+    Held(Arc<Held>),
+}
 
-/// The daemon's [`Connect`]: a fresh rumqttc client and event loop (clean start, so
-/// nothing queued for an old connection goes out later), the loop polled in a task
-/// of its own that never awaits a client call (rumqtt#263). It ends at the first
-/// error, and the event loop (with anything it still holds) is dropped with it.
-pub(super) fn rumqttc_connect(opts: MqttOptions) -> (Box<dyn UplinkClient + Send + Sync>, Events) {
-    let (client, mut eventloop) = AsyncClient::new(opts, WINDOW * 2 + 8);
-    let (tx, rx) = mpsc::unbounded_channel();
-    let poller = tokio::spawn(async move {
-        loop {
-            let ev = eventloop.poll().await;
-            let failed = ev.is_err();
-            if tx.send(ev).is_err() || failed {
-                return;
-            }
+impl Src {
+    fn is_held(&self) -> bool {
+        matches!(self, Src::Held(_))
+    }
+
+    fn buffered_id(&self) -> Option<u64> {
+        match self {
+            Src::Buffered(id) => Some(*id),
+            Src::Held(_) => None,
         }
-    });
-    let client = Rumqttc {
-        client,
-        _poller: AbortOnDrop(poller),
-    };
-    (Box::new(client), rx)
-}
-
-/// A rumqttc client and its poll task, which ends with the session.
-struct Rumqttc {
-    client: AsyncClient,
-    _poller: AbortOnDrop,
+    }
 }
 
 /// A wait as the log lines say it: "750 ms", "4 s", "2 min".
@@ -508,22 +529,6 @@ fn humantime(d: Duration) -> String {
         s @ 1..=119 => format!("{s} s"),
         s => format!("{} min", s / 60),
     }
-}
-
-/// Sends DISCONNECT and gives it [`CLOSE_GRACE`] to go out.
-async fn close(client: &(impl UplinkClient + ?Sized), rx: &mut Events) {
-    if !client.disconnect() {
-        return;
-    }
-    let _ = tokio::time::timeout(CLOSE_GRACE, async {
-        while let Some(ev) = rx.recv().await {
-            match ev {
-                Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await;
 }
 
 /// `soon`: the broker accepted the login less than [`TAKEOVER_SUSPECT`] ago.
@@ -581,15 +586,6 @@ fn classify(e: ConnectionError, connected: bool, soon: bool) -> SessionEnd {
             connected,
             takeover: false,
         },
-    }
-}
-
-/// Aborts the poll task when a session ends, whichever way.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

@@ -244,3 +244,52 @@ async fn a_device_whose_publishes_are_refused_waits_longer_before_each_retry() {
     assert!(waits[2] >= waits[0] * 2, "{waits:?}");
     s.cancel.cancel();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_held_reading_is_settled_by_qubitros_puback_and_one_out_when_the_connection_drops_is_spilled_and_sent_first(
+) {
+    let mut s = setup(&[]);
+    let mut c = s.opened.recv().await.expect("a connection");
+    c.accept_login();
+    while s.bridge.device_status("s").expect("known").state != DeviceState::Connected {
+        tokio::task::yield_now().await;
+    }
+    let first = s
+        .bridge
+        .accept("s", br#"{"n":1}"#, false)
+        .expect("accepted");
+    assert!(first.ticket.is_held(), "held for the connected uplink");
+    // The scheduler wakes the uplink through its notify; here the session polls
+    // the lane as soon as anything happens on the connection.
+    c.play(Event::Outgoing(Outgoing::PingReq));
+    assert_eq!(c.next_published().await["n"], 1);
+    c.play(Event::Outgoing(Outgoing::Publish(1)));
+    let second = s
+        .bridge
+        .accept("s", br#"{"n":2}"#, false)
+        .expect("accepted");
+    assert!(second.ticket.is_held());
+    c.play(Event::Outgoing(Outgoing::PingReq));
+    assert_eq!(c.next_published().await["n"], 2);
+    c.play(Event::Outgoing(Outgoing::Publish(2)));
+    c.puback(1, PubAckReason::Success);
+    assert_eq!(
+        first.ticket.settle().await.expect("settled"),
+        crate::bridge::Settled::Forwarded
+    );
+    assert_eq!(s.bridge.device_status("s").expect("known").buffered, 0);
+
+    // The connection drops with the second one out: spilled, and sent first next time.
+    let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+    let _ = c.events.send(Err(ConnectionError::Io(reset)));
+    let settled = second.ticket.settle().await.expect("settled");
+    assert!(
+        matches!(settled, crate::bridge::Settled::Spilled(_)),
+        "{settled:?}"
+    );
+    assert_eq!(s.bridge.device_status("s").expect("known").buffered, 1);
+    let mut c = s.opened.recv().await.expect("a connection");
+    c.accept_login();
+    assert_eq!(c.next_published().await["n"], 2);
+    s.cancel.cancel();
+}

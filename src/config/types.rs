@@ -205,6 +205,11 @@ pub struct BridgeConfig {
     pub max_connections: usize,
     /// The longest wait between reconnects of one device's uplink.
     pub reconnect_max_ms: u64,
+    /// A reading Qubitro has not acknowledged within this long is spilled to the
+    /// buffer and acknowledged locally once durable.
+    pub spill_after_ms: u64,
+    /// At most one flush of spilled readings per this long (group commit).
+    pub spill_flush_ms: u64,
 }
 
 /// Zero-firmware onboarding (`src/discovery/`): devices that describe themselves

@@ -220,6 +220,7 @@ impl BridgeConfig {
             ("bridge.idle_disconnect_s", self.idle_disconnect_s),
             ("bridge.max_connections", self.max_connections as u64),
             ("bridge.reconnect_max_ms", self.reconnect_max_ms),
+            ("bridge.spill_after_ms", self.spill_after_ms),
         ] {
             if v == 0 {
                 return Err(key_err(key, "must be at least 1"));

@@ -191,10 +191,7 @@ impl Discovered<'_> {
         // Persist what the registry now says of this topic and its device.
         d.tree.set_config(topic, config.as_ref())?;
         let Some(change) = change else {
-            return Ok(Decision {
-                seq: d.tree.wrote(),
-                answer: None,
-            });
+            return Ok(Decision::wait_for(d.tree.wrote()));
         };
         let sensor = change.known.sensor_id.clone();
         d.tree.set_device(&change.key, &change.known)?;
@@ -213,7 +210,7 @@ impl Discovered<'_> {
         if change.active {
             seq = seq.max(self.onboard_discovered(&change.known)?);
         }
-        Ok(Decision { seq, answer: None })
+        Ok(Decision::wait_for(seq))
     }
 
     /// Retires a device made before that has no entity left (listed `retired`).
@@ -324,7 +321,7 @@ impl Discovered<'_> {
         p: &Publish,
     ) -> Result<Decision, StoreError> {
         let readings = self.state.registry().readings(topic, &p.payload);
-        let mut seq = 0;
+        let mut tickets = Vec::new();
         for (sensor, reading) in readings {
             // Not onboarded (refused by a rule, or the record was forgotten).
             if !self.store.is_bridged(&sensor)? {
@@ -334,13 +331,16 @@ impl Discovered<'_> {
                 .saw(&sensor, self.clock.wall_ms(), self.clock.now())?;
             let body = json(&Value::Object(reading));
             match bridge.accept(&sensor, &body, p.retain) {
-                Ok(a) => seq = seq.max(a.seq),
+                Ok(a) => tickets.push(a.ticket),
                 Err(AcceptError::Store(e)) => return Err(e),
                 // Counted and logged by the bridge.
                 Err(_) => {}
             }
         }
-        Ok(Decision { seq, answer: None })
+        Ok(Decision {
+            tickets,
+            ..Decision::default()
+        })
     }
 }
 

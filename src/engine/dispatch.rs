@@ -7,6 +7,8 @@
 //! announce is either durably recorded or still the broker's to deliver again, so
 //! none is lost. Acknowledging before the cloud call (not after) keeps the broker's
 //! in-flight window free, so the cloud in-flight limit is what bounds throughput.
+//! A bridged reading's ack waits for its ticket instead: Qubitro's PUBACK, or its
+//! spill to the buffer made durable (see `crate::bridge::held`).
 
 use std::time::Duration;
 
@@ -20,11 +22,12 @@ use super::delivery::{delivery_tag, pending_wait, Outbox};
 use super::discovered::Discovered;
 use super::inbound::{Inbound, Routes};
 use super::onboardings::{Launch, Onboardings};
+use super::pacer::SpillPacer;
 use super::publisher::Publisher;
 use super::records::{self, Transition};
 use super::{bridge_device, Fatal};
 use crate::announce::{self, Announce, AnnounceError};
-use crate::bridge::{AcceptError, Bridge};
+use crate::bridge::{AcceptError, Bridge, Settled, Ticket};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::failpoint;
@@ -42,11 +45,13 @@ pub const MAX_RESPONSE_TOPIC_BYTES: usize = 256;
 /// The longest MQTT 5 Correlation Data honoured (same rule).
 pub const MAX_CORRELATION_DATA_BYTES: usize = 64;
 
-/// An announce waiting for its acknowledgement.
+/// A message waiting for its acknowledgement.
 pub struct AckItem {
     publish: Publish,
     /// Write that must be on disk first (0: none).
     seq: u64,
+    /// Its bridged readings: each forwarded to Qubitro, or spilled and durable, first.
+    tickets: Vec<Ticket>,
 }
 
 /// A reply decided by the dispatcher.
@@ -65,6 +70,18 @@ pub(super) struct Decision {
     pub(super) seq: u64,
     /// Reply to publish right away.
     pub(super) answer: Option<Answer>,
+    /// Bridged readings to settle before the ack.
+    pub(super) tickets: Vec<Ticket>,
+}
+
+impl Decision {
+    /// Nothing to answer; the ack waits for write `seq`.
+    pub(super) fn wait_for(seq: u64) -> Decision {
+        Decision {
+            seq,
+            ..Decision::default()
+        }
+    }
 }
 
 /// The dispatcher, and everything it reads or changes.
@@ -111,17 +128,27 @@ impl Dispatch<'_> {
                 p = inbox.recv() => match p { Some(p) => p, None => break },
                 _ = beat.tick() => continue,
             };
-            let Decision { seq, answer } = match self.dispatch(&publish) {
+            let Decision {
+                seq,
+                answer,
+                tickets,
+            } = match self.dispatch(&publish) {
                 Ok(d) => d,
                 Err(e) => {
                     fatal.trigger(e);
                     break;
                 }
             };
-            // QoS 0 has nothing to acknowledge.
-            if publish.qos != QoS::AtMostOnce {
+            // QoS 0 has nothing to acknowledge, but a held reading still goes to the
+            // acker, which spills it at its deadline.
+            if publish.qos != QoS::AtMostOnce || tickets.iter().any(Ticket::is_held) {
+                let item = AckItem {
+                    publish,
+                    seq,
+                    tickets,
+                };
                 tokio::select! {
-                    r = acks.send(AckItem { publish, seq }) => if r.is_err() { break },
+                    r = acks.send(item) => if r.is_err() { break },
                     _ = stop.cancelled() => break,
                 }
             }
@@ -291,6 +318,7 @@ impl Dispatch<'_> {
             let reply = self.outbox.ok_reply(sensor, &route, &creds, bridged);
             return Ok(Decision {
                 seq,
+                tickets: Vec::new(),
                 answer: Some(Answer {
                     sensor: sensor.to_string(),
                     route,
@@ -313,6 +341,7 @@ impl Dispatch<'_> {
                 let reply = self.outbox.ok_reply(sensor, &route, creds, bridged);
                 Ok(Decision {
                     seq,
+                    tickets: Vec::new(),
                     answer: Some(Answer {
                         sensor: sensor.to_string(),
                         track: delivery_tag(sensor, &rec),
@@ -347,9 +376,9 @@ impl Dispatch<'_> {
             Ok(Admitted::New { seq }) => {
                 tracing::info!(sensor_id = sensor, "new sensor; onboarding {sensor}");
                 self.launch.launch(sensor.to_string(), Duration::ZERO);
-                Decision { seq, answer: None }
+                Decision::wait_for(seq)
             }
-            Ok(Admitted::Raced { seq }) => Decision { seq, answer: None },
+            Ok(Admitted::Raced { seq }) => Decision::wait_for(seq),
             Err(Refusal::Rules(denied)) => self.refuse(sensor, route, denied),
             Err(Refusal::RejectedRecently { left, why }) => {
                 let message = format!(
@@ -388,8 +417,8 @@ impl Dispatch<'_> {
         }
     }
 
-    /// A reading on a sensor's data topic: buffered durably for the bridge when the
-    /// sensor is bridged (the ack waits for that write), else dropped and counted.
+    /// A reading on a sensor's data topic: taken by the bridge when the sensor is
+    /// bridged (the ack waits for its ticket), else dropped and counted.
     /// Every reading is acknowledged, refused ones too: a poison reading must not
     /// come back at every reconnect.
     fn reading(&self, bridge: &Bridge, sensor: &str, p: &Publish) -> Result<Decision, StoreError> {
@@ -401,8 +430,8 @@ impl Dispatch<'_> {
             .saw(sensor, self.clock.wall_ms(), self.clock.now())?;
         match bridge.accept(sensor, &p.payload, p.retain) {
             Ok(accepted) => Ok(Decision {
-                seq: accepted.seq,
-                answer: None,
+                tickets: vec![accepted.ticket],
+                ..Decision::default()
             }),
             Err(AcceptError::Store(e)) => Err(e),
             // Counted and logged by the bridge.
@@ -421,6 +450,7 @@ impl Dispatch<'_> {
         Decision {
             // Its record may not be flushed yet: this ack waits for the same flush.
             seq: self.store.last_write(),
+            tickets: Vec::new(),
             answer: retry_after_s.map(|secs| Answer {
                 sensor: sensor.to_string(),
                 reply: Reply::pending(sensor, secs, route.request_id.clone()),
@@ -458,6 +488,7 @@ impl Dispatch<'_> {
         }
         Decision {
             seq: 0,
+            tickets: Vec::new(),
             answer: Some(Answer {
                 sensor: sensor.to_string(),
                 route,
@@ -468,26 +499,62 @@ impl Dispatch<'_> {
     }
 }
 
-/// Acknowledges announces in arrival order, each once its write is durable.
-/// Runs until the dispatcher is gone and every queued ack is sent, or `abort`.
+/// Acknowledges messages in arrival order, each once its write is durable and its
+/// bridged readings are forwarded or spilled durably. A held reading keeps the acks
+/// after it waiting until Qubitro acknowledges it or its deadline spills it (MQTT 5
+/// §4.6 wants PUBACKs in arrival order). Runs until the dispatcher is gone and every
+/// queued ack is sent, or `abort`.
 pub(super) async fn acknowledge(
     store: &Store,
     publisher: &dyn Publisher,
     mut acks: mpsc::Receiver<AckItem>,
+    spill_flush: Duration,
     abort: &CancellationToken,
     fatal: &Fatal,
 ) {
+    let mut pacer = SpillPacer::new(spill_flush);
     loop {
         let item = tokio::select! {
             i = acks.recv() => match i { Some(i) => i, None => return },
             _ = abort.cancelled() => return,
         };
-        if item.seq > 0 {
-            if let Err(e) = store.durable(item.seq).await {
-                // Not acknowledged: the broker will deliver it again.
-                fatal.trigger(e);
-                return;
+        let mut spilled = 0;
+        for ticket in item.tickets {
+            let settled = tokio::select! {
+                s = ticket.settle() => s,
+                _ = abort.cancelled() => return,
+            };
+            match settled {
+                Ok(Settled::Forwarded) => {}
+                Ok(Settled::Spilled(seq)) => spilled = spilled.max(seq),
+                Err(e) => {
+                    fatal.trigger(e);
+                    return;
+                }
             }
+        }
+        if item.publish.qos == QoS::AtMostOnce {
+            // Nothing to acknowledge: a spilled QoS 0 reading is made durable by
+            // the next flush.
+            continue;
+        }
+        let durable = async {
+            if spilled > 0 {
+                pacer.durable(store, spilled).await?;
+            }
+            if item.seq > 0 {
+                store.durable(item.seq).await?;
+            }
+            Ok::<(), StoreError>(())
+        };
+        let durable = tokio::select! {
+            d = durable => d,
+            _ = abort.cancelled() => return,
+        };
+        if let Err(e) = durable {
+            // Not acknowledged: the broker will deliver it again.
+            fatal.trigger(e);
+            return;
         }
         tokio::select! {
             r = publisher.ack(&item.publish) => {

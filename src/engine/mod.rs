@@ -35,6 +35,7 @@ mod forget;
 mod health;
 mod inbound;
 mod onboardings;
+mod pacer;
 mod publisher;
 pub mod records;
 mod rejections;
@@ -250,6 +251,7 @@ impl Engine {
             &self.store,
             publisher,
             acks,
+            Duration::from_millis(self.cfg.bridge.spill_flush_ms),
             &self.shutdown.abort,
             &self.fatal,
         )

@@ -62,6 +62,16 @@ impl Store {
         self.flusher.written.load(Ordering::SeqCst)
     }
 
+    /// The last write known to be on disk.
+    pub fn flushed(&self) -> u64 {
+        self.flusher.state.borrow().flushed
+    }
+
+    /// Whether write `seq` is on disk already.
+    pub fn is_durable(&self, seq: u64) -> bool {
+        self.flushed() >= seq
+    }
+
     /// Resolves once write `seq` is on disk. Many waiters share one flush.
     pub async fn durable(&self, seq: u64) -> Result<(), StoreError> {
         let mut rx = self.flusher.state.subscribe();

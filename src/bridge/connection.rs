@@ -1,0 +1,101 @@
+//! One uplink connection's plumbing: the client seam a session drives
+//! ([`UplinkClient`], rumqttc in the daemon, a recording fake in unit tests), the
+//! task that polls rumqttc's event loop, and the orderly close.
+
+use std::time::Duration;
+
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, ConnectionError, Event, MqttOptions};
+use rumqttc::Outgoing;
+use tokio::sync::mpsc;
+
+/// Readings outstanding (sent, not yet acknowledged) per connection. Below
+/// mosquitto's default in-flight limit of 20, so no packet-id collision can occur.
+pub const WINDOW: usize = 16;
+
+/// How long a closing connection waits for its DISCONNECT to go out.
+pub(super) const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// The events of one connection's event loop, in the order rumqttc returned them.
+pub(super) type Events = mpsc::UnboundedReceiver<Result<Event, ConnectionError>>;
+
+/// What a session asks of its MQTT client; rumqttc's [`AsyncClient`] in the daemon,
+/// a recording fake in the unit tests. Neither call may wait: the session task
+/// also reads the event loop's events (rumqtt#263).
+pub(super) trait UplinkClient {
+    /// Queues a QoS 1 publish of `payload` to `topic`.
+    fn publish(&self, topic: &str, payload: Vec<u8>) -> Result<(), String>;
+    /// Queues a DISCONNECT; false when it cannot be queued.
+    fn disconnect(&self) -> bool;
+}
+
+impl UplinkClient for Rumqttc {
+    fn publish(&self, topic: &str, payload: Vec<u8>) -> Result<(), String> {
+        self.client
+            .try_publish(topic, QoS::AtLeastOnce, false, payload)
+            .map_err(|e| e.to_string())
+    }
+
+    fn disconnect(&self) -> bool {
+        self.client.try_disconnect().is_ok()
+    }
+}
+
+/// Opens one connection with these options: a client for the session's requests,
+/// and the event loop's events.
+pub(super) type Connect =
+    dyn Fn(MqttOptions) -> (Box<dyn UplinkClient + Send + Sync>, Events) + Send + Sync;
+
+/// The daemon's [`Connect`]: a fresh rumqttc client and event loop (clean start, so
+/// nothing queued for an old connection goes out later), the loop polled in a task
+/// of its own that never awaits a client call (rumqtt#263). It ends at the first
+/// error, and the event loop (with anything it still holds) is dropped with it.
+pub(super) fn rumqttc_connect(opts: MqttOptions) -> (Box<dyn UplinkClient + Send + Sync>, Events) {
+    let (client, mut eventloop) = AsyncClient::new(opts, WINDOW * 2 + 8);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let poller = tokio::spawn(async move {
+        loop {
+            let ev = eventloop.poll().await;
+            let failed = ev.is_err();
+            if tx.send(ev).is_err() || failed {
+                return;
+            }
+        }
+    });
+    let client = Rumqttc {
+        client,
+        _poller: AbortOnDrop(poller),
+    };
+    (Box::new(client), rx)
+}
+
+/// A rumqttc client and its poll task, which ends with the session.
+struct Rumqttc {
+    client: AsyncClient,
+    _poller: AbortOnDrop,
+}
+
+/// Sends DISCONNECT and gives it [`CLOSE_GRACE`] to go out.
+pub(super) async fn close(client: &(impl UplinkClient + ?Sized), rx: &mut Events) {
+    if !client.disconnect() {
+        return;
+    }
+    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+}
+
+/// Aborts the poll task when a session ends, whichever way.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
