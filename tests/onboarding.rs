@@ -82,6 +82,30 @@ async fn empty_announce_gets_the_documented_defaults() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_authenticated_reannounce_changes_nothing_recorded_not_even_bridge() {
+    let broker = Mosquitto::start();
+    let cloud = fake_cloud().await;
+    let d = Daemon::start(&broker, &cloud, "");
+    let mut s = d.sensor(broker.port, "fixed-1").await;
+    s.announce(r#"{"name":"First"}"#).await;
+    assert_opens_to_the_clouds_token(&cloud, &s.reply_with_status("ok").await);
+    let (code, before, err) = d.devices(&["show", "fixed-1"]);
+    assert_eq!(code, 0, "{err}");
+
+    // Its own key, its own fresh nonce: still only answered from the record.
+    s.announce(r#"{"name":"Second","bridge":true}"#).await;
+    let ok = s.reply_with_status("ok").await;
+    assert!(
+        ok.get("bridged").is_none(),
+        "bridged by a re-announce: {ok}"
+    );
+    assert_opens_to_the_clouds_token(&cloud, &ok);
+    let (_, after, _) = d.devices(&["show", "fixed-1"]);
+    assert_eq!(after, before, "the record is as it was made");
+    assert_eq!(cloud.devices()[0].name, "First");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reannounce_returns_the_same_credentials_without_a_second_create_even_across_restarts() {
     let broker = Mosquitto::start();
     let cloud = fake_cloud().await;
