@@ -21,8 +21,8 @@ pub const MAX_METADATA_KEY_CHARS: usize = 64;
 pub const MAX_METADATA_VALUE_CHARS: usize = 256;
 pub const MAX_REQUEST_ID_CHARS: usize = 128;
 pub const MAX_BRAND_MODEL_CHARS: usize = 100;
-/// A proof is 64 hex characters; anything up to this bound is checked (and refused
-/// as `unauthorized`), anything longer is a malformed field.
+/// A `proof` field inside an announce object is not protocol v2's (that one sits
+/// beside the body); one longer than this is still a malformed field.
 pub const MAX_PROOF_CHARS: usize = 128;
 
 /// Metadata keys an announce may not set: onboardd sets `sensor_id` and
@@ -48,9 +48,9 @@ pub struct Announce {
     pub sensor_id: String,
     pub spec: DeviceSpec,
     pub request_id: Option<String>,
-    /// The `proof` field as sent (hex HMAC, README "Security"), checked by the
-    /// security module. An old `claim` field is ignored like any unknown field: such
-    /// an announce carries no proof.
+    /// A `proof` field inside the announce object, as sent: bounded, and never
+    /// checked. Protocol v2's proof sits beside the body, and the security module
+    /// checks it before this parser reads the body (README "Security").
     pub proof: Option<String>,
     /// `"bridge": true`: the sensor asks the gateway to forward its readings (README
     /// "Bridge"); its replies then never carry the token.

@@ -1,12 +1,15 @@
 //! The answers onboardd publishes to a sensor, and where they go.
 //!
-//! A reply is the only place a device token is ever written out, and it goes out
-//! sealed for its sensor (see the `proof` module) unless proofs are off and the announce
-//! carried none.
+//! A reply is the only place a device token is ever written out. A reply to an
+//! authenticated (protocol v2) announce goes out as `{"body": R, "mac": M}` bound to
+//! that announce's nonce, its token sealed for the sensor and that exchange (see
+//! `proof::v2`); a reply to anything else goes out in v1 form, without a MAC, and
+//! carries a token (in clear) only when proofs are off and the announce had none.
 
 use serde::{Deserialize, Serialize};
 
 pub use crate::device::{Credentials, Token};
+use crate::proof::v2::AnnounceNonce;
 
 /// Where and how to answer one announce.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -19,12 +22,18 @@ pub struct Route {
     pub correlation_data: Option<Vec<u8>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
-    /// The announce carried its sensor's valid proof: every ok reply on this route
-    /// carries the token sealed, never in clear. Stored with the record, so the
-    /// republish after a reconnect seals too; records written before proofs read
-    /// as `false` (and are sealed anyway while `require_claim` is on).
+    /// The announce proved its sensor: no ok reply on this route ever carries the
+    /// token in clear, and a record made from it is the authenticated sensor's for
+    /// good (a plain announce of it is refused). Records made by v1 proofs read as
+    /// `true` without a nonce: they get no ok reply until the sensor announces in v2.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub proven: bool,
+    /// The nonce of the protocol v2 announce this route answers: every reply on it
+    /// carries it inside its MAC, and an ok's token is sealed for it. Stored with
+    /// the record, so an answer owed after a restart or a reconnect still binds to
+    /// the announce it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<AnnounceNonce>,
 }
 
 impl Route {
@@ -63,7 +72,8 @@ pub enum ReplyCode {
     NotAnObject,
     /// A field, an MQTT 5 property or a reserved id the gateway cannot take.
     InvalidField,
-    /// No valid proof while `security.require_claim` is on.
+    /// Not an authenticated protocol v2 announce (or a plain one of a sensor that
+    /// was onboarded authenticated).
     Unauthorized,
     /// The gateway's rules (deny or allow lists) refuse the sensor.
     Denied,
@@ -104,11 +114,11 @@ pub struct Broker {
 /// How an ok reply carries the device token: one of the two fields, never both.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub enum TokenField {
-    /// `"device_token"`: only to an announce without a proof, with
+    /// `"device_token"`: only to a plain announce (no proof), with
     /// `security.require_claim = false`.
     #[serde(rename = "device_token")]
     Clear(Token),
-    /// `"device_token_sealed"`: hex(nonce ‖ ciphertext ‖ tag), see the `proof` module.
+    /// `"device_token_sealed"`: hex(gcm_nonce ‖ ciphertext ‖ tag), see `proof::v2`.
     #[serde(rename = "device_token_sealed")]
     Sealed(String),
 }
@@ -255,19 +265,27 @@ mod tests {
     }
 
     #[test]
-    fn a_route_stored_before_proofs_reads_as_unproven_and_proven_round_trips() {
+    fn a_route_stored_before_proofs_reads_as_unproven_and_its_nonce_round_trips() {
         let old: Route = serde_json::from_str(r#"{"request_id":"r"}"#).unwrap();
         assert!(!old.proven);
+        assert_eq!(old.nonce, None);
         assert_eq!(
             serde_json::to_string(&old).unwrap(),
             r#"{"request_id":"r"}"#
         );
-        let proven = Route {
+        let v2 = Route {
             proven: true,
+            nonce: AnnounceNonce::parse("00112233445566778899aabbccddeeff"),
             ..old
         };
-        let text = serde_json::to_string(&proven).unwrap();
-        assert_eq!(serde_json::from_str::<Route>(&text).unwrap(), proven);
+        let text = serde_json::to_string(&v2).unwrap();
+        assert!(
+            text.contains(r#""nonce":"00112233445566778899aabbccddeeff""#),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<Route>(&text).unwrap(), v2);
+        let bad = r#"{"proven":true,"nonce":"not a nonce"}"#;
+        assert!(serde_json::from_str::<Route>(bad).is_err());
     }
 
     #[test]

@@ -1,12 +1,12 @@
 //! Who may onboard: announce proofs, allow/deny rules and flood limits.
 //!
 //! Checked by the dispatcher before any cloud call or token reply:
-//! 1. proof — an announce carries `proof = hex(HMAC-SHA256(sensor_key,
-//!    "onboardd-announce-v1"))` with `sensor_key = HMAC-SHA256(claim_key, sensor_id)`
-//!    ([`crate::proof`]), compared in constant time. Missing (with
-//!    `security.require_claim`, the default), non-hex or wrong: `unauthorized`. A
-//!    valid proof also means the ok reply is sealed for that sensor, so a replayed
-//!    proof gains nothing; the same proof is needed to get a cached token back.
+//! 1. proof — an announce is protocol v2's `{"body": B, "proof": P}`, `P` checked
+//!    over `B`'s exact bytes under the sensor's key before `B` is read, and `B`
+//!    carries a nonce ([`crate::proof::v2`]). Anything else (no proof, a v1 proof, a
+//!    changed body, a bad nonce) is `unauthorized`, unless `security.require_claim =
+//!    false` lets a plain announce (no `body`, no `proof`) through. Only a verified
+//!    announce's replies carry a MAC, bound to its nonce.
 //! 2. allow/deny rules on sensor ids (`*` and `?` wildcards), brands and models;
 //!    deny wins over allow.
 //! 3. flood limits for announces that would cause cloud calls: a per-sensor
@@ -19,8 +19,11 @@ use std::time::Duration;
 // tokio's clock: `tokio::time::pause` drives the limits in tests.
 use tokio::time::Instant;
 
+use serde_json::Value;
+
 use crate::announce::Announce;
 use crate::config::{Config, Secret};
+use crate::proof::v2::{AnnounceNonce, ExchangeKeys};
 use crate::proof::SensorKey;
 use crate::reply::ReplyCode;
 
@@ -48,19 +51,20 @@ fn rate_limited(message: &str, retry_after: Duration) -> Denial {
     }
 }
 
-/// What an admitted announce proved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Proof {
-    /// It carried its sensor's valid proof: its ok replies are sealed.
-    Verified,
-    /// It carried none (admitted only with `require_claim = false`).
-    Absent,
+/// Who an announce showed it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Authenticated {
+    /// A protocol v2 announce whose proof verified: the body's exact text (what the
+    /// announce parser reads) and its nonce (what every reply binds to).
+    V2 { body: String, nonce: AnnounceNonce },
+    /// A plain announce without `body` or `proof`: only with `require_claim = false`.
+    Plain,
 }
 
 pub struct Gatekeeper {
     /// The fleet claim key (configured or generated: never empty when running).
     claim_key: Secret,
-    /// Announces without a proof are refused.
+    /// Plain announces (no protocol v2 proof) are refused.
     require_claim: bool,
     allow_ids: Vec<String>,
     deny_ids: Vec<String>,
@@ -103,39 +107,57 @@ impl Gatekeeper {
         }
     }
 
-    /// Whether this announce may proceed, and whether it proved its sensor id.
-    /// `known`: the store already holds the sensor (its announce causes no cloud
-    /// call, so the flood limits do not apply).
-    pub fn check(&self, a: &Announce, known: bool) -> Result<Proof, Denial> {
-        let proof = self.verify_proof(a)?;
-        self.check_rules(a, known)?;
-        Ok(proof)
+    /// Who `payload`, an announce on `sensor`'s topic, comes from: its proof is
+    /// checked before its body is parsed. The refusal is `unauthorized` (its message
+    /// names protocol v2), or `invalid_json` when the payload or the proved body is
+    /// no JSON object; none of them earns a MAC'd reply.
+    pub fn authenticate(&self, sensor: &str, payload: &[u8]) -> Result<Authenticated, Denial> {
+        let blank = payload.iter().all(u8::is_ascii_whitespace);
+        let outer = (!blank).then(|| serde_json::from_slice::<Value>(payload));
+        let v2 = match &outer {
+            Some(Ok(Value::Object(m))) => m.contains_key("body") || m.contains_key("proof"),
+            Some(Err(_)) if self.require_claim => {
+                return Err(deny(
+                    ReplyCode::InvalidJson,
+                    "payload is not JSON (protocol v2: {\"body\": string, \"proof\": string})",
+                ));
+            }
+            _ => false,
+        };
+        if !v2 {
+            if self.require_claim {
+                return Err(deny(
+                    ReplyCode::Unauthorized,
+                    "announce carries no protocol v2 proof ({\"body\": string, \"proof\": string})",
+                ));
+            }
+            return Ok(Authenticated::Plain);
+        }
+        if self.claim_key.is_empty() {
+            return Err(deny(
+                ReplyCode::Unauthorized,
+                "this gateway has no claim key: no protocol v2 proof can verify",
+            ));
+        }
+        let keys = ExchangeKeys::derive(&SensorKey::derive(&self.claim_key, sensor));
+        match keys.verify_announce(payload) {
+            Ok(v) => Ok(Authenticated::V2 {
+                body: v.body,
+                nonce: v.nonce,
+            }),
+            Err(e) => {
+                let code = match e.code() {
+                    "invalid_json" => ReplyCode::InvalidJson,
+                    _ => ReplyCode::Unauthorized,
+                };
+                Err(deny(code, e.to_string()))
+            }
+        }
     }
 
-    /// The proof alone: valid, absent while allowed, or the refusal.
-    pub fn verify_proof(&self, a: &Announce) -> Result<Proof, Denial> {
-        Ok(match &a.proof {
-            Some(p) => {
-                if self.claim_key.is_empty()
-                    || !SensorKey::derive(&self.claim_key, &a.sensor_id).verify_proof(p)
-                {
-                    return Err(deny(
-                        ReplyCode::Unauthorized,
-                        "proof does not prove this sensor id",
-                    ));
-                }
-                Proof::Verified
-            }
-            None if self.require_claim => {
-                return Err(deny(ReplyCode::Unauthorized, "announce carries no proof"));
-            }
-            None => Proof::Absent,
-        })
-    }
-
-    /// The rules besides the proof: allow/deny lists, brand/model rules, the
-    /// cool-down and the hourly cap. A discovered device (which can carry no proof)
-    /// meets exactly these.
+    /// The rules besides the proof: allow/deny lists, brand/model rules, and for a
+    /// sensor not `known` yet the cool-down and the hourly cap. A discovered device
+    /// (which can carry no proof) meets exactly these.
     pub fn check_rules(&self, a: &Announce, known: bool) -> Result<(), Denial> {
         if self
             .deny_ids
@@ -276,60 +298,87 @@ mod tests {
         .unwrap()
     }
 
-    fn ann(id: &str, proof: Option<String>) -> Announce {
-        let mut a = crate::announce::parse(id, b"{}", 4096, "gw").unwrap();
-        a.proof = proof;
-        a
+    fn ann(id: &str) -> Announce {
+        crate::announce::parse(id, b"{}", 4096, "gw").unwrap()
     }
 
     /// A claim key strong enough for the config to accept.
     const FLEET: &str = "fleet-claim-key-of-at-least-32-chars";
+    const NONCE: &str = "00112233445566778899aabbccddeeff";
 
-    fn proof_of(claim_key: &str, id: &str) -> String {
-        SensorKey::derive(&Secret::new(claim_key), id).proof()
+    fn keys(claim_key: &str, id: &str) -> ExchangeKeys {
+        ExchangeKeys::derive(&SensorKey::derive(&Secret::new(claim_key), id))
     }
 
-    #[test]
-    fn by_default_a_missing_or_wrong_proof_is_unauthorized() {
+    fn v2(claim_key: &str, id: &str, body: &str) -> Vec<u8> {
+        keys(claim_key, id).announce(body)
+    }
+
+    fn strict() -> Gatekeeper {
         let c = Config::from_toml(&format!(
             "[qubitro]\nproject_id = \"p\"\napi_key = \"k\"\n[security]\nclaim_key = \"{FLEET}\""
         ))
         .unwrap();
         assert!(c.security.require_claim, "on by default");
-        let g = Gatekeeper::new(&c);
-        for (proof, known) in [
-            (None, false),
-            (None, true),
-            (Some(proof_of(FLEET, "s2")), true),
-            (Some(proof_of("other-fleet", "s1")), false),
-            (Some("not hex".to_string()), false),
-            (
-                Some(SensorKey::derive(&Secret::new(FLEET), "s1").to_hex()),
-                false,
+        Gatekeeper::new(&c)
+    }
+
+    #[test]
+    fn by_default_only_a_verified_v2_announce_with_a_nonce_is_authenticated() {
+        let g = strict();
+        let body = format!(r#"{{"nonce":"{NONCE}"}}"#);
+        assert_eq!(
+            g.authenticate("s1", &v2(FLEET, "s1", &body)),
+            Ok(Authenticated::V2 {
+                body: body.clone(),
+                nonce: AnnounceNonce::parse(NONCE).unwrap()
+            })
+        );
+        // v1's constant proof: HMAC(sensor_key, "onboardd-announce-v1").
+        let sensor_key = SensorKey::derive(&Secret::new(FLEET), "s1").to_hex();
+        let mut mac = <hmac::Hmac<sha2::Sha256> as hmac::Mac>::new_from_slice(
+            &hex::decode(sensor_key).unwrap(),
+        )
+        .unwrap();
+        hmac::Mac::update(&mut mac, b"onboardd-announce-v1");
+        let v1_proof = hex::encode(hmac::Mac::finalize(mac).into_bytes());
+        let refused: Vec<Vec<u8>> = vec![
+            b"".to_vec(),
+            b"{}".to_vec(),
+            br#"{"bridge":true}"#.to_vec(),
+            format!(r#"{{"proof":"{v1_proof}","bridge":true}}"#).into_bytes(),
+            v2(FLEET, "s2", &body),
+            v2("another-fleet-claim-key-of-32-chars", "s1", &body),
+            v2(FLEET, "s1", "{}"),
+            v2(
+                FLEET,
+                "s1",
+                r#"{"nonce":"00112233445566778899AABBCCDDEEFF"}"#,
             ),
-        ] {
-            assert_eq!(
-                g.check(&ann("s1", proof.clone()), known).unwrap_err().code,
-                ReplyCode::Unauthorized,
-                "{proof:?}"
-            );
+        ];
+        for payload in refused {
+            let d = g.authenticate("s1", &payload).unwrap_err();
+            assert_eq!(d.code, ReplyCode::Unauthorized, "{payload:?}");
+            assert!(d.message.contains("protocol v2"), "{}", d.message);
         }
         assert_eq!(
-            g.check(&ann("s1", Some(proof_of(FLEET, "s1"))), false),
-            Ok(Proof::Verified)
+            g.authenticate("s1", b"not json").unwrap_err().code,
+            ReplyCode::InvalidJson
         );
     }
 
     #[test]
-    fn without_require_claim_a_proof_is_optional_but_still_checked() {
+    fn without_require_claim_a_plain_announce_passes_but_a_v2_one_is_still_checked() {
         let g = Gatekeeper::new(&cfg(&format!("claim_key = \"{FLEET}\"")));
-        assert_eq!(g.check(&ann("s1", None), false), Ok(Proof::Absent));
+        assert_eq!(g.authenticate("s1", b"{}"), Ok(Authenticated::Plain));
+        assert_eq!(g.authenticate("s1", b""), Ok(Authenticated::Plain));
+        let body = format!(r#"{{"nonce":"{NONCE}"}}"#);
+        assert!(matches!(
+            g.authenticate("s1", &v2(FLEET, "s1", &body)),
+            Ok(Authenticated::V2 { .. })
+        ));
         assert_eq!(
-            g.check(&ann("s1", Some(proof_of(FLEET, "s1"))), false),
-            Ok(Proof::Verified)
-        );
-        assert_eq!(
-            g.check(&ann("s1", Some(proof_of(FLEET, "s2"))), false)
+            g.authenticate("s1", &v2(FLEET, "s2", &body))
                 .unwrap_err()
                 .code,
             ReplyCode::Unauthorized
@@ -341,13 +390,13 @@ mod tests {
         let g = Gatekeeper::new(&cfg(
             "allow_sensor_ids = [\"temp-*\"]\ndeny_sensor_ids = [\"temp-bad?\"]",
         ));
-        assert!(g.check(&ann("temp-1", None), false).is_ok());
+        assert!(g.check_rules(&ann("temp-1"), false).is_ok());
         assert_eq!(
-            g.check(&ann("temp-bad1", None), false).unwrap_err().code,
+            g.check_rules(&ann("temp-bad1"), false).unwrap_err().code,
             ReplyCode::Denied
         );
         assert_eq!(
-            g.check(&ann("hum-1", None), false).unwrap_err().code,
+            g.check_rules(&ann("hum-1"), false).unwrap_err().code,
             ReplyCode::Denied
         );
     }
@@ -356,7 +405,7 @@ mod tests {
     fn brand_allow_list() {
         let g = Gatekeeper::new(&cfg("allow_brands = [\"Acme\"]"));
         assert_eq!(
-            g.check(&ann("s", None), false).unwrap_err().code,
+            g.check_rules(&ann("s"), false).unwrap_err().code,
             ReplyCode::Denied
         );
     }
@@ -367,21 +416,21 @@ mod tests {
             "max_new_devices_per_hour = 2\nnew_sensor_cooldown_s = 3600",
         ));
         for id in ["a", "b"] {
-            assert!(g.check(&ann(id, None), false).is_ok());
+            assert!(g.check_rules(&ann(id), false).is_ok());
             g.admitted(id);
         }
         assert_eq!(
-            g.check(&ann("c", None), false).unwrap_err().code,
+            g.check_rules(&ann("c"), false).unwrap_err().code,
             ReplyCode::RateLimited
         );
         assert!(
-            g.check(&ann("c", None), true).is_ok(),
+            g.check_rules(&ann("c"), true).is_ok(),
             "known sensors are not limited"
         );
         let g = Gatekeeper::new(&cfg("new_sensor_cooldown_s = 3600"));
         g.admitted("a");
         assert_eq!(
-            g.check(&ann("a", None), false).unwrap_err().code,
+            g.check_rules(&ann("a"), false).unwrap_err().code,
             ReplyCode::RateLimited
         );
     }
@@ -391,31 +440,31 @@ mod tests {
         let g = Gatekeeper::new(&cfg("new_sensor_cooldown_s = 60"));
         g.admitted("a");
         tokio::time::advance(Duration::from_secs(20)).await;
-        let d = g.check(&ann("a", None), false).unwrap_err();
+        let d = g.check_rules(&ann("a"), false).unwrap_err();
         assert_eq!(d.retry_after, Some(Duration::from_secs(40)));
         tokio::time::advance(Duration::from_secs(40)).await;
-        assert!(g.check(&ann("a", None), false).is_ok(), "cool-down over");
+        assert!(g.check_rules(&ann("a"), false).is_ok(), "cool-down over");
 
         let g = Gatekeeper::new(&cfg(
             "max_new_devices_per_hour = 1\nnew_sensor_cooldown_s = 0",
         ));
         g.admitted("x");
-        let d = g.check(&ann("y", None), false).unwrap_err();
+        let d = g.check_rules(&ann("y"), false).unwrap_err();
         assert_eq!(d.retry_after, Some(Duration::from_secs(3600)));
         tokio::time::advance(Duration::from_secs(1800)).await;
-        let d = g.check(&ann("y", None), false).unwrap_err();
+        let d = g.check_rules(&ann("y"), false).unwrap_err();
         assert_eq!(d.retry_after, Some(Duration::from_secs(1800)));
         tokio::time::advance(Duration::from_secs(1800)).await;
-        assert!(g.check(&ann("y", None), false).is_ok(), "bucket refilled");
+        assert!(g.check_rules(&ann("y"), false).is_ok(), "bucket refilled");
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_forgotten_sensor_is_not_held_by_its_cool_down() {
         let g = Gatekeeper::new(&cfg("new_sensor_cooldown_s = 3600"));
         g.admitted("a");
-        assert!(g.check(&ann("a", None), false).is_err());
+        assert!(g.check_rules(&ann("a"), false).is_err());
         g.forgotten("a");
-        assert!(g.check(&ann("a", None), false).is_ok());
+        assert!(g.check_rules(&ann("a"), false).is_ok());
     }
 
     #[tokio::test(start_paused = true)]
@@ -427,11 +476,11 @@ mod tests {
         }
         let newest = format!("s{}", COOLDOWN_MAP_PRUNE_AT + 9);
         assert_eq!(
-            g.check(&ann(&newest, None), false).unwrap_err().code,
+            g.check_rules(&ann(&newest), false).unwrap_err().code,
             ReplyCode::RateLimited
         );
         assert!(
-            g.check(&ann("s0", None), false).is_ok(),
+            g.check_rules(&ann("s0"), false).is_ok(),
             "the oldest entry made room"
         );
     }

@@ -485,8 +485,10 @@ max_new_devices_per_hour = 1000000
                 else {
                     continue;
                 };
+                // The answer to any of its announces: its firmware would act only on
+                // the latest, the verdict wants every one.
                 let reply = flashed
-                    .open_reply(&sensor_id(i), &payload)
+                    .open_reply_to_any(&sensor_id(i), &payload)
                     .unwrap_or_else(|e| {
                         Reply::unkeyed(json!({ "unopened": format!("on {topic}: {e}") }))
                     });

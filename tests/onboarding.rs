@@ -34,9 +34,11 @@ async fn happy_path_maps_every_field_and_replies_with_the_issued_credentials() {
         .as_object_mut()
         .and_then(|o| o.remove("device_token_sealed"));
     assert!(sealed.is_some(), "{reply}");
+    // The body as MAC'd: bound to the announce by its nonce.
+    let nonce = d.flashed().current_nonce("temp-01").unwrap();
     assert_eq!(
         clear,
-        json!({"status":"ok","sensor_id":"temp-01","device_id":dev.id,
+        json!({"status":"ok","sensor_id":"temp-01","device_id":dev.id,"nonce":nonce,
                "request_id":"req-7","broker":{"host":"broker.qubitro.com","port":8883}})
     );
     assert_eq!(reply.token(), dev.token);
@@ -80,6 +82,30 @@ async fn empty_announce_gets_the_documented_defaults() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_authenticated_reannounce_changes_nothing_recorded_not_even_bridge() {
+    let broker = Mosquitto::start();
+    let cloud = fake_cloud().await;
+    let d = Daemon::start(&broker, &cloud, "");
+    let mut s = d.sensor(broker.port, "fixed-1").await;
+    s.announce(r#"{"name":"First"}"#).await;
+    assert_opens_to_the_clouds_token(&cloud, &s.reply_with_status("ok").await);
+    let (code, before, err) = d.devices(&["show", "fixed-1"]);
+    assert_eq!(code, 0, "{err}");
+
+    // Its own key, its own fresh nonce: still only answered from the record.
+    s.announce(r#"{"name":"Second","bridge":true}"#).await;
+    let ok = s.reply_with_status("ok").await;
+    assert!(
+        ok.get("bridged").is_none(),
+        "bridged by a re-announce: {ok}"
+    );
+    assert_opens_to_the_clouds_token(&cloud, &ok);
+    let (_, after, _) = d.devices(&["show", "fixed-1"]);
+    assert_eq!(after, before, "the record is as it was made");
+    assert_eq!(cloud.devices()[0].name, "First");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reannounce_returns_the_same_credentials_without_a_second_create_even_across_restarts() {
     let broker = Mosquitto::start();
     let cloud = fake_cloud().await;
@@ -109,8 +135,11 @@ async fn simultaneous_announces_of_one_sensor_create_exactly_one_device() {
     cloud.set_delay(Duration::from_millis(200));
     let d = Daemon::start(&broker, &cloud, "");
     let mut s = d.sensor(broker.port, "twin").await;
+    let flashed = d.flashed();
+    let mut nonces = Vec::new();
     for i in 0..20 {
         s.announce(&format!(r#"{{"request_id":"r{i}"}}"#)).await;
+        nonces.push(flashed.current_nonce("twin").unwrap());
     }
     // Each announce is answered: ok once the device exists, or pending (ask again)
     // when more announces wait than onboardd keeps answers for.
@@ -118,7 +147,13 @@ async fn simultaneous_announces_of_one_sensor_create_exactly_one_device() {
     let mut answered = std::collections::HashSet::new();
     tokio::time::timeout(WAIT, async {
         while answered.len() < 20 {
-            let r = s.reply().await;
+            // Each reply read as the answer to the announce it names (the sensor
+            // itself would act only on the answer to its latest).
+            let (_, payload, _) = s.next_raw().await;
+            let r = nonces
+                .iter()
+                .find_map(|n| flashed.open_reply_for("twin", n, &payload).ok())
+                .unwrap_or_else(|| panic!("no answer to any announce: {payload:?}"));
             assert!(r["status"] == "ok" || r["status"] == "pending", "{r}");
             if r["status"] == "ok" {
                 tokens.insert(r.token().to_string());
@@ -150,7 +185,8 @@ async fn every_bad_input_gets_its_documented_error_and_the_daemon_keeps_serving(
     let mut s = d.sensor(broker.port, "bad-1").await;
     let cases: Vec<(String, &str, &str)> = vec![
         ("{not json".into(), "invalid_json", ""),
-        ("[1,2]".into(), "not_an_object", "object"),
+        // Not an object: it cannot carry a proof, so it is refused as such.
+        ("[1,2]".into(), "unauthorized", "protocol v2"),
         (
             r#"{"name":5,"request_id":"rq"}"#.into(),
             "invalid_field",
@@ -187,7 +223,11 @@ async fn every_bad_input_gets_its_documented_error_and_the_daemon_keeps_serving(
         } else {
             s.announce_raw(payload).await;
         }
-        let r = s.reply().await;
+        // Only a proved body is answered with a MAC; what proved nothing is not.
+        let r = match *code {
+            "invalid_field" => s.reply().await,
+            _ => s.unauthenticated_reply().await,
+        };
         assert_eq!(r["status"], "error", "{payload}: {r}");
         assert_eq!(r["code"], *code, "{payload}: {r}");
         assert_eq!(r["sensor_id"], "bad-1");

@@ -1,5 +1,6 @@
-//! The sensor protocol (README "Security"): an announce proves its sensor id, and the
-//! token goes out sealed for that sensor alone. Run against a real (anonymous)
+//! The sensor protocol, v2 (README "Security"): an announce proves its sensor id over
+//! its exact body and nonce, every answer to it carries a MAC bound to that nonce, and
+//! the token goes out sealed for that sensor and that exchange alone. Run against a real (anonymous)
 //! mosquitto with the shipped `[security]` defaults — proofs required, no key
 //! configured, so the daemon generates one — except where a test says otherwise.
 //! The sensor side (`harness::firmware`) is written from the README with RustCrypto
@@ -31,52 +32,77 @@ fn sensor_key_from_store(state: &Path, sensor: &str) -> [u8; 32] {
     firmware::sensor_key(&firmware::generated_claim_key(&store_path(state)), sensor)
 }
 
-/// The token an ok reply seals, opened as a sensor would, after checking the reply
-/// has no token in clear.
-fn unseal_ok(key: &[u8; 32], sensor: &str, ok: &Reply) -> String {
-    assert_eq!(ok["status"], "ok", "{ok}");
-    assert!(ok.get("device_token").is_none(), "a token in clear: {ok}");
-    let sealed = ok["device_token_sealed"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no device_token_sealed: {ok}"));
-    let device = ok["device_id"].as_str().expect("device_id in clear");
-    firmware::unseal(key, sensor, device, sealed).unwrap_or_else(|e| panic!("{e}: {ok}"))
+/// What the sensors of the daemon on `state` were flashed with.
+fn flashed_from_store(state: &Path) -> Flashed {
+    Flashed::new(&firmware::generated_claim_key(&store_path(state)))
+}
+
+/// The next reply as it was published, checked to be an unauthenticated one (v1 form,
+/// no `mac`): its JSON.
+async fn unauthenticated_reply(s: &mut Sensor) -> serde_json::Value {
+    let (topic, payload, _) = s.next_raw().await;
+    let v: serde_json::Value = serde_json::from_slice(&payload)
+        .unwrap_or_else(|_| panic!("not JSON on {topic}: {}", String::from_utf8_lossy(&payload)));
+    assert!(
+        v.get("mac").is_none() && v.get("body").is_none(),
+        "a MAC'd reply: {v}"
+    );
+    v
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn by_default_an_announce_without_a_valid_proof_is_unauthorized_and_creates_nothing() {
+async fn by_default_an_announce_without_a_valid_v2_proof_is_unauthorized_without_a_mac_and_creates_nothing(
+) {
     let broker = Mosquitto::start();
     let cloud = fake_cloud().await;
     let state = tempfile::tempdir().unwrap();
     let d = daemon_with_default_security(&broker, &cloud, state.path(), vec![]);
     d.wait_subscribed();
     let key = sensor_key_from_store(state.path(), "plain-1");
+    let flashed = flashed_from_store(state.path());
     let mut s = Sensor::connect_unkeyed(broker.port, "plain-1").await;
 
-    let other = sensor_key_from_store(state.path(), "plain-2");
+    // v1's constant proof, HMAC(sensor_key, "onboardd-announce-v1"), as its sensors sent it.
+    let v1_proof = {
+        use hmac::Mac as _;
+        let mut mac = <hmac::Hmac<sha2::Sha256>>::new_from_slice(&key).unwrap();
+        mac.update(b"onboardd-announce-v1");
+        hex::encode(mac.finalize().into_bytes())
+    };
+    let body = r#"{"nonce":"00112233445566778899aabbccddeeff"}"#;
     for (what, payload) in [
         ("no proof", "{}".to_string()),
         ("an empty payload", String::new()),
         (
-            // What a sensor of the old protocol sent: its HMAC as `claim`.
+            // What a sensor of the oldest protocol sent: its HMAC as `claim`.
             "only the old claim",
             format!(r#"{{"claim":"{}"}}"#, hex::encode(key)),
         ),
-        ("a non-hex proof", r#"{"proof":"not hex"}"#.to_string()),
+        ("a v1 proof", format!(r#"{{"proof":"{v1_proof}"}}"#)),
         (
-            "another sensor's proof",
-            firmware::announce_with_proof(&other, ""),
+            "a v1 proof beside a body",
+            serde_json::json!({"body": body, "proof": v1_proof}).to_string(),
+        ),
+        ("a non-hex proof", r#"{"proof":"not hex"}"#.to_string()),
+        ("another sensor's proof", flashed.announce("plain-2", "{}")),
+        (
+            "a body without a nonce",
+            firmware::announce_v2(&key, r#"{"name":"x"}"#),
         ),
         (
             "the sensor key as proof",
-            format!(r#"{{"proof":"{}"}}"#, hex::encode(key)),
+            serde_json::json!({"body": body, "proof": hex::encode(key)}).to_string(),
         ),
     ] {
-        s.announce(&payload).await;
-        let r = s.reply().await;
+        s.announce_raw(&payload).await;
+        let r = unauthenticated_reply(&mut s).await;
         assert_eq!(
             (r["status"].as_str(), r["code"].as_str()),
             (Some("error"), Some("unauthorized")),
+            "{what}: {r}"
+        );
+        assert!(
+            r["message"].as_str().unwrap().contains("protocol v2"),
             "{what}: {r}"
         );
         assert!(r.get("device_token").is_none() && r.get("device_token_sealed").is_none());
@@ -86,39 +112,38 @@ async fn by_default_an_announce_without_a_valid_proof_is_unauthorized_and_create
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_a_proof_the_reply_has_no_clear_token_and_unseals_to_the_clouds_token() {
+async fn with_a_v2_proof_every_reply_is_maced_for_its_announce_and_the_token_unseals_to_the_clouds_token(
+) {
     let broker = Mosquitto::start();
     let cloud = fake_cloud().await;
     let state = tempfile::tempdir().unwrap();
     let d = daemon_with_default_security(&broker, &cloud, state.path(), vec![]);
     d.wait_subscribed();
-    let key = sensor_key_from_store(state.path(), "sealed-1");
-    let mut s = Sensor::connect_unkeyed(broker.port, "sealed-1").await;
+    let mut s = d.sensor(broker.port, "sealed-1").await;
 
-    s.announce(&firmware::announce_with_proof(
-        &key,
-        r#""request_id":"boot-1""#,
-    ))
-    .await;
+    // `reply_with_status` reads each reply as the firmware does: MAC and nonce checked,
+    // the token opened for this announce.
+    s.announce(r#"{"request_id":"boot-1"}"#).await;
     let ok = s.reply_with_status("ok").await;
     assert_eq!(ok["request_id"], "boot-1");
+    let nonce = d.flashed().current_nonce("sealed-1").unwrap();
+    assert_eq!(ok["nonce"], nonce.as_str());
     let devices = cloud.devices();
     assert_eq!(devices.len(), 1);
-    assert_eq!(ok["device_id"], devices[0].id.as_str());
-    assert_eq!(unseal_ok(&key, "sealed-1", &ok), devices[0].token);
+    assert_opens_to_the_clouds_token(&cloud, &ok);
     // Bound to the sensor: another sensor's key does not open it.
     let other = sensor_key_from_store(state.path(), "sealed-2");
     let sealed = ok["device_token_sealed"].as_str().unwrap();
-    assert!(firmware::unseal(&other, "sealed-1", &devices[0].id, sealed).is_err());
+    assert!(firmware::unseal_v2(&other, "sealed-1", &devices[0].id, &nonce, sealed).is_err());
 
-    // Known sensor, answered from the store: sealed too, with a fresh nonce.
-    s.announce(&firmware::announce_with_proof(&key, "")).await;
-    let again = s.reply_with_status("ok").await;
-    assert_eq!(unseal_ok(&key, "sealed-1", &again), devices[0].token);
-    assert_ne!(again["device_token_sealed"], ok["device_token_sealed"]);
-    // And without the proof, a known sensor gets nothing.
+    // Known sensor, answered from the store: sealed for the new announce's nonce.
     s.announce("{}").await;
-    assert_eq!(s.reply().await["code"], "unauthorized");
+    let again = s.reply_with_status("ok").await;
+    assert_opens_to_the_clouds_token(&cloud, &again);
+    assert_ne!(again["nonce"], ok["nonce"]);
+    // And without a proof, a known sensor gets nothing it would act on.
+    s.announce_raw("{}").await;
+    assert_eq!(unauthenticated_reply(&mut s).await["code"], "unauthorized");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -202,7 +227,7 @@ async fn onboardd_claim_prints_the_sensor_key_and_without_a_key_says_how_to_get_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_require_claim_a_warning_names_it_and_tokens_go_in_clear_but_a_proof_is_still_checked_and_sealed(
+async fn without_require_claim_a_warning_names_it_and_plain_announces_get_clear_tokens_but_never_for_a_v2_sensor(
 ) {
     let broker = Mosquitto::start();
     let cloud = fake_cloud().await;
@@ -226,21 +251,27 @@ async fn without_require_claim_a_warning_names_it_and_tokens_go_in_clear_but_a_p
     assert_eq!(ok["device_token"], token.as_str(), "in clear, as asked");
     assert!(ok.get("device_token_sealed").is_none());
 
-    let key = sensor_key_from_store(state.path(), "proven-1");
-    let mut proven = Sensor::connect_unkeyed(broker.port, "proven-1").await;
-    proven
-        .announce(&firmware::announce_with_proof(&key, ""))
-        .await;
-    let ok = proven.reply_with_status("ok").await;
-    let device = cloud_devices_of(&cloud, "proven-1").remove(0);
-    assert_eq!(unseal_ok(&key, "proven-1", &ok), device.token);
+    let flashed = flashed_from_store(state.path());
+    let mut proven = Sensor::connect(broker.port, "proven-1", &flashed).await;
+    proven.announce("{}").await;
+    assert_opens_to_the_clouds_token(&cloud, &proven.reply_with_status("ok").await);
 
     let mut wrong = Sensor::connect_unkeyed(broker.port, "wrong-1").await;
-    wrong
-        .announce(&firmware::announce_with_proof(&key, ""))
-        .await;
-    assert_eq!(wrong.reply().await["code"], "unauthorized");
+    wrong.announce(&flashed.announce("proven-1", "{}")).await;
+    assert_eq!(
+        unauthenticated_reply(&mut wrong).await["code"],
+        "unauthorized"
+    );
     assert!(cloud_devices_of(&cloud, "wrong-1").is_empty());
+
+    // A sensor onboarded with a proof is never answered a plain announce: proofs off
+    // must not hand its token to whoever names it.
+    proven.announce_raw("{}").await;
+    let r = unauthenticated_reply(&mut proven).await;
+    assert_eq!(r["code"], "unauthorized", "{r}");
+    assert!(!r
+        .to_string()
+        .contains(&cloud_devices_of(&cloud, "proven-1")[0].token));
 
     // At every start.
     assert_eq!(d.signal_and_wait(libc::SIGTERM).code(), Some(0));
@@ -278,28 +309,48 @@ async fn a_client_subscribed_to_everything_never_sees_a_token_or_a_sensor_key() 
     d.wait_subscribed();
     let mut spy = Sensor::connect_as(broker.port, "spy", "#", None, None).await;
 
-    // A new sensor: pending, a second announce waiting with it, then ok to both.
-    let key = sensor_key_from_store(state.path(), "watched-1");
+    // A new sensor: pending, a second announce waiting with it, then ok to both, each
+    // MAC'd for its own announce (read here as the two announces' sensor would).
+    let flashed = flashed_from_store(state.path());
+    let key = flashed.key_of("watched-1");
     let mut s = Sensor::connect_unkeyed(broker.port, "watched-1").await;
-    s.announce(&firmware::announce_with_proof(&key, r#""request_id":"r1""#))
+    s.announce(&flashed.announce("watched-1", r#"{"request_id":"r1"}"#))
         .await;
-    assert_eq!(s.reply().await["status"], "pending");
-    s.announce(&firmware::announce_with_proof(&key, r#""request_id":"r2""#))
+    let first = flashed.current_nonce("watched-1").unwrap();
+    let (_, pending, _) = s.next_raw().await;
+    let pending = firmware::verify_reply(&key, &pending, &first).unwrap();
+    assert_eq!(pending["status"], "pending");
+    s.announce(&flashed.announce("watched-1", r#"{"request_id":"r2"}"#))
         .await;
+    let second = flashed.current_nonce("watched-1").unwrap();
     let mut answered = Vec::new();
     while answered.len() < 2 {
-        let r = s.reply().await;
+        let (_, payload, _) = s.next_raw().await;
+        let (r, nonce) = match firmware::verify_reply(&key, &payload, &first) {
+            Ok(r) => (r, &first),
+            Err(_) => (
+                firmware::verify_reply(&key, &payload, &second).unwrap(),
+                &second,
+            ),
+        };
         if r["status"] == "ok" {
-            let token = unseal_ok(&key, "watched-1", &r);
-            assert_eq!(token, cloud_devices_of(&cloud, "watched-1")[0].token);
+            let device = cloud_devices_of(&cloud, "watched-1").remove(0);
+            let sealed = r["device_token_sealed"].as_str().unwrap();
+            let token = firmware::unseal_v2(&key, "watched-1", &device.id, nonce, sealed).unwrap();
+            assert_eq!(token, device.token);
             answered.push(r["request_id"].as_str().unwrap().to_string());
         }
     }
     answered.sort();
     assert_eq!(answered, ["r1", "r2"], "the waiting route was answered too");
-    // A re-announce, answered from the store.
-    s.announce(&firmware::announce_with_proof(&key, "")).await;
-    unseal_ok(&key, "watched-1", &s.reply_with_status("ok").await);
+    // A re-announce, answered from the store, for its own nonce.
+    s.announce(&flashed.announce("watched-1", "{}")).await;
+    let third = flashed.current_nonce("watched-1").unwrap();
+    let (_, payload, _) = s.next_raw().await;
+    assert_eq!(
+        firmware::verify_reply(&key, &payload, &third).unwrap()["status"],
+        "ok"
+    );
 
     // A restart with a reply still owed: killed once `Created` is on disk, before the
     // reply left; the next start publishes it again from the store.
@@ -307,18 +358,14 @@ async fn a_client_subscribed_to_everything_never_sees_a_token_or_a_sensor_key() 
     d.set_env(onboardd::failpoint::ENV, "after_created_recorded");
     d.spawn();
     d.wait_subscribed();
-    let key2 = sensor_key_from_store(state.path(), "watched-2");
-    let mut s2 = Sensor::connect_unkeyed(broker.port, "watched-2").await;
-    s2.announce_acked(&firmware::announce_with_proof(&key2, ""))
-        .await;
+    let key2 = flashed.key_of("watched-2");
+    let mut s2 = Sensor::connect(broker.port, "watched-2", &flashed).await;
+    s2.announce_acked("{}").await;
     d.wait_exit_async().await;
     d.clear_env();
     d.spawn();
     let ok = s2.reply_with_status("ok").await;
-    assert_eq!(
-        unseal_ok(&key2, "watched-2", &ok),
-        cloud_devices_of(&cloud, "watched-2")[0].token
-    );
+    assert_opens_to_the_clouds_token(&cloud, &ok);
     assert!(
         d.log.text().contains("publishing again"),
         "the reply came from the republish: {}",
@@ -363,14 +410,10 @@ async fn a_corrupt_database_moved_aside_keeps_the_claim_key_the_sensors_hold() {
     d.log.wait_for_async("DATABASE UNREADABLE").await;
     d.wait_subscribed();
     assert_eq!(firmware::generated_claim_key(&db), key_text);
-    let key = firmware::sensor_key(&key_text, "kept-1");
-    let mut s = Sensor::connect_unkeyed(broker.port, "kept-1").await;
-    s.announce(&firmware::announce_with_proof(&key, "")).await;
+    let mut s = Sensor::connect(broker.port, "kept-1", &Flashed::new(&key_text)).await;
+    s.announce("{}").await;
     let ok = s.reply_with_status("ok").await;
-    assert_eq!(
-        unseal_ok(&key, "kept-1", &ok),
-        cloud_devices_of(&cloud, "kept-1")[0].token
-    );
+    assert_eq!(ok.token(), cloud_devices_of(&cloud, "kept-1")[0].token);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -378,7 +421,8 @@ async fn a_corrupt_database_moved_aside_keeps_the_claim_key_the_sensors_hold() {
     not(feature = "failpoints"),
     ignore = "needs failpoints: cargo test --workspace --features failpoints"
 )]
-async fn a_reply_owed_from_before_proofs_were_required_goes_out_sealed_once_they_are() {
+async fn a_reply_owed_to_a_plain_announce_is_never_published_once_proofs_are_required_and_a_v2_announce_gets_it_sealed(
+) {
     let broker = Mosquitto::start();
     let cloud = fake_cloud().await;
     let state = tempfile::tempdir().unwrap();
@@ -399,14 +443,24 @@ async fn a_reply_owed_from_before_proofs_were_required_goes_out_sealed_once_they
     s.announce_acked("{}").await;
     d.wait_exit_async().await;
 
-    // Proofs on: the reply owed to that unproven announce is published again, sealed.
+    // Proofs on: the reply owed to that plain announce would carry the token in clear;
+    // it stays unpublished, and the sensor's first v2 announce is answered, sealed.
+    let mut spy = Sensor::connect_as(broker.port, "spy", "#", None, None).await;
     let mut d = daemon_with_default_security(&broker, &cloud, state.path(), vec![]);
-    let ok = s.reply_with_status("ok").await;
-    let key = sensor_key_from_store(state.path(), "legacy-1");
-    assert_eq!(
-        unseal_ok(&key, "legacy-1", &ok),
-        cloud_devices_of(&cloud, "legacy-1")[0].token
+    d.wait_subscribed();
+    let mut flashed = d.sensor(broker.port, "legacy-1").await;
+    flashed.announce("{}").await;
+    assert_opens_to_the_clouds_token(&cloud, &flashed.reply_with_status("ok").await);
+    assert_eq!(cloud_devices_of(&cloud, "legacy-1").len(), 1);
+    let token = cloud_devices_of(&cloud, "legacy-1").remove(0).token;
+    let seen = everything_published(&mut spy).await;
+    assert!(
+        seen.iter().all(|(_, p)| !p.contains(&token)),
+        "the token crossed the broker in clear: {seen:?}"
     );
+    assert!(seen
+        .iter()
+        .any(|(t, p)| t == "onboard/reply/legacy-1" && p.contains("\"mac\"")));
     assert_eq!(d.signal_and_wait_async(libc::SIGTERM).await.code(), Some(0));
 }
 

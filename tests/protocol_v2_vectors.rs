@@ -124,10 +124,10 @@ fn python_cryptography_derives_every_v2_vector_again_from_the_spec_text() {
 }
 
 #[test]
-fn the_readme_states_every_v2_vector_under_its_not_yet_served_heading() {
+fn the_readme_states_every_v2_vector_under_its_heading() {
     let readme =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
-    let heading = "### Protocol v2 test vectors (not yet served: v1 is live)";
+    let heading = "### Protocol v2 test vectors";
     let start = readme
         .find(heading)
         .expect("README has the v2 vectors section");

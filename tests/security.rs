@@ -88,7 +88,7 @@ async fn no_secret_or_token_appears_in_the_output_even_at_trace_level() {
     for i in 0..5 {
         let id = format!("secret-{i}");
         let key = firmware::sensor_key(CLAIM_KEY, &id);
-        secrets.extend([hex::encode(key), firmware::proof(&key)]);
+        secrets.extend([hex::encode(key), hex::encode(firmware::seal_key(&key))]);
         // Flashed from the configured key (the daemon generates none).
         let mut s = Sensor::connect(broker.port, &id, &Flashed::new(CLAIM_KEY)).await;
         s.announce("{}").await;

@@ -166,6 +166,16 @@ impl Sensor {
         }
     }
 
+    /// The reply `payload` on `topic` as this sensor's firmware reads it: `Err` (why) for
+    /// what a flashed sensor would not act on (an answer to an earlier announce of its
+    /// own, a forgery), which is noise to it; an unkeyed client reads everything.
+    fn read_as_firmware(&self, topic: &str, payload: &[u8]) -> Result<Reply, String> {
+        match &self.flashed {
+            Some(f) => f.open_reply(sensor_of(topic, "onboard/reply/", &self.id), payload),
+            None => Ok(self.open(topic, payload)),
+        }
+    }
+
     /// Publishes raw bytes on any topic at QoS 1 (readings, discovery configs),
     /// optionally retained, as the devices that publish them would.
     pub async fn publish(&self, topic: &str, payload: &[u8], retain: bool) {
@@ -254,8 +264,28 @@ impl Sensor {
         self.next().await.1
     }
 
-    /// The next reply whose status is `status`, skipping others (e.g. pending), all within
-    /// [`WAIT`].
+    /// The next reply, read as published and checked to be unauthenticated (v1 form,
+    /// no `mac`): what an announce that proved nothing gets (`unauthorized`,
+    /// `invalid_json`, `payload_too_large`, or a refusal before the proof is read). A
+    /// sensor acts on none of it; a test reads it to see why its announce was refused.
+    pub async fn unauthenticated_reply(&mut self) -> Reply {
+        let (topic, payload, _) = self.next_raw().await;
+        let json: serde_json::Value = serde_json::from_slice(&payload).unwrap_or_else(|_| {
+            panic!(
+                "reply on {topic} is not JSON: {}",
+                String::from_utf8_lossy(&payload)
+            )
+        });
+        assert!(
+            json.get("mac").is_none() && json.get("body").is_none(),
+            "sensor {}: an authenticated reply where none was due, on {topic}: {json}",
+            self.id
+        );
+        Reply::unkeyed(json)
+    }
+
+    /// The next reply whose status is `status`, skipping others (e.g. pending) and, for a
+    /// flashed sensor, every reply it would not act on, all within [`WAIT`].
     pub async fn reply_with_status(&mut self, status: &str) -> Reply {
         let deadline = Instant::now() + WAIT;
         let mut skipped = Vec::new();
@@ -268,7 +298,13 @@ impl Sensor {
                 );
             };
             let (t, p, _) = next.expect("reply channel open");
-            let r = self.open(&t, &p);
+            let r = match self.read_as_firmware(&t, &p) {
+                Ok(r) => r,
+                Err(e) => {
+                    skipped.push(Reply::unkeyed(serde_json::json!({ "ignored": e })));
+                    continue;
+                }
+            };
             if r["status"] == status {
                 return r;
             }
@@ -277,7 +313,10 @@ impl Sensor {
     }
 
     /// The `ok` replies of `n` distinct sensors (by `sensor_id`), for a client subscribed to
-    /// many reply topics; all within `within`. Every other reply must be `pending`, and a
+    /// many reply topics; all within `within`. A flashed client reads each reply as the
+    /// answer to any of its sensor's latest announces (several announces of one sensor at
+    /// once each get an answer) and skips what none would act on; every other reply must
+    /// be `pending`, and a
     /// sensor answered `ok` twice must get the same token both times (the opened token
     /// when flashed).
     pub async fn ok_replies_of(&mut self, n: usize, within: Duration) -> HashMap<String, Reply> {
@@ -293,7 +332,15 @@ impl Sensor {
                 );
             };
             let (t, p, _) = next.expect("reply channel open");
-            let r = self.open(&t, &p);
+            let r = match &self.flashed {
+                Some(f) => {
+                    match f.open_reply_to_any(sensor_of(&t, "onboard/reply/", &self.id), &p) {
+                        Ok(r) => r,
+                        Err(_) => continue,
+                    }
+                }
+                None => self.open(&t, &p),
+            };
             if r["status"] != "ok" {
                 assert_eq!(r["status"], "pending", "on {t}: {r}");
                 continue;

@@ -323,6 +323,7 @@ mod tests {
         let store = Store::open(&StoreConfig {
             path: dir.join("db").display().to_string(),
             cache_capacity_bytes: 1 << 20,
+            last_seen_flush_s: 600,
         })
         .expect("open the store")
         .0;

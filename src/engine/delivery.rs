@@ -7,11 +7,13 @@
 //! rumqttc did or dropped while reconnecting can leave a sensor marked delivered
 //! that never got its token. Ok replies are idempotent, so a sensor may see one twice.
 //!
-//! Every ok reply is built by [`Outbox::ok_reply`], the one place that decides
-//! whether the token is sealed: always when the route's announce proved its sensor,
-//! and always while `security.require_claim` is on (a record stored before proofs
-//! existed included), so a token never crosses the broker in clear unless the
-//! operator turned proofs off and the announce carried none.
+//! Every ok reply is built by [`Outbox::ok_reply`], the one place that decides how
+//! the token travels: sealed for the sensor and the exchange when the route answers
+//! an authenticated (protocol v2) announce, in clear only to a plain announce while
+//! `security.require_claim` is off, and not at all on a route that has neither (a
+//! record made by a v1 proof: its sensor's next v2 announce is answered instead).
+//! [`Outbox::send`] puts a MAC bound to the announce's nonce on every reply of an
+//! authenticated route, and none on any other.
 
 use std::sync::Arc;
 
@@ -26,6 +28,7 @@ use crate::config::{Config, Secret};
 use crate::device::Credentials;
 use crate::mqtt::{Acked, DeliveryTag, SessionEvent};
 use crate::onboarding::{Provenance, Record, State};
+use crate::proof::v2::ExchangeKeys;
 use crate::proof::SensorKey;
 use crate::reply::{Broker, OkHow, Reply, Route, TokenField};
 use crate::store::{Store, StoreError};
@@ -37,9 +40,9 @@ pub struct Outbox {
     reply_topic: String,
     /// Qubitro's broker, told to sensors in every ok reply.
     broker: Broker,
-    /// Derives each sensor's key to seal its token.
+    /// Derives each sensor's keys to seal its token and MAC its replies.
     claim_key: Secret,
-    /// Seal every ok reply, whatever its route says.
+    /// Never a clear token, whatever the route says.
     require_claim: bool,
     /// Where bridged sensors publish their readings.
     data_topic: DataTopic,
@@ -64,15 +67,17 @@ impl Outbox {
         self.publisher.as_ref()
     }
 
-    /// The ok reply of an onboarded sensor. A bridged sensor never gets its token,
-    /// neither clear nor sealed: the gateway keeps it to forward the readings.
+    /// The ok reply of an onboarded sensor on `route`, or `None` when no reply on
+    /// that route may carry its token (see the module doc). A bridged sensor never
+    /// gets its token, neither clear nor sealed: the gateway keeps it to forward the
+    /// readings.
     pub(super) fn ok_reply(
         &self,
         sensor: &str,
         route: &Route,
         creds: &Credentials,
         bridged: bool,
-    ) -> Reply {
+    ) -> Option<Reply> {
         let how = if bridged {
             OkHow::Bridged {
                 bridged: true,
@@ -80,24 +85,46 @@ impl Outbox {
             }
         } else {
             OkHow::Direct {
-                token: self.token_field(sensor, route, creds),
+                token: self.token_field(sensor, route, creds)?,
                 broker: self.broker.clone(),
             }
         };
-        Reply::Ok {
+        Some(Reply::Ok {
             sensor_id: sensor.to_string(),
             device_id: creds.device_id.clone(),
             how,
             request_id: route.request_id.clone(),
+        })
+    }
+
+    fn token_field(&self, sensor: &str, route: &Route, creds: &Credentials) -> Option<TokenField> {
+        match &route.nonce {
+            Some(nonce) => Some(TokenField::Sealed(self.keys(sensor).seal_token(
+                sensor,
+                &creds.device_id,
+                nonce,
+                &creds.device_token.0,
+            ))),
+            None if !route.proven && !self.require_claim => {
+                Some(TokenField::Clear(creds.device_token.clone()))
+            }
+            None => None,
         }
     }
 
-    fn token_field(&self, sensor: &str, route: &Route, creds: &Credentials) -> TokenField {
-        if route.proven || self.require_claim {
-            let key = SensorKey::derive(&self.claim_key, sensor);
-            TokenField::Sealed(key.seal(sensor, &creds.device_id, &creds.device_token.0))
-        } else {
-            TokenField::Clear(creds.device_token.clone())
+    fn keys(&self, sensor: &str) -> ExchangeKeys {
+        ExchangeKeys::derive(&SensorKey::derive(&self.claim_key, sensor))
+    }
+
+    /// The bytes of `reply` on `route`: MAC'd and bound to the announce's nonce when
+    /// the route answers an authenticated announce, the plain reply otherwise.
+    fn payload(&self, sensor: &str, route: &Route, reply: &Reply) -> Vec<u8> {
+        match &route.nonce {
+            Some(nonce) => self
+                .keys(sensor)
+                .authenticated_reply(reply, nonce)
+                .expect("a reply serializes to a JSON object"),
+            None => reply.to_bytes(),
         }
     }
 
@@ -113,8 +140,8 @@ impl Outbox {
         let topic = route.topic(&self.reply_topic, sensor);
         tracing::debug!(sensor_id = sensor, topic = %topic, status = reply.status(), "reply");
         let out = Outgoing {
+            payload: self.payload(sensor, route, &reply),
             topic,
-            payload: reply.to_bytes(),
             correlation: route.correlation_data.clone(),
             track,
         };
@@ -196,8 +223,13 @@ impl Delivery<'_> {
     ) -> Result<(), StoreError> {
         match ok_delivery(sensor, rec, self.discovery_on) {
             OkDelivery::Publish { creds, track } => {
-                let reply = self.outbox.ok_reply(sensor, route, creds, rec.bridged);
-                self.outbox.send(sensor, route, reply, track).await;
+                match self.outbox.ok_reply(sensor, route, creds, rec.bridged) {
+                    Some(reply) => self.outbox.send(sensor, route, reply, track).await,
+                    None => tracing::debug!(
+                        sensor_id = sensor,
+                        "no authenticated exchange to answer sensor {sensor} on; its next protocol v2 announce is answered"
+                    ),
+                }
             }
             OkDelivery::Settle { tag: Some(tag) } => self.acked(tag, Acked::Delivered)?,
             OkDelivery::Settle { tag: None } | OkDelivery::NotYet => {}
@@ -297,6 +329,7 @@ mod tests {
     use crate::device::Token;
     use crate::engine::records::{self, Transition};
     use crate::onboarding::Origin;
+    use crate::proof::v2::AnnounceNonce;
 
     fn outbox(security: &str) -> (Outbox, Arc<Recording>) {
         let cfg = Config::from_toml(&format!(
@@ -315,9 +348,16 @@ mod tests {
         }
     }
 
-    fn proven(yes: bool) -> Route {
+    fn plain() -> Route {
+        Route::default()
+    }
+
+    const NONCE: &str = "00112233445566778899aabbccddeeff";
+
+    fn v2_route() -> Route {
         Route {
-            proven: yes,
+            proven: true,
+            nonce: AnnounceNonce::parse(NONCE),
             ..Route::default()
         }
     }
@@ -326,30 +366,67 @@ mod tests {
         serde_json::from_slice(&reply.to_bytes()).unwrap()
     }
 
-    #[test]
-    fn an_unproven_announce_gets_its_token_in_clear_only_when_claims_are_off() {
-        let (open, _) = outbox("require_claim = false");
-        let clear = body(&open.ok_reply("s", &proven(false), &creds(), false));
-        assert_eq!(clear["device_token"], "tok$1", "{clear}");
-        let (strict, _) = outbox("require_claim = true");
-        let sealed = body(&strict.ok_reply("s", &proven(false), &creds(), false));
-        assert!(sealed.get("device_token").is_none(), "{sealed}");
-        assert!(sealed["device_token_sealed"].is_string(), "{sealed}");
+    fn keys() -> ExchangeKeys {
+        let claim = Secret::new("engine-delivery-unit-test-claim-key-0123");
+        ExchangeKeys::derive(&SensorKey::derive(&claim, "s"))
     }
 
     #[test]
-    fn a_proven_announce_always_gets_its_token_sealed() {
+    fn a_plain_announce_gets_its_token_in_clear_only_when_claims_are_off() {
         let (open, _) = outbox("require_claim = false");
-        let v = body(&open.ok_reply("s", &proven(true), &creds(), false));
-        assert!(v.get("device_token").is_none(), "{v}");
-        assert!(!v.to_string().contains("tok$1"), "{v}");
-        assert!(v["device_token_sealed"].is_string(), "{v}");
+        let clear = body(&open.ok_reply("s", &plain(), &creds(), false).unwrap());
+        assert_eq!(clear["device_token"], "tok$1", "{clear}");
+        let (strict, _) = outbox("require_claim = true");
+        assert!(strict.ok_reply("s", &plain(), &creds(), false).is_none());
+    }
+
+    #[test]
+    fn a_route_proven_by_v1_without_a_nonce_gets_no_ok_reply_at_all() {
+        let v1 = Route {
+            proven: true,
+            ..Route::default()
+        };
+        for security in ["require_claim = false", "require_claim = true"] {
+            let (outbox, _) = outbox(security);
+            assert!(outbox.ok_reply("s", &v1, &creds(), false).is_none());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_v2_routes_reply_carries_a_mac_over_its_nonce_and_a_token_sealed_for_it() {
+        let (open, sent) = outbox("require_claim = false");
+        let reply = open.ok_reply("s", &v2_route(), &creds(), false).unwrap();
+        assert!(!format!("{:?}", body(&reply)).contains("tok$1"));
+        open.send("s", &v2_route(), reply, None).await;
+        let payload = sent.sent.lock().unwrap()[0].payload.clone();
+        let nonce = AnnounceNonce::parse(NONCE).unwrap();
+        let r = keys().verify_reply(&payload, &nonce).unwrap();
+        assert_eq!(r["nonce"], NONCE);
+        assert!(r.get("device_token").is_none(), "{r:?}");
+        let sealed = r["device_token_sealed"].as_str().unwrap();
+        assert_eq!(
+            keys().open_token("s", "dev-1", &nonce, sealed).unwrap(),
+            "tok$1"
+        );
+        let other = AnnounceNonce::parse("ffeeddccbbaa99887766554433221100").unwrap();
+        assert!(keys().open_token("s", "dev-1", &other, sealed).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_plain_routes_reply_goes_out_without_a_mac() {
+        let (open, sent) = outbox("");
+        open.send("s", &plain(), Reply::pending("s", 2, None), None)
+            .await;
+        let v: serde_json::Value =
+            serde_json::from_slice(&sent.sent.lock().unwrap()[0].payload).unwrap();
+        assert_eq!(v["status"], "pending");
+        assert!(v.get("mac").is_none(), "{v}");
     }
 
     #[test]
     fn a_bridged_sensor_gets_no_token_at_all_but_its_data_topic() {
         let (open, _) = outbox("require_claim = false");
-        let v = body(&open.ok_reply("s", &proven(false), &creds(), true));
+        let v = body(&open.ok_reply("s", &plain(), &creds(), true).unwrap());
         assert_eq!(v["bridged"], true);
         assert_eq!(v["data_topic"], "onboard/data/s");
         assert!(!v.to_string().contains("tok$1"), "{v}");
@@ -471,7 +548,7 @@ mod tests {
             discovery_on: true,
         };
         let spec = crate::announce::test_spec;
-        let fw = Record::pending(spec(), Route::default(), 1, 1);
+        let fw = Record::pending(spec(), v2_route(), 1, 1);
         let found = Record::pending_from(Provenance::Discovered, spec(), Route::default(), 2, 1);
         for (sensor, rec) in [
             ("fw", fw),

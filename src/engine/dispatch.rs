@@ -10,6 +10,7 @@
 //! A bridged reading's ack waits for its ticket instead: Qubitro's PUBACK, or its
 //! spill to the buffer made durable (see `crate::bridge::held`).
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::v5::Publish;
@@ -24,8 +25,7 @@ use super::inbound::{Inbound, Routes};
 use super::onboardings::{Launch, Onboardings};
 use super::pacer::SpillPacer;
 use super::publisher::Publisher;
-use super::records::{self, Transition};
-use super::{bridge_device, Fatal};
+use super::Fatal;
 use crate::announce::{self, Announce, AnnounceError};
 use crate::bridge::{AcceptError, Bridge, Settled, Ticket};
 use crate::clock::Clock;
@@ -36,7 +36,7 @@ use crate::metrics;
 use crate::mqtt::{DeliveryTag, Inbox};
 use crate::onboarding::{Provenance, Record};
 use crate::reply::{allowed_response_topic, Reply, ReplyCode, Route};
-use crate::security::{Denial, Gatekeeper, Proof};
+use crate::security::{Authenticated, Denial, Gatekeeper};
 use crate::store::{Store, StoreError};
 
 /// The longest MQTT 5 Response Topic honoured: a longer one gets `invalid_field`
@@ -233,56 +233,80 @@ impl Dispatch<'_> {
             return Ok(Decision::default());
         }
         let mut route = Route::default();
-        if self.discovery.is_some() && crate::discovery::is_discovery_id(sensor) {
-            // Those ids belong to discovered devices: a firmware announcing one
-            // could take over a device it does not own.
-            if p.payload.len() <= cfg.announce.max_payload_bytes {
-                route.request_id = announce::peek_request_id(&p.payload);
-            }
-            let message = "sensor ids beginning with ha- or tasmota- are reserved for discovered devices while discovery is on".to_string();
-            return Ok(self.reject(sensor, route, ReplyCode::InvalidField, message, None));
-        }
+        // Where to answer, even a refusal; properties too large to honour are refused
+        // once the proof is known, so that refusal can carry a MAC.
+        let mut oversized = None;
         if let Some(props) = &p.properties {
             let topic_len = props.response_topic.as_ref().map_or(0, String::len);
             let corr_len = props.correlation_data.as_ref().map_or(0, |c| c.len());
-            if topic_len > MAX_RESPONSE_TOPIC_BYTES || corr_len > MAX_CORRELATION_DATA_BYTES {
-                // Answered on the default topic, without either property.
-                if p.payload.len() <= cfg.announce.max_payload_bytes {
-                    route.request_id = announce::peek_request_id(&p.payload);
+            if topic_len > MAX_RESPONSE_TOPIC_BYTES {
+                oversized = Some(format!(
+                    "response topic (MQTT 5 property) is {topic_len} bytes, more than {MAX_RESPONSE_TOPIC_BYTES}"
+                ));
+            } else if corr_len > MAX_CORRELATION_DATA_BYTES {
+                oversized = Some(format!(
+                    "correlation data (MQTT 5 property) is {corr_len} bytes, more than {MAX_CORRELATION_DATA_BYTES}"
+                ));
+            } else {
+                if let Some(rt) = &props.response_topic {
+                    if allowed_response_topic(&cfg.mqtt.reply_topic, sensor, rt) {
+                        route.response_topic = Some(rt.clone());
+                    } else {
+                        tracing::warn!(
+                            sensor_id = sensor,
+                            "response topic of sensor {sensor} is outside its reply namespace; using \
+                            the default reply topic"
+                        );
+                    }
                 }
-                let field = if topic_len > MAX_RESPONSE_TOPIC_BYTES {
-                    format!("response topic (MQTT 5 property) is {topic_len} bytes, more than {MAX_RESPONSE_TOPIC_BYTES}")
-                } else {
-                    format!("correlation data (MQTT 5 property) is {corr_len} bytes, more than {MAX_CORRELATION_DATA_BYTES}")
-                };
-                return Ok(self.reject(sensor, route, ReplyCode::InvalidField, field, None));
+                route.correlation_data = props.correlation_data.as_ref().map(|c| c.to_vec());
             }
-            if let Some(rt) = &props.response_topic {
-                if allowed_response_topic(&cfg.mqtt.reply_topic, sensor, rt) {
-                    route.response_topic = Some(rt.clone());
-                } else {
-                    tracing::warn!(
-                        sensor_id = sensor,
-                        "response topic of sensor {sensor} is outside its reply namespace; using \
-                        the default reply topic"
-                    );
-                }
+        }
+        if p.payload.len() > cfg.announce.max_payload_bytes {
+            let e = AnnounceError::PayloadTooLarge {
+                size: p.payload.len(),
+                max: cfg.announce.max_payload_bytes,
+            };
+            return Ok(self.reject(sensor, route, e.reply_code(), e.to_string(), None));
+        }
+        // The proof before anything in the body is read; a refusal here answers no
+        // exchange, so its reply carries no MAC (the route has no nonce).
+        let body = match self.gate.authenticate(sensor, &p.payload) {
+            Ok(Authenticated::V2 { body, nonce }) => {
+                route.proven = true;
+                route.nonce = Some(nonce);
+                Cow::Owned(body.into_bytes())
             }
-            route.correlation_data = props.correlation_data.as_ref().map(|c| c.to_vec());
+            Ok(Authenticated::Plain) => Cow::Borrowed(&p.payload[..]),
+            Err(denied) => {
+                route.request_id = announce::peek_request_id(&p.payload);
+                return Ok(self.refuse(sensor, route, denied));
+            }
+        };
+        // Refusals from here on answer an exchange the sensor proved: they carry a MAC.
+        if self.discovery.is_some() && crate::discovery::is_discovery_id(sensor) {
+            // Those ids belong to discovered devices: a firmware announcing one
+            // could take over a device it does not own.
+            route.request_id = announce::peek_request_id(&body);
+            let message = "sensor ids beginning with ha- or tasmota- are reserved for discovered devices while discovery is on".to_string();
+            return Ok(self.reject(sensor, route, ReplyCode::InvalidField, message, None));
+        }
+        if let Some(field) = oversized {
+            // Answered on the default topic, without either property.
+            route.request_id = announce::peek_request_id(&body);
+            return Ok(self.reject(sensor, route, ReplyCode::InvalidField, field, None));
         }
 
         let parsed = announce::parse(
             sensor,
-            &p.payload,
+            &body,
             cfg.announce.max_payload_bytes,
             &cfg.gateway_id,
         );
         let ann = match parsed {
             Ok(a) => a,
             Err(e) => {
-                if !matches!(e, AnnounceError::PayloadTooLarge { .. }) {
-                    route.request_id = announce::peek_request_id(&p.payload);
-                }
+                route.request_id = announce::peek_request_id(&body);
                 return Ok(self.reject(sensor, route, e.reply_code(), e.to_string(), None));
             }
         };
@@ -296,13 +320,18 @@ impl Dispatch<'_> {
                 None,
             ));
         }
+        self.answer(sensor, ann, route)
+    }
 
+    /// An announce that passed its proof (or is plain, proofs being off): answered
+    /// from the record as it was made (an announce changes nothing recorded: its
+    /// `bridge` and device fields count only when the record is made), or admitted.
+    fn answer(&self, sensor: &str, ann: Announce, route: Route) -> Result<Decision, StoreError> {
         // Known and onboarded: the compact credentials tree answers (no full record,
         // no disk write).
         if let Some(creds) = self.store.credentials(sensor)? {
-            match self.gate.check(&ann, true) {
-                Ok(proof) => route.proven = proof == Proof::Verified,
-                Err(denied) => return Ok(self.refuse(sensor, route, denied)),
+            if let Err(denied) = self.known_may_announce(sensor, &ann, &route, None)? {
+                return Ok(self.refuse(sensor, route, denied));
             }
             // Its reply still waits for the broker: this one is tracked too.
             let track = if self.store.is_undelivered(sensor)? {
@@ -312,62 +341,85 @@ impl Dispatch<'_> {
             } else {
                 None
             };
-            let (bridged, seq) = self.note_bridged(sensor, ann.bridge)?;
+            let bridged = self.store.is_bridged(sensor)?;
             metrics::cached_reply();
             tracing::debug!(sensor_id = sensor, "known sensor; answering from the store");
             let reply = self.outbox.ok_reply(sensor, &route, &creds, bridged);
-            return Ok(Decision {
-                seq,
-                tickets: Vec::new(),
-                answer: Some(Answer {
-                    sensor: sensor.to_string(),
-                    route,
-                    reply,
-                    track,
-                }),
-            });
+            return Ok(self.ok_answer(sensor, route, reply, track));
         }
         let Some(rec) = self.store.get(sensor)? else {
             return self.admit_announced(sensor, ann, route);
         };
-        match self.gate.check(&ann, true) {
-            Ok(proof) => route.proven = proof == Proof::Verified,
-            Err(denied) => return Ok(self.refuse(sensor, route, denied)),
+        if let Err(denied) = self.known_may_announce(sensor, &ann, &route, Some(&rec))? {
+            return Ok(self.refuse(sensor, route, denied));
         }
         match rec.credentials() {
             Some(creds) => {
                 // Created, but without the shortcut (a crash between the two writes).
-                let (bridged, seq) = self.note_bridged(sensor, ann.bridge)?;
-                let reply = self.outbox.ok_reply(sensor, &route, creds, bridged);
-                Ok(Decision {
-                    seq,
-                    tickets: Vec::new(),
-                    answer: Some(Answer {
-                        sensor: sensor.to_string(),
-                        track: delivery_tag(sensor, &rec),
-                        route,
-                        reply,
-                    }),
-                })
+                let reply = self.outbox.ok_reply(sensor, &route, creds, rec.bridged);
+                Ok(self.ok_answer(sensor, route, reply, delivery_tag(sensor, &rec)))
             }
-            None => {
-                self.note_bridged(sensor, ann.bridge)?;
-                Ok(self.join_pending(sensor, &rec, route))
-            }
+            None => Ok(self.join_pending(sensor, &rec, route)),
         }
     }
 
-    /// A sensor the store does not know: its proof, then [`Admission`].
+    /// The rules a recorded sensor's announce still meets (allow and deny lists), and
+    /// a plain announce never answers for a sensor whose record an authenticated
+    /// announce made: proofs being off must not hand such a sensor's token to anyone.
+    fn known_may_announce(
+        &self,
+        sensor: &str,
+        ann: &Announce,
+        route: &Route,
+        rec: Option<&Record>,
+    ) -> Result<Result<(), Denial>, StoreError> {
+        if let Err(denied) = self.gate.check_rules(ann, true) {
+            return Ok(Err(denied));
+        }
+        if route.proven {
+            return Ok(Ok(()));
+        }
+        let made_authenticated = match rec {
+            Some(rec) => rec.route.proven,
+            None => self.store.get(sensor)?.is_some_and(|r| r.route.proven),
+        };
+        Ok(match made_authenticated {
+            true => Err(Denial {
+                code: ReplyCode::Unauthorized,
+                message: "this sensor was onboarded with a proof: only its protocol v2 announces are answered".into(),
+                retry_after: None,
+            }),
+            false => Ok(()),
+        })
+    }
+
+    /// The ok reply to an announce, when its route may carry one.
+    fn ok_answer(
+        &self,
+        sensor: &str,
+        route: Route,
+        reply: Option<Reply>,
+        track: Option<DeliveryTag>,
+    ) -> Decision {
+        Decision {
+            seq: 0,
+            tickets: Vec::new(),
+            answer: reply.map(|reply| Answer {
+                sensor: sensor.to_string(),
+                route,
+                reply,
+                track,
+            }),
+        }
+    }
+
+    /// A sensor the store does not know: [`Admission`] (its proof is checked).
     fn admit_announced(
         &self,
         sensor: &str,
         ann: Announce,
-        mut route: Route,
+        route: Route,
     ) -> Result<Decision, StoreError> {
-        match self.gate.verify_proof(&ann) {
-            Ok(proof) => route.proven = proof == Proof::Verified,
-            Err(denied) => return Ok(self.refuse(sensor, route, denied)),
-        }
         let now = (self.clock.now(), self.clock.wall_ms());
         let admitted =
             self.admission
@@ -393,28 +445,6 @@ impl Dispatch<'_> {
                 )
             }
         })
-    }
-
-    /// A bridged announce makes the sensor bridged for good (sticky until `devices
-    /// forget`). Returns whether it is bridged now, and the write to wait for before
-    /// the ack (0: none).
-    fn note_bridged(&self, sensor: &str, wants: bool) -> Result<(bool, u64), StoreError> {
-        if self.store.is_bridged(sensor)? {
-            return Ok((true, 0));
-        }
-        if !wants {
-            return Ok((false, 0));
-        }
-        let now_ms = self.clock.wall_ms();
-        let applied = records::apply_to_current(self.store, sensor, &Transition::Bridged, now_ms)?;
-        match applied.written() {
-            Some((rec, seq)) => {
-                tracing::info!(sensor_id = sensor, "sensor {sensor} is bridged from now on");
-                bridge_device(self.bridge, sensor, &rec);
-                Ok((true, seq))
-            }
-            None => Ok((false, 0)),
-        }
     }
 
     /// A reading on a sensor's data topic: taken by the bridge when the sensor is

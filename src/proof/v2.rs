@@ -1,5 +1,5 @@
 //! Protocol v2's crypto: every announce and every reply authenticated and bound to
-//! one exchange by the announce's nonce (the primitives; v1 is what the daemon serves).
+//! one exchange by the announce's nonce (the primitives the daemon serves them with).
 //!
 //! v1's proof is a constant: replayed, it re-runs any announce of its sensor with any
 //! fields, and a sealed `ok` can be republished with another broker host. v2 closes
@@ -25,7 +25,7 @@ use std::fmt;
 use hmac::Mac;
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use ring::rand::{SecureRandom, SystemRandom};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::{hmac, HmacSha256, SensorKey, KEY_LEN};
@@ -56,8 +56,29 @@ impl fmt::Debug for ExchangeKeys {
 }
 
 /// An announce nonce that follows the rule: exactly 32 lowercase hex characters.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// Stored with the route that answers it, as its text; a stored text that breaks
+/// the rule does not read back.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct AnnounceNonce(String);
+
+impl TryFrom<String> for AnnounceNonce {
+    type Error = BadNonce;
+    fn try_from(text: String) -> Result<AnnounceNonce, BadNonce> {
+        AnnounceNonce::parse(&text).ok_or(BadNonce)
+    }
+}
+
+impl From<AnnounceNonce> for String {
+    fn from(nonce: AnnounceNonce) -> String {
+        nonce.0
+    }
+}
+
+/// A text that is not 32 lowercase hex characters.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("an announce nonce is 32 lowercase hex characters")]
+pub struct BadNonce;
 
 /// Why an announce is not an authenticated v2 announce. None of these earns a MAC'd
 /// reply: without a verified proof and a valid nonce there is no exchange to bind.
