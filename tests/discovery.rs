@@ -392,3 +392,28 @@ async fn with_discovery_off_discovery_topics_are_ignored_and_ha_ids_are_ordinary
     let names: Vec<String> = cloud.devices().into_iter().map(|d| d.name).collect();
     assert_eq!(names, vec!["Firmware".to_string()]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_whose_state_topic_is_an_announce_topic_creates_nothing_and_that_sensor_is_still_answered(
+) {
+    let broker = Mosquitto::start();
+    let cloud = fake_cloud().await;
+    let qubitro = QubitroBroker::start(&cloud);
+    let d = Daemon::start(&broker, &cloud, &discovery_toml(&qubitro));
+    let p = Sensor::connect_as(broker.port, "pub", "nothing/here", None, None).await;
+
+    // Retained: re-read at every subscribe, so it would capture `x` for good.
+    p.publish(
+        "homeassistant/sensor/capture/t/config",
+        br#"{"stat_t":"onboard/announce/x","dev":{"ids":"capture"}}"#,
+        true,
+    )
+    .await;
+    d.log
+        .wait_for("state topic \"onboard/announce/x\" is under onboardd's own topic");
+    let mut x = d.sensor(broker.port, "x").await;
+    x.announce(r#"{"name":"X"}"#).await;
+    assert_opens_to_the_clouds_token(&cloud, &x.reply_with_status("ok").await);
+    let names: Vec<String> = cloud.devices().into_iter().map(|d| d.name).collect();
+    assert_eq!(names, vec!["X".to_string()], "nothing made from the config");
+}

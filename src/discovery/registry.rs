@@ -257,6 +257,7 @@ mod tests {
             components: vec!["sensor".into(), "binary_sensor".into()],
             skip_identifiers: vec!["zigbee2mqtt_bridge_*".into()],
             max_config_bytes: 16384,
+            reserved: Default::default(),
         }
     }
 

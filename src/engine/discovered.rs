@@ -61,7 +61,7 @@ impl Discovery {
         retire_marked(store, &tree, now_ms)?;
         let stored = tree.load::<Known, ConfigEntry>()?;
         Ok(Some(Discovery {
-            rules: Rules::from_config(d),
+            rules: Rules::from_config(cfg),
             registry: Mutex::new(Registry::restore(stored.devices, stored.configs)),
             tree,
             warned: Mutex::new(HashSet::new()),
