@@ -218,6 +218,12 @@ pub struct DiscoveryConfig {
     pub skip_identifiers: Vec<String>,
     /// Larger configs are skipped with a warning.
     pub max_config_bytes: usize,
+    /// Devices discovery keeps at most; configs of further devices are skipped with
+    /// a warning (each device is billed).
+    pub max_devices: usize,
+    /// Cap on new discovered devices per hour, apart from `security`'s cap on
+    /// announced sensors.
+    pub max_new_devices_per_hour: u32,
 }
 
 impl DiscoveryConfig {
