@@ -55,8 +55,8 @@
 //! [`device`] (credentials and tokens), [`clock`] (tokio's pausable time, wall time
 //! for records), [`backoff`], [`heartbeat`] (watchdog beats), [`tls`] (one rustls
 //! builder), [`metrics`], [`logging`], [`systemd`], [`failpoint`] (crash injection,
-//! feature `failpoints`), [`open_broker`] (does the broker let anyone in; not wired in
-//! yet).
+//! feature `failpoints`), [`open_broker`] (does the broker let anyone in: probed at each
+//! connection, said in the log, STATUS and stats).
 
 pub mod announce;
 pub mod backoff;
