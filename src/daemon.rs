@@ -399,6 +399,7 @@ async fn report(
                     ("bridge_buffered", b.buffered),
                     ("bridge_dropped", b.dropped),
                     ("bridge_refused", b.rejected),
+                    ("bridge_rate_limited", b.rate_limited),
                 ] {
                     obj.insert(k.into(), v.into());
                 }

@@ -71,6 +71,7 @@ impl Bridge {
             inner: Arc::new(Inner {
                 settings,
                 buffer,
+                rate: super::rate::Rate::new(b.max_readings_per_s),
                 devices: Mutex::new(HashMap::new()),
                 dirty: Mutex::new(HashSet::new()),
                 wake: Notify::new(),
@@ -104,6 +105,7 @@ impl Bridge {
             inner.count_rejected(sensor, "retained");
             return Err(AcceptError::Retained);
         }
+        inner.rate.check(sensor)?;
         let flat = match flatten(payload, inner.settings.max_payload) {
             Ok(f) => f,
             Err(r) => {
@@ -237,6 +239,7 @@ impl Bridge {
             buffered_bytes: totals.bytes,
             dropped: i.dropped.load(Ordering::Relaxed),
             rejected: i.rejected.load(Ordering::Relaxed),
+            rate_limited: i.rate.limited(),
             connections: i.connections.load(Ordering::Relaxed),
         }
     }

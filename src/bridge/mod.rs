@@ -16,6 +16,7 @@
 pub mod buffer;
 pub mod facade;
 pub mod flatten;
+pub mod rate;
 mod scheduler;
 mod shared;
 pub mod status;

@@ -96,6 +96,7 @@ pub(super) struct Pause {
 pub(super) struct Inner {
     pub(super) settings: Settings,
     pub(super) buffer: Buffer,
+    pub(super) rate: super::rate::Rate,
     pub(super) devices: Mutex<HashMap<String, DeviceEntry>>,
     /// Sensors that got data (or a device) since the scheduler last looked.
     pub(super) dirty: Mutex<HashSet<String>>,

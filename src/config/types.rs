@@ -197,6 +197,8 @@ pub struct BridgeConfig {
     pub max_connections: usize,
     /// The longest wait between reconnects of one device's uplink.
     pub reconnect_max_ms: u64,
+    /// Readings per second one sensor may publish; the excess is dropped and counted.
+    pub max_readings_per_s: u32,
 }
 
 /// Zero-firmware onboarding (`src/discovery/`): devices that describe themselves

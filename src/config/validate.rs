@@ -220,6 +220,10 @@ impl BridgeConfig {
             ("bridge.idle_disconnect_s", self.idle_disconnect_s),
             ("bridge.max_connections", self.max_connections as u64),
             ("bridge.reconnect_max_ms", self.reconnect_max_ms),
+            (
+                "bridge.max_readings_per_s",
+                u64::from(self.max_readings_per_s),
+            ),
         ] {
             if v == 0 {
                 return Err(key_err(key, "must be at least 1"));
