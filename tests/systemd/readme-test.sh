@@ -13,11 +13,12 @@
 #
 # What is substituted, and nothing else: the README's placeholders for what only
 # a Qubitro account gives, pointed at the fake Qubitro running in the guest:
-#   QB_your_api_key          -> the fake's API key
 #   your-project-id          -> the fake's project id
 #   https://api.qubitro.com  -> http://127.0.0.1:8080 (the fake)
 # Each must occur in the block: a README edit that dropped one would otherwise
-# silently run the walkthrough against something else.
+# silently run the walkthrough against something else. The API key is typed at
+# the walkthrough's prompt (no secret on a command line): the walkthrough's
+# standard input is the fake's API key, one line, as a user would type it.
 #
 # The user is "pi", as on Raspberry Pi OS: groups sudo and adm (the journal),
 # passwordless sudo. The .deb is put in its home directory ("copy it to the Pi").
@@ -44,9 +45,9 @@ API_KEY="QB_fake_$RANDOM$RANDOM"
 PROJECT_ID="fake-project-$RANDOM"
 FAKE_URL="http://127.0.0.1:8080"
 # placeholder -> value, in this order (the URL before anything else that could
-# contain it; none of the three overlaps another).
-PLACEHOLDERS=("QB_your_api_key" "your-project-id" "https://api.qubitro.com")
-VALUES=("$API_KEY" "$PROJECT_ID" "$FAKE_URL")
+# contain it; neither overlaps the other).
+PLACEHOLDERS=("your-project-id" "https://api.qubitro.com")
+VALUES=("$PROJECT_ID" "$FAKE_URL")
 
 readme="$repo/README.md"
 deb=""
@@ -171,7 +172,7 @@ printf '%s\n' "$script" | guest_write /home/pi/readme-walkthrough.sh 0644
 
 # ------------------------------------------------------------ walkthrough ---
 t_run=$(ms_now)
-if as_pi 'bash readme-walkthrough.sh' </dev/null >"$log" 2>&1; then
+if as_pi 'bash readme-walkthrough.sh' <<<"$API_KEY" >"$log" 2>&1; then
     pass "walkthrough-runs-to-the-end ($(($(ms_now) - t_run)) ms, as user pi)"
 else
     fail walkthrough-runs-to-the-end "$(grep '^readme-test: README.md line' "$log" | tail -n 1)"
