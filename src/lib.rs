@@ -13,7 +13,8 @@
 //! - [`discovery`]: zero-firmware onboarding's pure half: Home Assistant and Tasmota
 //!   configs parsed into devices and entities ([`discovery::homeassistant`],
 //!   [`discovery::tasmota`], [`discovery::template`], [`discovery::registry`]), state
-//!   messages into flat readings, and the Qubitro spec of a discovered device
+//!   messages into flat readings, the topics it may never follow
+//!   ([`discovery::reserved`]), and the Qubitro spec of a discovered device
 //!   ([`discovery::spec`]).
 //!
 //! **Engine** — [`engine`], one stage per file, each given only the state it touches:
@@ -41,9 +42,10 @@
 //! **Sinks** — what leaves:
 //! - replies through [`mqtt`] (tokens sealed with [`proof`]); readings through the
 //!   [`bridge`]: flattened ([`bridge::flatten`]), buffered durably in the store's
-//!   database ([`bridge::buffer`]) and forwarded to Qubitro's broker under each
-//!   device's own login (`bridge::scheduler` decides which device may hold a
-//!   connection, [`bridge::uplink`] is one device's session).
+//!   database ([`bridge::buffer`]; [`bridge::rate`] holds each sensor to its rate)
+//!   and forwarded to Qubitro's broker under each device's own login
+//!   (`bridge::scheduler` decides which device may hold a connection,
+//!   [`bridge::uplink`] is one device's session).
 //!
 //! **On top**: [`daemon`] wires everything for `onboardd run` and stops it within one
 //! deadline; [`control`] is the Unix socket behind `onboardd devices …` (server and
