@@ -17,6 +17,7 @@ use crate::cloud::Cloud;
 use crate::config::Config;
 use crate::engine::{Engine, Shutdown};
 use crate::heartbeat::Heartbeat;
+use crate::open_broker::{self, Verdict};
 use crate::store::{OpenOutcome, Store};
 use crate::{claim_key, control, metrics, mqtt, systemd};
 
@@ -187,12 +188,15 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         ready_ms = started.elapsed().as_millis() as u64,
         "onboardd ready"
     );
+    // Off the event loop: at each connection, whether anyone else may connect too.
+    let open = open_broker::watch(cfg.mqtt.clone(), mqtt.connection(), stops.stop.clone());
     let reporter = tokio::spawn(report(
         cfg.clone(),
         engine.clone(),
         mqtt.clone(),
         heartbeat.clone(),
         session.dropped_qos0.clone(),
+        open,
         stops.stop.clone(),
     ));
 
@@ -295,6 +299,7 @@ async fn report(
     mqtt: mqtt::Mqtt,
     heartbeat: Arc<Heartbeat>,
     dropped_qos0: Arc<std::sync::atomic::AtomicU64>,
+    open: Arc<Verdict>,
     stop: CancellationToken,
 ) {
     let watchdog = systemd::watchdog_interval();
@@ -363,6 +368,9 @@ async fn report(
                 ));
             }
         }
+        if open.open() == Some(true) {
+            status.push_str("; open broker");
+        }
         if status != last_status {
             systemd::status(&status);
             last_status = status;
@@ -380,6 +388,9 @@ async fn report(
                 "stats"
             );
             let mut json = serde_json::to_value(&snap).unwrap_or_default();
+            if let Some(obj) = json.as_object_mut() {
+                obj.insert("open_broker".into(), open.open().into());
+            }
             if let (Some(b), Some(obj)) = (engine.bridge().map(|b| b.stats()), json.as_object_mut())
             {
                 tracing::info!(
@@ -397,6 +408,7 @@ async fn report(
                     ("bridge_held", b.held),
                     ("bridge_dropped", b.dropped),
                     ("bridge_refused", b.rejected),
+                    ("bridge_rate_limited", b.rate_limited),
                 ] {
                     obj.insert(k.into(), v.into());
                 }

@@ -13,7 +13,8 @@
 //! - [`discovery`]: zero-firmware onboarding's pure half: Home Assistant and Tasmota
 //!   configs parsed into devices and entities ([`discovery::homeassistant`],
 //!   [`discovery::tasmota`], [`discovery::template`], [`discovery::registry`]), state
-//!   messages into flat readings, and the Qubitro spec of a discovered device
+//!   messages into flat readings, the topics it may never follow
+//!   ([`discovery::reserved`]), and the Qubitro spec of a discovered device
 //!   ([`discovery::spec`]).
 //!
 //! **Engine** — [`engine`], one stage per file, each given only the state it touches:
@@ -41,11 +42,12 @@
 //!
 //! **Sinks** — what leaves:
 //! - replies through [`mqtt`] (tokens sealed with [`proof`]); readings through the
-//!   [`bridge`]: flattened ([`bridge::flatten`]), held in memory while forwarded
-//!   ([`bridge::held`]), spilled to the store's database only when the uplink cannot
-//!   take them ([`bridge::buffer`]), and forwarded to Qubitro's broker under each
-//!   device's own login (`bridge::scheduler` decides which device may hold a
-//!   connection, [`bridge::uplink`] is one device's session).
+//!   [`bridge`]: flattened ([`bridge::flatten`]), held to each sensor's rate
+//!   ([`bridge::rate`]), held in memory while forwarded ([`bridge::held`]), spilled to
+//!   the store's database only when the uplink cannot take them ([`bridge::buffer`]),
+//!   and forwarded to Qubitro's broker under each device's own login
+//!   (`bridge::scheduler` decides which device may hold a connection,
+//!   [`bridge::uplink`] is one device's session).
 //!
 //! **On top**: [`daemon`] wires everything for `onboardd run` and stops it within one
 //! deadline; [`control`] is the Unix socket behind `onboardd devices …` (server and
@@ -59,8 +61,8 @@
 //! [`device`] (credentials and tokens), [`clock`] (tokio's pausable time, wall time
 //! for records), [`backoff`], [`heartbeat`] (watchdog beats), [`tls`] (one rustls
 //! builder), [`metrics`], [`logging`], [`systemd`], [`failpoint`] (crash injection,
-//! feature `failpoints`), [`open_broker`] (does the broker let anyone in; not wired in
-//! yet).
+//! feature `failpoints`), [`open_broker`] (does the broker let anyone in: probed at each
+//! connection, said in the log, STATUS and stats).
 
 pub mod announce;
 pub mod backoff;

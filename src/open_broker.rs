@@ -7,24 +7,34 @@
 //! default and the ACL is installed by hand, so the operator must be told, not left
 //! to find out.
 //!
-//! How it is to be wired (by the daemon, not here): run [`probe`] at start and after
-//! every reconnect, off the event-loop task; when it returns [`Anonymous::Accepted`],
-//! log a warning at every start naming what an open broker still allows (the three
-//! points above), add `open broker` to the systemd STATUS line, and publish
-//! `"open_broker": true` in the stats JSON (`false` when refused; absent or `null`
-//! when unknown, since a probe that could not reach the broker proves nothing).
+//! [`watch`] runs [`probe`] at start and after every reconnect, in a task of its own
+//! (never on the event loop's): when the broker lets the probe in, a warning names
+//! what an open broker still allows (the three points above) once per start, and
+//! again if it opens after having refused; the [`Verdict`] it keeps puts `open broker`
+//! on the systemd STATUS line and `"open_broker": true` in the stats JSON (`false`
+//! when refused; `null` when unknown, since a probe that could not reach the broker
+//! proves nothing).
 //!
 //! The probe never presents onboardd's login or client certificate (with them it
 //! would test onboardd's access, not anyone's) and never uses onboardd's client id (a
 //! connection under it would end onboardd's own session).
 
+use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Packet};
 use rumqttc::v5::{AsyncClient, ConnectionError, Event, MqttOptions};
 use rumqttc::Outgoing;
 
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
 use crate::config::MqttConfig;
+
+/// The bound of one probe: long enough for a TLS handshake on a Pi, short enough
+/// that a broker that swallows the connection is reported unknown soon.
+pub const PROBE_WITHIN: Duration = Duration::from_secs(5);
 
 /// What one anonymous connection attempt found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,6 +118,92 @@ pub async fn probe(m: &MqttConfig, within: Duration) -> Anonymous {
 
 fn refusal(code: ConnectReturnCode) -> String {
     format!("CONNACK {code:?}")
+}
+
+/// What the latest probe found, read by the STATUS line and the stats JSON.
+#[derive(Debug, Default)]
+pub struct Verdict(AtomicU8);
+
+const UNKNOWN: u8 = 0;
+const OPEN: u8 = 1;
+const CLOSED: u8 = 2;
+
+impl Verdict {
+    /// `Some(true)`: anonymous clients get in; `Some(false)`: refused; `None`: unknown.
+    pub fn open(&self) -> Option<bool> {
+        match self.0.load(Relaxed) {
+            OPEN => Some(true),
+            CLOSED => Some(false),
+            _ => None,
+        }
+    }
+
+    fn set(&self, found: &Anonymous) {
+        let v = match found {
+            Anonymous::Accepted => OPEN,
+            Anonymous::Refused { .. } => CLOSED,
+            Anonymous::Unknown { .. } => UNKNOWN,
+        };
+        self.0.store(v, Relaxed);
+    }
+}
+
+/// Probes the broker at each connection of onboardd's session (`connected` turning
+/// true: the start and every reconnect) until `stop`; returns the verdict it keeps.
+pub fn watch(
+    m: MqttConfig,
+    connected: watch::Receiver<bool>,
+    stop: CancellationToken,
+) -> Arc<Verdict> {
+    let verdict = Arc::new(Verdict::default());
+    tokio::spawn(run(m, connected, stop, verdict.clone()));
+    verdict
+}
+
+async fn run(
+    m: MqttConfig,
+    mut connected: watch::Receiver<bool>,
+    stop: CancellationToken,
+    verdict: Arc<Verdict>,
+) {
+    let mut warned = false;
+    loop {
+        tokio::select! {
+            r = connected.wait_for(|c| *c) => if r.is_err() { return },
+            _ = stop.cancelled() => return,
+        }
+        let found = tokio::select! {
+            found = probe(&m, PROBE_WITHIN) => found,
+            _ = stop.cancelled() => return,
+        };
+        verdict.set(&found);
+        match &found {
+            Anonymous::Accepted if !warned => {
+                warned = true;
+                tracing::warn!(
+                    broker = %format!("{}:{}", m.host, m.port),
+                    open_broker = true,
+                    "open broker: {}:{} lets clients in without a login, so anyone who reaches it can take over \
+                     onboardd's session (its client id is no secret), write any bridged sensor's readings and publish \
+                     discovery configs; give the broker a password file and the shipped ACL (README, Security)",
+                    m.host,
+                    m.port
+                );
+            }
+            Anonymous::Accepted => {}
+            Anonymous::Refused { reason } => {
+                warned = false;
+                tracing::debug!(%reason, "the broker refuses anonymous clients ({reason})");
+            }
+            Anonymous::Unknown { why } => {
+                tracing::debug!(%why, "whether the broker lets anyone in is unknown: {why}");
+            }
+        }
+        tokio::select! {
+            r = connected.wait_for(|c| !*c) => if r.is_err() { return },
+            _ = stop.cancelled() => return,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -10,7 +10,9 @@
 //! 2. allow/deny rules on sensor ids (`*` and `?` wildcards), brands and models;
 //!    deny wins over allow.
 //! 3. flood limits for announces that would cause cloud calls: a per-sensor
-//!    cool-down and a global cap on new devices per hour (a token bucket: O(1) memory).
+//!    cool-down and a global cap on new devices per hour (a token bucket: O(1) memory),
+//!    one for announced sensors and another for discovered devices, so a discovery
+//!    publisher cannot spend the firmware sensors' share, nor the reverse.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -74,13 +76,64 @@ pub struct Gatekeeper {
     limits: Mutex<Limits>,
 }
 
+/// Whose hourly cap a newcomer counts against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cap {
+    /// A sensor that announced itself.
+    Firmware,
+    /// A device discovery found.
+    Discovery,
+}
+
 struct Limits {
     /// When each recently admitted sensor was admitted (pruned as it grows).
     last_admitted: HashMap<String, Instant>,
-    /// Token bucket of new devices: `tokens` left, refilled at `per_hour`/hour.
+    /// New announced sensors per hour.
+    firmware: Bucket,
+    /// New discovered devices per hour (`discovery.max_new_devices_per_hour`).
+    discovered: Bucket,
+}
+
+impl Limits {
+    fn bucket(&mut self, p: Cap) -> &mut Bucket {
+        match p {
+            Cap::Firmware => &mut self.firmware,
+            Cap::Discovery => &mut self.discovered,
+        }
+    }
+}
+
+/// Token bucket of new devices: `tokens` left, refilled at `per_hour`/hour.
+struct Bucket {
     tokens: f64,
     per_hour: f64,
     refilled: Instant,
+}
+
+impl Bucket {
+    fn new(per_hour: u32) -> Bucket {
+        Bucket {
+            tokens: per_hour as f64,
+            per_hour: per_hour as f64,
+            refilled: Instant::now(),
+        }
+    }
+
+    /// Refills for the time passed; `Err(wait)` until one whole token is there.
+    fn check(&mut self, now: Instant) -> Result<(), Duration> {
+        let elapsed = now.duration_since(self.refilled).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.per_hour / 3600.0).min(self.per_hour);
+        self.refilled = now;
+        if self.tokens >= 1.0 {
+            return Ok(());
+        }
+        let secs = if self.per_hour > 0.0 {
+            ((1.0 - self.tokens) * 3600.0 / self.per_hour).ceil()
+        } else {
+            3600.0
+        };
+        Err(Duration::from_secs_f64(secs.clamp(1.0, 3600.0)))
+    }
 }
 
 /// Entries kept for the cool-down before old ones are pruned.
@@ -89,7 +142,6 @@ const COOLDOWN_MAP_PRUNE_AT: usize = 4096;
 impl Gatekeeper {
     pub fn new(cfg: &Config) -> Gatekeeper {
         let s = &cfg.security;
-        let per_hour = s.max_new_devices_per_hour as f64;
         Gatekeeper {
             claim_key: s.claim_key.clone(),
             require_claim: s.require_claim,
@@ -100,9 +152,8 @@ impl Gatekeeper {
             cooldown: Duration::from_secs(s.new_sensor_cooldown_s),
             limits: Mutex::new(Limits {
                 last_admitted: HashMap::new(),
-                tokens: per_hour,
-                per_hour,
-                refilled: Instant::now(),
+                firmware: Bucket::new(s.max_new_devices_per_hour),
+                discovered: Bucket::new(cfg.discovery.max_new_devices_per_hour),
             }),
         }
     }
@@ -159,6 +210,11 @@ impl Gatekeeper {
     /// sensor not `known` yet the cool-down and the hourly cap. A discovered device
     /// (which can carry no proof) meets exactly these.
     pub fn check_rules(&self, a: &Announce, known: bool) -> Result<(), Denial> {
+        self.check_rules_as(a, known, Cap::Firmware)
+    }
+
+    /// [`Gatekeeper::check_rules`] for a newcomer counted against `cap`.
+    pub fn check_rules_as(&self, a: &Announce, known: bool, cap: Cap) -> Result<(), Denial> {
         if self
             .deny_ids
             .iter()
@@ -204,20 +260,16 @@ impl Gatekeeper {
                     ));
                 }
             }
-            let elapsed = now.duration_since(l.refilled).as_secs_f64();
-            l.tokens = (l.tokens + elapsed * l.per_hour / 3600.0).min(l.per_hour);
-            l.refilled = now;
-            if l.tokens < 1.0 {
-                // Time until the bucket holds one whole token again.
-                let secs = if l.per_hour > 0.0 {
-                    ((1.0 - l.tokens) * 3600.0 / l.per_hour).ceil()
-                } else {
-                    3600.0
+            if let Err(wait) = l.bucket(cap).check(now) {
+                let message = match cap {
+                    Cap::Firmware => {
+                        "this gateway's limit of new devices per hour is reached; try again later"
+                    }
+                    Cap::Discovery => {
+                        "discovery.max_new_devices_per_hour is reached; try again later"
+                    }
                 };
-                return Err(rate_limited(
-                    "this gateway's limit of new devices per hour is reached; try again later",
-                    Duration::from_secs_f64(secs.clamp(1.0, 3600.0)),
-                ));
+                return Err(rate_limited(message, wait));
             }
         }
         Ok(())
@@ -225,9 +277,14 @@ impl Gatekeeper {
 
     /// Counts a sensor that was admitted for onboarding (cool-down and hourly cap).
     pub fn admitted(&self, sensor: &str) {
+        self.admitted_as(sensor, Cap::Firmware)
+    }
+
+    /// [`Gatekeeper::admitted`] for a newcomer counted against `cap`.
+    pub fn admitted_as(&self, sensor: &str, cap: Cap) {
         let mut l = self.limits.lock().expect("never poisoned");
         let now = Instant::now();
-        l.tokens -= 1.0;
+        l.bucket(cap).tokens -= 1.0;
         if l.last_admitted.len() >= COOLDOWN_MAP_PRUNE_AT {
             let cd = self.cooldown;
             l.last_admitted.retain(|_, t| now.duration_since(*t) < cd);
@@ -432,6 +489,45 @@ mod tests {
         assert_eq!(
             g.check_rules(&ann("a"), false).unwrap_err().code,
             ReplyCode::RateLimited
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_discovery_flood_cannot_spend_the_firmware_cap_nor_the_reverse() {
+        let both_capped_at_two = "max_new_devices_per_hour = 2\nnew_sensor_cooldown_s = 0\n\
+            [discovery]\nmax_new_devices_per_hour = 2";
+        let (fw, disc) = (Cap::Firmware, Cap::Discovery);
+        let admit = |g: &Gatekeeper, id: &str, p| {
+            let r = g
+                .check_rules_as(&ann(id, None), false, p)
+                .map(|_| g.admitted_as(id, p));
+            r.map_err(|d| d.code)
+        };
+        let g = Gatekeeper::new(&cfg(both_capped_at_two));
+        for id in ["ha-1", "ha-2"] {
+            assert_eq!(admit(&g, id, disc), Ok(()));
+        }
+        assert_eq!(admit(&g, "ha-3", disc), Err(ReplyCode::RateLimited));
+        for id in ["fw-1", "fw-2"] {
+            assert_eq!(admit(&g, id, fw), Ok(()), "discovery spent none of it");
+        }
+        assert_eq!(admit(&g, "fw-3", fw), Err(ReplyCode::RateLimited));
+
+        let g = Gatekeeper::new(&cfg(both_capped_at_two));
+        for id in ["fw-1", "fw-2"] {
+            assert_eq!(admit(&g, id, fw), Ok(()));
+        }
+        assert_eq!(admit(&g, "fw-3", fw), Err(ReplyCode::RateLimited));
+        for id in ["ha-1", "ha-2"] {
+            assert_eq!(admit(&g, id, disc), Ok(()), "announces spent none of it");
+        }
+        let d = g
+            .check_rules_as(&ann("ha-3", None), false, disc)
+            .unwrap_err();
+        assert!(
+            d.message.contains("discovery.max_new_devices_per_hour"),
+            "{}",
+            d.message
         );
     }
 

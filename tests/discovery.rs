@@ -392,3 +392,93 @@ async fn with_discovery_off_discovery_topics_are_ignored_and_ha_ids_are_ordinary
     let names: Vec<String> = cloud.devices().into_iter().map(|d| d.name).collect();
     assert_eq!(names, vec!["Firmware".to_string()]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_whose_state_topic_is_an_announce_topic_creates_nothing_and_that_sensor_is_still_answered(
+) {
+    let broker = Mosquitto::start();
+    let cloud = fake_cloud().await;
+    let qubitro = QubitroBroker::start(&cloud);
+    let d = Daemon::start(&broker, &cloud, &discovery_toml(&qubitro));
+    let p = Sensor::connect_as(broker.port, "pub", "nothing/here", None, None).await;
+
+    // Retained: re-read at every subscribe, so it would capture `x` for good.
+    p.publish(
+        "homeassistant/sensor/capture/t/config",
+        br#"{"stat_t":"onboard/announce/x","dev":{"ids":"capture"}}"#,
+        true,
+    )
+    .await;
+    d.log
+        .wait_for("state topic \"onboard/announce/x\" is under onboardd's own topic");
+    let mut x = d.sensor(broker.port, "x").await;
+    x.announce(r#"{"name":"X"}"#).await;
+    assert_opens_to_the_clouds_token(&cloud, &x.reply_with_status("ok").await);
+    let names: Vec<String> = cloud.devices().into_iter().map(|d| d.name).collect();
+    assert_eq!(names, vec!["X".to_string()], "nothing made from the config");
+}
+
+/// A minimal Home Assistant config of device `id` with one entity.
+async fn publish_device(p: &Sensor, id: &str) {
+    let body = format!(r#"{{"stat_t":"state/{id}","dev":{{"ids":"{id}"}}}}"#);
+    p.publish(
+        &format!("homeassistant/sensor/{id}/t/config"),
+        body.as_bytes(),
+        true,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configs_of_devices_past_discovery_max_devices_are_skipped_with_a_warning() {
+    let broker = Mosquitto::start();
+    let cloud = fake_cloud().await;
+    let qubitro = QubitroBroker::start(&cloud);
+    let toml = format!("{}\nmax_devices = 2", discovery_toml(&qubitro));
+    let d = Daemon::start(&broker, &cloud, &toml);
+    let p = Sensor::connect_as(broker.port, "pub", "nothing/here", None, None).await;
+    for id in ["dev1", "dev2", "dev3"] {
+        publish_device(&p, id).await;
+    }
+    d.log
+        .wait_for("homeassistant/sensor/dev3/t/config: skipped: discovery.max_devices = 2");
+    device_of(&cloud, &qubitro, "ha-dev1").await;
+    device_of(&cloud, &qubitro, "ha-dev2").await;
+    assert!(cloud_devices_of(&cloud, "ha-dev3").is_empty());
+    // A device already known still takes new entities.
+    p.publish(
+        "homeassistant/sensor/dev1/u/config",
+        br#"{"stat_t":"state/dev1b","dev":{"ids":"dev1"}}"#,
+        true,
+    )
+    .await;
+    publish_device(&p, "dev4").await;
+    d.log
+        .wait_for("homeassistant/sensor/dev4/t/config: skipped");
+    assert_eq!(
+        d.log.count("homeassistant/sensor/dev1/u/config: skipped"),
+        0
+    );
+    assert_eq!(cloud.devices().len(), 2, "{:?}", cloud.devices());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_discovery_flood_cannot_spend_the_firmware_sensors_hourly_cap() {
+    let broker = Mosquitto::start();
+    let cloud = fake_cloud().await;
+    let qubitro = QubitroBroker::start(&cloud);
+    let toml = format!(
+        "{}\nmax_new_devices_per_hour = 1\n[security]\nmax_new_devices_per_hour = 1",
+        discovery_toml(&qubitro)
+    );
+    let d = Daemon::start(&broker, &cloud, &toml);
+    let p = Sensor::connect_as(broker.port, "pub", "nothing/here", None, None).await;
+    for id in ["flood1", "flood2"] {
+        publish_device(&p, id).await;
+    }
+    d.log.wait_for("discovered device ha-flood2 not onboarded");
+    assert!(cloud_devices_of(&cloud, "ha-flood2").is_empty());
+    let mut s = d.sensor(broker.port, "fw-1").await;
+    s.announce(r#"{"name":"Firmware"}"#).await;
+    assert_opens_to_the_clouds_token(&cloud, &s.reply_with_status("ok").await);
+}

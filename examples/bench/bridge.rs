@@ -71,7 +71,7 @@ pub(crate) async fn bridged_devices_onboarded(
         client_id: BRIDGE_CLIENT,
         extra: format!(
             "[qubitro]\nproject_id = \"{}\"\napi_key = \"{}\"\nbroker_host = \"127.0.0.1\"\nbroker_port = {}\nbroker_tls = false\n\
-             [bridge]\nmax_connections = {}\n",
+             [bridge]\nmax_connections = {}\nmax_readings_per_s = 1000000\n",
             cloud.project_id(),
             cloud.api_key(),
             qubitro.port(),

@@ -92,10 +92,13 @@ impl QubitroBroker {
     }
 
     /// The daemon's config lines that point its bridge at this broker (plain MQTT
-    /// is accepted for a loopback host only), with quick reconnects.
+    /// is accepted for a loopback host only), with quick reconnects and no practical
+    /// per-sensor rate limit (tests publish readings in bursts no sensor would; the
+    /// limit's own tests set it).
     pub fn daemon_toml(&self) -> String {
         format!(
-            "[qubitro]\nbroker_host = \"127.0.0.1\"\nbroker_port = {}\nbroker_tls = false\n[bridge]\nreconnect_max_ms = 500\n",
+            "[qubitro]\nbroker_host = \"127.0.0.1\"\nbroker_port = {}\nbroker_tls = false\n\
+             [bridge]\nreconnect_max_ms = 500\nmax_readings_per_s = 100000\n",
             self.port()
         )
     }

@@ -15,7 +15,8 @@
 //! counting each reading as stored: its key and its record, so that many small
 //! readings of a long sensor id cannot hold several times the bound) the oldest
 //! readings are dropped and counted: the oldest of that sensor for the first bound,
-//! the oldest of all sensors for the second.
+//! for the second the oldest of the sensor holding the most bytes (one sensor cannot
+//! evict everyone else's readings).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -155,7 +156,9 @@ impl Buffer {
             }
             dropped += 1;
         }
-        // Room in total: the oldest of all sensors goes first.
+        // Room in total: the sensor holding the most loses its oldest first, so a
+        // chatty sensor (or one whose device is refused) cannot evict everyone
+        // else's readings.
         loop {
             if tallies.bytes + size <= self.limits.max_bytes {
                 break;
@@ -164,7 +167,13 @@ impl Buffer {
                 .per
                 .iter()
                 .filter(|(_, t)| t.count > 0)
-                .min_by_key(|(_, t)| t.oldest)
+                .max_by_key(|(s, t)| {
+                    (
+                        t.bytes,
+                        std::cmp::Reverse(t.oldest),
+                        std::cmp::Reverse(s.as_str()),
+                    )
+                })
                 .map(|(s, _)| s.clone())
             else {
                 break;
@@ -448,6 +457,35 @@ mod tests {
         assert_eq!(buf.count("b"), 1);
         assert_eq!(buf.count("c"), 1);
         assert_eq!(buf.totals().bytes, 60);
+    }
+
+    #[tokio::test]
+    async fn past_the_total_bound_the_sensor_with_the_most_buffered_loses_its_oldest() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open_store(dir.path());
+        let buf = Buffer::open(
+            &store,
+            Limits {
+                max_per_sensor: 100,
+                max_bytes: 100,
+            },
+        )
+        .expect("open");
+        // 20 bytes each as stored: the quiet sensor's one reading is the oldest.
+        buf.append("q", b"qqqqqqqqqq").expect("append");
+        for i in 0..10 {
+            buf.append("c", format!("chatty-{i:03}").as_bytes())
+                .expect("append");
+        }
+        assert_eq!(
+            ids(&buf.oldest("q", None, 10).expect("read")),
+            ["qqqqqqqqqq"]
+        );
+        assert_eq!(
+            ids(&buf.oldest("c", None, 10).expect("read")),
+            ["chatty-006", "chatty-007", "chatty-008", "chatty-009"]
+        );
+        assert_eq!(buf.totals().bytes, 100);
     }
 
     #[tokio::test]

@@ -74,6 +74,7 @@ impl Bridge {
                 settings,
                 buffer,
                 lanes: Mutex::new(Lanes::default()),
+                rate: super::rate::Rate::new(b.max_readings_per_s),
                 devices: Mutex::new(HashMap::new()),
                 dirty: Mutex::new(HashSet::new()),
                 wake: Notify::new(),
@@ -108,6 +109,7 @@ impl Bridge {
             inner.count_rejected(sensor, "retained");
             return Err(AcceptError::Retained);
         }
+        inner.rate.check(sensor)?;
         let flat = match flatten(payload, inner.settings.max_payload) {
             Ok(f) => f,
             Err(r) => {
@@ -256,6 +258,7 @@ impl Bridge {
             buffered_bytes: totals.bytes,
             dropped: i.dropped.load(Ordering::Relaxed),
             rejected: i.rejected.load(Ordering::Relaxed),
+            rate_limited: i.rate.limited(),
             connections: i.connections.load(Ordering::Relaxed),
             held: lock(&i.lanes).count() as u64,
         }

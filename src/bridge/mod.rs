@@ -22,6 +22,7 @@ mod connection;
 pub mod facade;
 pub mod flatten;
 pub mod held;
+pub mod rate;
 mod scheduler;
 mod shared;
 pub mod status;

@@ -102,6 +102,7 @@ pub(super) struct Inner {
     /// Readings held in memory while their uplink forwards them. Lock order: this
     /// one, then the buffer's.
     pub(super) lanes: Mutex<Lanes>,
+    pub(super) rate: super::rate::Rate,
     pub(super) devices: Mutex<HashMap<String, DeviceEntry>>,
     /// Sensors that got data (or a device) since the scheduler last looked.
     pub(super) dirty: Mutex<HashSet<String>>,

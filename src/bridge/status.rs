@@ -30,6 +30,9 @@ pub enum AcceptError {
     /// `DataTopic::sensor_of`, which never yields one of these).
     #[error("not a valid sensor id")]
     InvalidSensorId,
+    /// Past `bridge.max_readings_per_s` for this sensor (counted by the limiter).
+    #[error("reading dropped: more than bridge.max_readings_per_s")]
+    RateLimited,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -58,6 +61,8 @@ pub struct BridgeStats {
     pub dropped: u64,
     /// Readings refused on arrival (bad data, retained), since start.
     pub rejected: u64,
+    /// Readings dropped on arrival as past `bridge.max_readings_per_s`, since start.
+    pub rate_limited: u64,
     /// Uplink connections open now.
     pub connections: u64,
     /// Readings held in memory while Qubitro's PUBACK is awaited (acknowledge-through).

@@ -210,6 +210,8 @@ pub struct BridgeConfig {
     pub spill_after_ms: u64,
     /// At most one flush of spilled readings per this long (group commit).
     pub spill_flush_ms: u64,
+    /// Readings per second one sensor may publish; the excess is dropped and counted.
+    pub max_readings_per_s: u32,
 }
 
 /// Zero-firmware onboarding (`src/discovery/`): devices that describe themselves
@@ -235,6 +237,12 @@ pub struct DiscoveryConfig {
     /// forgotten (0: never, kept and billed until the operator forgets it).
     #[serde(default)]
     pub delete_retired_after_s: u64,
+    /// Devices discovery keeps at most; configs of further devices are skipped with
+    /// a warning (each device is billed).
+    pub max_devices: usize,
+    /// Cap on new discovered devices per hour, apart from `security`'s cap on
+    /// announced sensors.
+    pub max_new_devices_per_hour: u32,
 }
 
 impl DiscoveryConfig {

@@ -221,6 +221,10 @@ impl BridgeConfig {
             ("bridge.max_connections", self.max_connections as u64),
             ("bridge.reconnect_max_ms", self.reconnect_max_ms),
             ("bridge.spill_after_ms", self.spill_after_ms),
+            (
+                "bridge.max_readings_per_s",
+                u64::from(self.max_readings_per_s),
+            ),
         ] {
             if v == 0 {
                 return Err(key_err(key, "must be at least 1"));

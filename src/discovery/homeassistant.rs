@@ -200,6 +200,10 @@ pub fn parse(rules: &Rules, prefix: &str, topic: &str, payload: &[u8]) -> Result
             ));
             continue;
         }
+        if let Some(why) = rules.reserved.refusal(&state_topic) {
+            warnings.push(format!("entity {object_id}: {why}"));
+            continue;
+        }
         let (key, rule) = match string(&c, "value_template") {
             None => (object_id.clone(), Rule::Plain),
             Some(tpl) => match template::parse(&tpl) {
@@ -252,6 +256,7 @@ mod tests {
             components: vec!["sensor".into(), "binary_sensor".into()],
             skip_identifiers: vec!["zigbee2mqtt_bridge_*".into()],
             max_config_bytes: 16384,
+            reserved: Default::default(),
         }
     }
 

@@ -15,6 +15,7 @@
 
 pub mod homeassistant;
 pub mod registry;
+pub mod reserved;
 pub mod spec;
 pub mod tasmota;
 pub mod template;
@@ -22,10 +23,11 @@ pub mod template;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::config::DiscoveryConfig;
+use crate::config::Config;
 use crate::security::wildcard_match;
 
 pub use registry::Registry;
+pub use reserved::Reserved;
 use template::Rule;
 
 /// The longest sensor id (the announce protocol's rule).
@@ -130,14 +132,18 @@ pub struct Rules {
     pub components: Vec<String>,
     pub skip_identifiers: Vec<String>,
     pub max_config_bytes: usize,
+    /// State topics no config may name.
+    pub reserved: Reserved,
 }
 
 impl Rules {
-    pub fn from_config(c: &DiscoveryConfig) -> Rules {
+    pub fn from_config(cfg: &Config) -> Rules {
+        let c = &cfg.discovery;
         Rules {
             components: c.components.clone(),
             skip_identifiers: c.skip_identifiers.clone(),
             max_config_bytes: c.max_config_bytes,
+            reserved: Reserved::from_config(cfg),
         }
     }
 

@@ -3,7 +3,7 @@
 //! per device and per config topic) so a restart, or a retained config re-read at
 //! every subscribe, finds the device it made before and never makes a second.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -47,6 +47,9 @@ pub struct Registry {
     configs: BTreeMap<String, ConfigEntry>,
     /// Device key (`<source>:<identifier>`) → the device.
     devices: BTreeMap<String, Known>,
+    /// State topic → the config topics with an entity reading it: every followed
+    /// message looks its entities up here instead of scanning every config.
+    by_state: HashMap<String, BTreeSet<String>>,
 }
 
 /// The key of a device, unique across sources.
@@ -60,9 +63,69 @@ impl Registry {
         devices: impl IntoIterator<Item = (String, Known)>,
         configs: impl IntoIterator<Item = (String, ConfigEntry)>,
     ) -> Registry {
-        Registry {
+        let mut r = Registry {
             devices: devices.into_iter().collect(),
-            configs: configs.into_iter().collect(),
+            ..Registry::default()
+        };
+        for (topic, entry) in configs {
+            r.insert_config(topic, entry);
+        }
+        r
+    }
+
+    /// How many devices are known (retired ones included: each was billed).
+    pub fn device_count(&self) -> usize {
+        self.devices.len()
+    }
+
+    /// Whether `parsed` would add a device not known yet.
+    pub fn adds_device(&self, parsed: &Parsed) -> bool {
+        match parsed {
+            Parsed::Config {
+                device, entities, ..
+            } => !entities.is_empty() && !self.devices.contains_key(&device_key(device)),
+            Parsed::Removed => false,
+        }
+    }
+
+    /// Sets what `topic` says, keeping the state-topic index in step.
+    fn insert_config(&mut self, topic: String, entry: ConfigEntry) -> Option<ConfigEntry> {
+        for e in &entry.entities {
+            self.by_state
+                .entry(e.state_topic.clone())
+                .or_default()
+                .insert(topic.clone());
+        }
+        let old = self.configs.insert(topic.clone(), entry);
+        self.unindex(&topic, old.as_ref());
+        old
+    }
+
+    /// Forgets what `topic` says, keeping the state-topic index in step.
+    fn remove_config(&mut self, topic: &str) -> Option<ConfigEntry> {
+        let old = self.configs.remove(topic);
+        self.unindex(topic, old.as_ref());
+        old
+    }
+
+    /// Drops `topic` from the index of each state topic `old` read that the
+    /// topic's current entry (if any) no longer reads.
+    fn unindex(&mut self, topic: &str, old: Option<&ConfigEntry>) {
+        let Some(old) = old else { return };
+        for e in &old.entities {
+            let still = self
+                .configs
+                .get(topic)
+                .is_some_and(|c| c.entities.iter().any(|n| n.state_topic == e.state_topic));
+            if still {
+                continue;
+            }
+            if let Some(set) = self.by_state.get_mut(&e.state_topic) {
+                set.remove(topic);
+                if set.is_empty() {
+                    self.by_state.remove(&e.state_topic);
+                }
+            }
         }
     }
 
@@ -76,17 +139,12 @@ impl Registry {
 
     /// Every state topic followed.
     pub fn topics(&self) -> BTreeSet<String> {
-        self.configs
-            .values()
-            .flat_map(|c| c.entities.iter().map(|e| e.state_topic.clone()))
-            .collect()
+        self.by_state.keys().cloned().collect()
     }
 
     /// Whether any entity reads this topic.
     pub fn follows(&self, topic: &str) -> bool {
-        self.configs
-            .values()
-            .any(|c| c.entities.iter().any(|e| e.state_topic == topic))
+        self.by_state.contains_key(topic)
     }
 
     /// Whether the device still has entities.
@@ -110,7 +168,7 @@ impl Registry {
     pub fn apply(&mut self, topic: &str, parsed: Parsed) -> Option<Change> {
         let before = self.topics();
         let key = match parsed {
-            Parsed::Removed => self.configs.remove(topic)?.device,
+            Parsed::Removed => self.remove_config(topic)?.device,
             Parsed::Config {
                 device, entities, ..
             } => {
@@ -118,7 +176,7 @@ impl Registry {
                 if entities.is_empty() && !self.devices.contains_key(&key) {
                     // A device none of whose entities qualifies is not created;
                     // whatever this topic said before is gone.
-                    let old = self.configs.remove(topic)?;
+                    let old = self.remove_config(topic)?;
                     return self.change(old.device, &before);
                 }
                 match self.devices.get_mut(&key) {
@@ -135,7 +193,7 @@ impl Registry {
                         );
                     }
                 }
-                let old = self.configs.insert(
+                let old = self.insert_config(
                     topic.to_string(),
                     ConfigEntry {
                         device: key.clone(),
@@ -183,7 +241,8 @@ impl Registry {
     /// a device with none of its keys present gets nothing).
     pub fn readings(&self, topic: &str, payload: &[u8]) -> Vec<(String, Map<String, Value>)> {
         let mut per_device: BTreeMap<&str, Vec<&Entity>> = BTreeMap::new();
-        for c in self.configs.values() {
+        let configs = self.by_state.get(topic).into_iter().flatten();
+        for c in configs.filter_map(|t| self.configs.get(t)) {
             for e in c.entities.iter().filter(|e| e.state_topic == topic) {
                 per_device.entry(c.device.as_str()).or_default().push(e);
             }
@@ -257,6 +316,7 @@ mod tests {
             components: vec!["sensor".into(), "binary_sensor".into()],
             skip_identifiers: vec!["zigbee2mqtt_bridge_*".into()],
             max_config_bytes: 16384,
+            reserved: Default::default(),
         }
     }
 
@@ -403,6 +463,33 @@ mod tests {
         .unwrap();
         assert_eq!(r.apply("homeassistant/sensor/n/t/config", p), None);
         assert!(r.devices().next().is_none());
+    }
+
+    #[test]
+    fn the_state_topic_index_follows_every_change_of_a_config_and_a_restore() {
+        let mut r = Registry::default();
+        let (t, p) = z2m("temperature", "temperature");
+        assert!(r.adds_device(&p));
+        r.apply(&t, p);
+        assert!(r.follows("zigbee2mqtt/living_room"));
+        let moved = homeassistant::parse(
+            &rules(),
+            "homeassistant",
+            &t,
+            br#"{"stat_t":"zigbee2mqtt/kitchen","dev":{"ids":"zigbee2mqtt_0x00158d0001a2b3c4"}}"#,
+        )
+        .unwrap();
+        assert!(!r.adds_device(&moved), "known device");
+        r.apply(&t, moved);
+        assert!(!r.follows("zigbee2mqtt/living_room"));
+        assert!(r.follows("zigbee2mqtt/kitchen"));
+        assert_eq!(r.readings("zigbee2mqtt/kitchen", b"3").len(), 1);
+        let restored = Registry::restore(r.devices.clone(), r.configs.clone());
+        assert_eq!(restored, r, "the index is rebuilt on restore");
+        r.apply(&t, Parsed::Removed);
+        assert!(r.topics().is_empty());
+        assert!(r.readings("zigbee2mqtt/kitchen", b"3").is_empty());
+        assert_eq!(r.device_count(), 1, "a retired device still counts");
     }
 
     #[test]

@@ -80,13 +80,18 @@ pub fn parse(rules: &Rules, prefix: &str, topic: &str, payload: &[u8]) -> Result
         state_topic.push('/');
     }
     state_topic.push_str("SENSOR");
-    if state_topic.contains(['+', '#', '%']) {
+    let unusable = if state_topic.contains(['+', '#', '%']) {
+        Some(format!(
+            "telemetry topic {state_topic:?} is not usable; nothing followed"
+        ))
+    } else {
+        rules.reserved.refusal(&state_topic)
+    };
+    if let Some(why) = unusable {
         return Ok(Parsed::Config {
             device,
             entities: Vec::new(),
-            warnings: vec![format!(
-                "telemetry topic {state_topic:?} is not usable; nothing followed"
-            )],
+            warnings: vec![why],
         });
     }
     Ok(Parsed::Config {
@@ -138,6 +143,7 @@ mod tests {
             components: vec!["sensor".into()],
             skip_identifiers: vec![],
             max_config_bytes: 16384,
+            reserved: Default::default(),
         }
     }
 

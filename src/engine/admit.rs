@@ -16,7 +16,7 @@ use crate::announce::Announce;
 use crate::failpoint;
 use crate::onboarding::{Provenance, Record};
 use crate::reply::Route;
-use crate::security::{Denial, Gatekeeper};
+use crate::security::{Cap, Denial, Gatekeeper};
 use crate::store::{Store, StoreError};
 
 /// What admission needs, and nothing more.
@@ -57,7 +57,11 @@ impl Admission<'_> {
         now: Instant,
         now_ms: u64,
     ) -> Result<Result<Admitted, Refusal>, StoreError> {
-        if let Err(denied) = self.gate.check_rules(&ann, false) {
+        let cap = match provenance {
+            Provenance::Firmware => Cap::Firmware,
+            Provenance::Discovered => Cap::Discovery,
+        };
+        if let Err(denied) = self.gate.check_rules_as(&ann, false, cap) {
             return Ok(Err(Refusal::Rules(denied)));
         }
         let sensor = ann.sensor_id.as_str();
@@ -76,7 +80,7 @@ impl Admission<'_> {
         Ok(Ok(match self.store.insert_new(sensor, &rec)? {
             Some(seq) => {
                 failpoint::hit("after_pending_recorded");
-                self.gate.admitted(sensor);
+                self.gate.admitted_as(sensor, cap);
                 Admitted::New { seq }
             }
             None => Admitted::Raced {
@@ -239,7 +243,7 @@ mod tests {
             ));
         }
         assert_eq!(
-            code(admit(&a, ann("c", "{}"), Provenance::Discovered)),
+            code(admit(&a, ann("c", "{}"), Provenance::Firmware)),
             ReplyCode::RateLimited
         );
         assert_eq!(store.get("c").unwrap(), None);

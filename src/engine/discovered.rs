@@ -41,6 +41,8 @@ const MAX_WARNED: usize = 4096;
 pub(super) struct Discovery {
     rules: Rules,
     registry: Mutex<Registry>,
+    /// Devices kept at most (`discovery.max_devices`).
+    max_devices: usize,
     tree: DiscoveryTree,
     /// (config topic, warning) already logged.
     warned: Mutex<HashSet<(String, String)>>,
@@ -61,8 +63,9 @@ impl Discovery {
         retire_marked(store, &tree, now_ms)?;
         let stored = tree.load::<Known, ConfigEntry>()?;
         Ok(Some(Discovery {
-            rules: Rules::from_config(d),
+            rules: Rules::from_config(cfg),
             registry: Mutex::new(Registry::restore(stored.devices, stored.configs)),
+            max_devices: d.max_devices,
             tree,
             warned: Mutex::new(HashSet::new()),
         }))
@@ -185,6 +188,15 @@ impl Discovered<'_> {
         }
         let (change, config) = {
             let mut reg = d.registry();
+            if reg.adds_device(&parsed) && reg.device_count() >= d.max_devices {
+                drop(reg);
+                let max = d.max_devices;
+                d.warn_once(
+                    topic,
+                    &format!("skipped: discovery.max_devices = {max} devices are known already"),
+                );
+                return Ok(Decision::default());
+            }
             let change = reg.apply(topic, parsed);
             (change, reg.config(topic).cloned())
         };

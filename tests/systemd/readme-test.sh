@@ -13,11 +13,12 @@
 #
 # What is substituted, and nothing else: the README's placeholders for what only
 # a Qubitro account gives, pointed at the fake Qubitro running in the guest:
-#   QB_your_api_key          -> the fake's API key
 #   your-project-id          -> the fake's project id
 #   https://api.qubitro.com  -> http://127.0.0.1:8080 (the fake)
 # Each must occur in the block: a README edit that dropped one would otherwise
-# silently run the walkthrough against something else.
+# silently run the walkthrough against something else. The API key is typed at
+# the walkthrough's prompt (no secret on a command line): the walkthrough's
+# standard input is the fake's API key, one line, as a user would type it.
 #
 # The user is "pi", as on Raspberry Pi OS: groups sudo and adm (the journal),
 # passwordless sudo. The .deb is put in its home directory ("copy it to the Pi").
@@ -44,9 +45,9 @@ API_KEY="QB_fake_$RANDOM$RANDOM"
 PROJECT_ID="fake-project-$RANDOM"
 FAKE_URL="http://127.0.0.1:8080"
 # placeholder -> value, in this order (the URL before anything else that could
-# contain it; none of the three overlaps another).
-PLACEHOLDERS=("QB_your_api_key" "your-project-id" "https://api.qubitro.com")
-VALUES=("$API_KEY" "$PROJECT_ID" "$FAKE_URL")
+# contain it; neither overlaps the other).
+PLACEHOLDERS=("your-project-id" "https://api.qubitro.com")
+VALUES=("$PROJECT_ID" "$FAKE_URL")
 
 readme="$repo/README.md"
 deb=""
@@ -103,7 +104,7 @@ walkthrough_script() {
     done <<<"$block"
     # The harness's last line: what the sensor's firmware would hold, for the
     # checks made from outside (the ACL as the sensor sees it, its proof).
-    printf '%s\n' "set +x; echo 'readme-test: walkthrough done'; declare -p SENSOR_PASSWORD SENSOR_KEY PROOF >\"\$HOME/walkthrough.vars\" 2>/dev/null || true"
+    printf '%s\n' "set +x; echo 'readme-test: walkthrough done'; declare -p SENSOR_PASSWORD SENSOR_KEY PROOF NONCE BODY >\"\$HOME/walkthrough.vars\" 2>/dev/null || true"
 }
 
 if ((extract_only)); then
@@ -171,7 +172,7 @@ printf '%s\n' "$script" | guest_write /home/pi/readme-walkthrough.sh 0644
 
 # ------------------------------------------------------------ walkthrough ---
 t_run=$(ms_now)
-if as_pi 'bash readme-walkthrough.sh' </dev/null >"$log" 2>&1; then
+if as_pi 'bash readme-walkthrough.sh' <<<"$API_KEY" >"$log" 2>&1; then
     pass "walkthrough-runs-to-the-end ($(($(ms_now) - t_run)) ms, as user pi)"
 else
     fail walkthrough-runs-to-the-end "$(grep '^readme-test: README.md line' "$log" | tail -n 1)"
@@ -236,20 +237,26 @@ else
     fail unit-broker-connected-with-its-login "StatusText: $status_text"
 fi
 
-# The proof the walkthrough sent is the protocol's, computed here independently:
-# hex(HMAC-SHA256(key = the sensor key's bytes, msg = "onboardd-announce-v1")).
-want_proof="$(python3 -c 'import hmac, hashlib, sys; print(hmac.new(bytes.fromhex(sys.argv[1]), b"onboardd-announce-v1", hashlib.sha256).hexdigest())' "$sensor_key" 2>&1)"
-if [[ ${#sensor_key} == 64 && -n "$proof" && "$proof" == "$want_proof" ]]; then
+# The proof the walkthrough sent is protocol v2's, computed here independently:
+# hex(HMAC-SHA256(key = the sensor key's bytes, msg = "onboardd-announce-v2\n" + BODY)),
+# BODY the announce's exact text (read back whole: it holds quotes and spaces).
+nonce="$(walkthrough_var NONCE)"
+body="$(guest_exec "bash -c 'source /home/pi/walkthrough.vars 2>/dev/null; printf %s \"\$BODY\"'")"
+want_proof="$(python3 -c 'import hmac, hashlib, sys; print(hmac.new(bytes.fromhex(sys.argv[1]), b"onboardd-announce-v2\n" + sys.argv[2].encode(), hashlib.sha256).hexdigest())' "$sensor_key" "$body" 2>&1)"
+if [[ ${#sensor_key} == 64 && ${#nonce} == 32 && "$body" == *"\"nonce\":\"$nonce\""* && -n "$proof" && "$proof" == "$want_proof" ]]; then
     pass sensor-proof-as-the-protocol-says
 else
-    fail sensor-proof-as-the-protocol-says "SENSOR_KEY '$sensor_key', PROOF '$proof', expected '$want_proof'"
+    fail sensor-proof-as-the-protocol-says "SENSOR_KEY '$sensor_key', NONCE '$nonce', BODY '$body', PROOF '$proof', expected '$want_proof'"
 fi
-# The sensor's answer, as the walkthrough's sensor printed it.
-reply="$(grep -m 1 '^{.*"status"' "$log")"
-if [[ "$reply" == *'"status":"ok"'* && "$reply" == *'"device_id"'* && "$reply" == *'"device_token_sealed"'* && "$reply" != *'"device_token":'* ]]; then
-    pass "sensor-announce-with-proof-ok (token sealed)"
+# The sensor's answer, as the walkthrough's sensor printed it, read as firmware reads
+# it (tests/systemd/protocol.py: its mac verifies for this announce's nonce, and its
+# sealed token opens with the sensor key).
+reply="$(grep -m 1 '^{"body"' "$log")"
+opened="$([[ -n "$reply" ]] && "$here/protocol.py" read "$sensor_key" "$sensor" "$nonce" "$reply" 2>&1)"
+if [[ "$opened" == *'"status":"ok"'* && "$opened" == *'"device_id"'* && "$opened" == *'"opened_token"'* && "$opened" != *'"device_token":'* ]]; then
+    pass "sensor-announce-with-proof-ok (mac verified, token sealed)"
 else
-    fail sensor-announce-with-proof-ok "reply: ${reply:-none in the walkthrough output}"
+    fail sensor-announce-with-proof-ok "reply: ${reply:-none in the walkthrough output}; as the sensor reads it: $opened"
 fi
 
 # As pi (group adm, as on Raspberry Pi OS); journald writes asynchronously.
