@@ -171,3 +171,39 @@ async fn a_device_adopted_while_the_daemon_is_stopped_is_bridged_from_its_next_s
     );
     assert!(show(&d, "mv-2")["adopted_ms"].is_u64());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_that_loses_a_create_race_serves_the_winners_device_but_does_not_bridge_it() {
+    let cloud = FakeQubitro::start(fake_qubitro::FakeOptions {
+        created_at_field: true,
+        ..fake_qubitro::FakeOptions::default()
+    })
+    .await
+    .expect("start the fake Qubitro");
+    let qubitro = QubitroBroker::start(&cloud);
+    let (broker_a, broker_b) = (Mosquitto::start(), Mosquitto::start());
+    let extra = |gw: &str| format!("gateway_id = \"{gw}\"\n{}", qubitro.daemon_toml());
+    let a = Daemon::start(&broker_a, &cloud, &extra("gw-a"));
+    let b = Daemon::start(&broker_b, &cloud, &extra("gw-b"));
+    let mut at_a = a.sensor(broker_a.port, "race-br").await;
+    let mut at_b = b.sensor(broker_b.port, "race-br").await;
+
+    cloud.hold_creates();
+    at_a.announce(r#"{"bridge":true}"#).await;
+    at_b.announce(r#"{"bridge":true}"#).await;
+    wait_for_cloud_requests(&cloud, fake_qubitro::Endpoint::Create, 2).await;
+    cloud.release_creates();
+    let ok_a = at_a.reply_with_status("ok").await;
+    let ok_b = at_b.reply_with_status("ok").await;
+    assert_eq!(
+        ok_a["device_id"], ok_b["device_id"],
+        "both serve one device"
+    );
+
+    let left = cloud_devices_of(&cloud, "race-br");
+    assert_eq!(left.len(), 1, "{left:?}");
+    let winner = left[0].metadata["gateway_id"].clone();
+    let (won, lost) = if winner == "gw-a" { (&a, &b) } else { (&b, &a) };
+    assert!(show(won, "race-br").get("owned_by").is_none());
+    assert_eq!(show(lost, "race-br")["owned_by"], winner.as_str());
+}
