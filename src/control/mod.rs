@@ -13,6 +13,7 @@
 //!   when asked, the sensor forgotten only then (a discovered one put on the ignore
 //!   list).
 //! - [`prune`]: `devices prune`, a forget of every sensor silent for too long.
+//! - `devices adopt` (in [`server`]): this gateway bridges a device another made.
 
 pub mod client;
 pub mod forget;
