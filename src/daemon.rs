@@ -112,8 +112,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         // (an index read per bridged sensor, not a scan of the fleet).
         let mut known = 0;
         for (sensor, rec) in store.bridged()? {
-            if let Some(c) = rec.credentials() {
-                bridge.set_device(&sensor, &c.device_id, &c.device_token.0);
+            if crate::engine::bridge_device(Some(&bridge), &sensor, &rec) {
                 known += 1;
             }
         }
@@ -368,6 +367,10 @@ async fn report(
                 ));
             }
         }
+        let elsewhere = metrics::owned_elsewhere_count();
+        if elsewhere > 0 {
+            status.push_str(&format!("; {elsewhere} owned by other gateways"));
+        }
         if open.open() == Some(true) {
             status.push_str("; open broker");
         }
@@ -384,6 +387,7 @@ async fn report(
                 pending = snap.pending_now,
                 errors = snap.errors,
                 cloud_latency_ms_avg = snap.cloud_latency_ms_avg,
+                owned_by_other_gateways = snap.owned_by_other_gateways,
                 qos0_dropped = dropped_qos0.load(std::sync::atomic::Ordering::Relaxed),
                 "stats"
             );

@@ -37,7 +37,8 @@
 //! **Cloud and store** — what the engine calls:
 //! - [`cloud`]: the Qubitro REST client. [`onboarding`]: the persisted state machine,
 //!   one pure function per transition (`wire`: its on-disk form, older records
-//!   included). [`store`]: sled with group-commit flushes (`layout`, `open`, `commit`,
+//!   included; `owner`: which gateway bridges a device, one per device).
+//!   [`store`]: sled with group-commit flushes (`layout`, `open`, `commit`,
 //!   `records`, `trees` for the bridge's tree, `discovery` for discovery's state).
 //!
 //! **Sinks** — what leaves:

@@ -1,7 +1,9 @@
 //! Process-wide counters: what the stats topic, the log's stats line and
 //! `onboardd status` report. Plain atomics: cheap enough for every announce.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -62,6 +64,31 @@ pub fn cloud_latency(d: Duration) {
     COUNTERS.cloud_latency_us_max.fetch_max(us, Relaxed);
 }
 
+/// Bridged sensors whose device another gateway bridges: a set, not a counter, so
+/// that seeing one again (an announce, a restart's scan) never counts it twice.
+static OWNED_ELSEWHERE: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+
+/// Whether `sensor`'s readings are held because another gateway owns its device.
+/// True when that changed.
+pub fn owned_elsewhere(sensor: &str, held: bool) -> bool {
+    let mut set = OWNED_ELSEWHERE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if held {
+        set.insert(sensor.to_string())
+    } else {
+        set.remove(sensor)
+    }
+}
+
+/// How many bridged sensors another gateway owns (STATUS=, the stats line).
+pub fn owned_elsewhere_count() -> u64 {
+    OWNED_ELSEWHERE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .len() as u64
+}
+
 /// A snapshot of the counters since start.
 #[derive(Debug, Clone, Serialize)]
 pub struct Snapshot {
@@ -78,6 +105,8 @@ pub struct Snapshot {
     pub cloud_requests: u64,
     pub cloud_latency_ms_avg: f64,
     pub cloud_latency_ms_max: f64,
+    /// Bridged sensors whose readings stay buffered: another gateway owns the device.
+    pub owned_by_other_gateways: u64,
 }
 
 pub fn snapshot(pending_now: u64) -> Snapshot {
@@ -99,5 +128,6 @@ pub fn snapshot(pending_now: u64) -> Snapshot {
             total as f64 / n as f64 / 1000.0
         },
         cloud_latency_ms_max: COUNTERS.cloud_latency_us_max.load(Relaxed) as f64 / 1000.0,
+        owned_by_other_gateways: owned_elsewhere_count(),
     }
 }

@@ -14,7 +14,7 @@ use tokio::sync::Semaphore;
 use super::answer::{credentials_in, message_of, success_data};
 use super::dates::parse_retry_after;
 use super::error::{CloudError, DeleteError, Deleted};
-use super::list::ListReader;
+use super::list::{Found, ListReader};
 use crate::announce::DeviceSpec;
 use crate::config::{QubitroConfig, Secret};
 use crate::reply::Credentials;
@@ -135,6 +135,11 @@ impl Cloud {
     /// to a create, and a wrong "not found" to a duplicate device. When several
     /// devices match, the oldest is adopted (see `list::choose_oldest`).
     pub async fn find_by_sensor(&self, sensor_id: &str) -> Result<Option<String>, CloudError> {
+        Ok(self.find_device(sensor_id).await?.map(|f| f.id))
+    }
+
+    /// [`Self::find_by_sensor`], with the gateway the device's metadata names.
+    pub async fn find_device(&self, sensor_id: &str) -> Result<Option<Found>, CloudError> {
         // sensor ids are [A-Za-z0-9._:-] only, so only ':' needs escaping.
         let base = format!(
             "{}?metadata=sensor_id%3A{}",
@@ -159,7 +164,7 @@ impl Cloud {
             let value = parse_json(&body, false)?;
             page = reader.read(&value).map_err(unreadable)?;
         }
-        reader.finish(sensor_id).map_err(unreadable)
+        reader.finish_found(sensor_id).map_err(unreadable)
     }
 
     /// GET …/devices/{id}: the one call that returns a device's credentials.

@@ -89,9 +89,34 @@ impl ListReader {
         Ok(next)
     }
 
+    #[cfg(test)]
     pub(super) fn finish(self, sensor_id: &str) -> Result<Option<String>, String> {
         match_sensor(&self.items, sensor_id)
     }
+
+    /// The sensor's device and the gateway its metadata names as its owner.
+    pub(super) fn finish_found(self, sensor_id: &str) -> Result<Option<Found>, String> {
+        let Some(id) = match_sensor(&self.items, sensor_id)? else {
+            return Ok(None);
+        };
+        let gateway_id = self
+            .items
+            .iter()
+            .find(|i| i.id == id)
+            .and_then(|i| i.metadata.get("gateway_id"))
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        Ok(Some(Found { id, gateway_id }))
+    }
+}
+
+/// A sensor's device as the list shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    pub id: String,
+    /// Its `gateway_id` metadata: the gateway that bridges it (`None`: not set, a
+    /// device made by hand).
+    pub gateway_id: Option<String>,
 }
 
 /// A list item: a device id, its metadata, its creation time if given.
@@ -518,5 +543,27 @@ mod tests {
             items.rotate_left(1);
             assert_eq!(one("s1", Value::Array(items.clone())), Ok(Some("a".into())));
         }
+    }
+
+    #[test]
+    fn the_lookup_names_the_gateway_the_chosen_device_belongs_to() {
+        let answer = json!([
+            {"id": "b", "metadata": {"sensor_id": "s1", "gateway_id": "gw-b"}},
+            {"id": "a", "metadata": {"sensor_id": "s1", "gateway_id": "gw-a"}},
+            {"id": "c", "metadata": {"sensor_id": "s2", "gateway_id": "gw-c"}},
+        ]);
+        let found = |sensor: &str, answer: &Value| {
+            let mut reader = ListReader::default();
+            reader.read(answer).unwrap();
+            reader.finish_found(sensor).unwrap()
+        };
+        let a = found("s1", &answer).unwrap();
+        assert_eq!(
+            (a.id.as_str(), a.gateway_id.as_deref()),
+            ("a", Some("gw-a"))
+        );
+        let by_hand = json!([{"id": "d", "metadata": {"sensor_id": "s1"}}]);
+        assert_eq!(found("s1", &by_hand).unwrap().gateway_id, None);
+        assert_eq!(found("s3", &answer), None);
     }
 }

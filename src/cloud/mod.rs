@@ -23,3 +23,4 @@ mod list;
 pub use client::Cloud;
 pub use dates::parse_retry_after;
 pub use error::{CloudError, DeleteError, Deleted};
+pub use list::Found;

@@ -45,6 +45,9 @@ pub enum DevicesCommand {
     /// Lift a forgotten discovered device from the ignore list: discovery onboards
     /// it again (at once while the daemon runs, else at its next start)
     Unignore { sensor_id: String },
+    /// Bridge the sensor's device on this gateway although another gateway made it
+    /// (moving a sensor here; forget it on the old gateway)
+    Adopt { sensor_id: String },
     /// Forget every sensor not heard from (no announce, no reading) for longer than
     /// DURATION, one line per sensor; each as `forget` would
     Prune {
@@ -165,6 +168,16 @@ pub async fn devices(
         DevicesCommand::Unignore { sensor_id } => {
             let Response::Unignored { found, message } =
                 ask(Request::Unignore { sensor_id }).await?
+            else {
+                return Err(ControlError::Unexpected);
+            };
+            println!("{message}");
+            if !found {
+                return Ok(Outcome::NotFound);
+            }
+        }
+        DevicesCommand::Adopt { sensor_id } => {
+            let Response::Adopted { found, message } = ask(Request::Adopt { sensor_id }).await?
             else {
                 return Err(ControlError::Unexpected);
             };
@@ -440,6 +453,8 @@ mod tests {
             origin: None,
             last_seen_ms: (id == "s2").then_some(1_765_061_500_000),
             bridged: id == "s2",
+            owned_by: None,
+            adopted_ms: None,
             bridge: None,
         }
     }

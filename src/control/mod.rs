@@ -13,6 +13,7 @@
 //!   when asked, the sensor forgotten only then (a discovered one put on the ignore
 //!   list).
 //! - [`prune`]: `devices prune`, a forget of every sensor silent for too long.
+//! - `devices adopt` (in [`server`]): this gateway bridges a device another made.
 
 pub mod client;
 pub mod forget;
@@ -133,6 +134,8 @@ pub enum Request {
     Ignored,
     /// Lift a device from the ignore list.
     Unignore { sensor_id: String },
+    /// Bridge the sensor's device on this gateway, whichever gateway made it.
+    Adopt { sensor_id: String },
     /// Forget every sensor silent for longer than `not_seen_for_s`.
     Prune {
         not_seen_for_s: u64,
@@ -166,6 +169,13 @@ pub struct DeviceRow {
     /// The gateway forwards this sensor's readings.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub bridged: bool,
+    /// The gateway that bridges this device instead of this one, until `devices
+    /// adopt` here (empty: a device whose `gateway_id` metadata is not set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owned_by: Option<String>,
+    /// When the operator adopted the device on this gateway, wall-clock ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adopted_ms: Option<u64>,
     /// `devices show` of a bridged sensor while the daemon runs: its uplink's state
     /// (connected, paused and why, readings buffered).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -196,6 +206,8 @@ impl DeviceRow {
             origin: rec.origin().map(|o| o.as_str().to_string()),
             last_seen_ms: None,
             bridged: rec.bridged,
+            owned_by: rec.owned_elsewhere().map(str::to_string),
+            adopted_ms: rec.adopted_ms,
             bridge: None,
         }
     }
@@ -223,6 +235,10 @@ pub enum Response {
         ignored: Vec<Ignored>,
     },
     Unignored {
+        found: bool,
+        message: String,
+    },
+    Adopted {
         found: bool,
         message: String,
     },

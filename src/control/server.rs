@@ -209,6 +209,7 @@ pub async fn answer(
             },
         },
         Request::Unignore { sensor_id } => unignore(store, engine, &sensor_id).await,
+        Request::Adopt { sensor_id } => adopt(store, daemon, &sensor_id).await,
         Request::Prune {
             not_seen_for_s,
             delete_remote,
@@ -273,6 +274,44 @@ async fn unignore(store: &Store, engine: Option<&Arc<Engine>>, sensor: &str) -> 
             message: e.to_string(),
         },
     }
+}
+
+/// Makes this gateway the one that bridges the sensor's device; with the daemon
+/// running its buffered readings flow at once, otherwise from its next start.
+async fn adopt(store: &Store, engine: Option<&Engine>, sensor: &str) -> Response {
+    use crate::engine::records::{self, Applied};
+    let applied = match engine {
+        Some(engine) => engine.adopt(sensor).await,
+        None => records::adopt(store, sensor, crate::clock::system_ms()).await,
+    };
+    let (found, message) = match applied {
+        Ok(Applied::Gone) => (false, format!("{sensor} is not known to this gateway")),
+        Ok(Applied::Already(_)) => (true, format!("{sensor} was adopted already: nothing to do")),
+        Ok(Applied::Written(rec, _)) => {
+            let made_by = match rec.owner.as_deref() {
+                Some(owner) => crate::onboarding::owner::describe(owner),
+                None => "this gateway".into(),
+            };
+            let when = if engine.is_some() {
+                "now"
+            } else {
+                "from the daemon's next start"
+            };
+            (true, format!("{sensor} adopted: this gateway bridges its device (made by {made_by}) {when}; \
+                 forget it on the gateway that bridged it before, or both log in as the device and knock each other off"))
+        }
+        Ok(Applied::Refused(e)) => {
+            return Response::Error {
+                message: e.to_string(),
+            }
+        }
+        Err(e) => {
+            return Response::Error {
+                message: e.to_string(),
+            }
+        }
+    };
+    Response::Adopted { found, message }
 }
 
 /// Lifts a bridged device's pause at once (an operator fixed it in Qubitro).

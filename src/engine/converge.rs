@@ -14,19 +14,24 @@
 use crate::announce::DeviceSpec;
 use crate::cloud::Cloud;
 use crate::device::Credentials;
+use crate::onboarding::owner::owner_of;
 use crate::onboarding::Origin;
 
-/// The device `sensor` ends on after this gateway created `ours` from `spec`.
+/// The device `sensor` ends on after this gateway created `ours` from `spec`, and
+/// its owner when another gateway's (its readings are then bridged by that one).
 pub(super) async fn converge(
     cloud: &Cloud,
     gateway_id: &str,
     sensor: &str,
     spec: &DeviceSpec,
     ours: Credentials,
-) -> (Credentials, Origin) {
-    let keep = |ours: Credentials| (ours, Origin::Created);
-    let winner = match cloud.find_by_sensor(sensor).await {
-        Ok(Some(id)) if id != ours.device_id => id,
+) -> (Credentials, Origin, Option<String>) {
+    let keep = |ours: Credentials| (ours, Origin::Created, None);
+    let (winner, owner) = match cloud.find_device(sensor).await {
+        Ok(Some(found)) if found.id != ours.device_id => {
+            let owner = owner_of(found.gateway_id.as_deref(), gateway_id);
+            (found.id, owner)
+        }
         Ok(_) => return keep(ours),
         Err(e) => {
             tracing::warn!(sensor_id = sensor, error = %e, "cannot list the devices of {sensor} after creating one: \
@@ -56,5 +61,5 @@ pub(super) async fn converge(
             portal", ours.device_id)
         }
     }
-    (theirs, Origin::Adopted)
+    (theirs, Origin::Adopted, owner)
 }

@@ -560,6 +560,7 @@ mod tests {
                 let created = Transition::Created {
                     credentials: creds(),
                     origin: Origin::Created,
+                    owner: None,
                 };
                 records::apply(&store, sensor, rec.generation, &created, 2).unwrap();
             }

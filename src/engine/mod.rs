@@ -54,6 +54,7 @@ use crate::cloud::Cloud;
 use crate::config::Config;
 use crate::heartbeat::Heartbeat;
 use crate::mqtt::Inbox;
+use crate::onboarding::owner::describe;
 use crate::onboarding::Record;
 use crate::security::Gatekeeper;
 use crate::store::{Store, StoreError};
@@ -79,10 +80,24 @@ pub enum EngineError {
 }
 
 /// Tells the bridge (when on) the device of a bridged sensor, so its readings flow.
-fn bridge_device(bridge: Option<&Bridge>, sensor: &str, rec: &Record) {
-    if let (Some(bridge), true, Some(c)) = (bridge, rec.bridged, rec.credentials()) {
-        bridge.set_device(sensor, &c.device_id, &c.device_token.0);
+/// A device another gateway owns is never told: its readings stay buffered, since
+/// two gateways logged in as one device take each other's session over for ever.
+pub fn bridge_device(bridge: Option<&Bridge>, sensor: &str, rec: &Record) -> bool {
+    let (Some(bridge), true, Some(c)) = (bridge, rec.bridged, rec.credentials()) else {
+        return false;
+    };
+    if let Some(owner) = rec.owned_elsewhere() {
+        // Once per sensor and start, not per announce.
+        if crate::metrics::owned_elsewhere(sensor, true) {
+            tracing::warn!(sensor_id = sensor, device_id = %c.device_id, owner,
+                "device {} of sensor {sensor} belongs to {}: its readings stay buffered here until \
+                 `onboardd devices adopt {sensor}` on this gateway", c.device_id, describe(owner));
+        }
+        return false;
     }
+    crate::metrics::owned_elsewhere(sensor, false);
+    bridge.set_device(sensor, &c.device_id, &c.device_token.0);
+    true
 }
 
 /// The first fatal error, shared by every task.
@@ -298,9 +313,20 @@ impl Engine {
         self.rejections.forget(sensor);
         self.onboardings.take_waiting(sensor);
         if old.is_some() {
+            crate::metrics::owned_elsewhere(sensor, false);
             tracing::info!(sensor_id = sensor, "sensor forgotten by the operator");
         }
         Ok(old)
+    }
+
+    /// `devices adopt`: this gateway bridges the sensor's device from now on,
+    /// whichever gateway made it ([`records::adopt`]); its buffered readings flow.
+    pub async fn adopt(&self, sensor: &str) -> Result<records::Applied, StoreError> {
+        let applied = records::adopt(&self.store, sensor, self.clock.wall_ms()).await?;
+        if let records::Applied::Written(rec, _) = &applied {
+            bridge_device(self.bridge.as_ref(), sensor, rec);
+        }
+        Ok(applied)
     }
 
     /// `devices unignore`: lifts `sensor` from the ignore list and, when discovery

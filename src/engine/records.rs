@@ -20,7 +20,11 @@ pub enum Transition {
     Created {
         credentials: Credentials,
         origin: Origin,
+        /// Another gateway's device (see [`crate::onboarding::owner`]); `None`: ours.
+        owner: Option<String>,
     },
+    /// The operator adopted the device on this gateway: it bridges it from now on.
+    Adopted,
     /// The broker acknowledged the ok reply with reason Success.
     Delivered,
     /// An attempt did not finish: try again later.
@@ -44,6 +48,7 @@ impl Transition {
         match self {
             Transition::Creating => "creating",
             Transition::Created { .. } => "created",
+            Transition::Adopted => "adopted",
             Transition::Delivered => "delivered",
             Transition::RetryLater { .. } => "retried",
             Transition::Bridged => "bridged",
@@ -59,6 +64,7 @@ impl Transition {
         match self {
             Transition::Delivered => matches!(rec.state, State::Delivered { .. }),
             Transition::Bridged => rec.bridged,
+            Transition::Adopted => rec.adopted_ms.is_some(),
             Transition::Retired => rec.retired,
             Transition::Reactivated => !rec.retired,
             _ => false,
@@ -72,7 +78,11 @@ impl Transition {
             Transition::Created {
                 credentials,
                 origin,
-            } => rec.created(credentials.clone(), *origin, now_ms),
+                owner,
+            } => Ok(rec
+                .created(credentials.clone(), *origin, now_ms)?
+                .owned_by(owner.clone())),
+            Transition::Adopted => Ok(rec.adopted(now_ms)),
             Transition::Delivered => rec.delivered(now_ms),
             Transition::RetryLater {
                 wait_ms,
@@ -165,6 +175,22 @@ pub fn apply_to_current(
     }
 }
 
+/// `devices adopt`, with the daemon running or not: the adoption is durable and
+/// logged before this returns. `Gone`: the sensor is not known here.
+pub async fn adopt(store: &Store, sensor: &str, now_ms: u64) -> Result<Applied, StoreError> {
+    let applied = apply_to_current(store, sensor, &Transition::Adopted, now_ms)?;
+    if let Applied::Written(rec, seq) = &applied {
+        store.durable(*seq).await?;
+        let owner = rec
+            .owner
+            .as_deref()
+            .map_or("this gateway".into(), crate::onboarding::owner::describe);
+        tracing::info!(sensor_id = sensor, made_by = %owner,
+            "sensor {sensor} adopted by the operator: this gateway bridges its device (made by {owner})");
+    }
+    Ok(applied)
+}
+
 /// Deletes the sensor's record of `generation` (a create Qubitro rejected: the
 /// corrected announce starts afresh). False when it was forgotten meanwhile.
 pub fn abandon(store: &Store, sensor: &str, generation: u64) -> Result<bool, StoreError> {
@@ -200,6 +226,7 @@ pub(crate) mod tests {
         Transition::Created {
             credentials: creds(),
             origin: Origin::Created,
+            owner: None,
         }
     }
 

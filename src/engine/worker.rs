@@ -33,6 +33,7 @@ use crate::config::{Config, LookupPolicy};
 use crate::device::Credentials;
 use crate::failpoint;
 use crate::metrics;
+use crate::onboarding::owner::owner_of;
 use crate::onboarding::{Origin, Record, State};
 use crate::reply::{Reply, ReplyCode};
 use crate::store::{Store, StoreError};
@@ -173,13 +174,17 @@ impl Steps<'_> {
         let lookup = rec.state == State::Creating
             || self.cfg.qubitro.lookup_before_create == LookupPolicy::Always;
         if lookup {
-            let found = match self.cloud.find_by_sensor(sensor).await {
+            let found = match self.cloud.find_device(sensor).await {
                 Ok(found) => found,
                 Err(e) => return self.failed(sensor, &rec, lookup_error(e)).await,
             };
-            if let Some(device_id) = found {
-                return match self.cloud.get(&device_id).await {
-                    Ok(creds) => self.finish(sensor, &rec, creds, Origin::Adopted).await,
+            if let Some(found) = found {
+                let owner = owner_of(found.gateway_id.as_deref(), &self.cfg.gateway_id);
+                return match self.cloud.get(&found.id).await {
+                    Ok(creds) => {
+                        self.finish(sensor, &rec, creds, Origin::Adopted, owner)
+                            .await
+                    }
                     Err(e) => self.failed(sensor, &rec, lookup_error(e)).await,
                 };
             }
@@ -201,8 +206,9 @@ impl Steps<'_> {
             Ok(creds) => {
                 failpoint::hit("after_create_response");
                 let gateway = &self.cfg.gateway_id;
-                let (creds, origin) = converge(self.cloud, gateway, sensor, &rec.spec, creds).await;
-                self.finish(sensor, &rec, creds, origin).await
+                let (creds, origin, owner) =
+                    converge(self.cloud, gateway, sensor, &rec.spec, creds).await;
+                self.finish(sensor, &rec, creds, origin, owner).await
             }
             Err(e) => self.failed(sensor, &rec, e).await,
         }
@@ -227,12 +233,14 @@ impl Steps<'_> {
         rec: &Record,
         creds: Credentials,
         origin: Origin,
+        owner: Option<String>,
     ) -> Result<Next, StoreError> {
         self.health.answered();
         let now = self.clock.wall_ms();
         let created = Transition::Created {
             credentials: creds.clone(),
             origin,
+            owner,
         };
         let Some((rec, seq)) = self.transition(sensor, rec, created)? else {
             tracing::warn!(

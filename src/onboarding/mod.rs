@@ -146,6 +146,11 @@ pub struct Record {
     /// A discovered device with no entity left: kept (with its Qubitro device),
     /// shown `retired`, its readings no longer forwarded, until an entity returns.
     pub retired: bool,
+    /// The gateway whose device this is, when a lookup found it made by another
+    /// (its `gateway_id` metadata; empty: none set). See [`owner`].
+    pub owner: Option<String>,
+    /// When the operator adopted the device on this gateway (`devices adopt`).
+    pub adopted_ms: Option<u64>,
 }
 
 impl Record {
@@ -165,6 +170,8 @@ impl Record {
         Record {
             provenance,
             retired: false,
+            owner: None,
+            adopted_ms: None,
             state: State::Pending,
             spec,
             route,
@@ -325,6 +332,7 @@ impl Record {
     }
 }
 
+pub mod owner;
 mod wire;
 
 #[cfg(test)]

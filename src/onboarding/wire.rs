@@ -33,6 +33,10 @@ pub(super) struct Wire {
     /// Before 0.3 a mark in discovery's own tree said it (still honoured there).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     retired: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    owner: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    adopted_ms: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -96,6 +100,8 @@ impl TryFrom<Wire> for Record {
         Ok(Record {
             provenance,
             retired: w.retired,
+            owner: w.owner,
+            adopted_ms: w.adopted_ms,
             state,
             spec: w.spec,
             route: w.route,
@@ -127,6 +133,8 @@ impl From<Record> for Wire {
             bridged: r.bridged,
             provenance: Some(r.provenance),
             retired: r.retired,
+            owner: r.owner,
+            adopted_ms: r.adopted_ms,
         }
     }
 }

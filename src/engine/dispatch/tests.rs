@@ -125,6 +125,7 @@ impl World {
                 device_token: Token("tok-1".into()),
             },
             origin: Origin::Created,
+            owner: None,
         };
         for t in [Transition::Creating, created, Transition::Delivered] {
             records::apply(&self.store, sensor, 7, &t, 2).unwrap();
