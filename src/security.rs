@@ -499,7 +499,7 @@ mod tests {
         let (fw, disc) = (Cap::Firmware, Cap::Discovery);
         let admit = |g: &Gatekeeper, id: &str, p| {
             let r = g
-                .check_rules_as(&ann(id, None), false, p)
+                .check_rules_as(&ann(id), false, p)
                 .map(|_| g.admitted_as(id, p));
             r.map_err(|d| d.code)
         };
@@ -521,9 +521,7 @@ mod tests {
         for id in ["ha-1", "ha-2"] {
             assert_eq!(admit(&g, id, disc), Ok(()), "announces spent none of it");
         }
-        let d = g
-            .check_rules_as(&ann("ha-3", None), false, disc)
-            .unwrap_err();
+        let d = g.check_rules_as(&ann("ha-3"), false, disc).unwrap_err();
         assert!(
             d.message.contains("discovery.max_new_devices_per_hour"),
             "{}",

@@ -94,7 +94,8 @@ async fn an_authenticated_reannounce_changes_nothing_recorded_not_even_bridge() 
     let recorded = || {
         let (code, out, err) = d.devices(&["show", "fixed-1"]);
         assert_eq!(code, 0, "{err}");
-        let mut v: serde_json::Value = serde_json::from_str(&out).expect("devices show prints JSON");
+        let mut v: serde_json::Value =
+            serde_json::from_str(&out).expect("devices show prints JSON");
         v.as_object_mut().expect("an object").remove("last_seen_ms");
         v
     };
