@@ -35,6 +35,7 @@ use crate::heartbeat::Heartbeat;
 use crate::metrics;
 use crate::mqtt::{DeliveryTag, Inbox};
 use crate::onboarding::{Provenance, Record};
+use crate::proof::v2::AnnounceNonce;
 use crate::reply::{allowed_response_topic, Reply, ReplyCode, Route};
 use crate::security::{Authenticated, Denial, Gatekeeper};
 use crate::store::{Store, StoreError};
@@ -199,25 +200,43 @@ impl Dispatch<'_> {
             Inbound::Announce { sensor } => sensor,
         };
         metrics::announce();
-        let decision = self.announce(sensor, &topic, p)?;
-        self.saw(sensor, &decision)?;
+        let mut proven = None;
+        let decision = self.announce(sensor, &topic, p, &mut proven)?;
+        self.saw(sensor, &decision, proven.as_ref())?;
         Ok(decision)
     }
 
     /// Keeps the time a known sensor was heard from (`devices list`, `prune`).
-    /// A refused announce (no valid proof) is anyone's, and unknown ids are not
-    /// kept, so a flood of made-up ids costs no memory.
-    fn saw(&self, sensor: &str, decision: &Decision) -> Result<(), StoreError> {
+    /// A refused announce (no valid proof) is anyone's, a repeat of the sensor's
+    /// last answered announce may be anyone's replay, and unknown ids are not kept,
+    /// so a flood of made-up ids costs no memory.
+    fn saw(
+        &self,
+        sensor: &str,
+        decision: &Decision,
+        nonce: Option<&AnnounceNonce>,
+    ) -> Result<(), StoreError> {
         let refused = matches!(&decision.answer, Some(a) if matches!(a.reply, crate::reply::Reply::Error { .. }));
         if !refused && self.store.knows(sensor)? {
-            self.store
-                .saw(sensor, self.clock.wall_ms(), self.clock.now())?;
+            self.store.saw_announce(
+                sensor,
+                nonce.map(|n| n.as_str()),
+                self.clock.wall_ms(),
+                self.clock.now(),
+            )?;
         }
         Ok(())
     }
 
-    /// An announce of `sensor`: refused, answered from the store, or admitted.
-    fn announce(&self, sensor: &str, topic: &str, p: &Publish) -> Result<Decision, StoreError> {
+    /// An announce of `sensor`: refused, answered from the store, or admitted;
+    /// `proven` gets its nonce once its v2 proof verified.
+    fn announce(
+        &self,
+        sensor: &str,
+        topic: &str,
+        p: &Publish,
+        proven: &mut Option<AnnounceNonce>,
+    ) -> Result<Decision, StoreError> {
         let cfg = self.cfg;
         // A retained announce is a stale copy the broker replays to every new
         // subscriber: acting on it would bring back a forgotten sensor (and create a
@@ -274,6 +293,7 @@ impl Dispatch<'_> {
         let body = match self.gate.authenticate(sensor, &p.payload) {
             Ok(Authenticated::V2 { body, nonce }) => {
                 route.proven = true;
+                *proven = Some(nonce.clone());
                 route.nonce = Some(nonce);
                 Cow::Owned(body.into_bytes())
             }

@@ -29,6 +29,10 @@ pub(super) struct LastSeen {
 struct Inner {
     /// sensor → wall-clock ms, not yet written.
     unwritten: HashMap<String, u64>,
+    /// sensor → the nonce of its last answered announce, packed: a replay of that
+    /// announce (anyone can capture and resend it whole) is no sign of life, or a
+    /// sensor long gone could be kept from `devices prune` by an attacker.
+    last_nonce: HashMap<String, u128>,
     /// Monotonic time, so a wall clock set at boot (a Pi without RTC) cannot
     /// delay the write for days or make it happen at every reading.
     next_write: Option<Instant>,
@@ -42,6 +46,7 @@ impl LastSeen {
         LastSeen {
             inner: Mutex::new(Inner {
                 unwritten: HashMap::new(),
+                last_nonce: HashMap::new(),
                 next_write: None,
                 every: DEFAULT_FLUSH,
                 batches: 0,
@@ -72,6 +77,27 @@ impl Store {
     /// How often last-seen times are written (`store.last_seen_flush_s`).
     pub(super) fn set_last_seen_every(&self, every: Duration) {
         self.last_seen.lock().every = every;
+    }
+
+    /// An answered announce of `sensor` with protocol v2 `nonce` (`None`: a plain
+    /// announce, proofs off): seen, unless it repeats the sensor's last answered
+    /// announce (returns `false` then, and changes nothing).
+    pub fn saw_announce(
+        &self,
+        sensor: &str,
+        nonce: Option<&str>,
+        wall_ms: u64,
+        now: Instant,
+    ) -> Result<bool, StoreError> {
+        if let Some(packed) = nonce.and_then(|n| u128::from_str_radix(n, 16).ok()) {
+            let mut seen = self.last_seen.lock();
+            if seen.last_nonce.get(sensor) == Some(&packed) {
+                return Ok(false);
+            }
+            seen.last_nonce.insert(sensor.to_string(), packed);
+        }
+        self.saw(sensor, wall_ms, now)?;
+        Ok(true)
     }
 
     /// `sensor` was heard from at `wall_ms`. Writes every time kept in memory when
@@ -140,7 +166,11 @@ impl Store {
 
     /// A forgotten sensor's time goes with it.
     pub fn forget_last_seen(&self, sensor: &str) -> Result<(), StoreError> {
-        self.last_seen.lock().unwritten.remove(sensor);
+        {
+            let mut seen = self.last_seen.lock();
+            seen.unwritten.remove(sensor);
+            seen.last_nonce.remove(sensor);
+        }
         if self.last_seen_tree()?.remove(sensor.as_bytes())?.is_some() {
             self.wrote();
         }
@@ -157,6 +187,34 @@ impl Store {
 mod tests {
     use super::*;
     use crate::store::test_support::cfg;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_repeat_of_the_last_answered_announce_is_no_sign_of_life_but_a_new_nonce_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(&cfg(dir.path())).unwrap();
+        let t0 = Instant::now();
+        let (first, second) = (
+            "00112233445566778899aabbccddeeff",
+            "ffeeddccbbaa99887766554433221100",
+        );
+        assert!(store.saw_announce("s1", Some(first), 1_000, t0).unwrap());
+        assert!(
+            !store.saw_announce("s1", Some(first), 2_000, t0).unwrap(),
+            "a replay"
+        );
+        assert_eq!(store.last_seen("s1").unwrap(), Some(1_000));
+        assert!(store.saw_announce("s1", Some(second), 3_000, t0).unwrap());
+        assert_eq!(store.last_seen("s1").unwrap(), Some(3_000));
+        assert!(
+            store.saw_announce("s1", None, 4_000, t0).unwrap(),
+            "plain announces (proofs off) count"
+        );
+        store.forget_last_seen("s1").unwrap();
+        assert!(
+            store.saw_announce("s1", Some(second), 5_000, t0).unwrap(),
+            "forgotten with the sensor"
+        );
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_thousand_readings_within_the_interval_cost_no_write_and_the_next_one_after_it_one() {
