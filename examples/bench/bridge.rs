@@ -10,7 +10,7 @@ use std::time::Duration;
 use crate::bridge_flow::{
     connect_observer, data_topic, Feeders, Flow, MQ_BRIDGE_PASSWORD, MQ_BRIDGE_USER,
 };
-use crate::bridge_measure::{measure, UnderTest};
+use crate::bridge_measure::{measure_all, UnderTest};
 use crate::env::Env;
 use crate::report::{Bridge, Report};
 use crate::services::{forget_session, start_onboardd, Daemon, DaemonSpec};
@@ -164,9 +164,7 @@ pub(crate) async fn onboardd_bridge(
         local_broker: Some(env.broker_pid),
         feeders: Feeders::connect(env.broker_port, env.load.clients.len()).await?,
     };
-    for qos0 in [false, true] {
-        measure(rep, sz, br, &ut, qos0).await?;
-    }
+    measure_all(rep, sz, br, &ut).await?;
     drop(ut);
     bridge_stop(env, rep, br).await
 }

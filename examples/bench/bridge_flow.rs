@@ -20,19 +20,19 @@ use crate::sizes::SLED_FLUSH_SETTLE;
 pub(crate) const TRICKLE_GAP: Duration = Duration::from_millis(100);
 pub(crate) const SLOW_GAP: Duration = Duration::from_secs(1);
 
-/// Bytes written over a trickle of `count` readings `gap` apart by `pid`: from quiet
-/// to quiet again (nothing written for 1.5 s). (bytes, readings)
+/// Bytes written over a trickle of `count` readings `gap` apart by `pid`: from settled
+/// (nothing written for `settle`) to quiet (nothing written for 1.5 s). (bytes, readings)
 pub(crate) async fn trickle_written(
     f: &Feeders,
-    what: &str,
     flow: &Arc<Flow>,
     pid: u32,
     count: usize,
     gap: Duration,
     qos: QoS,
+    settle: Duration,
 ) -> Result<Option<(u64, usize)>> {
-    let w0 = quiet_write_bytes(pid).await;
-    f.trickle(what, flow, count, gap, qos).await?;
+    let w0 = settled_write_bytes(pid, settle).await;
+    f.trickle("bridge trickle", flow, count, gap, qos).await?;
     let w1 = quiet_write_bytes(pid).await;
     Ok(w0.zip(w1).map(|(a, b)| (b - a, count)))
 }
@@ -475,6 +475,27 @@ pub(crate) async fn quiet_write_bytes(pid: u32) -> Option<u64> {
             break;
         }
         before = now;
+    }
+    before
+}
+
+/// Before a measurement: waits until `pid` has written nothing for `settle` (at most
+/// 2 min); returns its `write_bytes` then. After a large burst sled goes on cleaning
+/// segments for tens of seconds, in bursts that can be more than 1.5 s apart: a longer
+/// quiet keeps that out of the next measurement's count.
+pub(crate) async fn settled_write_bytes(pid: u32, settle: Duration) -> Option<u64> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut before = write_bytes(pid);
+    let mut since = Instant::now();
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = write_bytes(pid);
+        if now != before {
+            before = now;
+            since = Instant::now();
+        } else if since.elapsed() >= settle {
+            break;
+        }
     }
     before
 }

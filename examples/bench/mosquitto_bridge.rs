@@ -5,7 +5,7 @@ use harness::Mosquitto;
 
 use crate::bridge::{Bridged, RECONNECT_MS};
 use crate::bridge_flow::{Feeders, MQ_BRIDGE_PASSWORD, MQ_BRIDGE_USER};
-use crate::bridge_measure::{measure, UnderTest};
+use crate::bridge_measure::{measure_all, UnderTest};
 use crate::env::Env;
 use crate::report::{Bridge, Report};
 use crate::sizes::Sizes;
@@ -49,9 +49,12 @@ pub(crate) async fn mosquitto_bridge(
         local_broker: None,
         feeders: Feeders::connect(mq.port, env.load.clients.len()).await?,
     };
-    for qos0 in [false, true] {
-        measure(rep, sz, br, &ut, qos0).await?;
+    let measured = measure_all(rep, sz, br, &ut).await;
+    // What the bridge said of its connection: why an outage's readings came late or not.
+    for l in mq.log().lines().filter(|l| l.contains("bridge")).take(12) {
+        eprintln!("bench: {}: {l}", bridge.name());
     }
+    measured?;
     drop(ut);
     mq.stop();
     Ok(())

@@ -36,9 +36,15 @@ pub(crate) struct Sizes {
     /// long no arrival means the rest is lost (a QoS 0 reading the bridge dropped).
     pub(crate) outage_secs: f64,
     pub(crate) outage_quiet: Duration,
+    /// How long the bridging process must have written nothing before a bytes-written
+    /// measurement starts (its end counts until 1.5 s without writes, as the target says).
+    pub(crate) write_settle: Duration,
     /// Uplinks kept busy next to `fill_to` known sensors, and readings each.
     pub(crate) busy_uplinks: usize,
     pub(crate) busy_rounds: usize,
+    /// Bytes written and the outage for the mosquitto bridges too (not in --quick: a
+    /// smoke test checks onboardd, and each costs several waits for quiet).
+    pub(crate) mosquitto_writes: bool,
 }
 
 impl Sizes {
@@ -61,8 +67,10 @@ impl Sizes {
                 bridge_lat_secs: 1.0,
                 outage_secs: 2.0,
                 outage_quiet: Duration::from_secs(3),
+                write_settle: SLED_FLUSH_SETTLE,
                 busy_uplinks: 8,
                 busy_rounds: 20,
+                mosquitto_writes: false,
             }
         } else {
             Sizes {
@@ -81,9 +89,11 @@ impl Sizes {
                 bridge_lat_rate: 500.0,
                 bridge_lat_secs: 10.0,
                 outage_secs: 60.0,
-                outage_quiet: Duration::from_secs(15),
+                outage_quiet: Duration::from_secs(60),
+                write_settle: Duration::from_secs(5),
                 busy_uplinks: 64,
                 busy_rounds: 500,
+                mosquitto_writes: true,
             }
         }
     }
