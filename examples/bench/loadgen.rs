@@ -476,3 +476,50 @@ pub(crate) async fn join_senders(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CLAIM: &str = "62656e63682d636c61696d2d6b65792d62656e63682d636c61696d2d6b657921";
+
+    fn keys_of(sensor: &str) -> ExchangeKeys {
+        let key = SensorKey::derive(&onboardd::config::Secret::new(CLAIM), sensor);
+        ExchangeKeys::derive(&key)
+    }
+
+    #[test]
+    fn a_generated_v2_announce_passes_the_daemons_check_and_keeps_its_fields() {
+        let p = Proofs::flash(CLAIM, &[7], 8, true);
+        let payload = p.announce(7, &announce_payload(7)).expect("flashed");
+        let v = keys_of("s7")
+            .verify_announce(&payload)
+            .expect("a v2 announce the daemon accepts");
+        assert_eq!(v.object["request_id"], "r7");
+    }
+
+    #[test]
+    fn a_generated_v1_announce_carries_the_sensors_proof() {
+        let p = Proofs::flash(CLAIM, &[3], 4, false);
+        let payload = p.announce(3, &announce_payload(3)).expect("flashed");
+        let v: serde_json::Value = serde_json::from_slice(&payload).expect("JSON");
+        let key = SensorKey::derive(&onboardd::config::Secret::new(CLAIM), "s3");
+        assert!(key.verify_proof(v["proof"].as_str().expect("a proof")));
+    }
+
+    #[test]
+    fn a_v2_ok_reply_counts_as_ok_and_a_v2_error_does_not() {
+        let keys = keys_of("s1");
+        let nonce = AnnounceNonce::generate();
+        let ok = keys
+            .authenticated_reply(&serde_json::json!({"status": "ok"}), &nonce)
+            .expect("an object");
+        let err = keys
+            .authenticated_reply(&serde_json::json!({"status": "error"}), &nonce)
+            .expect("an object");
+        let seen = AtomicU64::new(0);
+        assert!(reply_is_ok(&ok, &seen));
+        assert!(!reply_is_ok(&err, &seen));
+        assert_eq!(seen.load(Ordering::Relaxed), 2);
+    }
+}
