@@ -20,27 +20,21 @@ use crate::sizes::SLED_FLUSH_SETTLE;
 pub(crate) const TRICKLE_GAP: Duration = Duration::from_millis(100);
 pub(crate) const SLOW_GAP: Duration = Duration::from_secs(1);
 
-/// Bytes written over a trickle of `count` readings `gap` apart by `pid`: from quiet
-/// to 1.5 s after the last. (bytes, readings)
+/// Bytes written over a trickle of `count` readings `gap` apart by `pid`: from settled
+/// (nothing written for `settle`) to quiet (nothing written for 1.5 s). (bytes, readings)
 pub(crate) async fn trickle_written(
     f: &Feeders,
-    what: &str,
     flow: &Arc<Flow>,
     pid: u32,
     count: usize,
     gap: Duration,
+    qos: QoS,
+    settle: Duration,
 ) -> Result<Option<(u64, usize)>> {
-    let w0 = quiet_write_bytes(pid).await;
-    f.trickle(what, flow, count, gap).await?;
-    tokio::time::sleep(SLED_FLUSH_SETTLE).await;
-    Ok(w0.zip(write_bytes(pid)).map(|(a, b)| (b - a, count)))
-}
-
-pub(crate) fn per_reading(w: Option<(u64, usize)>) -> String {
-    match w {
-        Some((b, n)) => format!("{:.0} B ({b} B over {n} readings)", b as f64 / n as f64),
-        None => "/proc/PID/io unreadable".into(),
-    }
+    let w0 = settled_write_bytes(pid, settle).await;
+    f.trickle("bridge trickle", flow, count, gap, qos).await?;
+    let w1 = quiet_write_bytes(pid).await;
+    Ok(w0.zip(w1).map(|(a, b)| (b - a, count)))
 }
 
 /// The plain mosquitto bridge's one login on the stand-in broker (a Qubitro device
@@ -64,6 +58,8 @@ pub(crate) fn data_topic(idx: usize) -> String {
 pub(crate) struct Flow {
     pub(crate) base: Instant,
     pub(crate) window: Semaphore,
+    /// Arrivals give the window a permit back (closed loop); off while an open loop runs.
+    pub(crate) windowed: AtomicBool,
     pub(crate) st: Mutex<FlowState>,
 }
 
@@ -81,6 +77,24 @@ pub(crate) struct FlowState {
     pub(crate) unknown: u64,
     pub(crate) samples: Vec<String>,
     pub(crate) last_ns: u64,
+    /// Open-loop latency phases: when each reading (device, n) was handed to its
+    /// feeder, and the latencies of those that arrived.
+    pub(crate) sent_ns: std::collections::HashMap<(usize, u64), u64>,
+    pub(crate) latencies_us: Vec<u32>,
+}
+
+impl FlowState {
+    /// Forgets the counters of the previous run (not where each device is).
+    pub(crate) fn reset(&mut self) {
+        self.arrived = 0;
+        self.duplicates = 0;
+        self.out_of_order = 0;
+        self.unknown = 0;
+        self.samples.clear();
+        self.last_ns = 0;
+        self.sent_ns.clear();
+        self.latencies_us.clear();
+    }
 }
 
 impl Flow {
@@ -88,6 +102,7 @@ impl Flow {
         Arc::new(Flow {
             base: Instant::now(),
             window: Semaphore::new(window),
+            windowed: AtomicBool::new(true),
             st: Mutex::new(FlowState {
                 next: vec![0; devices],
                 ..FlowState::default()
@@ -134,23 +149,33 @@ impl Flow {
         st.next[i] = n + 1;
         st.arrived += 1;
         st.last_ns = now;
+        if let Some(sent) = st.sent_ns.remove(&(i, n)) {
+            let us = (now.saturating_sub(sent) / 1000).min(u64::from(u32::MAX)) as u32;
+            st.latencies_us.push(us);
+        }
         drop(st);
-        self.window.add_permits(1);
+        if self.windowed.load(Ordering::Relaxed) {
+            self.window.add_permits(1);
+        }
     }
 }
 
-/// The observer on the stand-in broker: every topic, QoS 1, a clean session.
+/// The observer on the stand-in broker: every topic, QoS 1, a persistent session, so
+/// what arrives while it reconnects after an outage of the stand-in is kept for it.
 pub(crate) async fn connect_observer(port: u16, flow: Arc<Flow>) -> Result<AsyncClient> {
     use harness::qubitro_broker::{OBSERVER, OBSERVER_PASSWORD};
     let mut opts = mqtt_options(OBSERVER.to_string(), port);
     opts.set_credentials(OBSERVER, OBSERVER_PASSWORD);
+    opts.set_clean_start(false);
+    opts.set_session_expiry_interval(Some(3600));
     let (client, mut el) = AsyncClient::new(opts, 64);
     let sub = client.clone();
     let subscribed = Arc::new(AtomicBool::new(false));
     let done = subscribed.clone();
     tokio::spawn(async move {
         let mut errors = 0u32;
-        while errors < 1000 {
+        // Each outage of the stand-in costs up to ~10 errors a second.
+        while errors < 100_000 {
             match el.poll().await {
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     flow.on_arrival(&String::from_utf8_lossy(&p.topic), &p.payload)
@@ -233,16 +258,12 @@ impl Feeders {
         flow: &Arc<Flow>,
         devices: &[usize],
         rounds: usize,
+        qos: QoS,
     ) -> Result<PhaseResult> {
         let n = devices.len() * rounds;
         let starts: Vec<(usize, u64)> = {
             let mut st = flow.state();
-            st.arrived = 0;
-            st.duplicates = 0;
-            st.out_of_order = 0;
-            st.unknown = 0;
-            st.samples.clear();
-            st.last_ns = 0;
+            st.reset();
             devices.iter().map(|&d| (d, st.next[d])).collect()
         };
         let first = flow.now_ns();
@@ -258,12 +279,7 @@ impl Feeders {
                     for &(d, start) in &mine {
                         flow.window.acquire().await?.forget();
                         client
-                            .publish(
-                                data_topic(d),
-                                QoS::AtLeastOnce,
-                                false,
-                                reading_payload(start + r),
-                            )
+                            .publish(data_topic(d), qos, false, reading_payload(start + r))
                             .await
                             .context("queue a reading")?;
                     }
@@ -279,33 +295,12 @@ impl Feeders {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         join_senders(what, tasks).await?;
-        let st = flow.state();
-        if st.out_of_order > 0 {
-            bail!(
-                "{what}: {} readings arrived out of order (missing earlier ones), e.g. {}",
-                st.out_of_order,
-                st.samples.join("; ")
-            );
-        }
-        if (st.arrived as usize) < n {
-            bail!(
-                "{what}: only {} of {n} readings reached the stand-in broker within {:?} ({} on unknown topics)",
-                st.arrived,
-                Env::deadline(n),
-                st.unknown
-            );
-        }
-        if st.duplicates > 0 || st.unknown > 0 {
-            eprintln!(
-                "bench: {what}: {} duplicate readings (at least once), {} on unknown topics",
-                st.duplicates, st.unknown
-            );
-        }
         let r = PhaseResult {
             n,
-            wall_s: st.last_ns.saturating_sub(first) as f64 / 1e9,
+            wall_s: flow.state().last_ns.saturating_sub(first) as f64 / 1e9,
             latencies_us: Vec::new(),
         };
+        check_arrivals(what, flow, n, Env::deadline(n))?;
         if n > 1 {
             eprintln!(
                 "bench: {what}: {n} readings in {:.2} s = {:.0}/s",
@@ -316,6 +311,52 @@ impl Feeders {
         Ok(r)
     }
 
+    /// Open loop: readings of `devices` in turn at `rate` readings/s in all, for
+    /// `secs`, whatever arrives; each one's send time is kept for its latency. Returns
+    /// how many were sent (the arrivals are the flow's to count).
+    pub(crate) async fn open(
+        &self,
+        flow: &Arc<Flow>,
+        devices: &[usize],
+        rate: f64,
+        secs: f64,
+        qos: QoS,
+    ) -> Result<usize> {
+        let n = ((rate * secs) as usize).max(1);
+        flow.windowed.store(false, Ordering::Relaxed);
+        let starts: Vec<u64> = {
+            let mut st = flow.state();
+            st.reset();
+            devices.iter().map(|&d| st.next[d]).collect()
+        };
+        let k = self.clients.len();
+        let t0 = tokio::time::Instant::now() + Duration::from_millis(20);
+        let mut tasks = Vec::new();
+        for c in 0..k {
+            let client = self.clients[c].clone();
+            let flow = flow.clone();
+            let devices = devices.to_vec();
+            let starts = starts.clone();
+            tasks.push(tokio::spawn(async move {
+                for j in (0..n).filter(|j| devices[j % devices.len()] % k == c) {
+                    let d = devices[j % devices.len()];
+                    let seq = starts[j % devices.len()] + (j / devices.len()) as u64;
+                    tokio::time::sleep_until(t0 + Duration::from_secs_f64(j as f64 / rate)).await;
+                    flow.state().sent_ns.insert((d, seq), flow.now_ns());
+                    client
+                        .publish(data_topic(d), qos, false, reading_payload(seq))
+                        .await
+                        .context("queue a reading")?;
+                }
+                anyhow::Ok(())
+            }));
+        }
+        for t in tasks {
+            t.await.context("a feeder task")??;
+        }
+        Ok(n)
+    }
+
     /// A sensor's pace rather than a burst: `count` readings of device 0, each sent
     /// once the previous one arrived, `gap` apart.
     pub(crate) async fn trickle(
@@ -324,13 +365,62 @@ impl Feeders {
         flow: &Arc<Flow>,
         count: usize,
         gap: Duration,
+        qos: QoS,
     ) -> Result<()> {
         for _ in 0..count {
-            self.run(what, flow, &[0], 1).await?;
+            self.run(what, flow, &[0], 1, qos).await?;
             tokio::time::sleep(gap).await;
         }
         Ok(())
     }
+}
+
+/// Waits until `n` readings of an open loop arrived, or nothing new came for
+/// `quiet` (what is lost stays lost), or `limit` passed. Gives the window back.
+pub(crate) async fn settle_open(flow: &Flow, n: usize, quiet: Duration, limit: Duration) {
+    let start = Instant::now();
+    let mut last = (0u64, Instant::now());
+    while start.elapsed() < limit {
+        let arrived = flow.state().arrived;
+        if arrived as usize >= n {
+            break;
+        }
+        if arrived != last.0 {
+            last = (arrived, Instant::now());
+        } else if last.1.elapsed() > quiet {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    flow.windowed.store(true, Ordering::Relaxed);
+}
+
+/// The run's arrivals: an error when one is missing or out of order.
+pub(crate) fn check_arrivals(what: &str, flow: &Flow, n: usize, within: Duration) -> Result<()> {
+    {
+        let st = flow.state();
+        if st.out_of_order > 0 {
+            bail!(
+                "{what}: {} readings arrived out of order (missing earlier ones), e.g. {}",
+                st.out_of_order,
+                st.samples.join("; ")
+            );
+        }
+        if (st.arrived as usize) < n {
+            bail!(
+                "{what}: only {} of {n} readings reached the stand-in broker within {within:?} ({} on unknown topics)",
+                st.arrived,
+                st.unknown
+            );
+        }
+        if st.duplicates > 0 || st.unknown > 0 {
+            eprintln!(
+                "bench: {what}: {} duplicate readings (at least once), {} on unknown topics",
+                st.duplicates, st.unknown
+            );
+        }
+    }
+    Ok(())
 }
 
 impl Drop for Feeders {
@@ -385,6 +475,27 @@ pub(crate) async fn quiet_write_bytes(pid: u32) -> Option<u64> {
             break;
         }
         before = now;
+    }
+    before
+}
+
+/// Before a measurement: waits until `pid` has written nothing for `settle` (at most
+/// 2 min); returns its `write_bytes` then. After a large burst sled goes on cleaning
+/// segments for tens of seconds, in bursts that can be more than 1.5 s apart: a longer
+/// quiet keeps that out of the next measurement's count.
+pub(crate) async fn settled_write_bytes(pid: u32, settle: Duration) -> Option<u64> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut before = write_bytes(pid);
+    let mut since = Instant::now();
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = write_bytes(pid);
+        if now != before {
+            before = now;
+            since = Instant::now();
+        } else if since.elapsed() >= settle {
+            break;
+        }
     }
     before
 }

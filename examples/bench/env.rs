@@ -145,6 +145,8 @@ pub(crate) struct Ids {
     pub(crate) d: Vec<usize>,
     /// Grows A's store to `fill_to` sensors.
     pub(crate) fill: Vec<usize>,
+    /// New devices one at a time, on a store of their own.
+    pub(crate) one: Vec<usize>,
     /// One past the highest id.
     pub(crate) total: usize,
 }
@@ -154,12 +156,14 @@ impl Ids {
         let c_start = 2 * sz.new0;
         let f_start = c_start + 2 * sz.new100;
         let fill: Vec<usize> = (f_start..f_start + (sz.fill_to - sz.new0)).collect();
+        let o_start = f_start + fill.len();
         Ids {
+            one: (o_start..o_start + sz.new_one).collect(),
             a: Arc::new((0..sz.new0).collect()),
             b: (sz.new0..2 * sz.new0).collect(),
             c: (c_start..c_start + sz.new100).collect(),
             d: (c_start + sz.new100..c_start + 2 * sz.new100).collect(),
-            total: f_start + fill.len(),
+            total: o_start + sz.new_one,
             fill,
         }
     }

@@ -10,6 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
+use onboardd::proof::v2::{AnnounceNonce, ExchangeKeys};
+use onboardd::proof::SensorKey;
+
 use crate::services::mqtt_options;
 use crate::sizes::REPLY_FILTER;
 
@@ -36,6 +39,71 @@ pub(crate) struct Shared {
     pub(crate) stop: AtomicBool,
     /// Announce with `"bridge": true` (the bridge phases).
     pub(crate) bridged: AtomicBool,
+    /// Announces carry a claim proof (the proofs-on phase); `None`: no proof.
+    pub(crate) proofs: std::sync::RwLock<Option<Arc<Proofs>>>,
+    /// Replies in protocol v2's envelope (`{"body": …, "mac": …}`).
+    pub(crate) v2_replies: AtomicU64,
+}
+
+/// Which sensor protocol the proofs-on phase speaks.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+pub(crate) enum Protocol {
+    /// v2 if the daemon answers a v2 announce with a v2 reply, else v1.
+    Auto,
+    V1,
+    V2,
+}
+
+/// What the flashed sensors hold: per sensor, its v1 proof and its v2 exchange keys.
+pub(crate) struct Proofs {
+    pub(crate) v2: bool,
+    pub(crate) keys: Vec<Option<(String, ExchangeKeys)>>,
+}
+
+impl Proofs {
+    /// The keys of sensors `ids` under `claim_key` (the firmware's derivation).
+    pub(crate) fn flash(claim_key: &str, ids: &[usize], slots: usize, v2: bool) -> Proofs {
+        let claim = onboardd::config::Secret::new(claim_key);
+        let mut keys: Vec<Option<(String, ExchangeKeys)>> = (0..slots).map(|_| None).collect();
+        for &i in ids {
+            let key = SensorKey::derive(&claim, &format!("s{i}"));
+            keys[i] = Some((key.proof(), ExchangeKeys::derive(&key)));
+        }
+        Proofs { v2, keys }
+    }
+
+    /// `fields` (a JSON object's text) as sensor `idx` sends it: v1, the object with a
+    /// `proof`; v2, the object with a fresh `nonce` as the body of a proved envelope.
+    fn announce(&self, idx: usize, fields: &[u8]) -> Option<Vec<u8>> {
+        let (v1, keys) = self.keys.get(idx)?.as_ref()?;
+        let mut obj: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(fields).ok()?;
+        if self.v2 {
+            obj.insert("nonce".into(), AnnounceNonce::generate().as_str().into());
+            let body = serde_json::Value::Object(obj).to_string();
+            Some(keys.announce(&body))
+        } else {
+            obj.insert("proof".into(), v1.clone().into());
+            serde_json::to_vec(&obj).ok()
+        }
+    }
+}
+
+/// Whether a reply says ok: v1's `{"status":"ok", …}`, or a v2 envelope whose body does.
+fn reply_is_ok(payload: &[u8], v2_replies: &AtomicU64) -> bool {
+    if payload.starts_with(br#"{"status":"ok""#) {
+        return true;
+    }
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else {
+        return false;
+    };
+    let Some(body) = v["body"].as_str() else {
+        return false;
+    };
+    if v.get("mac").is_some() {
+        v2_replies.fetch_add(1, Ordering::Relaxed);
+    }
+    serde_json::from_str::<serde_json::Value>(body).is_ok_and(|b| b["status"] == "ok")
 }
 
 impl Shared {
@@ -60,7 +128,7 @@ impl Shared {
         }
         let us = (now.saturating_sub(sent - 1) / 1000).min(u32::MAX as u64) as u32;
         self.latencies_us.lock().expect("latency lock").push(us);
-        if !payload.starts_with(br#"{"status":"ok""#) {
+        if !reply_is_ok(payload, &self.v2_replies) {
             self.not_ok.fetch_add(1, Ordering::Relaxed);
             let mut s = self.not_ok_samples.lock().expect("sample lock");
             if s.len() < 5 {
@@ -148,6 +216,8 @@ impl LoadGen {
             subscribed: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             bridged: AtomicBool::new(false),
+            proofs: std::sync::RwLock::new(None),
+            v2_replies: AtomicU64::new(0),
         });
         let mut clients = Vec::new();
         for c in 0..connections {
@@ -213,16 +283,23 @@ impl LoadGen {
         s.not_ok_samples.lock().expect("sample lock").clear();
         s.first_send_ns.store(u64::MAX, Ordering::Relaxed);
         s.last_reply_ns.store(0, Ordering::Relaxed);
+        s.v2_replies.store(0, Ordering::Relaxed);
     }
 
     pub(crate) async fn send(&self, conn: usize, idx: usize) -> Result<()> {
         let topic = format!("onboard/announce/s{idx}");
         let s = &self.shared;
-        let payload = if s.bridged.load(Ordering::Relaxed) {
+        let mut payload = if s.bridged.load(Ordering::Relaxed) {
             bridged_announce_payload(idx)
         } else {
             announce_payload(idx)
         };
+        let proofs = s.proofs.read().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(p) = proofs {
+            payload = p
+                .announce(idx, &payload)
+                .with_context(|| format!("no key flashed for sensor s{idx}"))?;
+        }
         let now = s.now_ns();
         s.first_send_ns.fetch_min(now, Ordering::Relaxed);
         if s.slots[idx].swap(now + 1, Ordering::AcqRel) != 0 {
@@ -243,6 +320,19 @@ impl LoadGen {
         ids: Arc<Vec<usize>>,
         deadline: Duration,
     ) -> Result<PhaseResult> {
+        self.closed_in_window(what, ids, deadline, self.window)
+            .await
+    }
+
+    /// [`LoadGen::closed`] with at most `cap` (≤ the generator's window) unanswered.
+    pub(crate) async fn closed_in_window(
+        &self,
+        what: &str,
+        ids: Arc<Vec<usize>>,
+        deadline: Duration,
+        cap: usize,
+    ) -> Result<PhaseResult> {
+        let cap = cap.clamp(1, self.window);
         self.reset(true);
         let mut seen = vec![false; self.shared.slots.len()];
         let distinct = ids
@@ -250,9 +340,9 @@ impl LoadGen {
             .filter(|&&i| !std::mem::replace(&mut seen[i], true))
             .count();
         let window = if distinct < ids.len() {
-            self.window.min((distinct / 2).max(1))
+            cap.min((distinct / 2).max(1))
         } else {
-            self.window
+            cap
         };
         let held = self.shared.window.forget_permits(self.window - window);
         let k = self.clients.len();
@@ -385,4 +475,51 @@ pub(crate) async fn join_senders(
         return Err(e.context(format!("{what}: sending")));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CLAIM: &str = "62656e63682d636c61696d2d6b65792d62656e63682d636c61696d2d6b657921";
+
+    fn keys_of(sensor: &str) -> ExchangeKeys {
+        let key = SensorKey::derive(&onboardd::config::Secret::new(CLAIM), sensor);
+        ExchangeKeys::derive(&key)
+    }
+
+    #[test]
+    fn a_generated_v2_announce_passes_the_daemons_check_and_keeps_its_fields() {
+        let p = Proofs::flash(CLAIM, &[7], 8, true);
+        let payload = p.announce(7, &announce_payload(7)).expect("flashed");
+        let v = keys_of("s7")
+            .verify_announce(&payload)
+            .expect("a v2 announce the daemon accepts");
+        assert_eq!(v.object["request_id"], "r7");
+    }
+
+    #[test]
+    fn a_generated_v1_announce_carries_the_sensors_proof() {
+        let p = Proofs::flash(CLAIM, &[3], 4, false);
+        let payload = p.announce(3, &announce_payload(3)).expect("flashed");
+        let v: serde_json::Value = serde_json::from_slice(&payload).expect("JSON");
+        let key = SensorKey::derive(&onboardd::config::Secret::new(CLAIM), "s3");
+        assert!(key.verify_proof(v["proof"].as_str().expect("a proof")));
+    }
+
+    #[test]
+    fn a_v2_ok_reply_counts_as_ok_and_a_v2_error_does_not() {
+        let keys = keys_of("s1");
+        let nonce = AnnounceNonce::generate();
+        let ok = keys
+            .authenticated_reply(&serde_json::json!({"status": "ok"}), &nonce)
+            .expect("an object");
+        let err = keys
+            .authenticated_reply(&serde_json::json!({"status": "error"}), &nonce)
+            .expect("an object");
+        let seen = AtomicU64::new(0);
+        assert!(reply_is_ok(&ok, &seen));
+        assert!(!reply_is_ok(&err, &seen));
+        assert_eq!(seen.load(Ordering::Relaxed), 2);
+    }
 }

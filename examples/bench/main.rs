@@ -41,6 +41,8 @@
 
 mod bridge;
 mod bridge_flow;
+mod bridge_known;
+mod bridge_measure;
 mod broker_limit;
 mod env;
 mod grow;
@@ -48,7 +50,9 @@ mod known_sensors;
 mod loadgen;
 mod mosquitto_bridge;
 mod new_devices;
+mod one_by_one;
 mod procs;
+mod proofs;
 mod report;
 mod services;
 mod sizes;
@@ -60,22 +64,22 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::bridge::{
-    bridge_bytes_written_per_reading, bridge_many_devices, bridge_one_device,
-    bridge_rss_with_devices_connected, bridge_stop, bridged_devices_onboarded,
-};
+use crate::bridge::{bridged_devices_onboarded, onboardd_bridge};
+use crate::bridge_known::{bridge_with_known_sensors, store_of_known_sensors};
 use crate::broker_limit::{echo_main, report_against_the_broker, the_brokers_own_limit};
 use crate::env::{Env, Ids};
 use crate::grow::{grow_the_store, report_binary_sizes, report_start_times};
 use crate::known_sensors::known_sensors_re_announce;
-use crate::loadgen::LoadGen;
+use crate::loadgen::{LoadGen, Protocol};
 use crate::mosquitto_bridge::mosquitto_bridge;
 use crate::new_devices::{
     new_devices_on_a_fresh_store, new_devices_with_a_slow_cloud,
     new_devices_with_lookup_after_failure,
 };
+use crate::one_by_one::new_devices_one_at_a_time;
 use crate::procs::warnings;
-use crate::report::Report;
+use crate::proofs::re_announce_with_proofs;
+use crate::report::{Bridge, Report};
 use crate::services::{start_mosquitto, Fake};
 use crate::sizes::Sizes;
 
@@ -105,6 +109,10 @@ pub(crate) struct Args {
     /// bridge forwarding readings to a stand-in for Qubitro's broker).
     #[arg(long)]
     pub(crate) bridge_only: bool,
+    /// Sensor protocol of the proofs-on re-announce phase: `auto` speaks v2 when the
+    /// daemon answers a v2 announce with a v2 reply, else v1.
+    #[arg(long, value_enum, default_value_t = Protocol::Auto)]
+    pub(crate) protocol: Protocol,
     /// Internal: run as the echo client against the broker on this port.
     #[arg(long, hide = true)]
     pub(crate) echo_port: Option<u16>,
@@ -193,7 +201,9 @@ pub(crate) async fn bench(args: &Args, rep: &mut Report) -> Result<()> {
         .timeout(Duration::from_secs(10))
         .build()?;
     let ids = Ids::new(&sz);
-    let sensors = ids.total.max(sz.bridge_devices);
+    // The busy uplinks next to the known sensors are new sensors after every other id.
+    let busy_first = ids.total.max(sz.bridge_devices);
+    let sensors = busy_first + sz.busy_uplinks;
     let load = LoadGen::connect(broker.port, args.connections, args.window, sensors).await?;
     let env = Env {
         bins: bins.clone(),
@@ -206,26 +216,28 @@ pub(crate) async fn bench(args: &Args, rep: &mut Report) -> Result<()> {
         fake100,
     };
 
+    let mut grown = None;
     if !args.bridge_only {
         let (a, ready_empty, ready_known) = new_devices_on_a_fresh_store(&env, rep, &ids.a).await?;
         let known = known_sensors_re_announce(&env, rep, &sz, a, &ids.a).await?;
         let echo = the_brokers_own_limit(&env, &known).await?;
         report_against_the_broker(rep, &sz, &known, &echo);
+        re_announce_with_proofs(&env, rep, &sz, &known, &ids.a, args.protocol).await?;
         new_devices_with_lookup_after_failure(&env, rep, ids.b.clone()).await?;
         new_devices_with_a_slow_cloud(&env, rep, ids.c.clone(), ids.d.clone()).await?;
+        new_devices_one_at_a_time(&env, rep, ids.one.clone()).await?;
         let ready_grown = grow_the_store(&env, rep, &sz, &ids).await?;
         report_start_times(rep, &sz, [ready_empty, ready_known, ready_grown]);
         report_binary_sizes(rep, &bins)?;
+        grown = Some(env.work.join("a"));
     }
     let mut br = bridged_devices_onboarded(&env, rep, &sz).await?;
-    bridge_one_device(&env, rep, &sz, &mut br).await?;
-    bridge_many_devices(&env, rep, &sz, &mut br).await?;
-    bridge_rss_with_devices_connected(rep, &sz, &br);
-    bridge_bytes_written_per_reading(rep, &sz, &mut br).await?;
-    bridge_stop(&env, rep, &mut br).await?;
-    for persistent in [false, true] {
-        mosquitto_bridge(&env, rep, &sz, &mut br, persistent).await?;
+    onboardd_bridge(&env, rep, &sz, &mut br).await?;
+    for b in [Bridge::MosquittoOff, Bridge::MosquittoOn] {
+        mosquitto_bridge(&env, rep, &sz, &mut br, b).await?;
     }
+    let known = store_of_known_sensors(&env, &sz, grown).await?;
+    bridge_with_known_sensors(&env, rep, &sz, &mut br, known, busy_first).await?;
 
     let log = broker.log();
     for w in warnings(&log) {

@@ -9,6 +9,8 @@ pub(crate) struct Sizes {
     pub(crate) new0: usize,
     /// New devices per 100 ms phase (per lookup policy).
     pub(crate) new100: usize,
+    /// New devices onboarded one at a time (bytes and syscalls per new device).
+    pub(crate) new_one: usize,
     /// Sensors known after the fill (the "100 000 known" measurement).
     pub(crate) fill_to: usize,
     /// Times each known sensor re-announces in the re-announce throughput phase.
@@ -21,10 +23,28 @@ pub(crate) struct Sizes {
     /// Bridged devices of the many-device phase, and readings per device in it.
     pub(crate) bridge_devices: usize,
     pub(crate) bridge_rounds: usize,
-    /// Readings of the trickle (one device, 10/s) for bytes written at a sensor's pace.
+    /// Readings of the trickle (one device, 10/s) for bytes written at a sensor's pace
+    /// (none in --quick, nor at 1/s: each costs two waits for quiet).
     pub(crate) bridge_trickle: usize,
     /// Readings at 1/s, the same (none in --quick: it would take seconds).
     pub(crate) bridge_slow: usize,
+    /// Offered rate (readings/s over every bridged device) and length of the bridge's
+    /// latency phase.
+    pub(crate) bridge_lat_rate: f64,
+    pub(crate) bridge_lat_secs: f64,
+    /// Length of the uplink outage (every device sends one reading a second), and how
+    /// long no arrival means the rest is lost (a QoS 0 reading the bridge dropped).
+    pub(crate) outage_secs: f64,
+    pub(crate) outage_quiet: Duration,
+    /// How long the bridging process must have written nothing before a bytes-written
+    /// measurement starts (its end counts until 1.5 s without writes, as the target says).
+    pub(crate) write_settle: Duration,
+    /// Uplinks kept busy next to `fill_to` known sensors, and readings each.
+    pub(crate) busy_uplinks: usize,
+    pub(crate) busy_rounds: usize,
+    /// Bytes written and the outage for the mosquitto bridges too (not in --quick: a
+    /// smoke test checks onboardd, and each costs several waits for quiet).
+    pub(crate) mosquitto_writes: bool,
 }
 
 impl Sizes {
@@ -33,6 +53,7 @@ impl Sizes {
             Sizes {
                 new0: 200,
                 new100: 100,
+                new_one: 20,
                 fill_to: 500,
                 rounds: 2,
                 latency_rate: 1000.0,
@@ -40,13 +61,22 @@ impl Sizes {
                 bridge_one: 200,
                 bridge_devices: 20,
                 bridge_rounds: 10,
-                bridge_trickle: 5,
+                bridge_trickle: 0,
                 bridge_slow: 0,
+                bridge_lat_rate: 200.0,
+                bridge_lat_secs: 1.0,
+                outage_secs: 2.0,
+                outage_quiet: Duration::from_secs(3),
+                write_settle: SLED_FLUSH_SETTLE,
+                busy_uplinks: 8,
+                busy_rounds: 20,
+                mosquitto_writes: false,
             }
         } else {
             Sizes {
                 new0: 10_000,
                 new100: 2_000,
+                new_one: 200,
                 fill_to: 100_000,
                 rounds: 5,
                 latency_rate: 1000.0,
@@ -56,6 +86,14 @@ impl Sizes {
                 bridge_rounds: 1_000,
                 bridge_trickle: 50,
                 bridge_slow: 10,
+                bridge_lat_rate: 500.0,
+                bridge_lat_secs: 10.0,
+                outage_secs: 60.0,
+                outage_quiet: Duration::from_secs(60),
+                write_settle: Duration::from_secs(5),
+                busy_uplinks: 64,
+                busy_rounds: 500,
+                mosquitto_writes: true,
             }
         }
     }
@@ -76,3 +114,7 @@ pub(crate) const ECHO_REPLY: &[u8] = concat!(
     r#""broker":{"host":"broker.qubitro.com","port":8883}}"#
 )
 .as_bytes();
+/// The claim key of the proofs-on phase (64 hex characters, as onboardd requires): a
+/// benchmark's fixed key, not a secret.
+pub(crate) const BENCH_CLAIM_KEY: &str =
+    "62656e63682d636c61696d2d6b65792d62656e63682d636c61696d2d6b657921";
