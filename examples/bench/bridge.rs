@@ -94,8 +94,7 @@ pub(crate) async fn bridged_devices_onboarded(
 }
 
 /// onboardd's config for the bridge: `cloud`'s project and key, the stand-in broker on
-/// `port`, plus `bridge` (lines of the `[bridge]` table).
-/// The bridge's config for a bench daemon. The per-sensor rate limit
+/// `port`, plus `bridge` (lines of the `[bridge]` table). The per-sensor rate limit
 /// (`bridge.max_readings_per_s`, 10 by default) is lifted: the bench pushes bursts
 /// far above any sensor's pace to find the bridge's own limit.
 pub(crate) fn bridge_toml(cloud: &fake_qubitro::FakeQubitro, port: u16, bridge: &str) -> String {
