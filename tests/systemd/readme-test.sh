@@ -290,7 +290,7 @@ devices = json.loads(sys.argv[1])
 mine = [d for d in devices if (d.get("metadata") or {}).get("sensor_id") == sys.argv[2]]
 print(f"{len(mine)} {len(devices)}")
 ' "$fake_devices" "$sensor" 2>&1)"
-reply_device="$(sed -n 's/.*"device_id":"\([^"]*\)".*/\1/p' <<<"$reply")"
+reply_device="$(sed -n 's/.*"device_id":"\([^"]*\)".*/\1/p' <<<"$opened")"
 if [[ "$count" == "1 1" && -n "$reply_device" && "$fake_devices" == *"\"$reply_device\""* ]]; then
     pass "fake-holds-one-device-for-the-sensor ($reply_device)"
 else
