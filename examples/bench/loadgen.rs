@@ -45,47 +45,32 @@ pub(crate) struct Shared {
     pub(crate) v2_replies: AtomicU64,
 }
 
-/// Which sensor protocol the proofs-on phase speaks.
-#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
-pub(crate) enum Protocol {
-    /// v2 if the daemon answers a v2 announce with a v2 reply, else v1.
-    Auto,
-    V1,
-    V2,
-}
-
-/// What the flashed sensors hold: per sensor, its v1 proof and its v2 exchange keys.
+/// What the flashed sensors hold: per sensor, its protocol v2 exchange keys.
 pub(crate) struct Proofs {
-    pub(crate) v2: bool,
-    pub(crate) keys: Vec<Option<(String, ExchangeKeys)>>,
+    pub(crate) keys: Vec<Option<ExchangeKeys>>,
 }
 
 impl Proofs {
     /// The keys of sensors `ids` under `claim_key` (the firmware's derivation).
-    pub(crate) fn flash(claim_key: &str, ids: &[usize], slots: usize, v2: bool) -> Proofs {
+    pub(crate) fn flash(claim_key: &str, ids: &[usize], slots: usize) -> Proofs {
         let claim = onboardd::config::Secret::new(claim_key);
-        let mut keys: Vec<Option<(String, ExchangeKeys)>> = (0..slots).map(|_| None).collect();
+        let mut keys: Vec<Option<ExchangeKeys>> = (0..slots).map(|_| None).collect();
         for &i in ids {
             let key = SensorKey::derive(&claim, &format!("s{i}"));
-            keys[i] = Some((key.proof(), ExchangeKeys::derive(&key)));
+            keys[i] = Some(ExchangeKeys::derive(&key));
         }
-        Proofs { v2, keys }
+        Proofs { keys }
     }
 
-    /// `fields` (a JSON object's text) as sensor `idx` sends it: v1, the object with a
-    /// `proof`; v2, the object with a fresh `nonce` as the body of a proved envelope.
+    /// `fields` (a JSON object's text) as sensor `idx` sends it: the object with a
+    /// fresh `nonce` as the body of a proved envelope.
     fn announce(&self, idx: usize, fields: &[u8]) -> Option<Vec<u8>> {
-        let (v1, keys) = self.keys.get(idx)?.as_ref()?;
+        let keys = self.keys.get(idx)?.as_ref()?;
         let mut obj: serde_json::Map<String, serde_json::Value> =
             serde_json::from_slice(fields).ok()?;
-        if self.v2 {
-            obj.insert("nonce".into(), AnnounceNonce::generate().as_str().into());
-            let body = serde_json::Value::Object(obj).to_string();
-            Some(keys.announce(&body))
-        } else {
-            obj.insert("proof".into(), v1.clone().into());
-            serde_json::to_vec(&obj).ok()
-        }
+        obj.insert("nonce".into(), AnnounceNonce::generate().as_str().into());
+        let body = serde_json::Value::Object(obj).to_string();
+        Some(keys.announce(&body))
     }
 }
 
@@ -490,21 +475,12 @@ mod tests {
 
     #[test]
     fn a_generated_v2_announce_passes_the_daemons_check_and_keeps_its_fields() {
-        let p = Proofs::flash(CLAIM, &[7], 8, true);
+        let p = Proofs::flash(CLAIM, &[7], 8);
         let payload = p.announce(7, &announce_payload(7)).expect("flashed");
         let v = keys_of("s7")
             .verify_announce(&payload)
             .expect("a v2 announce the daemon accepts");
         assert_eq!(v.object["request_id"], "r7");
-    }
-
-    #[test]
-    fn a_generated_v1_announce_carries_the_sensors_proof() {
-        let p = Proofs::flash(CLAIM, &[3], 4, false);
-        let payload = p.announce(3, &announce_payload(3)).expect("flashed");
-        let v: serde_json::Value = serde_json::from_slice(&payload).expect("JSON");
-        let key = SensorKey::derive(&onboardd::config::Secret::new(CLAIM), "s3");
-        assert!(key.verify_proof(v["proof"].as_str().expect("a proof")));
     }
 
     #[test]

@@ -70,7 +70,7 @@ use crate::broker_limit::{echo_main, report_against_the_broker, the_brokers_own_
 use crate::env::{Env, Ids};
 use crate::grow::{grow_the_store, report_binary_sizes, report_start_times};
 use crate::known_sensors::known_sensors_re_announce;
-use crate::loadgen::{LoadGen, Protocol};
+use crate::loadgen::LoadGen;
 use crate::mosquitto_bridge::mosquitto_bridge;
 use crate::new_devices::{
     new_devices_on_a_fresh_store, new_devices_with_a_slow_cloud,
@@ -109,10 +109,6 @@ pub(crate) struct Args {
     /// bridge forwarding readings to a stand-in for Qubitro's broker).
     #[arg(long)]
     pub(crate) bridge_only: bool,
-    /// Sensor protocol of the proofs-on re-announce phase: `auto` speaks v2 when the
-    /// daemon answers a v2 announce with a v2 reply, else v1.
-    #[arg(long, value_enum, default_value_t = Protocol::Auto)]
-    pub(crate) protocol: Protocol,
     /// Internal: run as the echo client against the broker on this port.
     #[arg(long, hide = true)]
     pub(crate) echo_port: Option<u16>,
@@ -222,7 +218,7 @@ pub(crate) async fn bench(args: &Args, rep: &mut Report) -> Result<()> {
         let known = known_sensors_re_announce(&env, rep, &sz, a, &ids.a).await?;
         let echo = the_brokers_own_limit(&env, &known).await?;
         report_against_the_broker(rep, &sz, &known, &echo);
-        re_announce_with_proofs(&env, rep, &sz, &known, &ids.a, args.protocol).await?;
+        re_announce_with_proofs(&env, rep, &sz, &known, &ids.a).await?;
         new_devices_with_lookup_after_failure(&env, rep, ids.b.clone()).await?;
         new_devices_with_a_slow_cloud(&env, rep, ids.c.clone(), ids.d.clone()).await?;
         new_devices_one_at_a_time(&env, rep, ids.one.clone()).await?;

@@ -1,14 +1,13 @@
-//! Scenario: the known sensors re-announce with claim proofs on (the shipped default), v2's
-//! when the daemon speaks it, next to the figures without proofs.
+//! Scenario: the known sensors re-announce with protocol v2 proofs on (the shipped
+//! default), next to the figures without proofs.
 
 use anyhow::Result;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::env::Env;
 use crate::known_sensors::Known;
-use crate::loadgen::{PhaseResult, Proofs, Protocol};
+use crate::loadgen::{PhaseResult, Proofs};
 use crate::procs::CpuSnap;
 use crate::report::Report;
 use crate::services::{forget_session, start_onboardd};
@@ -25,46 +24,18 @@ pub(crate) async fn re_announce_with_proofs(
     sz: &Sizes,
     known: &Known,
     a_ids: &[usize],
-    protocol: Protocol,
 ) -> Result<()> {
     let mut spec = env.spec("a", &env.fake0, "always", CLIENT);
     spec.extra = format!("[security]\nrequire_claim = true\nclaim_key = \"{BENCH_CLAIM_KEY}\"\n");
     let mut a = start_onboardd(&spec)?;
     let slots = env.load.shared.slots.len();
-    let flash = |v2| Some(Arc::new(Proofs::flash(BENCH_CLAIM_KEY, a_ids, slots, v2)));
-    let v2 = match protocol {
-        Protocol::V1 => false,
-        Protocol::V2 => true,
-        Protocol::Auto => {
-            *env.load
-                .shared
-                .proofs
-                .write()
-                .unwrap_or_else(|e| e.into_inner()) = flash(true);
-            let probe = env
-                .load
-                .closed("v2 probe", Arc::new(vec![a_ids[0]]), Duration::from_secs(5))
-                .await;
-            let v2 = probe.is_ok() && env.load.shared.v2_replies.load(Ordering::Relaxed) > 0;
-            eprintln!(
-                "bench: this onboardd {} protocol v2 announces",
-                if v2 { "answers" } else { "does not answer" }
-            );
-            v2
-        }
-    };
     *env.load
         .shared
         .proofs
         .write()
-        .unwrap_or_else(|e| e.into_inner()) = flash(v2);
-    let label = if v2 {
-        "v2 proofs".to_string()
-    } else if protocol == Protocol::Auto {
-        "v1 proofs (this onboardd does not answer v2 announces yet)".to_string()
-    } else {
-        "v1 proofs".to_string()
-    };
+        .unwrap_or_else(|e| e.into_inner()) =
+        Some(Arc::new(Proofs::flash(BENCH_CLAIM_KEY, a_ids, slots)));
+    let label = "v2 proofs".to_string();
     let pids = env.pids(a.proc.pid(), false);
     let result = async {
         let cpu = CpuSnap::take(&pids);
