@@ -14,42 +14,59 @@ use fake_qubitro::FakeQubitro;
 
 /// One HTTP/1.1 request over a fresh connection: (status, body).
 fn get(port: u16, path: &str, headers: &str) -> (u16, String) {
+    try_get(port, path, headers).expect("an answer from the http listener")
+}
+
+/// As [`get`], None when the listener closed the connection unanswered.
+fn try_get(port: u16, path: &str, headers: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the http listener");
     s.set_read_timeout(Some(WAIT)).unwrap();
+    // The listener may close a connection past its limit before reading it.
     write!(
         s,
         "GET {path} HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n{headers}\r\n"
     )
-    .unwrap();
+    .ok()?;
     let mut raw = String::new();
-    s.read_to_string(&mut raw).expect("read the response");
-    let (head, body) = raw.split_once("\r\n\r\n").expect("a response head");
+    s.read_to_string(&mut raw).ok()?;
+    let (head, body) = raw.split_once("\r\n\r\n")?;
     let status = head
         .split(' ')
         .nth(1)
         .and_then(|c| c.parse().ok())
         .expect("a status code");
-    (status, body.to_string())
+    Some((status, body.to_string()))
 }
 
 /// Asks until `path` answers `status` (the daemon sees the broker change on its own time).
 fn until_status(port: u16, path: &str, status: u16) -> String {
     let deadline = Instant::now() + WAIT;
     loop {
-        let (got, body) = get(port, path, "");
-        if got == status {
-            return body;
+        let answer = try_get(port, path, "");
+        if let Some((got, body)) = &answer {
+            if *got == status {
+                return body.clone();
+            }
         }
         assert!(
             Instant::now() < deadline,
-            "{path} stayed {got} ({body}), wanted {status}"
+            "{path} answered {answer:?}, wanted {status}"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
-fn with_listener(port: u16, more: &str) -> String {
-    format!("[http]\nlisten = \"127.0.0.1:{port}\"\n{more}")
+/// A daemon on `broker` with its listener on a loopback port: (port, daemon, its cloud).
+async fn daemon_listening(broker: &Mosquitto) -> (u16, Daemon, FakeQubitro) {
+    let cloud = fake_cloud().await;
+    let port = free_port();
+    let d = Daemon::start(
+        broker,
+        &cloud,
+        &format!("[http]\nlisten = \"127.0.0.1:{port}\"\n"),
+    );
+    d.log.wait_for("http listening");
+    (port, d, cloud)
 }
 
 /// A sample's name and its labels in order, as the text format writes them.
@@ -111,10 +128,7 @@ fn value(m: &HashMap<Series, f64>, name: &str, labels: &str) -> f64 {
 async fn healthz_is_200_while_the_broker_is_up_and_503_with_the_reason_while_it_is_down() {
     common::bin();
     let mut broker = Mosquitto::start();
-    let cloud = fake_cloud().await;
-    let port = free_port();
-    let d = Daemon::start(&broker, &cloud, &with_listener(port, ""));
-    d.log.wait_for("http listening");
+    let (port, d, _cloud) = daemon_listening(&broker).await;
     let body = until_status(port, "/healthz", 200);
     let json: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(json["status"], "ok", "{body}");
@@ -138,10 +152,7 @@ async fn healthz_is_200_while_the_broker_is_up_and_503_with_the_reason_while_it_
 async fn metrics_parse_as_prometheus_text_and_count_an_onboarding() {
     common::bin();
     let broker = Mosquitto::start();
-    let cloud = fake_cloud().await;
-    let port = free_port();
-    let d = Daemon::start(&broker, &cloud, &with_listener(port, ""));
-    d.log.wait_for("http listening");
+    let (port, d, cloud) = daemon_listening(&broker).await;
     let (status, before) = get(port, "/metrics", "");
     assert_eq!(status, 200);
     let before = parse_prometheus(&before);
@@ -285,4 +296,61 @@ async fn an_address_that_failed_too_often_is_refused_even_with_the_right_passwor
         assert_eq!(get(port, "/metrics", &basic("wrong guess")).0, 401);
     }
     assert_eq!(get(port, "/metrics", &basic("correct horse")).0, 429);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_request_idle_connections_and_a_slow_client_leave_announces_served_and_healthz_back()
+{
+    common::bin();
+    let broker = Mosquitto::start();
+    let (port, d, cloud) = daemon_listening(&broker).await;
+
+    // A 1 MiB body is refused unread; 1 MiB of headers too.
+    let (status, _) = get(port, "/metrics", "Content-Length: 1048576\r\n");
+    assert_eq!(status, 413);
+    let mut big = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let header = format!(
+        "GET /metrics HTTP/1.1\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(1 << 20)
+    );
+    // The daemon may close before reading it all: a refused write is its answer too.
+    let _ = big.write_all(header.as_bytes());
+    let mut answer = String::new();
+    let _ = big.read_to_string(&mut answer);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
+        "{answer}"
+    );
+
+    // Idle connections past the limit, and a client that sends its headers a byte at a time.
+    let idle: Vec<TcpStream> = (0..200)
+        .filter_map(|_| TcpStream::connect(("127.0.0.1", port)).ok())
+        .collect();
+    let slow = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        // 20 s of headers that never end, unless the daemon drops it first.
+        for b in b"GET /metrics HTTP/1.1\r\nX-Slow: "
+            .iter()
+            .cycle()
+            .take(400)
+        {
+            if s.write_all(&[*b]).is_err() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    });
+
+    let mut s = d.sensor(broker.port, "busy-http-1").await;
+    s.announce("{}").await;
+    let reply = s.reply().await;
+    assert_opens_to_the_clouds_token(&cloud, &reply);
+
+    // Still holding every idle connection: the daemon drops them itself.
+    tokio::task::spawn_blocking(move || until_status(port, "/healthz", 200))
+        .await
+        .unwrap();
+    assert!(slow.join().unwrap(), "the slow client was never dropped");
+    drop(idle);
 }
