@@ -1,24 +1,19 @@
 //! The daemon's HTTP listener: `/healthz` for Docker's HEALTHCHECK and load
 //! balancers, `/metrics` for Prometheus ([`exposition`]). Loopback by default;
 //! beyond it only with HTTP Basic ([`auth`]). Every resource a client can make it
-//! hold is bounded: connections, header bytes and count, time per connection; no
-//! request body is read, and a connection serves one request.
+//! hold is bounded: connections, header bytes and count ([`wire`]), time per
+//! connection; no request body is read, and a connection serves one request.
 
 mod auth;
 mod exposition;
+mod wire;
 
-use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::body::{Body as _, Incoming};
-use hyper::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -26,18 +21,16 @@ use tokio_util::sync::CancellationToken;
 use crate::config::HttpConfig;
 use crate::engine::Engine;
 use crate::mqtt::Mqtt;
+use wire::{Head, Parsed, Response};
 
 /// Connections served at once; more are closed unanswered (a scraper and a health
 /// check need a handful).
 const MAX_CONNECTIONS: usize = 32;
-/// Bytes of request line and headers (hyper's smallest read buffer).
-const MAX_HEADER_BYTES: usize = 8192;
-const MAX_HEADERS: usize = 32;
-/// From accept to the end of the request's headers: a slow client is dropped.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
-/// A whole connection, response included.
-const CONNECTION_TIMEOUT: Duration = Duration::from_secs(15);
-/// How long /healthz waits for the store's flusher before calling it stuck.
+/// A whole connection, from accept to the end of the response: a client slow to
+/// send its request is dropped.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long /healthz waits for the store's flusher before calling it stuck (within
+/// the connection's time).
 const STORE_CHECK: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
@@ -108,91 +101,68 @@ async fn accept(listener: TcpListener, state: Arc<State>, stop: CancellationToke
         };
         let state = state.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(&state, peer.ip(), req).await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .max_buf_size(MAX_HEADER_BYTES)
-                .max_headers(MAX_HEADERS)
-                .keep_alive(false)
-                .serve_connection(TokioIo::new(stream), service);
-            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await;
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, connection(stream, peer.ip(), &state))
+                .await;
             drop(slot);
         });
     }
 }
 
-fn reply(
-    status: StatusCode,
-    content_type: &'static str,
-    body: impl Into<Bytes>,
-) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(body.into()));
-    *r.status_mut() = status;
-    r.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
-    r
+/// One request, one response, then the connection closes.
+async fn connection(mut stream: TcpStream, client: IpAddr, state: &State) -> std::io::Result<()> {
+    let mut buf = vec![0u8; wire::MAX_HEAD_BYTES];
+    let mut len = 0;
+    let (response, head_only) = loop {
+        let n = stream.read(&mut buf[len..]).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        len += n;
+        match wire::parse(&buf[..len]) {
+            Parsed::Partial => continue,
+            Parsed::Refuse(r) => break (r, false),
+            Parsed::Complete(head) => {
+                break (handle(state, client, &head).await, head.method == "HEAD")
+            }
+        }
+    };
+    stream.write_all(&response.encode(head_only)).await?;
+    stream.shutdown().await
 }
 
-async fn handle(state: &State, client: IpAddr, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn handle(state: &State, client: IpAddr, req: &Head) -> Response {
     if let Some(password) = &state.password {
-        if let Some(refused) = authenticate(state, password, client, &req) {
+        if let Some(refused) = authenticate(state, password, client, req) {
             return refused;
         }
     }
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n");
+    if req.method != "GET" && req.method != "HEAD" {
+        return Response::text(405, "GET only\n").with("Allow", "GET, HEAD".into());
     }
     // Nothing here takes a body; not reading one keeps memory bounded.
-    if req.body().size_hint().lower() > 0 {
-        return reply(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "text/plain",
-            "no body expected\n",
-        );
+    if req.content_length > 0 {
+        return Response::text(413, "no body expected\n");
     }
-    match req.uri().path() {
+    match req.path.as_str() {
         "/healthz" => healthz(state).await,
-        "/metrics" => reply(
-            StatusCode::OK,
+        "/metrics" => Response::new(
+            200,
             exposition::CONTENT_TYPE,
             exposition::render(&sample(state)),
         ),
-        _ => reply(
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            "/healthz or /metrics\n",
-        ),
+        _ => Response::text(404, "/healthz or /metrics\n"),
     }
 }
 
 /// The refusal to send, or None when the request carries the password.
-fn authenticate(
-    state: &State,
-    password: &str,
-    client: IpAddr,
-    req: &Request<Incoming>,
-) -> Option<Response<Full<Bytes>>> {
+fn authenticate(state: &State, password: &str, client: IpAddr, req: &Head) -> Option<Response> {
     let now = Instant::now();
     let mut failures = state.failures.lock().unwrap_or_else(|e| e.into_inner());
     if failures.blocked(client, now) {
-        let mut r = reply(
-            StatusCode::TOO_MANY_REQUESTS,
-            "text/plain",
-            "too many failed attempts\n",
-        );
-        r.headers_mut()
-            .insert(RETRY_AFTER, HeaderValue::from(auth::WINDOW.as_secs()));
-        return Some(r);
+        let r = Response::text(429, "too many failed attempts\n");
+        return Some(r.with("Retry-After", auth::WINDOW.as_secs().to_string()));
     }
-    let header = req
-        .headers()
-        .get(hyper::header::AUTHORIZATION)
-        .map(|v| v.as_bytes());
-    if auth::basic_matches(header, password) {
+    if auth::basic_matches(req.authorization.as_deref(), password) {
         return None;
     }
     let attempts = failures.record(client, now);
@@ -202,19 +172,11 @@ fn authenticate(
         attempts,
         "http: refused a request from {client} without the right password ({attempts} in the last minute)"
     );
-    let mut r = reply(
-        StatusCode::UNAUTHORIZED,
-        "text/plain",
-        "password required\n",
-    );
-    r.headers_mut().insert(
-        WWW_AUTHENTICATE,
-        HeaderValue::from_static("Basic realm=\"onboardd\""),
-    );
-    Some(r)
+    let r = Response::text(401, "password required\n");
+    Some(r.with("WWW-Authenticate", "Basic realm=\"onboardd\"".into()))
 }
 
-async fn healthz(state: &State) -> Response<Full<Bytes>> {
+async fn healthz(state: &State) -> Response {
     let store_ok = tokio::time::timeout(STORE_CHECK, state.engine.store().flush_all())
         .await
         .is_ok_and(|r| r.is_ok());
@@ -226,20 +188,14 @@ async fn healthz(state: &State) -> Response<Full<Bytes>> {
         None
     };
     let body = match reason {
-        None => serde_json::json!({
-            "status": "ok",
-            "broker": "connected",
-            "store": "writable",
-            "cloud": state.engine.cloud_status(),
-        }),
-        Some(reason) => serde_json::json!({ "status": "unavailable", "reason": reason }),
+        None => {
+            let cloud = serde_json::to_string(&state.engine.cloud_status()).unwrap_or_default();
+            format!(r#"{{"status":"ok","broker":"connected","store":"writable","cloud":{cloud}}}"#)
+        }
+        Some(reason) => format!(r#"{{"status":"unavailable","reason":"{reason}"}}"#),
     };
-    let status = if reason.is_none() {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    reply(status, "application/json", body.to_string())
+    let status = if reason.is_none() { 200 } else { 503 };
+    Response::new(status, "application/json", body)
 }
 
 fn sample(state: &State) -> exposition::Sample {
