@@ -172,6 +172,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let acker = tokio::spawn(engine.clone().run_acker(ack_rx));
     let session_events = tokio::spawn(engine.clone().run_session_events(event_rx));
     let control = control::serve(&cfg.control, engine.clone(), stops.stop.clone())?;
+    // Before READY: a listener that cannot bind fails the start, not a later scrape.
+    let http =
+        crate::http::serve(&cfg.http, engine.clone(), mqtt.clone(), stops.stop.clone()).await?;
     let reaper = crate::lifecycle::spawn_reaper(
         cfg.discovery.delete_retired_after_s,
         engine.clone(),
@@ -216,6 +219,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     }
     if let Some(c) = control {
         c.abort();
+    }
+    if let Some(h) = http {
+        h.abort();
     }
     // The dispatcher stops taking announces; those it never took stay unacknowledged
     // at the broker (persistent session) and come back on the next start.

@@ -54,7 +54,7 @@
 //! deadline; [`control`] is the Unix socket behind `onboardd devices …` (server and
 //! client, and `forget`: the Qubitro delete first, then the local forget, all or
 //! nothing, with the daemon running or not; `prune`, the same for every sensor silent
-//! too long); [`lifecycle`] deletes discovered devices retired for too long (with
+//! too long); [`http`] serves `/healthz` and `/metrics`; [`lifecycle`] deletes discovered devices retired for too long (with
 //! `control`'s forget).
 //!
 //! Shared leaves: [`config`] (TOML/env, validated once), [`claim_key`] (configured
@@ -79,6 +79,7 @@ pub mod discovery;
 pub mod engine;
 pub mod failpoint;
 pub mod heartbeat;
+pub mod http;
 pub mod lifecycle;
 pub mod logging;
 pub mod metrics;

@@ -112,6 +112,9 @@ path = "{state}"
 new_sensor_cooldown_s = 0
 [control]
 socket = "{sock}"
+[http]
+# A port of its own per daemon (the shipped one is fixed): tests run side by side.
+listen = "127.0.0.1:0"
 "#,
         base = cloud.base_url(),
         project = cloud.project_id(),

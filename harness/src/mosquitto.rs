@@ -261,8 +261,9 @@ impl Mosquitto {
         Ok(())
     }
 
-    /// Starts it again on the same port (a test's clients and daemon know that one).
-    fn spawn_on_the_same_port(&mut self) {
+    /// Starts it again on the same port (a test's clients and daemon know that one),
+    /// after [`Mosquitto::kill`] or [`Mosquitto::stop`].
+    pub fn spawn_on_the_same_port(&mut self) {
         if let Err(e) = self.spawn_once() {
             panic!("mosquitto did not start again on port {}: {e}", self.port);
         }

@@ -17,6 +17,7 @@ use super::error::{CloudError, DeleteError, Deleted};
 use super::list::{Found, ListReader};
 use crate::announce::DeviceSpec;
 use crate::config::{QubitroConfig, Secret};
+use crate::metrics::{self, CloudOutcome};
 use crate::reply::Credentials;
 
 /// The Qubitro client. One per process: reqwest pools connections.
@@ -247,17 +248,18 @@ impl Cloud {
             .expect("the in-flight semaphore is never closed");
         let started = Instant::now();
         let result = req.bearer_auth(self.api_key.expose()).send().await;
+        let transport = |e: &reqwest::Error| {
+            metrics::cloud_request(CloudOutcome::Transport, started.elapsed());
+            transport_error(e, is_create)
+        };
         let resp = match result {
             Ok(r) => r,
-            Err(e) => return Err(transport_error(&e, is_create)),
+            Err(e) => return Err(transport(&e)),
         };
         let status = resp.status();
         let headers = resp.headers().clone();
-        let body = resp
-            .bytes()
-            .await
-            .map_err(|e| transport_error(&e, is_create))?;
-        crate::metrics::cloud_latency(started.elapsed());
+        let body = resp.bytes().await.map_err(|e| transport(&e))?;
+        metrics::cloud_request(CloudOutcome::of_status(status.as_u16()), started.elapsed());
         Ok((status, headers, body))
     }
 }

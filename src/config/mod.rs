@@ -18,8 +18,8 @@ pub use error::ConfigError;
 pub use load::{load_claim_settings, DEFAULT_CONFIG, DEFAULT_CONFIG_PATH};
 pub use secrets::{read_key_file, warn_if_loose_secret_files, warn_if_readable_secrets, Secret};
 pub use types::{
-    AnnounceConfig, BridgeConfig, Config, ControlConfig, DiscoveryConfig, LogConfig, LookupPolicy,
-    MqttConfig, Needs, QubitroConfig, SecurityConfig, StoreConfig,
+    AnnounceConfig, BridgeConfig, Config, ControlConfig, DiscoveryConfig, HttpConfig, LogConfig,
+    LookupPolicy, MqttConfig, Needs, QubitroConfig, SecurityConfig, StoreConfig,
 };
 pub use validate::{generic_gateway_id, is_loopback_host};
 

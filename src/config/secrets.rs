@@ -149,6 +149,7 @@ pub fn warn_if_loose_secret_files(cfg: &Config) {
         ("mqtt.password_file", &cfg.mqtt.password_file),
         ("qubitro.api_key_file", &cfg.qubitro.api_key_file),
         ("security.claim_key_file", &cfg.security.claim_key_file),
+        ("http.password_file", &cfg.http.password_file),
         ("mqtt.key_file", &cfg.mqtt.key_file),
     ] {
         if file.is_empty() {

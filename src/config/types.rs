@@ -36,6 +36,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub security: SecurityConfig,
     pub control: ControlConfig,
+    pub http: HttpConfig,
     pub bridge: BridgeConfig,
     pub discovery: DiscoveryConfig,
 }
@@ -169,6 +170,20 @@ pub struct SecurityConfig {
 pub struct ControlConfig {
     /// Unix socket for `onboardd devices …` while the daemon runs ("" disables it).
     pub socket: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// `IP:port` of /healthz and /metrics ("" turns the listener off); beyond
+    /// loopback only with a password.
+    pub listen: String,
+    /// File holding the HTTP Basic password every request then needs.
+    #[serde(default)]
+    pub password_file: String,
+    /// Read from `password_file` at start; never from the config text itself.
+    #[serde(skip)]
+    pub password: Secret,
 }
 
 /// What a command needs from the config besides the keys every command shares.

@@ -6,7 +6,7 @@ use crate::announce::valid_id;
 
 use super::error::{key_err, ConfigError};
 use super::secrets::{read_secret_file, require_strong_claim_key};
-use super::types::{BridgeConfig, Config, DiscoveryConfig, Needs, QubitroConfig};
+use super::types::{BridgeConfig, Config, DiscoveryConfig, HttpConfig, Needs, QubitroConfig};
 
 impl Config {
     /// Fills derived defaults, reads secret files and checks every key.
@@ -44,7 +44,13 @@ impl Config {
                 &self.qubitro.api_key_file,
                 &mut self.qubitro.api_key,
             )?;
+            read_secret_file(
+                "http.password_file",
+                &self.http.password_file,
+                &mut self.http.password,
+            )?;
         }
+        self.http.check()?;
         read_secret_file(
             "security.claim_key_file",
             &self.security.claim_key_file,
@@ -286,6 +292,40 @@ pub fn generic_gateway_id(id: &str) -> bool {
     DEFAULTS.iter().any(|d| d.eq_ignore_ascii_case(id))
 }
 
+impl HttpConfig {
+    /// The address to listen on, when the listener is on.
+    pub fn listen_addr(&self) -> Option<std::net::SocketAddr> {
+        self.listen.parse().ok()
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        if self.listen.is_empty() {
+            return Ok(());
+        }
+        let Some(addr) = self.listen_addr() else {
+            return Err(key_err(
+                "http.listen",
+                format!(
+                    "{:?} is not IP:port (e.g. 127.0.0.1:8099), nor \"\" (off)",
+                    self.listen
+                ),
+            ));
+        };
+        // Metrics and health say what the gateway runs and when it is down: beyond
+        // this machine only for those who know the password.
+        if !addr.ip().is_loopback() && self.password_file.is_empty() {
+            return Err(key_err(
+                "http.listen",
+                format!(
+                    "{addr} is reachable beyond this machine: set http.password_file (HTTP Basic) \
+                        or listen on 127.0.0.1"
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// A host on this machine: 127.0.0.0/8, ::1 or localhost.
 pub fn is_loopback_host(host: &str) -> bool {
     let h = host.trim_start_matches('[').trim_end_matches(']');
@@ -376,6 +416,30 @@ mod tests {
         ] {
             assert!(!is_loopback_host(h), "{h}");
         }
+    }
+
+    #[test]
+    fn the_http_listener_goes_beyond_loopback_only_with_a_password_file() {
+        let with =
+            |http: &str| Config::from_toml_for(&format!("{MINIMAL}\n[http]\n{http}"), Needs::Local);
+        for ok in [
+            "listen = \"\"",
+            "listen = \"127.0.0.1:9\"",
+            "listen = \"[::1]:9\"",
+        ] {
+            assert!(with(ok).is_ok(), "{ok}");
+        }
+        let beyond = with("listen = \"0.0.0.0:9\"").unwrap_err();
+        assert!(
+            matches!(beyond, ConfigError::Key { ref key, .. } if key == "http.listen"),
+            "{beyond}"
+        );
+        assert!(with("listen = \"0.0.0.0:9\"\npassword_file = \"/etc/pw\"").is_ok());
+        let bad = with("listen = \"localhost\"").unwrap_err();
+        assert!(
+            matches!(bad, ConfigError::Key { ref key, .. } if key == "http.listen"),
+            "{bad}"
+        );
     }
 
     #[test]

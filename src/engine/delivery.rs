@@ -242,6 +242,7 @@ impl Delivery<'_> {
         let sensor = tag.sensor.as_str();
         match outcome {
             Acked::Delivered => {
+                crate::metrics::reply_delivered();
                 let now = self.clock.wall_ms();
                 // No flush: should it be lost, the reply is only published again.
                 records::apply(

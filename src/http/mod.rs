@@ -1,0 +1,212 @@
+//! The daemon's HTTP listener: `/healthz` for Docker's HEALTHCHECK and load
+//! balancers, `/metrics` for Prometheus ([`exposition`]). Loopback by default;
+//! beyond it only with HTTP Basic ([`auth`]). Every resource a client can make it
+//! hold is bounded: connections, header bytes and count ([`wire`]), time per
+//! connection; no request body is read, and a connection serves one request.
+
+mod auth;
+mod exposition;
+mod wire;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::HttpConfig;
+use crate::engine::Engine;
+use crate::mqtt::Mqtt;
+use wire::{Head, Parsed, Response};
+
+/// Connections served at once; more are closed unanswered (a scraper and a health
+/// check need a handful).
+const MAX_CONNECTIONS: usize = 32;
+/// A whole connection, from accept to the end of the response: a client slow to
+/// send its request is dropped.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long /healthz waits for the store's flusher before calling it stuck (within
+/// the connection's time).
+const STORE_CHECK: Duration = Duration::from_secs(3);
+
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("http.listen: cannot listen on {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What the handlers read.
+struct State {
+    engine: Arc<Engine>,
+    mqtt: Mqtt,
+    /// None on loopback without `password_file`: no authentication.
+    password: Option<String>,
+    failures: Mutex<auth::Failures>,
+}
+
+/// Binds `[http] listen` (None when off) and serves it until `stop`.
+pub async fn serve(
+    cfg: &HttpConfig,
+    engine: Arc<Engine>,
+    mqtt: Mqtt,
+    stop: CancellationToken,
+) -> Result<Option<JoinHandle<()>>, HttpError> {
+    let Some(addr) = cfg.listen_addr() else {
+        return Ok(None);
+    };
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| HttpError::Bind { addr, source })?;
+    let bound = listener.local_addr().unwrap_or(addr);
+    tracing::info!(
+        listen = %bound,
+        authenticated = !cfg.password.is_empty(),
+        "http listening on {bound}: /healthz, /metrics"
+    );
+    let state = Arc::new(State {
+        engine,
+        mqtt,
+        password: Some(cfg.password.expose().to_string()).filter(|p| !p.is_empty()),
+        failures: Mutex::default(),
+    });
+    Ok(Some(tokio::spawn(accept(listener, state, stop))))
+}
+
+async fn accept(listener: TcpListener, state: Arc<State>, stop: CancellationToken) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors, mostly: wait instead of spinning.
+                    tracing::warn!(error = %e, "http: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => return,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(client = %peer, "http: too many connections, closing one");
+            continue;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, connection(stream, peer.ip(), &state))
+                .await;
+            drop(slot);
+        });
+    }
+}
+
+/// One request, one response, then the connection closes.
+async fn connection(mut stream: TcpStream, client: IpAddr, state: &State) -> std::io::Result<()> {
+    let mut buf = vec![0u8; wire::MAX_HEAD_BYTES];
+    let mut len = 0;
+    let (response, head_only) = loop {
+        let n = stream.read(&mut buf[len..]).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        len += n;
+        match wire::parse(&buf[..len]) {
+            Parsed::Partial => continue,
+            Parsed::Refuse(r) => break (r, false),
+            Parsed::Complete(head) => {
+                break (handle(state, client, &head).await, head.method == "HEAD")
+            }
+        }
+    };
+    stream.write_all(&response.encode(head_only)).await?;
+    stream.shutdown().await
+}
+
+async fn handle(state: &State, client: IpAddr, req: &Head) -> Response {
+    if let Some(password) = &state.password {
+        if let Some(refused) = authenticate(state, password, client, req) {
+            return refused;
+        }
+    }
+    if req.method != "GET" && req.method != "HEAD" {
+        return Response::text(405, "GET only\n").with("Allow", "GET, HEAD".into());
+    }
+    // Nothing here takes a body; not reading one keeps memory bounded.
+    if req.content_length > 0 {
+        return Response::text(413, "no body expected\n");
+    }
+    match req.path.as_str() {
+        "/healthz" => healthz(state).await,
+        "/metrics" => Response::new(
+            200,
+            exposition::CONTENT_TYPE,
+            exposition::render(&sample(state)),
+        ),
+        _ => Response::text(404, "/healthz or /metrics\n"),
+    }
+}
+
+/// The refusal to send, or None when the request carries the password.
+fn authenticate(state: &State, password: &str, client: IpAddr, req: &Head) -> Option<Response> {
+    let now = Instant::now();
+    let mut failures = state.failures.lock().unwrap_or_else(|e| e.into_inner());
+    if failures.blocked(client, now) {
+        let r = Response::text(429, "too many failed attempts\n");
+        return Some(r.with("Retry-After", auth::WINDOW.as_secs().to_string()));
+    }
+    if auth::basic_matches(req.authorization.as_deref(), password) {
+        return None;
+    }
+    let attempts = failures.record(client, now);
+    // Only the address and the count: what was sent may be a mistyped password.
+    tracing::warn!(
+        client = %client,
+        attempts,
+        "http: refused a request from {client} without the right password ({attempts} in the last minute)"
+    );
+    let r = Response::text(401, "password required\n");
+    Some(r.with("WWW-Authenticate", "Basic realm=\"onboardd\"".into()))
+}
+
+async fn healthz(state: &State) -> Response {
+    let store_ok = tokio::time::timeout(STORE_CHECK, state.engine.store().flush_all())
+        .await
+        .is_ok_and(|r| r.is_ok());
+    let reason = if !state.mqtt.is_connected() {
+        Some("broker session down")
+    } else if !store_ok {
+        Some("store not writable")
+    } else {
+        None
+    };
+    let body = match reason {
+        None => {
+            let cloud = serde_json::to_string(&state.engine.cloud_status()).unwrap_or_default();
+            format!(r#"{{"status":"ok","broker":"connected","store":"writable","cloud":{cloud}}}"#)
+        }
+        Some(reason) => format!(r#"{{"status":"unavailable","reason":"{reason}"}}"#),
+    };
+    let status = if reason.is_none() { 200 } else { 503 };
+    Response::new(status, "application/json", body)
+}
+
+fn sample(state: &State) -> exposition::Sample {
+    exposition::Sample {
+        counters: crate::metrics::snapshot(state.engine.pending_now()),
+        replies_delivered: crate::metrics::replies_delivered(),
+        cloud: crate::metrics::cloud_requests(),
+        onboarding_now: state.engine.pending_now(),
+        bridge: state.engine.bridge().map(|b| b.stats()),
+        mqtt_connected: state.mqtt.is_connected(),
+        cloud_ok: state.engine.cloud_status() == "ok",
+        version: env!("CARGO_PKG_VERSION"),
+    }
+}
