@@ -172,9 +172,17 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let acker = tokio::spawn(engine.clone().run_acker(ack_rx));
     let session_events = tokio::spawn(engine.clone().run_session_events(event_rx));
     let control = control::serve(&cfg.control, engine.clone(), stops.stop.clone())?;
-    // Before READY: a listener that cannot bind fails the start, not a later scrape.
-    let http =
-        crate::http::serve(&cfg.http, engine.clone(), mqtt.clone(), stops.stop.clone()).await?;
+    // Before READY, so the journal says at start when it cannot bind. Sensors come
+    // first: a port taken by another program costs the status page, not onboarding.
+    let http = match crate::http::serve(&cfg.http, engine.clone(), mqtt.clone(), stops.stop.clone())
+        .await
+    {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::error!("{e}; serving sensors without /healthz and /metrics (set http.listen to a free address, or \"\" to turn it off)");
+            None
+        }
+    };
     let reaper = crate::lifecycle::spawn_reaper(
         cfg.discovery.delete_retired_after_s,
         engine.clone(),

@@ -35,7 +35,7 @@ const STORE_CHECK: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
-    #[error("http.listen: cannot listen on {addr}")]
+    #[error("http.listen: cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
         #[source]
