@@ -20,7 +20,8 @@
 //! **Engine** — [`engine`], one stage per file, each given only the state it touches:
 //! - `inbound`: the pure routing of a topic (reading, discovery config, followed
 //!   state, announce); `dispatch`: one task takes messages in arrival order and
-//!   decides what each gets; the acker acknowledges each, in arrival order, once its
+//!   decides what each gets (`announce_route`: where it is answered); `acker`
+//!   acknowledges each, in arrival order, once its
 //!   write is durable and its bridged readings are forwarded or spilled.
 //! - `admit`: the one place a new sensor becomes a record (rules and flood limits of
 //!   [`security`], recent rejections in `rejections`), announced or discovered.

@@ -18,42 +18,26 @@ use rumqttc::v5::mqttbytes::QoS;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::acker::AckItem;
 use super::admit::{Admission, Admitted, Refusal};
+use super::announce_route::route_from_properties;
 use super::delivery::{delivery_tag, pending_wait, Outbox};
 use super::discovered::Discovered;
 use super::inbound::{Inbound, Routes};
 use super::onboardings::{Launch, Onboardings};
-use super::pacer::SpillPacer;
-use super::publisher::Publisher;
 use super::Fatal;
 use crate::announce::{self, Announce, AnnounceError};
-use crate::bridge::{AcceptError, Bridge, Settled, Ticket};
+use crate::bridge::{AcceptError, Bridge, Ticket};
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::failpoint;
 use crate::heartbeat::Heartbeat;
 use crate::metrics;
 use crate::mqtt::{DeliveryTag, Inbox};
 use crate::onboarding::{Provenance, Record};
 use crate::proof::v2::AnnounceNonce;
-use crate::reply::{allowed_response_topic, Reply, ReplyCode, Route};
+use crate::reply::{Reply, ReplyCode, Route};
 use crate::security::{Authenticated, Denial, Gatekeeper};
 use crate::store::{Store, StoreError};
-
-/// The longest MQTT 5 Response Topic honoured: a longer one gets `invalid_field`
-/// on the default reply topic, and is never stored nor kept per waiting route.
-pub const MAX_RESPONSE_TOPIC_BYTES: usize = 256;
-/// The longest MQTT 5 Correlation Data honoured (same rule).
-pub const MAX_CORRELATION_DATA_BYTES: usize = 64;
-
-/// A message waiting for its acknowledgement.
-pub struct AckItem {
-    publish: Publish,
-    /// Write that must be on disk first (0: none).
-    seq: u64,
-    /// Its bridged readings: each forwarded to Qubitro, or spilled and durable, first.
-    tickets: Vec<Ticket>,
-}
 
 /// A reply decided by the dispatcher.
 #[derive(Debug)]
@@ -251,36 +235,10 @@ impl Dispatch<'_> {
             );
             return Ok(Decision::default());
         }
-        let mut route = Route::default();
         // Where to answer, even a refusal; properties too large to honour are refused
         // once the proof is known, so that refusal can carry a MAC.
-        let mut oversized = None;
-        if let Some(props) = &p.properties {
-            let topic_len = props.response_topic.as_ref().map_or(0, String::len);
-            let corr_len = props.correlation_data.as_ref().map_or(0, |c| c.len());
-            if topic_len > MAX_RESPONSE_TOPIC_BYTES {
-                oversized = Some(format!(
-                    "response topic (MQTT 5 property) is {topic_len} bytes, more than {MAX_RESPONSE_TOPIC_BYTES}"
-                ));
-            } else if corr_len > MAX_CORRELATION_DATA_BYTES {
-                oversized = Some(format!(
-                    "correlation data (MQTT 5 property) is {corr_len} bytes, more than {MAX_CORRELATION_DATA_BYTES}"
-                ));
-            } else {
-                if let Some(rt) = &props.response_topic {
-                    if allowed_response_topic(&cfg.mqtt.reply_topic, sensor, rt) {
-                        route.response_topic = Some(rt.clone());
-                    } else {
-                        tracing::warn!(
-                            sensor_id = sensor,
-                            "response topic of sensor {sensor} is outside its reply namespace; using \
-                            the default reply topic"
-                        );
-                    }
-                }
-                route.correlation_data = props.correlation_data.as_ref().map(|c| c.to_vec());
-            }
-        }
+        let (mut route, oversized) =
+            route_from_properties(p.properties.as_ref(), &cfg.mqtt.reply_topic, sensor);
         if p.payload.len() > cfg.announce.max_payload_bytes {
             let e = AnnounceError::PayloadTooLarge {
                 size: p.payload.len(),
@@ -546,75 +504,6 @@ impl Dispatch<'_> {
                 track: None,
             }),
         }
-    }
-}
-
-/// Acknowledges messages in arrival order, each once its write is durable and its
-/// bridged readings are forwarded or spilled durably. A held reading keeps the acks
-/// after it waiting until Qubitro acknowledges it or its deadline spills it (MQTT 5
-/// §4.6 wants PUBACKs in arrival order). Runs until the dispatcher is gone and every
-/// queued ack is sent, or `abort`.
-pub(super) async fn acknowledge(
-    store: &Store,
-    publisher: &dyn Publisher,
-    mut acks: mpsc::Receiver<AckItem>,
-    spill_flush: Duration,
-    abort: &CancellationToken,
-    fatal: &Fatal,
-) {
-    let mut pacer = SpillPacer::new(spill_flush);
-    loop {
-        let item = tokio::select! {
-            i = acks.recv() => match i { Some(i) => i, None => return },
-            _ = abort.cancelled() => return,
-        };
-        let mut spilled = 0;
-        for ticket in item.tickets {
-            let settled = tokio::select! {
-                s = ticket.settle() => s,
-                _ = abort.cancelled() => return,
-            };
-            match settled {
-                Ok(Settled::Forwarded) => {}
-                Ok(Settled::Spilled(seq)) => spilled = spilled.max(seq),
-                Err(e) => {
-                    fatal.trigger(e);
-                    return;
-                }
-            }
-        }
-        if item.publish.qos == QoS::AtMostOnce {
-            // Nothing to acknowledge: a spilled QoS 0 reading is made durable by
-            // the next flush.
-            continue;
-        }
-        let durable = async {
-            if spilled > 0 {
-                pacer.durable(store, spilled).await?;
-            }
-            if item.seq > 0 {
-                store.durable(item.seq).await?;
-            }
-            Ok::<(), StoreError>(())
-        };
-        let durable = tokio::select! {
-            d = durable => d,
-            _ = abort.cancelled() => return,
-        };
-        if let Err(e) = durable {
-            // Not acknowledged: the broker will deliver it again.
-            fatal.trigger(e);
-            return;
-        }
-        tokio::select! {
-            r = publisher.ack(&item.publish) => {
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, "cannot queue an ack: {e}");
-                }
-            }
-            _ = abort.cancelled() => return,
-        }
-        failpoint::hit("after_announce_acked");
     }
 }
 

@@ -3,8 +3,10 @@
 //!
 //! - [`inbound`]: what a message is, from its topic alone (pure).
 //! - [`dispatch`]: one task takes messages in arrival order and decides what each
-//!   gets (a reply from the store, an admission, a refusal); the acker acknowledges
-//!   them to the broker once their write is on disk.
+//!   gets (a reply from the store, an admission, a refusal); [`announce_route`]:
+//!   where an announce is answered (its MQTT 5 properties); [`acker`]: acknowledges
+//!   them to the broker, in arrival order, once their write is on disk and their
+//!   bridged readings are forwarded or spilled ([`pacer`]: the spills' group commit).
 //! - [`admit`]: the one place a new sensor (announced or discovered) becomes a
 //!   `Pending` record: rules, flood limits, recent rejections.
 //! - [`worker`]: one onboarding task per unfinished sensor drives its record through
@@ -26,7 +28,9 @@
 //! This file holds what they share, and [`Engine`]: the wiring that owns the state,
 //! lends each stage exactly its part, and spawns the tasks.
 
+mod acker;
 mod admit;
+mod announce_route;
 mod converge;
 mod delivery;
 mod discovered;
@@ -59,10 +63,11 @@ use crate::onboarding::Record;
 use crate::security::Gatekeeper;
 use crate::store::{Store, StoreError};
 
+pub use acker::AckItem;
+pub use announce_route::{MAX_CORRELATION_DATA_BYTES, MAX_RESPONSE_TOPIC_BYTES};
 pub use delivery::Outbox;
 use discovered::{Discovered, Discovery};
 use dispatch::Dispatch;
-pub use dispatch::{AckItem, MAX_CORRELATION_DATA_BYTES, MAX_RESPONSE_TOPIC_BYTES};
 pub use forget::forget_stored;
 use health::CloudHealth;
 use onboardings::Onboardings;
@@ -262,7 +267,7 @@ impl Engine {
     /// Acknowledges what the dispatcher handled, in order, once durable.
     pub async fn run_acker(self: Arc<Self>, acks: mpsc::Receiver<AckItem>) {
         let publisher = self.outbox.publisher();
-        dispatch::acknowledge(
+        acker::acknowledge(
             &self.store,
             publisher,
             acks,
