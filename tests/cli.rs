@@ -428,21 +428,6 @@ async fn devices_and_check_config_work_without_the_api_key_and_only_run_needs_it
     assert!(err.contains("qubitro.api_key: is required"), "{err}");
 }
 
-/// Every path below `dir` (directories included) with its owner uid.
-fn owners_below(dir: &std::path::Path) -> Vec<(String, u32)> {
-    use std::os::unix::fs::MetadataExt;
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap().flatten() {
-        let p = entry.path();
-        let meta = std::fs::symlink_metadata(&p).unwrap();
-        out.push((p.display().to_string(), meta.uid()));
-        if meta.is_dir() {
-            out.extend(owners_below(&p));
-        }
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_run_as_root_leave_no_root_owned_file_in_the_services_store() {
     let broker = Mosquitto::start();

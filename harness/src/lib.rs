@@ -18,11 +18,16 @@
 //! - [`pki`]: a throw-away PKI made with the openssl CLI.
 //! - [`qubitro_broker`]: a second mosquitto standing in for Qubitro's broker, with a
 //!   login per device the fake cloud creates (the telemetry bridge's tests).
+//! - [`bridge_setup`]: the bridge's test setup in one call ([`bridged()`], [`Bridged`]): the
+//!   local broker, the fake, the stand-in and its observer, onboardd bridging to it.
+//! - [`files`]: what tests check of files on disk ([`owners_below`]).
 //!
 //! Every wait has a deadline ([`WAIT`]) and panics saying what it waited for, with the log
 //! of the process concerned.
 
+pub mod bridge_setup;
 pub mod daemon;
+pub mod files;
 pub mod firmware;
 pub mod mosquitto;
 pub mod pki;
@@ -36,7 +41,9 @@ use std::time::Duration;
 
 use fake_qubitro::{Endpoint, FakeDevice, FakeOptions, FakeQubitro, Fault};
 
+pub use bridge_setup::{bridged, bridged_daemon, onboard_bridged, Bridged, BridgedBuilder};
 pub use daemon::{config_toml, daemon_bin, merge_toml, set_daemon_bin, store_path, Daemon};
+pub use files::owners_below;
 pub use firmware::{Flashed, Reply};
 pub use mosquitto::{Mosquitto, MosquittoBuilder};
 pub use process::{LogLines, Proc};
