@@ -517,15 +517,8 @@ fn plain_http_to_a_remote_cloud_and_a_client_certificate_without_a_ca_are_config
 
 #[test]
 fn the_warning_about_a_readable_config_with_a_secret_gives_advice_that_works_under_the_unit() {
-    use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("c.toml");
-    std::fs::write(
-        &path,
-        "[qubitro]\nproject_id = \"p\"\napi_key = \"QB_visible\"\n",
-    )
-    .unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let path = config_with_a_readable_secret(dir.path(), "QB_visible");
     let (code, _, err) = run(&["check-config", "--config", path.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("LoadCredential="), "{err}");
