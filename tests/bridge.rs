@@ -11,14 +11,8 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::*;
-use harness::qubitro_broker::{Observer, QubitroBroker};
+use harness::qubitro_broker::Observer;
 use serde_json::{json, Value};
-
-/// Onboards `id` as a bridged sensor and returns its reply.
-async fn onboard_bridged(s: &mut Sensor) -> Reply {
-    s.announce(r#"{"bridge":true,"name":"Bridged"}"#).await;
-    s.reply_with_status("ok").await
-}
 
 /// The `n` fields of the readings of `device` the observer receives until each of
 /// `wanted` was seen. At least once: a reading recorded (or sent) but not yet
@@ -43,17 +37,13 @@ async fn first_arrivals(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bridged_sensor_never_gets_its_token_and_its_readings_reach_qubitro_flattened_under_its_own_login(
 ) {
-    let broker = Mosquitto::start();
-    let cloud = fake_cloud().await;
-    let qubitro = QubitroBroker::start(&cloud);
-    let mut obs = qubitro.observer().await;
-    let d = Daemon::start(&broker, &cloud, &qubitro.daemon_toml());
+    let mut rig = bridged().start().await;
     // Anyone on the local broker: sees every topic.
-    let mut snoop = Sensor::connect_as(broker.port, "snoop", "#", None, None).await;
+    let mut snoop = Sensor::connect_as(rig.broker.port, "snoop", "#", None, None).await;
 
-    let mut s = d.sensor(broker.port, "br-1").await;
+    let mut s = rig.sensor("br-1").await;
     let ok = onboard_bridged(&mut s).await;
-    let device = cloud_devices_of(&cloud, "br-1").remove(0);
+    let device = cloud_devices_of(&rig.cloud, "br-1").remove(0);
     assert_eq!(ok["bridged"], true, "{ok}");
     assert_eq!(ok["device_id"], device.id.as_str());
     assert_eq!(ok["data_topic"], "onboard/data/br-1");
@@ -65,7 +55,7 @@ async fn a_bridged_sensor_never_gets_its_token_and_its_readings_reach_qubitro_fl
         false,
     )
     .await;
-    let got = obs.on_topic(&device.id, 1).await;
+    let got = rig.obs.on_topic(&device.id, 1).await;
     assert_eq!(got[0], json!({"env_hum":40,"env_temp":21.5,"ok":true}));
 
     // Bridged stays on: an announce without `bridge` still gets no token.
@@ -73,7 +63,7 @@ async fn a_bridged_sensor_never_gets_its_token_and_its_readings_reach_qubitro_fl
     let again = s.reply_with_status("ok").await;
     assert_eq!(again["bridged"], true, "{again}");
     assert!(again.get("device_token").is_none() && again.get("device_token_sealed").is_none());
-    let (code, shown, err) = d.devices(&["show", "br-1"]);
+    let (code, shown, err) = rig.d.devices(&["show", "br-1"]);
     assert_eq!(code, 0, "{err}");
     let shown: Value = serde_json::from_str(&shown).unwrap();
     assert_eq!(shown["bridged"], true, "{shown}");
@@ -95,27 +85,15 @@ async fn a_bridged_sensor_never_gets_its_token_and_its_readings_reach_qubitro_fl
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readings_sent_during_an_uplink_outage_and_across_a_kill_9_all_arrive_in_order() {
-    let broker = Mosquitto::start_persistent();
-    let cloud = fake_cloud().await;
-    let mut qubitro = QubitroBroker::start(&cloud);
-    let mut obs = qubitro.observer().await;
-    let state = tempfile::tempdir().unwrap();
-    let mut d = Daemon::with_state(
-        broker.port,
-        &cloud,
-        state.path(),
-        &qubitro.daemon_toml(),
-        vec![],
-    );
-    d.wait_subscribed();
-    let mut s = Sensor::connect_persistent(broker.port, "br-out", &d.flashed()).await;
+    let mut rig = bridged().persistent_broker().start().await;
+    let mut s = Sensor::connect_persistent(rig.broker.port, "br-out", &rig.d.flashed()).await;
     onboard_bridged(&mut s).await;
-    let device = cloud_devices_of(&cloud, "br-out").remove(0);
+    let device = cloud_devices_of(&rig.cloud, "br-out").remove(0);
     s.publish("onboard/data/br-out", br#"{"n":0}"#, false).await;
-    assert_eq!(obs.on_topic(&device.id, 1).await[0], json!({"n":0}));
+    assert_eq!(rig.obs.on_topic(&device.id, 1).await[0], json!({"n":0}));
 
     // Qubitro's broker goes away; readings keep coming.
-    qubitro.stop();
+    rig.qubitro.stop();
     let total = 300;
     for n in 1..150 {
         s.publish(
@@ -126,7 +104,7 @@ async fn readings_sent_during_an_uplink_outage_and_across_a_kill_9_all_arrive_in
         .await;
     }
     // onboardd dies mid-stream; the local broker keeps what it has not acknowledged.
-    d.kill9();
+    rig.d.kill9();
     for n in 150..total {
         s.publish(
             "onboard/data/br-out",
@@ -135,35 +113,25 @@ async fn readings_sent_during_an_uplink_outage_and_across_a_kill_9_all_arrive_in
         )
         .await;
     }
-    d.spawn();
-    d.wait_subscribed();
-    qubitro.start_again();
+    rig.d.spawn();
+    rig.d.wait_subscribed();
+    rig.qubitro.start_again();
 
     // Every one arrives, and in order: none before every earlier one did.
-    let first = first_arrivals(&mut obs, &device.id, 1..total).await;
+    let first = first_arrivals(&mut rig.obs, &device.id, 1..total).await;
     let expected: Vec<u64> = (1..total).collect();
     assert_eq!(first, expected, "first arrivals in sending order");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_readings_and_readings_of_sensors_that_are_not_bridged_are_dropped_and_counted() {
-    let broker = Mosquitto::start();
-    let cloud = fake_cloud().await;
-    let qubitro = QubitroBroker::start(&cloud);
-    let mut obs = qubitro.observer().await;
-    let mut stats =
-        Sensor::connect_as(broker.port, "stats", "onboard/gateway/+/stats", None, None).await;
-    let d = Daemon::start(
-        &broker,
-        &cloud,
-        &format!("{}\n[log]\nstats_interval_s = 1", qubitro.daemon_toml()),
-    );
-    let mut s = d.sensor(broker.port, "br-bad").await;
+    let mut rig = bridged().stats().start().await;
+    let mut s = rig.sensor("br-bad").await;
     onboard_bridged(&mut s).await;
-    let device = cloud_devices_of(&cloud, "br-bad").remove(0);
-    let mut plain = d.sensor(broker.port, "not-bridged").await;
+    let device = cloud_devices_of(&rig.cloud, "br-bad").remove(0);
+    let mut plain = rig.sensor("not-bridged").await;
     plain.announce("{}").await;
-    assert_opens_to_the_clouds_token(&cloud, &plain.reply_with_status("ok").await);
+    assert_opens_to_the_clouds_token(&rig.cloud, &plain.reply_with_status("ok").await);
 
     let topic = "onboard/data/br-bad";
     let bad: Vec<Vec<u8>> = vec![
@@ -185,10 +153,10 @@ async fn bad_readings_and_readings_of_sensors_that_are_not_bridged_are_dropped_a
     s.publish(topic, br#"{"list":[1,2],"good":1}"#, false).await;
 
     // The first reading that reaches Qubitro is the good one: none of the bad came.
-    assert_eq!(obs.on_topic(&device.id, 1).await[0], json!({"good":1}));
+    assert_eq!(rig.obs.on_topic(&device.id, 1).await[0], json!({"good":1}));
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let (_, v, _) = stats.next().await;
+        let (_, v, _) = rig.stats().next().await;
         if v["bridge_refused"].as_u64().unwrap_or(0) >= 8 {
             assert_eq!(v["bridged_devices"], 1, "{v}");
             break;
@@ -196,10 +164,10 @@ async fn bad_readings_and_readings_of_sensors_that_are_not_bridged_are_dropped_a
         assert!(
             tokio::time::Instant::now() < deadline,
             "refused readings not counted: {v}; log:\n{}",
-            d.log.text()
+            rig.d.log.text()
         );
     }
     // And the daemon keeps serving.
     s.publish(topic, br#"{"after":1}"#, false).await;
-    assert_eq!(obs.on_topic(&device.id, 1).await[0], json!({"after":1}));
+    assert_eq!(rig.obs.on_topic(&device.id, 1).await[0], json!({"after":1}));
 }

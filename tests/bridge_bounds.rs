@@ -5,7 +5,6 @@
 mod common;
 
 use common::*;
-use harness::qubitro_broker::QubitroBroker;
 use serde_json::{json, Value};
 
 /// Reads the daemon's stats until `done` holds for one of them.
@@ -26,30 +25,25 @@ async fn stats_until(stats: &mut Sensor, done: impl Fn(&Value) -> bool) -> Value
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chatty_sensor_cannot_evict_a_quiet_sensors_buffered_readings() {
-    let broker = Mosquitto::start();
-    let cloud = fake_cloud().await;
-    let mut qubitro = QubitroBroker::start(&cloud);
-    let mut obs = qubitro.observer().await;
-    let mut stats =
-        Sensor::connect_as(broker.port, "stats", "onboard/gateway/+/stats", None, None).await;
-    // Room for about ten of the chatty sensor's readings; the rate limit out of the way.
-    let toml = format!(
-        "{}max_buffer_bytes = 1200\n[log]\nstats_interval_s = 1\n",
-        qubitro.daemon_toml()
-    );
-    let d = Daemon::start(&broker, &cloud, &toml);
-    let mut quiet = d.sensor(broker.port, "br-quiet").await;
-    let mut chatty = d.sensor(broker.port, "br-chatty").await;
+    // Room for about ten of the chatty sensor's readings (the harness's bridge config
+    // puts the rate limit out of the way).
+    let mut rig = bridged()
+        .stats()
+        .extra("[bridge]\nmax_buffer_bytes = 1200\n")
+        .start()
+        .await;
+    let mut quiet = rig.sensor("br-quiet").await;
+    let mut chatty = rig.sensor("br-chatty").await;
     for s in [&mut quiet, &mut chatty] {
         s.announce(r#"{"bridge":true}"#).await;
         s.reply_with_status("ok").await;
     }
-    let quiet_device = cloud_devices_of(&cloud, "br-quiet").remove(0);
-    let chatty_device = cloud_devices_of(&cloud, "br-chatty").remove(0);
-    qubitro.wait_for_login(&quiet_device).await;
-    qubitro.wait_for_login(&chatty_device).await;
+    let quiet_device = cloud_devices_of(&rig.cloud, "br-quiet").remove(0);
+    let chatty_device = cloud_devices_of(&rig.cloud, "br-chatty").remove(0);
+    rig.qubitro.wait_for_login(&quiet_device).await;
+    rig.qubitro.wait_for_login(&chatty_device).await;
 
-    qubitro.stop();
+    rig.qubitro.stop();
     // The quiet sensor's one reading is the oldest of all.
     quiet
         .publish("onboard/data/br-quiet", br#"{"n":0}"#, false)
@@ -63,7 +57,7 @@ async fn a_chatty_sensor_cannot_evict_a_quiet_sensors_buffered_readings() {
             .await;
     }
     // Every reading taken: buffered, or dropped for room.
-    let v = stats_until(&mut stats, |v| {
+    let v = stats_until(rig.stats(), |v| {
         v["bridge_buffered"].as_u64().unwrap_or(0) + v["bridge_dropped"].as_u64().unwrap_or(0)
             == sent + 1
     })
@@ -73,11 +67,11 @@ async fn a_chatty_sensor_cannot_evict_a_quiet_sensors_buffered_readings() {
         "the bound was reached: {v}"
     );
 
-    qubitro.start_again();
+    rig.qubitro.start_again();
     // Both devices' readings arrive interleaved: take them as they come.
     let (mut quiet_got, mut newest) = (None, None);
     while quiet_got.is_none() || newest.is_none() {
-        let (topic, payload) = obs.next().await;
+        let (topic, payload) = rig.obs.next().await;
         let v: Value = serde_json::from_slice(&payload).expect("a JSON reading");
         if topic == quiet_device.id {
             quiet_got = Some(v);

@@ -13,8 +13,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::*;
-use fake_qubitro::{FakeDevice, NewDevice};
-use harness::qubitro_broker::QubitroBroker;
+use fake_qubitro::{FakeDevice, FakeQubitro, NewDevice};
+use harness::qubitro_broker::{Observer, QubitroBroker};
 use onboardd::bridge::{AcceptError, Accepted, Bridge, DeviceState, Settled};
 use onboardd::config::Config;
 use onboardd::store::Store;
@@ -107,6 +107,27 @@ async fn device(fake: &fake_qubitro::FakeQubitro, qb: &QubitroBroker, name: &str
     d
 }
 
+/// What most tests here start from: the fake Qubitro, the stand-in for Qubitro's
+/// broker, its observer, a store directory, and a bridge over that store with
+/// `bridge_toml` in its `[bridge]` table, forwarding to the stand-in. In the order
+/// they start, so that the test's end drops them in reverse, the bridge first.
+async fn core(
+    bridge_toml: &str,
+) -> (
+    FakeQubitro,
+    QubitroBroker,
+    Observer,
+    tempfile::TempDir,
+    Running,
+) {
+    let fake = fake_cloud().await;
+    let qb = QubitroBroker::start(&fake);
+    let seen = qb.observer().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = start(&config(dir.path(), qb.port(), bridge_toml));
+    (fake, qb, seen, dir, b)
+}
+
 async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + WAIT;
     while !check() {
@@ -120,11 +141,7 @@ async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reading_arrives_flattened_on_the_device_topic_under_the_devices_own_login() {
-    let fake = fake_cloud().await;
-    let qb = QubitroBroker::start(&fake);
-    let mut seen = qb.observer().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let b = start(&config(dir.path(), qb.port(), ""));
+    let (fake, qb, mut seen, _dir, b) = core("").await;
     let d = device(&fake, &qb, "greenhouse").await;
 
     b.bridge.set_device("temp-01", &d.id, &d.token);
@@ -159,11 +176,7 @@ async fn a_reading_arrives_flattened_on_the_device_topic_under_the_devices_own_l
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_readings_are_refused_and_counted_and_never_reach_qubitro() {
-    let fake = fake_cloud().await;
-    let qb = QubitroBroker::start(&fake);
-    let mut seen = qb.observer().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let b = start(&config(dir.path(), qb.port(), ""));
+    let (fake, qb, mut seen, _dir, b) = core("").await;
     let d = device(&fake, &qb, "s").await;
     b.bridge.set_device("s", &d.id, &d.token);
 
@@ -194,11 +207,7 @@ async fn bad_readings_are_refused_and_counted_and_never_reach_qubitro() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn several_hundred_readings_sent_during_an_uplink_outage_all_arrive_in_order_after_it() {
-    let fake = fake_cloud().await;
-    let mut qb = QubitroBroker::start(&fake);
-    let mut seen = qb.observer().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let b = start(&config(dir.path(), qb.port(), ""));
+    let (fake, mut qb, mut seen, _dir, b) = core("").await;
     let d = device(&fake, &qb, "s").await;
     b.bridge.set_device("s", &d.id, &d.token);
     b.send("s", br#"{"n":-1}"#).await;
@@ -271,11 +280,7 @@ async fn readings_survive_closing_and_reopening_the_store_and_are_forwarded_afte
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_login_pauses_that_device_only_until_it_gets_a_good_token() {
-    let fake = fake_cloud().await;
-    let qb = QubitroBroker::start(&fake);
-    let mut seen = qb.observer().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let b = start(&config(dir.path(), qb.port(), ""));
+    let (fake, qb, mut seen, _dir, b) = core("").await;
     let bad = device(&fake, &qb, "bad").await;
     let good = device(&fake, &qb, "good").await;
 
@@ -312,11 +317,7 @@ async fn a_refused_login_pauses_that_device_only_until_it_gets_a_good_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_the_per_device_bound_the_oldest_readings_are_dropped_and_counted() {
-    let fake = fake_cloud().await;
-    let qb = QubitroBroker::start(&fake);
-    let mut seen = qb.observer().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let b = start(&config(dir.path(), qb.port(), "max_buffered_messages = 5"));
+    let (fake, qb, mut seen, _dir, b) = core("max_buffered_messages = 5").await;
     let d = device(&fake, &qb, "s").await;
 
     let mut dropped = 0;
@@ -340,13 +341,9 @@ async fn past_the_per_device_bound_the_oldest_readings_are_dropped_and_counted()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_the_total_bound_the_oldest_readings_of_any_device_are_dropped() {
-    let fake = fake_cloud().await;
-    let qb = QubitroBroker::start(&fake);
-    let mut seen = qb.observer().await;
-    let dir = tempfile::tempdir().expect("tempdir");
     // Each reading {"n":N} takes 17 bytes as stored (a 10-byte key, a 7-byte
     // record): room for four.
-    let b = start(&config(dir.path(), qb.port(), "max_buffer_bytes = 68"));
+    let (fake, qb, mut seen, _dir, b) = core("max_buffer_bytes = 68").await;
     let a = device(&fake, &qb, "a").await;
     let c = device(&fake, &qb, "c").await;
     b.send("a", br#"{"n":1}"#).await;
@@ -366,15 +363,7 @@ async fn past_the_total_bound_the_oldest_readings_of_any_device_are_dropped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_one_connection_slot_devices_take_turns_and_idle_connections_close() {
-    let fake = fake_cloud().await;
-    let qb = QubitroBroker::start(&fake);
-    let mut seen = qb.observer().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let b = start(&config(
-        dir.path(),
-        qb.port(),
-        "max_connections = 1\nidle_disconnect_s = 1",
-    ));
+    let (fake, qb, mut seen, _dir, b) = core("max_connections = 1\nidle_disconnect_s = 1").await;
     let x = device(&fake, &qb, "x").await;
     let y = device(&fake, &qb, "y").await;
     b.bridge.set_device("x", &x.id, &x.token);
@@ -411,11 +400,7 @@ async fn with_one_connection_slot_devices_take_turns_and_idle_connections_close(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeated_session_takeovers_are_detected_and_forwarding_resumes_after() {
     use rumqttc::v5::{AsyncClient, MqttOptions};
-    let fake = fake_cloud().await;
-    let qb = QubitroBroker::start(&fake);
-    let mut seen = qb.observer().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let b = start(&config(dir.path(), qb.port(), ""));
+    let (fake, qb, mut seen, _dir, b) = core("").await;
     let d = device(&fake, &qb, "s").await;
     b.bridge.set_device("s", &d.id, &d.token);
     b.send("s", br#"{"n":0}"#).await;
@@ -450,11 +435,7 @@ async fn repeated_session_takeovers_are_detected_and_forwarding_resumes_after() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_credentials_close_the_open_connection_and_the_next_login_uses_them() {
-    let fake = fake_cloud().await;
-    let qb = QubitroBroker::start(&fake);
-    let mut seen = qb.observer().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let b = start(&config(dir.path(), qb.port(), ""));
+    let (fake, qb, mut seen, _dir, b) = core("").await;
     let d = device(&fake, &qb, "s").await;
     b.bridge.set_device("s", &d.id, &d.token);
     b.send("s", br#"{"n":0}"#).await;
@@ -622,11 +603,7 @@ async fn the_stand_in_lets_a_device_write_only_the_topic_of_its_own_id() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_refused_at_first_and_accepted_later_forwards_its_buffered_readings_without_a_restart(
 ) {
-    let fake = fake_cloud().await;
-    let qb = QubitroBroker::start(&fake);
-    let mut seen = qb.observer().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let b = start(&config(dir.path(), qb.port(), ""));
+    let (_fake, qb, mut seen, _dir, b) = core("").await;
     // A device Qubitro's broker does not know yet: its login arrives later, as
     // it can for a device made moments ago.
     b.bridge.set_device("late", "late-dev", "late-token");

@@ -11,20 +11,13 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use common::*;
-use harness::proxy::Proxy;
-use harness::qubitro_broker::{Observer, QubitroBroker};
+use harness::qubitro_broker::Observer;
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-
-/// Onboards `s` as a bridged sensor.
-async fn onboard_bridged(s: &mut Sensor) {
-    s.announce(r#"{"bridge":true,"name":"Bridged"}"#).await;
-    s.reply_with_status("ok").await;
-}
 
 /// A plain MQTT 5 client on the local broker that publishes readings. Its own
 /// PUBACKs come from the broker whatever onboardd does: onboardd's are read in the
@@ -160,36 +153,32 @@ async fn until_buffered(d: &Daemon, sensor: &str, n: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_healthy_uplink_200_readings_at_a_sensors_pace_write_nothing_to_the_store() {
-    let broker = Mosquitto::start();
-    let cloud = fake_cloud().await;
-    let qubitro = QubitroBroker::start(&cloud);
-    let mut obs = qubitro.observer().await;
-    let d = Daemon::start(&broker, &cloud, &qubitro.daemon_toml());
-    let mut s = d.sensor(broker.port, "br-quiet").await;
+    let mut rig = bridged().start().await;
+    let mut s = rig.sensor("br-quiet").await;
     onboard_bridged(&mut s).await;
-    let device = cloud_devices_of(&cloud, "br-quiet").remove(0);
-    let p = Publisher::connect(broker.port).await;
+    let device = cloud_devices_of(&rig.cloud, "br-quiet").remove(0);
+    let p = Publisher::connect(rig.broker.port).await;
     // The uplink is up once a first reading went through.
     p.publish("br-quiet", QoS::AtLeastOnce, 0).await;
-    assert_eq!(obs.on_topic(&device.id, 1).await[0], json!({"n":0}));
+    assert_eq!(rig.obs.on_topic(&device.id, 1).await[0], json!({"n":0}));
 
-    let before = quiet_write_bytes(d.pid()).await;
+    let before = quiet_write_bytes(rig.d.pid()).await;
     let mut pace = tokio::time::interval(Duration::from_millis(20));
     for n in 1..=200 {
         pace.tick().await;
         p.publish("br-quiet", QoS::AtLeastOnce, n).await;
     }
-    let got = obs.on_topic(&device.id, 200).await;
+    let got = rig.obs.on_topic(&device.id, 200).await;
     let ns: Vec<u64> = got.iter().map(|v| v["n"].as_u64().expect("n")).collect();
     assert_eq!(ns, (1..=200).collect::<Vec<_>>());
-    let after = quiet_write_bytes(d.pid()).await;
+    let after = quiet_write_bytes(rig.d.pid()).await;
     assert_eq!(
         after - before,
         0,
         "bytes written for 200 readings acknowledged through; log:\n{}",
-        d.log.text()
+        rig.d.log.text()
     );
-    assert_eq!(shown_bridge(&d, "br-quiet")["buffered"], 0);
+    assert_eq!(shown_bridge(&rig.d, "br-quiet")["buffered"], 0);
 }
 
 /// The first line of the local broker's log, from the `skip`th line on, for which
@@ -234,40 +223,37 @@ async fn a_reading_is_acknowledged_locally_only_after_qubitros_puback_or_once_sp
     const SPILL_AFTER: Duration = Duration::from_millis(1000);
     // The local broker logs every packet: onboardd's PUBACK to it is seen there
     // (the sensor's own PUBACK comes from the broker, whatever onboardd does).
-    let broker = Mosquitto::start_with("log_type debug\n");
-    let cloud = fake_cloud().await;
-    let qubitro = QubitroBroker::start(&cloud);
-    let mut obs = qubitro.observer().await;
     // The uplink reaches the stand-in through a proxy that can withhold its PUBACKs.
-    let proxy = Proxy::start(qubitro.port());
-    let toml = format!(
-        "[qubitro]\nbroker_host = \"127.0.0.1\"\nbroker_port = {}\nbroker_tls = false\n\
-         [bridge]\nreconnect_max_ms = 500\nspill_after_ms = {}\n",
-        proxy.port,
-        SPILL_AFTER.as_millis()
-    );
-    let d = Daemon::start(&broker, &cloud, &toml);
-    let mut s = d.sensor(broker.port, "br-held").await;
+    let mut rig = bridged()
+        .broker_conf("log_type debug\n")
+        .through_proxy()
+        .extra(&format!(
+            "[bridge]\nspill_after_ms = {}\n",
+            SPILL_AFTER.as_millis()
+        ))
+        .start()
+        .await;
+    let mut s = rig.sensor("br-held").await;
     onboard_bridged(&mut s).await;
-    let device = cloud_devices_of(&cloud, "br-held").remove(0);
+    let device = cloud_devices_of(&rig.cloud, "br-held").remove(0);
     let topic = "onboard/data/br-held";
-    let p = Publisher::connect(broker.port).await;
+    let p = Publisher::connect(rig.broker.port).await;
     p.publish("br-held", QoS::AtLeastOnce, 0).await;
-    assert_eq!(obs.on_topic(&device.id, 1).await[0], json!({"n":0}));
+    assert_eq!(rig.obs.on_topic(&device.id, 1).await[0], json!({"n":0}));
     // The first reading went through the buffer (no uplink yet); the next are held.
-    until_buffered(&d, "br-held", 0).await;
-    let (first, _) = broker_line(&broker, 0, |l| publish_to_onboardd(l, topic)).await;
+    until_buffered(&rig.d, "br-held", 0).await;
+    let (first, _) = broker_line(&rig.broker, 0, |l| publish_to_onboardd(l, topic)).await;
 
     // Qubitro's broker takes the next reading but withholds its PUBACK.
-    proxy.stall_downstream();
+    rig.proxy().stall_downstream();
     let sent_at = Instant::now();
     p.publish("br-held", QoS::AtLeastOnce, 1).await;
-    assert_eq!(obs.on_topic(&device.id, 1).await[0], json!({"n":1}));
-    let (at, mid) = broker_line(&broker, first + 1, |l| publish_to_onboardd(l, topic)).await;
+    assert_eq!(rig.obs.on_topic(&device.id, 1).await[0], json!({"n":1}));
+    let (at, mid) = broker_line(&rig.broker, first + 1, |l| publish_to_onboardd(l, topic)).await;
     // onboardd's PUBACK of it waits for Qubitro's, then for the spill.
     let puback = "Received PUBACK from onboardd-";
     let mid_is = format!("(Mid: {mid}, RC:0)");
-    broker_line(&broker, at, |l| {
+    broker_line(&rig.broker, at, |l| {
         (l.contains(puback) && l.contains(&mid_is)).then_some(())
     })
     .await;
@@ -275,89 +261,73 @@ async fn a_reading_is_acknowledged_locally_only_after_qubitros_puback_or_once_sp
     assert!(
         waited >= SPILL_AFTER,
         "acknowledged locally after {waited:?}, before Qubitro's PUBACK and before spill_after_ms; log:\n{}",
-        d.log.text()
+        rig.d.log.text()
     );
     assert_eq!(
-        shown_bridge(&d, "br-held")["buffered"],
+        shown_bridge(&rig.d, "br-held")["buffered"],
         1,
         "spilled to the store"
     );
 
     // The withheld PUBACK arrives: the spilled copy is not needed and is not sent again.
-    proxy.resume();
-    until_buffered(&d, "br-held", 0).await;
+    rig.proxy().resume();
+    until_buffered(&rig.d, "br-held", 0).await;
     p.publish("br-held", QoS::AtLeastOnce, 2).await;
-    assert_eq!(obs.on_topic(&device.id, 1).await[0], json!({"n":2}));
+    assert_eq!(rig.obs.on_topic(&device.id, 1).await[0], json!({"n":2}));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_uplink_outage_mid_stream_loses_no_reading_qos_1_or_qos_0_and_keeps_each_devices_order()
 {
-    let broker = Mosquitto::start();
-    let cloud = fake_cloud().await;
-    let mut qubitro = QubitroBroker::start(&cloud);
-    let mut obs = qubitro.observer().await;
-    let d = Daemon::start(&broker, &cloud, &qubitro.daemon_toml());
-    let mut one = d.sensor(broker.port, "br-q1").await;
+    let mut rig = bridged().start().await;
+    let mut one = rig.sensor("br-q1").await;
     onboard_bridged(&mut one).await;
-    let mut zero = d.sensor(broker.port, "br-q0").await;
+    let mut zero = rig.sensor("br-q0").await;
     onboard_bridged(&mut zero).await;
-    let dev1 = cloud_devices_of(&cloud, "br-q1").remove(0);
-    let dev0 = cloud_devices_of(&cloud, "br-q0").remove(0);
-    let p = Publisher::connect(broker.port).await;
+    let dev1 = cloud_devices_of(&rig.cloud, "br-q1").remove(0);
+    let dev0 = cloud_devices_of(&rig.cloud, "br-q0").remove(0);
+    let p = Publisher::connect(rig.broker.port).await;
 
     let total = 150;
     let mut pace = tokio::time::interval(Duration::from_millis(15));
     for n in 0..total {
         if n == 50 {
-            qubitro.stop();
+            rig.qubitro.stop();
         }
         if n == 100 {
-            qubitro.start_again();
+            rig.qubitro.start_again();
         }
         pace.tick().await;
         p.publish("br-q1", QoS::AtLeastOnce, n).await;
         p.publish("br-q0", QoS::AtMostOnce, n).await;
     }
     let expected: Vec<u64> = (0..total).collect();
-    let first = first_arrivals(&mut obs, &[&dev1.id, &dev0.id], 0..total).await;
+    let first = first_arrivals(&mut rig.obs, &[&dev1.id, &dev0.id], 0..total).await;
     assert_eq!(first[&dev1.id], expected, "QoS 1");
     assert_eq!(first[&dev0.id], expected, "QoS 0");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readings_acknowledged_through_arrive_in_order_across_a_kill_9_of_onboardd() {
-    let broker = Mosquitto::start_persistent();
-    let cloud = fake_cloud().await;
-    let qubitro = QubitroBroker::start(&cloud);
-    let mut obs = qubitro.observer().await;
-    let state = tempfile::tempdir().expect("tempdir");
-    let mut d = Daemon::with_state(
-        broker.port,
-        &cloud,
-        state.path(),
-        &qubitro.daemon_toml(),
-        vec![],
-    );
-    d.wait_subscribed();
-    let mut s = Sensor::connect_persistent(broker.port, "br-k9", &d.flashed()).await;
+    let mut rig = bridged().persistent_broker().start().await;
+    let mut s = Sensor::connect_persistent(rig.broker.port, "br-k9", &rig.d.flashed()).await;
     onboard_bridged(&mut s).await;
-    let device = cloud_devices_of(&cloud, "br-k9").remove(0);
-    let p = Publisher::connect(broker.port).await;
+    let device = cloud_devices_of(&rig.cloud, "br-k9").remove(0);
+    let p = Publisher::connect(rig.broker.port).await;
 
     // Killed while readings are in flight to Qubitro, acknowledged to nobody yet:
     // the local broker delivers them again to the next onboardd.
     let total = 200;
     for n in 0..total {
         if n == 100 {
-            d.kill9();
+            rig.d.kill9();
         }
         p.publish("br-k9", QoS::AtLeastOnce, n).await;
     }
-    d.spawn();
-    d.wait_subscribed();
+    rig.d.spawn();
+    rig.d.wait_subscribed();
     let expected: Vec<u64> = (0..total).collect();
-    let first = first_arrivals(&mut obs, &[&device.id], 0..total).await;
+    let first = first_arrivals(&mut rig.obs, &[&device.id], 0..total).await;
     assert_eq!(first[&device.id], expected);
 }
 
@@ -382,26 +352,22 @@ fn onboardd_mids(log: &str, topics: &[&str]) -> (Vec<u16>, Vec<u16>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_pubacks_leave_in_the_order_the_readings_arrived_across_devices() {
     // onboardd's PUBACKs are seen in the local broker's debug log.
-    let broker = Mosquitto::start_with("log_type debug\n");
-    let cloud = fake_cloud().await;
-    let qubitro = QubitroBroker::start(&cloud);
-    let mut obs = qubitro.observer().await;
     // One uplink at a time: while one device holds it and is acknowledged through,
     // the other has none, so its readings are spilled and wait for a paced flush.
-    let toml = format!(
-        "{}max_connections = 1\nspill_flush_ms = 300\n",
-        qubitro.daemon_toml()
-    );
-    let d = Daemon::start(&broker, &cloud, &toml);
-    let mut fast = d.sensor(broker.port, "br-fast").await;
+    let mut rig = bridged()
+        .broker_conf("log_type debug\n")
+        .extra("[bridge]\nmax_connections = 1\nspill_flush_ms = 300\n")
+        .start()
+        .await;
+    let mut fast = rig.sensor("br-fast").await;
     onboard_bridged(&mut fast).await;
-    let mut slow = d.sensor(broker.port, "br-slow").await;
+    let mut slow = rig.sensor("br-slow").await;
     onboard_bridged(&mut slow).await;
-    let dev_fast = cloud_devices_of(&cloud, "br-fast").remove(0);
-    let p = Publisher::connect(broker.port).await;
+    let dev_fast = cloud_devices_of(&rig.cloud, "br-fast").remove(0);
+    let p = Publisher::connect(rig.broker.port).await;
     p.publish("br-fast", QoS::AtLeastOnce, 0).await;
-    assert_eq!(obs.on_topic(&dev_fast.id, 1).await[0], json!({"n":0}));
-    until_buffered(&d, "br-fast", 0).await;
+    assert_eq!(rig.obs.on_topic(&dev_fast.id, 1).await[0], json!({"n":0}));
+    until_buffered(&rig.d, "br-fast", 0).await;
 
     let n = 20;
     for i in 1..=n {
@@ -411,7 +377,7 @@ async fn local_pubacks_leave_in_the_order_the_readings_arrived_across_devices() 
     let topics = ["onboard/data/br-slow", "onboard/data/br-fast"];
     let deadline = Instant::now() + WAIT;
     loop {
-        let log = broker.log();
+        let log = rig.broker.log();
         let (sent, acked) = onboardd_mids(&log, &topics);
         // The warm-up reading and the stream, each acknowledged.
         if acked.len() == 2 * n as usize + 1 {
@@ -435,36 +401,31 @@ async fn local_pubacks_leave_in_the_order_the_readings_arrived_across_devices() 
 async fn the_local_broker_lets_onboardd_hold_more_readings_than_its_default_in_flight_limit_of_20()
 {
     // onboardd's PUBACKs are seen in the local broker's debug log.
-    let broker = Mosquitto::start_with("log_type debug\n");
-    let cloud = fake_cloud().await;
-    let qubitro = QubitroBroker::start(&cloud);
-    let mut obs = qubitro.observer().await;
-    let proxy = Proxy::start(qubitro.port());
-    let toml = format!(
-        "[qubitro]\nbroker_host = \"127.0.0.1\"\nbroker_port = {}\nbroker_tls = false\n\
-         [bridge]\nreconnect_max_ms = 500\nspill_after_ms = 5000\n",
-        proxy.port
-    );
-    let d = Daemon::start(&broker, &cloud, &toml);
-    let mut s = d.sensor(broker.port, "br-win").await;
+    let mut rig = bridged()
+        .broker_conf("log_type debug\n")
+        .through_proxy()
+        .extra("[bridge]\nspill_after_ms = 5000\n")
+        .start()
+        .await;
+    let mut s = rig.sensor("br-win").await;
     onboard_bridged(&mut s).await;
-    let device = cloud_devices_of(&cloud, "br-win").remove(0);
+    let device = cloud_devices_of(&rig.cloud, "br-win").remove(0);
     let topic = "onboard/data/br-win";
-    let p = Publisher::connect(broker.port).await;
+    let p = Publisher::connect(rig.broker.port).await;
     p.publish("br-win", QoS::AtLeastOnce, 0).await;
-    assert_eq!(obs.on_topic(&device.id, 1).await[0], json!({"n":0}));
-    until_buffered(&d, "br-win", 0).await;
+    assert_eq!(rig.obs.on_topic(&device.id, 1).await[0], json!({"n":0}));
+    until_buffered(&rig.d, "br-win", 0).await;
 
     // Qubitro withholds its PUBACKs: onboardd acknowledges none of these before
     // spill_after_ms, yet the broker hands it all 60 at once.
-    proxy.stall_downstream();
+    rig.proxy().stall_downstream();
     let n = 60;
     for i in 1..=n {
         p.publish("br-win", QoS::AtLeastOnce, i).await;
     }
     let deadline = Instant::now() + WAIT;
     loop {
-        let (sent, acked) = onboardd_mids(&broker.log(), &[topic]);
+        let (sent, acked) = onboardd_mids(&rig.broker.log(), &[topic]);
         // The warm-up reading was acknowledged; none of the 60 may be.
         assert!(
             acked.len() <= 1,
@@ -480,5 +441,5 @@ async fn the_local_broker_lets_onboardd_hold_more_readings_than_its_default_in_f
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    proxy.resume();
+    rig.proxy().resume();
 }

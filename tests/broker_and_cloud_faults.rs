@@ -215,14 +215,7 @@ async fn a_forget_during_an_in_flight_create_wins_and_the_sensor_is_onboarded_an
 async fn a_retry_after_beyond_any_duration_is_clamped_and_the_daemon_keeps_serving() {
     let broker = Mosquitto::start();
     let cloud = fake_cloud().await;
-    cloud.push_faults(
-        Endpoint::List,
-        vec![Fault::Status {
-            status: 429,
-            retry_after: Some(u64::MAX),
-            body: None,
-        }],
-    );
+    cloud.push_faults(Endpoint::List, vec![retry_after_fault(429, u64::MAX)]);
     let d = Daemon::start(&broker, &cloud, "[qubitro]\nretry_max_ms = 2000");
     let mut s = d.sensor(broker.port, "huge-ra").await;
     s.announce("{}").await;

@@ -428,21 +428,6 @@ async fn devices_and_check_config_work_without_the_api_key_and_only_run_needs_it
     assert!(err.contains("qubitro.api_key: is required"), "{err}");
 }
 
-/// Every path below `dir` (directories included) with its owner uid.
-fn owners_below(dir: &std::path::Path) -> Vec<(String, u32)> {
-    use std::os::unix::fs::MetadataExt;
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap().flatten() {
-        let p = entry.path();
-        let meta = std::fs::symlink_metadata(&p).unwrap();
-        out.push((p.display().to_string(), meta.uid()));
-        if meta.is_dir() {
-            out.extend(owners_below(&p));
-        }
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_run_as_root_leave_no_root_owned_file_in_the_services_store() {
     let broker = Mosquitto::start();
@@ -532,15 +517,8 @@ fn plain_http_to_a_remote_cloud_and_a_client_certificate_without_a_ca_are_config
 
 #[test]
 fn the_warning_about_a_readable_config_with_a_secret_gives_advice_that_works_under_the_unit() {
-    use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("c.toml");
-    std::fs::write(
-        &path,
-        "[qubitro]\nproject_id = \"p\"\napi_key = \"QB_visible\"\n",
-    )
-    .unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let path = config_with_a_readable_secret(dir.path(), "QB_visible");
     let (code, _, err) = run(&["check-config", "--config", path.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("LoadCredential="), "{err}");

@@ -12,13 +12,8 @@ use fake_qubitro::{FakeDevice, FakeQubitro};
 use harness::qubitro_broker::QubitroBroker;
 use serde_json::{json, Value};
 
-/// Discovery on (both sources), the bridge pointed at the stand-in broker.
-fn discovery_toml(qubitro: &QubitroBroker) -> String {
-    format!(
-        "{}[discovery]\nhomeassistant = true\ntasmota = true",
-        qubitro.daemon_toml()
-    )
-}
+/// Discovery on (both sources); [`bridged`] points the bridge at the stand-in broker.
+const DISCOVERY: &str = "[discovery]\nhomeassistant = true\ntasmota = true\n";
 
 const Z2M_IEEE: &str = "0x00158d0001a2b3c4";
 const Z2M_ID: &str = "ha-zigbee2mqtt_0x00158d0001a2b3c4";
@@ -81,15 +76,11 @@ async fn device_of(cloud: &FakeQubitro, qubitro: &QubitroBroker, sensor: &str) -
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zigbee2mqtt_sensor_becomes_one_device_and_its_readings_reach_qubitro_keyed_by_entity() {
-    let broker = Mosquitto::start();
-    let cloud = fake_cloud().await;
-    let qubitro = QubitroBroker::start(&cloud);
-    let mut obs = qubitro.observer().await;
-    let d = Daemon::start(&broker, &cloud, &discovery_toml(&qubitro));
-    let z2m = Sensor::connect_as(broker.port, "z2m", "zigbee2mqtt/none", None, None).await;
+    let mut rig = bridged_daemon(DISCOVERY).await;
+    let z2m = Sensor::connect_as(rig.broker.port, "z2m", "zigbee2mqtt/none", None, None).await;
 
     publish_z2m(&z2m).await;
-    let device = device_of(&cloud, &qubitro, Z2M_ID).await;
+    let device = device_of(&rig.cloud, &rig.qubitro, Z2M_ID).await;
     assert_eq!(device.name, "living_room");
     assert_eq!(device.brand, "Aqara");
     assert_eq!(device.model, "Temperature and humidity sensor (WSDCGQ11LM)");
@@ -108,26 +99,22 @@ async fn a_zigbee2mqtt_sensor_becomes_one_device_and_its_readings_reach_qubitro_
         false,
     )
     .await;
-    let got = obs.on_topic(&device.id, 1).await;
+    let got = rig.obs.on_topic(&device.id, 1).await;
     assert_eq!(
         got[0],
         json!({"temperature":21.5,"humidity":45,"battery":100})
     );
 
     // Exactly one device for the three entities; none for the bridge device.
-    assert_eq!(cloud.devices().len(), 1, "{:?}", cloud.devices());
+    assert_eq!(rig.cloud.devices().len(), 1, "{:?}", rig.cloud.devices());
     // Complete without a reply (no onboardd firmware listens for one).
-    assert_eq!(d.state_of(Z2M_ID).as_deref(), Some("delivered"));
+    assert_eq!(rig.d.state_of(Z2M_ID).as_deref(), Some("delivered"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn esphome_plain_values_a_device_based_config_and_tasmota_telemetry_are_forwarded_flat() {
-    let broker = Mosquitto::start();
-    let cloud = fake_cloud().await;
-    let qubitro = QubitroBroker::start(&cloud);
-    let mut obs = qubitro.observer().await;
-    let _d = Daemon::start(&broker, &cloud, &discovery_toml(&qubitro));
-    let p = Sensor::connect_as(broker.port, "pub", "nothing/here", None, None).await;
+    let mut rig = bridged_daemon(DISCOVERY).await;
+    let p = Sensor::connect_as(rig.broker.port, "pub", "nothing/here", None, None).await;
 
     // ESPHome, abbreviated keys, plain values.
     for (object, unit) in [("temperature", "°C"), ("humidity", "%")] {
@@ -172,17 +159,17 @@ async fn esphome_plain_values_a_device_based_config_and_tasmota_telemetry_are_fo
     )
     .await;
 
-    let esp = device_of(&cloud, &qubitro, "ha-240ac4aabbcc").await;
+    let esp = device_of(&rig.cloud, &rig.qubitro, "ha-240ac4aabbcc").await;
     assert_eq!(
         (esp.brand.as_str(), esp.model.as_str()),
         ("Espressif", "esp32dev")
     );
-    let k = device_of(&cloud, &qubitro, "ha-ea334450945afc").await;
+    let k = device_of(&rig.cloud, &rig.qubitro, "ha-ea334450945afc").await;
     assert_eq!(
         (k.name.as_str(), k.brand.as_str()),
         ("Kitchen", "Bla electronics")
     );
-    let t = device_of(&cloud, &qubitro, "tasmota-DC4F22A1B2C3").await;
+    let t = device_of(&rig.cloud, &rig.qubitro, "tasmota-DC4F22A1B2C3").await;
     assert_eq!(
         (t.name.as_str(), t.brand.as_str(), t.model.as_str()),
         ("Greenhouse", "Tasmota", "Sonoff TH")
@@ -190,12 +177,12 @@ async fn esphome_plain_values_a_device_based_config_and_tasmota_telemetry_are_fo
     assert_eq!(t.tags, vec!["tasmota".to_string()]);
     assert_eq!(t.metadata["discovered_by"], "tasmota");
     assert_eq!(t.metadata["discovery_id"], "DC4F22A1B2C3");
-    assert_eq!(cloud.devices().len(), 3);
+    assert_eq!(rig.cloud.devices().len(), 3);
 
     p.publish("garden-node/sensor/temperature/state", b"21.4", false)
         .await;
     assert_eq!(
-        obs.on_topic(&esp.id, 1).await[0],
+        rig.obs.on_topic(&esp.id, 1).await[0],
         json!({"temperature":21.4})
     );
     p.publish(
@@ -205,7 +192,7 @@ async fn esphome_plain_values_a_device_based_config_and_tasmota_telemetry_are_fo
     )
     .await;
     assert_eq!(
-        obs.on_topic(&k.id, 1).await[0],
+        rig.obs.on_topic(&k.id, 1).await[0],
         json!({"temperature":21.5,"humidity":40})
     );
     p.publish("tele/tasmota_A1B2C3/SENSOR",
@@ -214,7 +201,7 @@ async fn esphome_plain_values_a_device_based_config_and_tasmota_telemetry_are_fo
     )
     .await;
     assert_eq!(
-        obs.on_topic(&t.id, 1).await[0],
+        rig.obs.on_topic(&t.id, 1).await[0],
         json!({"DHT22_Temperature":23.9,"DHT22_Humidity":34.1,"TempUnit":"C"})
     );
 }
@@ -222,23 +209,16 @@ async fn esphome_plain_values_a_device_based_config_and_tasmota_telemetry_are_fo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removing_every_entity_stops_forwarding_retires_the_device_and_a_restart_creates_nothing_new(
 ) {
-    let broker = Mosquitto::start_persistent();
-    let cloud = fake_cloud().await;
-    let qubitro = QubitroBroker::start(&cloud);
-    let mut obs = qubitro.observer().await;
-    let state = tempfile::tempdir().unwrap();
-    let toml = discovery_toml(&qubitro);
-    let mut d = Daemon::with_state(broker.port, &cloud, state.path(), &toml, vec![]);
-    d.wait_subscribed();
-    let z2m = Sensor::connect_as(broker.port, "z2m", "zigbee2mqtt/none", None, None).await;
+    let mut rig = bridged().persistent_broker().extra(DISCOVERY).start().await;
+    let z2m = Sensor::connect_as(rig.broker.port, "z2m", "zigbee2mqtt/none", None, None).await;
     publish_z2m(&z2m).await;
-    let device = device_of(&cloud, &qubitro, Z2M_ID).await;
+    let device = device_of(&rig.cloud, &rig.qubitro, Z2M_ID).await;
 
     // A restart re-reads every retained config: nothing is created twice, and the
     // readings still flow.
-    d.signal_and_wait(libc::SIGTERM);
-    d.spawn();
-    d.wait_subscribed();
+    rig.d.signal_and_wait(libc::SIGTERM);
+    rig.d.spawn();
+    rig.d.wait_subscribed();
     z2m.publish(
         "zigbee2mqtt/living_room",
         br#"{"temperature":20,"humidity":50,"battery":99}"#,
@@ -246,7 +226,7 @@ async fn removing_every_entity_stops_forwarding_retires_the_device_and_a_restart
     )
     .await;
     assert_eq!(
-        obs.on_topic(&device.id, 1).await[0],
+        rig.obs.on_topic(&device.id, 1).await[0],
         json!({"temperature":20,"humidity":50,"battery":99})
     );
     // Re-published configs (Zigbee2MQTT does so when Home Assistant comes online).
@@ -254,10 +234,10 @@ async fn removing_every_entity_stops_forwarding_retires_the_device_and_a_restart
     z2m.publish("zigbee2mqtt/living_room", br#"{"temperature":19}"#, false)
         .await;
     assert_eq!(
-        obs.on_topic(&device.id, 1).await[0],
+        rig.obs.on_topic(&device.id, 1).await[0],
         json!({"temperature":19})
     );
-    assert_eq!(cloud.devices().len(), 1, "{:?}", cloud.devices());
+    assert_eq!(rig.cloud.devices().len(), 1, "{:?}", rig.cloud.devices());
 
     // One entity removed: its key is no longer forwarded.
     let (t_topic, t_body) = z2m_config("temperature", "°C");
@@ -268,7 +248,10 @@ async fn removing_every_entity_stops_forwarding_retires_the_device_and_a_restart
         false,
     )
     .await;
-    assert_eq!(obs.on_topic(&device.id, 1).await[0], json!({"humidity":51}));
+    assert_eq!(
+        rig.obs.on_topic(&device.id, 1).await[0],
+        json!({"humidity":51})
+    );
 
     // All removed: retired, nothing forwarded, the device kept.
     for object in ["humidity", "battery"] {
@@ -276,7 +259,7 @@ async fn removing_every_entity_stops_forwarding_retires_the_device_and_a_restart
     }
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let (_, out, _) = d.devices(&["list", "--json"]);
+        let (_, out, _) = rig.d.devices(&["list", "--json"]);
         let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
         let retired = v
             .as_array()
@@ -296,7 +279,8 @@ async fn removing_every_entity_stops_forwarding_retires_the_device_and_a_restart
         false,
     )
     .await;
-    let late: Vec<_> = obs
+    let late: Vec<_> = rig
+        .obs
         .drain_for(Duration::from_millis(800))
         .await
         .into_iter()
@@ -313,36 +297,33 @@ async fn removing_every_entity_stops_forwarding_retires_the_device_and_a_restart
     )
     .await;
     assert_eq!(
-        obs.on_topic(&device.id, 1).await[0],
+        rig.obs.on_topic(&device.id, 1).await[0],
         json!({"temperature":16})
     );
-    assert_eq!(cloud.devices().len(), 1);
+    assert_eq!(rig.cloud.devices().len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_configs_are_skipped_with_a_warning_and_the_daemon_keeps_serving() {
-    let broker = Mosquitto::start();
-    let cloud = fake_cloud().await;
-    let qubitro = QubitroBroker::start(&cloud);
     // Packets up to 2 MiB reach onboardd, so its own limit is what skips the 1 MiB
     // config (with the default 64 KiB the broker never delivers it at all).
-    let toml = format!(
-        "{}\n[mqtt]\nmax_packet_bytes = 2097152",
-        discovery_toml(&qubitro)
-    );
-    let d = Daemon::start(&broker, &cloud, &toml);
-    let p = Sensor::connect_as(broker.port, "pub", "nothing/here", None, None).await;
+    let rig = bridged()
+        .extra(DISCOVERY)
+        .extra("[mqtt]\nmax_packet_bytes = 2097152")
+        .start()
+        .await;
+    let p = Sensor::connect_as(rig.broker.port, "pub", "nothing/here", None, None).await;
 
     p.publish("homeassistant/sensor/bad/json/config", b"{not json", false)
         .await;
-    d.log.wait_for("config is not valid JSON");
+    rig.d.log.wait_for("config is not valid JSON");
     p.publish(
         "homeassistant/sensor/bad/nostate/config",
         br#"{"dev":{"ids":"nostate"},"uniq_id":"x"}"#,
         false,
     )
     .await;
-    d.log.wait_for("has no state topic");
+    rig.d.log.wait_for("has no state topic");
     let huge = format!(
         r#"{{"stat_t":"x","dev":{{"ids":"big"}},"pad":"{}"}}"#,
         "x".repeat(1 << 20)
@@ -354,7 +335,7 @@ async fn malformed_configs_are_skipped_with_a_warning_and_the_daemon_keeps_servi
             "-h",
             "127.0.0.1",
             "-p",
-            &broker.port.to_string(),
+            &rig.broker.port.to_string(),
             "-V",
             "mqttv5",
             "-q",
@@ -365,14 +346,14 @@ async fn malformed_configs_are_skipped_with_a_warning_and_the_daemon_keeps_servi
         .output()
         .expect("run mosquitto_pub");
     assert!(out.status.success(), "{out:?}");
-    d.log.wait_for("more than discovery.max_config_bytes");
-    assert!(cloud.devices().is_empty(), "{:?}", cloud.devices());
+    rig.d.log.wait_for("more than discovery.max_config_bytes");
+    assert!(rig.cloud.devices().is_empty(), "{:?}", rig.cloud.devices());
 
     // Still serving announces; discovery ids are not for firmware.
-    let mut s = d.sensor(broker.port, "plain-1").await;
+    let mut s = rig.sensor("plain-1").await;
     s.announce(r#"{"name":"Plain"}"#).await;
-    assert_opens_to_the_clouds_token(&cloud, &s.reply_with_status("ok").await);
-    let mut squatter = d.sensor(broker.port, "ha-zigbee2mqtt_x").await;
+    assert_opens_to_the_clouds_token(&rig.cloud, &s.reply_with_status("ok").await);
+    let mut squatter = rig.sensor("ha-zigbee2mqtt_x").await;
     squatter.announce(r#"{"name":"Squat"}"#).await;
     let r = squatter.reply_with_status("error").await;
     assert_eq!(r["code"], "invalid_field", "{r}");
@@ -396,11 +377,8 @@ async fn with_discovery_off_discovery_topics_are_ignored_and_ha_ids_are_ordinary
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_config_whose_state_topic_is_an_announce_topic_creates_nothing_and_that_sensor_is_still_answered(
 ) {
-    let broker = Mosquitto::start();
-    let cloud = fake_cloud().await;
-    let qubitro = QubitroBroker::start(&cloud);
-    let d = Daemon::start(&broker, &cloud, &discovery_toml(&qubitro));
-    let p = Sensor::connect_as(broker.port, "pub", "nothing/here", None, None).await;
+    let rig = bridged_daemon(DISCOVERY).await;
+    let p = Sensor::connect_as(rig.broker.port, "pub", "nothing/here", None, None).await;
 
     // Retained: re-read at every subscribe, so it would capture `x` for good.
     p.publish(
@@ -409,12 +387,13 @@ async fn a_config_whose_state_topic_is_an_announce_topic_creates_nothing_and_tha
         true,
     )
     .await;
-    d.log
+    rig.d
+        .log
         .wait_for("state topic \"onboard/announce/x\" is under onboardd's own topic");
-    let mut x = d.sensor(broker.port, "x").await;
+    let mut x = rig.sensor("x").await;
     x.announce(r#"{"name":"X"}"#).await;
-    assert_opens_to_the_clouds_token(&cloud, &x.reply_with_status("ok").await);
-    let names: Vec<String> = cloud.devices().into_iter().map(|d| d.name).collect();
+    assert_opens_to_the_clouds_token(&rig.cloud, &x.reply_with_status("ok").await);
+    let names: Vec<String> = rig.cloud.devices().into_iter().map(|d| d.name).collect();
     assert_eq!(names, vec!["X".to_string()], "nothing made from the config");
 }
 
@@ -431,20 +410,21 @@ async fn publish_device(p: &Sensor, id: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn configs_of_devices_past_discovery_max_devices_are_skipped_with_a_warning() {
-    let broker = Mosquitto::start();
-    let cloud = fake_cloud().await;
-    let qubitro = QubitroBroker::start(&cloud);
-    let toml = format!("{}\nmax_devices = 2", discovery_toml(&qubitro));
-    let d = Daemon::start(&broker, &cloud, &toml);
-    let p = Sensor::connect_as(broker.port, "pub", "nothing/here", None, None).await;
+    let rig = bridged()
+        .extra(DISCOVERY)
+        .extra("[discovery]\nmax_devices = 2")
+        .start()
+        .await;
+    let p = Sensor::connect_as(rig.broker.port, "pub", "nothing/here", None, None).await;
     for id in ["dev1", "dev2", "dev3"] {
         publish_device(&p, id).await;
     }
-    d.log
+    rig.d
+        .log
         .wait_for("homeassistant/sensor/dev3/t/config: skipped: discovery.max_devices = 2");
-    device_of(&cloud, &qubitro, "ha-dev1").await;
-    device_of(&cloud, &qubitro, "ha-dev2").await;
-    assert!(cloud_devices_of(&cloud, "ha-dev3").is_empty());
+    device_of(&rig.cloud, &rig.qubitro, "ha-dev1").await;
+    device_of(&rig.cloud, &rig.qubitro, "ha-dev2").await;
+    assert!(cloud_devices_of(&rig.cloud, "ha-dev3").is_empty());
     // A device already known still takes new entities.
     p.publish(
         "homeassistant/sensor/dev1/u/config",
@@ -453,32 +433,36 @@ async fn configs_of_devices_past_discovery_max_devices_are_skipped_with_a_warnin
     )
     .await;
     publish_device(&p, "dev4").await;
-    d.log
+    rig.d
+        .log
         .wait_for("homeassistant/sensor/dev4/t/config: skipped");
     assert_eq!(
-        d.log.count("homeassistant/sensor/dev1/u/config: skipped"),
+        rig.d
+            .log
+            .count("homeassistant/sensor/dev1/u/config: skipped"),
         0
     );
-    assert_eq!(cloud.devices().len(), 2, "{:?}", cloud.devices());
+    assert_eq!(rig.cloud.devices().len(), 2, "{:?}", rig.cloud.devices());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_discovery_flood_cannot_spend_the_firmware_sensors_hourly_cap() {
-    let broker = Mosquitto::start();
-    let cloud = fake_cloud().await;
-    let qubitro = QubitroBroker::start(&cloud);
-    let toml = format!(
-        "{}\nmax_new_devices_per_hour = 1\n[security]\nmax_new_devices_per_hour = 1",
-        discovery_toml(&qubitro)
-    );
-    let d = Daemon::start(&broker, &cloud, &toml);
-    let p = Sensor::connect_as(broker.port, "pub", "nothing/here", None, None).await;
+    let rig = bridged()
+        .extra(DISCOVERY)
+        .extra(
+            "[discovery]\nmax_new_devices_per_hour = 1\n[security]\nmax_new_devices_per_hour = 1",
+        )
+        .start()
+        .await;
+    let p = Sensor::connect_as(rig.broker.port, "pub", "nothing/here", None, None).await;
     for id in ["flood1", "flood2"] {
         publish_device(&p, id).await;
     }
-    d.log.wait_for("discovered device ha-flood2 not onboarded");
-    assert!(cloud_devices_of(&cloud, "ha-flood2").is_empty());
-    let mut s = d.sensor(broker.port, "fw-1").await;
+    rig.d
+        .log
+        .wait_for("discovered device ha-flood2 not onboarded");
+    assert!(cloud_devices_of(&rig.cloud, "ha-flood2").is_empty());
+    let mut s = rig.sensor("fw-1").await;
     s.announce(r#"{"name":"Firmware"}"#).await;
-    assert_opens_to_the_clouds_token(&cloud, &s.reply_with_status("ok").await);
+    assert_opens_to_the_clouds_token(&rig.cloud, &s.reply_with_status("ok").await);
 }

@@ -12,7 +12,7 @@ use std::process::Command;
 
 use bytes::Bytes;
 use common::*;
-use fake_qubitro::{Endpoint, Fault};
+use fake_qubitro::Endpoint;
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -128,14 +128,7 @@ async fn a_rejected_create_is_not_retried_for_the_same_announce_but_a_changed_on
     let broker = Mosquitto::start();
     let cloud = fake_cloud().await;
     let d = Daemon::start(&broker, &cloud, "");
-    cloud.push_faults(
-        Endpoint::Create,
-        vec![Fault::Status {
-            status: 400,
-            retry_after: None,
-            body: Some(r#"{"success":false,"status":400,"message":"brand unknown"}"#.into()),
-        }],
-    );
+    cloud.push_faults(Endpoint::Create, vec![refused_fault("brand unknown")]);
     let mut s = d.sensor(broker.port, "rej-2").await;
     s.announce(r#"{"brand":"Nope","request_id":"a"}"#).await;
     let r = s.reply().await;

@@ -71,21 +71,16 @@ async fn publish_readings(s: &Sensor, topic: &str, n: std::ops::Range<u64>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readings_of_a_device_another_gateway_owns_stay_buffered_until_devices_adopt_then_reach_qubitro(
 ) {
-    let broker = Mosquitto::start();
-    let cloud = fake_cloud().await;
-    let qubitro = QubitroBroker::start(&cloud);
-    let mut obs = qubitro.observer().await;
-    let theirs = planted(&cloud, "mv-1", "gw-old");
-    qubitro.wait_for_login(&theirs).await;
-    let mut stats =
-        Sensor::connect_as(broker.port, "stats", "onboard/gateway/+/stats", None, None).await;
-    let extra = format!(
-        "gateway_id = \"gw-new\"\n{}[log]\nstats_interval_s = 1\n",
-        qubitro.daemon_toml()
-    );
-    let d = Daemon::start(&broker, &cloud, &extra);
+    let mut rig = bridged()
+        .stats()
+        .extra("gateway_id = \"gw-new\"\n")
+        .start()
+        .await;
+    // Planted before the sensor first announces, as when it moves to this gateway.
+    let theirs = planted(&rig.cloud, "mv-1", "gw-old");
+    rig.qubitro.wait_for_login(&theirs).await;
 
-    let mut s = d.sensor(broker.port, "mv-1").await;
+    let mut s = rig.sensor("mv-1").await;
     s.announce(r#"{"bridge":true,"name":"Moved"}"#).await;
     let ok = s.reply_with_status("ok").await;
     assert_eq!(
@@ -94,13 +89,13 @@ async fn readings_of_a_device_another_gateway_owns_stay_buffered_until_devices_a
         "the lookup found the old gateway's device"
     );
     assert_eq!(
-        cloud_devices_of(&cloud, "mv-1").len(),
+        cloud_devices_of(&rig.cloud, "mv-1").len(),
         1,
         "no second device"
     );
 
     publish_readings(&s, "onboard/data/mv-1", 0..3).await;
-    let shown = wait_buffered(&d, "mv-1", 3).await;
+    let shown = wait_buffered(&rig.d, "mv-1", 3).await;
     assert_eq!(shown["owned_by"], "gw-old", "{shown}");
     assert_eq!(
         shown["bridge"]["device_id"],
@@ -108,68 +103,66 @@ async fn readings_of_a_device_another_gateway_owns_stay_buffered_until_devices_a
         "the bridge never got its login: {shown}"
     );
     assert!(shown.get("adopted_ms").is_none(), "{shown}");
-    wait_owned_elsewhere(&mut stats, 1).await;
+    wait_owned_elsewhere(rig.stats(), 1).await;
     assert!(
-        obs.drain_for(Duration::from_millis(500)).await.is_empty(),
+        rig.obs
+            .drain_for(Duration::from_millis(500))
+            .await
+            .is_empty(),
         "nothing reached Qubitro under the other gateway's device"
     );
 
-    let (code, out, err) = d.devices(&["adopt", "mv-1"]);
+    let (code, out, err) = rig.d.devices(&["adopt", "mv-1"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("adopted") && out.contains("gw-old"), "{out}");
     let mut got = Vec::new();
     while got.len() < 3 {
-        got.extend(obs.on_topic(&theirs.id, 1).await);
+        got.extend(rig.obs.on_topic(&theirs.id, 1).await);
     }
     assert_eq!(got, [json!({"n":0}), json!({"n":1}), json!({"n":2})]);
-    let shown = show(&d, "mv-1");
+    let shown = show(&rig.d, "mv-1");
     assert!(shown.get("owned_by").is_none(), "{shown}");
     assert!(shown["adopted_ms"].is_u64(), "recorded: {shown}");
-    wait_owned_elsewhere(&mut stats, 0).await;
-    let (code, again, _) = d.devices(&["adopt", "mv-1"]);
+    wait_owned_elsewhere(rig.stats(), 0).await;
+    let (code, again, _) = rig.d.devices(&["adopt", "mv-1"]);
     assert_eq!(code, 0);
     assert!(again.contains("already"), "{again}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_adopted_while_the_daemon_is_stopped_is_bridged_from_its_next_start() {
-    let broker = Mosquitto::start();
-    let cloud = fake_cloud().await;
-    let qubitro = QubitroBroker::start(&cloud);
-    let mut obs = qubitro.observer().await;
-    let theirs = planted(&cloud, "mv-2", "gw-old");
-    qubitro.wait_for_login(&theirs).await;
-    let extra = format!("gateway_id = \"gw-new\"\n{}", qubitro.daemon_toml());
-    let mut d = Daemon::start(&broker, &cloud, &extra);
+    let mut rig = bridged_daemon("gateway_id = \"gw-new\"\n").await;
+    let theirs = planted(&rig.cloud, "mv-2", "gw-old");
+    rig.qubitro.wait_for_login(&theirs).await;
 
-    let mut s = d.sensor(broker.port, "mv-2").await;
+    let mut s = rig.sensor("mv-2").await;
     s.announce(r#"{"bridge":true}"#).await;
     assert_eq!(
         s.reply_with_status("ok").await["device_id"],
         theirs.id.as_str()
     );
     publish_readings(&s, "onboard/data/mv-2", 0..2).await;
-    wait_buffered(&d, "mv-2", 2).await;
-    d.signal_and_wait(libc::SIGTERM);
+    wait_buffered(&rig.d, "mv-2", 2).await;
+    rig.d.signal_and_wait(libc::SIGTERM);
 
-    let (code, out, err) = d.devices(&["adopt", "mv-2"]);
+    let (code, out, err) = rig.d.devices(&["adopt", "mv-2"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("next start"), "{out}");
-    let (code, out, _) = d.devices(&["adopt", "nobody"]);
+    let (code, out, _) = rig.d.devices(&["adopt", "nobody"]);
     assert_eq!(code, 1, "an unknown sensor: {out}");
 
-    d.spawn();
-    d.wait_subscribed();
+    rig.d.spawn();
+    rig.d.wait_subscribed();
     let mut got = Vec::new();
     while got.len() < 2 {
-        got.extend(obs.on_topic(&theirs.id, 1).await);
+        got.extend(rig.obs.on_topic(&theirs.id, 1).await);
     }
     assert_eq!(
         got,
         [json!({"n":0}), json!({"n":1})],
         "kept buffered across the stop"
     );
-    assert!(show(&d, "mv-2")["adopted_ms"].is_u64());
+    assert!(show(&rig.d, "mv-2")["adopted_ms"].is_u64());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,8 +12,10 @@ use std::time::Duration;
 
 use common::*;
 use fake_qubitro::{FakeDevice, FakeQubitro};
-use harness::qubitro_broker::QubitroBroker;
 use serde_json::{json, Value};
+
+/// Home Assistant discovery on; [`bridged`] points the bridge at the stand-in broker.
+const HA: &str = "[discovery]\nhomeassistant = true\n";
 
 fn config_topic(ident: &str) -> String {
     format!("homeassistant/sensor/{ident}/t/config")
@@ -77,22 +79,16 @@ fn ignored(d: &Daemon) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forgotten_discovered_device_stays_away_across_a_reconnect_and_a_restart_and_returns_after_unignore(
 ) {
-    let mut broker = Mosquitto::start_persistent();
-    let cloud = fake_cloud().await;
-    let qubitro = QubitroBroker::start(&cloud);
-    let state = tempfile::tempdir().unwrap();
-    let toml = format!("{}[discovery]\nhomeassistant = true", qubitro.daemon_toml());
-    let mut d = Daemon::with_state(broker.port, &cloud, state.path(), &toml, vec![]);
-    d.wait_subscribed();
-    publish_config(broker.port, "lx1").await;
-    let first = discovered(&cloud, &d, "lx1").await;
+    let mut rig = bridged().persistent_broker().extra(HA).start().await;
+    publish_config(rig.broker.port, "lx1").await;
+    let first = discovered(&rig.cloud, &rig.d, "lx1").await;
     let sensor = first.metadata["sensor_id"].clone();
 
-    let (code, out, err) = d.devices(&["forget", &sensor, "--delete-remote"]);
+    let (code, out, err) = rig.d.devices(&["forget", &sensor, "--delete-remote"]);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(cloud.devices().is_empty(), "deleted in Qubitro");
-    assert_eq!(ignored(&d), vec![sensor.clone()]);
-    let (code, table, _) = d.devices(&["list", "--ignored"]);
+    assert!(rig.cloud.devices().is_empty(), "deleted in Qubitro");
+    assert_eq!(ignored(&rig.d), vec![sensor.clone()]);
+    let (code, table, _) = rig.d.devices(&["list", "--ignored"]);
     assert_eq!(code, 0);
     assert!(
         table.contains(&sensor) && table.contains("Room lx1"),
@@ -102,40 +98,41 @@ async fn a_forgotten_discovered_device_stays_away_across_a_reconnect_and_a_resta
     // The broker restarts with the config still retained: the daemon reconnects and
     // reads it again. Another device's config, published after, is read after it
     // (one session, in order): once that one is recorded, lx1's was handled.
-    broker.restart_clean();
-    publish_config(broker.port, "lx2").await;
-    discovered(&cloud, &d, "lx2").await;
+    rig.broker.restart_clean();
+    publish_config(rig.broker.port, "lx2").await;
+    discovered(&rig.cloud, &rig.d, "lx2").await;
     assert_eq!(
-        d.state_of(&sensor),
+        rig.d.state_of(&sensor),
         None,
         "not onboarded again at the reconnect"
     );
-    assert_eq!(cloud_devices_of(&cloud, &sensor).len(), 0);
+    assert_eq!(cloud_devices_of(&rig.cloud, &sensor).len(), 0);
 
     // A restart reads every retained config again, and says once that it skips it.
-    assert_eq!(d.signal_and_wait(libc::SIGTERM).code(), Some(0));
-    d.spawn();
-    d.log
+    assert_eq!(rig.d.signal_and_wait(libc::SIGTERM).code(), Some(0));
+    rig.d.spawn();
+    rig.d
+        .log
         .wait_for(&format!("discovered device {sensor} is on the ignore list"));
     assert_eq!(
-        d.state_of(&sensor),
+        rig.d.state_of(&sensor),
         None,
         "not onboarded again at the restart"
     );
-    assert_eq!(cloud_devices_of(&cloud, &sensor).len(), 0);
+    assert_eq!(cloud_devices_of(&rig.cloud, &sensor).len(), 0);
     assert_eq!(
-        ignored(&d),
+        ignored(&rig.d),
         vec![sensor.clone()],
         "the list survives the restart"
     );
 
-    let (code, out, err) = d.devices(&["unignore", &sensor]);
+    let (code, out, err) = rig.d.devices(&["unignore", &sensor]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("onboards it now"), "{out}");
-    let back = discovered(&cloud, &d, "lx1").await;
+    let back = discovered(&rig.cloud, &rig.d, "lx1").await;
     assert_ne!(back.id, first.id, "a new device");
-    assert!(ignored(&d).is_empty());
-    let (code, _, err) = d.devices(&["unignore", &sensor]);
+    assert!(ignored(&rig.d).is_empty());
+    let (code, _, err) = rig.d.devices(&["unignore", &sensor]);
     assert_eq!(code, 1, "no longer on the list: {err}");
 }
 
@@ -163,40 +160,37 @@ async fn a_forgotten_firmware_sensor_is_not_ignored_and_is_onboarded_again_when_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_retired_longer_than_delete_retired_after_s_is_deleted_and_forgotten_but_not_ignored(
 ) {
-    let broker = Mosquitto::start();
-    let cloud = fake_cloud().await;
-    let qubitro = QubitroBroker::start(&cloud);
-    let toml = format!(
-        "{}[discovery]\nhomeassistant = true\ndelete_retired_after_s = 1",
-        qubitro.daemon_toml()
-    );
-    let d = Daemon::start(&broker, &cloud, &toml);
-    publish_config(broker.port, "rt1").await;
-    publish_config(broker.port, "rt2").await;
-    let retiring = discovered(&cloud, &d, "rt1").await;
-    let kept = discovered(&cloud, &d, "rt2").await;
+    let rig = bridged()
+        .extra(HA)
+        .extra("[discovery]\ndelete_retired_after_s = 1")
+        .start()
+        .await;
+    publish_config(rig.broker.port, "rt1").await;
+    publish_config(rig.broker.port, "rt2").await;
+    let retiring = discovered(&rig.cloud, &rig.d, "rt1").await;
+    let kept = discovered(&rig.cloud, &rig.d, "rt2").await;
     let sensor = retiring.metadata["sensor_id"].clone();
 
     // Its only entity's config is removed: retired, then deleted a second later.
-    let c = Sensor::connect_as(broker.port, "pub-rm", "lx/none", None, None).await;
+    let c = Sensor::connect_as(rig.broker.port, "pub-rm", "lx/none", None, None).await;
     c.publish(&config_topic("rt1"), b"", true).await;
     until("the retired device deleted from Qubitro", || {
-        cloud_devices_of(&cloud, &sensor).is_empty()
+        cloud_devices_of(&rig.cloud, &sensor).is_empty()
     })
     .await;
     until("the retired device forgotten", || {
-        d.state_of(&sensor).is_none()
+        rig.d.state_of(&sensor).is_none()
     })
     .await;
-    let left: Vec<String> = cloud.devices().into_iter().map(|dev| dev.id).collect();
+    let left: Vec<String> = rig.cloud.devices().into_iter().map(|dev| dev.id).collect();
     assert_eq!(left, vec![kept.id], "the active device is kept");
     assert!(
-        ignored(&d).is_empty(),
+        ignored(&rig.d).is_empty(),
         "not ignored: its config may come back"
     );
 
-    publish_config(broker.port, "rt1").await;
-    let back = discovered(&cloud, &d, "rt1").await;
+    publish_config(rig.broker.port, "rt1").await;
+    let back = discovered(&rig.cloud, &rig.d, "rt1").await;
     assert_ne!(
         back.id, retiring.id,
         "onboarded anew when its config came back"
@@ -206,36 +200,31 @@ async fn a_device_retired_longer_than_delete_retired_after_s_is_deleted_and_forg
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forgotten_and_unignored_with_the_daemon_stopped_a_device_stays_away_until_unignored_and_returns_at_the_next_start(
 ) {
-    let broker = Mosquitto::start_persistent();
-    let cloud = fake_cloud().await;
-    let qubitro = QubitroBroker::start(&cloud);
-    let state = tempfile::tempdir().unwrap();
-    let toml = format!("{}[discovery]\nhomeassistant = true", qubitro.daemon_toml());
-    let mut d = Daemon::with_state(broker.port, &cloud, state.path(), &toml, vec![]);
-    d.wait_subscribed();
-    publish_config(broker.port, "off1").await;
-    let first = discovered(&cloud, &d, "off1").await;
+    let mut rig = bridged().persistent_broker().extra(HA).start().await;
+    publish_config(rig.broker.port, "off1").await;
+    let first = discovered(&rig.cloud, &rig.d, "off1").await;
     let sensor = first.metadata["sensor_id"].clone();
 
-    assert_eq!(d.signal_and_wait(libc::SIGTERM).code(), Some(0));
-    let (code, out, err) = d.devices(&["forget", &sensor]);
+    assert_eq!(rig.d.signal_and_wait(libc::SIGTERM).code(), Some(0));
+    let (code, out, err) = rig.d.devices(&["forget", &sensor]);
     assert_eq!(code, 0, "{out}{err}");
-    assert_eq!(ignored(&d), vec![sensor.clone()], "read from the store");
-    d.spawn();
-    d.log
+    assert_eq!(ignored(&rig.d), vec![sensor.clone()], "read from the store");
+    rig.d.spawn();
+    rig.d
+        .log
         .wait_for(&format!("discovered device {sensor} is on the ignore list"));
-    assert_eq!(d.state_of(&sensor), None);
+    assert_eq!(rig.d.state_of(&sensor), None);
 
-    assert_eq!(d.signal_and_wait(libc::SIGTERM).code(), Some(0));
-    let (code, out, err) = d.devices(&["unignore", &sensor]);
+    assert_eq!(rig.d.signal_and_wait(libc::SIGTERM).code(), Some(0));
+    let (code, out, err) = rig.d.devices(&["unignore", &sensor]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("next start"), "says when: {out}");
-    d.spawn();
-    d.wait_subscribed();
+    rig.d.spawn();
+    rig.d.wait_subscribed();
     until(&format!("{sensor} onboarded again"), || {
-        d.state_of(&sensor).as_deref() == Some("delivered")
+        rig.d.state_of(&sensor).as_deref() == Some("delivered")
     })
     .await;
     // Forgotten without --delete-remote: the lookup adopts the device it kept.
-    assert_eq!(cloud_devices_of(&cloud, &sensor).len(), 1);
+    assert_eq!(cloud_devices_of(&rig.cloud, &sensor).len(), 1);
 }

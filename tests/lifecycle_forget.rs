@@ -6,7 +6,6 @@
 mod common;
 
 use common::*;
-use harness::qubitro_broker::QubitroBroker;
 use serde_json::{json, Value};
 
 /// Readings the daemon holds for `sensor` per `devices show` (0 when it shows none).
@@ -21,54 +20,42 @@ fn buffered(d: &Daemon, sensor: &str) -> u64 {
 /// away, forgets it (with the daemon stopped when `offline`), onboards it again and
 /// checks that the first reading Qubitro then gets is the new onboarding's own.
 async fn a_reading_buffered_before_the_forget_never_reaches_qubitro(sensor: &str, offline: bool) {
-    let broker = Mosquitto::start();
-    let cloud = fake_cloud().await;
-    let mut qubitro = QubitroBroker::start(&cloud);
-    let mut obs = qubitro.observer().await;
-    let state = tempfile::tempdir().unwrap();
-    let mut d = Daemon::with_state(
-        broker.port,
-        &cloud,
-        state.path(),
-        &qubitro.daemon_toml(),
-        vec![],
-    );
-    d.wait_subscribed();
+    let mut rig = bridged().start().await;
     let data = format!("onboard/data/{sensor}");
-    let mut s = d.sensor(broker.port, sensor).await;
+    let mut s = rig.sensor(sensor).await;
     s.announce(r#"{"bridge":true}"#).await;
     s.reply_with_status("ok").await;
 
     // Qubitro's broker is away: the reading stays in the gateway's buffer.
-    qubitro.stop();
+    rig.qubitro.stop();
     s.publish(&data, br#"{"n":1}"#, false).await;
     let deadline = tokio::time::Instant::now() + WAIT;
-    while buffered(&d, sensor) == 0 {
+    while buffered(&rig.d, sensor) == 0 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the reading was never buffered; log:\n{}",
-            d.log.text()
+            rig.d.log.text()
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 
     if offline {
-        assert_eq!(d.signal_and_wait(libc::SIGTERM).code(), Some(0));
+        assert_eq!(rig.d.signal_and_wait(libc::SIGTERM).code(), Some(0));
     }
-    let (code, msg, err) = d.devices(&["forget", sensor]);
+    let (code, msg, err) = rig.d.devices(&["forget", sensor]);
     assert_eq!(code, 0, "{msg}{err}");
     if offline {
-        d.spawn();
-        d.wait_subscribed();
+        rig.d.spawn();
+        rig.d.wait_subscribed();
     }
 
-    qubitro.start_again();
+    rig.qubitro.start_again();
     s.announce(r#"{"bridge":true}"#).await;
     let ok = s.reply_with_status("ok").await;
     let device = ok["device_id"].as_str().expect("a device id").to_string();
     s.publish(&data, br#"{"n":2}"#, false).await;
     assert_eq!(
-        obs.on_topic(&device, 1).await[0],
+        rig.obs.on_topic(&device, 1).await[0],
         json!({"n":2}),
         "the first reading forwarded after the forget is the new onboarding's own"
     );

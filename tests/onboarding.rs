@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
-use fake_qubitro::{CredentialsAt, Endpoint, Envelope, FakeOptions, FakeQubitro, Fault};
+use fake_qubitro::{CredentialsAt, Endpoint, Envelope, FakeOptions, FakeQubitro};
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use serde_json::json;
 
@@ -347,14 +347,7 @@ async fn a_400_from_the_cloud_becomes_rejected_by_cloud_and_a_corrected_announce
     let broker = Mosquitto::start();
     let cloud = fake_cloud().await;
     let d = Daemon::start(&broker, &cloud, "");
-    cloud.push_faults(
-        Endpoint::Create,
-        vec![Fault::Status {
-            status: 400,
-            retry_after: None,
-            body: Some(r#"{"success":false,"status":400,"message":"brand unknown"}"#.into()),
-        }],
-    );
+    cloud.push_faults(Endpoint::Create, vec![refused_fault("brand unknown")]);
     let mut s = d.sensor(broker.port, "rej-1").await;
     s.announce(r#"{"request_id":"a"}"#).await;
     let r = s.reply().await;

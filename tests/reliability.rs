@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::proxy::Proxy;
 use common::*;
-use fake_qubitro::{Endpoint, FakeQubitro, Fault, NewDevice};
+use fake_qubitro::{Endpoint, FakeQubitro, NewDevice};
 
 /// Bound for the bursts of hundreds of onboardings (a failure bound, not a speed claim).
 const BURST_WAIT: Duration = Duration::from_secs(120);
@@ -59,14 +59,7 @@ async fn retry_after_of_a_429_is_honoured() {
     let broker = Mosquitto::start();
     let cloud = fake_cloud().await;
     // With lookup_before_create on, the first request of an onboarding is the lookup.
-    cloud.push_faults(
-        Endpoint::List,
-        vec![Fault::Status {
-            status: 429,
-            retry_after: Some(2),
-            body: None,
-        }],
-    );
+    cloud.push_faults(Endpoint::List, vec![retry_after_fault(429, 2)]);
     // Retry-After is honoured up to retry_max_ms (1 s in tests): raise the cap.
     let d = Daemon::start(&broker, &cloud, "[qubitro]\nretry_max_ms = 5000");
     let mut s = d.sensor(broker.port, "busy").await;

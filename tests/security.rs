@@ -151,14 +151,7 @@ async fn the_api_key_can_come_from_a_systemd_credential_file() {
 #[test]
 fn a_config_file_with_a_secret_readable_by_others_draws_a_warning() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("c.toml");
-    std::fs::write(
-        &path,
-        "[qubitro]\nproject_id = \"p\"\napi_key = \"QB_visible\"\n",
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let path = config_with_a_readable_secret(dir.path(), "QB_visible");
     let out = std::process::Command::new(bin())
         .args(["check-config", "--config"])
         .arg(&path)
@@ -170,6 +163,7 @@ fn a_config_file_with_a_secret_readable_by_others_draws_a_warning() {
     assert!(
         !err.contains("QB_visible") && !String::from_utf8_lossy(&out.stdout).contains("QB_visible")
     );
+    use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
     let out = std::process::Command::new(bin())
         .args(["check-config", "--config"])

@@ -7,8 +7,8 @@
 
 mod common;
 
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
 use std::process::Command;
 
 use common::*;
@@ -99,20 +99,6 @@ async fn a_lost_claim_key_is_not_replaced_after_the_database_was_moved_aside() {
         "{line}"
     );
     assert!(!key.exists(), "no new key was made");
-}
-
-/// Every path below `dir` (directories included) with its owner uid.
-fn owners_below(dir: &Path) -> Vec<(String, u32)> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap().flatten() {
-        let p = entry.path();
-        let meta = std::fs::symlink_metadata(&p).unwrap();
-        out.push((p.display().to_string(), meta.uid()));
-        if meta.is_dir() {
-            out.extend(owners_below(&p));
-        }
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,11 +18,16 @@
 //! - [`pki`]: a throw-away PKI made with the openssl CLI.
 //! - [`qubitro_broker`]: a second mosquitto standing in for Qubitro's broker, with a
 //!   login per device the fake cloud creates (the telemetry bridge's tests).
+//! - [`bridge_setup`]: the bridge's test setup in one call ([`bridged()`], [`Bridged`]): the
+//!   local broker, the fake, the stand-in and its observer, onboardd bridging to it.
+//! - [`files`]: files tests make and check ([`owners_below`], [`config_with_a_readable_secret`]).
 //!
 //! Every wait has a deadline ([`WAIT`]) and panics saying what it waited for, with the log
 //! of the process concerned.
 
+pub mod bridge_setup;
 pub mod daemon;
+pub mod files;
 pub mod firmware;
 pub mod mosquitto;
 pub mod pki;
@@ -36,7 +41,9 @@ use std::time::Duration;
 
 use fake_qubitro::{Endpoint, FakeDevice, FakeOptions, FakeQubitro, Fault};
 
+pub use bridge_setup::{bridged, bridged_daemon, onboard_bridged, Bridged, BridgedBuilder};
 pub use daemon::{config_toml, daemon_bin, merge_toml, set_daemon_bin, store_path, Daemon};
+pub use files::{config_with_a_readable_secret, owners_below};
 pub use firmware::{Flashed, Reply};
 pub use mosquitto::{Mosquitto, MosquittoBuilder};
 pub use process::{LogLines, Proc};
@@ -57,6 +64,27 @@ pub fn status_fault(code: u16) -> Fault {
         status: code,
         retry_after: None,
         body: None,
+    }
+}
+
+/// A 429 (or any `code`) asking to come back in `secs` seconds (`Retry-After`).
+pub fn retry_after_fault(code: u16, secs: u64) -> Fault {
+    Fault::Status {
+        status: code,
+        retry_after: Some(secs),
+        body: None,
+    }
+}
+
+/// A 400 with the body Qubitro sends when it refuses what was asked, saying `message`.
+pub fn refused_fault(message: &str) -> Fault {
+    let message = serde_json::Value::from(message);
+    Fault::Status {
+        status: 400,
+        retry_after: None,
+        body: Some(format!(
+            r#"{{"success":false,"status":400,"message":{message}}}"#
+        )),
     }
 }
 

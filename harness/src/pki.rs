@@ -42,49 +42,52 @@ impl Pki {
         );
     }
 
-    /// A self-signed CA: `<name>.crt`, `<name>.key`.
-    pub fn ca(&self, name: &str) -> PathBuf {
-        self.openssl(&[
+    /// `openssl req` making a new P-256 key `<name>.key` for the subject `CN=<cn>`,
+    /// with `more` arguments saying what to make of it.
+    fn req_with_new_key(&self, name: &str, cn: &str, more: &[&str]) {
+        let key = format!("{name}.key");
+        let subject = format!("/CN={cn}");
+        let mut args = vec![
             "req",
-            "-x509",
             "-newkey",
             "ec",
             "-pkeyopt",
             "ec_paramgen_curve:prime256v1",
             "-nodes",
             "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.crt"),
-            "-days",
-            "2",
+            &key,
             "-subj",
-            &format!("/CN={name}"),
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ]);
-        self.path(&format!("{name}.crt"))
+            &subject,
+        ];
+        args.extend_from_slice(more);
+        self.openssl(&args);
+    }
+
+    /// A self-signed CA: `<name>.crt`, `<name>.key`.
+    pub fn ca(&self, name: &str) -> PathBuf {
+        let crt = format!("{name}.crt");
+        self.req_with_new_key(
+            name,
+            name,
+            &[
+                "-x509",
+                "-out",
+                &crt,
+                "-days",
+                "2",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ],
+        );
+        self.path(&crt)
     }
 
     /// A leaf `<name>.crt`/`<name>.key` signed by `ca`, with the given extensions.
     pub fn leaf(&self, ca: &str, name: &str, cn: &str, ext: &str) {
         std::fs::write(self.path(&format!("{name}.ext")), ext).unwrap();
-        self.openssl(&[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.csr"),
-            "-subj",
-            &format!("/CN={cn}"),
-        ]);
+        self.req_with_new_key(name, cn, &["-out", &format!("{name}.csr")]);
         self.openssl(&[
             "x509",
             "-req",

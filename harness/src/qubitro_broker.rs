@@ -96,10 +96,16 @@ impl QubitroBroker {
     /// per-sensor rate limit (tests publish readings in bursts no sensor would; the
     /// limit's own tests set it).
     pub fn daemon_toml(&self) -> String {
+        self.daemon_toml_via(self.port())
+    }
+
+    /// [`daemon_toml`](Self::daemon_toml) with the bridge pointed at `port` instead: a
+    /// proxy in front of this broker.
+    pub fn daemon_toml_via(&self, port: u16) -> String {
         format!(
             "[qubitro]\nbroker_host = \"127.0.0.1\"\nbroker_port = {}\nbroker_tls = false\n\
              [bridge]\nreconnect_max_ms = 500\nmax_readings_per_s = 100000\n",
-            self.port()
+            port
         )
     }
 
