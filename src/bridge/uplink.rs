@@ -68,6 +68,10 @@ pub use super::connection::WINDOW;
 /// without the DISCONNECT 0x8E it queues for it (seen with 2.0.11), and other
 /// brokers may do the same.
 const TAKEOVER_SUSPECT: Duration = Duration::from_secs(10);
+/// How long a connection asked to close (its turn is over, the daemon stops) waits
+/// for the PUBACKs of readings already sent. Closing with readings in flight would
+/// send them again on the next connection: Qubitro would hold them twice.
+const DRAIN: Duration = Duration::from_secs(2);
 
 /// Refusals of one reading (a non-success PUBACK other than "not authorized")
 /// after which it is dropped and counted: a reading Qubitro never takes must not
@@ -331,6 +335,9 @@ impl DeviceTask {
         // Whether Qubitro took a reading on this connection (once is enough to say so).
         let mut delivered = false;
         let mut idle_deadline = Instant::now() + idle;
+        // Set once asked to close: no new reading is sent, the ones in flight are
+        // waited for until then.
+        let mut draining: Option<Instant> = None;
         let lost = |error: String, connected: bool| SessionEnd::Lost {
             error,
             connected,
@@ -338,7 +345,11 @@ impl DeviceTask {
         };
         loop {
             let outstanding = requested.len() + inflight.len();
-            if connected && outstanding < WINDOW {
+            if draining.is_some() && outstanding == 0 {
+                close(client, rx).await;
+                return SessionEnd::Closed;
+            }
+            if connected && draining.is_none() && outstanding < WINDOW {
                 let held_out = requested
                     .iter()
                     .chain(inflight.iter().map(|(_, s)| s))
@@ -371,7 +382,15 @@ impl DeviceTask {
             let quiet = connected && requested.is_empty() && inflight.is_empty();
             let ev = tokio::select! {
                 biased;
-                _ = self.cancel.cancelled() => {
+                _ = self.cancel.cancelled(), if draining.is_none() => {
+                    if !connected || requested.is_empty() && inflight.is_empty() {
+                        close(client, rx).await;
+                        return SessionEnd::Closed;
+                    }
+                    draining = Some(Instant::now() + DRAIN);
+                    continue;
+                }
+                _ = tokio::time::sleep_until(draining.unwrap_or_else(Instant::now)), if draining.is_some() => {
                     close(client, rx).await;
                     return SessionEnd::Closed;
                 }

@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{Connect, DeviceTask, End, UplinkClient, READING_REFUSALS_MAX};
+use super::{Connect, DeviceTask, End, UplinkClient, DRAIN, READING_REFUSALS_MAX};
 use crate::bridge::{Bridge, DeviceState};
 use crate::config::{Config, Secret};
 use crate::store::Store;
@@ -292,4 +292,44 @@ async fn a_held_reading_is_settled_by_qubitros_puback_and_one_out_when_the_conne
     c.accept_login();
     assert_eq!(c.next_published().await["n"], 2);
     s.cancel.cancel();
+}
+
+/// A connected uplink with reading `{"n":1}` sent (packet id 1), not yet acknowledged.
+async fn one_reading_out(s: &mut Setup) -> Opened {
+    let mut c = s.opened.recv().await.expect("a connection");
+    c.accept_login();
+    assert_eq!(c.next_published().await["n"], 1);
+    c.play(Event::Outgoing(Outgoing::Publish(1)));
+    c
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_connection_asked_to_close_waits_for_the_puback_of_what_it_sent_so_nothing_goes_twice() {
+    let mut s = setup(&[r#"{"n":1}"#]);
+    let c = one_reading_out(&mut s).await;
+    // Its turn is over (or the daemon stops).
+    s.cancel.cancel();
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        s.ended.try_recv().is_err(),
+        "closed with a reading in flight"
+    );
+    c.puback(1, PubAckReason::Success);
+    assert!(matches!(s.ended.recv().await, Some(End::Closed)));
+    assert_eq!(s.bridge.device_status("s").expect("known").buffered, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_connection_asked_to_close_gives_up_waiting_for_a_puback_after_the_drain_time_and_keeps_the_reading(
+) {
+    let mut s = setup(&[r#"{"n":1}"#]);
+    let _c = one_reading_out(&mut s).await;
+    let asked = Instant::now();
+    s.cancel.cancel();
+    assert!(matches!(s.ended.recv().await, Some(End::Closed)));
+    assert!(Instant::now() - asked >= DRAIN);
+    // Sent again on the next connection (at least once).
+    assert_eq!(s.bridge.device_status("s").expect("known").buffered, 1);
 }
