@@ -27,6 +27,8 @@ pub const MAX_TEXT: usize = 240;
 /// A sensor id longer than this is cut (ids from the network are bounded by the
 /// announce parser already; this holds whatever logs one).
 pub const MAX_ID: usize = 128;
+/// Fields of an event kept besides its message (their text is cut with it).
+const MAX_FIELDS: usize = 16;
 /// Bytes counted for each event besides its text: the struct and the ring's slot.
 pub const EVENT_OVERHEAD: usize = 64;
 /// Bytes counted for each ring besides its id: the map entries and the ring itself.
@@ -75,7 +77,8 @@ struct Ring {
     events: VecDeque<Event>,
     /// Its key in `Inner::order`: when it was last updated.
     tick: u64,
-    /// Set by a refusal, cleared by any later event of the sensor.
+    /// Set by a refusal, cleared by a later event of the sensor at info level or
+    /// above (the debug line of the refusal's own reply does not clear it).
     refusal: Option<Refusal>,
 }
 
@@ -159,8 +162,10 @@ impl Events {
         inner.order.insert(tick, sensor.to_string());
         let ring = inner.rings.get_mut(sensor).expect("inserted above");
         inner.bytes += event_cost(&event);
+        if refusal.is_some() || event.level <= Level::INFO {
+            ring.refusal = refusal;
+        }
         ring.events.push_back(event);
-        ring.refusal = refusal;
         while ring.events.len() > limits.per_sensor.max(1) {
             if let Some(old) = ring.events.pop_front() {
                 inner.bytes -= event_cost(&old);
@@ -235,7 +240,8 @@ impl Capture {
 struct Fields {
     sensor: Option<String>,
     message: String,
-    rest: String,
+    /// The other fields, name and value (cut to [`MAX_TEXT`]).
+    rest: Vec<(&'static str, String)>,
     refused: bool,
     code: String,
     detail: String,
@@ -243,7 +249,7 @@ struct Fields {
 }
 
 impl Fields {
-    fn text(&mut self, name: &str, value: &dyn std::fmt::Display) {
+    fn text(&mut self, name: &'static str, value: &dyn std::fmt::Display) {
         match name {
             "message" => {
                 let _ = write!(self.message, "{value}");
@@ -257,9 +263,10 @@ impl Fields {
                 } else if name == "detail" {
                     self.detail = value.to_string();
                 }
-                // Stop formatting once the text is over its cut anyway.
-                if self.rest.len() <= MAX_TEXT {
-                    let _ = write!(self.rest, " {name}={value}");
+                if self.rest.len() < MAX_FIELDS {
+                    let mut v = value.to_string();
+                    v.truncate(cut(&v, MAX_TEXT).len());
+                    self.rest.push((name, v));
                 }
             }
         }
@@ -307,7 +314,12 @@ impl<S: Subscriber> Layer<S> for Capture {
             detail: cut(&fields.detail, MAX_TEXT).to_string(),
             retry_after_s: fields.retry_after_s,
         });
-        fields.message.push_str(&fields.rest);
+        // As the journal's line shows them, less what the message says already.
+        for (name, value) in &fields.rest {
+            if !fields.message.contains(value.as_str()) {
+                let _ = write!(fields.message, " {name}={value}");
+            }
+        }
         let e = Event {
             at_ms,
             level: *event.metadata().level(),
@@ -396,6 +408,7 @@ mod tests {
             tracing::info!("no sensor here");
             tracing::warn!(sensor_id = "s2", code = "rate_limited", detail = %"too fast", outcome = "refused",
                 retry_after_s = 30u64, "announce of sensor s2 refused");
+            tracing::debug!(sensor_id = "s2", "reply");
             tracing::info!(sensor_id = "s3", code = "x", outcome = "refused", "refused");
             tracing::info!(sensor_id = "s3", "onboarded");
         });
@@ -414,6 +427,19 @@ mod tests {
         assert_eq!(refused[0].1.code, "rate_limited");
         assert_eq!(refused[0].1.detail, "too fast");
         assert_eq!(refused[0].1.retry_after_s, Some(30));
-        assert!(events.recent("s2")[0].text.contains("code=rate_limited"));
+        assert_eq!(
+            events.recent("s2")[1].text,
+            "announce of sensor s2 refused code=rate_limited detail=too fast retry_after_s=30"
+        );
+        assert_eq!(
+            events.recent("s3")[1].text,
+            "refused code=x",
+            "what the message says is not repeated"
+        );
+        assert_eq!(
+            events.recent("s2")[0].level,
+            Level::DEBUG,
+            "kept, but clears nothing"
+        );
     }
 }
