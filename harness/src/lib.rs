@@ -18,6 +18,7 @@
 //! - [`pki`]: a throw-away PKI made with the openssl CLI.
 //! - [`qubitro_broker`]: a second mosquitto standing in for Qubitro's broker, with a
 //!   login per device the fake cloud creates (the telemetry bridge's tests).
+//! - [`webdriver`]: a headless chromium driven over WebDriver (the gateway page's test).
 //!
 //! Every wait has a deadline ([`WAIT`]) and panics saying what it waited for, with the log
 //! of the process concerned.
@@ -30,6 +31,7 @@ pub mod process;
 pub mod proxy;
 pub mod qubitro_broker;
 pub mod sensor;
+pub mod webdriver;
 
 use std::net::TcpListener;
 use std::time::Duration;
