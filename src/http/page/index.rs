@@ -3,7 +3,8 @@
 //!
 //! A page of the listing reads the store's records from just after the last id of
 //! the page before (`?after=`), in the records tree's own order: it costs its own
-//! records, not the fleet. A search reads on until it has a page of matches.
+//! records, not the fleet. A search reads on until it has a page of matches or has
+//! read [`SEARCH_BUDGET`] records; then its next link goes on from where it stopped.
 
 use std::fmt::Write as _;
 
@@ -16,6 +17,10 @@ use crate::store::{Store, StoreError};
 
 /// Sensors per page.
 pub const PAGE: usize = 100;
+/// Records a search reads at most per request: one matching little would otherwise
+/// read the whole fleet in one request (100 000 records take seconds on a Pi, and hold
+/// a worker thread all along).
+pub const SEARCH_BUDGET: usize = 5000;
 /// Waiting sensors shown at most, of each kind.
 const WAITING: usize = 100;
 
@@ -50,25 +55,56 @@ fn matches(q_lower: &str, id: &str, rec: &Record) -> bool {
         || rec.spec.name.to_lowercase().contains(q_lower)
 }
 
-/// A page of sensors, and the cursor of the next page when there is one.
-type Listing = (Vec<(String, Record)>, Option<String>);
+/// A page of sensors.
+#[derive(Debug)]
+pub struct Listing {
+    pub rows: Vec<(String, Record)>,
+    /// Where the next page starts, when there is more to read.
+    pub next: Option<String>,
+    /// The page is short because the search used up its budget, not the fleet.
+    pub cut_short: bool,
+}
 
-/// One page of sensors for `query`.
-pub fn list(store: &Store, query: &Query, max: usize) -> Result<Listing, StoreError> {
+/// One page of at most `max` sensors for `query`, reading at most `budget` records.
+pub fn list(
+    store: &Store,
+    query: &Query,
+    max: usize,
+    budget: usize,
+) -> Result<Listing, StoreError> {
     let q = query.q.to_lowercase();
-    let mut rows = Vec::with_capacity(max.min(PAGE));
-    for item in store.scan_after(query.after.as_deref()) {
+    let mut rows: Vec<(String, Record)> = Vec::with_capacity(max.min(PAGE));
+    let mut last_read: Option<String> = None;
+    for (read, item) in store.scan_after(query.after.as_deref()).enumerate() {
         let (id, rec) = item?;
-        if !matches(&q, &id, &rec) {
-            continue;
+        if read == budget.max(1) {
+            // More records follow: the next page goes on after the last one read.
+            let cut_short = rows.len() < max;
+            return Ok(Listing {
+                rows,
+                next: last_read,
+                cut_short,
+            });
         }
-        if rows.len() == max {
-            let next = rows.last().map(|(id, _): &(String, Record)| id.clone());
-            return Ok((rows, next));
+        let wanted = matches(&q, &id, &rec);
+        if wanted && rows.len() == max {
+            let next = rows.last().map(|(id, _)| id.clone());
+            return Ok(Listing {
+                rows,
+                next,
+                cut_short: false,
+            });
         }
-        rows.push((id, rec));
+        if wanted {
+            rows.push((id.clone(), rec));
+        }
+        last_read = Some(id);
     }
-    Ok((rows, None))
+    Ok(Listing {
+        rows,
+        next: None,
+        cut_short: false,
+    })
 }
 
 pub fn render(ctx: &Ctx, query: &Query) -> Result<String, StoreError> {
@@ -128,14 +164,25 @@ fn gateway(ctx: &Ctx, out: &mut String) {
 
 fn sensors(ctx: &Ctx, query: &Query, out: &mut String) -> Result<(), StoreError> {
     let store = ctx.engine.store();
-    let (rows, next) = list(store, query, PAGE)?;
+    let Listing {
+        rows,
+        next,
+        cut_short,
+    } = list(store, query, PAGE, SEARCH_BUDGET)?;
     let _ = write!(
         out,
         "<h2>Sensors</h2><form method=\"get\" action=\"/\"><input type=\"search\" name=\"q\" value=\"{}\" \
          placeholder=\"sensor id or name\" aria-label=\"search\"> <button type=\"submit\">Search</button></form>",
         escape(&query.q)
     );
-    if rows.is_empty() {
+    if cut_short {
+        let _ = write!(
+            out,
+            "<p>Searched {SEARCH_BUDGET} more sensors, up to {}: {} found. The next link searches on.</p>",
+            escape(next.as_deref().unwrap_or_default()),
+            rows.len()
+        );
+    } else if rows.is_empty() {
         out.push_str(if query.q.is_empty() {
             "<p>No sensors.</p>"
         } else {
@@ -169,8 +216,13 @@ fn sensors(ctx: &Ctx, query: &Query, out: &mut String) -> Result<(), StoreError>
     if let Some(last) = next {
         let _ = write!(
             out,
-            "<a id=\"next\" href=\"/?after={}{q}\">Next {PAGE}</a>",
-            encode(&last)
+            "<a id=\"next\" href=\"/?after={}{q}\">{}</a>",
+            encode(&last),
+            if cut_short {
+                "Search on".to_string()
+            } else {
+                format!("Next {PAGE}")
+            }
         );
     }
     out.push_str("</p>");
@@ -292,10 +344,6 @@ mod tests {
         )
     }
 
-    fn ids(rows: &[(String, Record)]) -> Vec<&str> {
-        rows.iter().map(|(id, _)| id.as_str()).collect()
-    }
-
     #[tokio::test]
     async fn a_listing_goes_page_by_page_from_the_cursor_and_searches_ids_and_names() {
         let (store, _dir) = crate::engine::records::tests::store();
@@ -307,28 +355,53 @@ mod tests {
         let mut rec = pending();
         rec.spec.name = "Greenhouse".into();
         store.insert_new("temp-gh", &rec).unwrap();
-        let q = |q: &str, after: Option<&str>| Query {
-            q: q.into(),
-            after: after.map(str::to_string),
+        let page = |q: &str, after: Option<&str>, max: usize, budget: usize| {
+            let query = Query {
+                q: q.into(),
+                after: after.map(str::to_string),
+            };
+            let l = list(&store, &query, max, budget).unwrap();
+            let ids: Vec<String> = l.rows.iter().map(|(id, _)| id.clone()).collect();
+            (ids, l.next, l.cut_short)
         };
-        let (rows, next) = list(&store, &q("", None), 2).unwrap();
+        let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let next = |id: &str| Some(id.to_string());
         assert_eq!(
-            (ids(&rows), next.as_deref()),
-            (vec!["s0", "s1"], Some("s1"))
+            page("", None, 2, 100),
+            (s(&["s0", "s1"]), next("s1"), false)
         );
-        let (rows, next) = list(&store, &q("", Some("s1")), 2).unwrap();
         assert_eq!(
-            (ids(&rows), next.as_deref()),
-            (vec!["s2", "s3"], Some("s3"))
+            page("", Some("s1"), 2, 100),
+            (s(&["s2", "s3"]), next("s3"), false)
         );
-        let (rows, next) = list(&store, &q("", Some("s3")), 2).unwrap();
-        assert_eq!((ids(&rows), next), (vec!["s4", "temp-gh"], None));
-        let (rows, _) = list(&store, &q("GREEN", None), 10).unwrap();
-        assert_eq!(ids(&rows), ["temp-gh"], "by name, any case");
-        let (rows, _) = list(&store, &q("gh", None), 10).unwrap();
-        assert_eq!(ids(&rows), ["temp-gh"], "by a part of the id");
-        let (rows, next) = list(&store, &q("kitchen", Some("s2")), 10).unwrap();
-        assert_eq!((ids(&rows), next), (vec!["s3", "s4"], None));
+        assert_eq!(
+            page("", Some("s3"), 2, 100),
+            (s(&["s4", "temp-gh"]), None, false)
+        );
+        assert_eq!(
+            page("GREEN", None, 10, 100),
+            (s(&["temp-gh"]), None, false),
+            "by name, any case"
+        );
+        assert_eq!(
+            page("gh", None, 10, 100),
+            (s(&["temp-gh"]), None, false),
+            "by a part of the id"
+        );
+        assert_eq!(
+            page("kitchen", Some("s2"), 10, 100),
+            (s(&["s3", "s4"]), None, false)
+        );
+        assert_eq!(
+            page("gh", None, 10, 3),
+            (s(&[]), next("s2"), true),
+            "a search stops at its budget and says where"
+        );
+        assert_eq!(
+            page("gh", Some("s2"), 10, 3),
+            (s(&["temp-gh"]), None, false)
+        );
+        assert_eq!(page("", None, 2, 2), (s(&["s0", "s1"]), next("s1"), false));
     }
 
     #[test]
