@@ -55,8 +55,8 @@
 //! deadline; [`control`] is the Unix socket behind `onboardd devices …` (server and
 //! client, and `forget`: the Qubitro delete first, then the local forget, all or
 //! nothing, with the daemon running or not; `prune`, the same for every sensor silent
-//! too long); [`http`] serves `/healthz` and `/metrics`; [`lifecycle`] deletes discovered devices retired for too long (with
-//! `control`'s forget).
+//! too long); [`http`] serves the gateway page, `/healthz` and `/metrics`; [`lifecycle`]
+//! deletes discovered devices retired for too long (with `control`'s forget).
 //!
 //! Shared leaves: [`config`] (TOML/env, validated once), [`claim_key`] (configured
 //! or generated at first start), [`proof`] (the sensor protocol's crypto),

@@ -15,6 +15,17 @@ use fake_qubitro::FakeQubitro;
 
 /// One request over a fresh connection: (status, head, body).
 fn request(port: u16, method: &str, path: &str, form: Option<&str>) -> (u16, String, String) {
+    request_with(port, method, path, form, "")
+}
+
+/// As [`request`], with more header lines.
+fn request_with(
+    port: u16,
+    method: &str,
+    path: &str,
+    form: Option<&str>,
+    headers: &str,
+) -> (u16, String, String) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the http listener");
     s.set_read_timeout(Some(WAIT)).unwrap();
     let body = form.unwrap_or("");
@@ -28,7 +39,7 @@ fn request(port: u16, method: &str, path: &str, form: Option<&str>) -> (u16, Str
     };
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n{typed}\r\n{body}"
+        "{method} {path} HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n{typed}{headers}\r\n{body}"
     )
     .unwrap();
     let mut raw = String::new();
@@ -233,6 +244,37 @@ async fn a_forget_needs_the_pages_token_and_a_confirmation_then_the_store_and_de
     assert!(listed(&get(port, "/")).is_empty());
     let (status, _, _) = forget(port, "fg-1", &"x=".repeat(2100));
     assert_eq!(status, 413, "a body over 4 KiB");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_password_the_page_and_its_forget_need_it_too() {
+    common::bin();
+    let broker = Mosquitto::start();
+    let cloud = fake_cloud().await;
+    let port = free_port();
+    let (extra, _password_dir) = http_with_password("127.0.0.1", port, "correct horse");
+    let d = Daemon::start(&broker, &cloud, &extra);
+    d.log.wait_for("http listening");
+    let mut s = d.sensor(broker.port, "pw-1").await;
+    s.announce("{}").await;
+    s.reply_with_status("ok").await;
+    use base64::Engine as _;
+    let auth = format!(
+        "Authorization: Basic {}\r\n",
+        base64::engine::general_purpose::STANDARD.encode("me:correct horse")
+    );
+
+    assert_eq!(request(port, "GET", "/", None).0, 401);
+    let (status, _, page) = request_with(port, "GET", "/sensor/pw-1", None, &auth);
+    assert_eq!(status, 200, "{page}");
+    let form = format!("token={}&confirm=yes", token_of(&page));
+    let (status, _, _) = forget(port, "pw-1", &form);
+    assert_eq!(status, 401, "a valid token is not a password");
+    assert_eq!(d.state_of("pw-1").as_deref(), Some("delivered"));
+    let path = "/sensor/pw-1/forget";
+    let (status, head, _) = request_with(port, "POST", path, Some(&form), &auth);
+    assert_eq!(status, 303, "{head}");
+    assert_eq!(d.state_of("pw-1"), None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -53,6 +53,23 @@ pub fn free_port() -> u16 {
     l.local_addr().expect("local addr").port()
 }
 
+/// `[http]` for a listener on `ip:port` that needs `password`, and the owner-only
+/// password file it names (keep the directory as long as the daemon runs).
+pub fn http_with_password(ip: &str, port: u16, password: &str) -> (String, tempfile::TempDir) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("http-password");
+    std::fs::write(&file, format!("{password}\n")).expect("write the password file");
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))
+        .expect("chmod the password file");
+    let listen = format!("{ip}:{port}");
+    let toml = format!(
+        "[http]\nlisten = \"{listen}\"\npassword_file = \"{}\"\n",
+        file.display()
+    );
+    (toml, dir)
+}
+
 /// A fault answering `code` with the fake's usual error body and no Retry-After.
 pub fn status_fault(code: u16) -> Fault {
     Fault::Status {
