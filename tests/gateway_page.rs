@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::webdriver::Browser;
 use common::*;
-use fake_qubitro::FakeQubitro;
+use fake_qubitro::{Endpoint, FakeQubitro};
 
 /// One request over a fresh connection: (status, head, body).
 fn request(port: u16, method: &str, path: &str, form: Option<&str>) -> (u16, String, String) {
@@ -279,7 +279,7 @@ async fn with_a_password_the_page_and_its_forget_need_it_too() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_a_real_browser_the_page_lists_finds_shows_and_forgets_a_sensor() {
-    let (broker, _cloud, port, d) = daemon_with_page().await;
+    let (broker, cloud, port, d) = daemon_with_page().await;
     let mut sensors = Vec::new();
     for (id, name) in [
         ("greenhouse-t1", "Greenhouse temperature"),
@@ -292,6 +292,14 @@ async fn in_a_real_browser_the_page_lists_finds_shows_and_forgets_a_sensor() {
         sensors.push((id, ok));
     }
     let device = sensors[1].1["device_id"].as_str().unwrap().to_string();
+    // Two waiting: one whose onboarding Qubitro keeps failing, one refused.
+    cloud.push_faults(Endpoint::List, (0..50).map(|_| status_fault(503)).collect());
+    let mut pump = d.sensor(broker.port, "pump-p4").await;
+    pump.announce(r#"{"name":"Pump"}"#).await;
+    pump.reply_with_status("pending").await;
+    let mut stranger = Sensor::connect_unkeyed(broker.port, "stranger-9").await;
+    stranger.announce("{}").await;
+    stranger.unauthenticated_reply().await;
     let base = format!("http://127.0.0.1:{port}");
     let browser = Browser::start().await;
 
@@ -300,6 +308,11 @@ async fn in_a_real_browser_the_page_lists_finds_shows_and_forgets_a_sensor() {
     assert!(
         text.contains("cellar-h2") && text.contains("delivered") && text.contains(&device),
         "{text}"
+    );
+    let waiting = browser.find("#waiting").await.text().await;
+    assert!(
+        waiting.contains("pump-p4") && waiting.contains("stranger-9"),
+        "{waiting}"
     );
     let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("gateway-page.png");
     browser.screenshot(&shot).await;

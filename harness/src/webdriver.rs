@@ -69,7 +69,7 @@ impl Browser {
                 "binary": "/usr/bin/chromium",
                 // --no-sandbox: the tests may run as root, where chromium's sandbox refuses.
                 "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                         "--window-size=1280,720"]
+                         "--window-size=1280,900"]
             }
         }}});
         let started = Instant::now();
