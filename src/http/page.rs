@@ -84,9 +84,9 @@ pub async fn handle(
         now_ms: crate::clock::system_ms(),
     };
     let response = match (method, sensor_path) {
-        ("GET" | "HEAD", None) => index(&ctx, query),
+        ("GET" | "HEAD", None) => blocking(|| index(&ctx, query)),
         ("GET" | "HEAD", Some(rest)) if !rest.contains('/') => match wire::decode(rest) {
-            Some(id) => sensor::render(&ctx, &id),
+            Some(id) => blocking(|| sensor::render(&ctx, &id)),
             None => not_found("not a sensor id"),
         },
         ("POST", Some(rest)) => match rest.strip_suffix("/forget").and_then(wire::decode) {
@@ -100,6 +100,16 @@ pub async fn handle(
         _ => Response::text(405, "GET only\n").with("Allow", "GET, HEAD".into()),
     };
     Some(response.with("Content-Security-Policy", CSP.into()))
+}
+
+/// Runs `f`, which reads the store synchronously (a search reads up to thousands of
+/// records), without holding up the other tasks queued on this worker thread.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
 }
 
 fn index(ctx: &Ctx, query: &str) -> Response {
