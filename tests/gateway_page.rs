@@ -91,9 +91,13 @@ fn token_of(page: &str) -> String {
 
 /// A broker, the fake Qubitro, and a daemon whose page listens on a free loopback port.
 async fn daemon_with_page() -> (Mosquitto, FakeQubitro, u16, Daemon) {
+    daemon_with_page_and(fake_cloud().await).await
+}
+
+/// As [`daemon_with_page`], with this fake Qubitro.
+async fn daemon_with_page_and(cloud: FakeQubitro) -> (Mosquitto, FakeQubitro, u16, Daemon) {
     common::bin();
     let broker = Mosquitto::start();
-    let cloud = fake_cloud().await;
     let port = free_port();
     let listen = format!("[http]\nlisten = \"127.0.0.1:{port}\"\n");
     let d = Daemon::start(&broker, &cloud, &listen);
@@ -267,7 +271,7 @@ async fn with_a_password_the_page_and_its_forget_need_it_too() {
     assert_eq!(request(port, "GET", "/", None).0, 401);
     let (status, _, page) = request_with(port, "GET", "/sensor/pw-1", None, &auth);
     assert_eq!(status, 200, "{page}");
-    let form = format!("token={}&confirm=yes", token_of(&page));
+    let form = format!("token={}&confirm=yes&delete_remote=yes", token_of(&page));
     let (status, _, _) = forget(port, "pw-1", &form);
     assert_eq!(status, 401, "a valid token is not a password");
     assert_eq!(d.state_of("pw-1").as_deref(), Some("delivered"));
@@ -275,6 +279,33 @@ async fn with_a_password_the_page_and_its_forget_need_it_too() {
     let (status, head, _) = request_with(port, "POST", path, Some(&form), &auth);
     assert_eq!(status, 303, "{head}");
     assert_eq!(d.state_of("pw-1"), None);
+    assert!(
+        cloud.devices().is_empty(),
+        "the box asked for the device's delete"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forget_that_also_deletes_the_device_forgets_nothing_when_qubitro_refuses_the_delete() {
+    let refusing = fake_qubitro::FakeOptions {
+        delete_permission: false,
+        ..fake_qubitro::FakeOptions::default()
+    };
+    let cloud = FakeQubitro::start(refusing)
+        .await
+        .expect("start the fake Qubitro");
+    let (broker, cloud, port, d) = daemon_with_page_and(cloud).await;
+    let mut s = d.sensor(broker.port, "kept-1").await;
+    s.announce("{}").await;
+    s.reply_with_status("ok").await;
+    let token = token_of(&get(port, "/sensor/kept-1"));
+    let form = format!("token={token}&confirm=yes&delete_remote=yes");
+    let (status, _, body) = forget(port, "kept-1", &form);
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("nothing was forgotten"), "{body}");
+    assert!(!body.contains(&cloud.api_key()), "{body}");
+    assert_eq!(d.state_of("kept-1").as_deref(), Some("delivered"));
+    assert_eq!(cloud.devices().len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
