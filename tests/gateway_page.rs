@@ -309,6 +309,38 @@ async fn a_forget_that_also_deletes_the_device_forgets_nothing_when_qubitro_refu
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_the_broker_is_down_the_page_says_so_with_the_reason() {
+    let (mut broker, _cloud, port, _d) = daemon_with_page().await;
+    page_until(port, "<span class=\"ok\">connected</span>");
+    broker.kill();
+    let page = page_until(port, "disconnected: ");
+    let why = page
+        .split("disconnected: ")
+        .nth(1)
+        .unwrap()
+        .split("</span>")
+        .next()
+        .unwrap();
+    assert!(!why.trim().is_empty(), "{page}");
+}
+
+/// `/` once it contains `needle` (the daemon sees the broker change on its own time).
+fn page_until(port: u16, needle: &str) -> String {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let page = get(port, "/");
+        if page.contains(needle) {
+            return page;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {needle:?} on {page}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_a_real_browser_the_page_lists_finds_shows_and_forgets_a_sensor() {
     let (broker, cloud, port, d) = daemon_with_page().await;
     let mut sensors = Vec::new();

@@ -129,10 +129,13 @@ fn gateway(ctx: &Ctx, out: &mut String) {
              configs: close it with the password file and ACL of README's Raspberry Pi section.</p>",
         );
     }
-    let broker = if ctx.mqtt.is_connected() {
-        "<span class=\"ok\">connected</span>".to_string()
-    } else {
-        "<span class=\"bad\">disconnected</span> (reconnecting; the journal says why)".to_string()
+    let broker = match (ctx.mqtt.is_connected(), ctx.mqtt.down_reason()) {
+        (true, _) => "<span class=\"ok\">connected</span>".to_string(),
+        (false, Some(why)) => format!(
+            "<span class=\"bad\">disconnected: {}</span> (reconnecting)",
+            escape(&why)
+        ),
+        (false, None) => "<span class=\"bad\">not connected yet</span>".to_string(),
     };
     let cloud = ctx.engine.cloud_status();
     let cloud = if cloud == "ok" {
