@@ -7,7 +7,8 @@
 #                                      # and scripts/demo.sh need:
 #                                      # mosquitto (+ clients), openssl (test
 #                                      # certificates), a C compiler (ring),
-#                                      # Python's cryptography (v2 vectors)
+#                                      # Python's cryptography (v2 vectors),
+#                                      # chromium + its driver (the gateway page)
 #   scripts/install-deps.sh            # everything CI runs (test + the rest below)
 #   scripts/install-deps.sh systemd    # only the systemd guest test's needs
 #   scripts/install-deps.sh cross      # only the cross build + qemu smoke test
@@ -18,7 +19,9 @@ set -euo pipefail
 systemd_pkgs=(debootstrap systemd-container python3-cryptography)
 cross_pkgs=(qemu-user gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf libc6-dev-arm64-cross libc6-dev-armhf-cross)
 # python3-cryptography: tests/protocol_v2_vectors.rs checks the v2 vectors with it too.
-test_pkgs=(mosquitto mosquitto-clients openssl gcc libc6-dev python3-cryptography)
+# chromium + chromium-driver: tests/gateway_page.rs drives the gateway page in a real
+# headless browser over WebDriver.
+test_pkgs=(mosquitto mosquitto-clients openssl gcc libc6-dev python3-cryptography chromium chromium-driver)
 # Only to validate docker-compose.yml (no engine is needed for `config`).
 compose_pkgs=(docker-compose)
 

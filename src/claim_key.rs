@@ -70,6 +70,18 @@ impl From<ConfigError> for ClaimKeyError {
     }
 }
 
+/// A short name of `key` an operator can compare between gateways and with what
+/// `onboardd claim` was given, shown where the key itself must never be (the
+/// gateway page): the first 8 bytes of its SHA-256, which tell nothing usable of a
+/// 256-bit random key.
+pub fn fingerprint(key: &Secret) -> String {
+    use sha2::{Digest as _, Sha256};
+    let digest = Sha256::digest(key.expose().as_bytes());
+    let hex = hex::encode(&digest[..8]);
+    let pairs: Vec<&str> = (0..hex.len()).step_by(4).map(|i| &hex[i..i + 4]).collect();
+    format!("sha256:{}", pairs.join(":"))
+}
+
 /// `{store_path}/claim-key`.
 pub fn generated_path(store_path: &str) -> PathBuf {
     Path::new(store_path).join(FILE_NAME)
@@ -154,6 +166,16 @@ fn write_new(path: &Path, key: &Secret) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fingerprint_names_the_key_without_containing_it() {
+        let key = Secret::new("ab".repeat(32));
+        let f = fingerprint(&key);
+        assert!(f.starts_with("sha256:") && f.len() == 7 + 19, "{f}");
+        assert!(!f.contains("abab"), "{f}");
+        assert_eq!(f, fingerprint(&key.clone()));
+        assert_ne!(f, fingerprint(&Secret::new("cd".repeat(32))));
+    }
     use std::os::unix::fs::PermissionsExt as _;
 
     #[test]

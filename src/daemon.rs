@@ -174,12 +174,31 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let control = control::serve(&cfg.control, engine.clone(), stops.stop.clone())?;
     // Before READY, so the journal says at start when it cannot bind. Sensors come
     // first: a port taken by another program costs the status page, not onboarding.
-    let http = match crate::http::serve(&cfg.http, engine.clone(), mqtt.clone(), stops.stop.clone())
-        .await
+    // At each connection of the session, off its event loop: whether anyone else
+    // may connect too (before the listener, whose page shows it).
+    let open = open_broker::watch(cfg.mqtt.clone(), mqtt.connection(), stops.stop.clone());
+    let gateway = crate::http::Gateway {
+        gateway_id: cfg.gateway_id.clone(),
+        broker: format!("{}:{}", cfg.mqtt.host, cfg.mqtt.port),
+        started: started.into_std(),
+        claim_fingerprint: claim_key::fingerprint(&cfg.security.claim_key),
+        open: open.clone(),
+    };
+    let http = match crate::http::serve(
+        &cfg.http,
+        engine.clone(),
+        mqtt.clone(),
+        gateway,
+        stops.stop.clone(),
+    )
+    .await
     {
         Ok(h) => h,
         Err(e) => {
-            tracing::error!("{e}; serving sensors without /healthz and /metrics (set http.listen to a free address, or \"\" to turn it off)");
+            tracing::error!(
+                "{e}; serving sensors without the gateway page, /healthz and /metrics (set http.listen to a free \
+                 address, or \"\" to turn it off)"
+            );
             None
         }
     };
@@ -198,8 +217,6 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         ready_ms = started.elapsed().as_millis() as u64,
         "onboardd ready"
     );
-    // Off the event loop: at each connection, whether anyone else may connect too.
-    let open = open_broker::watch(cfg.mqtt.clone(), mqtt.connection(), stops.stop.clone());
     let reporter = tokio::spawn(report(
         cfg.clone(),
         engine.clone(),

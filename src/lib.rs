@@ -55,14 +55,15 @@
 //! deadline; [`control`] is the Unix socket behind `onboardd devices …` (server and
 //! client, and `forget`: the Qubitro delete first, then the local forget, all or
 //! nothing, with the daemon running or not; `prune`, the same for every sensor silent
-//! too long); [`http`] serves `/healthz` and `/metrics`; [`lifecycle`] deletes discovered devices retired for too long (with
-//! `control`'s forget).
+//! too long); [`http`] serves the gateway page, `/healthz` and `/metrics`; [`lifecycle`]
+//! deletes discovered devices retired for too long (with `control`'s forget).
 //!
 //! Shared leaves: [`config`] (TOML/env, validated once), [`claim_key`] (configured
 //! or generated at first start), [`proof`] (the sensor protocol's crypto),
 //! [`device`] (credentials and tokens), [`clock`] (tokio's pausable time, wall time
 //! for records), [`backoff`], [`heartbeat`] (watchdog beats), [`tls`] (one rustls
-//! builder), [`metrics`], [`logging`], [`systemd`], [`failpoint`] (crash injection,
+//! builder), [`metrics`], [`logging`] (and [`events`]: each sensor's recent log events,
+//! bounded, for the gateway page), [`systemd`], [`failpoint`] (crash injection,
 //! feature `failpoints`), [`open_broker`] (does the broker let anyone in: probed at each
 //! connection, said in the log, STATUS and stats).
 
@@ -78,6 +79,7 @@ pub mod daemon;
 pub mod device;
 pub mod discovery;
 pub mod engine;
+pub mod events;
 pub mod failpoint;
 pub mod heartbeat;
 pub mod http;

@@ -21,6 +21,7 @@
 //! - [`bridge_setup`]: the bridge's test setup in one call ([`bridged()`], [`Bridged`]): the
 //!   local broker, the fake, the stand-in and its observer, onboardd bridging to it.
 //! - [`files`]: files tests make and check ([`owners_below`], [`config_with_a_readable_secret`]).
+//! - [`webdriver`]: a headless chromium driven over WebDriver (the gateway page's test).
 //!
 //! Every wait has a deadline ([`WAIT`]) and panics saying what it waited for, with the log
 //! of the process concerned.
@@ -35,6 +36,7 @@ pub mod process;
 pub mod proxy;
 pub mod qubitro_broker;
 pub mod sensor;
+pub mod webdriver;
 
 use std::net::TcpListener;
 use std::time::Duration;
@@ -56,6 +58,23 @@ pub const WAIT: Duration = Duration::from_secs(30);
 pub fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
     l.local_addr().expect("local addr").port()
+}
+
+/// `[http]` for a listener on `ip:port` that needs `password`, and the owner-only
+/// password file it names (keep the directory as long as the daemon runs).
+pub fn http_with_password(ip: &str, port: u16, password: &str) -> (String, tempfile::TempDir) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("http-password");
+    std::fs::write(&file, format!("{password}\n")).expect("write the password file");
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))
+        .expect("chmod the password file");
+    let listen = format!("{ip}:{port}");
+    let toml = format!(
+        "[http]\nlisten = \"{listen}\"\npassword_file = \"{}\"\n",
+        file.display()
+    );
+    (toml, dir)
 }
 
 /// A fault answering `code` with the fake's usual error body and no Retry-After.

@@ -487,7 +487,8 @@ impl Dispatch<'_> {
         retry_after: Option<Duration>,
     ) -> Decision {
         metrics::error();
-        tracing::warn!(sensor_id = sensor, code = code.as_str(), detail = %message, outcome = "refused", "announce of sensor \
+        tracing::warn!(sensor_id = sensor, code = code.as_str(), detail = %message, outcome = "refused",
+            retry_after_s = retry_after.map(|d| d.as_secs()), "announce of sensor \
             {sensor} refused ({code}): {message}");
         let request_id = route.request_id.clone();
         let mut reply = Reply::error(sensor, code, message, request_id);

@@ -1,11 +1,13 @@
 //! The daemon's HTTP listener: `/healthz` for Docker's HEALTHCHECK and load
-//! balancers, `/metrics` for Prometheus ([`exposition`]). Loopback by default;
-//! beyond it only with HTTP Basic ([`auth`]). Every resource a client can make it
-//! hold is bounded: connections, header bytes and count ([`wire`]), time per
-//! connection; no request body is read, and a connection serves one request.
+//! balancers, `/metrics` for Prometheus ([`exposition`]), and the gateway page for
+//! a browser ([`page`]: `/` and `/sensor/<id>`). Loopback by default; beyond it only
+//! with HTTP Basic ([`auth`]), POSTs included. Every resource a client can make it
+//! hold is bounded: connections, header bytes and count, body bytes (a small form
+//! only, [`wire`]), time per connection; a connection serves one request.
 
 mod auth;
 mod exposition;
+mod page;
 mod wire;
 
 use std::net::{IpAddr, SocketAddr};
@@ -22,6 +24,8 @@ use crate::config::HttpConfig;
 use crate::engine::Engine;
 use crate::mqtt::Mqtt;
 use wire::{Head, Parsed, Response};
+
+pub use page::Gateway;
 
 /// Connections served at once; more are closed unanswered (a scraper and a health
 /// check need a handful).
@@ -50,6 +54,7 @@ struct State {
     /// None on loopback without `password_file`: no authentication.
     password: Option<String>,
     failures: Mutex<auth::Failures>,
+    page: page::Page,
 }
 
 /// Binds `[http] listen` (None when off) and serves it until `stop`.
@@ -57,6 +62,7 @@ pub async fn serve(
     cfg: &HttpConfig,
     engine: Arc<Engine>,
     mqtt: Mqtt,
+    gateway: Gateway,
     stop: CancellationToken,
 ) -> Result<Option<JoinHandle<()>>, HttpError> {
     let Some(addr) = cfg.listen_addr() else {
@@ -69,13 +75,14 @@ pub async fn serve(
     tracing::info!(
         listen = %bound,
         authenticated = !cfg.password.is_empty(),
-        "http listening on {bound}: /healthz, /metrics"
+        "http listening on {bound}: the gateway page /, /healthz, /metrics"
     );
     let state = Arc::new(State {
         engine,
         mqtt,
         password: Some(cfg.password.expose().to_string()).filter(|p| !p.is_empty()),
         failures: Mutex::default(),
+        page: page::Page::new(gateway),
     });
     Ok(Some(tokio::spawn(accept(listener, state, stop))))
 }
@@ -122,7 +129,14 @@ async fn connection(mut stream: TcpStream, client: IpAddr, state: &State) -> std
             Parsed::Partial => continue,
             Parsed::Refuse(r) => break (r, false),
             Parsed::Complete(head) => {
-                break (handle(state, client, &head).await, head.method == "HEAD")
+                let form = match read_form(&mut stream, &mut buf, len, &head).await? {
+                    Ok(form) => form,
+                    Err(refused) => break (refused, false),
+                };
+                break (
+                    handle(state, client, &head, &form).await,
+                    head.method == "HEAD",
+                );
             }
         }
     };
@@ -130,16 +144,47 @@ async fn connection(mut stream: TcpStream, client: IpAddr, state: &State) -> std
     stream.shutdown().await
 }
 
-async fn handle(state: &State, client: IpAddr, req: &Head) -> Response {
+/// The request's form body, read to its Content-Length (bounded by [`wire::body_len`]).
+async fn read_form(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    mut len: usize,
+    head: &Head,
+) -> std::io::Result<Result<Vec<(String, String)>, Response>> {
+    let want = match wire::body_len(head) {
+        Ok(0) => return Ok(Ok(Vec::new())),
+        Ok(n) => n,
+        Err(refused) => return Ok(Err(refused)),
+    };
+    let end = head.head_len + want;
+    buf.resize(end.max(len), 0);
+    while len < end {
+        let n = stream.read(&mut buf[len..end]).await?;
+        if n == 0 {
+            return Ok(Err(Response::text(
+                400,
+                "body shorter than its Content-Length\n",
+            )));
+        }
+        len += n;
+    }
+    Ok(wire::parse_form(&buf[head.head_len..end]))
+}
+
+async fn handle(state: &State, client: IpAddr, req: &Head, form: &[(String, String)]) -> Response {
     if let Some(password) = &state.password {
         if let Some(refused) = authenticate(state, password, client, req) {
             return refused;
         }
     }
+    let (engine, mqtt) = (&*state.engine, &state.mqtt);
+    if let Some(r) = page::handle(&state.page, engine, mqtt, &req.method, &req.path, form).await {
+        return r;
+    }
     if req.method != "GET" && req.method != "HEAD" {
         return Response::text(405, "GET only\n").with("Allow", "GET, HEAD".into());
     }
-    // Nothing here takes a body; not reading one keeps memory bounded.
+    // Only the page's forms take a body.
     if req.content_length > 0 {
         return Response::text(413, "no body expected\n");
     }
@@ -150,7 +195,7 @@ async fn handle(state: &State, client: IpAddr, req: &Head) -> Response {
             exposition::CONTENT_TYPE,
             exposition::render(&sample(state)),
         ),
-        _ => Response::text(404, "/healthz or /metrics\n"),
+        _ => Response::text(404, "/, /healthz or /metrics\n"),
     }
 }
 

@@ -15,6 +15,9 @@
 //! "suppressed K similar messages" line, so that it neither hides everything else nor
 //! wears out the SD card. The layer is `rate_limited`; its policy, pure and driven by
 //! the time passed in, is `summariser` ([`Summariser`]).
+//!
+//! Events naming a sensor are also kept, a few per sensor, for the gateway page
+//! ([`crate::events`]).
 
 mod rate_limited;
 mod summariser;
@@ -65,6 +68,9 @@ pub fn init(level: &str) -> Result<(), LogError> {
     tracing_subscriber::registry()
         .with(filter)
         .with(RateLimited::new(output, DEFAULT_BURST, DEFAULT_WINDOW))
+        // Beside the output, not behind its rate limit: a sensor's page shows its
+        // events even when a flood cut them from the journal.
+        .with(crate::events::Capture::new(crate::events::Events::global()))
         .try_init()
         .map_err(LogError::Install)?;
 

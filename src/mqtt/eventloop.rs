@@ -25,6 +25,8 @@ pub(super) struct Outlet {
     pub(super) best_effort: mpsc::Sender<Publish>,
     /// QoS 0 announces dropped on a full queue since start.
     pub(super) dropped: Arc<AtomicU64>,
+    /// Why the last connection failed or ended, for the gateway page.
+    pub(super) down: Arc<std::sync::Mutex<String>>,
 }
 
 /// Polls rumqttc's event loop (see the module doc); spawned by the daemon.
@@ -129,6 +131,7 @@ impl EventLoopTask {
                 Ok(_) => {}
                 Err(e) => {
                     let was_connected = std::mem::take(&mut self.online);
+                    *self.outlet.down.lock().unwrap_or_else(|p| p.into_inner()) = e.to_string();
                     self.announces.on_connection_lost();
                     let _ = self.connected.send(false);
                     // What the dead connection left behind: its buffered events (acks

@@ -111,6 +111,8 @@ pub struct Mqtt {
     queue: Arc<Mutex<VecDeque<Option<DeliveryTag>>>>,
     /// True while the broker has granted this connection's announce subscription.
     connected: watch::Receiver<bool>,
+    /// Why the last connection failed or ended (written by the event-loop task).
+    down: Arc<Mutex<String>>,
     status_topic: String,
     /// State topics followed at run time, shared with the event-loop task, which
     /// subscribes to all of them again on every ConnAck.
@@ -212,6 +214,15 @@ impl Mqtt {
 
     /// Connected, and the announce subscription of this connection granted: a
     /// connection without it hears no sensor.
+    /// While not connected: why the last connection failed or ended, when known.
+    pub fn down_reason(&self) -> Option<String> {
+        if self.is_connected() {
+            return None;
+        }
+        let why = self.down.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        Some(why).filter(|w| !w.is_empty())
+    }
+
     pub fn is_connected(&self) -> bool {
         *self.connected.borrow()
     }
@@ -299,12 +310,14 @@ pub fn connect(cfg: &Config, subscriptions: Subscriptions) -> Result<Session, Mq
     let (reliable_tx, reliable_rx) = mpsc::unbounded_channel();
     let (best_tx, best_rx) = mpsc::channel(cfg.announce.queue_capacity.max(1));
     let dropped = Arc::new(AtomicU64::new(0));
+    let down = Arc::new(Mutex::new(String::new()));
     Ok(Session {
         mqtt: Mqtt {
             client: client.clone(),
             send_lock: Arc::new(tokio::sync::Mutex::new(())),
             queue: queue.clone(),
             connected: connected_rx,
+            down: down.clone(),
             status_topic: m.status_topic.clone(),
             followed: subscriptions.followed().clone(),
         },
@@ -320,6 +333,7 @@ pub fn connect(cfg: &Config, subscriptions: Subscriptions) -> Result<Session, Mq
                 reliable: reliable_tx,
                 best_effort: best_tx,
                 dropped: dropped.clone(),
+                down,
             },
             connected_tx,
             subscriptions,

@@ -285,19 +285,48 @@ impl Store {
         self.sensors.is_empty()
     }
 
+    /// Readable records in sensor-id order from just after `after` (the start when
+    /// None): a page of a listing reads only its own records.
+    pub fn scan_after(
+        &self,
+        after: Option<&str>,
+    ) -> impl Iterator<Item = Result<(String, Record), StoreError>> + '_ {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let from = after.map_or(Unbounded, |a| Excluded(a.as_bytes().to_vec()));
+        self.sensors
+            .range::<Vec<u8>, _>((from, Unbounded))
+            .filter_map(|item| {
+                let (k, v) = match item {
+                    Ok(kv) => kv,
+                    Err(e) => return Some(Err(e.into())),
+                };
+                match self.decode_or_quarantine(&k, &v) {
+                    Ok(Some(rec)) => Some(Ok((String::from_utf8_lossy(&k).into_owned(), rec))),
+                    Ok(None) => None,
+                    Err(e) => Some(Err(e)),
+                }
+            })
+    }
+
+    /// Unfinished sensors (Pending or Creating), at most `max`, from the index alone.
+    pub fn unfinished_first(&self, max: usize) -> Result<Vec<(String, Record)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.pending.iter() {
+            let (k, _) = item?;
+            let sensor = String::from_utf8_lossy(&k).into_owned();
+            if let Some(rec) = self.get(&sensor)?.filter(|r| r.state.is_unfinished()) {
+                out.push((sensor, rec));
+                if out.len() >= max {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// All readable records in sensor-id order (unreadable ones are quarantined).
     pub fn scan(&self) -> impl Iterator<Item = Result<(String, Record), StoreError>> + '_ {
-        self.sensors.iter().filter_map(|item| {
-            let (k, v) = match item {
-                Ok(kv) => kv,
-                Err(e) => return Some(Err(e.into())),
-            };
-            match self.decode_or_quarantine(&k, &v) {
-                Ok(Some(rec)) => Some(Ok((String::from_utf8_lossy(&k).into_owned(), rec))),
-                Ok(None) => None,
-                Err(e) => Some(Err(e)),
-            }
-        })
+        self.scan_after(None)
     }
 }
 
