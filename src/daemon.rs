@@ -172,14 +172,23 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let acker = tokio::spawn(engine.clone().run_acker(ack_rx));
     let session_events = tokio::spawn(engine.clone().run_session_events(event_rx));
     let control = control::serve(&cfg.control, engine.clone(), stops.stop.clone())?;
+    // Off the event loop: at each connection, whether anyone else may connect too.
+    let open = open_broker::watch(cfg.mqtt.clone(), mqtt.connection(), stops.stop.clone());
     // Before READY, so the journal says at start when it cannot bind. Sensors come
     // first: a port taken by another program costs the status page, not onboarding.
-    let http = match crate::http::serve(&cfg.http, engine.clone(), mqtt.clone(), stops.stop.clone())
-        .await
-    {
+    let served = crate::http::serve(
+        &cfg.http,
+        engine.clone(),
+        mqtt.clone(),
+        open.clone(),
+        stops.stop.clone(),
+    );
+    let http = match served.await {
         Ok(h) => h,
         Err(e) => {
-            tracing::error!("{e}; serving sensors without /healthz and /metrics (set http.listen to a free address, or \"\" to turn it off)");
+            tracing::error!(
+                "{e}; serving sensors without /healthz and /metrics (set http.listen to a free address, or \"\" to turn it off)"
+            );
             None
         }
     };
@@ -198,8 +207,6 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         ready_ms = started.elapsed().as_millis() as u64,
         "onboardd ready"
     );
-    // Off the event loop: at each connection, whether anyone else may connect too.
-    let open = open_broker::watch(cfg.mqtt.clone(), mqtt.connection(), stops.stop.clone());
     let reporter = tokio::spawn(report(
         cfg.clone(),
         engine.clone(),

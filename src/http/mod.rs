@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::HttpConfig;
 use crate::engine::Engine;
 use crate::mqtt::Mqtt;
+use crate::open_broker::Verdict;
 use wire::{Head, Parsed, Response};
 
 /// Connections served at once; more are closed unanswered (a scraper and a health
@@ -47,6 +48,8 @@ pub enum HttpError {
 struct State {
     engine: Arc<Engine>,
     mqtt: Mqtt,
+    /// Whether the broker lets anyone in (its latest probe).
+    open_broker: Arc<Verdict>,
     /// None on loopback without `password_file`: no authentication.
     password: Option<String>,
     failures: Mutex<auth::Failures>,
@@ -57,6 +60,7 @@ pub async fn serve(
     cfg: &HttpConfig,
     engine: Arc<Engine>,
     mqtt: Mqtt,
+    open_broker: Arc<Verdict>,
     stop: CancellationToken,
 ) -> Result<Option<JoinHandle<()>>, HttpError> {
     let Some(addr) = cfg.listen_addr() else {
@@ -74,6 +78,7 @@ pub async fn serve(
     let state = Arc::new(State {
         engine,
         mqtt,
+        open_broker,
         password: Some(cfg.password.expose().to_string()).filter(|p| !p.is_empty()),
         failures: Mutex::default(),
     });
@@ -199,14 +204,22 @@ async fn healthz(state: &State) -> Response {
 }
 
 fn sample(state: &State) -> exposition::Sample {
+    let engine = &state.engine;
+    let store = engine.store();
     exposition::Sample {
-        counters: crate::metrics::snapshot(state.engine.pending_now()),
+        counters: crate::metrics::snapshot(engine.pending_now()),
+        announces: crate::metrics::announce_results(),
+        announce_reply: crate::metrics::announce_reply_times(),
         replies_delivered: crate::metrics::replies_delivered(),
         cloud: crate::metrics::cloud_requests(),
-        onboarding_now: state.engine.pending_now(),
-        bridge: state.engine.bridge().map(|b| b.stats()),
+        onboarding_now: engine.pending_now(),
+        sensors: store.sensors_by_state(),
+        bridge: engine.bridge().map(|b| (b.stats(), b.uplinks_paused())),
         mqtt_connected: state.mqtt.is_connected(),
-        cloud_ok: state.engine.cloud_status() == "ok",
+        cloud_ok: engine.cloud_status() == "ok",
+        open_broker: state.open_broker.open(),
+        store_bytes: store.size_on_disk().ok(),
+        bytes_written: crate::metrics::bytes_written(),
         version: env!("CARGO_PKG_VERSION"),
     }
 }
