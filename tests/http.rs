@@ -333,6 +333,7 @@ async fn an_address_that_failed_too_often_is_refused_even_with_the_right_passwor
 async fn a_huge_request_idle_connections_and_a_slow_client_leave_announces_served_and_healthz_back()
 {
     common::bin();
+    raise_fd_limit(IDLE as u64 + 512);
     let broker = Mosquitto::start();
     let (port, d, cloud) = daemon_listening(&broker).await;
 
@@ -353,9 +354,13 @@ async fn a_huge_request_idle_connections_and_a_slow_client_leave_announces_serve
         "{answer}"
     );
 
-    // Idle connections past the limit, and a client that sends its headers a byte at a time.
-    let idle: Vec<TcpStream> = (0..200)
-        .filter_map(|_| TcpStream::connect(("127.0.0.1", port)).ok())
+    // 1 000 idle connections, far past the limit, and a client that sends its
+    // headers a byte at a time.
+    let idle: Vec<TcpStream> = (0..IDLE)
+        .map(|i| {
+            TcpStream::connect(("127.0.0.1", port))
+                .unwrap_or_else(|e| panic!("idle connection {i}: {e}"))
+        })
         .collect();
     let slow = std::thread::spawn(move || {
         let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -378,10 +383,49 @@ async fn a_huge_request_idle_connections_and_a_slow_client_leave_announces_serve
     let reply = s.reply().await;
     assert_opens_to_the_clouds_token(&cloud, &reply);
 
-    // Still holding every idle connection: the daemon drops them itself.
+    // Still holding every idle connection: the daemon drops them itself, those past
+    // the limit at once and the others at the end of their time.
     tokio::task::spawn_blocking(move || until_status(port, "/healthz", 200))
         .await
         .unwrap();
     assert!(slow.join().unwrap(), "the slow client was never dropped");
-    drop(idle);
+    let closed = tokio::task::spawn_blocking(move || {
+        idle.into_iter()
+            .filter_map(|mut c| {
+                c.set_read_timeout(Some(WAIT)).unwrap();
+                let mut byte = [0u8; 1];
+                // End of stream, or reset: closed by the daemon, unanswered.
+                matches!(c.read(&mut byte), Ok(0) | Err(_)).then_some(())
+            })
+            .count()
+    })
+    .await
+    .unwrap();
+    assert_eq!(closed, IDLE, "idle connections the daemon let go of");
+    drop(d);
+}
+
+/// Idle connections the daemon must survive.
+const IDLE: usize = 1000;
+
+/// Lets this process (and the daemon it starts, which inherits the limit) hold the
+/// idle connections of a test: the usual soft limit, 1024, leaves too few to spare.
+fn raise_fd_limit(to: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        if lim.rlim_cur < to {
+            lim.rlim_cur = to.min(lim.rlim_max);
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+        }
+    }
+    assert!(
+        lim.rlim_cur >= to,
+        "RLIMIT_NOFILE's hard limit {} is below {to}",
+        lim.rlim_max
+    );
 }
