@@ -186,9 +186,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let http = match served.await {
         Ok(h) => h,
         Err(e) => {
-            tracing::error!(
-                "{e}; serving sensors without /healthz and /metrics (set http.listen to a free address, or \"\" to turn it off)"
-            );
+            tracing::error!("{e}; serving sensors without /healthz and /metrics");
             None
         }
     };

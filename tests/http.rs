@@ -429,3 +429,96 @@ fn raise_fd_limit(to: u64) {
         lim.rlim_max
     );
 }
+
+/// One HTTPS request to the listener, trusting only the CA in `ca`: (status, body), or
+/// None when no answer came.
+fn https_get(port: u16, path: &str, ca: &std::path::Path) -> Option<(u16, String)> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    let sock = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    sock.set_read_timeout(Some(WAIT)).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, sock);
+    write!(
+        tls,
+        "GET {path} HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut raw = String::new();
+    tls.read_to_string(&mut raw).ok()?;
+    let (head, body) = raw.split_once("\r\n\r\n")?;
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    Some((status, body.to_string()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_certificate_and_key_the_listener_speaks_https_and_refuses_plain_http() {
+    common::bin();
+    let broker = Mosquitto::start();
+    let cloud = fake_cloud().await;
+    let pki = harness::pki::Pki::standard();
+    let port = free_port();
+    let extra = format!(
+        "[http]\nlisten = \"127.0.0.1:{port}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+        pki.path("server.crt").display(),
+        pki.path("server.key").display()
+    );
+    let d = Daemon::start(&broker, &cloud, &extra);
+    d.log.wait_for("(HTTPS only)");
+    let ca = pki.path("ca.crt");
+    let body = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let answer = https_get(port, "/healthz", &ca);
+            if let Some((200, body)) = answer {
+                return body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "/healthz over HTTPS answered {answer:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .await
+    .unwrap();
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["status"], "ok", "{body}");
+    assert_eq!(
+        try_get(port, "/healthz", ""),
+        None,
+        "plain HTTP got an HTTP answer"
+    );
+    let key = std::fs::read_to_string(pki.path("server.key")).unwrap();
+    let secret = key.lines().nth(1).unwrap();
+    assert!(
+        !d.log.text().contains(secret),
+        "the key's PEM is never logged"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_without_its_key_refuses_to_start_with_exit_78_naming_the_key() {
+    common::bin();
+    let broker = Mosquitto::start();
+    let cloud = fake_cloud().await;
+    let extra = format!(
+        "[http]\nlisten = \"127.0.0.1:{}\"\ncert_file = \"/etc/onboardd/http.crt\"\n",
+        free_port()
+    );
+    let mut d = Daemon::spawn_new(broker.port, &cloud, &extra, vec![]);
+    let status = d.wait_exit_async().await;
+    assert_eq!(status.code(), Some(78), "{}", d.log.text());
+    assert!(d.log.text().contains("http.key_file"), "{}", d.log.text());
+}

@@ -1,6 +1,7 @@
 //! The daemon's HTTP listener: `/healthz` for Docker's HEALTHCHECK and load
 //! balancers, `/metrics` for Prometheus ([`exposition`]). Loopback by default;
-//! beyond it only with HTTP Basic ([`auth`]). Every resource a client can make it
+//! beyond it only with HTTP Basic ([`auth`]); HTTPS only when `http.cert_file` and
+//! `http.key_file` are set. Every resource a client can make it
 //! hold is bounded: connections, header bytes and count ([`wire`]), time per
 //! connection; no request body is read, and a connection serves one request.
 
@@ -9,13 +10,15 @@ mod exposition;
 mod wire;
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::HttpConfig;
@@ -36,12 +39,16 @@ const STORE_CHECK: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
-    #[error("http.listen: cannot listen on {addr}: {source}")]
+    #[error("http.listen: cannot listen on {addr} (set a free address, or \"\" to turn it off): {source}")]
     Bind {
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
     },
+    /// `http.cert_file` or `http.key_file` unusable: no listener rather than plain
+    /// HTTP where HTTPS was configured.
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// What the handlers read.
@@ -66,6 +73,14 @@ pub async fn serve(
     let Some(addr) = cfg.listen_addr() else {
         return Ok(None);
     };
+    let tls = match cfg.tls() {
+        true => Some(TlsAcceptor::from(Arc::new(crate::tls::server_config(
+            Path::new(&cfg.cert_file),
+            Path::new(&cfg.key_file),
+            cfg.key.expose(),
+        )?))),
+        false => None,
+    };
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| HttpError::Bind { addr, source })?;
@@ -73,7 +88,9 @@ pub async fn serve(
     tracing::info!(
         listen = %bound,
         authenticated = !cfg.password.is_empty(),
-        "http listening on {bound}: /healthz, /metrics"
+        https = tls.is_some(),
+        "http listening on {bound}: /healthz, /metrics{}",
+        if tls.is_some() { " (HTTPS only)" } else { "" }
     );
     let state = Arc::new(State {
         engine,
@@ -82,10 +99,15 @@ pub async fn serve(
         password: Some(cfg.password.expose().to_string()).filter(|p| !p.is_empty()),
         failures: Mutex::default(),
     });
-    Ok(Some(tokio::spawn(accept(listener, state, stop))))
+    Ok(Some(tokio::spawn(accept(listener, state, tls, stop))))
 }
 
-async fn accept(listener: TcpListener, state: Arc<State>, stop: CancellationToken) {
+async fn accept(
+    listener: TcpListener,
+    state: Arc<State>,
+    tls: Option<TlsAcceptor>,
+    stop: CancellationToken,
+) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, peer) = tokio::select! {
@@ -105,16 +127,31 @@ async fn accept(listener: TcpListener, state: Arc<State>, stop: CancellationToke
             continue;
         };
         let state = state.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, connection(stream, peer.ip(), &state))
-                .await;
+            // The handshake counts against the connection's time: a client that
+            // stalls it is dropped like one slow to send its request.
+            let served = async {
+                match tls {
+                    Some(acceptor) => {
+                        let stream = acceptor.accept(stream).await?;
+                        connection(stream, peer.ip(), &state).await
+                    }
+                    None => connection(stream, peer.ip(), &state).await,
+                }
+            };
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, served).await;
             drop(slot);
         });
     }
 }
 
 /// One request, one response, then the connection closes.
-async fn connection(mut stream: TcpStream, client: IpAddr, state: &State) -> std::io::Result<()> {
+async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    client: IpAddr,
+    state: &State,
+) -> std::io::Result<()> {
     let mut buf = vec![0u8; wire::MAX_HEAD_BYTES];
     let mut len = 0;
     let (response, head_only) = loop {
