@@ -221,8 +221,12 @@ async fn metrics_parse_as_prometheus_text_and_move_as_announces_are_served() {
     s.announce("{}").await;
     let reply = s.reply().await;
     assert_opens_to_the_clouds_token(&cloud, &reply);
-    let after = metrics_until(port, "the reply delivered", |m| {
+    // The PUBACK is counted, then the record moves to delivered; the reply is timed
+    // once handed to the MQTT client: each may trail the sensor's reading of it.
+    let after = metrics_until(port, "the reply delivered and timed", |m| {
         m.value("onboardd_replies_delivered_total", &[]) >= 1.0
+            && m.sensors("delivered") >= 1.0
+            && m.histogram("onboardd_announce_reply_seconds").1 >= 1.0
     })
     .await;
     assert_eq!(after.value("onboardd_replies_delivered_total", &[]), 1.0);
