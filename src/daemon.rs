@@ -189,6 +189,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         engine.clone(),
         mqtt.clone(),
         gateway,
+        open.clone(),
         stops.stop.clone(),
     )
     .await

@@ -40,7 +40,8 @@
 //!   one pure function per transition (`wire`: its on-disk form, older records
 //!   included; `owner`: which gateway bridges a device, one per device).
 //!   [`store`]: sled with group-commit flushes (`layout`, `open`, `commit`,
-//!   `records`, `trees` for the bridge's tree, `discovery` for discovery's state).
+//!   `records`, `census` for sensors per state, `trees` for the bridge's tree,
+//!   `discovery` for discovery's state).
 //!
 //! **Sinks** — what leaves:
 //! - replies through [`mqtt`] (tokens sealed with [`proof`]); readings through the

@@ -84,6 +84,18 @@ pub enum ReplyCode {
 }
 
 impl ReplyCode {
+    /// Every code, so counts per code are a fixed set (/metrics).
+    pub const ALL: [ReplyCode; 8] = [
+        ReplyCode::PayloadTooLarge,
+        ReplyCode::InvalidJson,
+        ReplyCode::NotAnObject,
+        ReplyCode::InvalidField,
+        ReplyCode::Unauthorized,
+        ReplyCode::Denied,
+        ReplyCode::RateLimited,
+        ReplyCode::RejectedByCloud,
+    ];
+
     /// The word on the wire (and in logs).
     pub fn as_str(self) -> &'static str {
         match self {

@@ -1,5 +1,5 @@
-//! TLS client configuration for both ends onboardd talks to, and the reading of TLS
-//! failures.
+//! TLS client configuration for both ends onboardd talks to, the HTTP listener's
+//! server configuration ([`server_config`]), and the reading of TLS failures.
 //!
 //! One builder ([`client_config`]) makes the rustls `ClientConfig` for the broker
 //! ([`mqtt_tls`]: only the CA of `mqtt.ca_file`, optionally a client certificate) and
@@ -62,6 +62,12 @@ pub enum TlsError {
     /// can quote a line of the file, and this file is a secret.
     #[error("{key}: no readable private key in {}", path.display())]
     ClientKey { key: &'static str, path: PathBuf },
+    /// The listener's certificate file cannot be read or holds no certificate.
+    #[error("{key}: cannot read a certificate from {}", path.display())]
+    ServerCert { key: &'static str, path: PathBuf },
+    /// The listener's key file holds no private key (its bytes are never quoted).
+    #[error("{key}: no readable private key in {}", path.display())]
+    ServerKey { key: &'static str, path: PathBuf },
     /// rustls refuses the certificate and key together.
     #[error("{cert_key}/{key_key}: certificate and key do not match")]
     KeyMismatch {
@@ -195,6 +201,41 @@ pub fn api_tls(extra_ca_file: &str) -> Result<rustls::ClientConfig, TlsError> {
         }),
         client_auth: None,
     })
+}
+
+/// The HTTP listener's HTTPS (`http.cert_file` and the PEM text of `http.key_file`,
+/// read as a secret): ring, TLS 1.2 and 1.3, no client certificates (requests
+/// authenticate with the password).
+pub fn server_config(
+    cert_file: &Path,
+    key_file: &Path,
+    key_pem: &str,
+) -> Result<rustls::ServerConfig, TlsError> {
+    let no_cert = || TlsError::ServerCert {
+        key: "http.cert_file",
+        path: cert_file.to_path_buf(),
+    };
+    let certs = CertificateDer::pem_file_iter(cert_file)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|_| no_cert())?;
+    if certs.is_empty() {
+        return Err(no_cert());
+    }
+    let key =
+        PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|_| TlsError::ServerKey {
+            key: "http.key_file",
+            path: key_file.to_path_buf(),
+        })?;
+    rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("ring supports TLS 1.2 and 1.3")
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|source| TlsError::KeyMismatch {
+            cert_key: "http.cert_file",
+            key_key: "http.key_file",
+            source,
+        })
 }
 
 /// Installs ring as the process-wide rustls provider. reqwest and rumqttc are built

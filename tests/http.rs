@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
@@ -69,59 +69,98 @@ async fn daemon_listening(broker: &Mosquitto) -> (u16, Daemon, FakeQubitro) {
     (port, d, cloud)
 }
 
-/// A sample's name and its labels in order, as the text format writes them.
-type Series = (String, String);
+/// /metrics as Prometheus reads it, parsed by the `prometheus-parse` crate.
+struct Metrics(Vec<prometheus_parse::Sample>);
 
-/// Prometheus' text format, strictly enough to catch a malformed line: every sample
-/// belongs to a family declared by `# TYPE`, its value parses as a float.
-fn parse_prometheus(text: &str) -> HashMap<Series, f64> {
-    let mut types = HashMap::new();
-    let mut samples = HashMap::new();
-    for line in text.lines().filter(|l| !l.is_empty()) {
-        if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let (name, kind) = rest.split_once(' ').expect("# TYPE name kind");
-            assert!(
-                ["counter", "gauge", "histogram"].contains(&kind),
-                "unknown type in {line}"
-            );
-            types.insert(name.to_string(), kind.to_string());
-            continue;
-        }
-        if line.starts_with("# HELP ") {
-            continue;
-        }
-        let (series, value) = line.rsplit_once(' ').expect("name and value");
-        let value: f64 = value.parse().unwrap_or_else(|_| panic!("value of {line}"));
-        let (name, labels) = match series.split_once('{') {
-            Some((n, l)) => (n, l.strip_suffix('}').expect("closing brace")),
-            None => (series, ""),
-        };
-        for pair in labels.split(',').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').expect("label=value");
-            assert!(
-                k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
-                "{line}"
-            );
-            assert!(
-                v.starts_with('"') && v.ends_with('"') && v.len() >= 2,
-                "{line}"
-            );
-        }
-        let family = ["_bucket", "_sum", "_count"]
-            .iter()
-            .filter_map(|s| name.strip_suffix(s))
-            .find(|f| types.get(*f).is_some_and(|k| k == "histogram"))
-            .unwrap_or(name);
-        assert!(types.contains_key(family), "{line}: no # TYPE for {family}");
-        let old = samples.insert((name.to_string(), labels.to_string()), value);
-        assert!(old.is_none(), "{line} twice");
+/// Parses `text`, and fails on any sample line the parser skipped (it ignores what it
+/// cannot read) or any series given twice.
+fn parse_prometheus(text: &str) -> Metrics {
+    let lines = text.lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("Prometheus text format");
+    let sample_lines = text
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .count();
+    let parsed: usize = scrape
+        .samples
+        .iter()
+        .map(|s| match &s.value {
+            prometheus_parse::Value::Histogram(buckets) => buckets.len(),
+            _ => 1,
+        })
+        .sum();
+    assert_eq!(
+        parsed, sample_lines,
+        "lines the parser could not read in:\n{text}"
+    );
+    let mut seen = HashSet::new();
+    for s in &scrape.samples {
+        let mut labels: Vec<_> = s.labels.iter().collect();
+        labels.sort();
+        assert!(
+            seen.insert(format!("{}{labels:?}", s.metric)),
+            "{} twice",
+            s.metric
+        );
     }
-    samples
+    Metrics(scrape.samples)
 }
 
-fn value(m: &HashMap<Series, f64>, name: &str, labels: &str) -> f64 {
-    *m.get(&(name.to_string(), labels.to_string()))
-        .unwrap_or_else(|| panic!("no {name}{{{labels}}} in /metrics"))
+impl Metrics {
+    /// The value of the counter or gauge `name` with exactly `labels`.
+    fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let found = self.0.iter().find(|s| {
+            s.metric == name
+                && s.labels.len() == labels.len()
+                && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
+        });
+        match found.map(|s| &s.value) {
+            Some(prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v)) => *v,
+            // A histogram's _sum and _count.
+            Some(prometheus_parse::Value::Untyped(v)) if name.ends_with("_count") => *v,
+            other => panic!("no counter or gauge {name}{labels:?} in /metrics: {other:?}"),
+        }
+    }
+
+    /// The histogram `name`: its buckets' counts (cumulative, +Inf last) and its count.
+    fn histogram(&self, name: &str) -> (Vec<f64>, f64) {
+        let buckets = self
+            .0
+            .iter()
+            .find_map(|s| match &s.value {
+                prometheus_parse::Value::Histogram(b) if s.metric == name => Some(b),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("no histogram {name} in /metrics"));
+        let counts = buckets.iter().map(|b| b.count).collect();
+        (counts, self.value(&format!("{name}_count"), &[]))
+    }
+
+    fn announces(&self, result: &str) -> f64 {
+        self.value("onboardd_announces_total", &[("result", result)])
+    }
+
+    fn sensors(&self, state: &str) -> f64 {
+        self.value("onboardd_sensors", &[("state", state)])
+    }
+}
+
+/// Scrapes until `done` holds for /metrics (the daemon counts some events, such as a
+/// PUBACK, after the sensor has its reply), and returns that scrape.
+async fn metrics_until(port: u16, what: &'static str, done: fn(&Metrics) -> bool) -> Metrics {
+    tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let m = parse_prometheus(&get(port, "/metrics", "").1);
+            if done(&m) {
+                return m;
+            }
+            assert!(Instant::now() < deadline, "/metrics never showed {what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .await
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,85 +188,81 @@ async fn healthz_is_200_while_the_broker_is_up_and_503_with_the_reason_while_it_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_parse_as_prometheus_text_and_count_an_onboarding() {
+async fn metrics_parse_as_prometheus_text_and_move_as_announces_are_served() {
     common::bin();
     let broker = Mosquitto::start();
     let (port, d, cloud) = daemon_listening(&broker).await;
     let (status, before) = get(port, "/metrics", "");
     assert_eq!(status, 200);
     let before = parse_prometheus(&before);
-    assert_eq!(value(&before, "onboardd_announces_total", ""), 0.0);
+    for result in ["ok", "pending", "onboarding", "refused", "dropped"] {
+        assert_eq!(before.announces(result), 0.0, "{result}");
+    }
+    for state in ["pending", "creating", "created", "delivered"] {
+        assert_eq!(before.sensors(state), 0.0, "{state}");
+    }
+    assert_eq!(before.histogram("onboardd_announce_reply_seconds").1, 0.0);
+    let created = [("origin", "created")];
     assert_eq!(
-        value(
-            &before,
-            "onboardd_devices_created_total",
-            "origin=\"created\""
-        ),
+        before.value("onboardd_devices_created_total", &created),
         0.0
     );
+    let version = env!("CARGO_PKG_VERSION");
     assert_eq!(
-        value(
-            &before,
-            "onboardd_build_info",
-            &format!("version=\"{}\"", env!("CARGO_PKG_VERSION"))
-        ),
+        before.value("onboardd_build_info", &[("version", version)]),
         1.0
     );
+    assert!(before.value("onboardd_store_size_bytes", &[]) > 0.0);
+    before.value("onboardd_storage_written_bytes_total", &[]);
 
+    // A new sensor: its onboarding task answers, and the broker's PUBACK of that
+    // reply makes it delivered.
     let mut s = d.sensor(broker.port, "metered-1").await;
     s.announce("{}").await;
     let reply = s.reply().await;
     assert_opens_to_the_clouds_token(&cloud, &reply);
-
-    // The broker's PUBACK for the reply may reach the daemon after the sensor has it.
-    let after = tokio::task::spawn_blocking(move || {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let m = parse_prometheus(&get(port, "/metrics", "").1);
-            if value(&m, "onboardd_replies_delivered_total", "") >= 1.0 || Instant::now() > deadline
-            {
-                return m;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    // The PUBACK is counted, then the record moves to delivered; the reply is timed
+    // once handed to the MQTT client: each may trail the sensor's reading of it.
+    let after = metrics_until(port, "the reply delivered and timed", |m| {
+        m.value("onboardd_replies_delivered_total", &[]) >= 1.0
+            && m.sensors("delivered") >= 1.0
+            && m.histogram("onboardd_announce_reply_seconds").1 >= 1.0
     })
-    .await
-    .unwrap();
-    assert_eq!(value(&after, "onboardd_replies_delivered_total", ""), 1.0);
-    assert_eq!(value(&after, "onboardd_announces_total", ""), 1.0);
-    assert_eq!(
-        value(
-            &after,
-            "onboardd_devices_created_total",
-            "origin=\"created\""
-        ),
-        1.0
-    );
-    assert_eq!(value(&after, "onboardd_mqtt_connected", ""), 1.0);
-    let ok = value(&after, "onboardd_cloud_requests_total", "outcome=\"ok\"");
+    .await;
+    assert_eq!(after.value("onboardd_replies_delivered_total", &[]), 1.0);
+    assert_eq!(after.announces("onboarding"), 1.0);
+    assert_eq!(after.sensors("delivered"), 1.0);
+    assert_eq!(after.sensors("pending") + after.sensors("created"), 0.0);
+    assert_eq!(after.value("onboardd_devices_created_total", &created), 1.0);
+    assert_eq!(after.value("onboardd_mqtt_connected", &[]), 1.0);
+    let (buckets, count) = after.histogram("onboardd_announce_reply_seconds");
+    assert_eq!(count, 1.0, "the new sensor's reply was timed");
+    assert_eq!(buckets.last(), Some(&1.0), "+Inf holds every observation");
+    let ok = after.value("onboardd_cloud_requests_total", &[("outcome", "ok")]);
     assert!(ok >= 1.0, "the create was answered: {ok}");
     let all: f64 = ["ok", "client_error", "server_error", "transport_error"]
         .iter()
-        .map(|o| {
-            value(
-                &after,
-                "onboardd_cloud_requests_total",
-                &format!("outcome=\"{o}\""),
-            )
-        })
+        .map(|o| after.value("onboardd_cloud_requests_total", &[("outcome", o)]))
         .sum();
+    let (_, cloud_count) = after.histogram("onboardd_cloud_request_duration_seconds");
+    assert_eq!(cloud_count, all);
+
+    // Known now: answered from the store; then an announce without a proof, refused.
+    s.announce("{}").await;
+    assert_eq!(s.reply().await["status"], "ok");
+    s.announce_raw("{}").await;
+    assert_eq!(s.unauthenticated_reply().await["code"], "unauthorized");
+    let last = metrics_until(port, "the refusal", |m| m.announces("refused") >= 1.0).await;
+    assert_eq!(last.announces("ok"), 1.0);
+    assert_eq!(last.announces("refused"), 1.0);
+    let unauthorized = [("code", "unauthorized")];
     assert_eq!(
-        value(&after, "onboardd_cloud_request_duration_seconds_count", ""),
-        all
+        last.value("onboardd_announces_refused_total", &unauthorized),
+        1.0
     );
-    assert_eq!(
-        value(
-            &after,
-            "onboardd_cloud_request_duration_seconds_bucket",
-            "le=\"+Inf\""
-        ),
-        all
-    );
+    let (_, count) = last.histogram("onboardd_announce_reply_seconds");
+    assert!(count >= 2.0, "the known sensor's reply was timed: {count}");
+    assert_eq!(last.sensors("delivered"), 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -302,6 +337,7 @@ async fn an_address_that_failed_too_often_is_refused_even_with_the_right_passwor
 async fn a_huge_request_idle_connections_and_a_slow_client_leave_announces_served_and_healthz_back()
 {
     common::bin();
+    raise_fd_limit(IDLE as u64 + 512);
     let broker = Mosquitto::start();
     let (port, d, cloud) = daemon_listening(&broker).await;
 
@@ -322,9 +358,13 @@ async fn a_huge_request_idle_connections_and_a_slow_client_leave_announces_serve
         "{answer}"
     );
 
-    // Idle connections past the limit, and a client that sends its headers a byte at a time.
-    let idle: Vec<TcpStream> = (0..200)
-        .filter_map(|_| TcpStream::connect(("127.0.0.1", port)).ok())
+    // 1 000 idle connections, far past the limit, and a client that sends its
+    // headers a byte at a time.
+    let idle: Vec<TcpStream> = (0..IDLE)
+        .map(|i| {
+            TcpStream::connect(("127.0.0.1", port))
+                .unwrap_or_else(|e| panic!("idle connection {i}: {e}"))
+        })
         .collect();
     let slow = std::thread::spawn(move || {
         let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -347,10 +387,142 @@ async fn a_huge_request_idle_connections_and_a_slow_client_leave_announces_serve
     let reply = s.reply().await;
     assert_opens_to_the_clouds_token(&cloud, &reply);
 
-    // Still holding every idle connection: the daemon drops them itself.
+    // Still holding every idle connection: the daemon drops them itself, those past
+    // the limit at once and the others at the end of their time.
     tokio::task::spawn_blocking(move || until_status(port, "/healthz", 200))
         .await
         .unwrap();
     assert!(slow.join().unwrap(), "the slow client was never dropped");
-    drop(idle);
+    let closed = tokio::task::spawn_blocking(move || {
+        idle.into_iter()
+            .filter_map(|mut c| {
+                c.set_read_timeout(Some(WAIT)).unwrap();
+                let mut byte = [0u8; 1];
+                // End of stream, or reset: closed by the daemon, unanswered.
+                matches!(c.read(&mut byte), Ok(0) | Err(_)).then_some(())
+            })
+            .count()
+    })
+    .await
+    .unwrap();
+    assert_eq!(closed, IDLE, "idle connections the daemon let go of");
+    drop(d);
+}
+
+/// Idle connections the daemon must survive.
+const IDLE: usize = 1000;
+
+/// Lets this process (and the daemon it starts, which inherits the limit) hold the
+/// idle connections of a test: the usual soft limit, 1024, leaves too few to spare.
+fn raise_fd_limit(to: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        if lim.rlim_cur < to {
+            lim.rlim_cur = to.min(lim.rlim_max);
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+        }
+    }
+    assert!(
+        lim.rlim_cur >= to,
+        "RLIMIT_NOFILE's hard limit {} is below {to}",
+        lim.rlim_max
+    );
+}
+
+/// One HTTPS request to the listener, trusting only the CA in `ca`: (status, body), or
+/// None when no answer came.
+fn https_get(port: u16, path: &str, ca: &std::path::Path) -> Option<(u16, String)> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    let sock = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    sock.set_read_timeout(Some(WAIT)).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, sock);
+    write!(
+        tls,
+        "GET {path} HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut raw = String::new();
+    tls.read_to_string(&mut raw).ok()?;
+    let (head, body) = raw.split_once("\r\n\r\n")?;
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    Some((status, body.to_string()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_certificate_and_key_the_listener_speaks_https_and_refuses_plain_http() {
+    common::bin();
+    let broker = Mosquitto::start();
+    let cloud = fake_cloud().await;
+    let pki = harness::pki::Pki::standard();
+    let port = free_port();
+    let extra = format!(
+        "[http]\nlisten = \"127.0.0.1:{port}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+        pki.path("server.crt").display(),
+        pki.path("server.key").display()
+    );
+    let d = Daemon::start(&broker, &cloud, &extra);
+    d.log.wait_for("(HTTPS only)");
+    let ca = pki.path("ca.crt");
+    let body = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let answer = https_get(port, "/healthz", &ca);
+            if let Some((200, body)) = answer {
+                return body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "/healthz over HTTPS answered {answer:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .await
+    .unwrap();
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["status"], "ok", "{body}");
+    assert_eq!(
+        try_get(port, "/healthz", ""),
+        None,
+        "plain HTTP got an HTTP answer"
+    );
+    let key = std::fs::read_to_string(pki.path("server.key")).unwrap();
+    let secret = key.lines().nth(1).unwrap();
+    assert!(
+        !d.log.text().contains(secret),
+        "the key's PEM is never logged"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_without_its_key_refuses_to_start_with_exit_78_naming_the_key() {
+    common::bin();
+    let broker = Mosquitto::start();
+    let cloud = fake_cloud().await;
+    let extra = format!(
+        "[http]\nlisten = \"127.0.0.1:{}\"\ncert_file = \"/etc/onboardd/http.crt\"\n",
+        free_port()
+    );
+    let mut d = Daemon::spawn_new(broker.port, &cloud, &extra, vec![]);
+    let status = d.wait_exit_async().await;
+    assert_eq!(status.code(), Some(78), "{}", d.log.text());
+    assert!(d.log.text().contains("http.key_file"), "{}", d.log.text());
 }

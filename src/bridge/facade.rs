@@ -264,6 +264,16 @@ impl Bridge {
         }
     }
 
+    /// Uplinks paused now (Qubitro refused the device's login or topic): one pass
+    /// over the bridged devices in memory, for /metrics.
+    pub fn uplinks_paused(&self) -> u64 {
+        let devices = lock(&self.inner.devices);
+        devices
+            .values()
+            .filter(|d| matches!(d.state, DeviceState::Paused { .. }))
+            .count() as u64
+    }
+
     /// Forwards until `shutdown` is cancelled, then closes every connection (each
     /// gets one second to send its DISCONNECT). Readings not yet acknowledged
     /// stay in the buffer for the next start.

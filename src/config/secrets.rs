@@ -151,6 +151,7 @@ pub fn warn_if_loose_secret_files(cfg: &Config) {
         ("security.claim_key_file", &cfg.security.claim_key_file),
         ("http.password_file", &cfg.http.password_file),
         ("mqtt.key_file", &cfg.mqtt.key_file),
+        ("http.key_file", &cfg.http.key_file),
     ] {
         if file.is_empty() {
             continue;

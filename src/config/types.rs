@@ -184,6 +184,15 @@ pub struct HttpConfig {
     /// Read from `password_file` at start; never from the config text itself.
     #[serde(skip)]
     pub password: Secret,
+    /// PEM certificate chain: with `key_file`, the listener speaks HTTPS only.
+    #[serde(default)]
+    pub cert_file: String,
+    /// PEM private key of `cert_file`, read like the other secret files.
+    #[serde(default)]
+    pub key_file: String,
+    /// Read from `key_file` at start.
+    #[serde(skip)]
+    pub key: Secret,
 }
 
 /// What a command needs from the config besides the keys every command shares.

@@ -51,6 +51,9 @@ impl Config {
             )?;
         }
         self.http.check()?;
+        if cloud {
+            read_secret_file("http.key_file", &self.http.key_file, &mut self.http.key)?;
+        }
         read_secret_file(
             "security.claim_key_file",
             &self.security.claim_key_file,
@@ -298,7 +301,28 @@ impl HttpConfig {
         self.listen.parse().ok()
     }
 
+    /// Whether the listener speaks HTTPS (`cert_file` and `key_file` set).
+    pub fn tls(&self) -> bool {
+        !self.cert_file.is_empty()
+    }
+
     fn check(&self) -> Result<(), ConfigError> {
+        // One without the other would serve plain HTTP where HTTPS was meant.
+        match (self.cert_file.is_empty(), self.key_file.is_empty()) {
+            (true, false) => {
+                return Err(key_err(
+                    "http.cert_file",
+                    "missing: http.key_file is set, and HTTPS needs the certificate too",
+                ))
+            }
+            (false, true) => {
+                return Err(key_err(
+                    "http.key_file",
+                    "missing: http.cert_file is set, and HTTPS needs its private key too",
+                ))
+            }
+            _ => {}
+        }
         if self.listen.is_empty() {
             return Ok(());
         }
@@ -440,6 +464,24 @@ mod tests {
             matches!(bad, ConfigError::Key { ref key, .. } if key == "http.listen"),
             "{bad}"
         );
+    }
+
+    #[test]
+    fn https_needs_both_the_certificate_and_the_key_and_an_error_names_the_missing_one() {
+        let with =
+            |http: &str| Config::from_toml_for(&format!("{MINIMAL}\n[http]\n{http}"), Needs::Local);
+        let both = with("listen = \"127.0.0.1:9\"\ncert_file = \"/c.pem\"\nkey_file = \"/k.pem\"");
+        assert!(both.unwrap().http.tls());
+        for (given, missing) in [
+            ("cert_file = \"/c.pem\"", "http.key_file"),
+            ("key_file = \"/k.pem\"", "http.cert_file"),
+        ] {
+            let err = with(&format!("listen = \"127.0.0.1:9\"\n{given}")).unwrap_err();
+            assert!(
+                matches!(err, ConfigError::Key { ref key, .. } if key == missing),
+                "{given}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -31,7 +31,7 @@ use crate::bridge::{AcceptError, Bridge, Ticket};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::heartbeat::Heartbeat;
-use crate::metrics;
+use crate::metrics::{self, AnnounceResult};
 use crate::mqtt::{DeliveryTag, Inbox};
 use crate::onboarding::{Provenance, Record};
 use crate::proof::v2::AnnounceNonce;
@@ -113,6 +113,7 @@ impl Dispatch<'_> {
                 p = inbox.recv() => match p { Some(p) => p, None => break },
                 _ = beat.tick() => continue,
             };
+            let arrived = self.clock.now();
             let Decision {
                 seq,
                 answer,
@@ -144,6 +145,7 @@ impl Dispatch<'_> {
                     _ = self.outbox.send(&a.sensor, &a.route, a.reply, a.track) => {}
                     _ = stop.cancelled() => break,
                 }
+                metrics::announce_replied(self.clock.now().saturating_duration_since(arrived));
             }
         }
     }
@@ -173,6 +175,7 @@ impl Dispatch<'_> {
             Inbound::DiscoveryOther => return Ok(Decision::default()),
             Inbound::Unroutable => {
                 metrics::announce();
+                metrics::announce_result(AnnounceResult::Dropped);
                 metrics::error();
                 let shown: String = topic.chars().take(128).collect();
                 tracing::warn!(
@@ -187,6 +190,7 @@ impl Dispatch<'_> {
         let mut proven = None;
         let decision = self.announce(sensor, &topic, p, &mut proven)?;
         self.saw(sensor, &decision, proven.as_ref())?;
+        metrics::announce_result(result_of(p, &decision));
         Ok(decision)
     }
 
@@ -404,6 +408,7 @@ impl Dispatch<'_> {
                 .admit(ann, route.clone(), Provenance::Firmware, now.0, now.1)?;
         Ok(match admitted {
             Ok(Admitted::New { seq }) => {
+                self.onboardings.announced(sensor, now.0);
                 tracing::info!(sensor_id = sensor, "new sensor; onboarding {sensor}");
                 self.launch.launch(sensor.to_string(), Duration::ZERO);
                 Decision::wait_for(seq)
@@ -505,6 +510,17 @@ impl Dispatch<'_> {
                 track: None,
             }),
         }
+    }
+}
+
+/// What an announce came to, for /metrics.
+fn result_of(p: &Publish, d: &Decision) -> AnnounceResult {
+    match d.answer.as_ref().map(|a| &a.reply) {
+        Some(Reply::Ok { .. }) => AnnounceResult::Ok,
+        Some(Reply::Pending { .. }) => AnnounceResult::Pending,
+        Some(Reply::Error { code, .. }) => AnnounceResult::Refused(*code),
+        None if p.retain => AnnounceResult::Dropped,
+        None => AnnounceResult::Onboarding,
     }
 }
 

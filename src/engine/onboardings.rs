@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use crate::backoff::Backoff;
@@ -28,6 +29,9 @@ pub(super) struct Onboardings {
     active: Mutex<HashSet<String>>,
     /// Extra reply routes of sensors that announced again while pending.
     waiting: Mutex<HashMap<String, Vec<Route>>>,
+    /// When the announce that made each new sensor's record arrived: its first reply
+    /// (from the task) is timed against it. Gone when the task ends.
+    announced: Mutex<HashMap<String, Instant>>,
     pub(super) tasks: TaskTracker,
     /// Attempts in progress (each holds at most one cloud request at a time).
     pub(super) workers: Arc<Semaphore>,
@@ -40,6 +44,7 @@ impl Onboardings {
         Onboardings {
             active: Mutex::new(HashSet::new()),
             waiting: Mutex::new(HashMap::new()),
+            announced: Mutex::new(HashMap::new()),
             tasks: TaskTracker::new(),
             // Twice the request limit: while one attempt waits for its fsync or its
             // reply, another can already use the freed request slot, so the cloud's
@@ -66,6 +71,29 @@ impl Onboardings {
 
     pub(super) fn release(&self, sensor: &str) {
         self.active.lock().expect("never poisoned").remove(sensor);
+        // A task that ended without answering (forgotten meanwhile) leaves nothing.
+        self.announced
+            .lock()
+            .expect("never poisoned")
+            .remove(sensor);
+    }
+
+    /// A new sensor's announce arrived at `at`; its task's first reply answers it.
+    pub(super) fn announced(&self, sensor: &str, at: Instant) {
+        let mut a = self.announced.lock().expect("never poisoned");
+        a.insert(sensor.to_string(), at);
+    }
+
+    /// The task published a reply to the sensor's announce: the first one is timed.
+    pub(super) fn replied(&self, sensor: &str, now: Instant) {
+        let at = self
+            .announced
+            .lock()
+            .expect("never poisoned")
+            .remove(sensor);
+        if let Some(at) = at {
+            crate::metrics::announce_replied(now.saturating_duration_since(at));
+        }
     }
 
     /// Remembers another route to answer when the onboarding ends. False when too

@@ -265,6 +265,7 @@ impl Steps<'_> {
             "onboarded"
         );
         self.delivery.deliver_ok(sensor, &rec, &rec.route).await?;
+        self.onboardings.replied(sensor, self.clock.now());
         for route in self.onboardings.take_waiting(sensor) {
             if route != rec.route {
                 self.delivery.deliver_ok(sensor, &rec, &route).await?;
@@ -363,6 +364,7 @@ impl Steps<'_> {
                         route.request_id.clone(),
                     );
                     self.outbox.send(sensor, &route, reply, None).await;
+                    self.onboardings.replied(sensor, self.clock.now());
                 }
                 Ok(Next::Done)
             }
@@ -395,6 +397,7 @@ impl Steps<'_> {
             rec.route.request_id.clone(),
         );
         self.outbox.send(sensor, &rec.route, reply, None).await;
+        self.onboardings.replied(sensor, self.clock.now());
         Ok(Next::RetryIn(wait))
     }
 }

@@ -1,9 +1,10 @@
 //! The daemon's HTTP listener: `/healthz` for Docker's HEALTHCHECK and load
 //! balancers, `/metrics` for Prometheus ([`exposition`]), and the gateway page for
 //! a browser ([`page`]: `/` and `/sensor/<id>`). Loopback by default; beyond it only
-//! with HTTP Basic ([`auth`]), POSTs included. Every resource a client can make it
-//! hold is bounded: connections, header bytes and count, body bytes (a small form
-//! only, [`wire`]), time per connection; a connection serves one request.
+//! with HTTP Basic ([`auth`]), POSTs included; HTTPS only when `http.cert_file` and
+//! `http.key_file` are set. Every resource a client can make it hold is bounded:
+//! connections, header bytes and count, body bytes (a small form only, [`wire`]),
+//! time per connection; a connection serves one request.
 
 mod auth;
 mod exposition;
@@ -11,18 +12,21 @@ mod page;
 mod wire;
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::HttpConfig;
 use crate::engine::Engine;
 use crate::mqtt::Mqtt;
+use crate::open_broker::Verdict;
 use wire::{Head, Parsed, Response};
 
 pub use page::Gateway;
@@ -39,18 +43,24 @@ const STORE_CHECK: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
-    #[error("http.listen: cannot listen on {addr}: {source}")]
+    #[error("http.listen: cannot listen on {addr} (set a free address, or \"\" to turn it off): {source}")]
     Bind {
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
     },
+    /// `http.cert_file` or `http.key_file` unusable: no listener rather than plain
+    /// HTTP where HTTPS was configured.
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// What the handlers read.
 struct State {
     engine: Arc<Engine>,
     mqtt: Mqtt,
+    /// Whether the broker lets anyone in (its latest probe).
+    open_broker: Arc<Verdict>,
     /// None on loopback without `password_file`: no authentication.
     password: Option<String>,
     failures: Mutex<auth::Failures>,
@@ -63,10 +73,19 @@ pub async fn serve(
     engine: Arc<Engine>,
     mqtt: Mqtt,
     gateway: Gateway,
+    open_broker: Arc<Verdict>,
     stop: CancellationToken,
 ) -> Result<Option<JoinHandle<()>>, HttpError> {
     let Some(addr) = cfg.listen_addr() else {
         return Ok(None);
+    };
+    let tls = match cfg.tls() {
+        true => Some(TlsAcceptor::from(Arc::new(crate::tls::server_config(
+            Path::new(&cfg.cert_file),
+            Path::new(&cfg.key_file),
+            cfg.key.expose(),
+        )?))),
+        false => None,
     };
     let listener = TcpListener::bind(addr)
         .await
@@ -75,19 +94,27 @@ pub async fn serve(
     tracing::info!(
         listen = %bound,
         authenticated = !cfg.password.is_empty(),
-        "http listening on {bound}: the gateway page /, /healthz, /metrics"
+        https = tls.is_some(),
+        "http listening on {bound}: the gateway page /, /healthz, /metrics{}",
+        if tls.is_some() { " (HTTPS only)" } else { "" }
     );
     let state = Arc::new(State {
         engine,
         mqtt,
+        open_broker,
         password: Some(cfg.password.expose().to_string()).filter(|p| !p.is_empty()),
         failures: Mutex::default(),
         page: page::Page::new(gateway),
     });
-    Ok(Some(tokio::spawn(accept(listener, state, stop))))
+    Ok(Some(tokio::spawn(accept(listener, state, tls, stop))))
 }
 
-async fn accept(listener: TcpListener, state: Arc<State>, stop: CancellationToken) {
+async fn accept(
+    listener: TcpListener,
+    state: Arc<State>,
+    tls: Option<TlsAcceptor>,
+    stop: CancellationToken,
+) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, peer) = tokio::select! {
@@ -107,16 +134,31 @@ async fn accept(listener: TcpListener, state: Arc<State>, stop: CancellationToke
             continue;
         };
         let state = state.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, connection(stream, peer.ip(), &state))
-                .await;
+            // The handshake counts against the connection's time: a client that
+            // stalls it is dropped like one slow to send its request.
+            let served = async {
+                match tls {
+                    Some(acceptor) => {
+                        let stream = acceptor.accept(stream).await?;
+                        connection(stream, peer.ip(), &state).await
+                    }
+                    None => connection(stream, peer.ip(), &state).await,
+                }
+            };
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, served).await;
             drop(slot);
         });
     }
 }
 
 /// One request, one response, then the connection closes.
-async fn connection(mut stream: TcpStream, client: IpAddr, state: &State) -> std::io::Result<()> {
+async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    client: IpAddr,
+    state: &State,
+) -> std::io::Result<()> {
     let mut buf = vec![0u8; wire::MAX_HEAD_BYTES];
     let mut len = 0;
     let (response, head_only) = loop {
@@ -145,8 +187,8 @@ async fn connection(mut stream: TcpStream, client: IpAddr, state: &State) -> std
 }
 
 /// The request's form body, read to its Content-Length (bounded by [`wire::body_len`]).
-async fn read_form(
-    stream: &mut TcpStream,
+async fn read_form<S: AsyncRead + Unpin>(
+    stream: &mut S,
     buf: &mut Vec<u8>,
     mut len: usize,
     head: &Head,
@@ -244,14 +286,22 @@ async fn healthz(state: &State) -> Response {
 }
 
 fn sample(state: &State) -> exposition::Sample {
+    let engine = &state.engine;
+    let store = engine.store();
     exposition::Sample {
-        counters: crate::metrics::snapshot(state.engine.pending_now()),
+        counters: crate::metrics::snapshot(engine.pending_now()),
+        announces: crate::metrics::announce_results(),
+        announce_reply: crate::metrics::announce_reply_times(),
         replies_delivered: crate::metrics::replies_delivered(),
         cloud: crate::metrics::cloud_requests(),
-        onboarding_now: state.engine.pending_now(),
-        bridge: state.engine.bridge().map(|b| b.stats()),
+        onboarding_now: engine.pending_now(),
+        sensors: store.sensors_by_state(),
+        bridge: engine.bridge().map(|b| (b.stats(), b.uplinks_paused())),
         mqtt_connected: state.mqtt.is_connected(),
-        cloud_ok: state.engine.cloud_status() == "ok",
+        cloud_ok: engine.cloud_status() == "ok",
+        open_broker: state.open_broker.open(),
+        store_bytes: store.size_on_disk().ok(),
+        bytes_written: crate::metrics::bytes_written(),
         version: env!("CARGO_PKG_VERSION"),
     }
 }

@@ -111,8 +111,12 @@ impl Store {
         self.write_last_seen()?;
         self.flush_all().await?;
         let mark = self.dir.join(super::CLEAN_STOP_FILE);
+        let census = self.census.encode();
         let written = std::fs::File::create(&mark)
-            .and_then(|f| f.sync_all())
+            .and_then(|mut f| {
+                std::io::Write::write_all(&mut f, census.as_bytes())?;
+                f.sync_all()
+            })
             .and_then(|()| std::fs::File::open(&self.dir)?.sync_all());
         written.map_err(|e| StoreError::Flush(format!("cannot write {}: {e}", mark.display())))
     }

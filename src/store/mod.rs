@@ -13,7 +13,8 @@
 //! (group commit), `records` (sensor records and their indexes), `trees` (the side
 //! trees other modules keep in the same database), `discovery` (discovery's state in
 //! its tree), `ignored` (forgotten discovered devices), `last_seen` (when each sensor
-//! was last heard from, written in batches).
+//! was last heard from, written in batches), `census` (sensors per state, kept as
+//! records change).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use tokio_util::sync::DropGuard;
 
 use crate::onboarding::Record;
 
+mod census;
 mod commit;
 mod discovery;
 mod ignored;
@@ -31,6 +33,7 @@ mod open;
 mod records;
 mod trees;
 
+pub use census::STATES as SENSOR_STATES;
 pub use discovery::{DiscoveryState, DiscoveryTree};
 pub use ignored::Ignored;
 pub use layout::{exists, moved_aside, ASIDE_PREFIX, DB_DIR};
@@ -81,6 +84,8 @@ pub struct Store {
     /// Last-seen times not yet written: kept here so every clone (the engine's
     /// stages, the control socket) shares them.
     last_seen: Arc<last_seen::LastSeen>,
+    /// Sensors per onboarding state, kept by every record change (/metrics).
+    census: Arc<census::Census>,
     /// sled's directory (`{store.path}/db`), where [`CLEAN_STOP_FILE`] goes.
     dir: PathBuf,
     /// Stops the flusher (and so releases the database) when the last clone goes.
@@ -96,6 +101,18 @@ pub enum OpenOutcome {
     RebuiltAfterCorruption {
         moved_to: PathBuf,
     },
+}
+
+impl Store {
+    /// Sensors per onboarding state, as [`SENSOR_STATES`] names them; no record is read.
+    pub fn sensors_by_state(&self) -> [u64; 4] {
+        self.census.counts()
+    }
+
+    /// The bytes sled's files take on disk.
+    pub fn size_on_disk(&self) -> Result<u64, StoreError> {
+        Ok(self.db.size_on_disk()?)
+    }
 }
 
 fn encode(rec: &Record) -> Vec<u8> {

@@ -134,6 +134,7 @@ impl Store {
             bridged,
             flusher,
             last_seen: Arc::new(super::last_seen::LastSeen::new()),
+            census: Arc::default(),
             dir: layout.db(),
             _closer: Arc::new(closer.drop_guard()),
         };
@@ -144,10 +145,20 @@ impl Store {
             path: layout.shown(&mark),
             message: io.to_string(),
         };
+        // The counts an orderly stop left, read before the mark goes.
+        let counted = std::fs::read_to_string(&mark)
+            .ok()
+            .and_then(|m| super::census::Census::decode(&m));
         match std::fs::remove_file(&mark) {
-            Ok(()) => std::fs::File::open(layout.db())
-                .and_then(|d| d.sync_all())
-                .map_err(open_error)?,
+            Ok(()) => {
+                std::fs::File::open(layout.db())
+                    .and_then(|d| d.sync_all())
+                    .map_err(open_error)?;
+                match counted {
+                    Some(counts) => store.census.seed(counts),
+                    None => store.count_states()?,
+                }
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let added = store.reconcile_indexes()?;
                 if added > 0 {

@@ -1,6 +1,7 @@
 //! Sensor records and their indexes: the one place a record is read, created,
 //! changed (compare-and-swap) or removed.
 
+use super::census::Census;
 use super::{decode, encode, Store, StoreError};
 use crate::device::Credentials;
 use crate::onboarding::{Record, State};
@@ -97,11 +98,13 @@ impl Store {
     /// already there are not written again (an SD card counts every write).
     pub(super) fn reconcile_indexes(&self) -> Result<usize, StoreError> {
         let mut added = 0;
+        let census = Census::default();
         for item in self.sensors.iter() {
             let (key, bytes) = item?;
             let Some(rec) = self.decode_or_quarantine(&key, &bytes)? else {
                 continue;
             };
+            census.added(&rec.state);
             let needed = [
                 (&self.pending, rec.state.is_unfinished()),
                 (
@@ -120,7 +123,19 @@ impl Store {
         if added > 0 {
             self.wrote();
         }
+        self.census.seed(census.counts());
         Ok(added)
+    }
+
+    /// Counts the records per state: at the first open after an orderly stop of a
+    /// version that did not keep the counts in its mark (once).
+    pub(super) fn count_states(&self) -> Result<(), StoreError> {
+        let census = Census::default();
+        for item in self.scan() {
+            census.added(&item?.1.state);
+        }
+        self.census.seed(census.counts());
+        Ok(())
     }
 
     /// Sensors whose onboarding is unfinished (Pending or Creating).
@@ -183,6 +198,7 @@ impl Store {
             .compare_and_swap(key, None::<&[u8]>, Some(encode(rec)))?;
         match swapped {
             Ok(()) => {
+                self.census.added(&rec.state);
                 self.index_add(key, rec)?;
                 self.index_rest(key, rec)?;
                 Ok(Some(self.wrote()))
@@ -226,6 +242,7 @@ impl Store {
                 .compare_and_swap(key, Some(&old), Some(encode(&new)))?
                 .is_ok()
             {
+                self.census.moved(&current.state, &new.state);
                 self.index_add(key, &new)?;
                 self.index_rest(key, &new)?;
                 let seq = self.wrote();
@@ -259,6 +276,9 @@ impl Store {
                 .compare_and_swap(key, Some(&old), None::<&[u8]>)?
                 .is_ok()
             {
+                if let Some(r) = &rec {
+                    self.census.removed(&r.state);
+                }
                 self.pending.remove(key)?;
                 self.undelivered.remove(key)?;
                 self.bridged.remove(key)?;
