@@ -31,6 +31,7 @@ mod open;
 mod records;
 mod trees;
 
+pub use commit::BeforeFlush;
 pub use discovery::{DiscoveryState, DiscoveryTree};
 pub use ignored::Ignored;
 pub use layout::{exists, moved_aside, ASIDE_PREFIX, DB_DIR};
