@@ -20,7 +20,10 @@
 //! small readings of a long sensor id cannot hold several times the bound) the
 //! oldest readings are dropped and counted: the oldest of that sensor for the first
 //! bound, for the second the oldest of the sensor holding the most bytes (one
-//! sensor cannot evict everyone else's readings).
+//! sensor cannot evict everyone else's readings). The batches on disk, forwarded
+//! readings included, stay within `bridge.max_buffer_bytes` too (plus the batch
+//! being gathered): past it the sensor whose reading keeps the oldest batch loses
+//! that reading, so one stuck sensor cannot keep every later batch for ever.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -31,6 +34,11 @@ use crate::store::{BeforeFlush, ReadingsTree, Store, StoreError};
 /// The batch not yet written goes to sled (not flushed) once it holds this many
 /// bytes, so memory stays small whatever the flush pace.
 const SEAL_BYTES: usize = 64 * 1024;
+
+/// A batch gathered for longer goes to sled at the next append even if no flush
+/// asked for it, so that sled's own background flush (every second) covers spilled
+/// readings nobody waits for (QoS 0) within about two seconds.
+const SEAL_AGE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Removals after which a sensor's watermark is written even though its buffer is
 /// not empty yet: what a crash can make the uplink send again.
@@ -108,6 +116,9 @@ struct State {
     bytes: u64,
     marks: HashMap<String, Mark>,
     pending: Pending,
+    /// Bytes of the batches written: more than `bytes` once acknowledged readings
+    /// wait in a batch a slower sensor still needs, and bounded like it.
+    disk: u64,
 }
 
 /// The readings spilled since the last flush: the next batch.
@@ -115,6 +126,8 @@ struct State {
 struct Pending {
     /// Its batch number, taken at its first reading.
     no: Option<u64>,
+    /// When its first reading came.
+    since: Option<std::time::Instant>,
     readings: Vec<(String, Vec<u8>)>,
     bytes: usize,
 }
@@ -129,13 +142,14 @@ impl Buffer {
     /// Opens the buffer in `store`'s database and counts what it holds (one scan).
     pub fn open(store: &Store, limits: Limits) -> Result<Buffer, StoreError> {
         let tree = store.spill()?;
-        migrate(store, &tree)?;
+        disk::migrate(store, &tree)?;
         let mut st = State {
             tree,
             per: HashMap::new(),
             bytes: 0,
             marks: HashMap::new(),
             pending: Pending::default(),
+            disk: 0,
         };
         for item in st.tree.tree.range(disk::mark_key("")..) {
             let (k, v) = item?;
@@ -159,6 +173,7 @@ impl Buffer {
             let Some(no) = disk::batch_no(&k) else {
                 continue;
             };
+            st.disk += v.len() as u64;
             for (id, sensor, payload) in disk::decode(no, &v) {
                 if st.marks.get(sensor).is_some_and(|m| id <= m.through) {
                     continue;
@@ -338,18 +353,44 @@ impl Inner {
             }
             dropped += 1;
         }
-        if st.pending.readings.len() >= disk::MAX_READINGS {
+        // Room on disk (the batches written; the one being gathered comes on top):
+        // readings Qubitro took stay in their batch while an older reading of a
+        // slower sensor keeps it, so the sensor holding the oldest batch loses its
+        // oldest until batches can go.
+        let encoded = (sensor.len() + reading.len() + 6) as u64;
+        if st.disk + encoded > self.limits.max_bytes {
+            // Batches nothing needs any more go first.
+            self.save(&mut st)?;
+        }
+        while st.disk + encoded > self.limits.max_bytes {
+            let Some(holder) = st
+                .per
+                .iter()
+                .min_by_key(|(_, t)| t.oldest)
+                .map(|(s, _)| s.clone())
+            else {
+                break;
+            };
+            if !self.drop_oldest(&mut st, &holder)? {
+                break;
+            }
+            dropped += 1;
+            self.save(&mut st)?;
+        }
+        let old = st.pending.since.is_some_and(|t| t.elapsed() >= SEAL_AGE);
+        if old || st.pending.readings.len() >= disk::MAX_READINGS {
             self.seal(&mut st)?;
         }
         let no = match st.pending.no {
             Some(no) => no,
             None => {
                 let no = st.tree.next_id()?;
+                st.pending.since = Some(std::time::Instant::now());
                 *st.pending.no.insert(no)
             }
         };
         let id = disk::reading_id(no, st.pending.readings.len());
-        st.pending.bytes += sensor.len() + reading.len() + 6;
+        st.pending.bytes += encoded as usize;
         st.pending
             .readings
             .push((sensor.to_string(), reading.to_vec()));
@@ -368,6 +409,7 @@ impl Inner {
         let Some(no) = st.pending.no.take() else {
             return Ok(());
         };
+        st.pending.since = None;
         let mut value = Vec::with_capacity(st.pending.bytes);
         for (sensor, payload) in st.pending.readings.drain(..) {
             // Readings removed while pending are written all the same: a
@@ -375,6 +417,7 @@ impl Inner {
             disk::encode(&mut value, &sensor, &payload);
         }
         st.pending.bytes = 0;
+        st.disk += value.len() as u64;
         st.tree.tree.insert(disk::batch_key(no), value)?;
         Ok(())
     }
@@ -484,108 +527,10 @@ impl Inner {
         }
         Ok(())
     }
-
-    /// Writes the watermarks that moved, and removes the batches no sensor has a
-    /// reading in or after (with the watermarks only they needed). Not flushed: a
-    /// removal lost in a crash only means readings are sent again.
-    fn save(&self, st: &mut State) -> Result<(), StoreError> {
-        let pending = st.pending.no.filter(|_| !st.pending.readings.is_empty());
-        let floor = st
-            .per
-            .values()
-            .map(|t| disk::batch_of(t.oldest))
-            .chain(pending)
-            .min()
-            .unwrap_or(u64::MAX);
-        if floor == u64::MAX {
-            // Nothing left: the tree goes whole. Removing its batches one by one
-            // would make sled rewrite each leaf, values and all, on its way out.
-            if !st.tree.tree.is_empty() {
-                st.tree = self.store.spill_emptied()?;
-            }
-            st.marks.clear();
-            return Ok(());
-        }
-        // One operation at a time, in this order, not a sled batch: sled writes its
-        // log buffer out before and after every batch (pages, on an SD card), and a
-        // crash keeps a prefix of these operations, each prefix consistent: the
-        // watermarks are there before the batches that needed them go.
-        let tree = &st.tree.tree;
-        let mut wrote = false;
-        let mut unneeded = Vec::new();
-        for (sensor, m) in st.marks.iter_mut() {
-            if disk::batch_of(m.through) < floor {
-                unneeded.push(sensor.clone());
-            } else if m.dirty {
-                tree.insert(disk::mark_key(sensor), &m.through.to_be_bytes())?;
-                (m.dirty, m.on_disk, wrote) = (false, true, true);
-            }
-        }
-        let gone = disk::batch_key(0)..disk::batch_key(floor);
-        for k in tree.range(gone).keys() {
-            tree.remove(k?)?;
-            wrote = true;
-        }
-        for sensor in unneeded {
-            if st.marks.remove(&sensor).is_some_and(|m| m.on_disk) {
-                tree.remove(disk::mark_key(&sensor))?;
-                wrote = true;
-            }
-        }
-        for t in st.per.values_mut() {
-            t.unsaved = 0;
-        }
-        if wrote {
-            st.tree.wrote();
-        }
-        Ok(())
-    }
 }
 
-impl BeforeFlush for Inner {
-    fn before_flush(&self) -> Result<(), StoreError> {
-        let mut st = self.lock();
-        self.seal(&mut st)?;
-        if st.marks.values().any(|m| m.dirty) {
-            self.save(&mut st)?;
-        }
-        Ok(())
-    }
-}
-
-/// Moves readings an earlier version kept one key each (`sensor ‖ 0x00 ‖ id`, in
-/// [`Store::readings`]) into batches, in that order, and flushes. A crash before the
-/// old tree is emptied sends them twice (at least once).
-fn migrate(store: &Store, tree: &ReadingsTree) -> Result<(), StoreError> {
-    let old = store.readings()?;
-    if old.tree.is_empty() {
-        return Ok(());
-    }
-    let mut value = Vec::new();
-    for item in old.tree.iter() {
-        let (k, v) = item?;
-        let Some(sensor) = k
-            .len()
-            .checked_sub(9)
-            .filter(|n| k[*n] == 0)
-            .and_then(|n| std::str::from_utf8(&k[..n]).ok())
-        else {
-            continue;
-        };
-        disk::encode(&mut value, sensor, &v);
-        if value.len() >= SEAL_BYTES {
-            let full = std::mem::take(&mut value);
-            tree.tree.insert(disk::batch_key(tree.next_id()?), full)?;
-        }
-    }
-    if !value.is_empty() {
-        tree.tree.insert(disk::batch_key(tree.next_id()?), value)?;
-    }
-    tree.tree.flush()?;
-    old.tree.clear()?;
-    old.tree.flush()?;
-    Ok(())
-}
+#[path = "buffer_save.rs"]
+mod save;
 
 #[cfg(test)]
 #[path = "buffer_tests.rs"]

@@ -43,6 +43,18 @@ impl Fixture {
         Fixture { dir, store, buf }
     }
 
+    /// The bytes of the batches in the buffer's tree.
+    fn batch_bytes(&self) -> u64 {
+        let tree = self.store.spill().expect("tree");
+        let batches = tree
+            .tree
+            .range(disk::batch_key(0)..=disk::batch_key(u64::MAX));
+        batches
+            .values()
+            .map(|v| v.expect("value").len() as u64)
+            .sum()
+    }
+
     /// The keys in the buffer's tree: (batches, watermarks).
     fn keys(&self) -> (usize, usize) {
         let tree = self.store.spill().expect("tree");
@@ -305,4 +317,39 @@ async fn the_total_bound_counts_each_readings_key_as_well_as_its_payload() {
     assert_eq!(f.buf.totals().bytes, 2 * 42);
     f.buf.remove_through(sensor, u64::MAX).expect("remove");
     assert_eq!(f.buf.totals().bytes, 0);
+}
+
+#[tokio::test]
+async fn forwarded_readings_a_stuck_sensors_batch_keeps_on_disk_stay_within_the_bound() {
+    let limits = Limits {
+        max_per_sensor: 10_000,
+        max_bytes: 4_000,
+    };
+    let f = fixture(limits);
+    // The stuck sensor's one reading is in the first batch; every later batch
+    // is forwarded at once, but cannot go while that one reading is there.
+    f.buf.append("stuck", b"{\"n\":0}").expect("append");
+    let mut dropped = 0;
+    for round in 0..100 {
+        let mut last = 0;
+        for i in 0..5 {
+            let a = f
+                .buf
+                .append(&format!("fast{i}"), format!("{{\"n\":{round}}}").as_bytes());
+            let a = a.expect("append");
+            (last, dropped) = (a.seq, dropped + a.dropped);
+        }
+        f.store.durable(last).await.expect("flushed");
+        for i in 0..5 {
+            f.buf
+                .remove_through(&format!("fast{i}"), u64::MAX)
+                .expect("removed");
+        }
+        // The bound holds for the batches written before this round's one.
+        let bound = limits.max_bytes + 5 * (2 + 5 + 4 + 8);
+        let on_disk = f.batch_bytes();
+        assert!(on_disk <= bound, "round {round}: {on_disk} B");
+    }
+    assert_eq!(dropped, 1, "the stuck sensor's reading made room");
+    assert_eq!(f.buf.count("stuck"), 0);
 }

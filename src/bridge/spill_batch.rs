@@ -1,4 +1,4 @@
-//! The on-disk form of the spill buffer ([`super::buffer`]), pure: the readings
+//! The on-disk form of the spill buffer ([`super::buffer`]): the readings
 //! spilled between two flushes are one sled value (a batch), so a group commit
 //! writes one key instead of one per reading, and a drained batch is one removal.
 //! sled rewrites a whole leaf every few changes to it; one change per batch instead
@@ -13,6 +13,11 @@
 //!
 //! A batch's value: per reading, the sensor id's length (u16), the id, the
 //! payload's length (u32) and the payload, all big endian.
+//!
+//! The one piece of I/O here is [`migrate`]: earlier versions' one key per reading
+//! moved into batches.
+
+use crate::store::{ReadingsTree, Store, StoreError};
 
 /// Bits of a reading id that give its position in its batch.
 const POSITION_BITS: u32 = 20;
@@ -92,6 +97,43 @@ fn next(buf: &[u8]) -> Option<(&str, &[u8], &[u8])> {
     let (len, buf) = buf.split_first_chunk::<4>()?;
     let (payload, buf) = buf.split_at_checked(u32::from_be_bytes(*len) as usize)?;
     Some((std::str::from_utf8(sensor).ok()?, payload, buf))
+}
+
+/// Readings of an earlier version's buffer per batch when they move into batches.
+const MIGRATED_BATCH_BYTES: usize = 64 * 1024;
+
+/// Moves readings an earlier version kept one key each (`sensor ‖ 0x00 ‖ id`, in
+/// [`Store::readings`]) into batches, in that order, and flushes. A crash before the
+/// old tree is emptied sends them twice (at least once).
+pub(super) fn migrate(store: &Store, tree: &ReadingsTree) -> Result<(), StoreError> {
+    let old = store.readings()?;
+    if old.tree.is_empty() {
+        return Ok(());
+    }
+    let mut value = Vec::new();
+    for item in old.tree.iter() {
+        let (k, v) = item?;
+        let Some(sensor) = k
+            .len()
+            .checked_sub(9)
+            .filter(|n| k[*n] == 0)
+            .and_then(|n| std::str::from_utf8(&k[..n]).ok())
+        else {
+            continue;
+        };
+        encode(&mut value, sensor, &v);
+        if value.len() >= MIGRATED_BATCH_BYTES {
+            let full = std::mem::take(&mut value);
+            tree.tree.insert(batch_key(tree.next_id()?), full)?;
+        }
+    }
+    if !value.is_empty() {
+        tree.tree.insert(batch_key(tree.next_id()?), value)?;
+    }
+    tree.tree.flush()?;
+    old.tree.clear()?;
+    old.tree.flush()?;
+    Ok(())
 }
 
 #[cfg(test)]
