@@ -109,6 +109,10 @@ pub(crate) struct Args {
     /// bridge forwarding readings to a stand-in for Qubitro's broker).
     #[arg(long)]
     pub(crate) bridge_only: bool,
+    /// Run only onboardd's uplink outages (QoS 1 and QoS 0): the spill buffer's write
+    /// cost, without the other bridge phases or the mosquitto bridges.
+    #[arg(long)]
+    pub(crate) outage_only: bool,
     /// Internal: run as the echo client against the broker on this port.
     #[arg(long, hide = true)]
     pub(crate) echo_port: Option<u16>,
@@ -176,7 +180,8 @@ pub(crate) fn bin_dir(args: &Args) -> Result<PathBuf> {
 }
 
 pub(crate) async fn bench(args: &Args, rep: &mut Report) -> Result<()> {
-    let sz = Sizes::new(args.quick);
+    let mut sz = Sizes::new(args.quick);
+    sz.outage_only = args.outage_only;
     let bins = bin_dir(args)?;
     let work_dir = tempfile::Builder::new()
         .prefix("onboardd-bench-")
@@ -213,7 +218,7 @@ pub(crate) async fn bench(args: &Args, rep: &mut Report) -> Result<()> {
     };
 
     let mut grown = None;
-    if !args.bridge_only {
+    if !args.bridge_only && !args.outage_only {
         let (a, ready_empty, ready_known) = new_devices_on_a_fresh_store(&env, rep, &ids.a).await?;
         let known = known_sensors_re_announce(&env, rep, &sz, a, &ids.a).await?;
         let echo = the_brokers_own_limit(&env, &known).await?;
@@ -229,11 +234,13 @@ pub(crate) async fn bench(args: &Args, rep: &mut Report) -> Result<()> {
     }
     let mut br = bridged_devices_onboarded(&env, rep, &sz).await?;
     onboardd_bridge(&env, rep, &sz, &mut br).await?;
-    for b in [Bridge::MosquittoOff, Bridge::MosquittoOn] {
-        mosquitto_bridge(&env, rep, &sz, &mut br, b).await?;
+    if !args.outage_only {
+        for b in [Bridge::MosquittoOff, Bridge::MosquittoOn] {
+            mosquitto_bridge(&env, rep, &sz, &mut br, b).await?;
+        }
+        let known = store_of_known_sensors(&env, &sz, grown).await?;
+        bridge_with_known_sensors(&env, rep, &sz, &mut br, known, busy_first).await?;
     }
-    let known = store_of_known_sensors(&env, &sz, grown).await?;
-    bridge_with_known_sensors(&env, rep, &sz, &mut br, known, busy_first).await?;
 
     let log = broker.log();
     for w in warnings(&log) {

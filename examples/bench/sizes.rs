@@ -45,6 +45,8 @@ pub(crate) struct Sizes {
     /// Bytes written and the outage for the mosquitto bridges too (not in --quick: a
     /// smoke test checks onboardd, and each costs several waits for quiet).
     pub(crate) mosquitto_writes: bool,
+    /// `--outage-only`: onboardd's outages and nothing else of the bridge.
+    pub(crate) outage_only: bool,
 }
 
 impl Sizes {
@@ -71,6 +73,7 @@ impl Sizes {
                 busy_uplinks: 8,
                 busy_rounds: 20,
                 mosquitto_writes: false,
+                outage_only: false,
             }
         } else {
             Sizes {
@@ -94,6 +97,7 @@ impl Sizes {
                 busy_uplinks: 64,
                 busy_rounds: 500,
                 mosquitto_writes: true,
+                outage_only: false,
             }
         }
     }
