@@ -303,7 +303,9 @@ impl DeviceTask {
         held_out: bool,
         room: usize,
     ) -> Result<Vec<(Src, Vec<u8>)>, StoreError> {
-        if !held_out {
+        // The buffer's count first (in memory): otherwise every refill of a healthy
+        // uplink pays for a sled range scan that finds nothing.
+        if !held_out && self.inner.buffer.count(&self.sensor) > 0 {
             let batch = self.inner.buffer.oldest(&self.sensor, last_sent, room)?;
             if !batch.is_empty() {
                 return Ok(batch

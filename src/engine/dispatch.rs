@@ -69,6 +69,14 @@ impl Decision {
     }
 }
 
+/// Whether an authenticated announce made a known sensor's record.
+#[derive(Debug, Clone, Copy)]
+enum Made {
+    Known(bool),
+    /// Its credentials shortcut predates the flag: the record says.
+    ReadTheRecord,
+}
+
 /// The dispatcher, and everything it reads or changes.
 pub(super) struct Dispatch<'a> {
     /// Announce limits, the reply topic pattern, the gateway id.
@@ -205,7 +213,9 @@ impl Dispatch<'_> {
         nonce: Option<&AnnounceNonce>,
     ) -> Result<(), StoreError> {
         let refused = matches!(&decision.answer, Some(a) if matches!(a.reply, crate::reply::Reply::Error { .. }));
-        if !refused && self.store.knows(sensor)? {
+        // The shortcut first: a shortcut never outlives its record, and reading the
+        // record's tree for every re-announce would fill sled's cache with records.
+        if !refused && (self.store.has_shortcut(sensor)? || self.store.knows(sensor)?) {
             self.store.saw_announce(
                 sensor,
                 nonce.map(|n| n.as_str()),
@@ -311,8 +321,12 @@ impl Dispatch<'_> {
     fn answer(&self, sensor: &str, ann: Announce, route: Route) -> Result<Decision, StoreError> {
         // Known and onboarded: the compact credentials tree answers (no full record,
         // no disk write).
-        if let Some(creds) = self.store.credentials(sensor)? {
-            if let Err(denied) = self.known_may_announce(sensor, &ann, &route, None)? {
+        if let Some(shortcut) = self.store.credentials(sensor)? {
+            let made = match shortcut.made_proven {
+                Some(proven) => Made::Known(proven),
+                None => Made::ReadTheRecord,
+            };
+            if let Err(denied) = self.known_may_announce(sensor, &ann, &route, made)? {
                 return Ok(self.refuse(sensor, route, denied));
             }
             // Its reply still waits for the broker: this one is tracked too.
@@ -326,13 +340,16 @@ impl Dispatch<'_> {
             let bridged = self.store.is_bridged(sensor)?;
             metrics::cached_reply();
             tracing::debug!(sensor_id = sensor, "known sensor; answering from the store");
-            let reply = self.outbox.ok_reply(sensor, &route, &creds, bridged);
+            let reply = self
+                .outbox
+                .ok_reply(sensor, &route, &shortcut.creds, bridged);
             return Ok(self.ok_answer(sensor, route, reply, track));
         }
         let Some(rec) = self.store.get(sensor)? else {
             return self.admit_announced(sensor, ann, route);
         };
-        if let Err(denied) = self.known_may_announce(sensor, &ann, &route, Some(&rec))? {
+        let made = Made::Known(rec.route.proven);
+        if let Err(denied) = self.known_may_announce(sensor, &ann, &route, made)? {
             return Ok(self.refuse(sensor, route, denied));
         }
         match rec.credentials() {
@@ -353,7 +370,7 @@ impl Dispatch<'_> {
         sensor: &str,
         ann: &Announce,
         route: &Route,
-        rec: Option<&Record>,
+        made: Made,
     ) -> Result<Result<(), Denial>, StoreError> {
         if let Err(denied) = self.gate.check_rules(ann, true) {
             return Ok(Err(denied));
@@ -361,9 +378,10 @@ impl Dispatch<'_> {
         if route.proven {
             return Ok(Ok(()));
         }
-        let made_authenticated = match rec {
-            Some(rec) => rec.route.proven,
-            None => self.store.get(sensor)?.is_some_and(|r| r.route.proven),
+        let made_authenticated = match made {
+            Made::Known(proven) => proven,
+            // Only for shortcuts written before they said it: a whole record read.
+            Made::ReadTheRecord => self.store.get(sensor)?.is_some_and(|r| r.route.proven),
         };
         Ok(match made_authenticated {
             true => Err(Denial {

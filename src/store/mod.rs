@@ -39,6 +39,7 @@ pub use discovery::{DiscoveryState, DiscoveryTree};
 pub use ignored::Ignored;
 pub use layout::{exists, moved_aside, ASIDE_PREFIX, DB_DIR};
 pub use open::OPEN_PANICKED;
+pub use records::Shortcut;
 pub use trees::{ReadingsTree, RETIRED_PREFIX};
 
 use commit::Flusher;
