@@ -19,7 +19,12 @@ fn get(port: u16, path: &str, headers: &str) -> (u16, String) {
 
 /// As [`get`], None when the listener closed the connection unanswered.
 fn try_get(port: u16, path: &str, headers: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the http listener");
+    try_get_at("127.0.0.1", port, path, headers)
+}
+
+/// As [`try_get`], to the listener at `host`.
+fn try_get_at(host: &str, port: u16, path: &str, headers: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect((host, port)).expect("connect to the http listener");
     s.set_read_timeout(Some(WAIT)).unwrap();
     // The listener may close a connection past its limit before reading it.
     write!(
@@ -299,6 +304,22 @@ async fn daemon_with_password(
     (port, d, (broker, cloud, dir))
 }
 
+/// This machine's address on its default route (no packet is sent: a UDP socket
+/// only picks its source address on connect). The test needs one; a machine without
+/// any network interface but loopback cannot play a LAN client.
+fn non_loopback_ip() -> String {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("a UDP socket");
+    socket.connect("192.0.2.1:9").expect(
+        "a route beyond loopback: this test needs a non-loopback IPv4 address on this machine",
+    );
+    let ip = socket.local_addr().expect("its address").ip();
+    assert!(
+        !ip.is_loopback() && !ip.is_unspecified(),
+        "no address beyond loopback: {ip}"
+    );
+    ip.to_string()
+}
+
 fn basic(password: &str) -> String {
     use base64::Engine as _;
     let encoded =
@@ -309,6 +330,14 @@ fn basic(password: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_password_file_a_request_without_the_right_password_gets_401() {
     let (port, d, _keep) = daemon_with_password("0.0.0.0").await;
+    // A client beyond loopback, as on a LAN: this machine's own outward address.
+    let lan = non_loopback_ip();
+    let (status, _) =
+        try_get_at(&lan, port, "/healthz", "").unwrap_or_else(|| panic!("no answer on {lan}"));
+    assert_eq!(status, 401, "from {lan}");
+    let (status, _) =
+        try_get_at(&lan, port, "/", "").unwrap_or_else(|| panic!("no answer on {lan}"));
+    assert_eq!(status, 401, "the gateway page from {lan}");
     let (status, _) = get(port, "/healthz", "");
     assert_eq!(status, 401);
     let (status, _) = get(port, "/metrics", &basic("wrong guess"));
