@@ -25,9 +25,8 @@
 //! being gathered): past it the sensor whose reading keeps the oldest batch loses
 //! that reading, so one stuck sensor cannot keep every later batch for ever.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::{Duration, Instant};
 
 use super::spill_batch as disk;
 use crate::store::{BeforeFlush, ReadingsTree, Store, StoreError};
@@ -120,9 +119,6 @@ struct State {
     /// Bytes of the batches written: more than `bytes` once acknowledged readings
     /// wait in a batch a slower sensor still needs, and bounded like it.
     disk: u64,
-    /// When each batch still needed got its first reading (batches found at open:
-    /// the open), for the age of the oldest buffered reading; pruned as batches go.
-    born: BTreeMap<u64, Instant>,
 }
 
 /// The readings spilled since the last flush: the next batch.
@@ -154,9 +150,7 @@ impl Buffer {
             marks: HashMap::new(),
             pending: Pending::default(),
             disk: 0,
-            born: BTreeMap::new(),
         };
-        let opened = Instant::now();
         for item in st.tree.tree.range(disk::mark_key("")..) {
             let (k, v) = item?;
             let (Some(sensor), Ok(through)) = (disk::mark_sensor(&k), <[u8; 8]>::try_from(&*v))
@@ -180,7 +174,6 @@ impl Buffer {
                 continue;
             };
             st.disk += v.len() as u64;
-            st.born.insert(no, opened);
             for (id, sensor, payload) in disk::decode(no, &v) {
                 if st.marks.get(sensor).is_some_and(|m| id <= m.through) {
                     continue;
@@ -282,16 +275,6 @@ impl Buffer {
             bytes: st.bytes,
             sensors: st.per.len() as u64,
         }
-    }
-
-    /// How long the oldest reading still buffered has waited (since its spill, or
-    /// since the buffer was opened for readings an earlier run spilled); `None` when
-    /// the buffer is empty.
-    pub fn oldest_age(&self) -> Option<Duration> {
-        let mut st = self.inner.lock();
-        let oldest = st.per.values().map(|t| disk::batch_of(t.oldest)).min()?;
-        st.born = st.born.split_off(&oldest);
-        st.born.get(&oldest).map(Instant::elapsed)
     }
 
     pub fn store(&self) -> &Store {
@@ -402,9 +385,7 @@ impl Inner {
             Some(no) => no,
             None => {
                 let no = st.tree.next_id()?;
-                let now = Instant::now();
-                st.pending.since = Some(now);
-                st.born.insert(no, now);
+                st.pending.since = Some(std::time::Instant::now());
                 *st.pending.no.insert(no)
             }
         };

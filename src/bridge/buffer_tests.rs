@@ -353,31 +353,3 @@ async fn forwarded_readings_a_stuck_sensors_batch_keeps_on_disk_stay_within_the_
     assert_eq!(dropped, 1, "the stuck sensor's reading made room");
     assert_eq!(f.buf.count("stuck"), 0);
 }
-
-#[tokio::test]
-async fn the_oldest_buffered_readings_age_follows_the_oldest_batch_still_needed() {
-    use std::time::{Duration, Instant};
-    let f = fixture(WIDE);
-    assert_eq!(f.buf.oldest_age(), None, "nothing buffered");
-    let first = f.buf.append("a", b"1").expect("a");
-    f.store.durable(first.seq).await.expect("flushed");
-    // Only so a wrong answer (the first batch's age) would be visibly older; the
-    // checks below hold whatever the gap.
-    std::thread::sleep(Duration::from_millis(50));
-    let mid = Instant::now();
-    let second = f.buf.append("b", b"2").expect("b");
-    f.store.durable(second.seq).await.expect("flushed");
-    let since_mid = mid.elapsed();
-    assert!(
-        f.buf.oldest_age().expect("buffered") >= since_mid,
-        "the first batch is older than mid"
-    );
-    f.buf.remove_through("a", first.id).expect("a taken");
-    let age = f.buf.oldest_age().expect("still buffered");
-    assert!(
-        age <= mid.elapsed(),
-        "{age:?}: the second batch, born after mid"
-    );
-    f.buf.remove_through("b", second.id).expect("b taken");
-    assert_eq!(f.buf.oldest_age(), None, "drained");
-}

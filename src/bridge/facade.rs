@@ -261,10 +261,6 @@ impl Bridge {
             rate_limited: i.rate.limited(),
             connections: i.connections.load(Ordering::Relaxed),
             held: lock(&i.lanes).count() as u64,
-            oldest_buffered_ms: i
-                .buffer
-                .oldest_age()
-                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
         }
     }
 
