@@ -1,48 +1,27 @@
-//! The durable store-and-forward buffer: readings of bridged sensors that Qubitro
-//! could not take in time, in sled, in the same database (and under the same
-//! flusher) as the onboarding records ([`Store::spill`]).
+//! The durable store-and-forward buffer: readings of bridged sensors waiting for
+//! Qubitro's PUBACK, in sled, in the same database (and under the same flusher) as
+//! the onboarding records ([`Store::readings`]).
 //!
-//! The readings spilled between two flushes are held in memory and written as one
-//! value (a batch, [`super::spill_batch`]) just before the flush that makes them
-//! durable: a group commit of an outage writes one key, not one per reading, since
-//! sled rewrites a whole leaf every few changes to it. A reading Qubitro took is not
-//! removed from its batch: the sensor's watermark moves past it, and a batch goes
-//! once no sensor has a reading left in it or before it. The watermark is written
-//! when the sensor's buffer empties or every [`SAVE_EVERY`] removals; a crash loses
-//! at most the moves since then, and those readings are sent again (at least once).
+//! One tree; a key is `sensor id ‖ 0x00 ‖ id (u64, big endian)`, where the id comes
+//! from sled's generator, which only grows, also across a kill -9 (sled skips ahead
+//! on recovery). So a prefix scan of one sensor yields its readings in arrival order,
+//! and a restart continues after them. 0x00 never occurs in a sensor id, so one
+//! sensor's prefix never covers another's.
 //!
-//! Memory does not grow with the buffer: RAM holds one small counter entry and one
-//! watermark per sensor with buffered readings (rebuilt by one scan at open), the
-//! batch not yet written (at most [`SEAL_BYTES`]) and whatever batch the uplink
-//! reads. Past a bound (`bridge.max_buffered_messages` per sensor,
-//! `bridge.max_buffer_bytes` in total, counting each reading as a key of its own
-//! and its record would take: its sensor id, 9 bytes and its payload, so that many
-//! small readings of a long sensor id cannot hold several times the bound) the
-//! oldest readings are dropped and counted: the oldest of that sensor for the first
-//! bound, for the second the oldest of the sensor holding the most bytes (one
-//! sensor cannot evict everyone else's readings). The batches on disk, forwarded
-//! readings included, stay within `bridge.max_buffer_bytes` too (plus the batch
-//! being gathered): past it the sensor whose reading keeps the oldest batch loses
-//! that reading, so one stuck sensor cannot keep every later batch for ever.
+//! Memory does not grow with the buffer: RAM holds one small counter entry per
+//! sensor with buffered readings (count, bytes, oldest id) — rebuilt by one scan at
+//! open — and whatever batch the uplink reads. Past a bound
+//! (`bridge.max_buffered_messages` per sensor, `bridge.max_buffer_bytes` in total,
+//! counting each reading as stored: its key and its record, so that many small
+//! readings of a long sensor id cannot hold several times the bound) the oldest
+//! readings are dropped and counted: the oldest of that sensor for the first bound,
+//! for the second the oldest of the sensor holding the most bytes (one sensor cannot
+//! evict everyone else's readings).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::Mutex;
 
-use super::spill_batch as disk;
-use crate::store::{BeforeFlush, ReadingsTree, Store, StoreError};
-
-/// The batch not yet written goes to sled (not flushed) once it holds this many
-/// bytes, so memory stays small whatever the flush pace.
-const SEAL_BYTES: usize = 64 * 1024;
-
-/// A batch gathered for longer goes to sled at the next append even if no flush
-/// asked for it, so that sled's own background flush (every second) covers spilled
-/// readings nobody waits for (QoS 0) within about two seconds.
-const SEAL_AGE: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// Removals after which a sensor's watermark is written even though its buffer is
-/// not empty yet: what a crash can make the uplink send again.
-const SAVE_EVERY: u64 = 64;
+use crate::store::{ReadingsTree, Store, StoreError};
 
 /// Per-sensor bookkeeping, kept in RAM (one entry per sensor with readings).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -51,20 +30,6 @@ struct Tally {
     bytes: u64,
     /// Id of the oldest buffered reading.
     oldest: u64,
-    /// Id of the newest: a scan for this sensor stops past its batch.
-    newest: u64,
-    /// Removals since the watermark was last written.
-    unsaved: u64,
-}
-
-/// A sensor's watermark: its readings up to `through` are gone.
-#[derive(Debug, Clone, Copy)]
-struct Mark {
-    through: u64,
-    /// Moved since it was last written.
-    dirty: bool,
-    /// Some value of it is on disk (to remove once no batch needs it).
-    on_disk: bool,
 }
 
 /// Totals, for stats.
@@ -96,235 +61,97 @@ pub struct Limits {
 
 /// The buffer. One per daemon; share it behind an `Arc`.
 pub struct Buffer {
-    inner: Arc<Inner>,
-}
-
-/// What the store's flusher holds (weakly) to write the pending batch first.
-struct Inner {
-    store: Store,
+    tree: ReadingsTree,
     limits: Limits,
     /// Serialises mutations so the tallies match the tree; held only for a few
     /// sled operations, never across an await.
-    state: Mutex<State>,
+    tallies: Mutex<Tallies>,
 }
 
-struct State {
-    /// Replaced by a new, empty one each time the buffer drains (see `save`).
-    tree: ReadingsTree,
-    per: HashMap<String, Tally>,
-    /// Sum of the tallies' bytes (so an append does not sum them).
-    bytes: u64,
-    marks: HashMap<String, Mark>,
-    pending: Pending,
-    /// Bytes of the batches written: more than `bytes` once acknowledged readings
-    /// wait in a batch a slower sensor still needs, and bounded like it.
-    disk: u64,
-}
-
-/// The readings spilled since the last flush: the next batch.
+/// The per-sensor tallies and their byte total (so an append does not sum them).
 #[derive(Default)]
-struct Pending {
-    /// Its batch number, taken at its first reading.
-    no: Option<u64>,
-    /// When its first reading came.
-    since: Option<std::time::Instant>,
-    readings: Vec<(String, Vec<u8>)>,
-    bytes: usize,
+struct Tallies {
+    per: HashMap<String, Tally>,
+    bytes: u64,
 }
 
-/// The bytes one reading counts for in the bounds: the key and record it would
-/// take on its own (sensor id, a separator and a u64 id; the payload).
-fn stored(sensor: &str, payload_len: usize) -> u64 {
-    (sensor.len() + 9 + payload_len) as u64
+/// The bytes one reading takes in the tree: its key and its record.
+fn stored(key_len: usize, record_len: usize) -> u64 {
+    (key_len + record_len) as u64
+}
+
+fn key(sensor: &str, id: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(sensor.len() + 9);
+    k.extend_from_slice(sensor.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+fn split_key(k: &[u8]) -> Option<(&str, u64)> {
+    let (head, tail) = k.split_at_checked(k.len().checked_sub(9)?)?;
+    if tail[0] != 0 {
+        return None;
+    }
+    let id = u64::from_be_bytes(tail[1..].try_into().ok()?);
+    Some((std::str::from_utf8(head).ok()?, id))
+}
+
+fn prefix(sensor: &str) -> Vec<u8> {
+    let mut p = sensor.as_bytes().to_vec();
+    p.push(0);
+    p
 }
 
 impl Buffer {
     /// Opens the buffer in `store`'s database and counts what it holds (one scan).
     pub fn open(store: &Store, limits: Limits) -> Result<Buffer, StoreError> {
-        let tree = store.spill()?;
-        disk::migrate(store, &tree)?;
-        let mut st = State {
+        let tree = store.readings()?;
+        let mut tallies = Tallies::default();
+        for item in tree.tree.iter() {
+            let (k, v) = item?;
+            let Some((sensor, id)) = split_key(&k) else {
+                // Not ours (cannot happen short of corruption): leave it be.
+                continue;
+            };
+            let t = tallies.per.entry(sensor.to_string()).or_insert(Tally {
+                oldest: id,
+                ..Tally::default()
+            });
+            let size = stored(k.len(), v.len());
+            t.count += 1;
+            t.bytes += size;
+            t.oldest = t.oldest.min(id);
+            tallies.bytes += size;
+        }
+        Ok(Buffer {
             tree,
-            per: HashMap::new(),
-            bytes: 0,
-            marks: HashMap::new(),
-            pending: Pending::default(),
-            disk: 0,
-        };
-        for item in st.tree.tree.range(disk::mark_key("")..) {
-            let (k, v) = item?;
-            let (Some(sensor), Ok(through)) = (disk::mark_sensor(&k), <[u8; 8]>::try_from(&*v))
-            else {
-                continue;
-            };
-            let mark = Mark {
-                through: u64::from_be_bytes(through),
-                dirty: false,
-                on_disk: true,
-            };
-            st.marks.insert(sensor.to_string(), mark);
-        }
-        let batches = st
-            .tree
-            .tree
-            .range(disk::batch_key(0)..=disk::batch_key(u64::MAX));
-        for item in batches {
-            let (k, v) = item?;
-            let Some(no) = disk::batch_no(&k) else {
-                continue;
-            };
-            st.disk += v.len() as u64;
-            for (id, sensor, payload) in disk::decode(no, &v) {
-                if st.marks.get(sensor).is_some_and(|m| id <= m.through) {
-                    continue;
-                }
-                st.count_in(sensor, id, stored(sensor, payload.len()));
-            }
-        }
-        let inner = Arc::new(Inner {
-            store: store.clone(),
             limits: Limits {
                 max_per_sensor: limits.max_per_sensor.max(1),
                 max_bytes: limits.max_bytes.max(1),
             },
-            state: Mutex::new(st),
-        });
-        let weak: Weak<dyn BeforeFlush> = Arc::downgrade(&inner) as Weak<dyn BeforeFlush>;
-        store.before_flush(weak);
-        Ok(Buffer { inner })
+            tallies: Mutex::new(tallies),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Tallies> {
+        // A panic elsewhere while holding it leaves plain counters: still usable.
+        self.tallies.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Appends a reading of `sensor`, dropping the oldest readings past a bound.
     /// Wait for `store.durable(appended.seq)` before acknowledging the reading.
     pub fn append(&self, sensor: &str, reading: &[u8]) -> Result<Appended, StoreError> {
-        self.inner.append(sensor, reading)
-    }
-
-    /// Up to `n` readings of `sensor` in arrival order, starting after id `after`
-    /// (`None`: from the oldest). Only this batch is held in memory.
-    pub fn oldest(
-        &self,
-        sensor: &str,
-        after: Option<u64>,
-        n: usize,
-    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        let st = self.inner.lock();
-        let Some(t) = st.per.get(sensor) else {
-            return Ok(Vec::new());
-        };
-        let from = match after {
-            Some(u64::MAX) => return Ok(Vec::new()),
-            Some(id) => (id + 1).max(t.oldest),
-            None => t.oldest,
-        };
-        let mut out = Vec::with_capacity(n.min(64));
-        if n > 0 {
-            self.inner.scan(&st, sensor, from, |id, payload| {
-                out.push((id, payload.to_vec()));
-                out.len() < n
-            })?;
-        }
-        Ok(out)
-    }
-
-    /// Removes the readings of `sensor` up to and including id `through` (after
-    /// Qubitro acknowledged them). Returns how many were removed; readings already
-    /// dropped by a bound are simply not there.
-    pub fn remove_through(&self, sensor: &str, through: u64) -> Result<u64, StoreError> {
-        let mut st = self.inner.lock();
-        let Some(t) = st.per.get(sensor).copied() else {
-            return Ok(0);
-        };
-        if through < t.oldest {
-            return Ok(0);
-        }
-        if through >= t.newest {
-            self.inner
-                .gone(&mut st, sensor, t.newest, t.count, t.bytes, None)?;
-            return Ok(t.count);
-        }
-        let (mut n, mut bytes, mut last, mut next) = (0, 0, t.oldest, None);
-        self.inner.scan(&st, sensor, t.oldest, |id, payload| {
-            if id > through {
-                next = Some(id);
-                return false;
-            }
-            (n, bytes, last) = (n + 1, bytes + stored(sensor, payload.len()), id);
-            true
-        })?;
-        if n > 0 {
-            self.inner.gone(&mut st, sensor, last, n, bytes, next)?;
-        }
-        Ok(n)
-    }
-
-    /// Readings buffered for `sensor`.
-    pub fn count(&self, sensor: &str) -> u64 {
-        self.inner.lock().per.get(sensor).map_or(0, |t| t.count)
-    }
-
-    /// Sensors that have buffered readings.
-    pub fn sensors(&self) -> Vec<String> {
-        self.inner.lock().per.keys().cloned().collect()
-    }
-
-    pub fn totals(&self) -> Totals {
-        let st = self.inner.lock();
-        Totals {
-            readings: st.per.values().map(|t| t.count).sum(),
-            bytes: st.bytes,
-            sensors: st.per.len() as u64,
-        }
-    }
-
-    pub fn store(&self) -> &Store {
-        &self.inner.store
-    }
-}
-
-impl Drop for Buffer {
-    /// What was spilled since the last flush goes to sled (not flushed), as each
-    /// reading did when it had a key of its own: a buffer opened for one change
-    /// (`devices forget` without the daemon) loses nothing when it goes.
-    fn drop(&mut self) {
-        let mut st = self.inner.lock();
-        if let Err(e) = self.inner.seal(&mut st) {
-            tracing::error!(error = %e, "bridge buffer: writing the spilled readings failed: {e}");
-        }
-    }
-}
-
-impl State {
-    /// Counts reading `id` of `sensor` in (the newest so far).
-    fn count_in(&mut self, sensor: &str, id: u64, size: u64) {
-        let t = self.per.entry(sensor.to_string()).or_insert(Tally {
-            oldest: id,
-            ..Tally::default()
-        });
-        t.count += 1;
-        t.bytes += size;
-        t.newest = id;
-        self.bytes += size;
-    }
-}
-
-impl Inner {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic elsewhere while holding it leaves plain counters: still usable.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn append(&self, sensor: &str, reading: &[u8]) -> Result<Appended, StoreError> {
-        let size = stored(sensor, reading.len());
-        let mut st = self.lock();
+        let size = stored(prefix(sensor).len() + 8, reading.len());
+        let mut tallies = self.lock();
         let mut dropped = 0;
         // Room for this sensor.
-        while st
+        while tallies
             .per
             .get(sensor)
             .is_some_and(|t| t.count >= self.limits.max_per_sensor)
         {
-            if !self.drop_oldest(&mut st, sensor)? {
+            if !self.drop_oldest(&mut tallies, sensor)? {
                 break;
             }
             dropped += 1;
@@ -332,8 +159,11 @@ impl Inner {
         // Room in total: the sensor holding the most loses its oldest first, so a
         // chatty sensor (or one whose device is refused) cannot evict everyone
         // else's readings.
-        while st.bytes + size > self.limits.max_bytes {
-            let Some(victim) = st
+        loop {
+            if tallies.bytes + size <= self.limits.max_bytes {
+                break;
+            }
+            let Some(victim) = tallies
                 .per
                 .iter()
                 .filter(|(_, t)| t.count > 0)
@@ -348,190 +178,347 @@ impl Inner {
             else {
                 break;
             };
-            if !self.drop_oldest(&mut st, &victim)? {
+            if !self.drop_oldest(&mut tallies, &victim)? {
                 break;
             }
             dropped += 1;
         }
-        // Room on disk (the batches written; the one being gathered comes on top):
-        // readings Qubitro took stay in their batch while an older reading of a
-        // slower sensor keeps it, so the sensor holding the oldest batch loses its
-        // oldest until batches can go.
-        let encoded = (sensor.len() + reading.len() + 6) as u64;
-        if st.disk + encoded > self.limits.max_bytes {
-            // Batches nothing needs any more go first.
-            self.save(&mut st)?;
-        }
-        while st.disk + encoded > self.limits.max_bytes {
-            let Some(holder) = st
-                .per
-                .iter()
-                .min_by_key(|(_, t)| t.oldest)
-                .map(|(s, _)| s.clone())
-            else {
-                break;
-            };
-            if !self.drop_oldest(&mut st, &holder)? {
-                break;
-            }
-            dropped += 1;
-            self.save(&mut st)?;
-        }
-        let old = st.pending.since.is_some_and(|t| t.elapsed() >= SEAL_AGE);
-        if old || st.pending.readings.len() >= disk::MAX_READINGS {
-            self.seal(&mut st)?;
-        }
-        let no = match st.pending.no {
-            Some(no) => no,
-            None => {
-                let no = st.tree.next_id()?;
-                st.pending.since = Some(std::time::Instant::now());
-                *st.pending.no.insert(no)
-            }
-        };
-        let id = disk::reading_id(no, st.pending.readings.len());
-        st.pending.bytes += encoded as usize;
-        st.pending
-            .readings
-            .push((sensor.to_string(), reading.to_vec()));
-        st.count_in(sensor, id, size);
-        // Taken while the reading is pending: a flush that covers `seq` asks for
-        // the pending batch first (`before_flush`).
-        let seq = st.tree.wrote();
-        if st.pending.bytes >= SEAL_BYTES {
-            self.seal(&mut st)?;
-        }
-        Ok(Appended { id, seq, dropped })
-    }
-
-    /// Writes the pending batch to sled (not flushed).
-    fn seal(&self, st: &mut State) -> Result<(), StoreError> {
-        let Some(no) = st.pending.no.take() else {
-            return Ok(());
-        };
-        st.pending.since = None;
-        let mut value = Vec::with_capacity(st.pending.bytes);
-        for (sensor, payload) in st.pending.readings.drain(..) {
-            // Readings removed while pending are written all the same: a
-            // reading's id is its position in the batch.
-            disk::encode(&mut value, &sensor, &payload);
-        }
-        st.pending.bytes = 0;
-        st.disk += value.len() as u64;
-        st.tree.tree.insert(disk::batch_key(no), value)?;
-        Ok(())
-    }
-
-    /// Calls `f` with `sensor`'s readings from id `from` on, in order, while it
-    /// returns true: the written batches, then the pending one.
-    fn scan(
-        &self,
-        st: &State,
-        sensor: &str,
-        from: u64,
-        mut f: impl FnMut(u64, &[u8]) -> bool,
-    ) -> Result<(), StoreError> {
-        let mark = st.marks.get(sensor).map(|m| m.through);
-        let live = |id: u64| id >= from && mark.is_none_or(|m| id > m);
-        let last = st
-            .per
-            .get(sensor)
-            .map_or(u64::MAX, |t| disk::batch_of(t.newest));
-        let batches = disk::batch_key(disk::batch_of(from))..=disk::batch_key(last);
-        for item in st.tree.tree.range(batches) {
-            let (k, v) = item?;
-            let Some(no) = disk::batch_no(&k) else {
-                continue;
-            };
-            for (id, s, payload) in disk::decode(no, &v) {
-                if s == sensor && live(id) && !f(id, payload) {
-                    return Ok(());
-                }
-            }
-        }
-        if let Some(no) = st.pending.no.filter(|no| *no <= last) {
-            for (i, (s, payload)) in st.pending.readings.iter().enumerate() {
-                let id = disk::reading_id(no, i);
-                if s == sensor && live(id) && !f(id, payload) {
-                    return Ok(());
-                }
-            }
-        }
-        Ok(())
+        let id = self.tree.next_id()?;
+        self.tree.tree.insert(key(sensor, id), reading)?;
+        let t = tallies.per.entry(sensor.to_string()).or_insert(Tally {
+            oldest: id,
+            ..Tally::default()
+        });
+        t.count += 1;
+        t.bytes += size;
+        t.oldest = t.oldest.min(id);
+        tallies.bytes += size;
+        Ok(Appended {
+            id,
+            seq: self.tree.wrote(),
+            dropped,
+        })
     }
 
     /// Removes the oldest reading of `sensor`; false when it has none.
-    fn drop_oldest(&self, st: &mut State, sensor: &str) -> Result<bool, StoreError> {
-        let Some(t) = st.per.get(sensor).copied() else {
+    fn drop_oldest(&self, tallies: &mut Tallies, sensor: &str) -> Result<bool, StoreError> {
+        let Some((k, v)) = self
+            .tree
+            .tree
+            .scan_prefix(prefix(sensor))
+            .next()
+            .transpose()?
+        else {
+            if let Some(t) = tallies.per.remove(sensor) {
+                tallies.bytes = tallies.bytes.saturating_sub(t.bytes);
+            }
             return Ok(false);
         };
-        let mut first: Option<(u64, u64)> = None;
-        let mut next = None;
-        self.scan(st, sensor, t.oldest, |id, payload| match first {
-            None => {
-                first = Some((id, stored(sensor, payload.len())));
-                true
-            }
-            Some(_) => {
-                next = Some(id);
-                false
-            }
-        })?;
-        let Some((id, bytes)) = first else {
-            // Tallies out of step with the tree (cannot happen): start it over.
-            st.per.remove(sensor);
-            st.bytes = st.bytes.saturating_sub(t.bytes);
-            return Ok(false);
-        };
-        self.gone(st, sensor, id, 1, bytes, next)?;
+        self.tree.tree.remove(&k)?;
+        self.tree.wrote();
+        self.forget(tallies, sensor, stored(k.len(), v.len()));
         Ok(true)
     }
 
-    /// `n` readings of `sensor` (`bytes` as stored) up to id `through` left the
-    /// buffer; `next` is the oldest one left.
-    fn gone(
-        &self,
-        st: &mut State,
-        sensor: &str,
-        through: u64,
-        n: u64,
-        bytes: u64,
-        next: Option<u64>,
-    ) -> Result<(), StoreError> {
-        let mark = st.marks.entry(sensor.to_string()).or_insert(Mark {
-            through,
-            dirty: true,
-            on_disk: false,
-        });
-        if through > mark.through {
-            (mark.through, mark.dirty) = (through, true);
-        }
-        st.bytes = st.bytes.saturating_sub(bytes);
-        let Some(t) = st.per.get_mut(sensor) else {
-            return Ok(());
+    /// Updates the tally after one reading of `sensor` left the tree.
+    fn forget(&self, tallies: &mut Tallies, sensor: &str, bytes: u64) {
+        let Some(t) = tallies.per.get_mut(sensor) else {
+            return;
         };
-        t.count = t.count.saturating_sub(n);
+        t.count = t.count.saturating_sub(1);
         t.bytes = t.bytes.saturating_sub(bytes);
-        t.unsaved += n;
-        match next {
-            Some(next) if t.count > 0 => {
-                t.oldest = next;
-                if t.unsaved >= SAVE_EVERY {
-                    self.save(st)?;
-                }
-            }
-            _ => {
-                st.per.remove(sensor);
-                self.save(st)?;
+        tallies.bytes = tallies.bytes.saturating_sub(bytes);
+        if t.count == 0 {
+            tallies.per.remove(sensor);
+            return;
+        }
+        // The new oldest: one key read.
+        if let Some(Ok((k, _))) = self.tree.tree.scan_prefix(prefix(sensor)).next() {
+            if let Some((_, id)) = split_key(&k) {
+                t.oldest = id;
             }
         }
-        Ok(())
+    }
+
+    /// Up to `n` readings of `sensor` in arrival order, starting after id `after`
+    /// (`None`: from the oldest). Only this batch is held in memory.
+    pub fn oldest(
+        &self,
+        sensor: &str,
+        after: Option<u64>,
+        n: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let start = match after {
+            Some(id) if id == u64::MAX => return Ok(Vec::new()),
+            Some(id) => key(sensor, id + 1),
+            None => key(sensor, 0),
+        };
+        let end = key(sensor, u64::MAX);
+        let mut out = Vec::with_capacity(n.min(64));
+        for item in self.tree.tree.range(start..=end).take(n) {
+            let (k, v) = item?;
+            if let Some((_, id)) = split_key(&k) {
+                out.push((id, v.to_vec()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes the readings of `sensor` up to and including id `through` (after
+    /// Qubitro acknowledged them). Returns how many were removed; readings already
+    /// dropped by a bound are simply not there.
+    pub fn remove_through(&self, sensor: &str, through: u64) -> Result<u64, StoreError> {
+        let mut tallies = self.lock();
+        let keys: Vec<(sled::IVec, usize)> = self
+            .tree
+            .tree
+            .range(key(sensor, 0)..=key(sensor, through))
+            .map(|item| item.map(|(k, v)| (k, v.len())))
+            .collect::<Result<_, _>>()?;
+        let mut removed = 0;
+        for (k, len) in keys {
+            if self.tree.tree.remove(&k)?.is_some() {
+                removed += 1;
+                self.forget(&mut tallies, sensor, stored(k.len(), len));
+            }
+        }
+        if removed > 0 {
+            // Not waited for: a removal lost in a crash only means the reading
+            // is sent again (at least once), and the next flush covers it.
+            self.tree.wrote();
+        }
+        Ok(removed)
+    }
+
+    /// Readings buffered for `sensor`.
+    pub fn count(&self, sensor: &str) -> u64 {
+        self.lock().per.get(sensor).map_or(0, |t| t.count)
+    }
+
+    /// Sensors that have buffered readings.
+    pub fn sensors(&self) -> Vec<String> {
+        self.lock().per.keys().cloned().collect()
+    }
+
+    pub fn totals(&self) -> Totals {
+        let tallies = self.lock();
+        Totals {
+            readings: tallies.per.values().map(|t| t.count).sum(),
+            bytes: tallies.bytes,
+            sensors: tallies.per.len() as u64,
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        self.tree.store()
     }
 }
 
-#[path = "buffer_save.rs"]
-mod save;
-
 #[cfg(test)]
-#[path = "buffer_tests.rs"]
-mod tests;
+mod tests {
+    use super::*;
+    use crate::config::StoreConfig;
+
+    fn open_store(dir: &std::path::Path) -> Store {
+        Store::open(&StoreConfig {
+            path: dir.join("db").display().to_string(),
+            cache_capacity_bytes: 1 << 20,
+            last_seen_flush_s: 600,
+        })
+        .expect("open the store")
+        .0
+    }
+
+    const WIDE: Limits = Limits {
+        max_per_sensor: 10_000,
+        max_bytes: 64 << 20,
+    };
+
+    fn ids(v: &[(u64, Vec<u8>)]) -> Vec<String> {
+        v.iter()
+            .map(|(_, b)| String::from_utf8(b.clone()).expect("utf8"))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn readings_come_back_in_arrival_order_per_sensor() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open_store(dir.path());
+        let buf = Buffer::open(&store, WIDE).expect("open");
+        for i in 0..5 {
+            buf.append("a", format!("a{i}").as_bytes()).expect("append");
+            buf.append("a1", format!("x{i}").as_bytes())
+                .expect("append");
+        }
+        let got = buf.oldest("a", None, 3).expect("read");
+        assert_eq!(ids(&got), ["a0", "a1", "a2"]);
+        let rest = buf.oldest("a", Some(got[2].0), 10).expect("read");
+        assert_eq!(ids(&rest), ["a3", "a4"]);
+        // "a" is a prefix of "a1" as a string, not as a key.
+        assert_eq!(buf.count("a"), 5);
+        assert_eq!(ids(&buf.oldest("a1", None, 1).expect("read")), ["x0"]);
+        assert_eq!(buf.totals().readings, 10);
+    }
+
+    #[tokio::test]
+    async fn remove_through_takes_acknowledged_readings_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open_store(dir.path());
+        let buf = Buffer::open(&store, WIDE).expect("open");
+        let ids_: Vec<u64> = (0..4)
+            .map(|i| buf.append("s", format!("r{i}").as_bytes()).expect("a").id)
+            .collect();
+        buf.append("t", b"other").expect("append");
+        assert_eq!(buf.remove_through("s", ids_[1]).expect("remove"), 2);
+        assert_eq!(buf.remove_through("s", ids_[1]).expect("again"), 0);
+        assert_eq!(ids(&buf.oldest("s", None, 10).expect("read")), ["r2", "r3"]);
+        assert_eq!(buf.count("s"), 2);
+        assert_eq!(buf.count("t"), 1);
+        // Keys of one-letter sensors are 10 bytes.
+        assert_eq!(buf.totals().bytes, 2 * (10 + 2) + (10 + 5));
+    }
+
+    #[tokio::test]
+    async fn readings_survive_a_flush_and_reopen_and_new_ones_queue_after_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = open_store(dir.path());
+            let buf = Buffer::open(&store, WIDE).expect("open");
+            let mut last = 0;
+            for i in 0..100 {
+                last = buf.append("s", format!("r{i}").as_bytes()).expect("a").seq;
+            }
+            store.durable(last).await.expect("flushed");
+        }
+        // The flusher stops when the last clone goes; give the lock a moment.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let store = open_store(dir.path());
+        let buf = Buffer::open(&store, WIDE).expect("reopen");
+        assert_eq!(buf.count("s"), 100);
+        assert_eq!(buf.totals().readings, 100);
+        buf.append("s", b"after").expect("append");
+        let all = buf.oldest("s", None, 1000).expect("read");
+        assert_eq!(all.len(), 101);
+        assert_eq!(ids(&all[..2]), ["r0", "r1"]);
+        assert_eq!(ids(&all[100..]), ["after"]);
+        assert!(all.windows(2).all(|w| w[0].0 < w[1].0));
+    }
+
+    #[tokio::test]
+    async fn the_per_sensor_bound_drops_that_sensors_oldest() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open_store(dir.path());
+        let buf = Buffer::open(
+            &store,
+            Limits {
+                max_per_sensor: 3,
+                max_bytes: 1 << 20,
+            },
+        )
+        .expect("open");
+        buf.append("other", b"o").expect("append");
+        let mut dropped = 0;
+        for i in 0..5 {
+            dropped += buf
+                .append("s", format!("r{i}").as_bytes())
+                .expect("a")
+                .dropped;
+        }
+        assert_eq!(dropped, 2);
+        assert_eq!(
+            ids(&buf.oldest("s", None, 10).expect("read")),
+            ["r2", "r3", "r4"]
+        );
+        assert_eq!(buf.count("other"), 1);
+    }
+
+    #[tokio::test]
+    async fn the_total_bound_drops_the_oldest_of_all_sensors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open_store(dir.path());
+        let buf = Buffer::open(
+            &store,
+            Limits {
+                max_per_sensor: 100,
+                max_bytes: 60,
+            },
+        )
+        .expect("open");
+        // Each takes 20 bytes as stored: a 10-byte key and a 10-byte record.
+        buf.append("a", b"aaaaaaaaaa").expect("append"); // 20, oldest
+        buf.append("b", b"bbbbbbbbbb").expect("append"); // 40
+        buf.append("a", b"AAAAAAAAAA").expect("append"); // 60
+        let r = buf.append("c", b"cccccccccc").expect("append");
+        assert_eq!(r.dropped, 1);
+        assert_eq!(
+            ids(&buf.oldest("a", None, 10).expect("read")),
+            ["AAAAAAAAAA"]
+        );
+        assert_eq!(buf.count("b"), 1);
+        assert_eq!(buf.count("c"), 1);
+        assert_eq!(buf.totals().bytes, 60);
+    }
+
+    #[tokio::test]
+    async fn past_the_total_bound_the_sensor_with_the_most_buffered_loses_its_oldest() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open_store(dir.path());
+        let buf = Buffer::open(
+            &store,
+            Limits {
+                max_per_sensor: 100,
+                max_bytes: 100,
+            },
+        )
+        .expect("open");
+        // 20 bytes each as stored: the quiet sensor's one reading is the oldest.
+        buf.append("q", b"qqqqqqqqqq").expect("append");
+        for i in 0..10 {
+            buf.append("c", format!("chatty-{i:03}").as_bytes())
+                .expect("append");
+        }
+        assert_eq!(
+            ids(&buf.oldest("q", None, 10).expect("read")),
+            ["qqqqqqqqqq"]
+        );
+        assert_eq!(
+            ids(&buf.oldest("c", None, 10).expect("read")),
+            ["chatty-006", "chatty-007", "chatty-008", "chatty-009"]
+        );
+        assert_eq!(buf.totals().bytes, 100);
+    }
+
+    #[tokio::test]
+    async fn the_total_bound_counts_each_readings_key_as_well_as_its_payload() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sensor = "a-sensor-with-a-long-id"; // 23 bytes: its keys are 32
+        {
+            let store = open_store(dir.path());
+            // Room for two readings of 10 bytes as stored (32 + 10 each), not ten.
+            let limits = Limits {
+                max_per_sensor: 100,
+                max_bytes: 100,
+            };
+            let buf = Buffer::open(&store, limits).expect("open");
+            assert_eq!(buf.append(sensor, b"0123456789").expect("a").dropped, 0);
+            assert_eq!(buf.append(sensor, b"1123456789").expect("a").dropped, 0);
+            let third = buf.append(sensor, b"2123456789").expect("a");
+            assert_eq!(third.dropped, 1);
+            assert_eq!(buf.totals().bytes, 2 * 42);
+            store.durable(third.seq).await.expect("flushed");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        // Counted the same way when the buffer is opened again.
+        let store = open_store(dir.path());
+        let buf = Buffer::open(&store, WIDE).expect("reopen");
+        assert_eq!(buf.totals().bytes, 2 * 42);
+        buf.remove_through(sensor, u64::MAX).expect("remove");
+        assert_eq!(buf.totals().bytes, 0);
+    }
+
+    #[test]
+    fn keys_split_back_into_sensor_and_id() {
+        assert_eq!(split_key(&key("temp-01", 42)), Some(("temp-01", 42)));
+        assert_eq!(split_key(b"short"), None);
+    }
+}
