@@ -16,7 +16,7 @@
 //! was last heard from, written in batches), `census` (sensors per state, kept as
 //! records change).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio_util::sync::DropGuard;
@@ -110,10 +110,29 @@ impl Store {
         self.census.counts()
     }
 
-    /// The bytes sled's files take on disk.
-    pub fn size_on_disk(&self) -> Result<u64, StoreError> {
-        Ok(self.db.size_on_disk()?)
+    /// The bytes the files in sled's directory take: its log, snapshots, blobs and
+    /// config. Measured from the directory rather than with sled's own
+    /// `size_on_disk`, which counts only the log and blobs and reads 0 for a
+    /// database whose first write is still in memory.
+    pub fn size_on_disk(&self) -> std::io::Result<u64> {
+        dir_bytes(&self.dir)
     }
+}
+
+/// The sizes of the files under `dir`, recursively. A file removed while it is read
+/// (sled drops old snapshots and blobs in the background) counts as gone.
+fn dir_bytes(dir: &Path) -> std::io::Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let Ok(entry) = entry else { continue };
+        let Ok(meta) = entry.metadata() else { continue };
+        total += if meta.is_dir() {
+            dir_bytes(&entry.path()).unwrap_or(0)
+        } else {
+            meta.len()
+        };
+    }
+    Ok(total)
 }
 
 fn encode(rec: &Record) -> Vec<u8> {

@@ -340,6 +340,21 @@ mod tests {
         );
     }
 
+    // /metrics reports this from the first scrape, before anything was written.
+    #[tokio::test]
+    async fn a_new_database_has_a_size_on_disk_and_it_grows_with_durable_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = Store::open(&cfg(dir.path())).unwrap();
+        let empty = s.size_on_disk().unwrap();
+        assert!(empty > 0, "sled's config file is on disk from the start");
+        for i in 0..50 {
+            s.insert_new(&format!("sensor-{i}"), &created()).unwrap();
+        }
+        let seq = s.insert_new("last", &created()).unwrap().unwrap();
+        s.durable(seq).await.unwrap();
+        assert!(s.size_on_disk().unwrap() > empty);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_database_made_with_another_segment_size_opens_as_it_is() {
         let dir = tempfile::tempdir().unwrap();
