@@ -555,3 +555,53 @@ async fn a_certificate_without_its_key_refuses_to_start_with_exit_78_naming_the_
     assert_eq!(status.code(), Some(78), "{}", d.log.text());
     assert!(d.log.text().contains("http.key_file"), "{}", d.log.text());
 }
+
+fn oldest_buffered_age(m: &Metrics) -> f64 {
+    m.value("onboardd_bridge_oldest_buffered_age_seconds", &[])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_oldest_buffered_readings_age_grows_through_an_uplink_outage_and_is_0_once_forwarded() {
+    let port = free_port();
+    let mut rig = bridged()
+        .extra(&format!("[http]\nlisten = \"127.0.0.1:{port}\"\n"))
+        .start()
+        .await;
+    rig.d.log.wait_for("http listening");
+    let s = {
+        let mut s = rig.sensor("aged-1").await;
+        onboard_bridged(&mut s).await;
+        s
+    };
+    let device = cloud_devices_of(&rig.cloud, "aged-1").remove(0);
+    s.publish("onboard/data/aged-1", br#"{"n":0}"#, false).await;
+    assert_eq!(rig.obs.on_topic(&device.id, 1).await[0]["n"], 0);
+    let m = metrics_until(port, "nothing buffered", |m| {
+        m.value("onboardd_bridge_readings_buffered", &[]) == 0.0
+    })
+    .await;
+    assert_eq!(oldest_buffered_age(&m), 0.0);
+
+    // Qubitro's broker goes away: the next reading is spilled after spill_after_ms
+    // and its age grows while it waits.
+    rig.qubitro.stop();
+    let published = Instant::now();
+    s.publish("onboard/data/aged-1", br#"{"n":1}"#, false).await;
+    let m = metrics_until(port, "a reading buffered for over a second", |m| {
+        m.value("onboardd_bridge_readings_buffered", &[]) == 1.0 && oldest_buffered_age(m) >= 1.0
+    })
+    .await;
+    let age = oldest_buffered_age(&m);
+    assert!(
+        age <= published.elapsed().as_secs_f64(),
+        "an age of {age} s is older than the reading"
+    );
+
+    rig.qubitro.start_again();
+    assert_eq!(rig.obs.on_topic(&device.id, 1).await[0]["n"], 1);
+    let m = metrics_until(port, "the buffer drained", |m| {
+        m.value("onboardd_bridge_readings_buffered", &[]) == 0.0
+    })
+    .await;
+    assert_eq!(oldest_buffered_age(&m), 0.0);
+}

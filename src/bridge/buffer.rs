@@ -17,19 +17,75 @@
 //! readings are dropped and counted: the oldest of that sensor for the first bound,
 //! for the second the oldest of the sensor holding the most bytes (one sensor cannot
 //! evict everyone else's readings).
+//!
+//! For the age of the oldest buffered reading (/metrics) RAM also keeps, per sensor,
+//! when its readings arrived, one mark per second at most and 64 at most (older marks
+//! are thinned out), so the age is exact to a second for an outage of a minute and
+//! never understated; readings found at open count from the open.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use crate::store::{ReadingsTree, Store, StoreError};
 
 /// Per-sensor bookkeeping, kept in RAM (one entry per sensor with readings).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Tally {
     count: u64,
     bytes: u64,
     /// Id of the oldest buffered reading.
     oldest: u64,
+    /// `(first id, when it arrived)`: the readings from that id on (up to the next
+    /// mark) arrived at or after that time. The front covers the oldest reading.
+    arrivals: VecDeque<(u64, Instant)>,
+}
+
+/// Arrival marks kept per sensor before they are thinned out.
+const MAX_MARKS: usize = 64;
+/// Readings arriving within this of the last mark share it.
+const MARK_EVERY: Duration = Duration::from_secs(1);
+
+impl Tally {
+    fn new(oldest: u64, now: Instant) -> Tally {
+        Tally {
+            oldest,
+            arrivals: VecDeque::from([(oldest, now)]),
+            ..Tally::default()
+        }
+    }
+
+    /// Notes that reading `id` arrived `now`.
+    fn arrived(&mut self, id: u64, now: Instant) {
+        if self
+            .arrivals
+            .back()
+            .is_some_and(|(_, at)| now.saturating_duration_since(*at) < MARK_EVERY)
+        {
+            return;
+        }
+        self.arrivals.push_back((id, now));
+        if self.arrivals.len() > MAX_MARKS {
+            // Drop every other mark after the first: a dropped mark's readings fall
+            // under the earlier one, so the age can only be overstated.
+            let mut i = 0;
+            self.arrivals.retain(|_| {
+                i += 1;
+                i % 2 == 1
+            });
+        }
+    }
+
+    /// Drops the marks wholly before the oldest reading still buffered.
+    fn prune(&mut self) {
+        while self
+            .arrivals
+            .get(1)
+            .is_some_and(|(id, _)| *id <= self.oldest)
+        {
+            self.arrivals.pop_front();
+        }
+    }
 }
 
 /// Totals, for stats.
@@ -108,21 +164,25 @@ impl Buffer {
     pub fn open(store: &Store, limits: Limits) -> Result<Buffer, StoreError> {
         let tree = store.readings()?;
         let mut tallies = Tallies::default();
+        let opened = Instant::now();
         for item in tree.tree.iter() {
             let (k, v) = item?;
             let Some((sensor, id)) = split_key(&k) else {
                 // Not ours (cannot happen short of corruption): leave it be.
                 continue;
             };
-            let t = tallies.per.entry(sensor.to_string()).or_insert(Tally {
-                oldest: id,
-                ..Tally::default()
-            });
+            let t = tallies
+                .per
+                .entry(sensor.to_string())
+                .or_insert_with(|| Tally::new(id, opened));
             let size = stored(k.len(), v.len());
             t.count += 1;
             t.bytes += size;
             t.oldest = t.oldest.min(id);
             tallies.bytes += size;
+        }
+        for t in tallies.per.values_mut() {
+            t.arrivals = VecDeque::from([(t.oldest, opened)]);
         }
         Ok(Buffer {
             tree,
@@ -185,13 +245,15 @@ impl Buffer {
         }
         let id = self.tree.next_id()?;
         self.tree.tree.insert(key(sensor, id), reading)?;
-        let t = tallies.per.entry(sensor.to_string()).or_insert(Tally {
-            oldest: id,
-            ..Tally::default()
-        });
+        let now = Instant::now();
+        let t = tallies
+            .per
+            .entry(sensor.to_string())
+            .or_insert_with(|| Tally::new(id, now));
         t.count += 1;
         t.bytes += size;
         t.oldest = t.oldest.min(id);
+        t.arrived(id, now);
         tallies.bytes += size;
         Ok(Appended {
             id,
@@ -236,6 +298,7 @@ impl Buffer {
         if let Some(Ok((k, _))) = self.tree.tree.scan_prefix(prefix(sensor)).next() {
             if let Some((_, id)) = split_key(&k) {
                 t.oldest = id;
+                t.prune();
             }
         }
     }
@@ -309,216 +372,27 @@ impl Buffer {
         }
     }
 
+    /// How long the oldest buffered reading (of any sensor) has waited; `None` when
+    /// nothing is buffered.
+    pub fn oldest_age(&self) -> Option<Duration> {
+        self.oldest_since().map(|since| since.elapsed())
+    }
+
+    /// When the oldest buffered reading (of any sensor) arrived, to a second.
+    fn oldest_since(&self) -> Option<Instant> {
+        let tallies = self.lock();
+        tallies
+            .per
+            .values()
+            .filter_map(|t| t.arrivals.front().map(|(_, at)| *at))
+            .min()
+    }
+
     pub fn store(&self) -> &Store {
         self.tree.store()
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::StoreConfig;
-
-    fn open_store(dir: &std::path::Path) -> Store {
-        Store::open(&StoreConfig {
-            path: dir.join("db").display().to_string(),
-            cache_capacity_bytes: 1 << 20,
-            last_seen_flush_s: 600,
-        })
-        .expect("open the store")
-        .0
-    }
-
-    const WIDE: Limits = Limits {
-        max_per_sensor: 10_000,
-        max_bytes: 64 << 20,
-    };
-
-    fn ids(v: &[(u64, Vec<u8>)]) -> Vec<String> {
-        v.iter()
-            .map(|(_, b)| String::from_utf8(b.clone()).expect("utf8"))
-            .collect()
-    }
-
-    #[tokio::test]
-    async fn readings_come_back_in_arrival_order_per_sensor() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = open_store(dir.path());
-        let buf = Buffer::open(&store, WIDE).expect("open");
-        for i in 0..5 {
-            buf.append("a", format!("a{i}").as_bytes()).expect("append");
-            buf.append("a1", format!("x{i}").as_bytes())
-                .expect("append");
-        }
-        let got = buf.oldest("a", None, 3).expect("read");
-        assert_eq!(ids(&got), ["a0", "a1", "a2"]);
-        let rest = buf.oldest("a", Some(got[2].0), 10).expect("read");
-        assert_eq!(ids(&rest), ["a3", "a4"]);
-        // "a" is a prefix of "a1" as a string, not as a key.
-        assert_eq!(buf.count("a"), 5);
-        assert_eq!(ids(&buf.oldest("a1", None, 1).expect("read")), ["x0"]);
-        assert_eq!(buf.totals().readings, 10);
-    }
-
-    #[tokio::test]
-    async fn remove_through_takes_acknowledged_readings_only() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = open_store(dir.path());
-        let buf = Buffer::open(&store, WIDE).expect("open");
-        let ids_: Vec<u64> = (0..4)
-            .map(|i| buf.append("s", format!("r{i}").as_bytes()).expect("a").id)
-            .collect();
-        buf.append("t", b"other").expect("append");
-        assert_eq!(buf.remove_through("s", ids_[1]).expect("remove"), 2);
-        assert_eq!(buf.remove_through("s", ids_[1]).expect("again"), 0);
-        assert_eq!(ids(&buf.oldest("s", None, 10).expect("read")), ["r2", "r3"]);
-        assert_eq!(buf.count("s"), 2);
-        assert_eq!(buf.count("t"), 1);
-        // Keys of one-letter sensors are 10 bytes.
-        assert_eq!(buf.totals().bytes, 2 * (10 + 2) + (10 + 5));
-    }
-
-    #[tokio::test]
-    async fn readings_survive_a_flush_and_reopen_and_new_ones_queue_after_them() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        {
-            let store = open_store(dir.path());
-            let buf = Buffer::open(&store, WIDE).expect("open");
-            let mut last = 0;
-            for i in 0..100 {
-                last = buf.append("s", format!("r{i}").as_bytes()).expect("a").seq;
-            }
-            store.durable(last).await.expect("flushed");
-        }
-        // The flusher stops when the last clone goes; give the lock a moment.
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        let store = open_store(dir.path());
-        let buf = Buffer::open(&store, WIDE).expect("reopen");
-        assert_eq!(buf.count("s"), 100);
-        assert_eq!(buf.totals().readings, 100);
-        buf.append("s", b"after").expect("append");
-        let all = buf.oldest("s", None, 1000).expect("read");
-        assert_eq!(all.len(), 101);
-        assert_eq!(ids(&all[..2]), ["r0", "r1"]);
-        assert_eq!(ids(&all[100..]), ["after"]);
-        assert!(all.windows(2).all(|w| w[0].0 < w[1].0));
-    }
-
-    #[tokio::test]
-    async fn the_per_sensor_bound_drops_that_sensors_oldest() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = open_store(dir.path());
-        let buf = Buffer::open(
-            &store,
-            Limits {
-                max_per_sensor: 3,
-                max_bytes: 1 << 20,
-            },
-        )
-        .expect("open");
-        buf.append("other", b"o").expect("append");
-        let mut dropped = 0;
-        for i in 0..5 {
-            dropped += buf
-                .append("s", format!("r{i}").as_bytes())
-                .expect("a")
-                .dropped;
-        }
-        assert_eq!(dropped, 2);
-        assert_eq!(
-            ids(&buf.oldest("s", None, 10).expect("read")),
-            ["r2", "r3", "r4"]
-        );
-        assert_eq!(buf.count("other"), 1);
-    }
-
-    #[tokio::test]
-    async fn the_total_bound_drops_the_oldest_of_all_sensors() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = open_store(dir.path());
-        let buf = Buffer::open(
-            &store,
-            Limits {
-                max_per_sensor: 100,
-                max_bytes: 60,
-            },
-        )
-        .expect("open");
-        // Each takes 20 bytes as stored: a 10-byte key and a 10-byte record.
-        buf.append("a", b"aaaaaaaaaa").expect("append"); // 20, oldest
-        buf.append("b", b"bbbbbbbbbb").expect("append"); // 40
-        buf.append("a", b"AAAAAAAAAA").expect("append"); // 60
-        let r = buf.append("c", b"cccccccccc").expect("append");
-        assert_eq!(r.dropped, 1);
-        assert_eq!(
-            ids(&buf.oldest("a", None, 10).expect("read")),
-            ["AAAAAAAAAA"]
-        );
-        assert_eq!(buf.count("b"), 1);
-        assert_eq!(buf.count("c"), 1);
-        assert_eq!(buf.totals().bytes, 60);
-    }
-
-    #[tokio::test]
-    async fn past_the_total_bound_the_sensor_with_the_most_buffered_loses_its_oldest() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = open_store(dir.path());
-        let buf = Buffer::open(
-            &store,
-            Limits {
-                max_per_sensor: 100,
-                max_bytes: 100,
-            },
-        )
-        .expect("open");
-        // 20 bytes each as stored: the quiet sensor's one reading is the oldest.
-        buf.append("q", b"qqqqqqqqqq").expect("append");
-        for i in 0..10 {
-            buf.append("c", format!("chatty-{i:03}").as_bytes())
-                .expect("append");
-        }
-        assert_eq!(
-            ids(&buf.oldest("q", None, 10).expect("read")),
-            ["qqqqqqqqqq"]
-        );
-        assert_eq!(
-            ids(&buf.oldest("c", None, 10).expect("read")),
-            ["chatty-006", "chatty-007", "chatty-008", "chatty-009"]
-        );
-        assert_eq!(buf.totals().bytes, 100);
-    }
-
-    #[tokio::test]
-    async fn the_total_bound_counts_each_readings_key_as_well_as_its_payload() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let sensor = "a-sensor-with-a-long-id"; // 23 bytes: its keys are 32
-        {
-            let store = open_store(dir.path());
-            // Room for two readings of 10 bytes as stored (32 + 10 each), not ten.
-            let limits = Limits {
-                max_per_sensor: 100,
-                max_bytes: 100,
-            };
-            let buf = Buffer::open(&store, limits).expect("open");
-            assert_eq!(buf.append(sensor, b"0123456789").expect("a").dropped, 0);
-            assert_eq!(buf.append(sensor, b"1123456789").expect("a").dropped, 0);
-            let third = buf.append(sensor, b"2123456789").expect("a");
-            assert_eq!(third.dropped, 1);
-            assert_eq!(buf.totals().bytes, 2 * 42);
-            store.durable(third.seq).await.expect("flushed");
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        // Counted the same way when the buffer is opened again.
-        let store = open_store(dir.path());
-        let buf = Buffer::open(&store, WIDE).expect("reopen");
-        assert_eq!(buf.totals().bytes, 2 * 42);
-        buf.remove_through(sensor, u64::MAX).expect("remove");
-        assert_eq!(buf.totals().bytes, 0);
-    }
-
-    #[test]
-    fn keys_split_back_into_sensor_and_id() {
-        assert_eq!(split_key(&key("temp-01", 42)), Some(("temp-01", 42)));
-        assert_eq!(split_key(b"short"), None);
-    }
-}
+#[path = "buffer_tests.rs"]
+mod tests;

@@ -251,6 +251,12 @@ impl Bridge {
     pub fn stats(&self) -> BridgeStats {
         let i = &self.inner;
         let totals = i.buffer.totals();
+        // Read before the literal below, whose lock guards live to its end: the
+        // buffer's lock is never taken under the devices' or lanes' locks.
+        let oldest_buffered_ms = i
+            .buffer
+            .oldest_age()
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         BridgeStats {
             bridged_devices: lock(&i.devices).len() as u64,
             forwarded: i.forwarded.load(Ordering::Relaxed),
@@ -261,6 +267,7 @@ impl Bridge {
             rate_limited: i.rate.limited(),
             connections: i.connections.load(Ordering::Relaxed),
             held: lock(&i.lanes).count() as u64,
+            oldest_buffered_ms,
         }
     }
 

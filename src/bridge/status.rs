@@ -67,6 +67,8 @@ pub struct BridgeStats {
     pub connections: u64,
     /// Readings held in memory while Qubitro's PUBACK is awaited (acknowledge-through).
     pub held: u64,
+    /// How long the oldest buffered reading has waited, in milliseconds (0: none).
+    pub oldest_buffered_ms: u64,
 }
 
 /// Where a device's uplink stands.

@@ -250,6 +250,12 @@ fn bridge(o: &mut Out, b: &BridgeStats, paused: u64) {
         b.buffered,
     );
     o.one(
+        "onboardd_bridge_oldest_buffered_age_seconds",
+        "gauge",
+        "How long the oldest buffered reading has waited for its uplink (0: none buffered).",
+        b.oldest_buffered_ms as f64 / 1000.0,
+    );
+    o.one(
         "onboardd_bridge_buffered_bytes",
         "gauge",
         "Bytes the buffered readings take in the store.",
