@@ -10,7 +10,8 @@
 //!
 //! One concern per file: `layout` (what lives where in the state directory, the
 //! move from the previous layout), `open` (open, recovery, lock retry), `commit`
-//! (group commit), `records` (sensor records and their indexes), `trees` (the side
+//! (group commit), `records` (sensor records and their indexes), `shortcut` (the
+//! compact credentials tree a re-announce reads), `trees` (the side
 //! trees other modules keep in the same database), `discovery` (discovery's state in
 //! its tree), `ignored` (forgotten discovered devices), `last_seen` (when each sensor
 //! was last heard from, written in batches), `census` (sensors per state, kept as
@@ -31,6 +32,7 @@ mod last_seen;
 mod layout;
 mod open;
 mod records;
+mod shortcut;
 mod trees;
 
 pub use census::STATES as SENSOR_STATES;
@@ -38,7 +40,7 @@ pub use discovery::{DiscoveryState, DiscoveryTree};
 pub use ignored::Ignored;
 pub use layout::{exists, moved_aside, ASIDE_PREFIX, DB_DIR};
 pub use open::OPEN_PANICKED;
-pub use records::Shortcut;
+pub use shortcut::Shortcut;
 pub use trees::{ReadingsTree, RETIRED_PREFIX};
 
 use commit::Flusher;
