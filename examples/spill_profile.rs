@@ -2,10 +2,11 @@
 //! bench's outage drives it, without brokers, counting the process's `write_bytes`
 //! (`/proc/self/io`, which the kernel counts per 4 KiB page dirtied) per phase.
 //!
-//! `cargo run --release --example spill_profile -- [SENSORS] [SECONDS] [PACE_MS]`
+//! `cargo run --release --example spill_profile -- [SENSORS] [SECONDS] [PACE_MS] [FLUSH_MS]`
 //! (defaults 100 sensors, 60 s, 0 ms: the rounds run back to back; 500 paces them
-//! like the daemon). Each sensor spills one reading per second of outage, one
-//! group commit per 500 ms worth of appends (the pacer's cadence), then every
+//! like the daemon; FLUSH_MS 500, a multiple of 500: `bridge.spill_flush_ms`). Each
+//! sensor spills one reading per second of outage, one group commit per FLUSH_MS
+//! worth of appends (the pacer's cadence), then every
 //! reading is read back in windows and removed one by one, as an uplink does per
 //! PUBACK, and the process waits for sled's own background work to settle.
 
@@ -40,6 +41,7 @@ async fn main() {
             .unwrap_or(d)
     };
     let (sensors, seconds, pace) = (arg(1, 100), arg(2, 60), arg(3, 0));
+    let rounds_per_flush = (arg(4, 500) / 500).max(1);
     let dir = tempfile::tempdir().expect("tempdir");
     let (store, _) = Store::open(&StoreConfig {
         path: dir.path().join("db").display().to_string(),
@@ -74,7 +76,9 @@ async fn main() {
             n += 1;
         }
         let w2 = write_bytes();
-        store.durable(seq).await.expect("durable");
+        if (round + 1) % rounds_per_flush == 0 || round + 1 == seconds * 2 {
+            store.durable(seq).await.expect("durable");
+        }
         let w3 = write_bytes();
         appends += w2 - w;
         flushes += w3 - w2;
@@ -108,7 +112,8 @@ async fn main() {
 
     let total = appends + flushes + outage_background + removes + drain_background + final_flush;
     let per = |b: u64| b as f64 / n as f64;
-    println!("{n} readings, {sensors} sensors, {} flushes", seconds * 2);
+    let flushes_n = (seconds * 2).div_ceil(rounds_per_flush);
+    println!("{n} readings, {sensors} sensors, {flushes_n} flushes");
     for (what, b) in [
         ("appends (inserts, not flushed)", appends),
         ("group-commit flushes", flushes),
