@@ -482,3 +482,109 @@ async fn a_chatty_sensor_past_the_bound_cannot_evict_a_quiet_sensors_reading_fro
     assert_eq!(f.buf.totals(), Totals::default());
     assert_eq!(f.keys(), (0, 0));
 }
+
+/// A small deterministic generator for the randomised test below (xorshift64).
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// Each sensor's readings in the buffer, read as the uplink reads them (in windows).
+fn contents(buf: &Buffer, sensor: &str) -> Vec<(u64, Vec<u8>)> {
+    let mut out: Vec<(u64, Vec<u8>)> = Vec::new();
+    loop {
+        let window = buf
+            .oldest(sensor, out.last().map(|r| r.0), 7)
+            .expect("read");
+        if window.is_empty() {
+            return out;
+        }
+        out.extend(window);
+    }
+}
+
+#[tokio::test]
+async fn under_any_mix_of_spills_forwards_flushes_and_reopens_readings_leave_only_from_the_front() {
+    const SENSORS: [&str; 4] = ["quiet", "chatty", "steady", "slow"];
+    let limits = Limits {
+        max_per_sensor: 40,
+        max_bytes: 900,
+    };
+    for seed in [1u64, 7, 42, 1234, 99_991] {
+        let mut rng = Rng(seed);
+        let mut f = fixture(limits);
+        // What the buffer must hold per sensor, oldest first: readings leave only
+        // from the front (forwarded, or dropped by a bound), or come back after a
+        // reopen (forwarded ones whose watermark was not written: at least once).
+        let mut model: Vec<Vec<(u64, Vec<u8>)>> = vec![Vec::new(); SENSORS.len()];
+        let quiet = f.buf.append("quiet", b"q").expect("append");
+        model[0].push((quiet.id, b"q".to_vec()));
+        let mut seq = quiet.seq;
+        for step in 0..1_500 {
+            match rng.below(10) {
+                0..=5 => {
+                    let s = 1 + rng.below(3) as usize;
+                    let len = if s == 1 {
+                        60
+                    } else {
+                        5 + rng.below(30) as usize
+                    };
+                    let payload = format!("{step:05}{}", "x".repeat(len)).into_bytes();
+                    let a = f.buf.append(SENSORS[s], &payload).expect("append");
+                    seq = a.seq;
+                    model[s].push((a.id, payload));
+                }
+                6 | 7 => {
+                    // The uplink forwards a prefix of what it read (never the quiet one's).
+                    let s = 1 + rng.below(3) as usize;
+                    let read = contents(&f.buf, SENSORS[s]);
+                    if !read.is_empty() {
+                        let upto = read[rng.below(read.len() as u64) as usize].0;
+                        f.buf.remove_through(SENSORS[s], upto).expect("remove");
+                        model[s].retain(|(id, _)| *id > upto);
+                    }
+                }
+                8 => f.store.durable(seq).await.expect("flushed"),
+                _ => {
+                    if rng.below(8) == 0 {
+                        f = f.reopen(limits).await;
+                        // A new store counts its writes from the start again.
+                        seq = 0;
+                    }
+                }
+            }
+            for (s, sensor) in SENSORS.iter().enumerate() {
+                let got = contents(&f.buf, sensor);
+                assert!(
+                    got.windows(2).all(|w| w[0].0 < w[1].0),
+                    "seed {seed}: order"
+                );
+                assert!(
+                    model[s].ends_with(&got) || got.ends_with(&model[s]),
+                    "seed {seed} step {step}: {sensor} lost a reading from the middle"
+                );
+                assert_eq!(got.len() as u64, f.buf.count(sensor), "seed {seed}: count");
+                model[s] = got;
+            }
+            assert_eq!(
+                model[0].len(),
+                1,
+                "seed {seed} step {step}: the quiet reading"
+            );
+            assert!(f.buf.totals().bytes <= limits.max_bytes);
+            // Twice the bound, plus the batch written at the last flush.
+            let bound = 2 * limits.max_bytes + 64 * 80;
+            assert!(
+                f.batch_bytes() <= bound,
+                "seed {seed}: {} B on disk",
+                f.batch_bytes()
+            );
+        }
+    }
+}
