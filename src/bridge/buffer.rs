@@ -1,22 +1,32 @@
-//! The durable store-and-forward buffer: readings of bridged sensors waiting for
-//! Qubitro's PUBACK, in sled, in the same database (and under the same flusher) as
-//! the onboarding records ([`Store::readings`]).
+//! The durable store-and-forward buffer: readings of bridged sensors that Qubitro
+//! could not take in time, in sled, in the same database (and under the same
+//! flusher) as the onboarding records ([`Store::spill`]).
 //!
-//! One tree; a key is `sensor id ‖ 0x00 ‖ id (u64, big endian)`, where the id comes
-//! from sled's generator, which only grows, also across a kill -9 (sled skips ahead
-//! on recovery). So a prefix scan of one sensor yields its readings in arrival order,
-//! and a restart continues after them. 0x00 never occurs in a sensor id, so one
-//! sensor's prefix never covers another's.
+//! The readings spilled between two flushes are held in memory and written as one
+//! value (a batch, [`super::spill_batch`]) just before the flush that makes them
+//! durable: a group commit of an outage writes one key, not one per reading, since
+//! sled rewrites a whole leaf every few changes to it. A reading Qubitro took is not
+//! removed from its batch: the sensor's watermark moves past it, and a batch goes
+//! once no sensor has a reading left in it or before it. The watermark is written
+//! when the sensor's buffer empties or every [`SAVE_EVERY`] removals; a crash loses
+//! at most the moves since then, and those readings are sent again (at least once).
 //!
-//! Memory does not grow with the buffer: RAM holds one small counter entry per
-//! sensor with buffered readings (count, bytes, oldest id) — rebuilt by one scan at
-//! open — and whatever batch the uplink reads. Past a bound
-//! (`bridge.max_buffered_messages` per sensor, `bridge.max_buffer_bytes` in total,
-//! counting each reading as stored: its key and its record, so that many small
-//! readings of a long sensor id cannot hold several times the bound) the oldest
-//! readings are dropped and counted: the oldest of that sensor for the first bound,
-//! for the second the oldest of the sensor holding the most bytes (one sensor cannot
-//! evict everyone else's readings).
+//! Memory does not grow with the buffer: RAM holds one small counter entry and one
+//! watermark per sensor with buffered readings (rebuilt by one scan at open), the
+//! batch not yet written (at most [`SEAL_BYTES`]) and whatever batch the uplink
+//! reads. Past a bound (`bridge.max_buffered_messages` per sensor,
+//! `bridge.max_buffer_bytes` in total, counting each reading as a key of its own
+//! and its record would take: its sensor id, 9 bytes and its payload, so that many
+//! small readings of a long sensor id cannot hold several times the bound) the
+//! oldest readings are dropped and counted: the oldest of that sensor for the first
+//! bound, for the second the oldest of the sensor holding the most bytes (one
+//! sensor cannot evict everyone else's readings). Those two bounds alone decide
+//! which readings are dropped. The batches on disk also hold readings that are
+//! gone (forwarded or dropped) while a slower sensor's older reading keeps their
+//! batch: once those exceed `bridge.max_buffer_bytes`, the oldest batches are
+//! rewritten with only the readings still buffered, which keep their ids, so the
+//! batches stay within twice the bound (plus the batch being gathered) and one
+//! stuck sensor keeps no gone reading on disk for ever.
 //!
 //! For the age of the oldest buffered reading (/metrics) RAM also keeps, per sensor,
 //! when its readings arrived, one mark per second at most and 64 at most (older marks
@@ -24,68 +34,36 @@
 //! never understated; readings found at open count from the open.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use crate::store::{ReadingsTree, Store, StoreError};
+use super::spill_batch as disk;
+use crate::store::{BeforeFlush, ReadingsTree, Store, StoreError};
+use tally::Tally;
+#[cfg(test)]
+use tally::MAX_MARKS;
 
-/// Per-sensor bookkeeping, kept in RAM (one entry per sensor with readings).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-struct Tally {
-    count: u64,
-    bytes: u64,
-    /// Id of the oldest buffered reading.
-    oldest: u64,
-    /// `(first id, when it arrived)`: the readings from that id on (up to the next
-    /// mark) arrived at or after that time. The front covers the oldest reading.
-    arrivals: VecDeque<(u64, Instant)>,
-}
+/// The batch not yet written goes to sled (not flushed) once it holds this many
+/// bytes, so memory stays small whatever the flush pace.
+const SEAL_BYTES: usize = 64 * 1024;
 
-/// Arrival marks kept per sensor before they are thinned out.
-const MAX_MARKS: usize = 64;
-/// Readings arriving within this of the last mark share it.
-const MARK_EVERY: Duration = Duration::from_secs(1);
+/// A batch gathered for longer goes to sled at the next append even if no flush
+/// asked for it, so that sled's own background flush (every second) covers spilled
+/// readings nobody waits for (QoS 0) within about two seconds.
+const SEAL_AGE: Duration = Duration::from_secs(1);
 
-impl Tally {
-    fn new(oldest: u64, now: Instant) -> Tally {
-        Tally {
-            oldest,
-            arrivals: VecDeque::from([(oldest, now)]),
-            ..Tally::default()
-        }
-    }
+/// Removals after which a sensor's watermark is written even though its buffer is
+/// not empty yet: what a crash can make the uplink send again.
+const SAVE_EVERY: u64 = 64;
 
-    /// Notes that reading `id` arrived `now`.
-    fn arrived(&mut self, id: u64, now: Instant) {
-        if self
-            .arrivals
-            .back()
-            .is_some_and(|(_, at)| now.saturating_duration_since(*at) < MARK_EVERY)
-        {
-            return;
-        }
-        self.arrivals.push_back((id, now));
-        if self.arrivals.len() > MAX_MARKS {
-            // Drop every other mark after the first: a dropped mark's readings fall
-            // under the earlier one, so the age can only be overstated.
-            let mut i = 0;
-            self.arrivals.retain(|_| {
-                i += 1;
-                i % 2 == 1
-            });
-        }
-    }
-
-    /// Drops the marks wholly before the oldest reading still buffered.
-    fn prune(&mut self) {
-        while self
-            .arrivals
-            .get(1)
-            .is_some_and(|(id, _)| *id <= self.oldest)
-        {
-            self.arrivals.pop_front();
-        }
-    }
+/// A sensor's watermark: its readings up to `through` are gone.
+#[derive(Debug, Clone, Copy)]
+struct Mark {
+    through: u64,
+    /// Moved since it was last written.
+    dirty: bool,
+    /// Some value of it is on disk (to remove once no batch needs it).
+    on_disk: bool,
 }
 
 /// Totals, for stats.
@@ -117,101 +95,259 @@ pub struct Limits {
 
 /// The buffer. One per daemon; share it behind an `Arc`.
 pub struct Buffer {
-    tree: ReadingsTree,
+    inner: Arc<Inner>,
+}
+
+/// What the store's flusher holds (weakly) to write the pending batch first.
+struct Inner {
+    store: Store,
     limits: Limits,
     /// Serialises mutations so the tallies match the tree; held only for a few
     /// sled operations, never across an await.
-    tallies: Mutex<Tallies>,
+    state: Mutex<State>,
 }
 
-/// The per-sensor tallies and their byte total (so an append does not sum them).
-#[derive(Default)]
-struct Tallies {
+struct State {
+    /// Replaced by a new, empty one each time the buffer drains (see `save`).
+    tree: ReadingsTree,
     per: HashMap<String, Tally>,
+    /// Sum of the tallies' bytes (so an append does not sum them).
     bytes: u64,
+    marks: HashMap<String, Mark>,
+    pending: Pending,
+    /// Bytes of the batches written: more than `bytes` once acknowledged readings
+    /// wait in a batch a slower sensor still needs, and bounded like it.
+    disk: u64,
 }
 
-/// The bytes one reading takes in the tree: its key and its record.
-fn stored(key_len: usize, record_len: usize) -> u64 {
-    (key_len + record_len) as u64
+/// The readings spilled since the last flush: the next batch.
+#[derive(Default)]
+struct Pending {
+    /// Its batch number, taken at its first reading.
+    no: Option<u64>,
+    /// When its first reading came.
+    since: Option<Instant>,
+    readings: Vec<(String, Vec<u8>)>,
+    bytes: usize,
 }
 
-fn key(sensor: &str, id: u64) -> Vec<u8> {
-    let mut k = Vec::with_capacity(sensor.len() + 9);
-    k.extend_from_slice(sensor.as_bytes());
-    k.push(0);
-    k.extend_from_slice(&id.to_be_bytes());
-    k
-}
-
-fn split_key(k: &[u8]) -> Option<(&str, u64)> {
-    let (head, tail) = k.split_at_checked(k.len().checked_sub(9)?)?;
-    if tail[0] != 0 {
-        return None;
-    }
-    let id = u64::from_be_bytes(tail[1..].try_into().ok()?);
-    Some((std::str::from_utf8(head).ok()?, id))
-}
-
-fn prefix(sensor: &str) -> Vec<u8> {
-    let mut p = sensor.as_bytes().to_vec();
-    p.push(0);
-    p
+/// The bytes one reading counts for in the bounds: the key and record it would
+/// take on its own (sensor id, a separator and a u64 id; the payload).
+fn stored(sensor: &str, payload_len: usize) -> u64 {
+    (sensor.len() + 9 + payload_len) as u64
 }
 
 impl Buffer {
     /// Opens the buffer in `store`'s database and counts what it holds (one scan).
     pub fn open(store: &Store, limits: Limits) -> Result<Buffer, StoreError> {
-        let tree = store.readings()?;
-        let mut tallies = Tallies::default();
+        let tree = store.spill()?;
+        disk::migrate(store, &tree)?;
         let opened = Instant::now();
-        for item in tree.tree.iter() {
+        let mut st = State {
+            tree,
+            per: HashMap::new(),
+            bytes: 0,
+            marks: HashMap::new(),
+            pending: Pending::default(),
+            disk: 0,
+        };
+        for item in st.tree.tree.range(disk::mark_key("")..) {
             let (k, v) = item?;
-            let Some((sensor, id)) = split_key(&k) else {
-                // Not ours (cannot happen short of corruption): leave it be.
+            let (Some(sensor), Ok(through)) = (disk::mark_sensor(&k), <[u8; 8]>::try_from(&*v))
+            else {
                 continue;
             };
-            let t = tallies
-                .per
-                .entry(sensor.to_string())
-                .or_insert_with(|| Tally::new(id, opened));
-            let size = stored(k.len(), v.len());
-            t.count += 1;
-            t.bytes += size;
-            t.oldest = t.oldest.min(id);
-            tallies.bytes += size;
+            let mark = Mark {
+                through: u64::from_be_bytes(through),
+                dirty: false,
+                on_disk: true,
+            };
+            st.marks.insert(sensor.to_string(), mark);
         }
-        for t in tallies.per.values_mut() {
+        let batches = st
+            .tree
+            .tree
+            .range(disk::batch_key(0)..=disk::batch_key(u64::MAX));
+        for item in batches {
+            let (k, v) = item?;
+            let Some(no) = disk::batch_no(&k) else {
+                continue;
+            };
+            st.disk += v.len() as u64;
+            for (id, sensor, payload) in disk::decode(no, &v) {
+                if st.marks.get(sensor).is_some_and(|m| id <= m.through) {
+                    continue;
+                }
+                st.count_in(sensor, id, stored(sensor, payload.len()), opened);
+            }
+        }
+        for t in st.per.values_mut() {
             t.arrivals = VecDeque::from([(t.oldest, opened)]);
         }
-        Ok(Buffer {
-            tree,
+        let inner = Arc::new(Inner {
+            store: store.clone(),
             limits: Limits {
                 max_per_sensor: limits.max_per_sensor.max(1),
                 max_bytes: limits.max_bytes.max(1),
             },
-            tallies: Mutex::new(tallies),
-        })
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Tallies> {
-        // A panic elsewhere while holding it leaves plain counters: still usable.
-        self.tallies.lock().unwrap_or_else(|e| e.into_inner())
+            state: Mutex::new(st),
+        });
+        let weak: Weak<dyn BeforeFlush> = Arc::downgrade(&inner) as Weak<dyn BeforeFlush>;
+        store.before_flush(weak);
+        Ok(Buffer { inner })
     }
 
     /// Appends a reading of `sensor`, dropping the oldest readings past a bound.
     /// Wait for `store.durable(appended.seq)` before acknowledging the reading.
     pub fn append(&self, sensor: &str, reading: &[u8]) -> Result<Appended, StoreError> {
-        let size = stored(prefix(sensor).len() + 8, reading.len());
-        let mut tallies = self.lock();
+        self.inner.append(sensor, reading)
+    }
+
+    /// Up to `n` readings of `sensor` in arrival order, starting after id `after`
+    /// (`None`: from the oldest). Only this batch is held in memory.
+    pub fn oldest(
+        &self,
+        sensor: &str,
+        after: Option<u64>,
+        n: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let st = self.inner.lock();
+        let Some(t) = st.per.get(sensor) else {
+            return Ok(Vec::new());
+        };
+        let from = match after {
+            Some(u64::MAX) => return Ok(Vec::new()),
+            Some(id) => (id + 1).max(t.oldest),
+            None => t.oldest,
+        };
+        let mut out = Vec::with_capacity(n.min(64));
+        if n > 0 {
+            self.inner.scan(&st, sensor, from, |id, payload| {
+                out.push((id, payload.to_vec()));
+                out.len() < n
+            })?;
+        }
+        Ok(out)
+    }
+
+    /// Removes the readings of `sensor` up to and including id `through` (after
+    /// Qubitro acknowledged them). Returns how many were removed; readings already
+    /// dropped by a bound are simply not there.
+    pub fn remove_through(&self, sensor: &str, through: u64) -> Result<u64, StoreError> {
+        let mut st = self.inner.lock();
+        let Some((oldest, newest, count, bytes)) = st
+            .per
+            .get(sensor)
+            .map(|t| (t.oldest, t.newest, t.count, t.bytes))
+        else {
+            return Ok(0);
+        };
+        if through < oldest {
+            return Ok(0);
+        }
+        if through >= newest {
+            self.inner
+                .gone(&mut st, sensor, newest, count, bytes, None)?;
+            return Ok(count);
+        }
+        let (mut n, mut bytes, mut last, mut next) = (0, 0, oldest, None);
+        self.inner.scan(&st, sensor, oldest, |id, payload| {
+            if id > through {
+                next = Some(id);
+                return false;
+            }
+            (n, bytes, last) = (n + 1, bytes + stored(sensor, payload.len()), id);
+            true
+        })?;
+        if n > 0 {
+            self.inner.gone(&mut st, sensor, last, n, bytes, next)?;
+        }
+        Ok(n)
+    }
+
+    /// Readings buffered for `sensor`.
+    pub fn count(&self, sensor: &str) -> u64 {
+        self.inner.lock().per.get(sensor).map_or(0, |t| t.count)
+    }
+
+    /// Sensors that have buffered readings.
+    pub fn sensors(&self) -> Vec<String> {
+        self.inner.lock().per.keys().cloned().collect()
+    }
+
+    pub fn totals(&self) -> Totals {
+        let st = self.inner.lock();
+        Totals {
+            readings: st.per.values().map(|t| t.count).sum(),
+            bytes: st.bytes,
+            sensors: st.per.len() as u64,
+        }
+    }
+
+    /// How long the oldest buffered reading (of any sensor) has waited; `None` when
+    /// nothing is buffered.
+    pub fn oldest_age(&self) -> Option<Duration> {
+        self.oldest_since().map(|since| since.elapsed())
+    }
+
+    /// When the oldest buffered reading (of any sensor) arrived, to a second.
+    fn oldest_since(&self) -> Option<Instant> {
+        let st = self.inner.lock();
+        st.per
+            .values()
+            .filter_map(|t| t.arrivals.front().map(|(_, at)| *at))
+            .min()
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+}
+
+impl Drop for Buffer {
+    /// What was spilled since the last flush goes to sled (not flushed), as each
+    /// reading did when it had a key of its own: a buffer opened for one change
+    /// (`devices forget` without the daemon) loses nothing when it goes.
+    fn drop(&mut self) {
+        let mut st = self.inner.lock();
+        if let Err(e) = self.inner.seal(&mut st) {
+            tracing::error!(error = %e, "bridge buffer: writing the spilled readings failed: {e}");
+        }
+    }
+}
+
+impl State {
+    /// Counts reading `id` of `sensor`, arrived `now`, in (the newest so far).
+    fn count_in(&mut self, sensor: &str, id: u64, size: u64, now: Instant) {
+        let t = self
+            .per
+            .entry(sensor.to_string())
+            .or_insert_with(|| Tally::new(id, now));
+        t.count += 1;
+        t.bytes += size;
+        t.newest = id;
+        t.arrived(id, now);
+        self.bytes += size;
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic elsewhere while holding it leaves plain counters: still usable.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn append(&self, sensor: &str, reading: &[u8]) -> Result<Appended, StoreError> {
+        let size = stored(sensor, reading.len());
+        let mut st = self.lock();
         let mut dropped = 0;
         // Room for this sensor.
-        while tallies
+        while st
             .per
             .get(sensor)
             .is_some_and(|t| t.count >= self.limits.max_per_sensor)
         {
-            if !self.drop_oldest(&mut tallies, sensor)? {
+            if !self.drop_oldest(&mut st, sensor)? {
                 break;
             }
             dropped += 1;
@@ -219,11 +355,8 @@ impl Buffer {
         // Room in total: the sensor holding the most loses its oldest first, so a
         // chatty sensor (or one whose device is refused) cannot evict everyone
         // else's readings.
-        loop {
-            if tallies.bytes + size <= self.limits.max_bytes {
-                break;
-            }
-            let Some(victim) = tallies
+        while st.bytes + size > self.limits.max_bytes {
+            let Some(victim) = st
                 .per
                 .iter()
                 .filter(|(_, t)| t.count > 0)
@@ -238,160 +371,181 @@ impl Buffer {
             else {
                 break;
             };
-            if !self.drop_oldest(&mut tallies, &victim)? {
+            if !self.drop_oldest(&mut st, &victim)? {
                 break;
             }
             dropped += 1;
         }
-        let id = self.tree.next_id()?;
-        self.tree.tree.insert(key(sensor, id), reading)?;
-        let now = Instant::now();
-        let t = tallies
+        // Room on disk: readings Qubitro took (or a bound dropped) stay in their
+        // batch while a slower sensor's older reading keeps it. Past the live
+        // readings plus `max_bytes` of such gone ones, the batches nothing needs go,
+        // then the oldest batches are rewritten without their gone readings. No
+        // reading is dropped for it: which readings stay is the two bounds above.
+        if st.disk > st.bytes.saturating_add(self.limits.max_bytes) {
+            self.save(&mut st)?;
+            let target = st.bytes.saturating_add(self.limits.max_bytes / 2);
+            if st.disk > target {
+                self.compact(&mut st, target)?;
+            }
+        }
+        let old = st.pending.since.is_some_and(|t| t.elapsed() >= SEAL_AGE);
+        if old || st.pending.readings.len() >= disk::MAX_READINGS {
+            self.seal(&mut st)?;
+        }
+        let no = match st.pending.no {
+            Some(no) => no,
+            None => {
+                let no = st.tree.next_id()?;
+                st.pending.since = Some(Instant::now());
+                *st.pending.no.insert(no)
+            }
+        };
+        let id = disk::reading_id(no, st.pending.readings.len());
+        st.pending.bytes += sensor.len() + reading.len() + 6;
+        st.pending
+            .readings
+            .push((sensor.to_string(), reading.to_vec()));
+        st.count_in(sensor, id, size, Instant::now());
+        // Taken while the reading is pending: a flush that covers `seq` asks for
+        // the pending batch first (`before_flush`).
+        let seq = st.tree.wrote();
+        if st.pending.bytes >= SEAL_BYTES {
+            self.seal(&mut st)?;
+        }
+        Ok(Appended { id, seq, dropped })
+    }
+
+    /// Writes the pending batch to sled (not flushed).
+    fn seal(&self, st: &mut State) -> Result<(), StoreError> {
+        let Some(no) = st.pending.no.take() else {
+            return Ok(());
+        };
+        st.pending.since = None;
+        let mut value = Vec::with_capacity(st.pending.bytes);
+        for (sensor, payload) in st.pending.readings.drain(..) {
+            // Readings removed while pending are written all the same: a
+            // reading's id is its position in the batch.
+            disk::encode(&mut value, &sensor, &payload);
+        }
+        st.pending.bytes = 0;
+        st.disk += value.len() as u64;
+        st.tree.tree.insert(disk::batch_key(no), value)?;
+        Ok(())
+    }
+
+    /// Calls `f` with `sensor`'s readings from id `from` on, in order, while it
+    /// returns true: the written batches, then the pending one.
+    fn scan(
+        &self,
+        st: &State,
+        sensor: &str,
+        from: u64,
+        mut f: impl FnMut(u64, &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        let mark = st.marks.get(sensor).map(|m| m.through);
+        let live = |id: u64| id >= from && mark.is_none_or(|m| id > m);
+        let last = st
             .per
-            .entry(sensor.to_string())
-            .or_insert_with(|| Tally::new(id, now));
-        t.count += 1;
-        t.bytes += size;
-        t.oldest = t.oldest.min(id);
-        t.arrived(id, now);
-        tallies.bytes += size;
-        Ok(Appended {
-            id,
-            seq: self.tree.wrote(),
-            dropped,
-        })
+            .get(sensor)
+            .map_or(u64::MAX, |t| disk::batch_of(t.newest));
+        let batches = disk::batch_key(disk::batch_of(from))..=disk::batch_key(last);
+        for item in st.tree.tree.range(batches) {
+            let (k, v) = item?;
+            let Some(no) = disk::batch_no(&k) else {
+                continue;
+            };
+            for (id, s, payload) in disk::decode(no, &v) {
+                if s == sensor && live(id) && !f(id, payload) {
+                    return Ok(());
+                }
+            }
+        }
+        if let Some(no) = st.pending.no.filter(|no| *no <= last) {
+            for (i, (s, payload)) in st.pending.readings.iter().enumerate() {
+                let id = disk::reading_id(no, i);
+                if s == sensor && live(id) && !f(id, payload) {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Removes the oldest reading of `sensor`; false when it has none.
-    fn drop_oldest(&self, tallies: &mut Tallies, sensor: &str) -> Result<bool, StoreError> {
-        let Some((k, v)) = self
-            .tree
-            .tree
-            .scan_prefix(prefix(sensor))
-            .next()
-            .transpose()?
-        else {
-            if let Some(t) = tallies.per.remove(sensor) {
-                tallies.bytes = tallies.bytes.saturating_sub(t.bytes);
-            }
+    fn drop_oldest(&self, st: &mut State, sensor: &str) -> Result<bool, StoreError> {
+        let Some((oldest, held)) = st.per.get(sensor).map(|t| (t.oldest, t.bytes)) else {
             return Ok(false);
         };
-        self.tree.tree.remove(&k)?;
-        self.tree.wrote();
-        self.forget(tallies, sensor, stored(k.len(), v.len()));
+        let mut first: Option<(u64, u64)> = None;
+        let mut next = None;
+        self.scan(st, sensor, oldest, |id, payload| match first {
+            None => {
+                first = Some((id, stored(sensor, payload.len())));
+                true
+            }
+            Some(_) => {
+                next = Some(id);
+                false
+            }
+        })?;
+        let Some((id, bytes)) = first else {
+            // Tallies out of step with the tree (cannot happen): start it over.
+            st.per.remove(sensor);
+            st.bytes = st.bytes.saturating_sub(held);
+            return Ok(false);
+        };
+        self.gone(st, sensor, id, 1, bytes, next)?;
         Ok(true)
     }
 
-    /// Updates the tally after one reading of `sensor` left the tree.
-    fn forget(&self, tallies: &mut Tallies, sensor: &str, bytes: u64) {
-        let Some(t) = tallies.per.get_mut(sensor) else {
-            return;
-        };
-        t.count = t.count.saturating_sub(1);
-        t.bytes = t.bytes.saturating_sub(bytes);
-        tallies.bytes = tallies.bytes.saturating_sub(bytes);
-        if t.count == 0 {
-            tallies.per.remove(sensor);
-            return;
-        }
-        // The new oldest: one key read.
-        if let Some(Ok((k, _))) = self.tree.tree.scan_prefix(prefix(sensor)).next() {
-            if let Some((_, id)) = split_key(&k) {
-                t.oldest = id;
-                t.prune();
-            }
-        }
-    }
-
-    /// Up to `n` readings of `sensor` in arrival order, starting after id `after`
-    /// (`None`: from the oldest). Only this batch is held in memory.
-    pub fn oldest(
+    /// `n` readings of `sensor` (`bytes` as stored) up to id `through` left the
+    /// buffer; `next` is the oldest one left.
+    fn gone(
         &self,
+        st: &mut State,
         sensor: &str,
-        after: Option<u64>,
-        n: usize,
-    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        let start = match after {
-            Some(id) if id == u64::MAX => return Ok(Vec::new()),
-            Some(id) => key(sensor, id + 1),
-            None => key(sensor, 0),
+        through: u64,
+        n: u64,
+        bytes: u64,
+        next: Option<u64>,
+    ) -> Result<(), StoreError> {
+        let mark = st.marks.entry(sensor.to_string()).or_insert(Mark {
+            through,
+            dirty: true,
+            on_disk: false,
+        });
+        if through > mark.through {
+            (mark.through, mark.dirty) = (through, true);
+        }
+        st.bytes = st.bytes.saturating_sub(bytes);
+        let Some(t) = st.per.get_mut(sensor) else {
+            return Ok(());
         };
-        let end = key(sensor, u64::MAX);
-        let mut out = Vec::with_capacity(n.min(64));
-        for item in self.tree.tree.range(start..=end).take(n) {
-            let (k, v) = item?;
-            if let Some((_, id)) = split_key(&k) {
-                out.push((id, v.to_vec()));
+        t.count = t.count.saturating_sub(n);
+        t.bytes = t.bytes.saturating_sub(bytes);
+        t.unsaved += n;
+        match next {
+            Some(next) if t.count > 0 => {
+                t.oldest = next;
+                t.prune();
+                if t.unsaved >= SAVE_EVERY {
+                    self.save(st)?;
+                }
+            }
+            _ => {
+                st.per.remove(sensor);
+                self.save(st)?;
             }
         }
-        Ok(out)
-    }
-
-    /// Removes the readings of `sensor` up to and including id `through` (after
-    /// Qubitro acknowledged them). Returns how many were removed; readings already
-    /// dropped by a bound are simply not there.
-    pub fn remove_through(&self, sensor: &str, through: u64) -> Result<u64, StoreError> {
-        let mut tallies = self.lock();
-        let keys: Vec<(sled::IVec, usize)> = self
-            .tree
-            .tree
-            .range(key(sensor, 0)..=key(sensor, through))
-            .map(|item| item.map(|(k, v)| (k, v.len())))
-            .collect::<Result<_, _>>()?;
-        let mut removed = 0;
-        for (k, len) in keys {
-            if self.tree.tree.remove(&k)?.is_some() {
-                removed += 1;
-                self.forget(&mut tallies, sensor, stored(k.len(), len));
-            }
-        }
-        if removed > 0 {
-            // Not waited for: a removal lost in a crash only means the reading
-            // is sent again (at least once), and the next flush covers it.
-            self.tree.wrote();
-        }
-        Ok(removed)
-    }
-
-    /// Readings buffered for `sensor`.
-    pub fn count(&self, sensor: &str) -> u64 {
-        self.lock().per.get(sensor).map_or(0, |t| t.count)
-    }
-
-    /// Sensors that have buffered readings.
-    pub fn sensors(&self) -> Vec<String> {
-        self.lock().per.keys().cloned().collect()
-    }
-
-    pub fn totals(&self) -> Totals {
-        let tallies = self.lock();
-        Totals {
-            readings: tallies.per.values().map(|t| t.count).sum(),
-            bytes: tallies.bytes,
-            sensors: tallies.per.len() as u64,
-        }
-    }
-
-    /// How long the oldest buffered reading (of any sensor) has waited; `None` when
-    /// nothing is buffered.
-    pub fn oldest_age(&self) -> Option<Duration> {
-        self.oldest_since().map(|since| since.elapsed())
-    }
-
-    /// When the oldest buffered reading (of any sensor) arrived, to a second.
-    fn oldest_since(&self) -> Option<Instant> {
-        let tallies = self.lock();
-        tallies
-            .per
-            .values()
-            .filter_map(|t| t.arrivals.front().map(|(_, at)| *at))
-            .min()
-    }
-
-    pub fn store(&self) -> &Store {
-        self.tree.store()
+        Ok(())
     }
 }
+
+#[path = "buffer_save.rs"]
+mod save;
+
+#[path = "buffer_tally.rs"]
+mod tally;
 
 #[cfg(test)]
 #[path = "buffer_tests.rs"]

@@ -8,7 +8,8 @@
 //! - [`held`]: readings held in memory while their uplink forwards them, and the
 //!   spill to the buffer when it cannot in time.
 //! - [`buffer`]: spilled readings waiting for Qubitro's PUBACK, in the store's sled
-//!   database under its one flusher (group commit).
+//!   database under its one flusher (group commit); `spill_batch`: its on-disk form,
+//!   one value per group commit and a watermark per sensor.
 //! - [`facade`]: [`Bridge`], what the rest of onboardd calls; [`status`]: what it answers.
 //! - `scheduler`: which devices get one of the `bridge.max_connections` uplinks.
 //! - [`uplink`]: one device's MQTT session to Qubitro's broker, under its own login;
@@ -25,6 +26,7 @@ pub mod held;
 pub mod rate;
 mod scheduler;
 mod shared;
+mod spill_batch;
 pub mod status;
 pub mod uplink;
 

@@ -2,12 +2,20 @@
 //! the writes that someone waits for durable, many at a time.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use super::{Store, StoreError};
+
+/// Writes a user of the database keeps in memory until a flush needs them (the
+/// bridge's spill buffer gathers a group commit's readings into one value): the
+/// flusher asks for them just before each flush, so whatever was written before
+/// the flush's sequence number is on disk after it.
+pub trait BeforeFlush: Send + Sync {
+    fn before_flush(&self) -> Result<(), StoreError>;
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct FlushState {
@@ -25,6 +33,8 @@ pub(super) struct Flusher {
     wanted: AtomicU64,
     state: watch::Sender<FlushState>,
     wake: Notify,
+    /// Asked before each flush; weak, so a dropped user simply falls out.
+    before: Mutex<Vec<Weak<dyn BeforeFlush>>>,
     /// Flushes done, for tests.
     #[cfg(test)]
     flushes: AtomicU64,
@@ -43,6 +53,7 @@ impl Flusher {
             wanted: AtomicU64::new(0),
             state,
             wake: Notify::new(),
+            before: Mutex::new(Vec::new()),
             #[cfg(test)]
             flushes: AtomicU64::new(0),
         });
@@ -52,7 +63,26 @@ impl Flusher {
     }
 }
 
+impl Flusher {
+    /// The users to ask before a flush (the gone ones dropped).
+    fn before(&self) -> Vec<Arc<dyn BeforeFlush>> {
+        let mut list = self.before.lock().unwrap_or_else(|e| e.into_inner());
+        list.retain(|w| w.strong_count() > 0);
+        list.iter().filter_map(Weak::upgrade).collect()
+    }
+}
+
 impl Store {
+    /// Asks `user` for its held-back writes before every flush from now on.
+    pub fn before_flush(&self, user: Weak<dyn BeforeFlush>) {
+        let mut list = self
+            .flusher
+            .before
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        list.push(user);
+    }
+
     pub(super) fn wrote(&self) -> u64 {
         self.flusher.written.fetch_add(1, Ordering::SeqCst) + 1
     }
@@ -135,7 +165,15 @@ async fn run_flusher(db: sled::Db, f: Arc<Flusher>, closer: CancellationToken) {
             // Everything written so far is covered by this flush, waited for or not.
             let target = f.written.load(Ordering::SeqCst);
             let db2 = db.clone();
-            let result = tokio::task::spawn_blocking(move || db2.flush()).await;
+            let before = f.before();
+            let result = tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+                for user in before {
+                    user.before_flush()?;
+                }
+                db2.flush()?;
+                Ok(())
+            })
+            .await;
             match result {
                 Ok(Ok(_)) => {
                     #[cfg(test)]

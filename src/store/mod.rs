@@ -36,6 +36,7 @@ mod shortcut;
 mod trees;
 
 pub use census::STATES as SENSOR_STATES;
+pub use commit::BeforeFlush;
 pub use discovery::{DiscoveryState, DiscoveryTree};
 pub use ignored::Ignored;
 pub use layout::{exists, moved_aside, ASIDE_PREFIX, DB_DIR};

@@ -16,8 +16,29 @@ pub struct ReadingsTree {
     store: Store,
 }
 
+const SPILL_TREE: &str = "bridge_spill";
+
 impl Store {
-    /// The bridge's reading buffer tree (created on first use).
+    /// The bridge's spill buffer tree (created on first use): readings gathered
+    /// into one value per group commit.
+    pub fn spill(&self) -> Result<ReadingsTree, StoreError> {
+        Ok(ReadingsTree {
+            tree: self.db.open_tree(SPILL_TREE)?,
+            store: self.clone(),
+        })
+    }
+
+    /// Drops the spill buffer tree and opens a new, empty one: freeing its pages
+    /// costs sled far less than removing big values one by one. Not flushed, like
+    /// any removal of forwarded readings.
+    pub fn spill_emptied(&self) -> Result<ReadingsTree, StoreError> {
+        self.db.drop_tree(SPILL_TREE)?;
+        self.wrote();
+        self.spill()
+    }
+
+    /// The reading buffer tree of earlier versions, one key per reading: read once
+    /// and emptied into [`Store::spill`] when the buffer opens.
     pub fn readings(&self) -> Result<ReadingsTree, StoreError> {
         Ok(ReadingsTree {
             tree: self.db.open_tree("bridge_readings")?,
