@@ -164,6 +164,11 @@ async fn run_flusher(db: sled::Db, f: Arc<Flusher>, closer: CancellationToken) {
             }
             // Everything written so far is covered by this flush, waited for or not.
             let target = f.written.load(Ordering::SeqCst);
+            if target <= f.state.borrow().flushed {
+                // A wait for a write not made yet: nothing new to flush, so wait for
+                // the next write's wake-up instead of flushing in a loop.
+                break;
+            }
             let db2 = db.clone();
             let before = f.before();
             let result = tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
@@ -199,6 +204,27 @@ async fn run_flusher(db: sled::Db, f: Arc<Flusher>, closer: CancellationToken) {
 mod tests {
     use super::super::test_support::{cfg, pending};
     use super::*;
+
+    #[tokio::test]
+    async fn a_wait_for_a_write_not_made_yet_makes_no_flush_until_it_is_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = Store::open(&cfg(dir.path())).unwrap();
+        let seq = s.insert_new("a", &pending()).unwrap().unwrap();
+        s.durable(seq).await.unwrap();
+        let before = s.flusher.flushes.load(Ordering::Relaxed);
+        let ahead = s.clone();
+        let early = tokio::spawn(async move { ahead.durable(seq + 1).await });
+        // The flusher gets the wake-up and the runtime's turns while no write comes.
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        assert_eq!(s.flusher.flushes.load(Ordering::Relaxed), before);
+        assert!(!early.is_finished());
+        s.insert_new("b", &pending()).unwrap().unwrap();
+        s.flush_all().await.unwrap();
+        early.await.unwrap().unwrap();
+    }
 
     #[tokio::test]
     async fn many_waiters_share_flushes() {
