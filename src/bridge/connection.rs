@@ -4,6 +4,9 @@
 
 use std::time::Duration;
 
+use std::collections::VecDeque;
+
+use rumqttc::v5::mqttbytes::v5::{DisconnectReasonCode, Packet, PubAckReason};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, ConnectionError, Event, MqttOptions};
 use rumqttc::Outgoing;
@@ -17,7 +20,46 @@ pub const WINDOW: usize = 16;
 pub(super) const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// The events of one connection's event loop, in the order rumqttc returned them.
-pub(super) type Events = mpsc::UnboundedReceiver<Result<Event, ConnectionError>>;
+pub(super) type Events = mpsc::UnboundedReceiver<Ev>;
+
+/// What a session reads of one event of its event loop. rumqttc's `Event` can hold
+/// any packet with all its properties (hundreds of bytes), and the channel to the
+/// session allocates its slots 32 at a time per connection: with 100 uplinks
+/// connected that was over a MiB for events that are mostly a packet id.
+#[derive(Debug)]
+pub(super) enum Ev {
+    /// The broker accepted the login.
+    ConnAck,
+    /// A publish went out with this packet id (`Outgoing::Publish`).
+    Sent(u16),
+    /// A publish was held back on a packet-id collision (`Outgoing::AwaitAck`).
+    Collided(u16),
+    /// The broker acknowledged this packet id.
+    PubAck(u16, PubAckReason),
+    /// The broker sent DISCONNECT.
+    Disconnected(DisconnectReasonCode),
+    /// Our DISCONNECT went out.
+    DisconnectSent,
+    /// Anything the session ignores (pings, SUBACKs, …).
+    Other,
+    /// The event loop failed; boxed, since it is rare and large.
+    Failed(Box<ConnectionError>),
+}
+
+impl From<Result<Event, ConnectionError>> for Ev {
+    fn from(ev: Result<Event, ConnectionError>) -> Ev {
+        match ev {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => Ev::ConnAck,
+            Ok(Event::Incoming(Packet::PubAck(a))) => Ev::PubAck(a.pkid, a.reason),
+            Ok(Event::Incoming(Packet::Disconnect(d))) => Ev::Disconnected(d.reason_code),
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => Ev::Sent(pkid),
+            Ok(Event::Outgoing(Outgoing::AwaitAck(pkid))) => Ev::Collided(pkid),
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => Ev::DisconnectSent,
+            Ok(_) => Ev::Other,
+            Err(e) => Ev::Failed(Box::new(e)),
+        }
+    }
+}
 
 /// What a session asks of its MQTT client; rumqttc's [`AsyncClient`] in the daemon,
 /// a recording fake in the unit tests. Neither call may wait: the session task
@@ -52,11 +94,14 @@ pub(super) type Connect =
 /// error, and the event loop (with anything it still holds) is dropped with it.
 pub(super) fn rumqttc_connect(opts: MqttOptions) -> (Box<dyn UplinkClient + Send + Sync>, Events) {
     let (client, mut eventloop) = AsyncClient::new(opts, WINDOW * 2 + 8);
+    // rumqttc makes room for 100 events of a few hundred bytes each per connection;
+    // a session never has more than its window (plus a ping) queued there.
+    eventloop.state.events = VecDeque::with_capacity(WINDOW + 4);
     let (tx, rx) = mpsc::unbounded_channel();
     let poller = tokio::spawn(async move {
         loop {
-            let ev = eventloop.poll().await;
-            let failed = ev.is_err();
+            let ev = Ev::from(eventloop.poll().await);
+            let failed = matches!(ev, Ev::Failed(_));
             if tx.send(ev).is_err() || failed {
                 return;
             }
@@ -82,9 +127,8 @@ pub(super) async fn close(client: &(impl UplinkClient + ?Sized), rx: &mut Events
     }
     let _ = tokio::time::timeout(CLOSE_GRACE, async {
         while let Some(ev) = rx.recv().await {
-            match ev {
-                Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => return,
-                Ok(_) => {}
+            if matches!(ev, Ev::DisconnectSent | Ev::Failed(_)) {
+                return;
             }
         }
     })

@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{Connect, DeviceTask, End, UplinkClient, DRAIN, READING_REFUSALS_MAX};
+use super::{Connect, DeviceTask, End, Ev, UplinkClient, DRAIN, READING_REFUSALS_MAX};
 use crate::bridge::{Bridge, DeviceState};
 use crate::config::{Config, Secret};
 use crate::store::Store;
@@ -32,14 +32,14 @@ impl UplinkClient for Recorder {
 /// One connection the uplink opened, as the scripted broker sees it.
 struct Opened {
     at: Instant,
-    events: mpsc::UnboundedSender<Result<Event, ConnectionError>>,
+    events: mpsc::UnboundedSender<Ev>,
     published: mpsc::UnboundedReceiver<Vec<u8>>,
 }
 
 impl Opened {
     fn play(&self, ev: Event) {
         // The session may have ended already; then nobody listens, as with rumqttc.
-        let _ = self.events.send(Ok(ev));
+        let _ = self.events.send(Ok(ev).into());
     }
 
     fn accept_login(&self) {
@@ -281,7 +281,7 @@ async fn a_held_reading_is_settled_by_qubitros_puback_and_one_out_when_the_conne
 
     // The connection drops with the second one out: spilled, and sent first next time.
     let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
-    let _ = c.events.send(Err(ConnectionError::Io(reset)));
+    let _ = c.events.send(Err(ConnectionError::Io(reset)).into());
     let settled = second.ticket.settle().await.expect("settled");
     assert!(
         matches!(settled, crate::bridge::Settled::Spilled(_)),
