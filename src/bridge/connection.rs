@@ -8,13 +8,26 @@ use std::collections::VecDeque;
 
 use rumqttc::v5::mqttbytes::v5::{DisconnectReasonCode, Packet, PubAckReason};
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, ConnectionError, Event, MqttOptions};
+use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions};
 use rumqttc::Outgoing;
 use tokio::sync::mpsc;
 
-/// Readings outstanding (sent, not yet acknowledged) per connection. Below
-/// mosquitto's default in-flight limit of 20, so no packet-id collision can occur.
+/// Readings outstanding (sent, not yet acknowledged) per connection when the
+/// broker's CONNACK states no Receive Maximum; also the room reserved up front.
 pub const WINDOW: usize = 16;
+/// The most readings one connection keeps outstanding, whatever Receive Maximum the
+/// broker allows: rumqttc preallocates a slot per in-flight publish and connection.
+pub const MAX_WINDOW: usize = 32;
+
+/// Readings a connection keeps outstanding, from the Receive Maximum in the
+/// broker's CONNACK (MQTT 5 §3.2.2.3.3; absent means 65 535), capped at
+/// [`MAX_WINDOW`]. rumqttc's own in-flight limit becomes the same number (the
+/// smaller of the Receive Maximum and `MAX_WINDOW`), and it hands out packet ids
+/// 1..=limit in turn: with never more than that many outstanding, acknowledged in
+/// order, the id a publish gets was acknowledged before, so no collision occurs.
+pub(super) fn window_for(receive_maximum: Option<u16>) -> usize {
+    receive_maximum.map_or(MAX_WINDOW, |r| usize::from(r).clamp(1, MAX_WINDOW))
+}
 
 /// How long a closing connection waits for its DISCONNECT to go out.
 pub(super) const CLOSE_GRACE: Duration = Duration::from_secs(1);
@@ -28,8 +41,8 @@ pub(super) type Events = mpsc::UnboundedReceiver<Ev>;
 /// connected that was over a MiB for events that are mostly a packet id.
 #[derive(Debug)]
 pub(super) enum Ev {
-    /// The broker accepted the login.
-    ConnAck,
+    /// The broker accepted the login, with the Receive Maximum it stated.
+    ConnAck(Option<u16>),
     /// A publish went out with this packet id (`Outgoing::Publish`).
     Sent(u16),
     /// A publish was held back on a packet-id collision (`Outgoing::AwaitAck`).
@@ -49,7 +62,9 @@ pub(super) enum Ev {
 impl From<Result<Event, ConnectionError>> for Ev {
     fn from(ev: Result<Event, ConnectionError>) -> Ev {
         match ev {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => Ev::ConnAck,
+            Ok(Event::Incoming(Packet::ConnAck(c))) => {
+                Ev::ConnAck(c.properties.and_then(|p| p.receive_max))
+            }
             Ok(Event::Incoming(Packet::PubAck(a))) => Ev::PubAck(a.pkid, a.reason),
             Ok(Event::Incoming(Packet::Disconnect(d))) => Ev::Disconnected(d.reason_code),
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) => Ev::Sent(pkid),
@@ -93,10 +108,7 @@ pub(super) type Connect =
 /// of its own that never awaits a client call (rumqtt#263). It ends at the first
 /// error, and the event loop (with anything it still holds) is dropped with it.
 pub(super) fn rumqttc_connect(opts: MqttOptions) -> (Box<dyn UplinkClient + Send + Sync>, Events) {
-    let (client, mut eventloop) = AsyncClient::new(opts, WINDOW * 2 + 8);
-    // rumqttc makes room for 100 events of a few hundred bytes each per connection;
-    // a session never has more than its window (plus a ping) queued there.
-    eventloop.state.events = VecDeque::with_capacity(WINDOW + 4);
+    let (client, mut eventloop) = event_loop(opts);
     let (tx, rx) = mpsc::unbounded_channel();
     let poller = tokio::spawn(async move {
         loop {
@@ -112,6 +124,15 @@ pub(super) fn rumqttc_connect(opts: MqttOptions) -> (Box<dyn UplinkClient + Send
         _poller: AbortOnDrop(poller),
     };
     (Box::new(client), rx)
+}
+
+/// A rumqttc client and its event loop, sized for one uplink.
+fn event_loop(opts: MqttOptions) -> (AsyncClient, EventLoop) {
+    let (client, mut eventloop) = AsyncClient::new(opts, MAX_WINDOW * 2 + 8);
+    // rumqttc makes room for 100 events of a few hundred bytes each per connection;
+    // a session never has more than its window (plus a ping) queued there.
+    eventloop.state.events = VecDeque::with_capacity(WINDOW + 4);
+    (client, eventloop)
 }
 
 /// A rumqttc client and its poll task, which ends with the session.
@@ -141,5 +162,38 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_uplinks_event_loop_reserves_room_for_its_window_not_for_a_hundred_events() {
+        let (_client, eventloop) = event_loop(MqttOptions::new("dev", "localhost", 1));
+        let room = eventloop.state.events.capacity();
+        assert!(
+            (WINDOW..=2 * WINDOW).contains(&room),
+            "room for {room} events"
+        );
+    }
+
+    #[test]
+    fn the_session_is_handed_a_packet_id_and_a_reason_not_rumqttcs_whole_event() {
+        let ours = std::mem::size_of::<Ev>();
+        let theirs = std::mem::size_of::<Result<Event, ConnectionError>>();
+        println!("an event: {ours} B here, {theirs} B as rumqttc returns it");
+        assert!(ours <= 16, "{ours} B");
+        let ack = rumqttc::v5::mqttbytes::v5::PubAck {
+            pkid: 7,
+            reason: PubAckReason::NoMatchingSubscribers,
+            properties: None,
+        };
+        let ev = Ev::from(Ok(Event::Incoming(Packet::PubAck(ack))));
+        assert!(matches!(
+            ev,
+            Ev::PubAck(7, PubAckReason::NoMatchingSubscribers)
+        ));
     }
 }

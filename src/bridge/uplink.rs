@@ -8,8 +8,9 @@
 //! itself would retry at once, rumqtt#703).
 //!
 //! Which PUBACK is which: rumqttc does not say which packet id it gave a publish. A
-//! connection keeps at most [`WINDOW`] readings outstanding, below the broker's
-//! in-flight limit, so rumqttc never has to hold one back on a packet-id collision;
+//! connection keeps at most as many readings outstanding as the broker's Receive
+//! Maximum allows (capped at [`MAX_WINDOW`]; [`window_for`]), the same number rumqttc
+//! limits itself to, so it never has to hold one back on a packet-id collision;
 //! every publish request yields one `Outgoing::Publish(pkid)` in request order, and
 //! the broker acknowledges QoS 1 publishes in the order it received them (MQTT 5
 //! §4.6). So the outstanding readings form a queue whose front is the next PUBACK;
@@ -61,7 +62,8 @@ use super::uplink_errors::{classify, humantime, SessionEnd, TAKEOVER_SUSPECT};
 use crate::config::Secret;
 use crate::store::StoreError;
 
-pub use super::connection::WINDOW;
+use super::connection::window_for;
+pub use super::connection::{MAX_WINDOW, WINDOW};
 
 /// How long a connection asked to close (its turn is over, the daemon stops) waits
 /// for the PUBACKs of readings already sent. Closing with readings in flight would
@@ -245,7 +247,7 @@ impl DeviceTask {
         opts.set_keep_alive(s.keep_alive);
         opts.set_connection_timeout(s.connect_timeout_s);
         // Room for our window; rumqttc preallocates one slot per in-flight publish.
-        opts.set_outgoing_inflight_upper_limit(WINDOW as u16 + 4);
+        opts.set_outgoing_inflight_upper_limit(MAX_WINDOW as u16);
         opts.set_max_packet_size(Some(64 * 1024));
         let mut net = rumqttc::NetworkOptions::new();
         // Nagle would hold every small reading back ~40 ms behind the previous one.
@@ -303,6 +305,8 @@ impl DeviceTask {
         let idle = self.inner.settings.idle;
         let mut connected = false;
         let mut connected_at: Option<Instant> = None;
+        // Set from the CONNACK's Receive Maximum.
+        let mut window = WINDOW;
         // Requested from rumqttc, no packet id seen yet (request order).
         let mut requested: VecDeque<Src> = VecDeque::new();
         // Sent, waiting for their PUBACK (send order = ack order).
@@ -325,12 +329,12 @@ impl DeviceTask {
                 close(client, rx).await;
                 return SessionEnd::Closed;
             }
-            if connected && draining.is_none() && outstanding < WINDOW {
+            if connected && draining.is_none() && outstanding < window {
                 let held_out = requested
                     .iter()
                     .chain(inflight.iter().map(|(_, s)| s))
                     .any(Src::is_held);
-                let batch = match self.next_batch(last_sent, held_out, WINDOW - outstanding) {
+                let batch = match self.next_batch(last_sent, held_out, window - outstanding) {
                     Ok(b) => b,
                     Err(e) => {
                         tracing::error!(error = %e, "bridge buffer unreadable: {e}");
@@ -385,8 +389,9 @@ impl DeviceTask {
                 return lost("the event loop task ended".into(), connected);
             };
             match ev {
-                Ev::ConnAck => {
+                Ev::ConnAck(receive_maximum) => {
                     connected = true;
+                    window = window_for(receive_maximum);
                     connected_at = Some(Instant::now());
                     idle_deadline = Instant::now() + idle;
                     self.inner.set_state(&self.sensor, DeviceState::Connected);
