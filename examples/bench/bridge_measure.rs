@@ -136,7 +136,7 @@ impl Measuring<'_> {
             },
         );
         self.latency(qos0).await?;
-        if ut.bridge != Bridge::Onboardd && !sz.mosquitto_writes {
+        if sz.rates_only || (ut.bridge != Bridge::Onboardd && !sz.mosquitto_writes) {
             return Ok(());
         }
         self.bytes_written(qos0).await
@@ -354,7 +354,9 @@ pub(crate) async fn measure_all(
         m.measure(qos0).await?;
     }
     // Without persistence an outage costs mosquitto no write: nothing to compare.
-    if ut.bridge == Bridge::MosquittoOff || (ut.bridge != Bridge::Onboardd && !sz.mosquitto_writes)
+    if sz.rates_only
+        || ut.bridge == Bridge::MosquittoOff
+        || (ut.bridge != Bridge::Onboardd && !sz.mosquitto_writes)
     {
         return Ok(());
     }

@@ -113,6 +113,11 @@ pub(crate) struct Args {
     /// cost, without the other bridge phases or the mosquitto bridges.
     #[arg(long)]
     pub(crate) outage_only: bool,
+    /// Run only the bridge's readings/s, latency and RSS, onboardd's and a mosquitto
+    /// bridge's without persistence side by side: no bytes written, no outages, no store
+    /// of known sensors (a few minutes; for profiling those three misses).
+    #[arg(long)]
+    pub(crate) rates_only: bool,
     /// Internal: run as the echo client against the broker on this port.
     #[arg(long, hide = true)]
     pub(crate) echo_port: Option<u16>,
@@ -182,6 +187,7 @@ pub(crate) fn bin_dir(args: &Args) -> Result<PathBuf> {
 pub(crate) async fn bench(args: &Args, rep: &mut Report) -> Result<()> {
     let mut sz = Sizes::new(args.quick);
     sz.outage_only = args.outage_only;
+    sz.rates_only = args.rates_only;
     let bins = bin_dir(args)?;
     let work_dir = tempfile::Builder::new()
         .prefix("onboardd-bench-")
@@ -218,7 +224,7 @@ pub(crate) async fn bench(args: &Args, rep: &mut Report) -> Result<()> {
     };
 
     let mut grown = None;
-    if !args.bridge_only && !args.outage_only {
+    if !args.bridge_only && !args.outage_only && !args.rates_only {
         let (a, ready_empty, ready_known) = new_devices_on_a_fresh_store(&env, rep, &ids.a).await?;
         let known = known_sensors_re_announce(&env, rep, &sz, a, &ids.a).await?;
         let echo = the_brokers_own_limit(&env, &known).await?;
@@ -234,7 +240,9 @@ pub(crate) async fn bench(args: &Args, rep: &mut Report) -> Result<()> {
     }
     let mut br = bridged_devices_onboarded(&env, rep, &sz).await?;
     onboardd_bridge(&env, rep, &sz, &mut br).await?;
-    if !args.outage_only {
+    if args.rates_only {
+        mosquitto_bridge(&env, rep, &sz, &mut br, Bridge::MosquittoOff).await?;
+    } else if !args.outage_only {
         for b in [Bridge::MosquittoOff, Bridge::MosquittoOn] {
             mosquitto_bridge(&env, rep, &sz, &mut br, b).await?;
         }

@@ -47,6 +47,8 @@ pub(crate) struct Sizes {
     pub(crate) mosquitto_writes: bool,
     /// `--outage-only`: onboardd's outages and nothing else of the bridge.
     pub(crate) outage_only: bool,
+    /// `--rates-only`: readings/s, latency and RSS, no bytes written and no outages.
+    pub(crate) rates_only: bool,
 }
 
 impl Sizes {
@@ -74,6 +76,7 @@ impl Sizes {
                 busy_rounds: 20,
                 mosquitto_writes: false,
                 outage_only: false,
+                rates_only: false,
             }
         } else {
             Sizes {
@@ -98,6 +101,7 @@ impl Sizes {
                 busy_rounds: 500,
                 mosquitto_writes: true,
                 outage_only: false,
+                rates_only: false,
             }
         }
     }

@@ -13,7 +13,8 @@
 //! - [`facade`]: [`Bridge`], what the rest of onboardd calls; [`status`]: what it answers.
 //! - `scheduler`: which devices get one of the `bridge.max_connections` uplinks.
 //! - [`uplink`]: one device's MQTT session to Qubitro's broker, under its own login;
-//!   `connection`: the rumqttc client and event-loop task under it.
+//!   `connection`: the rumqttc client and event-loop task under it; `uplink_errors`:
+//!   how a session ended (refused, taken over, lost).
 //! - `shared`: the device table and counters the three above share.
 //!
 //! [`DataTopic`] maps the data topic pattern to the local subscription and back.
@@ -29,6 +30,7 @@ mod shared;
 mod spill_batch;
 pub mod status;
 pub mod uplink;
+mod uplink_errors;
 
 pub use facade::Bridge;
 pub use held::{Settled, Ticket};

@@ -8,8 +8,9 @@
 //! itself would retry at once, rumqtt#703).
 //!
 //! Which PUBACK is which: rumqttc does not say which packet id it gave a publish. A
-//! connection keeps at most [`WINDOW`] readings outstanding, below the broker's
-//! in-flight limit, so rumqttc never has to hold one back on a packet-id collision;
+//! connection keeps at most as many readings outstanding as the broker's Receive
+//! Maximum allows (capped at [`MAX_WINDOW`]; [`window_for`]), the same number rumqttc
+//! limits itself to, so it never has to hold one back on a packet-id collision;
 //! every publish request yields one `Outgoing::Publish(pkid)` in request order, and
 //! the broker acknowledges QoS 1 publishes in the order it received them (MQTT 5
 //! §4.6). So the outstanding readings form a queue whose front is the next PUBACK;
@@ -46,28 +47,24 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, DisconnectReasonCode, Packet, PubAckReason};
-use rumqttc::v5::{ConnectionError, Event, MqttOptions, StateError};
-use rumqttc::Outgoing;
+use rumqttc::v5::mqttbytes::v5::{DisconnectReasonCode, PubAckReason};
+use rumqttc::v5::MqttOptions;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::connection::{close, Events};
+use super::connection::{close, Ev, Events};
 pub(super) use super::connection::{rumqttc_connect, Connect, UplinkClient, CLOSE_GRACE};
 use super::held::Held;
 use super::shared::{lock, Inner};
 use super::status::DeviceState;
+use super::uplink_errors::{classify, humantime, SessionEnd, TAKEOVER_SUSPECT};
 use crate::config::Secret;
 use crate::store::StoreError;
 
-pub use super::connection::WINDOW;
+use super::connection::window_for;
+pub use super::connection::{MAX_WINDOW, WINDOW};
 
-/// A connection the broker closes without a word this soon after accepting the
-/// login counts as a takeover too: mosquitto 2.0 closes a taken-over connection
-/// without the DISCONNECT 0x8E it queues for it (seen with 2.0.11), and other
-/// brokers may do the same.
-const TAKEOVER_SUSPECT: Duration = Duration::from_secs(10);
 /// How long a connection asked to close (its turn is over, the daemon stops) waits
 /// for the PUBACKs of readings already sent. Closing with readings in flight would
 /// send them again on the next connection: Qubitro would hold them twice.
@@ -87,27 +84,6 @@ pub(super) enum End {
     Closed,
     /// Refused by Qubitro: retried at this time unless resumed earlier.
     Paused(Instant),
-}
-
-/// How one connection (one rumqttc event loop) ended.
-enum SessionEnd {
-    Idle,
-    Closed,
-    /// Qubitro refused the login or the topic: pause the device.
-    Refused(String),
-    /// Qubitro answered reading `id` with a non-success PUBACK: reconnect after a
-    /// growing backoff; the reading is dropped after [`READING_REFUSALS_MAX`].
-    ReadingRefused {
-        id: u64,
-        reason: String,
-    },
-    /// Anything else: reconnect after a backoff.
-    Lost {
-        error: String,
-        /// The broker had accepted the login (reset the backoff).
-        connected: bool,
-        takeover: bool,
-    },
 }
 
 pub(super) struct DeviceTask {
@@ -271,7 +247,7 @@ impl DeviceTask {
         opts.set_keep_alive(s.keep_alive);
         opts.set_connection_timeout(s.connect_timeout_s);
         // Room for our window; rumqttc preallocates one slot per in-flight publish.
-        opts.set_outgoing_inflight_upper_limit(WINDOW as u16 + 4);
+        opts.set_outgoing_inflight_upper_limit(MAX_WINDOW as u16);
         opts.set_max_packet_size(Some(64 * 1024));
         let mut net = rumqttc::NetworkOptions::new();
         // Nagle would hold every small reading back ~40 ms behind the previous one.
@@ -329,6 +305,8 @@ impl DeviceTask {
         let idle = self.inner.settings.idle;
         let mut connected = false;
         let mut connected_at: Option<Instant> = None;
+        // Set from the CONNACK's Receive Maximum.
+        let mut window = WINDOW;
         // Requested from rumqttc, no packet id seen yet (request order).
         let mut requested: VecDeque<Src> = VecDeque::new();
         // Sent, waiting for their PUBACK (send order = ack order).
@@ -351,12 +329,12 @@ impl DeviceTask {
                 close(client, rx).await;
                 return SessionEnd::Closed;
             }
-            if connected && draining.is_none() && outstanding < WINDOW {
+            if connected && draining.is_none() && outstanding < window {
                 let held_out = requested
                     .iter()
                     .chain(inflight.iter().map(|(_, s)| s))
                     .any(Src::is_held);
-                let batch = match self.next_batch(last_sent, held_out, WINDOW - outstanding) {
+                let batch = match self.next_batch(last_sent, held_out, window - outstanding) {
                     Ok(b) => b,
                     Err(e) => {
                         tracing::error!(error = %e, "bridge buffer unreadable: {e}");
@@ -411,39 +389,40 @@ impl DeviceTask {
                 return lost("the event loop task ended".into(), connected);
             };
             match ev {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                Ev::ConnAck(receive_maximum) => {
                     connected = true;
+                    window = window_for(receive_maximum);
                     connected_at = Some(Instant::now());
                     idle_deadline = Instant::now() + idle;
                     self.inner.set_state(&self.sensor, DeviceState::Connected);
                     self.inner.set_live(&self.sensor, true);
                     tracing::debug!(sensor_id = %self.sensor, device_id = %self.device_id, "bridge: uplink connected");
                 }
-                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                Ev::Sent(pkid) => {
                     if let Some(src) = requested.pop_front() {
                         inflight.push_back((pkid, src));
                     }
                 }
-                Ok(Event::Outgoing(Outgoing::AwaitAck(pkid))) => {
+                Ev::Collided(pkid) => {
                     return lost(
                         format!("packet id {pkid} collided; starting over from the buffer"),
                         true,
                     );
                 }
-                Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                Ev::PubAck(ack_pkid, reason) => {
                     let Some((pkid, _)) = inflight.front() else {
-                        return lost(format!("PUBACK {} for nothing sent", ack.pkid), true);
+                        return lost(format!("PUBACK {} for nothing sent", ack_pkid), true);
                     };
-                    if *pkid != ack.pkid {
+                    if *pkid != ack_pkid {
                         return lost(
-                            format!("PUBACK {} out of order (expected {pkid})", ack.pkid),
+                            format!("PUBACK {} out of order (expected {pkid})", ack_pkid),
                             true,
                         );
                     }
                     let Some((_, src)) = inflight.pop_front() else {
                         continue;
                     };
-                    match ack.reason {
+                    match reason {
                         PubAckReason::Success | PubAckReason::NoMatchingSubscribers => {
                             if let Err(e) = self.taken(&src) {
                                 tracing::error!(error = %e, "bridge buffer: {e}");
@@ -470,8 +449,8 @@ impl DeviceTask {
                             let n =
                                 self.inner.dropped.fetch_add(removed, Ordering::Relaxed) + removed;
                             tracing::warn!(
-                                sensor_id = %self.sensor, device_id = %self.device_id, reason = ?ack.reason, dropped = n,
-                                "bridge: Qubitro refused a reading ({:?}); dropped", ack.reason
+                                sensor_id = %self.sensor, device_id = %self.device_id, reason = ?reason, dropped = n,
+                                "bridge: Qubitro refused a reading ({reason:?}); dropped"
                             );
                         }
                         // Unspecified (0x80), implementation specific (0x83), quota
@@ -489,17 +468,17 @@ impl DeviceTask {
                         }
                     }
                 }
-                Ok(Event::Incoming(Packet::Disconnect(d))) => {
+                Ev::Disconnected(code) => {
                     return SessionEnd::Lost {
-                        error: format!("disconnected by the broker: {:?}", d.reason_code),
+                        error: format!("disconnected by the broker: {code:?}"),
                         connected: true,
-                        takeover: d.reason_code == DisconnectReasonCode::SessionTakenOver,
+                        takeover: code == DisconnectReasonCode::SessionTakenOver,
                     };
                 }
-                Ok(_) => {}
-                Err(e) => {
+                Ev::Other | Ev::DisconnectSent => {}
+                Ev::Failed(e) => {
                     let soon = connected_at.is_some_and(|t| t.elapsed() < TAKEOVER_SUSPECT);
-                    return classify(e, connected, soon);
+                    return classify(*e, connected, soon);
                 }
             }
         }
@@ -540,73 +519,6 @@ impl Src {
             Src::Buffered(id) => Some(*id),
             Src::Held(_) => None,
         }
-    }
-}
-
-/// A wait as the log lines say it: "750 ms", "4 s", "2 min".
-fn humantime(d: Duration) -> String {
-    match d.as_secs() {
-        0 => format!("{} ms", d.as_millis()),
-        s @ 1..=119 => format!("{s} s"),
-        s => format!("{} min", s / 60),
-    }
-}
-
-/// `soon`: the broker accepted the login less than [`TAKEOVER_SUSPECT`] ago.
-fn classify(e: ConnectionError, connected: bool, soon: bool) -> SessionEnd {
-    let closed_without_a_word = match &e {
-        ConnectionError::MqttState(StateError::ConnectionAborted) => true,
-        ConnectionError::MqttState(StateError::Io(io)) | ConnectionError::Io(io) => matches!(
-            io.kind(),
-            std::io::ErrorKind::ConnectionReset
-                | std::io::ErrorKind::UnexpectedEof
-                | std::io::ErrorKind::BrokenPipe
-        ),
-        _ => false,
-    };
-    if soon && closed_without_a_word {
-        return SessionEnd::Lost {
-            error: format!("the broker closed the connection right after accepting the login ({e}): probably a session takeover"),
-            connected: true,
-            takeover: true,
-        };
-    }
-    match &e {
-        ConnectionError::ConnectionRefused(code) => match code {
-            ConnectReturnCode::BadUserNamePassword
-            | ConnectReturnCode::NotAuthorized
-            | ConnectReturnCode::Banned
-            | ConnectReturnCode::BadAuthenticationMethod
-            | ConnectReturnCode::ClientIdentifierNotValid
-            | ConnectReturnCode::BadClientId => {
-                SessionEnd::Refused(format!("login refused: {code:?}"))
-            }
-            _ => SessionEnd::Lost {
-                error: e.to_string(),
-                connected,
-                takeover: false,
-            },
-        },
-        ConnectionError::MqttState(StateError::ServerDisconnect { reason_code, .. }) => {
-            SessionEnd::Lost {
-                error: format!("disconnected by the broker: {reason_code:?}"),
-                connected: true,
-                takeover: *reason_code == DisconnectReasonCode::SessionTakenOver,
-            }
-        }
-        _ => SessionEnd::Lost {
-            error: match crate::tls::cert_problem(&e) {
-                Some(crate::tls::CertProblem::NotValidYet) => format!(
-                    "{e}: the broker's certificate is not valid yet; the clock is probably not synced (a Pi has no RTC until NTP runs)"
-                ),
-                Some(crate::tls::CertProblem::Untrusted) => format!(
-                    "{e}: the broker's certificate is not trusted (a TLS-inspecting proxy needs qubitro.ca_file)"
-                ),
-                _ => e.to_string(),
-            },
-            connected,
-            takeover: false,
-        },
     }
 }
 

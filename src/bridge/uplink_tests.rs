@@ -4,14 +4,16 @@
 
 use std::sync::Arc;
 
-use rumqttc::v5::mqttbytes::v5::{ConnAck, ConnectReturnCode, Packet, PubAck, PubAckReason};
+use rumqttc::v5::mqttbytes::v5::{
+    ConnAck, ConnAckProperties, ConnectReturnCode, Packet, PubAck, PubAckReason,
+};
 use rumqttc::v5::{ConnectionError, Event};
 use rumqttc::Outgoing;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{Connect, DeviceTask, End, UplinkClient, DRAIN, READING_REFUSALS_MAX};
+use super::{Connect, DeviceTask, End, Ev, UplinkClient, DRAIN, MAX_WINDOW, READING_REFUSALS_MAX};
 use crate::bridge::{Bridge, DeviceState};
 use crate::config::{Config, Secret};
 use crate::store::Store;
@@ -32,14 +34,14 @@ impl UplinkClient for Recorder {
 /// One connection the uplink opened, as the scripted broker sees it.
 struct Opened {
     at: Instant,
-    events: mpsc::UnboundedSender<Result<Event, ConnectionError>>,
+    events: mpsc::UnboundedSender<Ev>,
     published: mpsc::UnboundedReceiver<Vec<u8>>,
 }
 
 impl Opened {
     fn play(&self, ev: Event) {
         // The session may have ended already; then nobody listens, as with rumqttc.
-        let _ = self.events.send(Ok(ev));
+        let _ = self.events.send(Ok(ev).into());
     }
 
     fn accept_login(&self) {
@@ -48,6 +50,49 @@ impl Opened {
             code: ConnectReturnCode::Success,
             properties: None,
         })));
+    }
+
+    /// Accepts the login stating this Receive Maximum (`None`: not stated).
+    fn accept_login_allowing(&self, receive_max: Option<u16>) {
+        let properties = ConnAckProperties {
+            session_expiry_interval: None,
+            receive_max,
+            max_qos: None,
+            retain_available: None,
+            max_packet_size: None,
+            assigned_client_identifier: None,
+            topic_alias_max: None,
+            reason_string: None,
+            user_properties: Vec::new(),
+            wildcard_subscription_available: None,
+            subscription_identifiers_available: None,
+            shared_subscription_available: None,
+            server_keep_alive: None,
+            response_information: None,
+            server_reference: None,
+            authentication_method: None,
+            authentication_data: None,
+        };
+        self.play(Event::Incoming(Packet::ConnAck(ConnAck {
+            session_present: false,
+            code: ConnectReturnCode::Success,
+            properties: Some(properties),
+        })));
+    }
+
+    /// The readings published until the session waits (for a PUBACK), counted.
+    async fn published_until_it_waits(&mut self) -> usize {
+        let mut n = 0;
+        loop {
+            tokio::select! {
+                p = self.published.recv() => {
+                    p.expect("a publish");
+                    n += 1;
+                }
+                // The clock is paused: this fires only once every task waits.
+                _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => return n,
+            }
+        }
     }
 
     async fn next_published(&mut self) -> serde_json::Value {
@@ -126,6 +171,7 @@ fn setup(readings: &[&str]) -> Setup {
         cache_capacity_bytes = 1048576
         [bridge]
         reconnect_max_ms = 60000
+        max_readings_per_s = 1000
         "#,
         dir.path().join("db").display()
     ))
@@ -281,7 +327,7 @@ async fn a_held_reading_is_settled_by_qubitros_puback_and_one_out_when_the_conne
 
     // The connection drops with the second one out: spilled, and sent first next time.
     let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
-    let _ = c.events.send(Err(ConnectionError::Io(reset)));
+    let _ = c.events.send(Err(ConnectionError::Io(reset)).into());
     let settled = second.ticket.settle().await.expect("settled");
     assert!(
         matches!(settled, crate::bridge::Settled::Spilled(_)),
@@ -332,4 +378,40 @@ async fn a_connection_asked_to_close_gives_up_waiting_for_a_puback_after_the_dra
     assert!(Instant::now() - asked >= DRAIN);
     // Sent again on the next connection (at least once).
     assert_eq!(s.bridge.device_status("s").expect("known").buffered, 1);
+}
+
+fn readings(n: usize) -> Vec<String> {
+    (1..=n).map(|i| format!(r#"{{"n":{i}}}"#)).collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_uplink_keeps_as_many_readings_outstanding_as_the_brokers_receive_maximum_allows() {
+    let r = readings(60);
+    let mut s = setup(&r.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut c = s.opened.recv().await.expect("a connection");
+    c.accept_login_allowing(Some(20));
+    assert_eq!(c.published_until_it_waits().await, 20);
+    for pkid in 1..=20 {
+        c.play(Event::Outgoing(Outgoing::Publish(pkid)));
+    }
+    c.puback(1, PubAckReason::Success);
+    assert_eq!(c.published_until_it_waits().await, 1, "one out for one in");
+    s.cancel.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_uplink_keeps_at_most_max_window_outstanding_however_many_the_broker_allows() {
+    let r = readings(60);
+    let for_each = [(Some(4), 4), (Some(1000), MAX_WINDOW), (None, MAX_WINDOW)];
+    for (allowed, expected) in for_each {
+        let mut s = setup(&r.iter().map(String::as_str).collect::<Vec<_>>());
+        let mut c = s.opened.recv().await.expect("a connection");
+        c.accept_login_allowing(allowed);
+        assert_eq!(
+            c.published_until_it_waits().await,
+            expected,
+            "Receive Maximum {allowed:?}"
+        );
+        s.cancel.cancel();
+    }
 }
