@@ -118,6 +118,10 @@ pub(crate) struct Args {
     /// of known sensors (a few minutes; for profiling those three misses).
     #[arg(long)]
     pub(crate) rates_only: bool,
+    /// Run only the announce phases (new devices, re-announces, proofs, slow clouds,
+    /// the grown store, start times, binary sizes), without the bridge.
+    #[arg(long, conflicts_with_all = ["bridge_only", "outage_only", "rates_only"])]
+    pub(crate) announce_only: bool,
     /// Internal: run as the echo client against the broker on this port.
     #[arg(long, hide = true)]
     pub(crate) echo_port: Option<u16>,
@@ -238,16 +242,18 @@ pub(crate) async fn bench(args: &Args, rep: &mut Report) -> Result<()> {
         report_binary_sizes(rep, &bins)?;
         grown = Some(env.work.join("a"));
     }
-    let mut br = bridged_devices_onboarded(&env, rep, &sz).await?;
-    onboardd_bridge(&env, rep, &sz, &mut br).await?;
-    if args.rates_only {
-        mosquitto_bridge(&env, rep, &sz, &mut br, Bridge::MosquittoOff).await?;
-    } else if !args.outage_only {
-        for b in [Bridge::MosquittoOff, Bridge::MosquittoOn] {
-            mosquitto_bridge(&env, rep, &sz, &mut br, b).await?;
+    if !args.announce_only {
+        let mut br = bridged_devices_onboarded(&env, rep, &sz).await?;
+        onboardd_bridge(&env, rep, &sz, &mut br).await?;
+        if args.rates_only {
+            mosquitto_bridge(&env, rep, &sz, &mut br, Bridge::MosquittoOff).await?;
+        } else if !args.outage_only {
+            for b in [Bridge::MosquittoOff, Bridge::MosquittoOn] {
+                mosquitto_bridge(&env, rep, &sz, &mut br, b).await?;
+            }
+            let known = store_of_known_sensors(&env, &sz, grown).await?;
+            bridge_with_known_sensors(&env, rep, &sz, &mut br, known, busy_first).await?;
         }
-        let known = store_of_known_sensors(&env, &sz, grown).await?;
-        bridge_with_known_sensors(&env, rep, &sz, &mut br, known, busy_first).await?;
     }
 
     let log = broker.log();
