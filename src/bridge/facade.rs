@@ -122,12 +122,15 @@ impl Bridge {
         }
         let taken = lock(&inner.lanes).take(&inner.buffer, sensor, flat.json)?;
         let (kind, dropped) = match taken {
+            // Its live uplink was woken by the lanes: the scheduler has nothing to do.
             Taken::Held(held, rx) => (Kind::Held(held, rx), 0),
-            Taken::Spilled { seq, dropped } => (Kind::Spilled(seq), dropped),
+            Taken::Spilled { seq, dropped } => {
+                lock(&inner.dirty).insert(sensor.to_string());
+                inner.wake.notify_one();
+                (Kind::Spilled(seq), dropped)
+            }
         };
         inner.count_dropped(sensor, dropped);
-        lock(&inner.dirty).insert(sensor.to_string());
-        inner.wake.notify_one();
         Ok(Accepted {
             ticket: Ticket {
                 bridge: self.clone(),

@@ -2,7 +2,7 @@
 //! (acknowledge-through), and the spill that moves them to the durable buffer when
 //! the uplink cannot take them in time.
 //!
-//! A reading is held only when its device's uplink is connected ([`Lane::live`]) and
+//! A reading is held only when its device's uplink is connected ([`Lane::uplink`]) and
 //! the device has nothing in the buffer: then nothing is written for it, and the
 //! local broker, which keeps it for onboardd's persistent session until acknowledged,
 //! is its only durable copy. Everything else goes to the buffer at once. So a
@@ -19,7 +19,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 
 use super::buffer::Buffer;
@@ -76,8 +76,12 @@ impl Held {
 /// One device's held readings.
 #[derive(Default)]
 struct Lane {
-    /// Its uplink is connected: new readings may be held.
-    live: bool,
+    /// Its uplink is connected: new readings may be held, and each wakes it here.
+    /// (Straight from the arrival, not through the scheduler: one task hand-over
+    /// less on every reading's way to Qubitro.)
+    uplink: Option<Arc<Notify>>,
+    /// When a reading was last held for it: the scheduler's "least recently used".
+    last_taken: Option<Instant>,
     /// Held readings in arrival order; the first `sent` went out on the uplink.
     held: VecDeque<Arc<Held>>,
     sent: usize,
@@ -103,7 +107,8 @@ pub(super) enum Taken {
 }
 
 impl Lanes {
-    /// Holds `json` for `sensor`'s live uplink, or appends it to the buffer.
+    /// Holds `json` for `sensor`'s live uplink and wakes that uplink, or appends it to
+    /// the buffer (the caller then tells the scheduler).
     pub(super) fn take(
         &mut self,
         buffer: &Buffer,
@@ -111,7 +116,7 @@ impl Lanes {
         json: Vec<u8>,
     ) -> Result<Taken, StoreError> {
         let room = self.count < MAX_HELD && self.bytes + json.len() <= MAX_HELD_BYTES;
-        let live = self.per.get(sensor).is_some_and(|l| l.live);
+        let live = self.per.get(sensor).is_some_and(|l| l.uplink.is_some());
         if live && room && buffer.count(sensor) == 0 {
             let (tx, rx) = oneshot::channel();
             let held = Arc::new(Held {
@@ -122,6 +127,10 @@ impl Lanes {
             self.bytes += held.json.len();
             if let Some(lane) = self.per.get_mut(sensor) {
                 lane.held.push_back(held.clone());
+                lane.last_taken = Some(Instant::now());
+                if let Some(uplink) = &lane.uplink {
+                    uplink.notify_one();
+                }
             }
             return Ok(Taken::Held(held, rx));
         }
@@ -160,7 +169,7 @@ impl Lanes {
             h.settle(State::Spilled { id: appended.id }, Settled::Spilled(seq));
         }
         lane.sent = 0;
-        if !lane.live {
+        if lane.uplink.is_none() {
             self.per.remove(sensor);
         }
         Ok((seq, dropped))
@@ -199,20 +208,20 @@ impl Lanes {
         }
     }
 
-    /// `sensor`'s uplink is connected (true) or gone (false: its held readings are
-    /// spilled, since nothing will forward them).
+    /// `sensor`'s uplink is connected (`Some`, with what wakes it) or gone (`None`:
+    /// its held readings are spilled, since nothing will forward them).
     pub(super) fn set_live(
         &mut self,
         buffer: &Buffer,
         sensor: &str,
-        live: bool,
+        uplink: Option<Arc<Notify>>,
     ) -> Result<u64, StoreError> {
-        if live {
-            self.per.entry(sensor.to_string()).or_default().live = true;
+        if uplink.is_some() {
+            self.per.entry(sensor.to_string()).or_default().uplink = uplink;
             return Ok(0);
         }
         if let Some(lane) = self.per.get_mut(sensor) {
-            lane.live = false;
+            lane.uplink = None;
         }
         Ok(self.spill(buffer, sensor)?.1)
     }
@@ -241,6 +250,11 @@ impl Lanes {
             }
         }
         None
+    }
+
+    /// When a reading was last held for `sensor`.
+    pub(super) fn last_taken(&self, sensor: &str) -> Option<Instant> {
+        self.per.get(sensor).and_then(|l| l.last_taken)
     }
 
     /// Whether `sensor` has held readings.
@@ -350,13 +364,47 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_held_reading_wakes_its_own_uplink_and_marks_the_lanes_last_use() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_store, buffer) = open(dir.path());
+        let mut lanes = Lanes::default();
+        let (mine, other) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        lanes
+            .set_live(&buffer, "s", Some(mine.clone()))
+            .expect("live");
+        lanes
+            .set_live(&buffer, "t", Some(other.clone()))
+            .expect("live");
+        assert_eq!(lanes.last_taken("s"), None);
+        let before = Instant::now();
+        held(lanes.take(&buffer, "s", b"a".to_vec()).expect("take"));
+        assert!(lanes.last_taken("s").is_some_and(|t| t >= before));
+        assert_eq!(lanes.last_taken("t"), None);
+        // The permit the take stored: its uplink's next wait returns at once; the
+        // other uplink's does not.
+        let woke = |n: &Arc<Notify>| {
+            let mut f = std::pin::pin!(n.notified());
+            f.as_mut().enable()
+        };
+        assert!(woke(&mine), "the reading's uplink was woken");
+        assert!(!woke(&other), "no other uplink was");
+        // Spilled on arrival (its uplink gone): nothing to wake, the scheduler is told.
+        lanes.set_live(&buffer, "t", None).expect("down");
+        let spilled = lanes.take(&buffer, "t", b"b".to_vec()).expect("take");
+        assert!(matches!(spilled, Taken::Spilled { .. }));
+        assert!(!woke(&other));
+    }
+
+    #[tokio::test]
     async fn a_reading_is_held_only_while_its_uplink_is_live_and_nothing_of_it_is_buffered() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (_store, buffer) = open(dir.path());
         let mut lanes = Lanes::default();
         let first = lanes.take(&buffer, "s", b"a".to_vec()).expect("take");
         assert!(matches!(first, Taken::Spilled { .. }), "no uplink yet");
-        lanes.set_live(&buffer, "s", true).expect("live");
+        lanes
+            .set_live(&buffer, "s", Some(Arc::default()))
+            .expect("live");
         let second = lanes.take(&buffer, "s", b"b".to_vec()).expect("take");
         assert!(
             matches!(second, Taken::Spilled { .. }),
@@ -373,7 +421,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (_store, buffer) = open(dir.path());
         let mut lanes = Lanes::default();
-        lanes.set_live(&buffer, "s", true).expect("live");
+        lanes
+            .set_live(&buffer, "s", Some(Arc::default()))
+            .expect("live");
         let (h1, rx1) = held(lanes.take(&buffer, "s", b"1".to_vec()).expect("take"));
         let (_h2, rx2) = held(lanes.take(&buffer, "s", b"2".to_vec()).expect("take"));
         let sent = lanes.next_to_send("s").expect("one to send");
@@ -396,7 +446,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (_store, buffer) = open(dir.path());
         let mut lanes = Lanes::default();
-        lanes.set_live(&buffer, "s", true).expect("live");
+        lanes
+            .set_live(&buffer, "s", Some(Arc::default()))
+            .expect("live");
         let (h1, _rx1) = held(lanes.take(&buffer, "s", b"1".to_vec()).expect("take"));
         let (h2, rx2) = held(lanes.take(&buffer, "s", b"2".to_vec()).expect("take"));
         lanes.next_to_send("s");
@@ -406,7 +458,7 @@ mod tests {
         assert!(buffered(&buffer, "s").is_empty());
         // The uplink goes down with the second one out: spilled, and its late
         // PUBACK names the copy to remove.
-        lanes.set_live(&buffer, "s", false).expect("down");
+        lanes.set_live(&buffer, "s", None).expect("down");
         assert!(matches!(rx2.await, Ok(Settled::Spilled(_))));
         let id = lanes.forwarded("s", &h2).expect("a buffered copy");
         assert_eq!(buffer.remove_through("s", id).expect("removed"), 1);
@@ -417,7 +469,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (_store, buffer) = open(dir.path());
         let mut lanes = Lanes::default();
-        lanes.set_live(&buffer, "s", true).expect("live");
+        lanes
+            .set_live(&buffer, "s", Some(Arc::default()))
+            .expect("live");
         let mut tickets = Vec::new();
         for _ in 0..MAX_HELD {
             tickets.push(held(lanes.take(&buffer, "s", b"x".to_vec()).expect("take")));

@@ -139,14 +139,22 @@ impl Scheduler {
             // The least recently used open connection makes room: one with nothing
             // left to send, or else one whose turn is over.
             let now = Instant::now();
+            let lanes = lock(&self.inner.lanes);
             let open = self.conns.iter().filter(|(_, c)| !c.cancel.is_cancelled());
             let lru = open
                 .filter(|(s, c)| {
-                    let idle = self.inner.buffer.count(s) == 0 && !lock(&self.inner.lanes).holds(s);
+                    let idle = self.inner.buffer.count(s) == 0 && !lanes.holds(s);
                     idle || now.duration_since(c.started) >= TURN
                 })
-                .min_by_key(|(_, c)| c.last_used)
+                // Readings held for a live uplink wake it without the scheduler, so
+                // its last use is the later of the two.
+                .min_by_key(|(s, c)| {
+                    lanes
+                        .last_taken(s)
+                        .map_or(c.last_used, |t| t.max(c.last_used))
+                })
                 .map(|(s, _)| s.clone());
+            drop(lanes);
             let Some(lru) = lru else {
                 break;
             };

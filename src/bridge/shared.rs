@@ -137,8 +137,8 @@ impl Inner {
     }
 
     /// `sensor`'s uplink is connected, or gone (its held readings are spilled).
-    pub(super) fn set_live(&self, sensor: &str, live: bool) {
-        let spilled = lock(&self.lanes).set_live(&self.buffer, sensor, live);
+    pub(super) fn set_live(&self, sensor: &str, uplink: Option<Arc<Notify>>) {
+        let spilled = lock(&self.lanes).set_live(&self.buffer, sensor, uplink);
         match spilled {
             Ok(dropped) => self.count_dropped(sensor, dropped),
             Err(e) => tracing::error!(sensor_id = sensor, error = %e, "bridge buffer: {e}"),

@@ -266,7 +266,7 @@ impl DeviceTask {
         let (client, mut rx) = (self.connect)(self.options());
         let end = self.drive(client.as_ref(), &mut rx).await;
         // Nothing forwards its held readings now: they go to the buffer.
-        self.inner.set_live(&self.sensor, false);
+        self.inner.set_live(&self.sensor, None);
         end
     }
 
@@ -395,7 +395,7 @@ impl DeviceTask {
                     connected_at = Some(Instant::now());
                     idle_deadline = Instant::now() + idle;
                     self.inner.set_state(&self.sensor, DeviceState::Connected);
-                    self.inner.set_live(&self.sensor, true);
+                    self.inner.set_live(&self.sensor, Some(self.notify.clone()));
                     tracing::debug!(sensor_id = %self.sensor, device_id = %self.device_id, "bridge: uplink connected");
                 }
                 Ev::Sent(pkid) => {
@@ -457,7 +457,7 @@ impl DeviceTask {
                         // exceeded (0x97), …: like a failed session, the backoff grows.
                         other => {
                             // A held reading goes to the buffer, where its refusals count.
-                            self.inner.set_live(&self.sensor, false);
+                            self.inner.set_live(&self.sensor, None);
                             let Some(id) = src.buffered_id() else {
                                 return lost(format!("PUBACK {other:?}"), true);
                             };
