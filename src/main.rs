@@ -143,7 +143,7 @@ fn execute(command: Command) -> Result<ExitCode, Failure> {
         } => claim(key_file.as_deref(), &cfg.config, &sensor_id)?,
         Command::Devices { cfg: path, action } => {
             let cfg = Config::load_for(&path.config, Needs::Local)?;
-            let outcome = runtime()?
+            let outcome = runtime(worker_count().map_err(Failure::Config)?)?
                 .block_on(control::client::devices(&cfg, &path.config, action))
                 .map_err(anyhow::Error::from)?;
             if outcome == Outcome::NotFound {
@@ -158,7 +158,7 @@ fn run(path: &Path) -> Result<(), Failure> {
     let cfg = Config::load(path)?;
     onboardd::logging::init(&cfg.log.level)?;
     config::warn_if_readable_secrets(path, &cfg);
-    let rt = runtime()?;
+    let rt = runtime(worker_count().map_err(Failure::Config)?)?;
     rt.block_on(async {
         // Installed before anything starts, so an early SIGTERM is a clean stop.
         let signals = shutdown_signal();
@@ -213,14 +213,40 @@ or give --key-file FILE",
     Ok(())
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+/// The runtime's worker threads: `TOKIO_WORKER_THREADS` when set (an operator's
+/// override, the benchmark's A/B), else [`worker_threads`] of the cores. Read here, not
+/// by tokio, which would panic on a bad value.
+fn worker_count() -> anyhow::Result<usize> {
+    match std::env::var("TOKIO_WORKER_THREADS") {
+        Err(_) => Ok(worker_threads(
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
+        )),
+        Ok(v) => v
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=256).contains(n))
+            .with_context(|| {
+                format!("TOKIO_WORKER_THREADS={v:?} is not a number of threads from 1 to 256")
+            }),
+    }
+}
+
+fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .enable_all()
-        // A Pi has 1-4 cores; more threads only cost memory.
-        .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get().min(4)))
         .max_blocking_threads(8)
         .build()
         .context("cannot start the runtime")
+}
+
+/// Half the cores, at least one, at most four (a Pi has one to four). The gateway shares its cores with the
+/// broker that every reading and announce crosses, and sled's flusher; onboardd's own
+/// work per message is small, so a second worker on a two-core Pi mostly adds
+/// cross-thread wake-ups (BENCHMARKS.md, "Tokio workers and the reading's path").
+fn worker_threads(cores: usize) -> usize {
+    (cores / 2).clamp(1, 4)
 }
 
 /// Registers SIGTERM and SIGINT now; the returned future resolves on either.
@@ -233,5 +259,18 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::worker_threads;
+
+    #[test]
+    fn a_two_core_gateway_gets_one_worker_and_a_big_host_at_most_four() {
+        assert_eq!(worker_threads(1), 1);
+        assert_eq!(worker_threads(2), 1);
+        assert_eq!(worker_threads(4), 2);
+        assert_eq!(worker_threads(64), 4);
     }
 }

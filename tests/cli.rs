@@ -122,6 +122,24 @@ fn a_config_error_at_run_exits_78() {
 }
 
 #[test]
+fn a_worker_thread_count_that_is_not_one_is_a_config_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, "[qubitro]\nproject_id = \"p\"\napi_key = \"QB_x\"").unwrap();
+    for bad in ["0", "two", "-1", "100000"] {
+        let out = Command::new(bin())
+            .args(["run", "--config", path.to_str().unwrap()])
+            .env_remove("ONBOARDD_CONFIG")
+            .env("TOKIO_WORKER_THREADS", bad)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{bad}: {err}");
+        assert!(err.contains("TOKIO_WORKER_THREADS"), "{bad}: {err}");
+    }
+}
+
+#[test]
 fn a_log_level_run_would_refuse_exits_78_from_check_config_run_and_devices_alike() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("c.toml");
