@@ -244,10 +244,19 @@ impl Mosquitto {
         let proc =
             Proc::spawn("mosquitto", &mut cmd, LogLines::default()).expect("start mosquitto");
         let listening = format!("listen socket on port {}", self.port);
-        let waited = proc.log.try_wait_for_n(&listening, 1, WAIT);
+        // "Opening … listen socket on port N" is logged before bind(2), also when the bind
+        // then fails because another process took the port since our probe; only
+        // "mosquitto version … running", after every listener is open, says the port is
+        // ours. (Waiting for the first line alone once let a test's daemon talk to
+        // another test's HTTP listener on that port.) A failed bind exits at once, and
+        // the caller tries another port.
+        let waited = proc
+            .log
+            .try_wait_for_n(&listening, 1, WAIT)
+            .and_then(|_| proc.log.try_wait_for_n(" running", 1, WAIT));
         self.proc = Some(proc);
         waited?;
-        // The line comes just before listen(2); make sure connections are accepted.
+        // "running" comes just before the event loop; make sure connections are accepted.
         let deadline = std::time::Instant::now() + WAIT;
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             if std::time::Instant::now() > deadline {
@@ -328,6 +337,26 @@ impl Drop for Mosquitto {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Between the free-port probe and mosquitto's bind, another process can take the
+    /// port: mosquitto then still logs "Opening … listen socket on port N", and a
+    /// connect to N succeeds (to the other process). Neither may pass for our broker.
+    #[test]
+    fn a_port_another_process_listens_on_is_not_taken_for_the_brokers() {
+        let squatter = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let taken = squatter.local_addr().expect("addr").port();
+        let mut broker = Mosquitto::start();
+        broker.kill();
+        broker.port = taken;
+        let err = broker
+            .spawn_once()
+            .expect_err("the port is another process's");
+        assert!(err.contains("exited first"), "{err}");
+        // As at start: another port, and a broker of our own on it.
+        broker.spawn_on_a_free_port();
+        assert_ne!(broker.port, taken);
+        assert!(broker.log().contains(" running"), "{}", broker.log());
+    }
 
     #[test]
     fn files_handed_over_are_copied_into_the_broker_dir_and_found_through_dir() {
