@@ -98,10 +98,8 @@ async fn daemon_with_page() -> (Mosquitto, FakeQubitro, u16, Daemon) {
 async fn daemon_with_page_and(cloud: FakeQubitro) -> (Mosquitto, FakeQubitro, u16, Daemon) {
     common::bin();
     let broker = Mosquitto::start();
-    let port = free_port();
-    let listen = format!("[http]\nlisten = \"127.0.0.1:{port}\"\n");
-    let d = Daemon::start(&broker, &cloud, &listen);
-    d.log.wait_for("http listening");
+    let d = Daemon::start(&broker, &cloud, "[http]\nlisten = \"127.0.0.1:0\"\n");
+    let port = d.http_port();
     (broker, cloud, port, d)
 }
 
@@ -255,10 +253,9 @@ async fn with_a_password_the_page_and_its_forget_need_it_too() {
     common::bin();
     let broker = Mosquitto::start();
     let cloud = fake_cloud().await;
-    let port = free_port();
-    let (extra, _password_dir) = http_with_password("127.0.0.1", port, "correct horse");
+    let (extra, _password_dir) = http_with_password("127.0.0.1", 0, "correct horse");
     let d = Daemon::start(&broker, &cloud, &extra);
-    d.log.wait_for("http listening");
+    let port = d.http_port();
     let mut s = d.sensor(broker.port, "pw-1").await;
     s.announce("{}").await;
     s.reply_with_status("ok").await;

@@ -64,14 +64,8 @@ fn until_status(port: u16, path: &str, status: u16) -> String {
 /// A daemon on `broker` with its listener on a loopback port: (port, daemon, its cloud).
 async fn daemon_listening(broker: &Mosquitto) -> (u16, Daemon, FakeQubitro) {
     let cloud = fake_cloud().await;
-    let port = free_port();
-    let d = Daemon::start(
-        broker,
-        &cloud,
-        &format!("[http]\nlisten = \"127.0.0.1:{port}\"\n"),
-    );
-    d.log.wait_for("http listening");
-    (port, d, cloud)
+    let d = Daemon::start(broker, &cloud, "[http]\nlisten = \"127.0.0.1:0\"\n");
+    (d.http_port(), d, cloud)
 }
 
 /// /metrics as Prometheus reads it, parsed by the `prometheus-parse` crate.
@@ -294,14 +288,12 @@ async fn daemon_with_password(
     std::fs::write(&pw, "correct horse\n").unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let port = free_port();
     let extra = format!(
-        "[http]\nlisten = \"{ip}:{port}\"\npassword_file = \"{}\"\n",
+        "[http]\nlisten = \"{ip}:0\"\npassword_file = \"{}\"\n",
         pw.display()
     );
     let d = Daemon::start(&broker, &cloud, &extra);
-    d.log.wait_for("http listening");
-    (port, d, (broker, cloud, dir))
+    (d.http_port(), d, (broker, cloud, dir))
 }
 
 /// This machine's address on its default route (no packet is sent: a UDP socket
@@ -501,14 +493,14 @@ async fn with_a_certificate_and_key_the_listener_speaks_https_and_refuses_plain_
     let broker = Mosquitto::start();
     let cloud = fake_cloud().await;
     let pki = harness::pki::Pki::standard();
-    let port = free_port();
     let extra = format!(
-        "[http]\nlisten = \"127.0.0.1:{port}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+        "[http]\nlisten = \"127.0.0.1:0\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
         pki.path("server.crt").display(),
         pki.path("server.key").display()
     );
     let d = Daemon::start(&broker, &cloud, &extra);
     d.log.wait_for("(HTTPS only)");
+    let port = d.http_port();
     let ca = pki.path("ca.crt");
     let body = tokio::task::spawn_blocking(move || {
         let deadline = Instant::now() + WAIT;
@@ -562,12 +554,11 @@ fn oldest_buffered_age(m: &Metrics) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_oldest_buffered_readings_age_grows_through_an_uplink_outage_and_is_0_once_forwarded() {
-    let port = free_port();
     let mut rig = bridged()
-        .extra(&format!("[http]\nlisten = \"127.0.0.1:{port}\"\n"))
+        .extra("[http]\nlisten = \"127.0.0.1:0\"\n")
         .start()
         .await;
-    rig.d.log.wait_for("http listening");
+    let port = rig.d.http_port();
     let s = {
         let mut s = rig.sensor("aged-1").await;
         onboard_bridged(&mut s).await;

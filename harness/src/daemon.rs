@@ -339,6 +339,26 @@ impl Daemon {
             .collect()
     }
 
+    /// The port its HTTP listener bound, read from its "http listening on IP:PORT" line.
+    /// Configure `listen = "127.0.0.1:0"`: a port probed free first can be taken by
+    /// another test's process before the daemon binds it.
+    pub fn http_port(&self) -> u16 {
+        const SAYS: &str = "http listening on ";
+        let (_, line) = self
+            .log
+            .try_wait_for_n(SAYS, 1, WAIT)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let at = &line[line.find(SAYS).expect("matched") + SAYS.len()..];
+        let addr = at
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .trim_end_matches(':');
+        addr.rsplit_once(':')
+            .and_then(|(_, port)| port.parse().ok())
+            .unwrap_or_else(|| panic!("no port in {line:?}"))
+    }
+
     pub fn wait_subscribed(&self) {
         self.log.wait_for("subscribed to announces");
     }
