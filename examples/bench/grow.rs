@@ -198,8 +198,9 @@ pub(crate) fn report_binary_sizes(rep: &mut Report, bins: &Path) -> Result<()> {
                 91,
                 "Release binary, aarch64 (scripts/cross-build.sh)",
                 format!("{:.2} MiB ({n} B)", n as f64 / 1048576.0),
-                "≤ 4 MiB",
-                Some(n <= 4 * 1024 * 1024),
+                // The budget since the gateway page and HTTPS (issue 22; README).
+                "≤ 4.5 MiB",
+                Some(n <= 9 * 512 * 1024),
                 String::new(),
             );
         }
@@ -207,7 +208,7 @@ pub(crate) fn report_binary_sizes(rep: &mut Report, bins: &Path) -> Result<()> {
             91,
             "Release binary, aarch64",
             "not built (scripts/cross-build.sh aarch64)".into(),
-            "≤ 4 MiB",
+            "≤ 4.5 MiB",
             None,
             String::new(),
         ),
