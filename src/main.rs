@@ -143,7 +143,7 @@ fn execute(command: Command) -> Result<ExitCode, Failure> {
         } => claim(key_file.as_deref(), &cfg.config, &sensor_id)?,
         Command::Devices { cfg: path, action } => {
             let cfg = Config::load_for(&path.config, Needs::Local)?;
-            let outcome = runtime(worker_count().map_err(Failure::Config)?)?
+            let outcome = runtime()?
                 .block_on(control::client::devices(&cfg, &path.config, action))
                 .map_err(anyhow::Error::from)?;
             if outcome == Outcome::NotFound {
@@ -158,7 +158,7 @@ fn run(path: &Path) -> Result<(), Failure> {
     let cfg = Config::load(path)?;
     onboardd::logging::init(&cfg.log.level)?;
     config::warn_if_readable_secrets(path, &cfg);
-    let rt = runtime(worker_count().map_err(Failure::Config)?)?;
+    let rt = runtime()?;
     rt.block_on(async {
         // Installed before anything starts, so an early SIGTERM is a clean stop.
         let signals = shutdown_signal();
@@ -232,19 +232,22 @@ fn worker_count() -> anyhow::Result<usize> {
     }
 }
 
-fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
+/// A bad `TOKIO_WORKER_THREADS` is a configuration error (exit 78).
+fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    let workers = worker_count().map_err(Failure::Config)?;
+    Ok(tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .enable_all()
         .max_blocking_threads(8)
         .build()
-        .context("cannot start the runtime")
+        .context("cannot start the runtime")?)
 }
 
-/// Half the cores, at least one, at most four (a Pi has one to four). The gateway shares its cores with the
-/// broker that every reading and announce crosses, and sled's flusher; onboardd's own
-/// work per message is small, so a second worker on a two-core Pi mostly adds
-/// cross-thread wake-ups (BENCHMARKS.md, "Tokio workers and the reading's path").
+/// Half the cores, at least one, at most four (a Pi has one to four). The gateway
+/// shares its cores with the broker that every reading and announce crosses, and
+/// sled's flusher; onboardd's own work per message is small, so a second worker on a
+/// two-core Pi mostly adds cross-thread wake-ups (BENCHMARKS.md, "Tokio workers and
+/// the reading's path").
 fn worker_threads(cores: usize) -> usize {
     (cores / 2).clamp(1, 4)
 }
